@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set the machine up (idempotent) and run the whole test suite. `.ci/run` calls exactly this.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -k serve -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

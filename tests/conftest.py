@@ -1,0 +1,148 @@
+"""Fixtures that run the real thing: locally made models and real `vllm serve` processes.
+
+- `model_path(preset)`: a model folder made by vllm_llmd.devtools.model_maker, cached under
+  .cache/models/ (keyed by the preset's digest, so a changed maker makes a new one).
+- `vllm_servers`: a session-wide pool. `shared(name, config)` starts a server once per session
+  and hands the same one to every test that asks for that name; `launch(config)` starts a
+  private one. All are stopped by PID at session end; the log tail of every server is attached
+  to a failing test's report.
+- `llm_engine`: an in-process `vllm.LLM` (no engine-core process: init in seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from vllm_llmd.devtools.model_maker import PRESETS, make_model, preset_digest
+from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_CACHE = REPO_ROOT / ".cache" / "models"
+LOG_DIR = REPO_ROOT / "logs" / "tests"
+
+
+def model_path(preset: str) -> Path:
+    """Folder of a preset model, made on first use (atomically: safe across workers)."""
+    target = MODEL_CACHE / f"{preset}-{preset_digest(PRESETS[preset])}"
+    if not (target / "model.safetensors").exists():
+        MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=MODEL_CACHE))
+        make_model(preset, staging)
+        try:
+            staging.rename(target)
+        except OSError:  # made concurrently by someone else
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return model_path("tiny")
+
+
+@pytest.fixture(scope="session")
+def small_model() -> Path:
+    return model_path("small")
+
+
+class ServerPool:
+    """Every vLLM server this test session started; stops them all at the end."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.servers: list[VLLMServer] = []
+        self._shared: dict[str, tuple[VLLMServerConfig, VLLMServer]] = {}
+
+    def launch(self, config: VLLMServerConfig, name: str = "server") -> VLLMServer:
+        """Start a server and wait until it serves; the caller may stop it early."""
+        log = self.log_dir / f"{name}-{len(self.servers)}.log"
+        server = VLLMServer(config, log)
+        self.servers.append(server)
+        return server.start().wait_ready()
+
+    def shared(self, name: str, config: VLLMServerConfig) -> VLLMServer:
+        """One server per name for the whole session (same config every time)."""
+        if name in self._shared:
+            known, server = self._shared[name]
+            wanted = dataclasses.replace(config, port=known.port)
+            assert wanted == known, f"shared server {name!r} requested with another config"
+            if server.is_running():
+                return server
+        server = self.launch(config, name)
+        self._shared[name] = (config, server)
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+_POOL: ServerPool | None = None
+
+
+@pytest.fixture(scope="session")
+def vllm_servers() -> ServerPool:
+    global _POOL
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    _POOL = ServerPool(LOG_DIR)
+    try:
+        yield _POOL
+    finally:
+        _POOL.stop_all()
+        _POOL = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _POOL is not None:
+        for server in _POOL.servers:
+            report.sections.append(
+                (f"vLLM server log tail: {server.log_path.name}", server.log_tail(40))
+            )
+
+
+@pytest.fixture(scope="module")
+def llm_engine_factory():
+    """Build in-process `vllm.LLM` engines; each is shut down at module end."""
+    engines = []
+    settings = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; without it start-up fails on this box's NUMA size
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # never pin the pytest process to one core
+    }
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+
+    def make(model: Path, **kwargs):
+        from vllm import LLM
+
+        kwargs.setdefault("dtype", "float32")
+        kwargs.setdefault("max_model_len", 4096)
+        llm = LLM(
+            model=str(model),
+            distributed_executor_backend="uni",
+            enforce_eager=True,
+            seed=0,
+            **kwargs,
+        )
+        engines.append(llm)
+        return llm
+
+    try:
+        yield make
+    finally:
+        for llm in engines:
+            llm.llm_engine.engine_core.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,117 @@
+"""LLMDConnector: the class vLLM instantiates, once per role. A thin facade.
+
+vLLM builds one instance with role SCHEDULER in the engine core and one with role WORKER in
+each worker process. This class picks the matching half and forwards each hook to it; the two
+halves share nothing but `LLMDConnectorMetadata`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from vllm_llmd.compat import check_vllm_version
+from vllm_llmd.connector.metadata import LLMDConnectorMetadata
+from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
+from vllm_llmd.connector.worker import LLMDConnectorWorker
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+
+class LLMDConnector(KVConnectorBase_V1):
+    """P/D KV transfer and KV offload tiers in one vLLM connector."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        check_vllm_version()
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._scheduler: LLMDConnectorScheduler | None = None
+        self._worker: LLMDConnectorWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = LLMDConnectorScheduler()
+        elif role == KVConnectorRole.WORKER:
+            self._worker = LLMDConnectorWorker()
+
+    @property
+    def scheduler(self) -> LLMDConnectorScheduler:
+        assert self._scheduler is not None, "scheduler hook called on a worker-role connector"
+        return self._scheduler
+
+    @property
+    def worker(self) -> LLMDConnectorWorker:
+        assert self._worker is not None, "worker hook called on a scheduler-role connector"
+        return self._worker
+
+    # ---- worker side -----------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, LLMDConnectorMetadata)
+        self.worker.start_load_kv(metadata)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        self.worker.wait_for_save()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending, recving = self.worker.get_finished(finished_req_ids)
+        return sending or None, recving or None
+
+    # vLLM 0.33 sleep-mode hooks; 0.32 never calls them. We touch KV only through the torch
+    # tensors vLLM gave us, so there is nothing to unregister or restore.
+    def unregister_kv_caches(self) -> None:
+        return None
+
+    def restore_kv_caches(self) -> None:
+        return None
+
+    # ---- scheduler side --------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request, block_ids)

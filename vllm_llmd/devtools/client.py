@@ -1,0 +1,60 @@
+"""A minimal blocking OpenAI-API client for tests, the demo and benchmarks (stdlib only)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+class HTTPStatusError(RuntimeError):
+    """The server answered with a non-2xx status; `status` and `body` say what it said."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body[:500]}")
+        self.status = status
+        self.body = body
+
+
+def post_json(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None, timeout: float = 300
+) -> dict[str, Any]:
+    """POST body as JSON; return the decoded JSON answer or raise HTTPStatusError."""
+    request = urllib.request.Request(
+        url,
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise HTTPStatusError(exc.code, exc.read().decode(errors="replace")) from None
+
+
+def get_text(url: str, timeout: float = 30) -> str:
+    """GET url and return the body as text (e.g. /metrics)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+def complete(
+    base_url: str, model: str, prompt: str | list[int], max_tokens: int = 16, **extra: Any
+) -> dict[str, Any]:
+    """Greedy /v1/completions; the answer carries the generated token ids."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        **extra,
+    }
+    return post_json(base_url + "/v1/completions", body)
+
+
+def completion_token_ids(answer: dict[str, Any]) -> list[int]:
+    """The generated token ids of a /v1/completions answer made by `complete`."""
+    return list(answer["choices"][0]["token_ids"])

@@ -1,0 +1,218 @@
+"""Start, wait for and stop a real `vllm serve` process on this box.
+
+One handle, `VLLMServer`, serves the tests, the demo and the benchmarks. It runs vLLM through
+`vllm_llmd.launcher` (so the CPU build works), on a loopback port, with the CPU settings that
+keep runs reproducible (see README "Running vLLM on CPU"):
+
+- threads: one core per server unless told otherwise. Greedy output depends on the thread
+  count, so servers that are compared must share it;
+- KV cache size: `VLLM_CPU_KVCACHE_SPACE` silently overrides `--kv-cache-memory-bytes`, so it
+  is removed from the environment whenever a byte size is asked for;
+- float32 by default: in bf16 greedy output flips with where cached KV ends.
+
+The process runs in its own session and is stopped by process group, so no engine-core or
+worker child outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on host a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become ready in time; the message has its log tail."""
+
+
+@dataclass
+class VLLMServerConfig:
+    """How to run one `vllm serve`. Defaults suit tests on a 2-core CPU box."""
+
+    model: Path
+    port: int = 0  # 0: pick a free one
+    host: str = "127.0.0.1"
+    dtype: str = "float32"
+    # CPU cores for the server's OpenMP threads ("0", "1", "0-1") or "nobind"
+    cpu_cores: str = "0"
+    # KV cache size in bytes; None: 1 GiB through VLLM_CPU_KVCACHE_SPACE
+    kv_cache_bytes: int | None = None
+    block_size: int | None = None
+    max_model_len: int | None = 8192
+    kv_transfer_config: dict[str, Any] | None = None
+    kv_events_config: dict[str, Any] | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    served_model_name: str | None = None
+    enable_prefix_caching: bool = True
+
+
+class VLLMServer:
+    """A `vllm serve` child process: `start()`, `wait_ready()`, `stop()`; a context manager."""
+
+    def __init__(self, config: VLLMServerConfig, log_path: str | Path) -> None:
+        self.config = config
+        if config.port == 0:
+            config.port = free_port(config.host)
+        self.log_path = Path(log_path)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or str(self.config.model)
+
+    def command(self) -> list[str]:
+        """The argv this server runs."""
+        c = self.config
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm_llmd.launcher",
+            "serve",
+            str(c.model),
+            "--host",
+            c.host,
+            "--port",
+            str(c.port),
+            "--dtype",
+            c.dtype,
+            "--enforce-eager",
+            "--seed",
+            "0",
+        ]
+        if c.served_model_name:
+            cmd += ["--served-model-name", c.served_model_name]
+        if c.kv_cache_bytes is not None:
+            cmd += ["--kv-cache-memory-bytes", str(c.kv_cache_bytes)]
+        if c.block_size is not None:
+            cmd += ["--block-size", str(c.block_size)]
+        if c.max_model_len is not None:
+            cmd += ["--max-model-len", str(c.max_model_len)]
+        if not c.enable_prefix_caching:
+            cmd += ["--no-enable-prefix-caching"]
+        if c.kv_transfer_config is not None:
+            cmd += ["--kv-transfer-config", json.dumps(c.kv_transfer_config)]
+        if c.kv_events_config is not None:
+            cmd += ["--kv-events-config", json.dumps(c.kv_events_config)]
+        return cmd + list(c.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        """The environment this server runs with."""
+        c = self.config
+        env = dict(os.environ)
+        env.update(
+            VLLM_HOST_IP="127.0.0.1",
+            VLLM_CPU_OMP_THREADS_BIND=c.cpu_cores,
+            PYTHONUNBUFFERED="1",
+            VLLM_NO_USAGE_STATS="1",
+            VLLM_DO_NOT_TRACK="1",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+        )
+        if c.cpu_cores == "nobind":
+            env["OMP_NUM_THREADS"] = "1"
+        if c.kv_cache_bytes is None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+        else:
+            # It would silently win over --kv-cache-memory-bytes.
+            env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        env.update(c.env)
+        return env
+
+    def start(self) -> VLLMServer:
+        """Launch the process (returns at once; see wait_ready)."""
+        if self.process is not None:
+            raise RuntimeError(f"server on port {self.config.port} already started")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            log.write(f"$ {' '.join(self.command())}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                self.command(),
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 240.0) -> VLLMServer:
+        """Block until GET /health answers 200; raise ServerStartError on exit or timeout."""
+        assert self.process is not None, "start() first"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(
+                    f"vLLM server exited with code {self.process.returncode} before it was "
+                    f"ready; log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerStartError(
+            f"vLLM server not ready after {timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the server and every child it made. Idempotent.
+
+        SIGTERM goes to the API server alone, which shuts its engine core down in order; after
+        it exits (or after timeout), SIGKILL sweeps the process group for anything left.
+        """
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        try:
+            process.terminate()
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # start_new_session: pgid == leader pid
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def __enter__(self) -> VLLMServer:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
