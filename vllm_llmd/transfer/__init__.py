@@ -1,0 +1,1 @@
+"""Prefill→decode KV transfer: side channel, wire messages, leases."""
