@@ -12,12 +12,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
 )
 
 from vllm_llmd.compat import check_vllm_version
-from vllm_llmd.connector.metadata import LLMDConnectorMetadata
+from vllm_llmd.connector.config import LLMDConnectorConfig
+from vllm_llmd.connector.fingerprint import kv_layout_fingerprint
+from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDHandshake
 from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
 from vllm_llmd.connector.worker import LLMDConnectorWorker
 
@@ -42,12 +46,30 @@ class LLMDConnector(KVConnectorBase_V1):
     ) -> None:
         check_vllm_version()
         super().__init__(vllm_config, role, kv_cache_config)
+        transfer_config = self._kv_transfer_config
+        self.config = LLMDConnectorConfig.from_extra_config(
+            transfer_config.kv_connector_extra_config
+        )
+        fingerprint = kv_layout_fingerprint(vllm_config, kv_cache_config)
         self._scheduler: LLMDConnectorScheduler | None = None
         self._worker: LLMDConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = LLMDConnectorScheduler()
+            self._scheduler = LLMDConnectorScheduler(
+                self.config,
+                engine_id=str(transfer_config.engine_id),
+                fingerprint=fingerprint,
+                is_producer=transfer_config.is_kv_producer,
+                is_consumer=transfer_config.is_kv_consumer,
+            )
         elif role == KVConnectorRole.WORKER:
-            self._worker = LLMDConnectorWorker()
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            self._worker = LLMDConnectorWorker(
+                self.config,
+                fingerprint,
+                tp_rank=get_tensor_model_parallel_rank(),
+                is_producer=transfer_config.is_kv_producer,
+            )
 
     @property
     def scheduler(self) -> LLMDConnectorScheduler:
@@ -82,11 +104,25 @@ class LLMDConnector(KVConnectorBase_V1):
         return None
 
     def wait_for_save(self) -> None:
-        self.worker.wait_for_save()
+        return None  # P/D saves nothing: the prefill's blocks are read where they are
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        return self.worker.get_handshake_metadata()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        sending, recving = self.worker.get_finished(finished_req_ids)
-        return sending or None, recving or None
+        results = self.get_transfer_results(finished_req_ids)
+        return results.finished_sending or None, results.finished_recving or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        sending, recving, failed = self.worker.get_finished(finished_req_ids)
+        # vLLM wants a failed receive in finished_recving too.
+        return KVConnectorTransferResults(
+            finished_sending=sending, finished_recving=recving, failed_recving=failed
+        )
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
 
     # vLLM 0.33 sleep-mode hooks; 0.32 never calls them. We touch KV only through the torch
     # tensors vLLM gave us, so there is nothing to unregister or restore.
@@ -97,6 +133,13 @@ class LLMDConnector(KVConnectorBase_V1):
         return None
 
     # ---- scheduler side --------------------------------------------------------------------
+
+    def set_xfer_handshake_metadata(
+        self, metadata: dict[int, KVConnectorHandshakeMetadata]
+    ) -> None:
+        # vLLM 0.33 calls this again after a wake-up; it is a plain overwrite.
+        handshakes = {rank: m for rank, m in metadata.items() if isinstance(m, LLMDHandshake)}
+        self.scheduler.set_worker_handshakes(handshakes)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int

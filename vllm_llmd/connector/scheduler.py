@@ -2,38 +2,221 @@
 
 Hooks vLLM calls on this half, in order, for each request:
 `get_num_new_matched_tokens` → `update_state_after_alloc` → `build_connector_meta` (every step)
-→ `update_connector_output` (every step with worker output) → `request_finished` (once).
+→ `request_finished` (once, before the request's blocks are freed).
+
+P/D, prefill side (`kv_producer`/`kv_both`): a request sent with
+`kv_transfer_params={"do_remote_decode": true}` finishes normally; `request_finished` then keeps
+its blocks (`delay_free`) and answers with `RemotePrefillParams`. The worker half holds them
+until the decode instance releases them, or the lease expires.
+
+P/D, decode side (`kv_consumer`/`kv_both`): a request carrying those params reports the prompt
+tokens its local prefix cache lacks as one async external load; `update_state_after_alloc` maps
+the remote blocks onto the blocks vLLM allocated, and the worker half pulls them. When the
+decode side will not load (whole prompt cached locally, another prompt, bad params, aborted
+first), it still releases the prefill's blocks at once.
 """
 
 from __future__ import annotations
 
+import math
+import secrets
 from typing import TYPE_CHECKING, Any
 
-from vllm_llmd.connector.metadata import LLMDConnectorMetadata
+from vllm.v1.request import RequestStatus
+
+from vllm_llmd.connector.config import LLMDConnectorConfig
+from vllm_llmd.connector.metadata import (
+    LLMDConnectorMetadata,
+    LLMDHandshake,
+    RecvSpec,
+    ReleaseSpec,
+    SendSpec,
+)
+from vllm_llmd.log import get_logger
+from vllm_llmd.transfer.messages import KVLayoutFingerprint
+from vllm_llmd.transfer.params import (
+    TRANSFER_ID_KEY,
+    ParamsError,
+    RemotePrefillParams,
+    is_llmd_remote_prefill,
+    prompt_digest,
+    wants_remote_decode,
+)
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
+logger = get_logger(__name__)
+
+# A prefill hands off KV only for requests that ended normally; aborts free at once.
+_HANDOFF_STATUSES = (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
+
 
 class LLMDConnectorScheduler:
-    """Plans loads, stores and transfers for each step. It holds no tensors."""
+    """Plans P/D sends, pulls and releases for each step. It holds no tensors."""
+
+    def __init__(
+        self,
+        config: LLMDConnectorConfig,
+        engine_id: str,
+        fingerprint: KVLayoutFingerprint,
+        is_producer: bool,
+        is_consumer: bool,
+    ) -> None:
+        self.config = config
+        self.engine_id = engine_id
+        self.fingerprint = fingerprint
+        self.block_size = fingerprint.block_size
+        self.is_producer = is_producer
+        self.is_consumer = is_consumer
+        # side-channel port per TP rank, learned from the workers' handshake at start-up
+        self.side_channel_ports: tuple[int, ...] | None = None
+        # this step's work for the worker half; drained by build_connector_meta
+        self._sends: list[SendSpec] = []
+        self._recvs: list[RecvSpec] = []
+        self._releases: list[ReleaseSpec] = []
+
+    # ---- start-up ------------------------------------------------------------------------
+
+    def set_worker_handshakes(self, handshakes: dict[int, LLMDHandshake]) -> None:
+        ranks = sorted(handshakes)
+        if ranks != list(range(self.fingerprint.tensor_parallel_size)):
+            raise RuntimeError(f"LLMDConnector: handshakes from TP ranks {ranks}, expected all")
+        ports = tuple(handshakes[r].side_channel_port for r in ranks)
+        if all(port is not None for port in ports):
+            self.side_channel_ports = ports  # type: ignore[assignment]
+            logger.info(
+                "LLMDConnector: P/D side channel on %s ports %s",
+                self.config.side_channel_host,
+                list(ports),
+            )
+
+    # ---- decode side ---------------------------------------------------------------------
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        return 0, False
+        params = request.kv_transfer_params
+        if not (self.is_consumer and is_llmd_remote_prefill(params)):
+            return 0, False
+        remote, problem = self._check_remote(request)
+        if remote is None:
+            self._release_remote(request, problem)
+            return 0, False
+        num_external = remote.num_tokens - num_computed_tokens
+        if num_external <= 0:
+            self._release_remote(request, "prompt fully cached on the decode instance")
+            return 0, False
+        return num_external, True
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        return None
+        params = request.kv_transfer_params
+        if num_external_tokens == 0 or not is_llmd_remote_prefill(params):
+            return
+        remote, problem = self._check_remote(request)
+        assert remote is not None, problem  # get_num_new_matched_tokens checked it
+        first = (remote.num_tokens - num_external_tokens) // self.block_size
+        last = math.ceil(remote.num_tokens / self.block_size)
+        local_block_ids = blocks.get_block_ids()[0][first:last]
+        remote_block_ids = remote.block_ids[first:last]
+        if len(local_block_ids) != len(remote_block_ids) or len(remote_block_ids) != last - first:
+            # Cannot happen for params our prefill made for this prompt; recompute if it does.
+            logger.error(
+                "LLMDConnector: request %s: %d local vs %d remote blocks for tokens %d..%d; "
+                "the load is reported failed",
+                request.request_id,
+                len(local_block_ids),
+                len(remote_block_ids),
+                first * self.block_size,
+                remote.num_tokens,
+            )
+            remote_block_ids = ()
+        self._recvs.append(
+            RecvSpec(
+                request_id=request.request_id,
+                host=remote.host,
+                ports=remote.ports,
+                transfer_id=remote.transfer_id,
+                fingerprint=remote.fingerprint,
+                remote_block_ids=tuple(remote_block_ids),
+                local_block_ids=tuple(local_block_ids),
+            )
+        )
+        params["do_remote_prefill"] = False  # a later preemption recomputes instead
+
+    def _check_remote(self, request: Request) -> tuple[RemotePrefillParams | None, str]:
+        try:
+            remote = RemotePrefillParams.from_dict(request.kv_transfer_params)
+        except ParamsError as exc:
+            logger.error("LLMDConnector: request %s: %s; recomputing", request.request_id, exc)
+            return None, str(exc)
+        if len(remote.ports) != self.fingerprint.tensor_parallel_size:
+            problem = (
+                f"prefill has tensor-parallel size {len(remote.ports)}, this decode instance "
+                f"{self.fingerprint.tensor_parallel_size}; unequal TP sizes are not supported"
+            )
+        elif remote.fingerprint != self.fingerprint:
+            problem = "KV layouts differ (prefill vs decode): " + "; ".join(
+                remote.fingerprint.differences(self.fingerprint)
+            )
+        elif prompt_digest(list(request.prompt_token_ids or ())) != remote.prompt_digest:
+            problem = "the prefill ran another prompt (token ids differ)"
+        else:
+            return remote, ""
+        logger.error("LLMDConnector: request %s: %s; recomputing", request.request_id, problem)
+        return None, problem
+
+    def _release_remote(self, request: Request, reason: str) -> None:
+        """Queue a release of the prefill's blocks, once; this request will not load them."""
+        params = request.kv_transfer_params
+        params["do_remote_prefill"] = False
+        try:
+            host, ports = str(params["remote_host"]), tuple(int(p) for p in params["llmd_ports"])
+        except (KeyError, TypeError, ValueError):
+            return  # nowhere to send it: the prefill's lease frees the blocks
+        self._releases.append(ReleaseSpec(host, ports, str(params[TRANSFER_ID_KEY]), reason))
+
+    # ---- every step ----------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LLMDConnectorMetadata:
-        return LLMDConnectorMetadata()
+        metadata = LLMDConnectorMetadata(self._sends, self._recvs, self._releases)
+        self._sends, self._recvs, self._releases = [], [], []
+        return metadata
+
+    # ---- prefill side --------------------------------------------------------------------
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        return False, None
+        params = request.kv_transfer_params
+        if is_llmd_remote_prefill(params):  # decode side, finished before it ever loaded
+            self._release_remote(request, f"decode request ended first ({request.status.name})")
+            return False, None
+        if not (self.is_producer and wants_remote_decode(params)):
+            return False, None
+        prompt = list(request.prompt_token_ids or ())
+        num_tokens = min(len(prompt), request.num_computed_tokens)
+        num_blocks = math.ceil(num_tokens / self.block_size)
+        if request.status not in _HANDOFF_STATUSES or num_tokens == 0:
+            return False, None
+        if self.side_channel_ports is None:
+            logger.error("LLMDConnector: no side channel (no kv_producer worker); cannot hand off")
+            return False, None
+        transfer_id = secrets.token_urlsafe(24)
+        self._sends.append(SendSpec(request.request_id, transfer_id, tuple(block_ids[:num_blocks])))
+        answer = RemotePrefillParams(
+            engine_id=self.engine_id,
+            request_id=request.request_id,
+            host=self.config.side_channel_host,
+            ports=self.side_channel_ports,
+            block_ids=tuple(block_ids[:num_blocks]),
+            num_tokens=num_tokens,
+            transfer_id=transfer_id,
+            fingerprint=self.fingerprint,
+            prompt_digest=prompt_digest(prompt),
+        )
+        return True, answer.to_dict()

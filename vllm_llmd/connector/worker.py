@@ -1,19 +1,32 @@
 """Worker half of LLMDConnector: runs in each worker process, owns the bytes.
 
-Hooks vLLM calls on this half: `register_kv_caches` once after the KV cache is allocated, then
-per step `start_load_kv` → (`wait_for_layer_load`, `save_kv_layer` per attention layer) →
-`wait_for_save` → `get_transfer_results`. It never decides anything; it executes the step
-metadata and reports completions.
+Hooks vLLM calls on this half: `register_kv_caches` once after the KV cache is allocated
+(then `get_handshake_metadata`), and per step `start_load_kv` → `wait_for_save` →
+`get_transfer_results`. It never decides anything: it executes the step metadata and reports
+completions.
+
+P/D: a prefill worker runs a `TransferServer` over a `SendRegistry` of held transfers and
+reports a request in `finished_sending` once its transfer was released or its lease expired. A
+decode worker pulls on a thread pool and reports `finished_recving` (plus `failed_recving`
+when the pull failed, so vLLM recomputes or fails the request per kv_load_failure_policy).
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from vllm_llmd.connector.metadata import LLMDConnectorMetadata
+from vllm_llmd.connector.config import LLMDConnectorConfig
+from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDHandshake, RecvSpec
 from vllm_llmd.log import get_logger
+from vllm_llmd.transfer._temp_pages import PagedKVCache, gather_blocks, scatter_blocks
+from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
+from vllm_llmd.transfer.messages import KVLayoutFingerprint
+from vllm_llmd.transfer.registry import SendRegistry
+from vllm_llmd.transfer.server import TransferServer
 
 logger = get_logger(__name__)
 
@@ -22,9 +35,7 @@ logger = get_logger(__name__)
 class KVCacheRegistration:
     """What the worker learned about the KV cache vLLM gave it."""
 
-    # layer name -> that layer's cache tensor (views over one shared storage)
     layer_names: tuple[str, ...]
-    # number of KV blocks per layer
     num_blocks: int
     # bytes of one block of one layer
     page_size_bytes: int
@@ -32,40 +43,189 @@ class KVCacheRegistration:
     device: torch.device
 
 
+@dataclass
+class TransferCounters:
+    """Monotonic counters of this worker's P/D traffic (for stats and tests)."""
+
+    sends_done: int = 0
+    sends_failed: int = 0
+    sends_expired: int = 0
+    pulls_done: int = 0
+    pulls_failed: int = 0
+    bytes_received: int = 0
+    blocks_received: int = 0
+
+
 class LLMDConnectorWorker:
     """Executes the scheduler half's plan on the KV cache tensors."""
 
-    def __init__(self) -> None:
-        self.kv_caches: dict[str, torch.Tensor] = {}
+    def __init__(
+        self,
+        config: LLMDConnectorConfig,
+        fingerprint: KVLayoutFingerprint,
+        tp_rank: int,
+        is_producer: bool,
+    ) -> None:
+        self.config = config
+        self.fingerprint = fingerprint
+        self.tp_rank = tp_rank
+        self.is_producer = is_producer
         self.registration: KVCacheRegistration | None = None
+        self.kv_cache: PagedKVCache | None = None
+        self.counters = TransferCounters()
+        self.registry = SendRegistry(config.lease_s)
+        self.server: TransferServer | None = None
+        self._pool = ThreadPoolExecutor(config.num_transfer_threads, "llmd-pull")
+        self._pulls: dict[str, Future[int]] = {}
+        # request ids vLLM has reported finished: a send may be reported only after that
+        self._finished_requests: set[str] = set()
+        self._held_requests: set[str] = set()
+        # sends whose blocks may be freed, until vLLM has reported their request finished
+        self._pending_frees: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ---- start-up ------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> KVCacheRegistration:
+        self.kv_cache = PagedKVCache.from_layers(kv_caches)
         first = next(iter(kv_caches.values()))
-        self.kv_caches = dict(kv_caches)
         self.registration = KVCacheRegistration(
             layer_names=tuple(kv_caches),
-            num_blocks=first.shape[0],
-            page_size_bytes=first[0].numel() * first.element_size(),
+            num_blocks=self.kv_cache.num_blocks,
+            page_size_bytes=self.kv_cache.page_bytes,
             dtype=first.dtype,
             device=first.device,
         )
+        if self.kv_cache.page_bytes != self.fingerprint.page_bytes:
+            raise RuntimeError(
+                f"LLMDConnector: KV page of {self.kv_cache.page_bytes} bytes, the KV cache spec "
+                f"says {self.fingerprint.page_bytes}"
+            )
+        if self.is_producer:
+            port = self.config.side_channel_port
+            self.server = TransferServer(
+                self.config.side_channel_host,
+                port + self.tp_rank if port else 0,
+                self.registry,
+                self._gather,
+                self.fingerprint,
+                len(kv_caches),
+            )
         # Tests and operators read this line to know the worker half is live.
         logger.info(
             "LLMDConnector worker registered KV caches: %d layers, %d blocks, "
-            "%d bytes per block per layer, %s on %s",
+            "%d bytes per block per layer, %s on %s; side channel %s",
             len(kv_caches),
             self.registration.num_blocks,
             self.registration.page_size_bytes,
             self.registration.dtype,
             self.registration.device,
+            f"{self.server.host}:{self.server.port}" if self.server else "off",
         )
         return self.registration
 
+    def get_handshake_metadata(self) -> LLMDHandshake:
+        return LLMDHandshake(self.tp_rank, self.server.port if self.server else None)
+
+    # ---- every step ----------------------------------------------------------------------
+
     def start_load_kv(self, metadata: LLMDConnectorMetadata) -> None:
-        return None
+        for send in metadata.sends:
+            self.registry.add(send.request_id, send.transfer_id, list(send.block_ids))
+            self._held_requests.add(send.request_id)
+        for recv in metadata.recvs:
+            self._pulls[recv.request_id] = self._pool.submit(self._pull, recv)
+        for release in metadata.releases:
+            endpoint = f"tcp://{release.host}:{release.ports[self.tp_rank]}"
+            self._pool.submit(
+                release_transfer,
+                endpoint,
+                release.transfer_id,
+                release.reason,
+                self.config.transfer_timeout_s,
+            )
 
-    def wait_for_save(self) -> None:
-        return None
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        """(finished_sending, finished_recving, failed_recving) request ids of this step."""
+        self._finished_requests |= finished_req_ids & self._held_requests
+        for send in self.registry.take_finished():
+            if send.outcome == "done":
+                self.counters.sends_done += 1
+            elif send.outcome == "expired":
+                self.counters.sends_expired += 1
+                logger.warning(
+                    "LLMDConnector: transfer for request %s expired after %.0fs unread; "
+                    "its blocks are freed",
+                    send.request_id,
+                    self.config.lease_s,
+                )
+            else:
+                self.counters.sends_failed += 1
+            self._pending_frees.add(send.request_id)
+        sending = self._pending_frees & self._finished_requests
+        self._pending_frees -= sending
+        self._finished_requests -= sending
+        self._held_requests -= sending
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
-        return set(), set()
+        recving, failed = set(), set()
+        for request_id, future in list(self._pulls.items()):
+            if not future.done():
+                continue
+            del self._pulls[request_id]
+            recving.add(request_id)
+            if future.exception() is not None:
+                failed.add(request_id)
+        return sending, recving, failed
+
+    # ---- bytes ---------------------------------------------------------------------------
+
+    def _gather(self, block_ids: list[int]) -> torch.Tensor:
+        assert self.kv_cache is not None
+        return gather_blocks(self.kv_cache, block_ids)
+
+    def _pull(self, recv: RecvSpec) -> int:
+        assert self.kv_cache is not None
+        kv_cache = self.kv_cache
+        local_ids = recv.local_block_ids
+        bytes_per_block = kv_cache.num_layers * kv_cache.page_bytes
+
+        def scatter(first_index: int, data: torch.Tensor) -> None:
+            count = data.numel() // bytes_per_block
+            scatter_blocks(kv_cache, list(local_ids[first_index : first_index + count]), data)
+
+        try:
+            if not recv.remote_block_ids:
+                raise TransferFailed("no blocks to pull (block count mismatch)")
+            received = pull_blocks(
+                PullSpec(
+                    endpoint=f"tcp://{recv.host}:{recv.ports[self.tp_rank]}",
+                    transfer_id=recv.transfer_id,
+                    fingerprint=recv.fingerprint,
+                    remote_block_ids=recv.remote_block_ids,
+                    num_layers=kv_cache.num_layers,
+                ),
+                scatter,
+                timeout_s=self.config.transfer_timeout_s,
+                unknown_transfer_grace_s=self.config.unknown_transfer_grace_s,
+                max_chunk_bytes=self.config.max_chunk_bytes,
+            )
+        except Exception as exc:
+            with self._lock:
+                self.counters.pulls_failed += 1
+            logger.error(
+                "LLMDConnector: pull of request %s from %s failed: %s",
+                recv.request_id,
+                recv.host,
+                exc,
+            )
+            raise
+        with self._lock:
+            self.counters.pulls_done += 1
+            self.counters.bytes_received += received
+            self.counters.blocks_received += len(local_ids)
+        return received
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,75 @@
+"""LLMDConnector's settings: every key of `kv_connector_extra_config`, typed, with defaults.
+
+An unknown key or a value of the wrong type is refused at start-up with a message naming it;
+a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LLMDConnectorConfig:
+    """`kv_connector_extra_config` keys. README "Connector configuration" documents each."""
+
+    # P/D side channel: address the prefill instance's workers listen on for decode pulls.
+    # Loopback by default: bind only where an operator says so.
+    side_channel_host: str = "127.0.0.1"
+    # Base TCP port; worker rank r listens on port + r. 0: an ephemeral port per worker,
+    # reported to the scheduler half at start-up (fine on one host; pin it for firewalls).
+    side_channel_port: int = 0
+    # Seconds a prefill instance keeps a finished request's blocks for its decode instance.
+    # Every read renews it; a decode instance that never comes frees them when it expires.
+    lease_s: float = 30.0
+    # Seconds a decode worker waits for one reply of the prefill instance before it gives up
+    # and reports the load as failed (vLLM then recomputes or fails, per
+    # kv_load_failure_policy).
+    transfer_timeout_s: float = 20.0
+    # Seconds a decode worker retries a transfer id the prefill worker does not know yet:
+    # the prefill engine registers it one step after it answered the request.
+    unknown_transfer_grace_s: float = 3.0
+    # Largest payload of one reply (bytes): bounds the staging buffer on both sides.
+    max_chunk_bytes: int = 64 << 20
+    # Concurrent transfers per decode worker.
+    num_transfer_threads: int = 4
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> LLMDConnectorConfig:
+        """Validate and convert a `kv_connector_extra_config` dict."""
+        extra = dict(extra or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ValueError(
+                f"LLMDConnector: unknown kv_connector_extra_config key(s) {unknown}; "
+                f"known keys: {sorted(known)}"
+            )
+        values: dict[str, Any] = {}
+        for name, value in extra.items():
+            expected = type(getattr(cls, name))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+                raise ValueError(
+                    f"LLMDConnector: kv_connector_extra_config[{name!r}] must be "
+                    f"{expected.__name__}, got {value!r}"
+                )
+            values[name] = value
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not 0 <= self.side_channel_port < 65536:
+            raise ValueError(f"LLMDConnector: side_channel_port {self.side_channel_port} invalid")
+        for name in ("lease_s", "transfer_timeout_s", "max_chunk_bytes", "num_transfer_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LLMDConnector: {name} must be > 0, got {getattr(self, name)}")
+        if self.unknown_transfer_grace_s < 0:
+            raise ValueError("LLMDConnector: unknown_transfer_grace_s must be >= 0")
+
+    def replace(self, **changes: Any) -> LLMDConnectorConfig:
+        return dataclasses.replace(self, **changes)

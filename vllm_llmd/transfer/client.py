@@ -1,0 +1,154 @@
+"""Decode side of the side channel: pull a prefill's blocks, then release them.
+
+`pull_blocks` reads in chunks of at most `max_chunk_bytes`, hands each chunk to a `scatter`
+callback that writes it into the local KV cache, and always ends with a release telling the
+prefill worker the outcome, so its blocks are freed at once instead of at lease expiry. Every
+wait is bounded by `timeout_s`; any failure raises TransferFailed with a reason for the logs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from vllm_llmd.transfer import messages as wire
+
+# scatter(first_index, data): data holds blocks first_index.. of the pull, block-major
+ScatterFn = Callable[[int, torch.Tensor], None]
+
+
+class TransferFailed(RuntimeError):
+    """A pull that did not complete; the message says why."""
+
+
+@dataclass(frozen=True)
+class PullSpec:
+    """One decode worker's pull of one request's blocks from one prefill worker."""
+
+    endpoint: str  # tcp://host:port of the prefill worker
+    transfer_id: str
+    fingerprint: wire.KVLayoutFingerprint
+    # prefill-side block ids to read, in the order the scatter callback expects them
+    remote_block_ids: tuple[int, ...]
+    num_layers: int
+
+
+class _Channel:
+    """A DEALER socket to one prefill worker with bounded request/reply."""
+
+    def __init__(self, endpoint: str, timeout_s: float, max_reply_bytes: int) -> None:
+        self.endpoint = endpoint
+        self.timeout_ms = int(timeout_s * 1000)
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+        self.socket.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_reply_bytes)
+        self.socket.connect(endpoint)
+
+    def ask(self, request: wire.Request) -> tuple[wire.Reply, list[zmq.Frame]]:
+        try:
+            self.socket.send(wire.encode(request))
+            frames = self.socket.recv_multipart(copy=False)
+        except zmq.Again:
+            raise TransferFailed(
+                f"prefill worker {self.endpoint} did not answer within {self.timeout_ms} ms"
+            ) from None
+        try:
+            return wire.decode_reply(frames[0].buffer), frames[1:]
+        except wire.WireError as exc:
+            raise TransferFailed(f"bad reply from {self.endpoint}: {exc}") from None
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def _chunks(count: int, per_chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
+
+
+def pull_blocks(
+    spec: PullSpec,
+    scatter: ScatterFn,
+    *,
+    timeout_s: float,
+    unknown_transfer_grace_s: float,
+    max_chunk_bytes: int,
+) -> int:
+    """Read every block of spec into the local cache via scatter; returns bytes received."""
+    bytes_per_block = spec.num_layers * spec.fingerprint.page_bytes
+    per_chunk = max(1, max_chunk_bytes // bytes_per_block)
+    channel = _Channel(
+        spec.endpoint, timeout_s, per_chunk * bytes_per_block + wire.MAX_CONTROL_BYTES
+    )
+    received, reason = 0, ""
+    try:
+        for start, end in _chunks(len(spec.remote_block_ids), per_chunk):
+            data = _read_chunk(
+                channel, spec, list(spec.remote_block_ids[start:end]), unknown_transfer_grace_s
+            )
+            if data.numel() != (end - start) * bytes_per_block:
+                raise TransferFailed(
+                    f"short read: {data.numel()} bytes for {end - start} blocks of "
+                    f"{bytes_per_block} bytes"
+                )
+            scatter(start, data)
+            received += data.numel()
+        return received
+    except TransferFailed as exc:
+        reason = str(exc)
+        raise
+    finally:
+        _release(channel, spec.transfer_id, success=not reason, reason=reason)
+        channel.close()
+
+
+def _read_chunk(
+    channel: _Channel, spec: PullSpec, block_ids: list[int], grace_s: float
+) -> torch.Tensor:
+    request = wire.ReadBlocks(
+        version=wire.PROTOCOL_VERSION,
+        transfer_id=spec.transfer_id,
+        fingerprint=spec.fingerprint,
+        block_ids=block_ids,
+    )
+    deadline = time.monotonic() + grace_s
+    while True:
+        reply, frames = channel.ask(request)
+        if isinstance(reply, wire.BlocksHeader) and len(frames) == 1:
+            return torch.frombuffer(frames[0].buffer, dtype=torch.uint8)
+        if isinstance(reply, wire.TransferError):
+            # The prefill engine registers a transfer one step after it answered: retry briefly.
+            if reply.code == wire.UNKNOWN_TRANSFER and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            raise TransferFailed(f"prefill worker refused the read ({reply.code}): {reply.message}")
+        raise TransferFailed(f"unexpected reply {type(reply).__name__} to a read")
+
+
+def _release(channel: _Channel, transfer_id: str, success: bool, reason: str) -> None:
+    """Best effort: if it is lost, the prefill side frees the blocks at lease expiry."""
+    try:
+        channel.ask(
+            wire.ReleaseTransfer(
+                version=wire.PROTOCOL_VERSION,
+                transfer_id=transfer_id,
+                success=success,
+                reason=reason[:500],
+            )
+        )
+    except TransferFailed:
+        pass
+
+
+def release_transfer(endpoint: str, transfer_id: str, reason: str, timeout_s: float) -> None:
+    """Free a prefill's blocks without reading them (the decode side will not load them)."""
+    channel = _Channel(endpoint, timeout_s, wire.MAX_CONTROL_BYTES)
+    try:
+        _release(channel, transfer_id, success=False, reason=reason)
+    finally:
+        channel.close()

@@ -1,0 +1,138 @@
+"""Prefill side of the side channel: a ZMQ ROUTER thread serving reads of held KV blocks.
+
+Each read is checked (protocol version, transfer id, fingerprint, block ids the transfer holds)
+before a byte is copied; the blocks are gathered once into a staging buffer that goes out as a
+zero-copy frame. The transfer stays pinned in the registry (READING) only while the gather
+runs; the send itself reads the staging buffer, not the KV cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+import zmq
+
+from vllm_llmd.log import get_logger
+from vllm_llmd.transfer import messages as wire
+from vllm_llmd.transfer.registry import SendRegistry
+
+logger = get_logger(__name__)
+
+# gather(block_ids) -> contiguous uint8 tensor, block-major, every layer's page per block
+GatherFn = Callable[[list[int]], torch.Tensor]
+
+
+class TransferServer:
+    """Serves `ReadBlocks` and `ReleaseTransfer` for one worker, on its own thread."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: SendRegistry,
+        gather: GatherFn,
+        fingerprint: wire.KVLayoutFingerprint,
+        num_layers: int,
+    ) -> None:
+        self.registry = registry
+        self._gather = gather
+        self._fingerprint = fingerprint
+        self._num_layers = num_layers
+        self._context = zmq.Context.instance()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        # A peer cannot make us buffer more than one control message's worth per frame.
+        self._socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_BYTES)
+        if port == 0:
+            self.port = self._socket.bind_to_random_port(f"tcp://{host}")
+        else:
+            self._socket.bind(f"tcp://{host}:{port}")
+            self.port = port
+        self.host = host
+        self.bytes_sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._serve, name="llmd-transfer-server", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._socket.close(linger=0)
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            frames = self._socket.recv_multipart(copy=False)
+            identity, payload = frames[0].bytes, frames[-1].buffer
+            try:
+                reply = self._handle(identity, wire.decode_request(payload))
+            except wire.WireError as exc:
+                logger.warning("LLMD side channel: refused a malformed request: %s", exc)
+                reply = [
+                    wire.TransferError(
+                        version=wire.PROTOCOL_VERSION,
+                        transfer_id="",
+                        code=wire.BAD_REQUEST,
+                        message=str(exc),
+                    )
+                ]
+            except Exception as exc:  # never let one request kill the server thread
+                logger.exception("LLMD side channel: request failed")
+                reply = [
+                    wire.TransferError(
+                        version=wire.PROTOCOL_VERSION,
+                        transfer_id="",
+                        code=wire.BAD_REQUEST,
+                        message=f"internal error: {exc}",
+                    )
+                ]
+            header, *data = reply
+            self._socket.send_multipart([identity, wire.encode(header), *data], copy=False)
+
+    def _handle(self, identity: bytes, request: wire.Request) -> list:
+        if isinstance(request, wire.ReleaseTransfer):
+            self.registry.release(request.transfer_id, request.success, request.reason)
+            return [wire.Ack(version=wire.PROTOCOL_VERSION, transfer_id=request.transfer_id)]
+        return self._read(request)
+
+    def _read(self, request: wire.ReadBlocks) -> list:
+        def error(code: str, message: str) -> list:
+            return [
+                wire.TransferError(
+                    version=wire.PROTOCOL_VERSION,
+                    transfer_id=request.transfer_id,
+                    code=code,
+                    message=message,
+                )
+            ]
+
+        differences = self._fingerprint.differences(request.fingerprint)
+        if differences:
+            return error(
+                wire.INCOMPATIBLE,
+                "KV layouts differ (prefill vs decode): " + "; ".join(differences),
+            )
+        problem = self.registry.begin_read(request.transfer_id, request.block_ids)
+        if problem is not None:
+            return error(wire.UNKNOWN_TRANSFER, problem)
+        try:
+            staging = self._gather(request.block_ids)
+        finally:
+            self.registry.end_read(request.transfer_id)
+        self.bytes_sent += staging.numel()
+        header = wire.BlocksHeader(
+            version=wire.PROTOCOL_VERSION,
+            transfer_id=request.transfer_id,
+            num_blocks=len(request.block_ids),
+            num_layers=self._num_layers,
+            page_bytes=self._fingerprint.page_bytes,
+        )
+        # pyzmq keeps a reference to the buffer until the I/O thread has sent it.
+        return [header, memoryview(staging.numpy()).cast("B")]
