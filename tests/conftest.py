@@ -61,22 +61,33 @@ class ServerPool:
 
     def launch(self, config: VLLMServerConfig, name: str = "server") -> VLLMServer:
         """Start a server and wait until it serves; the caller may stop it early."""
-        log = self.log_dir / f"{name}-{len(self.servers)}.log"
-        server = VLLMServer(config, log)
+        return self._start(config, name).wait_ready()
+
+    def _start(self, config: VLLMServerConfig, name: str) -> VLLMServer:
+        server = VLLMServer(config, self.log_dir / f"{name}-{len(self.servers)}.log")
         self.servers.append(server)
-        return server.start().wait_ready()
+        return server.start()
 
     def shared(self, name: str, config: VLLMServerConfig) -> VLLMServer:
         """One server per name for the whole session (same config every time)."""
-        if name in self._shared:
-            known, server = self._shared[name]
-            wanted = dataclasses.replace(config, port=known.port)
-            assert wanted == known, f"shared server {name!r} requested with another config"
-            if server.is_running():
-                return server
-        server = self.launch(config, name)
-        self._shared[name] = (config, server)
-        return server
+        return self.shared_group({name: config})[name]
+
+    def shared_group(self, configs: dict[str, VLLMServerConfig]) -> dict[str, VLLMServer]:
+        """Like `shared` for several servers, started together and then waited for."""
+        servers = {}
+        for name, config in configs.items():
+            if name in self._shared:
+                known, server = self._shared[name]
+                wanted = dataclasses.replace(config, port=known.port)
+                assert wanted == known, f"shared server {name!r} requested with another config"
+                if server.is_running():
+                    servers[name] = server
+                    continue
+            servers[name] = self._start(config, name)
+            self._shared[name] = (config, servers[name])
+        for server in servers.values():
+            server.wait_ready()
+        return servers
 
     def stop_all(self) -> None:
         for server in self.servers:

@@ -58,3 +58,20 @@ def complete(
 def completion_token_ids(answer: dict[str, Any]) -> list[int]:
     """The generated token ids of a /v1/completions answer made by `complete`."""
     return list(answer["choices"][0]["token_ids"])
+
+
+def scrape_metrics(base_url: str) -> dict[tuple[str, frozenset], float]:
+    """GET /metrics and parse it: {(sample name, frozenset of label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[tuple[str, frozenset], float] = {}
+    for family in text_string_to_metric_families(get_text(base_url + "/metrics")):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def metric_sum(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """Sum of the samples called name whose labels include every given label."""
+    wanted = set(labels.items())
+    return sum(v for (n, lbls), v in samples.items() if n == name and wanted <= lbls)

@@ -1,0 +1,235 @@
+"""Prefill→decode through LLMDConnector on real vLLM CPU servers (tiny model, float32).
+
+Three servers, each on one core: a prefill (kv_producer), a decode (kv_consumer, recompute on
+load failure) and a plain vLLM as the reference. Greedy output of prefill→decode must equal the
+reference token for token; the decode's metrics must show the prompt came by transfer; the
+prefill's blocks must return to its free pool on every exit path.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import secrets
+import time
+
+import pytest
+from tokenizers import Tokenizer
+
+from vllm_llmd.devtools.client import (
+    HTTPStatusError,
+    complete,
+    completion_token_ids,
+    metric_sum,
+    scrape_metrics,
+)
+from vllm_llmd.devtools.model_maker import sample_text
+from vllm_llmd.devtools.server import VLLMServerConfig, free_port
+
+pytestmark = pytest.mark.server
+
+BLOCK = 128  # vLLM's default block size on CPU
+LEASE_S = 6.0
+MAX_TOKENS = 16
+
+
+def _connector(role: str, **extra) -> dict:
+    config = {"kv_connector": "LLMDConnector", "kv_role": role}
+    if role == "kv_consumer":
+        config["kv_load_failure_policy"] = "recompute"
+    if extra:
+        config["kv_connector_extra_config"] = extra
+    return config
+
+
+@pytest.fixture(scope="module")
+def pd(vllm_servers, tiny_model):
+    # Start all three before waiting on any: start-up is mostly I/O and Python imports.
+    configs = {
+        "prefill": VLLMServerConfig(
+            model=tiny_model,
+            cpu_cores="0",
+            kv_transfer_config=_connector("kv_producer", lease_s=LEASE_S),
+        ),
+        "decode": VLLMServerConfig(
+            model=tiny_model,
+            cpu_cores="1",
+            kv_transfer_config=_connector(
+                "kv_consumer", transfer_timeout_s=5.0, unknown_transfer_grace_s=1.0
+            ),
+        ),
+        "reference": VLLMServerConfig(model=tiny_model, cpu_cores="1"),
+    }
+    servers = vllm_servers.shared_group({f"pd-{name}": c for name, c in configs.items()})
+    return {name: servers[f"pd-{name}"] for name in configs}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+
+
+def _prompt_ids(tokenizer, num_tokens: int, seed: int) -> list[int]:
+    ids = tokenizer.encode(sample_text(num_tokens, seed=seed)).ids
+    assert len(ids) >= num_tokens
+    return ids[:num_tokens]
+
+
+def _prefill(pd, prompt) -> dict:
+    answer = complete(
+        pd["prefill"].url,
+        pd["prefill"].model_name,
+        prompt,
+        max_tokens=1,
+        kv_transfer_params={"do_remote_decode": True},
+    )
+    params = answer["kv_transfer_params"]
+    assert params and params["do_remote_prefill"] and params["llmd_transfer_id"], answer
+    return params
+
+
+def _decode(pd, prompt, params) -> list[int]:
+    answer = complete(
+        pd["decode"].url,
+        pd["decode"].model_name,
+        prompt,
+        max_tokens=MAX_TOKENS,
+        kv_transfer_params=params,
+    )
+    return completion_token_ids(answer)
+
+
+def _reference(pd, prompt) -> list[int]:
+    return completion_token_ids(
+        complete(pd["reference"].url, pd["reference"].model_name, prompt, max_tokens=MAX_TOKENS)
+    )
+
+
+def _tokens_by_source(server) -> dict[str, float]:
+    samples = scrape_metrics(server.url)
+    return {
+        source: metric_sum(samples, "vllm:prompt_tokens_by_source_total", source=source)
+        for source in ("local_compute", "local_cache_hit", "external_kv_transfer")
+    }
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
+
+
+def _kv_usage(server) -> float:
+    return metric_sum(scrape_metrics(server.url), "vllm:kv_cache_usage_perc")
+
+
+def _wait_for_free_pool(server, timeout: float) -> float:
+    """Seconds until the server holds no KV blocks (fails the test after timeout)."""
+    start = time.monotonic()
+    while _kv_usage(server) > 0:
+        assert time.monotonic() - start < timeout, f"blocks still held after {timeout}s"
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("num_tokens", [7, BLOCK, 2 * BLOCK, 300, 3000])
+def test_pd_output_equals_single_instance(pd, tokenizer, num_tokens):
+    prompt = _prompt_ids(tokenizer, num_tokens, seed=num_tokens)
+    before = _tokens_by_source(pd["decode"])
+    params = _prefill(pd, prompt)
+    assert params["remote_num_tokens"] == num_tokens
+    assert len(params["remote_block_ids"]) == -(-num_tokens // BLOCK)
+
+    assert _decode(pd, prompt, params) == _reference(pd, prompt)
+
+    moved = _delta(_tokens_by_source(pd["decode"]), before)
+    # The whole prompt came by transfer: the decode computed none of it.
+    assert moved == {"local_compute": 0, "local_cache_hit": 0, "external_kv_transfer": num_tokens}
+    _wait_for_free_pool(pd["prefill"], timeout=LEASE_S / 2)
+
+
+def test_decode_does_not_refetch_what_its_prefix_cache_holds(pd, tokenizer):
+    prompt = _prompt_ids(tokenizer, 5 * BLOCK + 40, seed=11)
+    _decode(pd, prompt, _prefill(pd, prompt))  # now in the decode's prefix cache
+
+    before = _tokens_by_source(pd["decode"])
+    assert _decode(pd, prompt, _prefill(pd, prompt)) == _reference(pd, prompt)
+    moved = _delta(_tokens_by_source(pd["decode"]), before)
+    # Only the part after the last full cached block is pulled again.
+    assert moved["local_cache_hit"] == 5 * BLOCK
+    assert moved["external_kv_transfer"] == 40
+    assert moved["local_compute"] == 0
+    _wait_for_free_pool(pd["prefill"], timeout=LEASE_S / 2)
+
+
+def test_wrong_transfer_id_recomputes_and_lease_frees_the_prefill(pd, tokenizer):
+    prompt = _prompt_ids(tokenizer, 900, seed=21)
+    params = dict(_prefill(pd, prompt), llmd_transfer_id=secrets.token_urlsafe(24))
+    before = _tokens_by_source(pd["decode"])
+
+    started = time.monotonic()
+    assert _decode(pd, prompt, params) == _reference(pd, prompt)
+    assert time.monotonic() - started < 15  # bounded: grace 1s, no hang
+
+    moved = _delta(_tokens_by_source(pd["decode"]), before)
+    assert moved["external_kv_transfer"] == 0 and moved["local_compute"] == 900
+    # Nobody released the real transfer: its lease frees the blocks.
+    assert _kv_usage(pd["prefill"]) > 0
+    waited = _wait_for_free_pool(pd["prefill"], timeout=LEASE_S + 5)
+    assert waited > 0.5
+    assert "expired after" in pd["prefill"].log_text()
+
+
+def test_unreachable_prefill_recomputes_without_hanging(pd, tokenizer):
+    prompt = _prompt_ids(tokenizer, 500, seed=31)
+    real = _prefill(pd, prompt)
+    closed_port = free_port()
+    params = dict(real, remote_port=closed_port, llmd_ports=[closed_port])
+
+    started = time.monotonic()
+    assert _decode(pd, prompt, params) == _reference(pd, prompt)
+    assert time.monotonic() - started < 20  # transfer_timeout_s is 5 on the decode
+    assert "pull of request" in pd["decode"].log_text()
+    _wait_for_free_pool(pd["prefill"], timeout=LEASE_S + 5)  # freed by its lease
+
+
+def test_decode_side_rejection_releases_the_prefill_at_once(pd, tokenizer):
+    prompt = _prompt_ids(tokenizer, 700, seed=41)
+    params = _prefill(pd, prompt)
+    assert _kv_usage(pd["prefill"]) > 0
+    # The decode's API server rejects this before scheduling; vLLM still runs
+    # request_finished for it, and the connector releases the prefill's blocks.
+    with pytest.raises(HTTPStatusError) as err:
+        complete(
+            pd["decode"].url,
+            pd["decode"].model_name,
+            prompt,
+            max_tokens=10**6,
+            kv_transfer_params=params,
+        )
+    assert err.value.status == 400
+    waited = _wait_for_free_pool(pd["prefill"], timeout=LEASE_S + 5)
+    assert waited < LEASE_S - 1, f"freed only after {waited:.1f}s: by lease, not by release"
+
+
+def test_prefill_request_aborted_frees_at_once(pd, tokenizer):
+    prompt = _prompt_ids(tokenizer, 600, seed=51)
+    server = pd["prefill"]
+    body = json.dumps(
+        {
+            "model": server.model_name,
+            "prompt": prompt,
+            "max_tokens": 4000,
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 0,
+            "kv_transfer_params": {"do_remote_decode": True},
+        }
+    )
+    conn = http.client.HTTPConnection(server.config.host, server.config.port, timeout=30)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    response.readline()  # the first streamed chunk: the request is running
+    assert _kv_usage(server) > 0
+    conn.close()  # the client goes away: vLLM aborts the request
+    waited = _wait_for_free_pool(server, timeout=LEASE_S + 5)
+    assert waited < LEASE_S - 1, f"freed only after {waited:.1f}s: an abort must free at once"

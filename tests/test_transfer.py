@@ -1,0 +1,215 @@
+"""The P/D transfer pieces without vLLM: registry state machine, wire, params, config, and a
+real ZMQ side channel between a TransferServer and pull_blocks (real sockets, real tensors)."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import torch
+
+from vllm_llmd.connector.config import LLMDConnectorConfig
+from vllm_llmd.transfer import messages as wire
+from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
+from vllm_llmd.transfer.params import ParamsError, RemotePrefillParams, prompt_digest
+from vllm_llmd.transfer.registry import SendRegistry, SendState
+from vllm_llmd.transfer.server import TransferServer
+
+NUM_LAYERS, PAGE = 3, 96
+FINGERPRINT = wire.KVLayoutFingerprint(
+    model="m",
+    dtype="float32",
+    num_layers=NUM_LAYERS,
+    num_kv_heads=2,
+    head_size=8,
+    block_size=32,
+    layout="LBHNC",
+    tensor_parallel_size=1,
+    page_bytes=PAGE,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ---- registry --------------------------------------------------------------------------------
+
+
+def test_registry_release_frees_and_reading_is_never_freed():
+    clock = FakeClock()
+    registry = SendRegistry(lease_s=10, clock=clock)
+    registry.add("req", "t1", [4, 5])
+    assert registry.begin_read("t1", [4]) is None
+    clock.now += 60  # far past the lease, but a read is in progress
+    assert registry.take_finished() == []
+    assert registry.release("t1", True) is False  # not while reading
+    registry.end_read("t1")  # renews the lease
+    assert registry.take_finished() == []
+    assert registry.release("t1", True)
+    [done] = registry.take_finished()
+    assert (done.request_id, done.state, done.outcome) == ("req", SendState.RELEASED, "done")
+    assert len(registry) == 0
+
+
+def test_registry_lease_expiry_and_bad_reads():
+    clock = FakeClock()
+    registry = SendRegistry(lease_s=10, clock=clock)
+    registry.add("req", "t1", [1, 2])
+    assert "does not hold" in registry.begin_read("t1", [3])
+    assert "unknown" in registry.begin_read("nope", [1])
+    clock.now += 9.9
+    assert registry.take_finished() == []
+    clock.now += 0.2
+    [expired] = registry.take_finished()
+    assert expired.outcome == "expired"
+    assert "unknown" in registry.begin_read("t1", [1])
+
+
+def test_registry_failed_release_frees():
+    registry = SendRegistry(lease_s=10)
+    registry.add("req", "t1", [1])
+    assert registry.release("t1", False, "decode gave up")
+    [send] = registry.take_finished()
+    assert send.outcome == "failed: decode gave up"
+
+
+# ---- wire, params, config --------------------------------------------------------------------
+
+
+def test_wire_refuses_oversized_undecodable_and_other_versions():
+    with pytest.raises(wire.WireError, match="exceeds"):
+        wire.decode_request(b"x" * (wire.MAX_CONTROL_BYTES + 1))
+    with pytest.raises(wire.WireError, match="undecodable"):
+        wire.decode_request(b"\x93garbage")
+    future = wire.ReleaseTransfer(version=99, transfer_id="t", success=True)
+    with pytest.raises(wire.WireError, match="v99"):
+        wire.decode_request(wire.encode(future))
+    message = wire.ReleaseTransfer(version=wire.PROTOCOL_VERSION, transfer_id="t", success=True)
+    assert wire.decode_request(wire.encode(message)) == message
+
+
+def test_params_round_trip_and_errors():
+    params = RemotePrefillParams(
+        engine_id="e",
+        request_id="r",
+        host="127.0.0.1",
+        ports=(5000,),
+        block_ids=(3, 4),
+        num_tokens=40,
+        transfer_id="tid",
+        fingerprint=FINGERPRINT,
+        prompt_digest=prompt_digest([1, 2, 3]),
+    )
+    as_json = msgspec.json.decode(msgspec.json.encode(params.to_dict()))  # through a proxy
+    assert RemotePrefillParams.from_dict(as_json) == params
+    del as_json["llmd_ports"]
+    with pytest.raises(ParamsError, match="llmd_ports"):
+        RemotePrefillParams.from_dict(as_json)
+    assert prompt_digest([1, 2, 3]) != prompt_digest([1, 2, 4])
+
+
+def test_config_refuses_unknown_keys_and_bad_types():
+    assert LLMDConnectorConfig.from_extra_config({"lease_s": 5}).lease_s == 5.0
+    with pytest.raises(ValueError, match=r"unknown kv_connector_extra_config key\(s\) \['lease'\]"):
+        LLMDConnectorConfig.from_extra_config({"lease": 5})
+    with pytest.raises(ValueError, match=r"side_channel_port.*must be int"):
+        LLMDConnectorConfig.from_extra_config({"side_channel_port": "5600"})
+    with pytest.raises(ValueError, match="lease_s must be > 0"):
+        LLMDConnectorConfig.from_extra_config({"lease_s": 0})
+
+
+# ---- a real side channel ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def side_channel():
+    """A TransferServer over a real byte 'cache' of 16 blocks (gather = block-major copy)."""
+    cache = torch.randint(0, 256, (16, NUM_LAYERS, PAGE), dtype=torch.uint8)
+    gathers = []
+
+    def gather(block_ids):
+        gathers.append(list(block_ids))
+        return cache[torch.tensor(block_ids)].reshape(-1).clone()
+
+    registry = SendRegistry(lease_s=30)
+    server = TransferServer("127.0.0.1", 0, registry, gather, FINGERPRINT, NUM_LAYERS)
+    try:
+        yield server, registry, cache, gathers
+    finally:
+        server.close()
+
+
+def _pull(server, transfer_id, block_ids, fingerprint=FINGERPRINT, chunk_bytes=1 << 20):
+    received = {}
+
+    def scatter(first, data):
+        received[first] = data.clone().view(-1, NUM_LAYERS, PAGE)
+
+    spec = PullSpec(
+        f"tcp://127.0.0.1:{server.port}", transfer_id, fingerprint, tuple(block_ids), NUM_LAYERS
+    )
+    nbytes = pull_blocks(
+        spec, scatter, timeout_s=2, unknown_transfer_grace_s=0.3, max_chunk_bytes=chunk_bytes
+    )
+    return nbytes, torch.cat([received[k] for k in sorted(received)])
+
+
+def test_pull_in_chunks_then_release(side_channel):
+    server, registry, cache, gathers = side_channel
+    blocks = [9, 2, 14, 5, 7]
+    registry.add("req", "tid", blocks)
+    nbytes, data = _pull(server, "tid", blocks, chunk_bytes=2 * NUM_LAYERS * PAGE)
+    assert nbytes == len(blocks) * NUM_LAYERS * PAGE
+    assert torch.equal(data, cache[torch.tensor(blocks)])
+    assert gathers == [[9, 2], [14, 5], [7]]  # three chunks of at most two blocks
+    [send] = registry.take_finished()  # released by the puller
+    assert send.outcome == "done"
+
+
+def test_pull_refused_on_fingerprint_mismatch(side_channel):
+    server, registry, *_ = side_channel
+    registry.add("req", "tid", [1])
+    other = msgspec.structs.replace(FINGERPRINT, dtype="bfloat16")
+    with pytest.raises(TransferFailed, match="dtype: 'float32' != 'bfloat16'"):
+        _pull(server, "tid", [1], fingerprint=other)
+    [send] = registry.take_finished()  # the failed pull still released the blocks
+    assert send.outcome.startswith("failed: ")
+
+
+def test_pull_of_unknown_transfer_fails_after_grace(side_channel):
+    server, registry, *_ = side_channel
+    registry.add("req", "tid", [1, 2])
+    with pytest.raises(TransferFailed, match="unknown"):
+        _pull(server, "not-the-id", [1])
+    assert registry.take_finished() == [] and len(registry) == 1  # a wrong id frees nothing
+    with pytest.raises(TransferFailed, match="does not hold"):
+        _pull(server, "tid", [3])
+    # Whoever holds the id and gives up releases the blocks at once.
+    [send] = registry.take_finished()
+    assert send.outcome.startswith("failed: ")
+
+
+def test_pull_from_nobody_times_out():
+    from vllm_llmd.devtools.server import free_port
+
+    spec = PullSpec(f"tcp://127.0.0.1:{free_port()}", "tid", FINGERPRINT, (1,), NUM_LAYERS)
+    with pytest.raises(TransferFailed, match="did not answer within 300 ms"):
+        pull_blocks(
+            spec,
+            lambda *_: None,
+            timeout_s=0.3,
+            unknown_transfer_grace_s=0,
+            max_chunk_bytes=1 << 20,
+        )
+
+
+def test_release_without_read(side_channel):
+    server, registry, *_ = side_channel
+    registry.add("req", "tid", [1])
+    release_transfer(f"tcp://127.0.0.1:{server.port}", "tid", "cached locally", timeout_s=2)
+    [send] = registry.take_finished()
+    assert send.outcome == "failed: cached locally"
