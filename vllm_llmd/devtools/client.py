@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -75,3 +79,51 @@ def metric_sum(samples: dict[tuple[str, frozenset], float], name: str, **labels:
     """Sum of the samples called name whose labels include every given label."""
     wanted = set(labels.items())
     return sum(v for (n, lbls), v in samples.items() if n == name and wanted <= lbls)
+
+
+@dataclass(frozen=True)
+class StreamTiming:
+    """Client-side timing of one streamed completion."""
+
+    ttft_s: float  # request sent -> first content chunk
+    total_s: float  # request sent -> end of stream
+    text: str
+
+
+def timed_stream(
+    base_url: str, model: str, prompt: str | list[int], max_tokens: int = 16, **extra: Any
+) -> StreamTiming:
+    """Greedy streamed /v1/completions; measures time to first token and to the end."""
+    url = urllib.parse.urlsplit(base_url)
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            **extra,
+        }
+    )
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=600)
+    started = time.perf_counter()
+    first: float | None = None
+    parts: list[str] = []
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise HTTPStatusError(response.status, response.read().decode(errors="replace"))
+        for line in response:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            text = "".join(c.get("text") or "" for c in chunk.get("choices", []))
+            if text and first is None:
+                first = time.perf_counter()
+            parts.append(text)
+    finally:
+        conn.close()
+    end = time.perf_counter()
+    return StreamTiming((first or end) - started, end - started, "".join(parts))

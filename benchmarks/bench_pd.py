@@ -1,0 +1,269 @@
+"""P/D benchmark: decode TTFT with the prompt's KV transferred vs recomputed, in one run.
+
+Part 1 (no vLLM): bandwidth of LLMDConnector's side channel (TransferServer -> pull_blocks over
+loopback ZMQ, real tensors the size of one long prompt's KV) against a plain memcpy of the same
+bytes.
+
+Part 2 (real vLLM CPU servers, bf16): for long unique prompts,
+- recompute: TTFT of a plain vLLM that computes the whole prompt;
+- LLMDConnector: a prefill instance runs the prompt, then the decode instance's TTFT with the
+  prompt's KV pulled from it;
+- NixlConnector (vLLM's own, UCX over host memory), same prompts, when `nixl` is installed.
+
+Each server gets one core (the prefill core 0, the others core 1), so TTFTs compare like for
+like. Usage: `.venv/bin/python benchmarks/bench_pd.py [--preset medium] [--prompt-tokens 2000]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from vllm_llmd.devtools.client import complete, timed_stream
+from vllm_llmd.devtools.model_maker import PRESETS, make_model, preset_digest, sample_text
+from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port
+from vllm_llmd.transfer import messages as wire
+from vllm_llmd.transfer.client import PullSpec, pull_blocks
+from vllm_llmd.transfer.registry import SendRegistry
+from vllm_llmd.transfer.server import TransferServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOG_DIR = REPO_ROOT / "logs" / "bench_pd"
+BLOCK = 128
+
+
+def model_dir(preset: str) -> Path:
+    path = REPO_ROOT / ".cache" / "models" / f"{preset}-{preset_digest(PRESETS[preset])}"
+    if not (path / "model.safetensors").exists():
+        make_model(preset, path)
+    return path
+
+
+def kv_bytes_per_block_per_layer(preset: str, dtype_bytes: int = 2) -> int:
+    p = PRESETS[preset]
+    return p.num_key_value_heads * BLOCK * 2 * p.head_dim * dtype_bytes
+
+
+# ---- part 1: side channel vs memcpy ----------------------------------------------------------
+
+
+def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> None:
+    p = PRESETS[preset]
+    page = kv_bytes_per_block_per_layer(preset)
+    num_blocks = -(-prompt_tokens // BLOCK)
+    layers = p.num_hidden_layers
+    cache = torch.randint(0, 256, (num_blocks * 2, layers, page), dtype=torch.uint8)
+    dest = torch.empty_like(cache)
+    fingerprint = wire.KVLayoutFingerprint(
+        model="bench",
+        dtype="bfloat16",
+        num_layers=layers,
+        num_kv_heads=p.num_key_value_heads,
+        head_size=p.head_dim,
+        block_size=BLOCK,
+        layout="LBHNC",
+        tensor_parallel_size=1,
+        page_bytes=page,
+    )
+    registry = SendRegistry(lease_s=60)
+    block_ids = list(range(0, 2 * num_blocks, 2))
+
+    def gather(ids: list[int]) -> torch.Tensor:
+        return cache[torch.tensor(ids)].reshape(-1)
+
+    def scatter(first: int, data: torch.Tensor) -> None:
+        view = data.view(-1, layers, page)
+        dest[first : first + view.shape[0]] = view
+
+    server = TransferServer("127.0.0.1", 0, registry, gather, fingerprint, layers)
+    nbytes = num_blocks * layers * page
+    pulls, copies = [], []
+    try:
+        for i in range(repeats):
+            registry.add(f"r{i}", f"t{i}", block_ids)
+            spec = PullSpec(
+                f"tcp://127.0.0.1:{server.port}", f"t{i}", fingerprint, tuple(block_ids), layers
+            )
+            start = time.perf_counter()
+            pull_blocks(
+                spec, scatter, timeout_s=30, unknown_transfer_grace_s=0, max_chunk_bytes=64 << 20
+            )
+            pulls.append(time.perf_counter() - start)
+            registry.take_finished()
+            src = cache[:num_blocks].reshape(-1)
+            out = torch.empty_like(src)
+            start = time.perf_counter()
+            out.copy_(src)
+            copies.append(time.perf_counter() - start)
+    finally:
+        server.close()
+    pull_s, copy_s = statistics.median(pulls), statistics.median(copies)
+    print(
+        f"\n== side channel vs memcpy: {prompt_tokens}-token prompt of {preset} "
+        f"({layers} layers, {num_blocks} blocks, {nbytes / 2**20:.1f} MiB)"
+    )
+    print(f"  memcpy        {copy_s * 1e3:8.2f} ms  {nbytes / copy_s / 1e9:6.2f} GB/s")
+    print(
+        f"  side channel  {pull_s * 1e3:8.2f} ms  {nbytes / pull_s / 1e9:6.2f} GB/s  "
+        f"(gather + ZMQ loopback + scatter)"
+    )
+    print(f"  ratio side channel / memcpy bandwidth: {copy_s / pull_s:.2f}")
+
+
+# ---- part 2: real servers --------------------------------------------------------------------
+
+
+def start_all(servers: list[VLLMServer]) -> None:
+    for server in servers:
+        server.start()
+    for server in servers:
+        server.wait_ready(timeout=600)
+
+
+def measure_recompute(server: VLLMServer, prompts: list[list[int]]) -> list[float]:
+    return [timed_stream(server.url, server.model_name, p, max_tokens=2).ttft_s for p in prompts]
+
+
+def measure_pd(
+    prefill: VLLMServer, decode: VLLMServer, prompts: list[list[int]], request_params: dict
+) -> tuple[list[float], list[float]]:
+    prefill_s, decode_ttft = [], []
+    for prompt in prompts:
+        start = time.perf_counter()
+        answer = complete(
+            prefill.url, prefill.model_name, prompt, max_tokens=1, kv_transfer_params=request_params
+        )
+        prefill_s.append(time.perf_counter() - start)
+        timing = timed_stream(
+            decode.url,
+            decode.model_name,
+            prompt,
+            max_tokens=2,
+            kv_transfer_params=answer["kv_transfer_params"],
+        )
+        decode_ttft.append(timing.ttft_s)
+    return prefill_s, decode_ttft
+
+
+def nixl_servers(model: Path) -> list[VLLMServer]:
+    servers = []
+    for role, cores in (("kv_producer", "0"), ("kv_consumer", "1")):
+        env = {
+            "UCX_TLS": "tcp,self,sm,cma",
+            "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+        }
+        config = VLLMServerConfig(
+            model=model,
+            dtype="bfloat16",
+            cpu_cores=cores,
+            env=env,
+            kv_transfer_config={
+                "kv_connector": "NixlConnector",
+                "kv_role": role,
+                "kv_buffer_device": "cpu",
+            },
+        )
+        servers.append(VLLMServer(config, LOG_DIR / f"nixl-{role}.log"))
+    return servers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--prompt-tokens", type=int, default=2000)
+    parser.add_argument("--num-prompts", type=int, default=4)
+    parser.add_argument("--no-nixl", action="store_true")
+    args = parser.parse_args()
+
+    bench_side_channel(args.preset, args.prompt_tokens)
+
+    model = model_dir(args.preset)
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    prompts = [
+        tokenizer.encode(sample_text(args.prompt_tokens, seed=1000 + i)).ids[: args.prompt_tokens]
+        for i in range(args.num_prompts)
+    ]
+    # Each system sees fresh prompts (no prefix cache carry-over between systems).
+    offset_prompts = {
+        name: [[(t + k) % 4000 for t in p] for p in prompts]
+        for k, name in enumerate(("recompute", "llmd", "nixl"))
+    }
+
+    def server(name: str, cores: str, connector: dict | None) -> VLLMServer:
+        return VLLMServer(
+            VLLMServerConfig(
+                model=model, dtype="bfloat16", cpu_cores=cores, kv_transfer_config=connector
+            ),
+            LOG_DIR / f"{name}.log",
+        )
+
+    results: dict[str, tuple[list[float], list[float]]] = {}
+    plain = server("plain", "1", None)
+    prefill = server(
+        "llmd-prefill", "0", {"kv_connector": "LLMDConnector", "kv_role": "kv_producer"}
+    )
+    decode = server(
+        "llmd-decode",
+        "1",
+        {
+            "kv_connector": "LLMDConnector",
+            "kv_role": "kv_consumer",
+            "kv_load_failure_policy": "recompute",
+        },
+    )
+    group = [plain, prefill, decode]
+    try:
+        start_all(group)
+        measure_recompute(plain, [prompts[0][:64]])  # warm-up
+        results["recompute"] = ([], measure_recompute(plain, offset_prompts["recompute"]))
+        measure_pd(prefill, decode, [prompts[0][:64]], {"do_remote_decode": True})
+        results["LLMDConnector"] = measure_pd(
+            prefill, decode, offset_prompts["llmd"], {"do_remote_decode": True}
+        )
+    finally:
+        for s in group:
+            s.stop()
+
+    if not args.no_nixl and importlib.util.find_spec("nixl") is not None:
+        group = nixl_servers(model)
+        nixl_params = {
+            "do_remote_decode": True,
+            "do_remote_prefill": False,
+            "remote_engine_id": None,
+            "remote_block_ids": None,
+            "remote_host": None,
+            "remote_port": None,
+        }
+        try:
+            start_all(group)
+            measure_pd(group[0], group[1], [prompts[0][:64]], nixl_params)
+            results["NixlConnector"] = measure_pd(
+                group[0], group[1], offset_prompts["nixl"], nixl_params
+            )
+        finally:
+            for s in group:
+                s.stop()
+    else:
+        print("\n(nixl not installed: NixlConnector column skipped)")
+
+    recompute = statistics.median(results["recompute"][1])
+    print(
+        f"\n== decode TTFT, {args.num_prompts} prompts of {args.prompt_tokens} tokens, "
+        f"{args.preset} model, bf16, one core per server (median)"
+    )
+    print(f"  {'system':<15}{'prefill s':>10}{'decode TTFT s':>15}{'vs recompute':>14}")
+    for name, (prefill_s, ttft) in results.items():
+        p = f"{statistics.median(prefill_s):.3f}" if prefill_s else "-"
+        median = statistics.median(ttft)
+        print(f"  {name:<15}{p:>10}{median:>15.3f}{recompute / median:>13.1f}x")
+
+
+if __name__ == "__main__":
+    main()
