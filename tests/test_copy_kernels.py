@@ -40,6 +40,17 @@ extern "C" void host_launch(int gather, unsigned gx, unsigned gy, unsigned gz, u
                    dim3(threads), segment_bases, num_segments, block_stride, page_bytes,
                    block_ids, num_ids, chunk_bytes, buffer);
 }
+
+// -fsanitize=alignment calls these on a misaligned access; counting them here (instead of
+// libubsan printing to a stderr pytest swallows) lets each test assert there were none.
+static unsigned long long misaligned_accesses = 0;
+extern "C" void __ubsan_handle_type_mismatch_v1(void*, void*) { ++misaligned_accesses; }
+extern "C" void __ubsan_handle_type_mismatch_v1_abort(void*, void*) { ++misaligned_accesses; }
+extern "C" unsigned long long take_misaligned_accesses() {
+  const unsigned long long count = misaligned_accesses;
+  misaligned_accesses = 0;
+  return count;
+}
 """
 # A grid smaller than the work and chunks that are not multiples of 16: every grid-stride
 # loop runs more than once and chunk edges fall at every alignment.
@@ -55,38 +66,48 @@ CASES = [  # (dtype, shape, cache offset bytes, buffer offset bytes)
 ]
 
 
+class HostKernels:
+    """The kernels built as host C++, launched the way cuda_copy launches them on a GPU.
+
+    Built with -fsanitize=alignment and 16/8-byte aligned uint4/uint2 (as in CUDA): a
+    misaligned wide access, which x86 forgives but a GPU faults on, fails the test.
+    """
+
+    def __init__(self, build: Path) -> None:
+        compiler = shutil.which("g++") or shutil.which("c++")
+        if compiler is None:
+            pytest.fail("no C++ compiler on PATH: install g++ to test the kernels on the CPU")
+        (build / "harness.cpp").write_text(HARNESS)
+        library = build / "copy_pages_host.so"
+        command = [compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing"]
+        # general registers only: SSE's aligned moves would fault before the check counts
+        command += ["-fsanitize=alignment", "-mgeneral-regs-only", f"-I{KERNELS}"]
+        command += ["-Wall", "-Wextra", "-Werror", "harness.cpp", "-o", str(library)]
+        result = subprocess.run(command, cwd=build, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        self.lib = ctypes.CDLL(str(library))
+        self.lib.host_launch.restype = None
+        self.lib.take_misaligned_accesses.restype = ctypes.c_ulonglong
+
+    def launch(self, cache, ids, buffer, gather, geometry=None):
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        geometry = geometry or launch_geometry(cache, len(ids))
+        address = buffer.data_ptr()
+        args = kernel_args(cache, ids.data_ptr(), len(ids), geometry.chunk_bytes, address)
+        grid = (ctypes.c_uint(n) for n in geometry.grid)
+        self.lib.host_launch(int(gather), *grid, ctypes.c_uint(geometry.block[0]), *args)
+        misaligned = self.lib.take_misaligned_accesses()
+        assert misaligned == 0, f"{misaligned} misaligned word accesses"
+
+
 @pytest.fixture(scope="session")
-def host_kernels(tmp_path_factory) -> ctypes.CDLL:
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.fail("no C++ compiler on PATH: install g++ to test the kernels on the CPU")
-    build = tmp_path_factory.mktemp("host_kernels")
-    (build / "harness.cpp").write_text(HARNESS)
-    library = build / "copy_pages_host.so"
-    command = [compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing"]
-    command += ["-Wall", "-Wextra", "-Werror", f"-I{KERNELS}", "harness.cpp", "-o", library]
-    subprocess.run(command, cwd=build, check=True, capture_output=True, text=True)
-    lib = ctypes.CDLL(str(library))
-    lib.host_launch.restype = None
-    return lib
+def host_kernels(tmp_path_factory) -> HostKernels:
+    return HostKernels(tmp_path_factory.mktemp("host_kernels"))
 
 
 def rng(*parts) -> torch.Generator:
     """A generator seeded by the test's parameters: reruns see the same bytes."""
     return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
-
-
-def launch(lib, cache, ids, buffer, gather, geometry=None):
-    """Run one kernel on the host the way cuda_copy launches it on a GPU."""
-    ids = torch.as_tensor(ids, dtype=torch.int64)
-    geometry = geometry or launch_geometry(cache, len(ids))
-    args = kernel_args(cache, ids.data_ptr(), len(ids), geometry.chunk_bytes, buffer.data_ptr())
-    lib.host_launch(
-        ctypes.c_int(int(gather)),
-        *(ctypes.c_uint(n) for n in geometry.grid),
-        ctypes.c_uint(geometry.block[0]),
-        *args,
-    )
 
 
 def byte_buffer(nbytes, offset):
@@ -112,7 +133,7 @@ def test_host_gather_matches_plain_indexing(host_kernels, layout, case, geometry
     ids = torch.randint(0, shape.num_blocks, (6,), generator=generator)  # repeats allowed
     out = byte_buffer(cache.buffer_bytes(len(ids)), buffer_offset)
 
-    launch(host_kernels, cache, ids, out, gather=True, geometry=geometry)
+    host_kernels.launch(cache, ids, out, gather=True, geometry=geometry)
 
     assert torch.equal(out, expected_buffer(allocated, ids.tolist()))
 
@@ -134,7 +155,7 @@ def test_host_scatter_matches_plain_indexing(host_kernels, layout, case, geometr
     src = byte_buffer(cache.buffer_bytes(len(ids)), buffer_offset)
     src.copy_(torch.randint(0, 256, src.shape, dtype=torch.uint8, generator=generator))
 
-    launch(host_kernels, cache, ids, src, gather=False, geometry=geometry)
+    host_kernels.launch(cache, ids, src, gather=False, geometry=geometry)
 
     pages = src.view(len(ids), len(reference.kv_caches), -1)
     for i, block in enumerate(ids.tolist()):
@@ -152,11 +173,11 @@ def test_host_copy_at_every_access_width(host_kernels, cache_offset, buffer_offs
     cache = PagedKVCache.from_layers(allocated.kv_caches)
     ids = [2, 0, 3]
     out = byte_buffer(cache.buffer_bytes(len(ids)), buffer_offset)
-    launch(host_kernels, cache, ids, out, gather=True)
+    host_kernels.launch(cache, ids, out, gather=True)
     assert torch.equal(out, expected_buffer(allocated, ids))
 
     back = allocate_kv_caches("LBHNC", shape, torch.uint8, offset_bytes=cache_offset)
-    launch(host_kernels, PagedKVCache.from_layers(back.kv_caches), ids, out, gather=False)
+    host_kernels.launch(PagedKVCache.from_layers(back.kv_caches), ids, out, gather=False)
     for block in ids:
         assert torch.equal(back.block_bytes(0, block), allocated.block_bytes(0, block))
 
@@ -168,7 +189,7 @@ def test_host_copy_of_many_blocks_and_large_pages(host_kernels):
     cache = PagedKVCache.from_layers(allocated.kv_caches)
     ids = torch.randperm(shape.num_blocks, generator=rng("many"))[:32]
     out = byte_buffer(cache.buffer_bytes(len(ids)), 0)
-    launch(host_kernels, cache, ids, out, gather=True)
+    host_kernels.launch(cache, ids, out, gather=True)
     assert cache.page_bytes > 16384
     assert torch.equal(out, expected_buffer(allocated, ids.tolist()))
 

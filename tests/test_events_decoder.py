@@ -438,6 +438,16 @@ def test_replay_endpoint_down_costs_one_bounded_wait(publishers):
     assert subscriber.closed
 
 
+def test_consumer_side_imports_no_vllm():
+    # the router image has no vLLM or torch
+    code = (
+        "import sys, vllm_llmd.events.subscriber, vllm_llmd.events.__main__;"
+        "heavy = [m for m in ('vllm', 'torch') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_bind_address_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"tcp://127\.0\.0\.1:5557"):
         Subscriber("tcp://*:5557")

@@ -1,1 +1,11 @@
-"""KV block events: our tier events out, and a typed decoder of vLLM's event stream in."""
+"""KV block events: our tier events out, and a typed decoder of vLLM's event stream in.
+
+Consumer side, transport, parsing and domain kept apart (nothing here imports vLLM):
+
+- `wire`: the publisher's ZMQ frames as `RawMessage(topic, seq, payload)`; replay frames.
+- `model`: our domain events (`BlockStored`, `BlockRemoved`, `AllBlocksCleared`, `EventBatch`).
+- `decoder`: payload -> `EventBatch`, for the map and the older array form, leniently.
+- `replay`: `ReplayClient`, a DEALER on a publisher's replay socket.
+- `subscriber`: `Subscriber`, one publisher followed in seq order (gaps, restarts, replay).
+- `__main__`: `python -m vllm_llmd.events watch ENDPOINT`, the stream printed one event a line.
+"""

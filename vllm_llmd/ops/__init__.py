@@ -1,4 +1,28 @@
 """Block copies between paged KV caches and contiguous buffers: one entry point, two paths.
 
-CUDA kernels from kernels/ (compiled at run time) on GPU; a vectorised torch path on CPU.
+- `PagedKVCache.from_layers(kv_caches)` (paged_cache.py): where each block of each layer
+  lives, built once from the dict vLLM hands register_kv_caches; also the input checks.
+- `gather_blocks(cache, block_ids, out)` / `scatter_blocks(cache, block_ids, src)`
+  (block_copy.py): all layers' blocks into / out of one contiguous buffer, in the order
+  [block id][layer][bytes of that block of that layer], and the choice of path.
+- cuda_copy.py: the kernels of kernels/copy_pages.cu (compiled by nvrtc.py at first use).
+- torch_copy.py: the same copies with index_select / index_copy_ (CPU, or no kernels).
 """
+
+from vllm_llmd.ops.block_copy import (
+    COPY_MODE_ENV,
+    CopyMode,
+    gather_blocks,
+    resolve_mode,
+    scatter_blocks,
+)
+from vllm_llmd.ops.paged_cache import PagedKVCache
+
+__all__ = [
+    "COPY_MODE_ENV",
+    "CopyMode",
+    "PagedKVCache",
+    "gather_blocks",
+    "resolve_mode",
+    "scatter_blocks",
+]
