@@ -1,0 +1,91 @@
+"""Ask a publisher's replay socket for the batches a subscriber missed.
+
+The publisher keeps its last `buffer_steps` batches; a DEALER sends a start seq and reads every
+buffered batch from there on, then an end marker (frames in `wire.py`). Every wait is bounded:
+a publisher that is down or slow costs at most `timeout` seconds per message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import zmq
+
+from vllm_llmd.events.wire import FrameError, RawMessage, parse_replay, replay_request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplayResult:
+    """What one replay request brought back."""
+
+    # batches in the order sent (ascending seq)
+    messages: list[RawMessage] = field(default_factory=list)
+    # True when the end marker arrived, so `messages` is all the publisher had from start_seq
+    complete: bool = False
+
+
+class ReplayClient:
+    """A DEALER on one publisher's replay endpoint (e.g. "tcp://127.0.0.1:5558")."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        context: zmq.Context | None = None,
+        timeout: float = 2.0,
+        max_messages: int = 1_000_000,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        # guard against a peer that never sends the end marker
+        self.max_messages = max_messages
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+
+    def fetch(self, start_seq: int) -> ReplayResult:
+        """Every buffered batch with seq >= start_seq, as far as the publisher answers in time."""
+        socket = self._connected()
+        result = ReplayResult()
+        try:
+            socket.send_multipart(replay_request(start_seq), flags=zmq.NOBLOCK)
+        except zmq.Again:  # no pipe to the publisher (yet)
+            logger.warning("replay request to %s could not be sent", self.endpoint)
+            self._drop_socket()
+            return result
+        while len(result.messages) < self.max_messages:
+            if not socket.poll(int(self.timeout * 1000)):
+                logger.warning(
+                    "replay from %s timed out after %d batches", self.endpoint, len(result.messages)
+                )
+                break
+            try:
+                message = parse_replay(socket.recv_multipart())
+            except FrameError as exc:
+                logger.warning("replay from %s sent a bad message: %s", self.endpoint, exc)
+                break
+            if message is None:
+                result.complete = True
+                return result
+            result.messages.append(message)
+        # The rest of this reply may still arrive; a fresh socket keeps it out of the next one.
+        self._drop_socket()
+        return result
+
+    def close(self) -> None:
+        """Release the socket. Idempotent."""
+        self._drop_socket()
+
+    def _connected(self) -> zmq.Socket:
+        if self._socket is None:
+            self._socket = self._context.socket(zmq.DEALER)
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.connect(self.endpoint)
+        return self._socket
+
+    def _drop_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None

@@ -1,0 +1,255 @@
+"""Follow one vLLM publisher: live batches in seq order, gaps refilled, restarts reported.
+
+A `Subscriber` owns a SUB socket on one publisher's endpoint and, optionally, a replay client.
+`poll(timeout)` returns updates in stream order:
+
+- `ReceivedBatch`: a decoded batch with its source and seq (`replayed` if it came from replay);
+- `Reset`: the publisher's seq went back, so its engine restarted and its cache is gone:
+  drop everything known about this source before applying what follows;
+- `Gap`: seqs that are lost for good (no replay endpoint, or the replay buffer no longer has
+  them); the consumer's view of this source may be stale.
+
+Sequence rules, with `next` the seq expected next:
+
+    seq == next            deliver
+    seq >  next            replay [next, ...] and deliver what it has, then the live one
+    seq <  next            a copy of a batch replay already delivered (same payload): drop;
+                           otherwise the engine restarted: Reset, then as from a fresh start
+
+On the first poll the subscriber asks the replay socket for the whole buffer, so a consumer that
+starts after the engine still learns what is cached. A restart that happens while the subscriber
+is away and already published more batches than before cannot be seen in the seq numbers.
+
+Not thread-safe (ZMQ sockets are not): poll from one thread. Every wait is bounded by `timeout`
+(live) or `replay_timeout` (per replayed message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from vllm_llmd.events.decoder import MalformedBatchError, decode_batch
+from vllm_llmd.events.model import Event, EventBatch
+from vllm_llmd.events.replay import ReplayClient
+from vllm_llmd.events.wire import FrameError, RawMessage, parse_live
+
+logger = logging.getLogger(__name__)
+
+
+class ReceivedBatch(msgspec.Struct, frozen=True):
+    """One decoded batch of one source."""
+
+    source: str
+    seq: int
+    batch: EventBatch
+    replayed: bool = False
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        """The batch's events, in order."""
+        return self.batch.events
+
+
+class Reset(msgspec.Struct, frozen=True):
+    """The source's engine restarted (seq went back to `seq`): forget its blocks."""
+
+    source: str
+    seq: int
+    reason: str = "restart"
+
+
+class Gap(msgspec.Struct, frozen=True):
+    """Batches first_seq..last_seq (inclusive) of the source are lost."""
+
+    source: str
+    first_seq: int
+    last_seq: int
+
+
+Update = ReceivedBatch | Reset | Gap
+
+
+@dataclass
+class SubscriberStats:
+    """Counters for metrics and for `watch`'s summary."""
+
+    num_batches: int = 0
+    num_events: int = 0
+    num_replayed: int = 0
+    num_duplicates: int = 0
+    num_resets: int = 0
+    num_gaps: int = 0
+    num_lost: int = 0  # batches inside gaps
+    num_malformed_batches: int = 0
+    num_malformed_events: int = 0
+    num_unknown_events: int = 0
+    num_replay_failures: int = 0
+
+
+class Subscriber:
+    """SUB client of one publisher endpoint (e.g. "tcp://127.0.0.1:5557")."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        replay_endpoint: str | None = None,
+        topic: str = "",
+        source: str | None = None,
+        replay_timeout: float = 2.0,
+        max_messages_per_poll: int = 10_000,
+        context: zmq.Context | None = None,
+    ) -> None:
+        for name, value in (("endpoint", endpoint), ("replay_endpoint", replay_endpoint)):
+            if value is not None and "*" in value:
+                raise ValueError(
+                    f"{name} {value!r} is a bind address; a subscriber connects: give the "
+                    "publisher's host, e.g. tcp://127.0.0.1:5557 for vLLM's tcp://*:5557"
+                )
+        self.endpoint = endpoint
+        self.source = source or endpoint
+        self.stats = SubscriberStats()
+        self.max_messages_per_poll = max_messages_per_poll
+        self._topic = topic.encode()
+        context = context or zmq.Context.instance()
+        self._sub = context.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        # match the publisher's default HWM so a slow poller does not drop (it would then replay)
+        self._sub.setsockopt(zmq.RCVHWM, 100_000)
+        self._sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        self._sub.connect(endpoint)
+        self._replay = (
+            ReplayClient(replay_endpoint, context=context, timeout=replay_timeout)
+            if replay_endpoint
+            else None
+        )
+        # seq expected next; None until the first batch (then nothing counts as a gap)
+        self._next_seq: int | None = None
+        # digests of replayed batches the live stream may still deliver again
+        self._replayed: dict[int, bytes] = {}
+        self._synced = False
+
+    @property
+    def next_seq(self) -> int | None:
+        """The seq expected next from this source; None before the first batch."""
+        return self._next_seq
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` released the sockets."""
+        return self._sub.closed
+
+    def poll(self, timeout: float = 0.0) -> list[Update]:
+        """Updates that arrive within `timeout` seconds (plus any replay they trigger)."""
+        updates: list[Update] = []
+        if not self._synced:
+            self._synced = True
+            if self._replay is not None:
+                self._catch_up(0, updates)
+        if not self._sub.poll(int(timeout * 1000)):
+            return updates
+        for _ in range(self.max_messages_per_poll):
+            try:
+                frames = self._sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                message = parse_live(frames)
+            except FrameError as exc:
+                self.stats.num_malformed_batches += 1
+                logger.warning("%s: skipping a bad message: %s", self.source, exc)
+                continue
+            self._on_live(message, updates)
+        return updates
+
+    def updates(self, duration: float | None = None, interval: float = 0.2) -> Iterator[Update]:
+        """Poll until `duration` seconds have passed (forever if None), yielding each update."""
+        deadline = None if duration is None else time.monotonic() + duration
+        while deadline is None or time.monotonic() < deadline:
+            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+            yield from self.poll(max(0.0, wait))
+
+    def close(self) -> None:
+        """Release the sockets. Idempotent."""
+        self._sub.close(linger=0)
+        if self._replay is not None:
+            self._replay.close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- sequence tracking --------------------------------------------------------------------
+
+    def _on_live(self, message: RawMessage, updates: list[Update], may_replay: bool = True) -> None:
+        if self._next_seq is not None and message.seq < self._next_seq:
+            if self._replayed.get(message.seq) == _digest(message.payload):
+                self.stats.num_duplicates += 1
+                return
+            self._reset(message.seq, updates)
+        start = self._next_seq or 0
+        if may_replay and self._replay is not None and message.seq > start:
+            self._catch_up(start, updates)
+            self._on_live(message, updates, may_replay=False)
+            return
+        self._deliver(message, updates, replayed=False)
+
+    def _catch_up(self, start_seq: int, updates: list[Update]) -> None:
+        assert self._replay is not None
+        result = self._replay.fetch(start_seq)
+        if not result.complete:
+            self.stats.num_replay_failures += 1
+        for message in result.messages:
+            if message.topic and not message.topic.startswith(self._topic):
+                continue
+            if message.seq < start_seq or (
+                self._next_seq is not None and message.seq < self._next_seq
+            ):
+                continue  # already delivered
+            self._deliver(message, updates, replayed=True)
+
+    def _reset(self, seq: int, updates: list[Update]) -> None:
+        logger.info("%s: seq went back to %d: the publisher restarted", self.source, seq)
+        self.stats.num_resets += 1
+        self._next_seq = 0
+        self._replayed.clear()
+        updates.append(Reset(self.source, seq))
+
+    def _deliver(self, message: RawMessage, updates: list[Update], replayed: bool) -> None:
+        seq = message.seq
+        if self._next_seq is not None and seq > self._next_seq:
+            self.stats.num_gaps += 1
+            self.stats.num_lost += seq - self._next_seq
+            logger.warning("%s: batches %d..%d are lost", self.source, self._next_seq, seq - 1)
+            updates.append(Gap(self.source, self._next_seq, seq - 1))
+        self._next_seq = seq + 1
+        if replayed:
+            self.stats.num_replayed += 1
+            self._replayed[seq] = _digest(message.payload)
+        elif self._replayed:
+            # the live stream is past these: no copy of them can arrive any more
+            self._replayed = {s: d for s, d in self._replayed.items() if s > seq}
+        try:
+            batch = decode_batch(message.payload)
+        except MalformedBatchError as exc:
+            self.stats.num_malformed_batches += 1
+            logger.warning("%s: skipping batch %d: %s", self.source, seq, exc)
+            return
+        self.stats.num_batches += 1
+        self.stats.num_events += len(batch.events)
+        self.stats.num_malformed_events += batch.num_malformed
+        self.stats.num_unknown_events += batch.num_unknown
+        updates.append(ReceivedBatch(self.source, seq, batch, replayed))
+
+
+def _digest(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=16).digest()
