@@ -117,6 +117,11 @@ def _delta(after: dict, before: dict) -> dict:
     return {k: after[k] - before[k] for k in after}
 
 
+def _connector_counter(server, key: str) -> float:
+    """One of LLMDConnector's own counters, from the server's /metrics."""
+    return metric_sum(scrape_metrics(server.url), f"llmd:pd_{key}_total")
+
+
 def _kv_usage(server) -> float:
     return metric_sum(scrape_metrics(server.url), "vllm:kv_cache_usage_perc")
 
@@ -143,6 +148,7 @@ def test_pd_output_equals_single_instance(pd, tokenizer, num_tokens):
     moved = _delta(_tokens_by_source(pd["decode"]), before)
     # The whole prompt came by transfer: the decode computed none of it.
     assert moved == {"local_compute": 0, "local_cache_hit": 0, "external_kv_transfer": num_tokens}
+    assert _connector_counter(pd["decode"], "pulled_tokens") >= num_tokens
     _wait_for_free_pool(pd["prefill"], timeout=LEASE_S / 2)
 
 
@@ -173,9 +179,12 @@ def test_wrong_transfer_id_recomputes_and_lease_frees_the_prefill(pd, tokenizer)
     assert moved["external_kv_transfer"] == 0 and moved["local_compute"] == 900
     # Nobody released the real transfer: its lease frees the blocks.
     assert _kv_usage(pd["prefill"]) > 0
+    expired_before = _connector_counter(pd["prefill"], "sends_expired")
     waited = _wait_for_free_pool(pd["prefill"], timeout=LEASE_S + 5)
     assert waited > 0.5
     assert "expired after" in pd["prefill"].log_text()
+    assert _connector_counter(pd["prefill"], "sends_expired") == expired_before + 1
+    assert _connector_counter(pd["decode"], "pulls_failed") >= 1
 
 
 def test_unreachable_prefill_recomputes_without_hanging(pd, tokenizer):

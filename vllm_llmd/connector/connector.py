@@ -23,6 +23,7 @@ from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.fingerprint import kv_layout_fingerprint
 from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDHandshake
 from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
+from vllm_llmd.connector.stats import LLMDConnectorStats, LLMDPromMetrics
 from vllm_llmd.connector.worker import LLMDConnectorWorker
 
 if TYPE_CHECKING:
@@ -119,6 +120,26 @@ class LLMDConnector(KVConnectorBase_V1):
         return KVConnectorTransferResults(
             finished_sending=sending, finished_recving=recving, failed_recving=failed
         )
+
+    def get_kv_connector_stats(self) -> LLMDConnectorStats | None:
+        if self._worker is None:
+            return None
+        stats = self._worker.take_stats()
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LLMDConnectorStats:
+        return LLMDConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> LLMDPromMetrics:
+        return LLMDPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None:

@@ -38,6 +38,8 @@ class RecvSpec:
     fingerprint: KVLayoutFingerprint
     remote_block_ids: tuple[int, ...]
     local_block_ids: tuple[int, ...]
+    # prompt tokens this pull loads (vLLM's num_external_tokens)
+    num_tokens: int
 
 
 @dataclass(frozen=True)

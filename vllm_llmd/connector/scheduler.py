@@ -144,6 +144,7 @@ class LLMDConnectorScheduler:
                 fingerprint=remote.fingerprint,
                 remote_block_ids=tuple(remote_block_ids),
                 local_block_ids=tuple(local_block_ids),
+                num_tokens=num_external_tokens,
             )
         )
         params["do_remote_prefill"] = False  # a later preemption recomputes instead

@@ -21,6 +21,7 @@ import torch
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDHandshake, RecvSpec
+from vllm_llmd.connector.stats import LLMDConnectorStats
 from vllm_llmd.log import get_logger
 from vllm_llmd.transfer._temp_pages import PagedKVCache, gather_blocks, scatter_blocks
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
@@ -43,19 +44,6 @@ class KVCacheRegistration:
     device: torch.device
 
 
-@dataclass
-class TransferCounters:
-    """Monotonic counters of this worker's P/D traffic (for stats and tests)."""
-
-    sends_done: int = 0
-    sends_failed: int = 0
-    sends_expired: int = 0
-    pulls_done: int = 0
-    pulls_failed: int = 0
-    bytes_received: int = 0
-    blocks_received: int = 0
-
-
 class LLMDConnectorWorker:
     """Executes the scheduler half's plan on the KV cache tensors."""
 
@@ -72,7 +60,8 @@ class LLMDConnectorWorker:
         self.is_producer = is_producer
         self.registration: KVCacheRegistration | None = None
         self.kv_cache: PagedKVCache | None = None
-        self.counters = TransferCounters()
+        # counter increments since the last get_kv_connector_stats (pull threads add too)
+        self._stats = LLMDConnectorStats()
         self.registry = SendRegistry(config.lease_s)
         self.server: TransferServer | None = None
         self._pool = ThreadPoolExecutor(config.num_transfer_threads, "llmd-pull")
@@ -150,9 +139,9 @@ class LLMDConnectorWorker:
         self._finished_requests |= finished_req_ids & self._held_requests
         for send in self.registry.take_finished():
             if send.outcome == "done":
-                self.counters.sends_done += 1
+                self._count("sends_released")
             elif send.outcome == "expired":
-                self.counters.sends_expired += 1
+                self._count("sends_expired")
                 logger.warning(
                     "LLMDConnector: transfer for request %s expired after %.0fs unread; "
                     "its blocks are freed",
@@ -160,7 +149,7 @@ class LLMDConnectorWorker:
                     self.config.lease_s,
                 )
             else:
-                self.counters.sends_failed += 1
+                self._count("sends_failed")
             self._pending_frees.add(send.request_id)
         sending = self._pending_frees & self._finished_requests
         self._pending_frees -= sending
@@ -210,8 +199,7 @@ class LLMDConnectorWorker:
                 max_chunk_bytes=self.config.max_chunk_bytes,
             )
         except Exception as exc:
-            with self._lock:
-                self.counters.pulls_failed += 1
+            self._count("pulls_failed")
             logger.error(
                 "LLMDConnector: pull of request %s from %s failed: %s",
                 recv.request_id,
@@ -219,11 +207,20 @@ class LLMDConnectorWorker:
                 exc,
             )
             raise
-        with self._lock:
-            self.counters.pulls_done += 1
-            self.counters.bytes_received += received
-            self.counters.blocks_received += len(local_ids)
+        self._count("pulls_done")
+        self._count("pulled_bytes", received)
+        self._count("pulled_tokens", recv.num_tokens)
         return received
+
+    def _count(self, key: str, amount: int = 1) -> None:
+        with self._lock:
+            self._stats.add(key, amount)
+
+    def take_stats(self) -> LLMDConnectorStats:
+        """Counter increments since the last call."""
+        with self._lock:
+            stats, self._stats = self._stats, LLMDConnectorStats()
+        return stats
 
     def shutdown(self) -> None:
         if self.server is not None:

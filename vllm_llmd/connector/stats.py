@@ -1,0 +1,92 @@
+"""LLMDConnector's counters, carried by vLLM's connector-stats path to its /metrics.
+
+Each worker reports what happened since its last report (`LLMDConnectorStats`, plain counters
+that add up across workers and steps); vLLM aggregates them, ships `to_dict()` to the API
+server, and `LLMDPromMetrics.observe` adds them to Prometheus counters there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+from vllm.v1.metrics.utils import create_metric_per_engine
+
+# counter key -> (Prometheus name, help). Names get "_total" appended by the client library.
+COUNTERS: dict[str, tuple[str, str]] = {
+    "pulls_done": ("llmd:pd_pulls_done", "Decode side: P/D pulls that completed."),
+    "pulls_failed": (
+        "llmd:pd_pulls_failed",
+        "Decode side: P/D pulls that failed (the request was recomputed or failed per "
+        "kv_load_failure_policy).",
+    ),
+    "pulled_bytes": ("llmd:pd_pulled_bytes", "Decode side: KV bytes received by P/D pulls."),
+    "pulled_tokens": ("llmd:pd_pulled_tokens", "Decode side: prompt tokens loaded by P/D pulls."),
+    "sends_released": (
+        "llmd:pd_sends_released",
+        "Prefill side: held transfers the decode side released after a successful pull.",
+    ),
+    "sends_failed": (
+        "llmd:pd_sends_failed",
+        "Prefill side: held transfers the decode side released without loading them.",
+    ),
+    "sends_expired": (
+        "llmd:pd_sends_expired",
+        "Prefill side: held transfers freed because their lease expired unread.",
+    ),
+}
+
+
+@dataclass
+class LLMDConnectorStats(KVConnectorStats):
+    """Counter increments since the last report; missing keys count as 0."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, key: str, amount: int = 1) -> None:
+        assert key in COUNTERS, key
+        self.data[key] = self.data.get(key, 0) + amount
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> LLMDConnectorStats:
+        for key, value in other.data.items():
+            if key in COUNTERS:  # tolerate keys from a newer or older peer
+                self.data[key] = self.data.get(key, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {key: self.data.get(key, 0) for key in COUNTERS}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class LLMDPromMetrics(KVConnectorPromMetrics):
+    """Prometheus counters for `LLMDConnectorStats`, one child per engine."""
+
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {
+            key: create_metric_per_engine(
+                self._counter_cls(name=name, documentation=doc, labelnames=labelnames),
+                per_engine_labelvalues,
+            )
+            for key, (name, doc) in COUNTERS.items()
+        }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for key, value in transfer_stats_data.items():
+            if key in self._counters and value:
+                self._counters[key][engine_idx].inc(value)
