@@ -17,12 +17,18 @@ import shutil
 import subprocess
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from vllm_llmd.ops import PagedKVCache
-from vllm_llmd.ops.cuda_copy import LaunchGeometry, kernel_args, launch_geometry
+from vllm_llmd.ops import PagedKVCache, cuda_copy
+from vllm_llmd.ops.cuda_copy import (
+    LaunchGeometry,
+    kernel_args,
+    kernel_params,
+    launch_geometry,
+)
 from vllm_llmd.ops.layouts import LAYOUTS, KVCacheShape, allocate_kv_caches
 from vllm_llmd.ops.nvrtc import KERNEL_NAMES, MAIN_SOURCE, compile_cubin, find_libnvrtc
 
@@ -31,14 +37,15 @@ HARNESS = r"""
 #include "host_shim.h"
 #include "copy_pages.cu"
 
+// Reads the arguments from cuLaunchKernel-style kernelParams (one address per argument), so
+// the tests also cover how cuda_copy packs them.
 extern "C" void host_launch(int gather, unsigned gx, unsigned gy, unsigned gz, unsigned threads,
-                            const unsigned long long* segment_bases, int num_segments,
-                            long long block_stride, long long page_bytes,
-                            const long long* block_ids, int num_ids, long long chunk_bytes,
-                            unsigned char* buffer) {
+                            void** params) {
   llmd_host_launch(gather ? llmd_gather_pages : llmd_scatter_pages, dim3(gx, gy, gz),
-                   dim3(threads), segment_bases, num_segments, block_stride, page_bytes,
-                   block_ids, num_ids, chunk_bytes, buffer);
+                   dim3(threads), *(const unsigned long long**)params[0], *(int*)params[1],
+                   *(long long*)params[2], *(long long*)params[3],
+                   *(const long long**)params[4], *(int*)params[5], *(long long*)params[6],
+                   *(unsigned char**)params[7]);
 }
 
 // -fsanitize=alignment calls these on a misaligned access; counting them here (instead of
@@ -95,7 +102,8 @@ class HostKernels:
         address = buffer.data_ptr()
         args = kernel_args(cache, ids.data_ptr(), len(ids), geometry.chunk_bytes, address)
         grid = (ctypes.c_uint(n) for n in geometry.grid)
-        self.lib.host_launch(int(gather), *grid, ctypes.c_uint(geometry.block[0]), *args)
+        threads = ctypes.c_uint(geometry.block[0])
+        self.lib.host_launch(int(gather), *grid, threads, kernel_params(args))
         misaligned = self.lib.take_misaligned_accesses()
         assert misaligned == 0, f"{misaligned} misaligned word accesses"
 
@@ -192,6 +200,76 @@ def test_host_copy_of_many_blocks_and_large_pages(host_kernels):
     host_kernels.launch(cache, ids, out, gather=True)
     assert cache.page_bytes > 16384
     assert torch.equal(out, expected_buffer(allocated, ids.tolist()))
+
+
+class FakeDriver:
+    """libcuda stand-in: records context pushes and runs each launch on the host build."""
+
+    def __init__(self, host):
+        self.host = host
+        self.functions: dict[int, str] = {}
+        self.depth = 0
+        self.launches = 0
+
+    def cuDeviceGet(self, device, ordinal):
+        return 0
+
+    def cuDevicePrimaryCtxRetain(self, context, device):
+        context._obj.value = 0xC0
+        return 0
+
+    def cuCtxPushCurrent_v2(self, context):
+        assert context.value == 0xC0
+        self.depth += 1
+        return 0
+
+    def cuCtxPopCurrent_v2(self, context):
+        self.depth -= 1
+        return 0
+
+    def cuModuleLoadData(self, module, image):
+        assert self.depth == 1 and image[:4] == b"\x7fELF"
+        return 0
+
+    def cuModuleGetFunction(self, function, module, name):
+        function._obj.value = len(self.functions) + 1
+        self.functions[function._obj.value] = name.decode()
+        return 0
+
+    def cuMemHostGetDevicePointer_v2(self, address, host_pointer, flags):
+        address._obj.value = host_pointer  # unified addressing: the same address
+        return 0
+
+    def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        assert self.depth == 1 and (by, bz, shared, extra) == (1, 1, 0, None)
+        gather = self.functions[function.value] == "llmd_gather_pages"
+        grid = (ctypes.c_uint(n) for n in (gx, gy, gz))
+        self.host.lib.host_launch(int(gather), *grid, ctypes.c_uint(bx), params)
+        self.launches += 1
+        return 0
+
+
+def test_cuda_path_compiles_loads_and_launches_as_the_kernels_expect(host_kernels, monkeypatch):
+    # CudaKernels end to end with a CPU cache: NVRTC (the wheel) compiles, and the fake driver
+    # runs the host build with the very kernelParams and grid the runtime passes.
+    driver = FakeDriver(host_kernels)
+    monkeypatch.setattr(cuda_copy, "_libcuda", lambda: driver)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(cuda_stream=0))
+    allocated = allocate_kv_caches("BHLNC", SHAPE, generator=rng("driver"))
+    cache = PagedKVCache.from_layers(allocated.kv_caches)
+    ids = [8, 1, 4]
+    out = byte_buffer(cache.buffer_bytes(len(ids)), 0)
+
+    kernels = cuda_copy.CudaKernels(torch.device("cpu"))
+    kernels.copy(cache, torch.tensor(ids), out, gather=True)
+    kernels.copy(cache, torch.tensor([0, 2, 3]), out, gather=False)
+
+    assert torch.equal(out, expected_buffer(allocated, ids))
+    assert torch.equal(expected_buffer(allocated, [0, 2, 3]), out)
+    assert (driver.launches, driver.depth) == (2, 0)
+    assert kernels.compiled.arch == "90" and kernels.compiled.log == ""
 
 
 def test_kernel_sources_use_no_standard_headers():
