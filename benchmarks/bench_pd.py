@@ -81,14 +81,18 @@ def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> Non
         view = data.view(-1, layers, page)
         dest[first : first + view.shape[0]] = view
 
-    server = TransferServer("127.0.0.1", 0, registry, gather, fingerprint, layers)
+    server = TransferServer("127.0.0.1", 0, registry, gather, fingerprint, layers * page)
     nbytes = num_blocks * layers * page
     pulls, copies = [], []
     try:
         for i in range(repeats):
             registry.add(f"r{i}", f"t{i}", block_ids)
             spec = PullSpec(
-                f"tcp://127.0.0.1:{server.port}", f"t{i}", fingerprint, tuple(block_ids), layers
+                f"tcp://127.0.0.1:{server.port}",
+                f"t{i}",
+                fingerprint,
+                tuple(block_ids),
+                layers * page,
             )
             start = time.perf_counter()
             pull_blocks(

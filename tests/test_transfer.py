@@ -136,7 +136,7 @@ def side_channel():
         return cache[torch.tensor(block_ids)].reshape(-1).clone()
 
     registry = SendRegistry(lease_s=30)
-    server = TransferServer("127.0.0.1", 0, registry, gather, FINGERPRINT, NUM_LAYERS)
+    server = TransferServer("127.0.0.1", 0, registry, gather, FINGERPRINT, NUM_LAYERS * PAGE)
     try:
         yield server, registry, cache, gathers
     finally:
@@ -150,7 +150,11 @@ def _pull(server, transfer_id, block_ids, fingerprint=FINGERPRINT, chunk_bytes=1
         received[first] = data.clone().view(-1, NUM_LAYERS, PAGE)
 
     spec = PullSpec(
-        f"tcp://127.0.0.1:{server.port}", transfer_id, fingerprint, tuple(block_ids), NUM_LAYERS
+        f"tcp://127.0.0.1:{server.port}",
+        transfer_id,
+        fingerprint,
+        tuple(block_ids),
+        NUM_LAYERS * PAGE,
     )
     nbytes = pull_blocks(
         spec, scatter, timeout_s=2, unknown_transfer_grace_s=0.3, max_chunk_bytes=chunk_bytes
@@ -196,7 +200,7 @@ def test_pull_of_unknown_transfer_fails_after_grace(side_channel):
 def test_pull_from_nobody_times_out():
     from vllm_llmd.devtools.server import free_port
 
-    spec = PullSpec(f"tcp://127.0.0.1:{free_port()}", "tid", FINGERPRINT, (1,), NUM_LAYERS)
+    spec = PullSpec(f"tcp://127.0.0.1:{free_port()}", "tid", FINGERPRINT, (1,), NUM_LAYERS * PAGE)
     with pytest.raises(TransferFailed, match="did not answer within 300 ms"):
         pull_blocks(
             spec,

@@ -23,7 +23,7 @@ from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDHandshake, RecvSpec
 from vllm_llmd.connector.stats import LLMDConnectorStats
 from vllm_llmd.log import get_logger
-from vllm_llmd.transfer._temp_pages import PagedKVCache, gather_blocks, scatter_blocks
+from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
 from vllm_llmd.transfer.registry import SendRegistry
@@ -85,10 +85,11 @@ class LLMDConnectorWorker:
             dtype=first.dtype,
             device=first.device,
         )
-        if self.kv_cache.page_bytes != self.fingerprint.page_bytes:
+        expected = self.fingerprint.num_layers * self.fingerprint.page_bytes
+        if self.kv_cache.block_bytes != expected:
             raise RuntimeError(
-                f"LLMDConnector: KV page of {self.kv_cache.page_bytes} bytes, the KV cache spec "
-                f"says {self.fingerprint.page_bytes}"
+                f"LLMDConnector: a block of all layers holds {self.kv_cache.block_bytes} bytes, "
+                f"the KV cache spec says {expected}"
             )
         if self.is_producer:
             port = self.config.side_channel_port
@@ -98,7 +99,7 @@ class LLMDConnectorWorker:
                 self.registry,
                 self._gather,
                 self.fingerprint,
-                len(kv_caches),
+                self.kv_cache.block_bytes,
             )
         # Tests and operators read this line to know the worker half is live.
         logger.info(
@@ -169,18 +170,32 @@ class LLMDConnectorWorker:
     # ---- bytes ---------------------------------------------------------------------------
 
     def _gather(self, block_ids: list[int]) -> torch.Tensor:
-        assert self.kv_cache is not None
-        return gather_blocks(self.kv_cache, block_ids)
+        """Blocks of every layer into one host staging buffer (pinned on CUDA)."""
+        cache = self.kv_cache
+        assert cache is not None
+        on_cuda = cache.device.type == "cuda"
+        staging = torch.empty(
+            cache.buffer_bytes(len(block_ids)), dtype=torch.uint8, pin_memory=on_cuda
+        )
+        gather_blocks(cache, block_ids, staging)
+        if on_cuda:
+            torch.cuda.current_stream(cache.device).synchronize()
+        return staging
 
     def _pull(self, recv: RecvSpec) -> int:
         assert self.kv_cache is not None
         kv_cache = self.kv_cache
         local_ids = recv.local_block_ids
-        bytes_per_block = kv_cache.num_layers * kv_cache.page_bytes
+        bytes_per_block = kv_cache.block_bytes
 
         def scatter(first_index: int, data: torch.Tensor) -> None:
             count = data.numel() // bytes_per_block
-            scatter_blocks(kv_cache, list(local_ids[first_index : first_index + count]), data)
+            if kv_cache.device.type == "cuda":
+                data = data.to(kv_cache.device)
+                scatter_blocks(kv_cache, list(local_ids[first_index : first_index + count]), data)
+                torch.cuda.current_stream(kv_cache.device).synchronize()
+            else:
+                scatter_blocks(kv_cache, list(local_ids[first_index : first_index + count]), data)
 
         try:
             if not recv.remote_block_ids:
@@ -191,7 +206,7 @@ class LLMDConnectorWorker:
                     transfer_id=recv.transfer_id,
                     fingerprint=recv.fingerprint,
                     remote_block_ids=recv.remote_block_ids,
-                    num_layers=kv_cache.num_layers,
+                    block_bytes=bytes_per_block,
                 ),
                 scatter,
                 timeout_s=self.config.transfer_timeout_s,

@@ -34,7 +34,8 @@ class PullSpec:
     fingerprint: wire.KVLayoutFingerprint
     # prefill-side block ids to read, in the order the scatter callback expects them
     remote_block_ids: tuple[int, ...]
-    num_layers: int
+    # bytes of one block id in a data frame (every layer's page of it)
+    block_bytes: int
 
 
 class _Channel:
@@ -80,7 +81,7 @@ def pull_blocks(
     max_chunk_bytes: int,
 ) -> int:
     """Read every block of spec into the local cache via scatter; returns bytes received."""
-    bytes_per_block = spec.num_layers * spec.fingerprint.page_bytes
+    bytes_per_block = spec.block_bytes
     per_chunk = max(1, max_chunk_bytes // bytes_per_block)
     channel = _Channel(
         spec.endpoint, timeout_s, per_chunk * bytes_per_block + wire.MAX_CONTROL_BYTES

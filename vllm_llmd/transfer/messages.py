@@ -64,8 +64,8 @@ class BlocksHeader(msgspec.Struct, tag="blocks", kw_only=True):
     version: int
     transfer_id: str
     num_blocks: int
-    num_layers: int
-    page_bytes: int
+    # bytes of one block id in the data frame (every layer's page of it)
+    block_bytes: int
 
 
 class Ack(msgspec.Struct, tag="ack", kw_only=True):

@@ -34,12 +34,12 @@ class TransferServer:
         registry: SendRegistry,
         gather: GatherFn,
         fingerprint: wire.KVLayoutFingerprint,
-        num_layers: int,
+        block_bytes: int,
     ) -> None:
         self.registry = registry
         self._gather = gather
         self._fingerprint = fingerprint
-        self._num_layers = num_layers
+        self._block_bytes = block_bytes
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -131,8 +131,7 @@ class TransferServer:
             version=wire.PROTOCOL_VERSION,
             transfer_id=request.transfer_id,
             num_blocks=len(request.block_ids),
-            num_layers=self._num_layers,
-            page_bytes=self._fingerprint.page_bytes,
+            block_bytes=self._block_bytes,
         )
         # pyzmq keeps a reference to the buffer until the I/O thread has sent it.
         return [header, memoryview(staging.numpy()).cast("B")]
