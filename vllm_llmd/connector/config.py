@@ -36,6 +36,21 @@ class LLMDConnectorConfig:
     # Concurrent transfers per decode worker.
     num_transfer_threads: int = 4
 
+    # Offload tiers. Host memory for offloaded KV, in bytes for the whole instance (split over
+    # its TP workers); 0 turns offloading off.
+    host_offload_bytes: int = 0
+    # Folder of the disk tier (one safetensors file per chunk); "" turns the disk tier off.
+    # Files written by an earlier run with the same model and layout are loaded at start.
+    disk_offload_path: str = ""
+    # Disk tier capacity in bytes for the whole instance; 0 with a path: 10 GiB.
+    disk_offload_bytes: int = 0
+    # Eviction policy of both tiers.
+    offload_policy: str = "lru"
+    # Also offload blocks filled by generated tokens (by default only prompt blocks).
+    offload_decode_blocks: bool = False
+    # Threads per worker reading and writing the disk tier.
+    offload_disk_threads: int = 4
+
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> LLMDConnectorConfig:
         """Validate and convert a `kv_connector_extra_config` dict."""
@@ -65,11 +80,46 @@ class LLMDConnectorConfig:
     def validate(self) -> None:
         if not 0 <= self.side_channel_port < 65536:
             raise ValueError(f"LLMDConnector: side_channel_port {self.side_channel_port} invalid")
-        for name in ("lease_s", "transfer_timeout_s", "max_chunk_bytes", "num_transfer_threads"):
+        for name in (
+            "lease_s",
+            "transfer_timeout_s",
+            "max_chunk_bytes",
+            "num_transfer_threads",
+            "offload_disk_threads",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LLMDConnector: {name} must be > 0, got {getattr(self, name)}")
         if self.unknown_transfer_grace_s < 0:
             raise ValueError("LLMDConnector: unknown_transfer_grace_s must be >= 0")
+        if self.host_offload_bytes < 0 or self.disk_offload_bytes < 0:
+            raise ValueError("LLMDConnector: offload byte sizes must be >= 0")
+        if self.disk_offload_path and not self.host_offload_bytes:
+            raise ValueError(
+                "LLMDConnector: disk_offload_path needs host_offload_bytes > 0 (disk chunks "
+                "are loaded through the host tier)"
+            )
+
+    @property
+    def offload_enabled(self) -> bool:
+        return self.host_offload_bytes > 0
+
+    def offload_chunks(self, chunk_bytes: int, num_workers: int) -> tuple[int, int]:
+        """(host slots, disk chunks) per worker, for chunks of chunk_bytes per worker."""
+        per_chunk = chunk_bytes * num_workers
+        host = self.host_offload_bytes // per_chunk
+        if self.offload_enabled and host == 0:
+            raise ValueError(
+                f"LLMDConnector: host_offload_bytes {self.host_offload_bytes} is less than one "
+                f"chunk ({per_chunk} bytes: one block of every layer on every worker)"
+            )
+        return host, self.disk_bytes // per_chunk
+
+    @property
+    def disk_bytes(self) -> int:
+        """Disk tier capacity in bytes (0: no disk tier)."""
+        if not self.disk_offload_path:
+            return 0
+        return self.disk_offload_bytes or 10 << 30
 
     def replace(self, **changes: Any) -> LLMDConnectorConfig:
         return dataclasses.replace(self, **changes)

@@ -16,12 +16,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorTransferResults,
+    KVConnectorWorkerMetadata,
 )
 
 from vllm_llmd.compat import check_vllm_version
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.fingerprint import kv_layout_fingerprint
 from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDHandshake
+from vllm_llmd.connector.offload_planner import make_offload_planner
 from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
 from vllm_llmd.connector.stats import LLMDConnectorStats, LLMDPromMetrics
 from vllm_llmd.connector.worker import LLMDConnectorWorker
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 
@@ -61,6 +64,7 @@ class LLMDConnector(KVConnectorBase_V1):
                 fingerprint=fingerprint,
                 is_producer=transfer_config.is_kv_producer,
                 is_consumer=transfer_config.is_kv_consumer,
+                offload=make_offload_planner(self.config, fingerprint),
             )
         elif role == KVConnectorRole.WORKER:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -104,8 +108,16 @@ class LLMDConnector(KVConnectorBase_V1):
     ) -> None:
         return None
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        self.worker.handle_preemptions()
+
     def wait_for_save(self) -> None:
-        return None  # P/D saves nothing: the prefill's blocks are read where they are
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, LLMDConnectorMetadata)
+        self.worker.wait_for_save(metadata)
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return self.worker.build_worker_metadata()
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         return self.worker.get_handshake_metadata()
@@ -175,7 +187,15 @@ class LLMDConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self.scheduler.build_connector_meta(scheduler_output)
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self.scheduler.update_connector_output(connector_output)
+
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # Only a P/D producer hands KV off at finish; offloading is a best-effort cache.
+        return self._kv_transfer_config.is_kv_producer

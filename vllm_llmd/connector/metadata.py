@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
 )
 
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
@@ -52,6 +53,32 @@ class ReleaseSpec:
     reason: str
 
 
+@dataclass(frozen=True)
+class OffloadLoadSpec:
+    """Offload: copy host-tier slots into a request's device blocks (same order)."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    slots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class OffloadStepSpec:
+    """Offload tier work of one step, run by each worker in this order. Keys: block hashes."""
+
+    # evicted host slots to write to disk: copied out before anything reuses the slots
+    spills: tuple[tuple[bytes, int], ...] = ()
+    # disk chunks to read (and validate) into host slots
+    promotes: tuple[tuple[bytes, int], ...] = ()
+    # (key, device block id, host slot): blocks computed this step to copy to host
+    stores: tuple[tuple[bytes, int, int], ...] = ()
+    # disk chunks evicted from the disk tier
+    deletes: tuple[bytes, ...] = ()
+
+    def is_empty(self) -> bool:
+        return not (self.spills or self.promotes or self.stores or self.deletes)
+
+
 @dataclass
 class LLMDConnectorMetadata(KVConnectorMetadata):
     """What the worker half must do in one engine step."""
@@ -59,9 +86,37 @@ class LLMDConnectorMetadata(KVConnectorMetadata):
     sends: list[SendSpec] = field(default_factory=list)
     recvs: list[RecvSpec] = field(default_factory=list)
     releases: list[ReleaseSpec] = field(default_factory=list)
+    offload_loads: list[OffloadLoadSpec] = field(default_factory=list)
+    offload_step: OffloadStepSpec = field(default_factory=OffloadStepSpec)
 
     def is_empty(self) -> bool:
-        return not (self.sends or self.recvs or self.releases)
+        return not (
+            self.sends
+            or self.recvs
+            or self.releases
+            or self.offload_loads
+            or not self.offload_step.is_empty()
+        )
+
+
+@dataclass
+class LLMDWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker → scheduler each step: offload chunks done, per kind and key.
+
+    kind ("store" | "spill" | "promote") -> block hash -> [succeeded, failed] worker count.
+    """
+
+    offload_results: dict[str, dict[bytes, list[int]]] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> LLMDWorkerMetadata:
+        assert isinstance(other, LLMDWorkerMetadata), type(other)
+        for kind, per_key in other.offload_results.items():
+            mine = self.offload_results.setdefault(kind, {})
+            for key, (succeeded, failed) in per_key.items():
+                counts = mine.setdefault(key, [0, 0])
+                counts[0] += succeeded
+                counts[1] += failed
+        return self
 
 
 @dataclass

@@ -14,6 +14,10 @@ tokens its local prefix cache lacks as one async external load; `update_state_af
 the remote blocks onto the blocks vLLM allocated, and the worker half pulls them. When the
 decode side will not load (whole prompt cached locally, another prompt, bad params, aborted
 first), it still releases the prefill's blocks at once.
+
+Offload tiers (`host_offload_bytes` > 0), every role: the tiers are asked first, right after
+the device prefix cache; on a decode instance the remote prefill covers only what the device
+cache and the tiers lack. Both parts form one async load. See `offload_planner.py`.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import (
     LLMDConnectorMetadata,
     LLMDHandshake,
+    LLMDWorkerMetadata,
     RecvSpec,
     ReleaseSpec,
     SendSpec,
 )
+from vllm_llmd.connector.offload_planner import OffloadPlanner
 from vllm_llmd.log import get_logger
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
 from vllm_llmd.transfer.params import (
@@ -46,6 +52,7 @@ from vllm_llmd.transfer.params import (
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = get_logger(__name__)
@@ -64,8 +71,10 @@ class LLMDConnectorScheduler:
         fingerprint: KVLayoutFingerprint,
         is_producer: bool,
         is_consumer: bool,
+        offload: OffloadPlanner | None = None,
     ) -> None:
         self.config = config
+        self.offload = offload
         self.engine_id = engine_id
         self.fingerprint = fingerprint
         self.block_size = fingerprint.block_size
@@ -77,6 +86,9 @@ class LLMDConnectorScheduler:
         self._sends: list[SendSpec] = []
         self._recvs: list[RecvSpec] = []
         self._releases: list[ReleaseSpec] = []
+        # request id -> (local computed tokens, tokens from the tiers, remote prefill or None),
+        # as the last get_num_new_matched_tokens decided; used by update_state_after_alloc
+        self._decisions: dict[str, tuple[int, int, RemotePrefillParams | None]] = {}
 
     # ---- start-up ------------------------------------------------------------------------
 
@@ -98,30 +110,60 @@ class LLMDConnectorScheduler:
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        params = request.kv_transfer_params
-        if not (self.is_consumer and is_llmd_remote_prefill(params)):
-            return 0, False
+        offload_tokens = 0
+        if self.offload is not None:
+            hit = self.offload.hit(request, num_computed_tokens)
+            if hit is None:
+                return None, False  # disk chunks on their way to host memory
+            offload_tokens = hit
+        remote = self._usable_remote(request, num_computed_tokens + offload_tokens)
+        self._decisions[request.request_id] = (num_computed_tokens, offload_tokens, remote)
+        num_external = remote.num_tokens - num_computed_tokens if remote else offload_tokens
+        return num_external, num_external > 0
+
+    def _usable_remote(self, request: Request, num_local_tokens: int) -> RemotePrefillParams | None:
+        """The remote prefill to pull the rest of the prompt from, if any (else release it)."""
+        if not (self.is_consumer and is_llmd_remote_prefill(request.kv_transfer_params)):
+            return None
         remote, problem = self._check_remote(request)
         if remote is None:
             self._release_remote(request, problem)
-            return 0, False
-        num_external = remote.num_tokens - num_computed_tokens
-        if num_external <= 0:
+            return None
+        if remote.num_tokens <= num_local_tokens:
             self._release_remote(request, "prompt fully cached on the decode instance")
-            return 0, False
-        return num_external, True
+            return None
+        return remote
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        params = request.kv_transfer_params
-        if num_external_tokens == 0 or not is_llmd_remote_prefill(params):
+        decision = self._decisions.pop(request.request_id, None)
+        if decision is None:
             return
-        remote, problem = self._check_remote(request)
-        assert remote is not None, problem  # get_num_new_matched_tokens checked it
-        first = (remote.num_tokens - num_external_tokens) // self.block_size
+        num_computed, offload_tokens, remote = decision
+        if num_external_tokens == 0:  # vLLM chose not to load (e.g. capped the hit)
+            if remote is not None:
+                self._release_remote(request, "the decode instance did not load it")
+            return
+        block_ids = blocks.get_block_ids()[0]
+        first = num_computed // self.block_size
+        if offload_tokens:
+            num_blocks = offload_tokens // self.block_size
+            assert self.offload is not None
+            self.offload.plan_load(request, first, block_ids[first : first + num_blocks])
+        if remote is not None:
+            self._plan_pull(request, remote, num_computed + offload_tokens, block_ids)
+
+    def _plan_pull(
+        self,
+        request: Request,
+        remote: RemotePrefillParams,
+        num_local_tokens: int,
+        block_ids: list[int],
+    ) -> None:
+        first = num_local_tokens // self.block_size
         last = math.ceil(remote.num_tokens / self.block_size)
-        local_block_ids = blocks.get_block_ids()[0][first:last]
+        local_block_ids = block_ids[first:last]
         remote_block_ids = remote.block_ids[first:last]
         if len(local_block_ids) != len(remote_block_ids) or len(remote_block_ids) != last - first:
             # Cannot happen for params our prefill made for this prompt; recompute if it does.
@@ -144,10 +186,11 @@ class LLMDConnectorScheduler:
                 fingerprint=remote.fingerprint,
                 remote_block_ids=tuple(remote_block_ids),
                 local_block_ids=tuple(local_block_ids),
-                num_tokens=num_external_tokens,
+                num_tokens=remote.num_tokens - num_local_tokens,
             )
         )
-        params["do_remote_prefill"] = False  # a later preemption recomputes instead
+        # a later preemption recomputes instead
+        request.kv_transfer_params["do_remote_prefill"] = False
 
     def _check_remote(self, request: Request) -> tuple[RemotePrefillParams | None, str]:
         try:
@@ -186,13 +229,29 @@ class LLMDConnectorScheduler:
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LLMDConnectorMetadata:
         metadata = LLMDConnectorMetadata(self._sends, self._recvs, self._releases)
         self._sends, self._recvs, self._releases = [], [], []
+        if self.offload is not None:
+            self.offload.plan_stores(scheduler_output)
+            metadata.offload_loads, metadata.offload_step = self.offload.take_step()
+            self.offload.take_events()  # TODO(events issue): publish as KV events
         return metadata
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self.offload is None:
+            return
+        worker_meta = connector_output.kv_connector_worker_meta
+        if isinstance(worker_meta, LLMDWorkerMetadata):
+            self.offload.on_worker_output(worker_meta.offload_results)
+        if connector_output.finished_recving:
+            self.offload.on_load_finished(set(connector_output.finished_recving))
 
     # ---- prefill side --------------------------------------------------------------------
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        self._decisions.pop(request.request_id, None)
+        if self.offload is not None:
+            self.offload.request_finished(request)
         params = request.kv_transfer_params
         if is_llmd_remote_prefill(params):  # decode side, finished before it ever loaded
             self._release_remote(request, f"decode request ended first ({request.status.name})")

@@ -9,6 +9,11 @@ P/D: a prefill worker runs a `TransferServer` over a `SendRegistry` of held tran
 reports a request in `finished_sending` once its transfer was released or its lease expired. A
 decode worker pulls on a thread pool and reports `finished_recving` (plus `failed_recving`
 when the pull failed, so vLLM recomputes or fails the request per kv_load_failure_policy).
+
+Offload: an `OffloadWorker` runs each step's tier plan after the forward (`wait_for_save`),
+flushes its device → host copies before the next forward (`handle_preemptions`), and loads
+host slots into a request's blocks; a request's load (tiers and pull alike) finishes when all
+its parts did.
 """
 
 from __future__ import annotations
@@ -20,9 +25,17 @@ from dataclasses import dataclass
 import torch
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
-from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDHandshake, RecvSpec
+from vllm_llmd.connector.metadata import (
+    LLMDConnectorMetadata,
+    LLMDHandshake,
+    LLMDWorkerMetadata,
+    RecvSpec,
+)
 from vllm_llmd.connector.stats import LLMDConnectorStats
 from vllm_llmd.log import get_logger
+from vllm_llmd.offload.disk_store import DiskChunkStore
+from vllm_llmd.offload.paths import disk_tier_folder
+from vllm_llmd.offload.worker import OffloadWorker
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
@@ -65,7 +78,9 @@ class LLMDConnectorWorker:
         self.registry = SendRegistry(config.lease_s)
         self.server: TransferServer | None = None
         self._pool = ThreadPoolExecutor(config.num_transfer_threads, "llmd-pull")
-        self._pulls: dict[str, Future[int]] = {}
+        self.offload: OffloadWorker | None = None
+        # request id -> the futures of its load (pull and/or host-tier copy)
+        self._loads: dict[str, list[Future]] = {}
         # request ids vLLM has reported finished: a send may be reported only after that
         self._finished_requests: set[str] = set()
         self._held_requests: set[str] = set()
@@ -91,6 +106,8 @@ class LLMDConnectorWorker:
                 f"LLMDConnector: a block of all layers holds {self.kv_cache.block_bytes} bytes, "
                 f"the KV cache spec says {expected}"
             )
+        if self.config.offload_enabled:
+            self.offload = self._make_offload_worker()
         if self.is_producer:
             port = self.config.side_channel_port
             self.server = TransferServer(
@@ -114,17 +131,47 @@ class LLMDConnectorWorker:
         )
         return self.registration
 
+    def _make_offload_worker(self) -> OffloadWorker:
+        assert self.kv_cache is not None
+        num_workers = self.fingerprint.tensor_parallel_size
+        host_slots, disk_chunks = self.config.offload_chunks(self.kv_cache.block_bytes, num_workers)
+        disk = None
+        if disk_chunks:
+            disk = DiskChunkStore(
+                disk_tier_folder(self.config.disk_offload_path, self.fingerprint),
+                self.fingerprint,
+                self.tp_rank,
+                self.kv_cache.block_bytes,
+            )
+        logger.info(
+            "LLMDConnector offload: host tier %d chunks (%.1f MiB), disk tier %s",
+            host_slots,
+            host_slots * self.kv_cache.block_bytes / 2**20,
+            f"{disk_chunks} chunks in {disk.root}" if disk else "off",
+        )
+        return OffloadWorker(self.kv_cache, host_slots, disk, self.config.offload_disk_threads)
+
     def get_handshake_metadata(self) -> LLMDHandshake:
         return LLMDHandshake(self.tp_rank, self.server.port if self.server else None)
 
     # ---- every step ----------------------------------------------------------------------
 
+    def handle_preemptions(self) -> None:
+        """Start of a step, before its forward: last step's stores must have read their blocks."""
+        if self.offload is not None:
+            self.offload.flush_stores()
+
     def start_load_kv(self, metadata: LLMDConnectorMetadata) -> None:
         for send in metadata.sends:
             self.registry.add(send.request_id, send.transfer_id, list(send.block_ids))
             self._held_requests.add(send.request_id)
+        for load in metadata.offload_loads:
+            assert self.offload is not None
+            future = self.offload.load(load.block_ids, load.slots)
+            self._loads.setdefault(load.request_id, []).append(future)
         for recv in metadata.recvs:
-            self._pulls[recv.request_id] = self._pool.submit(self._pull, recv)
+            future = self._pool.submit(self._pull, recv)
+            self._loads.setdefault(recv.request_id, []).append(future)
         for release in metadata.releases:
             endpoint = f"tcp://{release.host}:{release.ports[self.tp_rank]}"
             self._pool.submit(
@@ -158,14 +205,27 @@ class LLMDConnectorWorker:
         self._held_requests -= sending
 
         recving, failed = set(), set()
-        for request_id, future in list(self._pulls.items()):
-            if not future.done():
+        for request_id, futures in list(self._loads.items()):
+            if not all(future.done() for future in futures):
                 continue
-            del self._pulls[request_id]
+            del self._loads[request_id]
             recving.add(request_id)
-            if future.exception() is not None:
+            if any(future.exception() is not None for future in futures):
                 failed.add(request_id)
         return sending, recving, failed
+
+    def wait_for_save(self, metadata: LLMDConnectorMetadata) -> None:
+        """After the forward: this step's full blocks may be copied out now."""
+        if self.offload is None:
+            return
+        step = metadata.offload_step
+        self.offload.submit_step(step.spills, step.promotes, step.stores, step.deletes)
+
+    def build_worker_metadata(self) -> LLMDWorkerMetadata | None:
+        if self.offload is None:
+            return None
+        results = self.offload.take_results()
+        return LLMDWorkerMetadata(results) if results else None
 
     # ---- bytes ---------------------------------------------------------------------------
 
@@ -240,4 +300,6 @@ class LLMDConnectorWorker:
     def shutdown(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.offload is not None:
+            self.offload.shutdown()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,282 @@
+"""Scheduler side of the offload tiers: which chunk is where, and what each step must move.
+
+Pure bookkeeping: no tensors, no files. The worker half moves the bytes and reports back; this
+index changes only through the verb pairs below, so it is the one owner of "what is where".
+
+A chunk is one vLLM block (all layers) keyed by vLLM's block hash. Each chunk lives in the host
+tier (a slot of the host pool), on disk, or both:
+
+    prepare_store   ──▶ storing (pinned) ──complete_store──▶ in host (evictable)
+    prepare_promote ──▶ disk → host read (pinned) ──complete_promote──▶ in host | forgotten
+    host full: LRU victim ──▶ spill to disk (if it is not there yet) ──complete_spill──▶ on disk
+    disk full: LRU victim ──▶ deleted
+    prepare_load    ──▶ pinned (host → device) ──complete_load──▶ unpinned
+
+Loads into the device cache always read the host tier: a disk hit is first promoted to host,
+and the worker validates the file on the way (a file that fails is deleted and becomes a miss,
+never an error). A pinned chunk is never evicted: nothing is freed while a copy reads or writes
+it. A slot freed by an eviction is reused in the same step only after the worker copied the
+victim out: the worker runs a step's spills first (`StepPlan` order).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from vllm_llmd.offload.policy import CachePolicy, make_policy
+
+Key = bytes
+
+
+@dataclass(slots=True)
+class ChunkEntry:
+    key: Key
+    # slot in the host pool; None when the chunk is not (or no longer) in host memory
+    host_slot: int | None = None
+    # the host copy is complete and readable
+    in_host: bool = False
+    # the disk file is complete and readable
+    on_disk: bool = False
+    # the disk file is being written
+    spilling: bool = False
+    # the disk file is being read into host_slot
+    promoting: bool = False
+    # loads reading it + the store writing it; evictable only at 0
+    pins: int = 0
+
+
+@dataclass
+class StepPlan:
+    """One step's tier work, in the order the worker must run it."""
+
+    # host slot -> disk, for evicted chunks not yet on disk: copied out before anything else
+    spills: list[tuple[Key, int]] = field(default_factory=list)
+    # disk -> host slot (validated on the way)
+    promotes: list[tuple[Key, int]] = field(default_factory=list)
+    # disk files to delete (disk tier evictions)
+    deletes: list[Key] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TierEvent:
+    """A chunk entered or left a tier (for KV events and counters)."""
+
+    key: Key
+    tier: str  # "host" | "disk"
+    stored: bool  # False: removed
+
+
+class OffloadManager:
+    """Index of the host and disk tiers, sized in chunks."""
+
+    def __init__(self, num_host_slots: int, num_disk_chunks: int, policy: str = "lru") -> None:
+        if num_host_slots <= 0:
+            raise ValueError(f"the host tier needs at least one chunk, got {num_host_slots}")
+        self.num_host_slots = num_host_slots
+        self.num_disk_chunks = num_disk_chunks
+        self._entries: dict[Key, ChunkEntry] = {}
+        self._free_slots = list(range(num_host_slots - 1, -1, -1))
+        self._host_policy: CachePolicy = make_policy(policy)
+        self._disk_policy: CachePolicy = make_policy(policy)
+        self._events: list[TierEvent] = []
+        self._plan = StepPlan()
+        self._num_spilling = 0
+
+    # ---- lookups -------------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[Key]) -> tuple[int, int]:
+        """(leading keys readable from host, leading keys readable from host or disk)."""
+        in_host = sum(1 for _ in itertools.takewhile(self._in_host, keys))
+        anywhere = in_host + sum(1 for _ in itertools.takewhile(self._readable, keys[in_host:]))
+        return in_host, anywhere
+
+    def _in_host(self, key: Key) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.in_host
+
+    def _readable(self, key: Key) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and (entry.in_host or entry.on_disk)
+
+    def is_promoting(self, key: Key) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.promoting
+
+    # ---- loads ---------------------------------------------------------------------------
+
+    def prepare_load(self, keys: Sequence[Key]) -> list[int]:
+        """Pin host-resident keys for a host → device load; returns their host slots."""
+        slots = []
+        for key in keys:
+            entry = self._entries[key]
+            assert entry.in_host, f"load of a chunk not in host memory: {key.hex()}"
+            entry.pins += 1
+            self._host_policy.touch(key)
+            slots.append(entry.host_slot)
+        return slots
+
+    def complete_load(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self._entries[key].pins -= 1
+
+    def prepare_promote(self, keys: Sequence[Key]) -> int:
+        """Plan disk → host reads for disk-only keys; returns how many were planned."""
+        planned = 0
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None or not entry.on_disk or entry.in_host or entry.promoting:
+                break
+            slot = self._take_slot()
+            if slot is None:
+                break
+            entry.host_slot, entry.promoting, entry.pins = slot, True, entry.pins + 1
+            self._disk_policy.touch(key)
+            self._plan.promotes.append((key, slot))
+            planned += 1
+        return planned
+
+    def complete_promote(self, keys: Iterable[Key], success: bool = True) -> None:
+        """A promoted chunk joins the host tier; one that failed validation is forgotten."""
+        for key in keys:
+            entry = self._entries[key]
+            entry.promoting, entry.pins = False, entry.pins - 1
+            if success:
+                entry.in_host = True
+                self._host_policy.insert(key)
+                self._events.append(TierEvent(key, "host", stored=True))
+            else:  # the worker deleted the file
+                self._release_slot(entry)
+                if entry.on_disk:
+                    entry.on_disk = False
+                    self._disk_policy.remove(key)
+                    self._events.append(TierEvent(key, "disk", stored=False))
+            self._forget_if_gone(entry)
+
+    # ---- stores --------------------------------------------------------------------------
+
+    def prepare_store(self, keys: Sequence[Key]) -> list[tuple[Key, int]]:
+        """Plan host stores for keys no tier holds or is storing; evict and spill for room.
+
+        Returns the (key, host slot) pairs planned, in order (a prefix of the new keys).
+        """
+        planned = []
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None:
+                if entry.in_host:
+                    self._host_policy.touch(key)
+                if entry.host_slot is not None or entry.on_disk or entry.spilling:
+                    continue
+            slot = self._take_slot()
+            if slot is None:
+                break  # every host chunk is pinned: store nothing more this step
+            entry = self._entries.setdefault(key, ChunkEntry(key))
+            entry.host_slot, entry.pins = slot, entry.pins + 1
+            planned.append((key, slot))
+        return planned
+
+    def take_plan(self) -> StepPlan:
+        """Drain this step's evictions and promotions for the worker (stores are returned by
+        prepare_store: the caller adds their device blocks)."""
+        plan, self._plan = self._plan, StepPlan()
+        return plan
+
+    def complete_store(self, keys: Iterable[Key], success: bool = True) -> None:
+        for key in keys:
+            entry = self._entries[key]
+            entry.pins -= 1
+            if success:
+                entry.in_host = True
+                self._host_policy.insert(key)
+                self._events.append(TierEvent(key, "host", stored=True))
+            else:
+                self._release_slot(entry)
+                self._forget_if_gone(entry)
+
+    def complete_spill(self, keys: Iterable[Key], success: bool = True) -> None:
+        for key in keys:
+            entry = self._entries[key]
+            entry.spilling = False
+            self._num_spilling -= 1
+            if success:
+                entry.on_disk = True
+                self._disk_policy.insert(key)
+                self._events.append(TierEvent(key, "disk", stored=True))
+            self._forget_if_gone(entry)
+
+    def _take_slot(self) -> int | None:
+        if self._free_slots:
+            return self._free_slots.pop()
+        victim = self._host_policy.choose_victim(self._evictable_from_host)
+        if victim is None:
+            return None
+        entry = self._entries[victim]
+        slot = entry.host_slot
+        self._host_policy.remove(victim)
+        entry.host_slot, entry.in_host = None, False
+        self._events.append(TierEvent(victim, "host", stored=False))
+        if self.num_disk_chunks > 0 and not entry.on_disk:
+            self._make_disk_room()
+            entry.spilling = True
+            self._num_spilling += 1
+            self._plan.spills.append((victim, slot))
+        self._forget_if_gone(entry)
+        return slot
+
+    def _make_disk_room(self) -> None:
+        while len(self._disk_policy) + self._num_spilling >= self.num_disk_chunks:
+            victim = self._disk_policy.choose_victim(self._evictable_from_disk)
+            if victim is None:
+                return  # every disk chunk is being read: the disk tier runs over briefly
+            entry = self._entries[victim]
+            self._disk_policy.remove(victim)
+            entry.on_disk = False
+            self._plan.deletes.append(victim)
+            self._events.append(TierEvent(victim, "disk", stored=False))
+            self._forget_if_gone(entry)
+
+    def _evictable_from_host(self, key: Key) -> bool:
+        entry = self._entries[key]
+        return entry.in_host and entry.pins == 0
+
+    def _evictable_from_disk(self, key: Key) -> bool:
+        return self._entries[key].pins == 0
+
+    def _release_slot(self, entry: ChunkEntry) -> None:
+        if entry.host_slot is not None:
+            self._free_slots.append(entry.host_slot)
+            entry.host_slot, entry.in_host = None, False
+
+    def _forget_if_gone(self, entry: ChunkEntry) -> None:
+        gone = entry.host_slot is None and not entry.on_disk and not entry.spilling
+        if gone and not entry.pins:
+            del self._entries[entry.key]
+
+    # ---- warm restart, reset, events -----------------------------------------------------
+
+    def add_disk_chunks(self, keys: Iterable[Key]) -> None:
+        """Chunks found on disk at start-up (oldest first), readable at once."""
+        for key in keys:
+            entry = self._entries.setdefault(key, ChunkEntry(key))
+            if not entry.on_disk:
+                entry.on_disk = True
+                self._disk_policy.insert(key)
+                self._events.append(TierEvent(key, "disk", stored=True))
+
+    def take_events(self) -> list[TierEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def num_in_host(self) -> int:
+        return len(self._host_policy)
+
+    def num_on_disk(self) -> int:
+        return len(self._disk_policy)
+
+    def host_keys(self) -> list[Key]:
+        return [k for k, e in self._entries.items() if e.in_host]
+
+    def disk_keys(self) -> list[Key]:
+        return [k for k, e in self._entries.items() if e.on_disk]

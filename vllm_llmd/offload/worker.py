@@ -1,0 +1,152 @@
+"""Worker side of the offload tiers: the host pool, the disk store, and the threads moving bytes.
+
+`OffloadWorker` executes what the scheduler half planned (`StepPlan` plus loads) and reports
+which chunks completed. All copies that touch the host pool run on one ordered thread, so a
+step's spills copy their slots out before that step's stores or promotions overwrite them; disk
+reads and writes run on a small pool. Stores read device blocks vLLM may reuse once the step
+ends, so the next step flushes them (`flush_stores`) before its forward runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from vllm_llmd.log import get_logger
+from vllm_llmd.offload.disk_store import DiskChunkStore
+from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
+
+logger = get_logger(__name__)
+
+Key = bytes
+# kind ("store" | "spill" | "promote") -> key -> [succeeded, failed] on this worker
+Results = dict[str, dict[Key, list[int]]]
+
+
+class OffloadWorker:
+    """Host pool + disk store of one worker, and the copies between them and the KV cache."""
+
+    def __init__(
+        self,
+        kv_cache: PagedKVCache,
+        num_host_slots: int,
+        disk: DiskChunkStore | None,
+        num_disk_threads: int,
+    ) -> None:
+        self.kv_cache = kv_cache
+        self.chunk_bytes = kv_cache.block_bytes
+        pin = kv_cache.device.type == "cuda"  # pinned host memory lets the kernels DMA
+        self.host = torch.empty(
+            (num_host_slots, self.chunk_bytes), dtype=torch.uint8, pin_memory=pin
+        )
+        self.disk = disk
+        self._copier = ThreadPoolExecutor(1, "llmd-offload-copy")
+        self._disk_pool = ThreadPoolExecutor(num_disk_threads, "llmd-offload-disk")
+        self._pending_stores: Future[None] | None = None
+        self._lock = threading.Lock()
+        self._results: Results = defaultdict(dict)
+
+    # ---- a step's plan -------------------------------------------------------------------
+
+    def submit_step(
+        self,
+        spills: Sequence[tuple[Key, int]],
+        promotes: Sequence[tuple[Key, int]],
+        stores: Sequence[tuple[Key, int, int]],
+        deletes: Sequence[Key],
+    ) -> None:
+        """Run a step's plan in order. stores are (key, device block id, host slot)."""
+        if not (spills or promotes or stores or deletes):
+            return
+        self._pending_stores = self._copier.submit(
+            self._run_step, list(spills), list(promotes), list(stores), list(deletes)
+        )
+
+    def flush_stores(self) -> None:
+        """Wait until the last step's device → host copies are done (its blocks may be reused)."""
+        pending, self._pending_stores = self._pending_stores, None
+        if pending is not None:
+            pending.result()
+
+    def _run_step(
+        self,
+        spills: list[tuple[Key, int]],
+        promotes: list[tuple[Key, int]],
+        stores: list[tuple[Key, int, int]],
+        deletes: list[Key],
+    ) -> None:
+        if spills:
+            slots = torch.tensor([slot for _, slot in spills])
+            copies = self.host.index_select(0, slots)  # out of the pool before slots are reused
+            for i, (key, _) in enumerate(spills):
+                self._on_disk("spill", key, self._write, key, copies[i])
+        for key, slot in promotes:
+            self._on_disk("promote", key, self._read, key, self.host[slot])
+        for key in deletes:
+            self._disk_pool.submit(self._delete, key)
+        if stores:
+            try:
+                staging = torch.empty(
+                    (len(stores), self.chunk_bytes), dtype=torch.uint8, device=self.kv_cache.device
+                )
+                gather_blocks(self.kv_cache, [block for _, block, _ in stores], staging)
+                slots = torch.tensor([slot for _, _, slot in stores])
+                self.host.index_copy_(0, slots, staging.to("cpu", non_blocking=False))
+                ok = True
+            except Exception:
+                logger.exception("LLMDConnector: offload store of %d blocks failed", len(stores))
+                ok = False
+            for key, _, _ in stores:
+                self._record("store", key, ok)
+
+    # ---- loads ---------------------------------------------------------------------------
+
+    def load(self, block_ids: Sequence[int], slots: Sequence[int]) -> Future[None]:
+        """Copy host slots into device blocks, after every store and promotion queued before."""
+        return self._copier.submit(self._load, list(block_ids), list(slots))
+
+    def _load(self, block_ids: list[int], slots: list[int]) -> None:
+        source = self.host.index_select(0, torch.tensor(slots)).to(self.kv_cache.device)
+        scatter_blocks(self.kv_cache, block_ids, source)
+
+    # ---- disk ----------------------------------------------------------------------------
+
+    def _on_disk(self, kind: str, key: Key, fn: Callable[..., object], *args: object) -> None:
+        future = self._disk_pool.submit(fn, *args)
+        future.add_done_callback(lambda f: self._record(kind, key, f.exception() is None))
+
+    def _write(self, key: Key, data: torch.Tensor) -> None:
+        assert self.disk is not None
+        self.disk.write(key, data)
+
+    def _read(self, key: Key, out: torch.Tensor) -> None:
+        assert self.disk is not None
+        try:
+            self.disk.read(key, out=out)
+        except Exception as exc:
+            logger.warning("LLMDConnector: disk chunk %s rejected: %s", key.hex()[:16], exc)
+            raise
+
+    def _delete(self, key: Key) -> None:
+        assert self.disk is not None
+        self.disk.delete(key)
+
+    # ---- results -------------------------------------------------------------------------
+
+    def _record(self, kind: str, key: Key, ok: bool) -> None:
+        with self._lock:
+            counts = self._results[kind].setdefault(key, [0, 0])
+            counts[0 if ok else 1] += 1
+
+    def take_results(self) -> Results:
+        with self._lock:
+            results, self._results = self._results, defaultdict(dict)
+        return dict(results)
+
+    def shutdown(self) -> None:
+        self._copier.shutdown(wait=True, cancel_futures=True)
+        self._disk_pool.shutdown(wait=True, cancel_futures=True)
