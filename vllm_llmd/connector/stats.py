@@ -38,6 +38,30 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "llmd:pd_sends_expired",
         "Prefill side: held transfers freed because their lease expired unread.",
     ),
+    "offload_stored_chunks": (
+        "llmd:offload_stored_chunks",
+        "Offload: blocks copied from the device cache into the host tier.",
+    ),
+    "offload_loaded_chunks": (
+        "llmd:offload_loaded_chunks",
+        "Offload: blocks loaded from the host tier into the device cache instead of computed.",
+    ),
+    "offload_spilled_chunks": (
+        "llmd:offload_spilled_chunks",
+        "Offload: blocks written to the disk tier when the host tier evicted them.",
+    ),
+    "offload_promoted_chunks": (
+        "llmd:offload_promoted_chunks",
+        "Offload: blocks read back from the disk tier into the host tier for a hit.",
+    ),
+    "offload_rejected_chunks": (
+        "llmd:offload_rejected_chunks",
+        "Offload: disk files that failed validation (deleted, recomputed instead).",
+    ),
+    "offload_failed_writes": (
+        "llmd:offload_failed_writes",
+        "Offload: store or spill copies that failed (the block is simply not offloaded).",
+    ),
 }
 
 

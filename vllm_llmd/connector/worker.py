@@ -169,6 +169,7 @@ class LLMDConnectorWorker:
             assert self.offload is not None
             future = self.offload.load(load.block_ids, load.slots)
             self._loads.setdefault(load.request_id, []).append(future)
+            self._count("offload_loaded_chunks", len(load.block_ids))
         for recv in metadata.recvs:
             future = self._pool.submit(self._pull, recv)
             self._loads.setdefault(recv.request_id, []).append(future)
@@ -225,6 +226,14 @@ class LLMDConnectorWorker:
         if self.offload is None:
             return None
         results = self.offload.take_results()
+        for kind, ok_key, failed_key in (
+            ("store", "offload_stored_chunks", "offload_failed_writes"),
+            ("spill", "offload_spilled_chunks", "offload_failed_writes"),
+            ("promote", "offload_promoted_chunks", "offload_rejected_chunks"),
+        ):
+            counts = results.get(kind, {}).values()
+            self._count(ok_key, sum(ok for ok, _ in counts))
+            self._count(failed_key, sum(failed for _, failed in counts))
         return LLMDWorkerMetadata(results) if results else None
 
     # ---- bytes ---------------------------------------------------------------------------
