@@ -28,7 +28,8 @@ from tokenizers import Tokenizer
 from vllm_llmd.devtools.client import timed_stream
 from vllm_llmd.devtools.model_maker import PRESETS, make_model, preset_digest, sample_text
 from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig
-from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
+from vllm_llmd.offload.worker import OffloadWorker
+from vllm_llmd.ops import PagedKVCache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = REPO_ROOT / "logs" / "bench_offload"
@@ -62,17 +63,16 @@ def bench_copies(preset: str, prompt_tokens: int, repeats: int = 9) -> None:
     }
     cache = PagedKVCache.from_layers(layers)
     ids = torch.randperm(total_blocks)[:num_blocks].tolist()
-    host = torch.empty(2 * num_blocks, cache.block_bytes, dtype=torch.uint8)
-    slots = torch.randperm(2 * num_blocks)[:num_blocks]
-    staging = torch.empty(num_blocks, cache.block_bytes, dtype=torch.uint8)
+    worker = OffloadWorker(cache, num_host_slots=2 * num_blocks, disk=None, num_disk_threads=1)
+    # Slots as the manager hands them out: off a free list, so mostly one run.
+    slots = list(range(num_blocks // 2, num_blocks // 2 + num_blocks))
     nbytes = num_blocks * cache.block_bytes
 
-    def store() -> None:  # what OffloadWorker._run_step does for stores
-        gather_blocks(cache, ids, staging)
-        host.index_copy_(0, slots, staging)
+    def store() -> None:  # the worker's device -> host store
+        worker._store([(b"", block, slot) for block, slot in zip(ids, slots, strict=True)])
 
-    def load() -> None:  # what OffloadWorker._load does
-        scatter_blocks(cache, ids, host.index_select(0, slots))
+    def load() -> None:  # the worker's host -> device load
+        worker._load(ids, slots)
 
     src = torch.empty(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)

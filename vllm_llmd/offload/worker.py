@@ -90,18 +90,21 @@ class OffloadWorker:
             self._disk_pool.submit(self._delete, key)
         if stores:
             try:
-                staging = torch.empty(
-                    (len(stores), self.chunk_bytes), dtype=torch.uint8, device=self.kv_cache.device
-                )
-                gather_blocks(self.kv_cache, [block for _, block, _ in stores], staging)
-                slots = torch.tensor([slot for _, _, slot in stores])
-                self.host.index_copy_(0, slots, staging.to("cpu", non_blocking=False))
+                self._store(stores)
                 ok = True
             except Exception:
                 logger.exception("LLMDConnector: offload store of %d blocks failed", len(stores))
                 ok = False
             for key, _, _ in stores:
                 self._record("store", key, ok)
+
+    def _store(self, stores: list[tuple[Key, int, int]]) -> None:
+        # Slots come off the free list mostly in runs: gather each run straight into the pool.
+        blocks = [block for _, block, _ in stores]
+        for first, last, slot in slot_runs([slot for _, _, slot in stores]):
+            gather_blocks(self.kv_cache, blocks[first:last], self.host[slot : slot + last - first])
+        if self.kv_cache.device.type == "cuda":
+            torch.cuda.current_stream(self.kv_cache.device).synchronize()
 
     # ---- loads ---------------------------------------------------------------------------
 
@@ -110,8 +113,12 @@ class OffloadWorker:
         return self._copier.submit(self._load, list(block_ids), list(slots))
 
     def _load(self, block_ids: list[int], slots: list[int]) -> None:
-        source = self.host.index_select(0, torch.tensor(slots)).to(self.kv_cache.device)
-        scatter_blocks(self.kv_cache, block_ids, source)
+        for first, last, slot in slot_runs(slots):
+            source = self.host[slot : slot + last - first]
+            scatter_blocks(self.kv_cache, block_ids[first:last], source)
+        if self.kv_cache.device.type == "cuda":
+            # The kernels read the pinned pool in place: done before the slots can be reused.
+            torch.cuda.current_stream(self.kv_cache.device).synchronize()
 
     # ---- disk ----------------------------------------------------------------------------
 
@@ -150,3 +157,14 @@ class OffloadWorker:
     def shutdown(self) -> None:
         self._copier.shutdown(wait=True, cancel_futures=True)
         self._disk_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Split slots into runs of consecutive slots: (first index, end index, first slot)."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((start, i, slots[start]))
+            start = i
+    return runs
