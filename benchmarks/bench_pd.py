@@ -155,9 +155,9 @@ def measure_pd(
     return prefill_s, decode_ttft
 
 
-def nixl_servers(model: Path) -> list[VLLMServer]:
+def nixl_servers(model: Path, cores_by_role: dict[str, str]) -> list[VLLMServer]:
     servers = []
-    for role, cores in (("kv_producer", "0"), ("kv_consumer", "1")):
+    for role, cores in cores_by_role.items():
         env = {
             "UCX_TLS": "tcp,self,sm,cma",
             "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
@@ -184,6 +184,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=2000)
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--no-nixl", action="store_true")
+    parser.add_argument(
+        "--nixl-nobind",
+        action="store_true",
+        help="run the NixlConnector servers unbound (one OpenMP thread each, the OS places "
+        "them): UCX's progress thread then does not compete with the compute thread's core",
+    )
     args = parser.parse_args()
 
     bench_side_channel(args.preset, args.prompt_tokens)
@@ -236,7 +242,8 @@ def main() -> None:
             s.stop()
 
     if not args.no_nixl and importlib.util.find_spec("nixl") is not None:
-        group = nixl_servers(model)
+        cores = "nobind" if args.nixl_nobind else None
+        group = nixl_servers(model, {"kv_producer": cores or "0", "kv_consumer": cores or "1"})
         nixl_params = {
             "do_remote_decode": True,
             "do_remote_prefill": False,

@@ -42,7 +42,7 @@ def test_host_eviction_spills_to_disk_and_promotion_brings_it_back():
     m.take_events()
     planned = stored(m, K[2:3])  # evicts K[0], the least recently used
     plan = m.take_plan()
-    assert plan.spills == [(K[0], planned[0][1])]  # spilled from the slot it reuses
+    assert plan.spills == [(K[0], planned[0][1], "")]  # spilled from the slot it reuses
     assert m.lookup(K[:3]) == (0, 0)  # K[0] is on neither tier until the spill completes
     m.complete_spill([K[0]])
     assert m.lookup(K[:3]) == (0, 3)
@@ -58,7 +58,7 @@ def test_host_eviction_spills_to_disk_and_promotion_brings_it_back():
 
 def test_failed_promotion_forgets_the_disk_chunk():
     m = OffloadManager(num_host_slots=2, num_disk_chunks=10)
-    m.add_disk_chunks(K[:2])
+    m.add_disk_chunks((k, "") for k in K[:2])
     assert m.lookup(K[:2]) == (0, 2)
     assert m.prepare_promote(K[:2]) == 2
     m.complete_promote([K[0]], success=False)  # the file failed validation
@@ -85,7 +85,7 @@ def test_disk_tier_evicts_least_recent_and_deletes_files():
         stored(m, K[i : i + 1])
         plan = m.take_plan()
         deleted += plan.deletes
-        for key, _ in plan.spills:
+        for key, _, _ in plan.spills:
             m.complete_spill([key])
     # K[0], K[1], K[2] spilled in turn; the disk tier keeps the last two
     assert sorted(m.disk_keys()) == sorted(K[1:3])

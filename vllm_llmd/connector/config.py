@@ -50,6 +50,9 @@ class LLMDConnectorConfig:
     offload_decode_blocks: bool = False
     # Threads per worker reading and writing the disk tier.
     offload_disk_threads: int = 4
+    # Debugging: a JSON file the scheduler rewrites with the block hashes each tier holds,
+    # whenever that changes ({"host": [hex...], "disk": [hex...]}). "" = off.
+    debug_state_path: str = ""
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> LLMDConnectorConfig:

@@ -7,6 +7,7 @@ halves share nothing but `LLMDConnectorMetadata`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +31,7 @@ from vllm_llmd.connector.worker import LLMDConnectorWorker
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -65,6 +67,7 @@ class LLMDConnector(KVConnectorBase_V1):
                 is_producer=transfer_config.is_kv_producer,
                 is_consumer=transfer_config.is_kv_consumer,
                 offload=make_offload_planner(self.config, fingerprint),
+                publish_events=kv_events_enabled(vllm_config),
             )
         elif role == KVConnectorRole.WORKER:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -190,6 +193,12 @@ class LLMDConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self.scheduler.update_connector_output(connector_output)
 
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        return self.scheduler.take_events()
+
+    def reset_cache(self) -> bool | None:
+        return self.scheduler.reset_cache() if self._scheduler is not None else None
+
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
@@ -199,3 +208,9 @@ class LLMDConnector(KVConnectorBase_V1):
     def requires_kv_delivery(self) -> bool:
         # Only a P/D producer hands KV off at finish; offloading is a best-effort cache.
         return self._kv_transfer_config.is_kv_producer
+
+
+def kv_events_enabled(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM publishes KV events: only then do we build any (else they cost nothing)."""
+    events_config = vllm_config.kv_events_config
+    return bool(events_config is not None and events_config.enable_kv_cache_events)

@@ -66,8 +66,8 @@ class OffloadLoadSpec:
 class OffloadStepSpec:
     """Offload tier work of one step, run by each worker in this order. Keys: block hashes."""
 
-    # evicted host slots to write to disk: copied out before anything reuses the slots
-    spills: tuple[tuple[bytes, int], ...] = ()
+    # (key, host slot, chunk info) evicted to disk: copied out before anything reuses the slot
+    spills: tuple[tuple[bytes, int, str], ...] = ()
     # disk chunks to read (and validate) into host slots
     promotes: tuple[tuple[bytes, int], ...] = ()
     # (key, device block id, host slot): blocks computed this step to copy to host

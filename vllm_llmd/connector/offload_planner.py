@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import OffloadLoadSpec, OffloadStepSpec
+from vllm_llmd.connector.tier_events import chunk_info
 from vllm_llmd.log import get_logger
 from vllm_llmd.offload.disk_store import DiskChunkStore
 from vllm_llmd.offload.manager import OffloadManager, TierEvent
@@ -98,7 +99,8 @@ class OffloadPlanner:
             (block_ids, *_) = block_state.get_block_ids(request_id) or ([],)
             keys = list(request.block_hashes[offered:num_full])
             block_of = dict(zip(keys, block_ids[offered:num_full], strict=False))
-            for key, slot in self.manager.prepare_store(keys):
+            infos = [chunk_info(request, i, self.block_size) for i in range(offered, num_full)]
+            for key, slot in self.manager.prepare_store(keys, infos):
                 self._stores.append((key, block_of[key], slot))
             self._offered_blocks[request_id] = num_full
 
@@ -138,6 +140,17 @@ class OffloadPlanner:
     def take_events(self) -> list[TierEvent]:
         return self.manager.take_events()
 
+    def reset(self) -> None:
+        """Drop every chunk no copy is using (vLLM's prefix-cache reset)."""
+        self.manager.reset()
+
+    def tier_state(self) -> dict[str, list[str]]:
+        """Hex keys held per tier (for the debug state file)."""
+        return {
+            "host": sorted(k.hex() for k in self.manager.host_keys()),
+            "disk": sorted(k.hex() for k in self.manager.disk_keys()),
+        }
+
 
 def make_offload_planner(
     config: LLMDConnectorConfig, fingerprint: KVLayoutFingerprint
@@ -157,7 +170,7 @@ def make_offload_planner(
         ]
         # A chunk is usable only if every worker's part of it survived.
         complete = set.intersection(*({c.key for c in scan} for scan in scans))
-        found = [c.key for c in scans[0] if c.key in complete][-disk_chunks:]
+        found = [(c.key, c.info) for c in scans[0] if c.key in complete][-disk_chunks:]
         manager.add_disk_chunks(found)
         if found:
             logger.info("LLMDConnector offload: %d chunks found on disk in %s", len(found), folder)

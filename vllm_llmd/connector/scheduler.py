@@ -23,9 +23,12 @@ cache and the tiers lack. Both parts form one async load. See `offload_planner.p
 from __future__ import annotations
 
 import math
+import os
 import secrets
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from vllm.v1.request import RequestStatus
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
@@ -38,6 +41,7 @@ from vllm_llmd.connector.metadata import (
     SendSpec,
 )
 from vllm_llmd.connector.offload_planner import OffloadPlanner
+from vllm_llmd.connector.tier_events import all_cleared, to_kv_events
 from vllm_llmd.log import get_logger
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
 from vllm_llmd.transfer.params import (
@@ -50,6 +54,7 @@ from vllm_llmd.transfer.params import (
 )
 
 if TYPE_CHECKING:
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import KVConnectorOutput
@@ -72,9 +77,14 @@ class LLMDConnectorScheduler:
         is_producer: bool,
         is_consumer: bool,
         offload: OffloadPlanner | None = None,
+        publish_events: bool = False,
     ) -> None:
         self.config = config
         self.offload = offload
+        # vLLM's KV-event publisher is on: announce our tiers' changes on it
+        self.publish_events = publish_events
+        self._events: list[KVCacheEvent] = []
+        self._state_version = -1
         self.engine_id = engine_id
         self.fingerprint = fingerprint
         self.block_size = fingerprint.block_size
@@ -232,8 +242,30 @@ class LLMDConnectorScheduler:
         if self.offload is not None:
             self.offload.plan_stores(scheduler_output)
             metadata.offload_loads, metadata.offload_step = self.offload.take_step()
-            self.offload.take_events()  # TODO(events issue): publish as KV events
+            self._collect_tier_changes()
         return metadata
+
+    def _collect_tier_changes(self) -> None:
+        assert self.offload is not None
+        changes = self.offload.take_events()
+        if self.publish_events and changes:
+            self._events.extend(to_kv_events(changes, self.block_size))
+        if self.config.debug_state_path and self.offload.manager.version != self._state_version:
+            self._state_version = self.offload.manager.version
+            write_json_atomic(self.config.debug_state_path, self.offload.tier_state())
+
+    def take_events(self) -> list[KVCacheEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def reset_cache(self) -> bool:
+        """vLLM reset its prefix cache: drop the tiers too, and say so on the event stream."""
+        if self.offload is not None:
+            self.offload.reset()
+            self._collect_tier_changes()
+            if self.publish_events:
+                self._events.append(all_cleared())
+        return True
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         if self.offload is None:
@@ -243,6 +275,7 @@ class LLMDConnectorScheduler:
             self.offload.on_worker_output(worker_meta.offload_results)
         if connector_output.finished_recving:
             self.offload.on_load_finished(set(connector_output.finished_recving))
+        self._collect_tier_changes()
 
     # ---- prefill side --------------------------------------------------------------------
 
@@ -280,3 +313,11 @@ class LLMDConnectorScheduler:
             prompt_digest=prompt_digest(prompt),
         )
         return True, answer.to_dict()
+
+
+def write_json_atomic(path: str, obj: object) -> None:
+    """Replace path's content with obj as JSON; readers never see a partial file."""
+    target = Path(path)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temp.write_bytes(msgspec.json.encode(obj))
+    os.replace(temp, target)

@@ -17,6 +17,8 @@ with one tensor, "kv" (dtype U8, shape [chunk_bytes]), and string metadata:
     key              the key (vLLM block hash) in hex
     tp_rank          the writer's tensor-parallel rank
     checksum         blake2b of the payload, 16-byte digest, hex
+    info             the caller's description of the chunk (opaque text; e.g. the tokens and
+                     parent hash a KV event needs), returned by `scan`
 
 Validation. `scan` (warm restart) reads only headers: format version, fingerprint, key (it must
 match the file's name and shard), tp_rank, tensor dtype/shape/offsets and the file's size.
@@ -94,6 +96,8 @@ class ScannedChunk:
     size_bytes: int
     # last write, seconds since the epoch (os.stat st_mtime)
     mtime: float
+    # the `info` text the chunk was written with ("" if none)
+    info: str = ""
 
 
 class _Invalid(Exception):
@@ -134,9 +138,9 @@ class DiskChunkStore:
     def contains(self, key: bytes) -> bool:
         return self.path_for(key).is_file()
 
-    def write(self, key: bytes, chunk: torch.Tensor) -> int:
+    def write(self, key: bytes, chunk: torch.Tensor, info: str = "") -> int:
         """Store `chunk` (uint8, chunk_bytes, contiguous, on CPU) under `key`, replacing any
-        file there. Returns the file's size in bytes."""
+        file there, with an opaque `info` text that `scan` returns. Returns the file's size."""
         self._check_buffer(chunk, "chunk")
         chunk = chunk.view(-1)
         path = self.path_for(key)
@@ -146,6 +150,7 @@ class DiskChunkStore:
             "key": key.hex(),
             "tp_rank": str(self.tp_rank),
             "checksum": _checksum(chunk),
+            "info": info,
         }
         path.parent.mkdir(exist_ok=True)
         temp = path.parent / f".{path.name[: -len(_SUFFIX)]}.{uuid.uuid4().hex}.tmp"
@@ -244,12 +249,12 @@ class DiskChunkStore:
         try:
             with open(entry.path, "rb", buffering=0) as f:
                 stat = os.fstat(f.fileno())
-                self._validate_header(f, key, stat.st_size)
+                metadata = self._validate_header(f, key, stat.st_size)
         except FileNotFoundError:
             return None, None  # deleted meanwhile
         except (_Invalid, OSError) as exc:
             return None, str(exc)
-        return ScannedChunk(key, stat.st_size, stat.st_mtime), None
+        return ScannedChunk(key, stat.st_size, stat.st_mtime, metadata.get("info", "")), None
 
     def _validate_header(self, f: BinaryIO, key: bytes, file_size: int) -> dict[str, str]:
         """Check everything but the checksum; leaves `f` at the payload. Returns the metadata."""

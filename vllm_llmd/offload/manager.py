@@ -43,6 +43,9 @@ class ChunkEntry:
     spilling: bool = False
     # the disk file is being read into host_slot
     promoting: bool = False
+    # what the chunk holds (tokens, parent hash), as text: written into its disk file and
+    # carried by its tier events
+    info: str = ""
     # loads reading it + the store writing it; evictable only at 0
     pins: int = 0
 
@@ -51,8 +54,8 @@ class ChunkEntry:
 class StepPlan:
     """One step's tier work, in the order the worker must run it."""
 
-    # host slot -> disk, for evicted chunks not yet on disk: copied out before anything else
-    spills: list[tuple[Key, int]] = field(default_factory=list)
+    # (key, host slot, info) -> disk, for evicted chunks not yet on disk: copied out first
+    spills: list[tuple[Key, int, str]] = field(default_factory=list)
     # disk -> host slot (validated on the way)
     promotes: list[tuple[Key, int]] = field(default_factory=list)
     # disk files to delete (disk tier evictions)
@@ -66,6 +69,7 @@ class TierEvent:
     key: Key
     tier: str  # "host" | "disk"
     stored: bool  # False: removed
+    info: str = ""
 
 
 class OffloadManager:
@@ -83,6 +87,8 @@ class OffloadManager:
         self._events: list[TierEvent] = []
         self._plan = StepPlan()
         self._num_spilling = 0
+        # bumped by every change of what the tiers hold
+        self.version = 0
 
     # ---- lookups -------------------------------------------------------------------------
 
@@ -145,24 +151,27 @@ class OffloadManager:
             if success:
                 entry.in_host = True
                 self._host_policy.insert(key)
-                self._events.append(TierEvent(key, "host", stored=True))
+                self._emit(TierEvent(key, "host", True, entry.info))
             else:  # the worker deleted the file
                 self._release_slot(entry)
                 if entry.on_disk:
                     entry.on_disk = False
                     self._disk_policy.remove(key)
-                    self._events.append(TierEvent(key, "disk", stored=False))
+                    self._emit(TierEvent(key, "disk", stored=False))
             self._forget_if_gone(entry)
 
     # ---- stores --------------------------------------------------------------------------
 
-    def prepare_store(self, keys: Sequence[Key]) -> list[tuple[Key, int]]:
+    def prepare_store(
+        self, keys: Sequence[Key], infos: Sequence[str] | None = None
+    ) -> list[tuple[Key, int]]:
         """Plan host stores for keys no tier holds or is storing; evict and spill for room.
 
-        Returns the (key, host slot) pairs planned, in order (a prefix of the new keys).
+        infos: each key's description (see ChunkEntry.info). Returns the (key, host slot) pairs
+        planned, in order.
         """
         planned = []
-        for key in keys:
+        for i, key in enumerate(keys):
             entry = self._entries.get(key)
             if entry is not None:
                 if entry.in_host:
@@ -174,6 +183,8 @@ class OffloadManager:
                 break  # every host chunk is pinned: store nothing more this step
             entry = self._entries.setdefault(key, ChunkEntry(key))
             entry.host_slot, entry.pins = slot, entry.pins + 1
+            if infos is not None:
+                entry.info = infos[i]
             planned.append((key, slot))
         return planned
 
@@ -190,7 +201,7 @@ class OffloadManager:
             if success:
                 entry.in_host = True
                 self._host_policy.insert(key)
-                self._events.append(TierEvent(key, "host", stored=True))
+                self._emit(TierEvent(key, "host", True, entry.info))
             else:
                 self._release_slot(entry)
                 self._forget_if_gone(entry)
@@ -203,7 +214,7 @@ class OffloadManager:
             if success:
                 entry.on_disk = True
                 self._disk_policy.insert(key)
-                self._events.append(TierEvent(key, "disk", stored=True))
+                self._emit(TierEvent(key, "disk", True, entry.info))
             self._forget_if_gone(entry)
 
     def _take_slot(self) -> int | None:
@@ -216,12 +227,12 @@ class OffloadManager:
         slot = entry.host_slot
         self._host_policy.remove(victim)
         entry.host_slot, entry.in_host = None, False
-        self._events.append(TierEvent(victim, "host", stored=False))
+        self._emit(TierEvent(victim, "host", stored=False))
         if self.num_disk_chunks > 0 and not entry.on_disk:
             self._make_disk_room()
             entry.spilling = True
             self._num_spilling += 1
-            self._plan.spills.append((victim, slot))
+            self._plan.spills.append((victim, slot, entry.info))
         self._forget_if_gone(entry)
         return slot
 
@@ -234,7 +245,7 @@ class OffloadManager:
             self._disk_policy.remove(victim)
             entry.on_disk = False
             self._plan.deletes.append(victim)
-            self._events.append(TierEvent(victim, "disk", stored=False))
+            self._emit(TierEvent(victim, "disk", stored=False))
             self._forget_if_gone(entry)
 
     def _evictable_from_host(self, key: Key) -> bool:
@@ -256,14 +267,36 @@ class OffloadManager:
 
     # ---- warm restart, reset, events -----------------------------------------------------
 
-    def add_disk_chunks(self, keys: Iterable[Key]) -> None:
-        """Chunks found on disk at start-up (oldest first), readable at once."""
-        for key in keys:
-            entry = self._entries.setdefault(key, ChunkEntry(key))
+    def add_disk_chunks(self, chunks: Iterable[tuple[Key, str]]) -> None:
+        """Chunks (key, info) found on disk at start-up, oldest first, readable at once."""
+        for key, info in chunks:
+            entry = self._entries.setdefault(key, ChunkEntry(key, info=info))
             if not entry.on_disk:
                 entry.on_disk = True
                 self._disk_policy.insert(key)
-                self._events.append(TierEvent(key, "disk", stored=True))
+                self._emit(TierEvent(key, "disk", True, info))
+
+    def reset(self) -> list[Key]:
+        """Forget every chunk no copy is using (a prefix-cache reset); returns the disk keys
+        to delete. Pinned chunks stay until their copies complete."""
+        deletes = []
+        for entry in list(self._entries.values()):
+            if entry.pins or entry.spilling:
+                continue
+            if entry.in_host:
+                self._host_policy.remove(entry.key)
+                self._release_slot(entry)
+            if entry.on_disk:
+                self._disk_policy.remove(entry.key)
+                entry.on_disk = False
+                deletes.append(entry.key)
+            self._forget_if_gone(entry)
+        self._plan.deletes.extend(deletes)
+        return deletes
+
+    def _emit(self, event: TierEvent) -> None:
+        self._events.append(event)
+        self.version += 1
 
     def take_events(self) -> list[TierEvent]:
         events, self._events = self._events, []

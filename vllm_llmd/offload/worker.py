@@ -54,7 +54,7 @@ class OffloadWorker:
 
     def submit_step(
         self,
-        spills: Sequence[tuple[Key, int]],
+        spills: Sequence[tuple[Key, int, str]],
         promotes: Sequence[tuple[Key, int]],
         stores: Sequence[tuple[Key, int, int]],
         deletes: Sequence[Key],
@@ -74,16 +74,16 @@ class OffloadWorker:
 
     def _run_step(
         self,
-        spills: list[tuple[Key, int]],
+        spills: list[tuple[Key, int, str]],
         promotes: list[tuple[Key, int]],
         stores: list[tuple[Key, int, int]],
         deletes: list[Key],
     ) -> None:
         if spills:
-            slots = torch.tensor([slot for _, slot in spills])
+            slots = torch.tensor([slot for _, slot, _ in spills])
             copies = self.host.index_select(0, slots)  # out of the pool before slots are reused
-            for i, (key, _) in enumerate(spills):
-                self._on_disk("spill", key, self._write, key, copies[i])
+            for i, (key, _, info) in enumerate(spills):
+                self._on_disk("spill", key, self._write, key, copies[i], info)
         for key, slot in promotes:
             self._on_disk("promote", key, self._read, key, self.host[slot])
         for key in deletes:
@@ -126,9 +126,9 @@ class OffloadWorker:
         future = self._disk_pool.submit(fn, *args)
         future.add_done_callback(lambda f: self._record(kind, key, f.exception() is None))
 
-    def _write(self, key: Key, data: torch.Tensor) -> None:
+    def _write(self, key: Key, data: torch.Tensor, info: str) -> None:
         assert self.disk is not None
-        self.disk.write(key, data)
+        self.disk.write(key, data, info)
 
     def _read(self, key: Key, out: torch.Tensor) -> None:
         assert self.disk is not None

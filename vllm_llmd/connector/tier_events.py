@@ -1,0 +1,87 @@
+"""Our tiers' stores and evictions as vLLM KV events, on vLLM's own publisher.
+
+The scheduler half returns these from `take_events`, so vLLM appends them to the same
+`KVEventBatch` as its device-cache events, in order. Each chunk is one block: a `BlockStored`
+carries its hash exactly as vLLM publishes hashes (`maybe_convert_block_hash`), its parent's,
+its tokens, the block size and the medium (`CPU` for the host tier, `STORAGE` for disk); a
+`BlockRemoved` names the hash and the medium. A chunk's tokens and parent travel with it as
+`ChunkInfo` text (also written into its disk file, so chunks found after a restart are
+announced completely).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import msgspec
+from vllm.distributed.kv_events import (
+    MEDIUM_CPU,
+    MEDIUM_STORAGE,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVCacheEvent,
+)
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+from vllm_llmd.offload.manager import TierEvent
+
+if TYPE_CHECKING:
+    from vllm.v1.request import Request
+
+MEDIUM_OF_TIER = {"host": MEDIUM_CPU, "disk": MEDIUM_STORAGE}
+
+
+class ChunkInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What one chunk holds: enough for a consumer to check its hash."""
+
+    # hex digest of the previous block's hash; None for a prefix's first block
+    parent: str | None
+    token_ids: list[int]
+    lora_name: str | None = None
+
+
+_decoder = msgspec.json.Decoder(ChunkInfo)
+
+
+def chunk_info(request: Request, block_index: int, block_size: int) -> str:
+    """The ChunkInfo text of a request's block_index-th block."""
+    parent = request.block_hashes[block_index - 1].hex() if block_index else None
+    start = block_index * block_size
+    lora = request.lora_request.name if request.lora_request else None
+    tokens = list(request.all_token_ids[start : start + block_size])
+    return msgspec.json.encode(ChunkInfo(parent, tokens, lora)).decode()
+
+
+def to_kv_events(events: Iterable[TierEvent], block_size: int) -> list[KVCacheEvent]:
+    """vLLM KV events for tier events (stores without a readable ChunkInfo are skipped)."""
+    out: list[KVCacheEvent] = []
+    for event in events:
+        medium = MEDIUM_OF_TIER[event.tier]
+        block_hash = maybe_convert_block_hash(event.key)
+        if not event.stored:
+            out.append(BlockRemoved(block_hashes=[block_hash], medium=medium, group_idx=0))
+            continue
+        try:
+            info = _decoder.decode(event.info)
+        except msgspec.DecodeError:
+            continue  # written by something else: nothing honest to announce
+        parent = maybe_convert_block_hash(bytes.fromhex(info.parent)) if info.parent else None
+        out.append(
+            BlockStored(
+                block_hashes=[block_hash],
+                parent_block_hash=parent,
+                token_ids=info.token_ids,
+                block_size=block_size,
+                lora_id=None,
+                medium=medium,
+                lora_name=info.lora_name,
+                group_idx=0,
+            )
+        )
+    return out
+
+
+def all_cleared() -> KVCacheEvent:
+    return AllBlocksCleared()
