@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from vllm_llmd.events.decoder import MalformedBatchError, decode_batch
 from vllm_llmd.events.model import Event, EventBatch
@@ -119,12 +120,8 @@ class Subscriber:
         self.max_messages_per_poll = max_messages_per_poll
         self._topic = topic.encode()
         context = context or zmq.Context.instance()
-        self._sub = context.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        # match the publisher's default HWM so a slow poller does not drop (it would then replay)
-        self._sub.setsockopt(zmq.RCVHWM, 100_000)
-        self._sub.setsockopt(zmq.SUBSCRIBE, self._topic)
-        self._sub.connect(endpoint)
+        self._context = context
+        self._sub, self._monitor = self._connect()
         self._replay = (
             ReplayClient(replay_endpoint, context=context, timeout=replay_timeout)
             if replay_endpoint
@@ -134,7 +131,52 @@ class Subscriber:
         self._next_seq: int | None = None
         # digests of replayed batches the live stream may still deliver again
         self._replayed: dict[int, bytes] = {}
+        # digest of the payload of the last delivered batch (to recognise the publisher)
+        self._last_digest = b""
         self._synced = False
+
+    def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
+        sub = self._context.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        # match the publisher's default HWM so a slow poller does not drop (it would then replay)
+        sub.setsockopt(zmq.RCVHWM, 100_000)
+        sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        # Watch the connection: libzmq's SUB reconnects to a restarted publisher but then
+        # receives nothing (seen with pyzmq 27 / libzmq 4.3), so a disconnect means a new socket.
+        monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sub.connect(self.endpoint)
+        return sub, monitor
+
+    def _reconnect_if_dropped(self, updates: list[Update]) -> None:
+        dropped = False
+        while self._monitor.poll(0):
+            dropped |= recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED
+        if not dropped:
+            return
+        logger.info("%s: publisher connection dropped; reconnecting", self.source)
+        self._close_sub()
+        self._sub, self._monitor = self._connect()
+        if self._replay is not None and self._next_seq is not None:
+            self._resync(updates)
+
+    def _resync(self, updates: list[Update]) -> None:
+        """After a dropped connection: the same publisher (catch up) or a restarted one?"""
+        assert self._replay is not None and self._next_seq is not None
+        last = self._next_seq - 1
+        result = self._replay.fetch(max(last, 0))
+        first = result.messages[0] if result.messages else None
+        if first is not None and first.seq == last and _digest(first.payload) == self._last_digest:
+            for message in result.messages[1:]:
+                self._deliver(message, updates, replayed=True)
+            return
+        # The batch we saw last is not in its buffer as we saw it: the engine restarted.
+        self._reset(first.seq if first is not None else 0, updates)
+        self._catch_up(0, updates)
+
+    def _close_sub(self) -> None:
+        self._sub.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sub.close(linger=0)
 
     @property
     def next_seq(self) -> int | None:
@@ -153,6 +195,7 @@ class Subscriber:
             self._synced = True
             if self._replay is not None:
                 self._catch_up(0, updates)
+        self._reconnect_if_dropped(updates)
         if not self._sub.poll(int(timeout * 1000)):
             return updates
         for _ in range(self.max_messages_per_poll):
@@ -178,7 +221,8 @@ class Subscriber:
 
     def close(self) -> None:
         """Release the sockets. Idempotent."""
-        self._sub.close(linger=0)
+        if not self._sub.closed:
+            self._close_sub()
         if self._replay is not None:
             self._replay.close()
 
@@ -232,6 +276,7 @@ class Subscriber:
             logger.warning("%s: batches %d..%d are lost", self.source, self._next_seq, seq - 1)
             updates.append(Gap(self.source, self._next_seq, seq - 1))
         self._next_seq = seq + 1
+        self._last_digest = _digest(message.payload)
         if replayed:
             self.stats.num_replayed += 1
             self._replayed[seq] = _digest(message.payload)
