@@ -66,7 +66,9 @@ class LLMDConnector(KVConnectorBase_V1):
                 fingerprint=fingerprint,
                 is_producer=transfer_config.is_kv_producer,
                 is_consumer=transfer_config.is_kv_consumer,
-                offload=make_offload_planner(self.config, fingerprint),
+                offload=make_offload_planner(
+                    self.config, fingerprint, kv_events_enabled(vllm_config)
+                ),
                 publish_events=kv_events_enabled(vllm_config),
             )
         elif role == KVConnectorRole.WORKER:

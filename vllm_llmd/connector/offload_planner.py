@@ -36,9 +36,16 @@ class OffloadPlanner:
     """Per-request offload bookkeeping of the scheduler half."""
 
     def __init__(
-        self, manager: OffloadManager, block_size: int, num_workers: int, store_decode: bool
+        self,
+        manager: OffloadManager,
+        block_size: int,
+        num_workers: int,
+        store_decode: bool,
+        describe_chunks: bool = True,
     ) -> None:
         self.manager = manager
+        # keep each chunk's tokens and parent (ChunkInfo): needed by KV events and disk files
+        self.describe_chunks = describe_chunks
         self.block_size = block_size
         self.num_workers = num_workers
         self.store_decode = store_decode
@@ -99,7 +106,9 @@ class OffloadPlanner:
             (block_ids, *_) = block_state.get_block_ids(request_id) or ([],)
             keys = list(request.block_hashes[offered:num_full])
             block_of = dict(zip(keys, block_ids[offered:num_full], strict=False))
-            infos = [chunk_info(request, i, self.block_size) for i in range(offered, num_full)]
+            infos = None
+            if self.describe_chunks:
+                infos = [chunk_info(request, i, self.block_size) for i in range(offered, num_full)]
             for key, slot in self.manager.prepare_store(keys, infos):
                 self._stores.append((key, block_of[key], slot))
             self._offered_blocks[request_id] = num_full
@@ -153,7 +162,7 @@ class OffloadPlanner:
 
 
 def make_offload_planner(
-    config: LLMDConnectorConfig, fingerprint: KVLayoutFingerprint
+    config: LLMDConnectorConfig, fingerprint: KVLayoutFingerprint, publish_events: bool
 ) -> OffloadPlanner | None:
     """The scheduler half's planner, with the disk tier's index rebuilt from its folder."""
     if not config.offload_enabled:
@@ -175,5 +184,9 @@ def make_offload_planner(
         if found:
             logger.info("LLMDConnector offload: %d chunks found on disk in %s", len(found), folder)
     return OffloadPlanner(
-        manager, fingerprint.block_size, num_workers, config.offload_decode_blocks
+        manager,
+        fingerprint.block_size,
+        num_workers,
+        config.offload_decode_blocks,
+        describe_chunks=publish_events or disk_chunks > 0,
     )
