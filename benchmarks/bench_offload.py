@@ -26,7 +26,7 @@ import torch
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import timed_stream
-from vllm_llmd.devtools.model_maker import PRESETS, make_model, preset_digest, sample_text
+from vllm_llmd.devtools.model_maker import PRESETS, cached_model, sample_text
 from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig
 from vllm_llmd.offload.worker import OffloadWorker
 from vllm_llmd.ops import PagedKVCache
@@ -37,10 +37,7 @@ BLOCK = 128
 
 
 def model_dir(preset: str) -> Path:
-    path = REPO_ROOT / ".cache" / "models" / f"{preset}-{preset_digest(PRESETS[preset])}"
-    if not (path / "model.safetensors").exists():
-        make_model(preset, path)
-    return path
+    return cached_model(preset, REPO_ROOT / ".cache" / "models")
 
 
 def block_bytes(preset: str, dtype_bytes: int = 2) -> int:

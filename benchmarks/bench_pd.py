@@ -26,7 +26,7 @@ import torch
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import complete, timed_stream
-from vllm_llmd.devtools.model_maker import PRESETS, make_model, preset_digest, sample_text
+from vllm_llmd.devtools.model_maker import PRESETS, cached_model, sample_text
 from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port
 from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.client import PullSpec, pull_blocks
@@ -39,10 +39,7 @@ BLOCK = 128
 
 
 def model_dir(preset: str) -> Path:
-    path = REPO_ROOT / ".cache" / "models" / f"{preset}-{preset_digest(PRESETS[preset])}"
-    if not (path / "model.safetensors").exists():
-        make_model(preset, path)
-    return path
+    return cached_model(preset, REPO_ROOT / ".cache" / "models")
 
 
 def kv_bytes_per_block_per_layer(preset: str, dtype_bytes: int = 2) -> int:

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from vllm_llmd.devtools.model_maker import PRESETS, make_model, preset_digest
+from vllm_llmd.devtools.model_maker import cached_model
 from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -28,17 +26,8 @@ LOG_DIR = REPO_ROOT / "logs" / "tests"
 
 
 def model_path(preset: str) -> Path:
-    """Folder of a preset model, made on first use (atomically: safe across workers)."""
-    target = MODEL_CACHE / f"{preset}-{preset_digest(PRESETS[preset])}"
-    if not (target / "model.safetensors").exists():
-        MODEL_CACHE.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=MODEL_CACHE))
-        make_model(preset, staging)
-        try:
-            staging.rename(target)
-        except OSError:  # made concurrently by someone else
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """Folder of a preset model, made on first use and cached across runs."""
+    return cached_model(preset, MODEL_CACHE)
 
 
 @pytest.fixture(scope="session")

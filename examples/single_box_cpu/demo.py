@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from vllm_llmd.devtools.client import complete
-from vllm_llmd.devtools.model_maker import PRESETS, make_model, preset_digest, sample_text
+from vllm_llmd.devtools.model_maker import PRESETS, cached_model, sample_text
 from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -24,10 +24,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     args = parser.parse_args()
 
-    model = REPO_ROOT / ".cache" / "models" / f"{args.preset}-{preset_digest(PRESETS[args.preset])}"
-    if not (model / "model.safetensors").exists():
-        print(f"making the {args.preset} model in {model} ...")
-        make_model(args.preset, model)
+    model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
 
     config = VLLMServerConfig(
         model=model,

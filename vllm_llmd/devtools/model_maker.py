@@ -18,6 +18,8 @@ import hashlib
 import json
 import math
 import random
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -247,6 +249,24 @@ def make_model(preset: ModelPreset | str, out_dir: str | Path) -> Path:
     _write_json(out / "config.json", _model_config(preset, vocab[BOS_TOKEN], vocab[EOS_TOKEN]))
     save_file(make_weights(preset), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def cached_model(preset: str, cache_dir: str | Path) -> Path:
+    """The preset's model folder under cache_dir, made on first use.
+
+    The folder name carries the preset's digest, so a changed preset or maker makes a new one;
+    it is built in a staging folder and renamed, so concurrent users never see half a model.
+    """
+    target = Path(cache_dir) / f"{preset}-{preset_digest(PRESETS[preset])}"
+    if not (target / "model.safetensors").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=target.parent))
+        make_model(preset, staging)
+        try:
+            staging.rename(target)
+        except OSError:  # made concurrently by someone else
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _write_json(path: Path, obj: dict) -> None:
