@@ -1,0 +1,258 @@
+"""The index's write path: each pod's KV-event stream, applied to an `Index`.
+
+    Subscriber (transport: ZMQ, seq order, replay)  ->  Update (events/decoder: parsed)
+        -> apply_update (this module: events to index operations)  ->  Index (domain, state)
+
+`EventIngestor(index)` runs one thread that polls every pod's `Subscriber` in turn and applies
+what arrives:
+
+    BlockStored       -> index.add(pod, tier, hashes)
+    BlockRemoved      -> index.remove(pod, tier, hashes)
+    AllBlocksCleared  -> index.clear_pod(pod)
+    Reset             -> index.clear_pod(pod), then what follows (the engine restarted)
+    Gap               -> counted and logged (the pod's view may be stale until it evicts)
+
+An event's tier is its `medium`; None (older engines) means "GPU", the engine's own cache.
+Events the index refuses (an unknown medium) and failures of the index itself (Redis down) are
+counted per pod and logged, never fatal to the thread.
+
+Calls from the owner (any thread): `add_pod`, `remove_pod`, `stats`, `close`. `add_pod` clears
+the pod's entries first: its subscriber replays the publisher's buffer from seq 0, which would
+otherwise count blocks a previous ingestor (a shared Redis index) already counted. So each pod
+must have one ingestor per index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from vllm_llmd.events.model import (
+    MEDIUM_GPU,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Event,
+)
+from vllm_llmd.events.subscriber import Gap, ReceivedBatch, Reset, Subscriber, Update
+from vllm_llmd.router.index import Index
+
+logger = logging.getLogger(__name__)
+
+# How often a failing pod logs its errors (each one is counted regardless).
+_ERROR_LOG_INTERVAL_S = 10.0
+
+
+@dataclass
+class PodStats:
+    """Counters of one pod's event stream, as `EventIngestor.stats()` reports them."""
+
+    num_batches: int = 0
+    num_events: int = 0
+    # lost batch ranges, and the batches in them
+    num_gaps: int = 0
+    num_lost_batches: int = 0
+    # engine restarts seen (seq went back): the pod's entries were cleared
+    num_resets: int = 0
+    # events the index refused (unknown medium), and events lost to index failures
+    num_bad_events: int = 0
+    num_index_errors: int = 0
+    # the subscriber itself failed (a transport bug); the pod is polled again next round
+    num_poll_errors: int = 0
+    # publisher clock (time.time()) of the last batch, and our clock when it arrived
+    last_event_ts: float | None = None
+    last_received_at: float | None = None
+    # last_received_at - last_event_ts: how far behind the engine the index was (clock skew too)
+    lag_s: float | None = None
+    _last_error_log: float = dataclasses.field(default=0.0, repr=False)
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        """The public counters as a plain dict."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+
+
+def apply_update(index: Index, pod_id: str, update: Update, stats: PodStats) -> None:
+    """Apply one subscriber update of `pod_id` to `index`, counting it in `stats`."""
+    if isinstance(update, Reset):
+        stats.num_resets += 1
+        _apply_event(index, pod_id, AllBlocksCleared(), stats)
+    elif isinstance(update, Gap):
+        stats.num_gaps += 1
+        stats.num_lost_batches += update.last_seq - update.first_seq + 1
+        logger.warning(
+            "%s: event batches %d..%d are lost; its index entries may be stale",
+            pod_id,
+            update.first_seq,
+            update.last_seq,
+        )
+    elif isinstance(update, ReceivedBatch):
+        stats.num_batches += 1
+        stats.num_events += len(update.events)
+        stats.last_event_ts = update.batch.ts
+        stats.last_received_at = time.time()
+        stats.lag_s = stats.last_received_at - update.batch.ts
+        for event in update.events:
+            _apply_event(index, pod_id, event, stats)
+
+
+def _apply_event(index: Index, pod_id: str, event: Event, stats: PodStats) -> None:
+    try:
+        if isinstance(event, BlockStored):
+            index.add(pod_id, event.medium or MEDIUM_GPU, event.block_hashes)
+        elif isinstance(event, BlockRemoved):
+            index.remove(pod_id, event.medium or MEDIUM_GPU, event.block_hashes)
+        elif isinstance(event, AllBlocksCleared):
+            index.clear_pod(pod_id)
+    except ValueError as exc:  # the index refused the event itself (an unknown medium)
+        stats.num_bad_events += 1
+        _log_error(stats, "%s: skipping an event: %s", pod_id, exc)
+    except Exception as exc:  # the backend failed (e.g. Redis unreachable): keep going
+        stats.num_index_errors += 1
+        _log_error(stats, "%s: the index failed to apply an event: %r", pod_id, exc)
+
+
+def _log_error(stats: PodStats, message: str, *args: object) -> None:
+    now = time.monotonic()
+    if now - stats._last_error_log >= _ERROR_LOG_INTERVAL_S:
+        stats._last_error_log = now
+        suffix = " (errors are counted; logged at most every %.0fs)"
+        logger.warning(message + suffix, *args, _ERROR_LOG_INTERVAL_S)
+
+
+class _Pod:
+    """One followed pod. `lock` serialises its subscriber: ZMQ sockets are not thread-safe."""
+
+    def __init__(self, pod_id: str, subscriber: Subscriber) -> None:
+        self.pod_id = pod_id
+        self.subscriber = subscriber
+        self.stats = PodStats()
+        self.lock = threading.Lock()
+        self.removed = False
+
+
+class EventIngestor:
+    """Follows pods' KV-event streams on one thread and applies them to `index`.
+
+    The thread polls each pod without waiting; when a whole round brought nothing, it sleeps
+    `idle_wait_s`, which bounds both the added latency and the idle cost (pods x 1/idle_wait_s
+    non-blocking polls a second).
+    """
+
+    def __init__(self, index: Index, *, idle_wait_s: float = 0.01) -> None:
+        self.index = index
+        self.idle_wait_s = idle_wait_s
+        self._pods: dict[str, _Pod] = {}
+        self._pods_lock = threading.Lock()  # guards _pods only; never held while polling
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kv-event-ingest", daemon=True)
+        self._thread.start()
+
+    def add_pod(
+        self,
+        pod_id: str,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        topic: str = "",
+    ) -> None:
+        """Follow a pod's publisher from the start of its replay buffer (see module docstring).
+
+        Args:
+            pod_id: the name the index and the scorer use for this pod.
+            endpoint: the publisher's address to connect to, e.g. "tcp://10.0.0.5:5557".
+            replay_endpoint: its replay socket; None: no history, lost batches become gaps.
+            topic: the publisher's topic (vLLM's `kv_events_config.topic`).
+        """
+        if self._stop.is_set():
+            raise RuntimeError("EventIngestor is closed")
+        with self._pods_lock:
+            if pod_id in self._pods:
+                raise ValueError(f"pod {pod_id!r} is already followed; remove_pod it first")
+        # Built here so a bad endpoint raises to the caller; the lock hands the sockets over
+        # to the polling thread (ZMQ allows moving a socket across a full memory barrier).
+        subscriber = Subscriber(
+            endpoint, replay_endpoint=replay_endpoint, topic=topic, source=pod_id
+        )
+        self.index.clear_pod(pod_id)
+        with self._pods_lock:
+            if pod_id in self._pods:  # added concurrently
+                subscriber.close()
+                raise ValueError(f"pod {pod_id!r} is already followed; remove_pod it first")
+            self._pods[pod_id] = _Pod(pod_id, subscriber)
+
+    def remove_pod(self, pod_id: str) -> None:
+        """Stop following a pod and forget its entries. Unknown pods are a no-op."""
+        with self._pods_lock:
+            pod = self._pods.pop(pod_id, None)
+        if pod is None:
+            return
+        with pod.lock:  # waits for a poll in flight
+            pod.removed = True
+            pod.subscriber.close()
+        self.index.clear_pod(pod_id)
+
+    def pods(self) -> list[str]:
+        """The pods followed now."""
+        with self._pods_lock:
+            return list(self._pods)
+
+    def stats(self) -> dict[str, dict[str, float | int | None]]:
+        """{pod: counters}: PodStats, plus the subscriber's `num_malformed` (batches and events
+        it could not decode) and `num_unknown_events` (types it does not know). A snapshot,
+        read without stopping the thread."""
+        with self._pods_lock:
+            pods = list(self._pods.values())
+        result = {}
+        for pod in pods:
+            sub = pod.subscriber.stats
+            counters = pod.stats.as_dict()
+            counters["num_malformed"] = sub.num_malformed_batches + sub.num_malformed_events
+            counters["num_unknown_events"] = sub.num_unknown_events
+            result[pod.pod_id] = counters
+        return result
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread and the subscribers. Index entries stay (others may share them)."""
+        self._stop.set()
+        self._thread.join(timeout)
+        with self._pods_lock:
+            pods, self._pods = list(self._pods.values()), {}
+        for pod in pods:
+            with pod.lock:
+                pod.removed = True
+                pod.subscriber.close()
+
+    def __enter__(self) -> EventIngestor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- the polling thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._pods_lock:
+                pods = list(self._pods.values())
+            busy = False
+            for pod in pods:
+                busy |= self._poll(pod)
+            if not busy:
+                self._stop.wait(self.idle_wait_s)
+
+    def _poll(self, pod: _Pod) -> bool:
+        """Poll one pod once and apply what came; True if anything came."""
+        with pod.lock:
+            if pod.removed:
+                return False
+            try:
+                updates = pod.subscriber.poll(0.0)
+            except Exception as exc:  # a transport bug must not stop the other pods
+                pod.stats.num_poll_errors += 1
+                _log_error(pod.stats, "%s: polling its event stream failed: %r", pod.pod_id, exc)
+                return False
+            for update in updates:
+                apply_update(self.index, pod.pod_id, update, pod.stats)
+            return bool(updates)
