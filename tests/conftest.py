@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -146,3 +151,57 @@ def llm_engine_factory():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class RouterProcess:
+    """A `vllm-llmd-router` child process on a free loopback port."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        from vllm_llmd.devtools.server import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "vllm_llmd.router.cli", "--port", str(self.port), *args]
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self, timeout: float = 60) -> RouterProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"router not ready: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def start_router():
+    """start_router(args, name) -> a ready RouterProcess, stopped after the test."""
+    routers = []
+
+    def start(args: list[str], name: str = "router") -> RouterProcess:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        router = RouterProcess(args, LOG_DIR / f"{name}-{len(routers)}.log")
+        routers.append(router)
+        return router.wait_ready()
+
+    yield start
+    for router in routers:
+        router.stop()

@@ -22,6 +22,7 @@ from vllm_llmd.devtools.client import (
     completion_token_ids,
     metric_sum,
     scrape_metrics,
+    timed_stream,
 )
 from vllm_llmd.devtools.model_maker import sample_text
 from vllm_llmd.devtools.server import VLLMServerConfig, free_port
@@ -303,4 +304,41 @@ def test_decode_uses_its_own_tiers_before_the_remote_prefill(pd, tiered_decode, 
     device_hit = _delta(_tokens_by_source(decode), sources_before)["local_cache_hit"]
     assert loaded >= 1 and loaded * BLOCK + device_hit == 6 * BLOCK
     assert _connector_counter(decode, "pd_pulled_tokens") - before["pd_pulled_tokens"] == 40
+    _wait_for_free_pool(pd["prefill"], timeout=LEASE_S / 2)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_router_runs_prefill_then_decode(pd, tokenizer, tiny_model, start_router, tmp_path, stream):
+    audit = tmp_path / "audit.jsonl"
+    router = start_router(
+        [
+            "--pod",
+            f"{pd['prefill'].url},role=prefill",
+            "--pod",
+            f"{pd['decode'].url},role=decode",
+            "--tokenizer",
+            str(tiny_model),
+            "--pd-threshold-tokens",
+            "100",
+            "--audit-log",
+            str(audit),
+        ],
+        "router-pd",
+    )
+    prompt = _prompt_ids(tokenizer, 1000, seed=71 + stream)
+    before = _tokens_by_source(pd["decode"])
+    if stream:
+        timing = timed_stream(router.url, pd["decode"].model_name, prompt, max_tokens=MAX_TOKENS)
+        reference = complete(
+            pd["reference"].url, pd["reference"].model_name, prompt, max_tokens=MAX_TOKENS
+        )["choices"][0]["text"]
+        assert timing.text == reference
+    else:
+        answer = complete(router.url, pd["decode"].model_name, prompt, max_tokens=MAX_TOKENS)
+        assert completion_token_ids(answer) == _reference(pd, prompt)
+    [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert record["prefill_pod"] == pd["prefill"].url
+    assert record["decode_pod"] == pd["decode"].url
+    moved = _delta(_tokens_by_source(pd["decode"]), before)
+    assert moved["external_kv_transfer"] == 1000 and moved["local_compute"] == 0
     _wait_for_free_pool(pd["prefill"], timeout=LEASE_S / 2)

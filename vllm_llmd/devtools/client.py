@@ -64,15 +64,23 @@ def completion_token_ids(answer: dict[str, Any]) -> list[int]:
     return list(answer["choices"][0]["token_ids"])
 
 
-def scrape_metrics(base_url: str) -> dict[tuple[str, frozenset], float]:
-    """GET /metrics and parse it: {(sample name, frozenset of label items): value}."""
+def parse_prometheus_text(text: str) -> dict[tuple[str, frozenset], float]:
+    """Parse Prometheus text exposition: {(sample name, frozenset of label items): value}.
+
+    Raises ValueError on text that is not in the exposition format.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
     samples: dict[tuple[str, frozenset], float] = {}
-    for family in text_string_to_metric_families(get_text(base_url + "/metrics")):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return samples
+
+
+def scrape_metrics(base_url: str) -> dict[tuple[str, frozenset], float]:
+    """GET /metrics and parse it: {(sample name, frozenset of label items): value}."""
+    return parse_prometheus_text(get_text(base_url + "/metrics"))
 
 
 def metric_sum(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:

@@ -1,0 +1,196 @@
+"""vllm-llmd-router end to end: a real router process before two real vLLM pods (tiny model,
+LLMDConnector with a host tier, KV events on). Requests with a cached prefix go to the pod that
+holds it (by the router's audit log and the pods' own prefix-hit metrics); a busy pod loses
+requests to an idle one; a killed pod's traffic moves to the other without a failed request."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+import pytest
+from tokenizers import Tokenizer
+
+from vllm_llmd.devtools.client import complete, metric_sum, scrape_metrics
+from vllm_llmd.devtools.model_maker import sample_text
+from vllm_llmd.devtools.server import VLLMServerConfig, free_port
+
+pytestmark = pytest.mark.server
+
+BLOCK = 128
+
+
+def _pod_config(model, cores: str) -> VLLMServerConfig:
+    port, replay = free_port(), free_port()
+    return VLLMServerConfig(
+        model=model,
+        cpu_cores=cores,
+        kv_transfer_config={
+            "kv_connector": "LLMDConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"host_offload_bytes": 64 << 20},
+        },
+        kv_events_config={
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "topic": "kv",
+            "endpoint": f"tcp://*:{port}",
+            "replay_endpoint": f"tcp://*:{replay}",
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def pods(vllm_servers, tiny_model):
+    servers = vllm_servers.shared_group(
+        {
+            "router-pod-a": _pod_config(tiny_model, "0"),
+            "router-pod-b": _pod_config(tiny_model, "1"),
+        }
+    )
+    return servers["router-pod-a"], servers["router-pod-b"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+
+
+def _cache_hits(server) -> float:
+    return metric_sum(
+        scrape_metrics(server.url), "vllm:prompt_tokens_by_source_total", source="local_cache_hit"
+    )
+
+
+def _audit(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cached_prefix_goes_to_the_pod_that_holds_it(
+    pods, tiny_model, tokenizer, start_router, tmp_path
+):
+    audit = tmp_path / "audit.jsonl"
+    router = start_router(
+        [
+            "--pod",
+            pods[0].url,
+            "--pod",
+            pods[1].url,
+            "--policy",
+            "kv_aware",
+            "--tokenizer",
+            str(tiny_model),
+            "--audit-log",
+            str(audit),
+        ],
+        "router-affinity",
+    )
+    model = pods[0].model_name
+    hits_before = {p.url: _cache_hits(p) for p in pods}
+    for i in range(4):
+        shared = tokenizer.encode(sample_text(5 * BLOCK, seed=1200 + i)).ids[: 4 * BLOCK]
+        complete(router.url, model, [*shared, 11, 12, 13], max_tokens=2)
+        time.sleep(1.0)  # the pod's BlockStored events reach the router's index
+        complete(router.url, model, [*shared, 21, 22, 23, 24], max_tokens=2)
+
+    records = _audit(audit)
+    assert len(records) == 8
+    for first, again in zip(records[::2], records[1::2], strict=True):
+        assert again["decode_pod"] == first["decode_pod"], (first, again)
+        assert again["hit_tokens"] == 4 * BLOCK and first["hit_tokens"] == 0
+    # The pods agree: each second request hit its pod's prefix cache.
+    gained = sum(_cache_hits(p) - hits_before[p.url] for p in pods)
+    assert gained >= 4 * 4 * BLOCK
+    metrics = scrape_metrics(router.url)
+    assert metric_sum(metrics, "llmd_router_decisions_total", kind="direct") == 8
+    assert metric_sum(metrics, "llmd_router_index_entries") > 0
+
+
+def test_busy_pod_loses_requests_to_an_idle_one(
+    pods, tiny_model, tokenizer, start_router, tmp_path
+):
+    audit = tmp_path / "audit.jsonl"
+    busy, idle = pods
+    router = start_router(
+        [
+            "--pod",
+            busy.url,
+            "--pod",
+            idle.url,
+            "--policy",
+            "kv_aware",
+            "--tokenizer",
+            str(tiny_model),
+            "--audit-log",
+            str(audit),
+            "--poll-interval-s",
+            "0.2",
+        ],
+        "router-load",
+    )
+    # Keep the busy pod generating: long streamed requests, read slowly.
+    streams = []
+    for i in range(3):
+        conn = http.client.HTTPConnection("127.0.0.1", busy.config.port, timeout=60)
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps(
+                {
+                    "model": busy.model_name,
+                    "prompt": sample_text(50, seed=1300 + i),
+                    "max_tokens": 6000,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+            ),
+            {"Content-Type": "application/json"},
+        )
+        streams.append((conn, conn.getresponse()))
+    time.sleep(1.0)  # the router's load poll sees them
+    try:
+        for i in range(4):
+            prompt = tokenizer.encode(sample_text(200, seed=1400 + i)).ids
+            complete(router.url, busy.model_name, prompt, max_tokens=2)
+    finally:
+        for conn, _ in streams:
+            conn.close()
+    chosen = [r["decode_pod"] for r in _audit(audit)]
+    assert chosen == [idle.url] * 4, chosen
+
+
+def test_killed_pod_traffic_moves_without_failures(
+    pods, tiny_model, tokenizer, start_router, vllm_servers, tmp_path
+):
+    audit = tmp_path / "audit.jsonl"
+    spare = vllm_servers.launch(_pod_config(tiny_model, "1"), "router-pod-spare")
+    router = start_router(
+        [
+            "--pod",
+            pods[0].url,
+            "--pod",
+            spare.url,
+            "--policy",
+            "round_robin",
+            "--tokenizer",
+            str(tiny_model),
+            "--audit-log",
+            str(audit),
+            "--poll-interval-s",
+            "0.5",
+        ],
+        "router-failover",
+    )
+    prompt = tokenizer.encode(sample_text(100, seed=1500)).ids
+    for _ in range(2):
+        complete(router.url, spare.model_name, prompt, max_tokens=2)
+    spare.stop()
+    for _ in range(6):  # no request fails: the dead pod is retried past, then dropped
+        complete(router.url, pods[0].model_name, prompt, max_tokens=2)
+    records = _audit(audit)
+    assert {r["decode_pod"] for r in records[:2]} == {pods[0].url, spare.url}
+    time.sleep(1.5)
+    metrics = scrape_metrics(router.url)
+    assert metric_sum(metrics, "llmd_router_pod_healthy", pod=spare.url) == 0
+    assert metric_sum(metrics, "llmd_router_requests_total", status="200") == 8

@@ -1,0 +1,63 @@
+"""`vllm-llmd-router`: build the router from flags and serve it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from vllm_llmd.router.config import RouterConfig, parse_config
+from vllm_llmd.router.index import Index, InMemoryIndex
+from vllm_llmd.router.ingest import EventIngestor
+from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.pods import PodRegistry
+from vllm_llmd.router.proxy import Router, make_app
+from vllm_llmd.router.scoring import make_policy
+from vllm_llmd.router.tokens import TokenProcessor
+
+logger = logging.getLogger("vllm_llmd.router")
+
+PREFIX_POLICIES = ("prefix", "kv_aware")
+
+
+def build_router(config: RouterConfig) -> Router:
+    """Wire index, ingestion, tokens, pods and policy from a config."""
+    index: Index | None = None
+    ingestor = None
+    tokens = None
+    if config.tokenizer:
+        tokens = TokenProcessor(
+            config.tokenizer, config.block_size, config.hash_algorithm, config.hash_seed
+        )
+        if config.redis_url:
+            from vllm_llmd.router.redis_index import RedisIndex
+
+            index = RedisIndex(config.redis_url)
+        else:
+            index = InMemoryIndex(config.index_max_entries)
+        ingestor = EventIngestor(index)
+    elif config.policy in PREFIX_POLICIES:
+        # Refuse to pretend: without the model's tokenizer no prefix can be matched.
+        logger.error("policy %s needs --tokenizer: routing by load alone", config.policy)
+    registry = PodRegistry(config.pods, ingestor, config.events_topic, config.poll_interval_s)
+    return Router(config, registry, index, tokens, make_policy(config.policy), RouterMetrics())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `vllm-llmd-router` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = parse_config(argv)
+    router = build_router(config)
+    logger.info(
+        "vllm-llmd-router on http://%s:%d, policy %s, %d pods",
+        config.host,
+        config.port,
+        config.policy,
+        len(config.pods),
+    )
+    web.run_app(make_app(router), host=config.host, port=config.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""How busy a pod is: vLLM's queue and KV-cache gauges, plus the router's own in-flight count.
+
+`scrape_pod_load` reads three gauges from the pod's Prometheus `/metrics`:
+
+    vllm:num_requests_waiting   requests queued, not yet scheduled
+    vllm:num_requests_running   requests in the running batch
+    vllm:kv_cache_usage_perc    fraction (0..1, despite the name) of KV blocks in use
+
+A pod with several engines (data parallel) publishes one sample per engine: the counts are
+summed and the KV usage is the highest (the fullest engine is the one a request may hit).
+Scrapes lag by one interval, so the router adds `num_in_flight`, the requests it sent that have
+not finished, which it knows at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+
+from vllm_llmd.devtools.client import parse_prometheus_text
+
+WAITING = "vllm:num_requests_waiting"
+RUNNING = "vllm:num_requests_running"
+KV_USAGE = "vllm:kv_cache_usage_perc"
+_GAUGES = (WAITING, RUNNING, KV_USAGE)
+
+
+class PodLoadError(RuntimeError):
+    """A pod's load could not be read (unreachable, timeout, bad status, not vLLM metrics)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot read the load of {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class PodLoad:
+    """One pod's load at one moment."""
+
+    # requests queued in the pod's scheduler (vllm:num_requests_waiting)
+    num_waiting: int = 0
+    # requests in the pod's running batch (vllm:num_requests_running)
+    num_running: int = 0
+    # fraction of the pod's KV-cache blocks in use, 0..1 (vllm:kv_cache_usage_perc)
+    kv_usage: float = 0.0
+    # requests this router sent to the pod that have not finished yet
+    num_in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.num_waiting, self.num_running, self.num_in_flight) < 0:
+            raise ValueError(f"request counts must be >= 0: {self}")
+        if not 0.0 <= self.kv_usage <= 1.0:
+            raise ValueError(f"kv_usage must be in 0..1, got {self.kv_usage}")
+
+    @property
+    def num_active(self) -> int:
+        """Running plus the router's in-flight requests (the second key of least-loaded)."""
+        return self.num_running + self.num_in_flight
+
+
+def pod_load_from_metrics(text: str, num_in_flight: int = 0) -> PodLoad:
+    """A PodLoad from the text of a vLLM /metrics page; ValueError if the gauges are missing."""
+    # Parse only the three gauges' lines: a vLLM page is mostly histograms we do not need.
+    lines = [line for line in text.splitlines() if line.startswith(_GAUGES)]
+    totals = {name: [] for name in _GAUGES}
+    for (name, _labels), value in parse_prometheus_text("\n".join(lines) + "\n").items():
+        if name in totals:
+            totals[name].append(value)
+    missing = [name for name, values in totals.items() if not values]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)} in the metrics: not a vLLM /metrics page?")
+    return PodLoad(
+        num_waiting=int(sum(totals[WAITING])),
+        num_running=int(sum(totals[RUNNING])),
+        kv_usage=min(1.0, max(0.0, max(totals[KV_USAGE]))),
+        num_in_flight=num_in_flight,
+    )
+
+
+async def scrape_pod_load(
+    session: aiohttp.ClientSession, url: str, *, timeout: float = 2.0, num_in_flight: int = 0
+) -> PodLoad:
+    """GET `url`/metrics and read the pod's load; PodLoadError on any failure.
+
+    Args:
+        session: the router's shared HTTP session.
+        url: the pod's base URL, e.g. "http://10.0.0.5:8000".
+        timeout: seconds for the whole request.
+        num_in_flight: the router's in-flight count for this pod, copied into the result.
+    """
+    metrics_url = url.rstrip("/") + "/metrics"
+    try:
+        async with session.get(metrics_url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            if resp.status != 200:
+                raise PodLoadError(url, f"/metrics answered HTTP {resp.status}")
+            text = await resp.text()
+    except asyncio.TimeoutError:
+        raise PodLoadError(url, f"no answer within {timeout}s") from None
+    except aiohttp.ClientError as exc:
+        raise PodLoadError(url, repr(exc)) from exc
+    try:
+        return pod_load_from_metrics(text, num_in_flight)
+    except ValueError as exc:
+        raise PodLoadError(url, str(exc)) from exc

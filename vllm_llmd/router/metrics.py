@@ -1,0 +1,89 @@
+"""The router's own Prometheus metrics (its /metrics), on a private registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from vllm_llmd.router.index import Index
+from vllm_llmd.router.pods import PodRegistry
+
+
+class RouterMetrics:
+    """Requests, latency, decisions, prefix hits, retries, index size, pod load and events."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "llmd_router_requests",
+            "Requests by route and answer status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "llmd_router_request_seconds",
+            "Time from request to the end of the answer.",
+            ["route"],
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.decisions = Counter(
+            "llmd_router_decisions",
+            "Routing decisions by policy and kind (direct, or pd: prefill then decode).",
+            ["policy", "kind"],
+            registry=r,
+        )
+        self.hit_tokens = Histogram(
+            "llmd_router_prefix_hit_tokens",
+            "Cached prompt tokens on the chosen pod, per decision.",
+            registry=r,
+            buckets=(0, 128, 512, 1024, 2048, 4096, 8192, 16384),
+        )
+        self.retries = Counter(
+            "llmd_router_retries",
+            "Requests retried on another pod after a connection failure.",
+            registry=r,
+        )
+        self.index_entries = Gauge(
+            "llmd_router_index_entries", "(block, pod) entries in the block index.", registry=r
+        )
+        self.pod_healthy = Gauge(
+            "llmd_router_pod_healthy", "1 if the pod is in rotation.", ["pod"], registry=r
+        )
+        self.pod_waiting = Gauge(
+            "llmd_router_pod_waiting", "The pod's waiting requests.", ["pod"], registry=r
+        )
+        self.pod_running = Gauge(
+            "llmd_router_pod_running", "The pod's running requests.", ["pod"], registry=r
+        )
+        self.pod_kv_usage = Gauge(
+            "llmd_router_pod_kv_usage", "The pod's KV cache usage (0..1).", ["pod"], registry=r
+        )
+        self.event_gaps = Gauge(
+            "llmd_router_event_gaps", "KV-event gaps seen per pod.", ["pod"], registry=r
+        )
+        self.event_lag = Gauge(
+            "llmd_router_event_lag_seconds",
+            "Seconds since the pod's last KV event was applied.",
+            ["pod"],
+            registry=r,
+        )
+
+    def refresh(self, pods: PodRegistry, index: Index | None) -> None:
+        """Copy point-in-time values (pod load, index size, event stats) into the gauges."""
+        for pod_id, pod in pods.pods.items():
+            self.pod_healthy.labels(pod_id).set(1 if pod.healthy else 0)
+            self.pod_waiting.labels(pod_id).set(pod.load.num_waiting)
+            self.pod_running.labels(pod_id).set(pod.load.num_running)
+            self.pod_kv_usage.labels(pod_id).set(pod.load.kv_usage)
+        if index is not None:
+            self.index_entries.set(index.stats().num_entries)
+        if pods.ingestor is not None:
+            for pod_id, stats in pods.ingestor.stats().items():
+                self.event_gaps.labels(pod_id).set(stats.get("num_gaps") or 0)
+                lag = stats.get("lag_s")
+                if lag is not None:
+                    self.event_lag.labels(pod_id).set(lag)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
