@@ -67,10 +67,16 @@ class OffloadWorker:
         )
 
     def flush_stores(self) -> None:
-        """Wait until the last step's device → host copies are done (its blocks may be reused)."""
+        """Wait until the last step's device → host copies are done (its blocks may be reused).
+
+        Never raises: a failed copy was reported per chunk; the engine step must go on."""
         pending, self._pending_stores = self._pending_stores, None
-        if pending is not None:
+        if pending is None:
+            return
+        try:
             pending.result()
+        except Exception:
+            logger.exception("LLMDConnector: an offload step failed")
 
     def _run_step(
         self,
