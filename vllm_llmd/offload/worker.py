@@ -85,11 +85,21 @@ class OffloadWorker:
         stores: list[tuple[Key, int, int]],
         deletes: list[Key],
     ) -> None:
+        # Every chunk of the plan gets a result, failed or not: the scheduler unpins on it.
         if spills:
-            slots = torch.tensor([slot for _, slot, _ in spills])
-            copies = self.host.index_select(0, slots)  # out of the pool before slots are reused
+            try:
+                slots = torch.tensor([slot for _, slot, _ in spills])
+                copies = self.host.index_select(0, slots)  # out of the pool before reuse
+            except Exception:
+                logger.exception(
+                    "LLMDConnector: copying %d chunks out to spill failed", len(spills)
+                )
+                copies = None
             for i, (key, _, info) in enumerate(spills):
-                self._on_disk("spill", key, self._write, key, copies[i], info)
+                if copies is None:
+                    self._record("spill", key, False)
+                else:
+                    self._on_disk("spill", key, self._write, key, copies[i], info)
         for key, slot in promotes:
             self._on_disk("promote", key, self._read, key, self.host[slot])
         for key in deletes:
