@@ -8,6 +8,7 @@ wait is bounded by `timeout_s`; any failure raises TransferFailed with a reason 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,31 @@ class _Channel:
         self.socket.close(linger=0)
 
 
+# Channels are reused per pulling thread and prefill endpoint: no connection set-up per
+# request. A channel that saw any failure is discarded (a late reply could still arrive on it).
+_channels = threading.local()
+_MAX_CHANNELS_PER_THREAD = 64
+
+
+def _channel_for(endpoint: str, timeout_s: float, max_reply_bytes: int) -> _Channel:
+    cache: dict[tuple, _Channel] = _channels.__dict__.setdefault("by_key", {})
+    key = (endpoint, timeout_s, max_reply_bytes)
+    channel = cache.get(key)
+    if channel is None:
+        if len(cache) >= _MAX_CHANNELS_PER_THREAD:  # endpoints come and go: drop the oldest
+            cache.pop(next(iter(cache))).close()
+        channel = cache[key] = _Channel(endpoint, timeout_s, max_reply_bytes)
+    return channel
+
+
+def _discard(channel: _Channel) -> None:
+    cache: dict[tuple, _Channel] = _channels.__dict__.get("by_key", {})
+    for key, cached in list(cache.items()):
+        if cached is channel:
+            del cache[key]
+    channel.close()
+
+
 def _chunks(count: int, per_chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
 
@@ -83,7 +109,7 @@ def pull_blocks(
     """Read every block of spec into the local cache via scatter; returns bytes received."""
     bytes_per_block = spec.block_bytes
     per_chunk = max(1, max_chunk_bytes // bytes_per_block)
-    channel = _Channel(
+    channel = _channel_for(
         spec.endpoint, timeout_s, per_chunk * bytes_per_block + wire.MAX_CONTROL_BYTES
     )
     received, reason = 0, ""
@@ -104,8 +130,9 @@ def pull_blocks(
         reason = str(exc)
         raise
     finally:
-        _release(channel, spec.transfer_id, success=not reason, reason=reason)
-        channel.close()
+        released = _release(channel, spec.transfer_id, success=not reason, reason=reason)
+        if reason or not released:
+            _discard(channel)
 
 
 def _read_chunk(
@@ -131,10 +158,11 @@ def _read_chunk(
         raise TransferFailed(f"unexpected reply {type(reply).__name__} to a read")
 
 
-def _release(channel: _Channel, transfer_id: str, success: bool, reason: str) -> None:
-    """Best effort: if it is lost, the prefill side frees the blocks at lease expiry."""
+def _release(channel: _Channel, transfer_id: str, success: bool, reason: str) -> bool:
+    """Best effort: if it is lost, the prefill side frees the blocks at lease expiry.
+    Returns whether the prefill worker acknowledged it."""
     try:
-        channel.ask(
+        reply, _ = channel.ask(
             wire.ReleaseTransfer(
                 version=wire.PROTOCOL_VERSION,
                 transfer_id=transfer_id,
@@ -143,13 +171,12 @@ def _release(channel: _Channel, transfer_id: str, success: bool, reason: str) ->
             )
         )
     except TransferFailed:
-        pass
+        return False
+    return isinstance(reply, wire.Ack) and reply.transfer_id == transfer_id
 
 
 def release_transfer(endpoint: str, transfer_id: str, reason: str, timeout_s: float) -> None:
     """Free a prefill's blocks without reading them (the decode side will not load them)."""
-    channel = _Channel(endpoint, timeout_s, wire.MAX_CONTROL_BYTES)
-    try:
-        _release(channel, transfer_id, success=False, reason=reason)
-    finally:
-        channel.close()
+    channel = _channel_for(endpoint, timeout_s, wire.MAX_CONTROL_BYTES)
+    if not _release(channel, transfer_id, success=False, reason=reason):
+        _discard(channel)
