@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from vllm_llmd.devtools.model_maker import cached_model
-from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig
+from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CACHE = REPO_ROOT / ".cache" / "models"
@@ -43,6 +44,32 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def small_model() -> Path:
     return model_path("small")
+
+
+@functools.cache
+def router_pod_config(model: Path, cores: str, tag: str = "") -> VLLMServerConfig:
+    """A router test pod: LLMDConnector with a host tier, KV events with replay on free ports.
+
+    Cached: every module asking for the same (model, cores, tag) gets the same config, so
+    `vllm_servers.shared` hands them the same server; another tag gets its own event ports.
+    """
+    port, replay = free_port(), free_port()
+    return VLLMServerConfig(
+        model=model,
+        cpu_cores=cores,
+        kv_transfer_config={
+            "kv_connector": "LLMDConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"host_offload_bytes": 64 << 20},
+        },
+        kv_events_config={
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "topic": "kv",
+            "endpoint": f"tcp://*:{port}",
+            "replay_endpoint": f"tcp://*:{replay}",
+        },
+    )
 
 
 class ServerPool:
@@ -157,8 +184,6 @@ class RouterProcess:
     """A `vllm-llmd-router` child process on a free loopback port."""
 
     def __init__(self, args: list[str], log_path: Path) -> None:
-        from vllm_llmd.devtools.server import free_port
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path

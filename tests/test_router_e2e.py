@@ -10,43 +10,23 @@ import json
 import time
 
 import pytest
+from conftest import router_pod_config
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import complete, metric_sum, scrape_metrics
 from vllm_llmd.devtools.model_maker import sample_text
-from vllm_llmd.devtools.server import VLLMServerConfig, free_port
 
 pytestmark = pytest.mark.server
 
 BLOCK = 128
 
 
-def _pod_config(model, cores: str) -> VLLMServerConfig:
-    port, replay = free_port(), free_port()
-    return VLLMServerConfig(
-        model=model,
-        cpu_cores=cores,
-        kv_transfer_config={
-            "kv_connector": "LLMDConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"host_offload_bytes": 64 << 20},
-        },
-        kv_events_config={
-            "enable_kv_cache_events": True,
-            "publisher": "zmq",
-            "topic": "kv",
-            "endpoint": f"tcp://*:{port}",
-            "replay_endpoint": f"tcp://*:{replay}",
-        },
-    )
-
-
 @pytest.fixture(scope="module")
 def pods(vllm_servers, tiny_model):
     servers = vllm_servers.shared_group(
         {
-            "router-pod-a": _pod_config(tiny_model, "0"),
-            "router-pod-b": _pod_config(tiny_model, "1"),
+            "router-pod-a": router_pod_config(tiny_model, "0"),
+            "router-pod-b": router_pod_config(tiny_model, "1"),
         }
     )
     return servers["router-pod-a"], servers["router-pod-b"]
@@ -164,7 +144,7 @@ def test_killed_pod_traffic_moves_without_failures(
     pods, tiny_model, tokenizer, start_router, vllm_servers, tmp_path
 ):
     audit = tmp_path / "audit.jsonl"
-    spare = vllm_servers.launch(_pod_config(tiny_model, "1"), "router-pod-spare")
+    spare = vllm_servers.launch(router_pod_config(tiny_model, "1", "spare"), "router-pod-spare")
     router = start_router(
         [
             "--pod",

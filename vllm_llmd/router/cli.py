@@ -36,11 +36,14 @@ def build_router(config: RouterConfig) -> Router:
             index = RedisIndex(config.redis_url)
         else:
             index = InMemoryIndex(config.index_max_entries)
-        ingestor = EventIngestor(index)
+        if not config.no_ingest:  # followers read a shared index another replica fills
+            ingestor = EventIngestor(index)
     elif config.policy in PREFIX_POLICIES:
         # Refuse to pretend: without the model's tokenizer no prefix can be matched.
         logger.error("policy %s needs --tokenizer: routing by load alone", config.policy)
-    registry = PodRegistry(config.pods, ingestor, config.events_topic, config.poll_interval_s)
+    registry = PodRegistry(
+        config.pods, ingestor, config.events_topic, config.poll_interval_s, tokens
+    )
     return Router(config, registry, index, tokens, make_policy(config.policy), RouterMetrics())
 
 

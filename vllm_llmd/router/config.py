@@ -71,6 +71,7 @@ class RouterConfig:
     audit_prompts: bool = False
     index_max_entries: int = 1_000_000
     redis_url: str | None = None
+    no_ingest: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -119,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--audit-prompts", action="store_true", help="include prompt text in the audit log")
     add("--index-max-entries", type=int, default=1_000_000, help="in-memory index bound (blocks)")
     add("--redis-url", default=None, help="share the block index through Redis (redis://...)")
+    add(
+        "--no-ingest",
+        action="store_true",
+        help="with --redis-url: read the shared index but follow no pod's KV events (another "
+        "replica does; each pod must have exactly one ingesting replica)",
+    )
     return parser
 
 
@@ -146,6 +153,8 @@ def parse_config(
     args = parser.parse_args(argv)
     if not args.pod:
         parser.error("give at least one --pod (or VLLM_LLMD_ROUTER_POD)")
+    if args.no_ingest and not args.redis_url:
+        parser.error("--no-ingest needs --redis-url: another replica fills the shared index")
     try:
         pods = tuple(PodSpec.parse(text) for text in args.pod)
     except ValueError as exc:

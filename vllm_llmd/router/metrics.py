@@ -9,7 +9,8 @@ from vllm_llmd.router.pods import PodRegistry
 
 
 class RouterMetrics:
-    """Requests, latency, decisions, prefix hits, retries, index size, pod load and events."""
+    """Requests, latency, decisions, prefix hits, retries, index size, pod load, events and
+    hash verification."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -68,6 +69,13 @@ class RouterMetrics:
             ["pod"],
             registry=r,
         )
+        self.hash_verification_ok = Gauge(
+            "llmd_router_hash_verification_ok",
+            "1 if the pod's tokens and block hashes match the router's (0: they differ or are "
+            "not checked yet: the pod is routed by load alone).",
+            ["pod"],
+            registry=r,
+        )
 
     def refresh(self, pods: PodRegistry, index: Index | None) -> None:
         """Copy point-in-time values (pod load, index size, event stats) into the gauges."""
@@ -76,6 +84,8 @@ class RouterMetrics:
             self.pod_waiting.labels(pod_id).set(pod.load.num_waiting)
             self.pod_running.labels(pod_id).set(pod.load.num_running)
             self.pod_kv_usage.labels(pod_id).set(pod.load.kv_usage)
+            if pods.tokens is not None:
+                self.hash_verification_ok.labels(pod_id).set(1 if pod.hashes_ok else 0)
         if index is not None:
             self.index_entries.set(index.stats().num_entries)
         if pods.ingestor is not None:

@@ -3,6 +3,11 @@
 Each poll, per pod: `GET /health` (a failure takes the pod out of rotation and drops its index
 entries), `GET /metrics` for its load, and on first sight its KV-event endpoint (configured, or
 from vLLM's `GET /kv_event_sources`) is handed to the event ingestor.
+
+With a token processor, a pod is first checked once it is healthy (again after it rejoins):
+its /tokenize and its block size and hash algorithm must match the router's
+(`TokenProcessor.verify_against_pod`). A pod that fails is routed by load alone: it is not
+followed and `hash_verified()` leaves it out, so the index is never asked about it.
 """
 
 from __future__ import annotations
@@ -17,8 +22,13 @@ import aiohttp
 from vllm_llmd.router.config import PodSpec
 from vllm_llmd.router.ingest import EventIngestor
 from vllm_llmd.router.load import PodLoad, PodLoadError, scrape_pod_load
+from vllm_llmd.router.tokens import TokenProcessor
 
 logger = logging.getLogger(__name__)
+
+# Seconds a health check or load scrape may take. Only a failed /health takes a pod out of
+# rotation: an overloaded pod (or box) answers /metrics slowly yet serves fine.
+HEALTH_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -29,6 +39,10 @@ class PodState:
     # requests this router has sent to the pod and not yet finished
     in_flight: int = 0
     subscribed: bool = False
+    # the pod's tokens and block hashes match the router's; None: not checked since it joined
+    hashes_ok: bool | None = None
+    # the ingestor's remove_pod, running off the event loop; awaited before following again
+    removal: asyncio.Future | None = None
 
 
 class PodRegistry:
@@ -40,9 +54,11 @@ class PodRegistry:
         ingestor: EventIngestor | None,
         events_topic: str = "kv",
         poll_interval_s: float = 1.0,
+        tokens: TokenProcessor | None = None,
     ) -> None:
         self.pods = {spec.pod_id: PodState(spec) for spec in specs}
         self.ingestor = ingestor
+        self.tokens = tokens
         self.events_topic = events_topic
         self.poll_interval_s = poll_interval_s
         self._task: asyncio.Task | None = None
@@ -50,6 +66,10 @@ class PodRegistry:
     def candidates(self, roles: tuple[str, ...]) -> list[str]:
         """Healthy pods with one of roles, in configuration order."""
         return [pid for pid, p in self.pods.items() if p.healthy and p.spec.role in roles]
+
+    def hash_verified(self) -> list[str]:
+        """Pods whose block hashes match the router's: the only ones worth an index lookup."""
+        return [pid for pid, p in self.pods.items() if p.hashes_ok]
 
     def loads(self) -> dict[str, PodLoad]:
         return {
@@ -88,20 +108,57 @@ class PodRegistry:
     async def _poll(self, session: aiohttp.ClientSession, pod: PodState) -> None:
         url = pod.spec.url
         try:
-            async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+            timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+            async with session.get(url + "/health", timeout=timeout) as r:
                 ok = r.status == 200
-            load = await scrape_pod_load(session, url, num_in_flight=pod.in_flight)
-        except (aiohttp.ClientError, asyncio.TimeoutError, PodLoadError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            ok, why = False, str(exc) or type(exc).__name__
+        else:
+            why = "" if ok else f"/health answered {r.status}"
+        if not ok:
             if pod.healthy:
-                logger.warning("pod %s left the rotation: %s", url, exc)
+                logger.warning("pod %s left the rotation: %s", url, why)
             pod.healthy = False
             self._forget(pod)
             return
-        if ok and not pod.healthy:
+        try:
+            pod.load = await scrape_pod_load(
+                session, url, timeout=HEALTH_TIMEOUT_S, num_in_flight=pod.in_flight
+            )
+        except PodLoadError as exc:
+            # A slow /metrics on a busy box is not a dead pod: keep its last known load.
+            logger.debug("pod %s: load not refreshed: %s", url, exc)
+        if not pod.healthy:
             logger.info("pod %s joined the rotation", url)
-        pod.healthy, pod.load = ok, load
-        if ok and not pod.subscribed and self.ingestor is not None:
+        pod.healthy = True
+        if ok and pod.hashes_ok is None and self.tokens is not None:
+            pod.hashes_ok = await self._verify(session, pod)
+        if ok and pod.hashes_ok and not pod.subscribed and self.ingestor is not None:
             await self._subscribe(session, pod)
+
+    async def _verify(self, session: aiohttp.ClientSession, pod: PodState) -> bool:
+        assert self.tokens is not None
+        url = pod.spec.url
+        try:
+            async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                model = (await r.json())["data"][0]["id"]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError) as exc:
+            verdict_ok, reason = False, f"could not read its model from /v1/models: {exc!r}"
+        else:
+            verdict = await self.tokens.verify_against_pod(url, model, session=session)
+            verdict_ok, reason = verdict.ok, verdict.reason
+        if verdict_ok:
+            logger.info("pod %s: %s", url, reason)
+        else:
+            logger.error(
+                "HASH VERIFICATION FAILED for pod %s: %s. The router would compute block hashes "
+                "the pod never publishes: this pod is routed by load alone (no prefix affinity) "
+                "until it rejoins with a matching configuration (--tokenizer, --block-size, "
+                "--hash-algorithm, --hash-seed).",
+                url,
+                reason,
+            )
+        return verdict_ok
 
     async def _subscribe(self, session: aiohttp.ClientSession, pod: PodState) -> None:
         events, replay = pod.spec.events, pod.spec.replay
@@ -110,14 +167,23 @@ class PodRegistry:
         if events is None:
             return  # the pod publishes no events: it is routed by load alone
         assert self.ingestor is not None
+        if pod.removal is not None:
+            await pod.removal
+            pod.removal = None
         self.ingestor.add_pod(pod.spec.pod_id, events, replay, self.events_topic)
         pod.subscribed = True
         logger.info("pod %s: following KV events at %s (replay %s)", pod.spec.url, events, replay)
 
     def _forget(self, pod: PodState) -> None:
         if pod.subscribed and self.ingestor is not None:
-            self.ingestor.remove_pod(pod.spec.pod_id)  # its index entries go with it
+            # Its index entries go with it. remove_pod waits for the ingest thread's poll of
+            # this pod, which a replay from a dead pod holds for seconds: never on the event
+            # loop, where it would time out every other pod's health check meanwhile.
+            pod.removal = asyncio.get_running_loop().run_in_executor(
+                None, self.ingestor.remove_pod, pod.spec.pod_id
+            )
         pod.subscribed = False
+        pod.hashes_ok = None  # it may come back as another engine: check it again
 
 
 async def discover_event_endpoints(

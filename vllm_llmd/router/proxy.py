@@ -131,9 +131,10 @@ class Router:
         return list(tokenized.block_hashes), len(tokenized.token_ids)
 
     def _caches(self, hashes: list[int]) -> dict[str, PodCache]:
-        if self.index is None or not hashes:
+        verified = self.registry.hash_verified()  # a pod whose hashes differ has no prefix here
+        if self.index is None or not hashes or not verified:
             return {}
-        hits = self.index.lookup_prefix(hashes)
+        hits = self.index.lookup_prefix(hashes, pods=verified)
         return {pod: PodCache(hit.num_blocks, hit.tiers) for pod, hit in hits.items()}
 
     def _record(self, route: Route, body: Mapping[str, Any]) -> None:
@@ -264,8 +265,8 @@ class _NotStarted(Exception):
 async def _read_json(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except web.HTTPRequestEntityTooLarge:
-        raise
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise _JSONError(exc.status, _error_payload(type(exc), exc.text or "")) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise _error(web.HTTPBadRequest, f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -275,12 +276,15 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
 
 def _error(kind: type[web.HTTPException], message: str) -> web.HTTPException:
     """An OpenAI-style error answer."""
-    payload = {"error": {"message": message, "type": kind.__name__, "code": kind.status_code}}
-    return kind(text=json.dumps(payload), content_type="application/json")
+    return kind(text=json.dumps(_error_payload(kind, message)), content_type="application/json")
 
 
-class _UpstreamError(web.HTTPException):
-    """A pod's error answer, passed through with its status."""
+def _error_payload(kind: type[web.HTTPException], message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind.__name__, "code": kind.status_code}}
+
+
+class _JSONError(web.HTTPException):
+    """An error answer with a JSON body and any status (a pod's, passed through)."""
 
     status_code = 502
 
@@ -290,7 +294,7 @@ class _UpstreamError(web.HTTPException):
 
 
 def _upstream_error(status: int, answer: Any) -> web.HTTPException:
-    return _UpstreamError(status, answer)
+    return _JSONError(status, answer)
 
 
 def make_app(router: Router) -> web.Application:

@@ -25,7 +25,10 @@ missing key is a no-op). For a hard byte bound also run Redis with `maxmemory` a
 `volatile-lru`.
 
 One writer per pod: the reference counts are only right if each pod's events are applied by
-one ingestor (shard pods across replicas; do not have every replica ingest every pod).
+one ingestor (shard pods across replicas, or let one replica ingest and start the others with
+`--no-ingest`; do not have every replica ingest every pod: following a pod starts with
+`clear_pod`, so one replica's restart, or a health blip only it saw, would wipe that pod's
+entries for every replica until its replay caught up).
 Keys are built inside the Lua script only from KEYS, but the schema spans several keys per call:
 a standalone Redis (or one cluster slot), not a sharded cluster.
 """
