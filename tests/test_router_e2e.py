@@ -109,9 +109,9 @@ def test_busy_pod_loses_requests_to_an_idle_one(
         ],
         "router-load",
     )
-    # Keep the busy pod generating: long streamed requests, read slowly.
+    # Keep the busy pod generating: long streamed requests (the model's whole length).
     streams = []
-    for i in range(3):
+    for i in range(4):
         conn = http.client.HTTPConnection("127.0.0.1", busy.config.port, timeout=60)
         conn.request(
             "POST",
@@ -120,7 +120,7 @@ def test_busy_pod_loses_requests_to_an_idle_one(
                 {
                     "model": busy.model_name,
                     "prompt": sample_text(50, seed=1300 + i),
-                    "max_tokens": 6000,
+                    "max_tokens": 7900,
                     "ignore_eos": True,
                     "stream": True,
                 }
@@ -133,6 +133,9 @@ def test_busy_pod_loses_requests_to_an_idle_one(
         for i in range(4):
             prompt = tokenizer.encode(sample_text(200, seed=1400 + i)).ids
             complete(router.url, busy.model_name, prompt, max_tokens=2)
+        # The premise held throughout: the busy pod was still generating.
+        running = metric_sum(scrape_metrics(busy.url), "vllm:num_requests_running")
+        assert running >= 1, "the busy pod finished its long requests: the test proves nothing"
     finally:
         for conn, _ in streams:
             conn.close()
