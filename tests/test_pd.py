@@ -127,6 +127,29 @@ def _kv_usage(server) -> float:
     return metric_sum(scrape_metrics(server.url), "vllm:kv_cache_usage_perc")
 
 
+def _wait_until(condition, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
+
+
+def _wait_for_stable_counters(server, quiet_s: float = 2.0) -> None:
+    """Until the prefill's send counters stop moving (they reach /metrics with a delay)."""
+
+    def snapshot():
+        return [
+            _connector_counter(server, f"pd_sends_{k}") for k in ("released", "failed", "expired")
+        ]
+
+    last, since = snapshot(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        time.sleep(0.5)
+        now = snapshot()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def _wait_for_free_pool(server, timeout: float) -> float:
     """Seconds until the server holds no KV blocks (fails the test after timeout)."""
     start = time.monotonic()
@@ -194,11 +217,13 @@ def test_unreachable_prefill_recomputes_without_hanging(pd, tokenizer):
     closed_port = free_port()
     params = dict(real, remote_port=closed_port, llmd_ports=[closed_port])
 
+    expired_before = _connector_counter(pd["prefill"], "pd_sends_expired")
     started = time.monotonic()
     assert _decode(pd, prompt, params) == _reference(pd, prompt)
     assert time.monotonic() - started < 20  # transfer_timeout_s is 5 on the decode
     assert "pull of request" in pd["decode"].log_text()
     _wait_for_free_pool(pd["prefill"], timeout=LEASE_S + 5)  # freed by its lease
+    _wait_until(lambda: _connector_counter(pd["prefill"], "pd_sends_expired") > expired_before)
 
 
 def test_decode_side_rejection_releases_the_prefill_at_once(pd, tokenizer):
@@ -223,6 +248,8 @@ def test_decode_side_rejection_releases_the_prefill_at_once(pd, tokenizer):
 def test_prefill_request_aborted_frees_at_once(pd, tokenizer):
     prompt = _prompt_ids(tokenizer, 600, seed=51)
     server = pd["prefill"]
+    _wait_for_free_pool(server, timeout=LEASE_S + 5)
+    _wait_for_stable_counters(server)  # earlier tests' counts have all arrived
     held_before = {
         k: _connector_counter(server, f"pd_sends_{k}") for k in ("released", "failed", "expired")
     }
