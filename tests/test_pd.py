@@ -21,6 +21,7 @@ from vllm_llmd.devtools.client import (
     complete,
     completion_token_ids,
     metric_sum,
+    post_json,
     scrape_metrics,
     timed_stream,
 )
@@ -368,4 +369,58 @@ def test_router_runs_prefill_then_decode(pd, tokenizer, tiny_model, start_router
     assert record["decode_pod"] == pd["decode"].url
     moved = _delta(_tokens_by_source(pd["decode"]), before)
     assert moved["external_kv_transfer"] == 1000 and moved["local_compute"] == 0
+    _wait_for_free_pool(pd["prefill"], timeout=LEASE_S / 2)
+
+
+def test_sidecar_honours_an_allowlisted_prefill_header_only(
+    pd, tokenizer, tiny_model, start_router, tmp_path
+):
+    """Sidecar mode: the router sits beside one decode pod; an upstream gateway picks the
+    prefill pod with llm-d's header. Only allowlisted targets are ever called."""
+    audit = tmp_path / "audit.jsonl"
+    prefill_host_port = f"127.0.0.1:{pd['prefill'].config.port}"
+    router = start_router(
+        [
+            "--pod",
+            f"{pd['decode'].url},role=decode",
+            "--tokenizer",
+            str(tiny_model),
+            "--prefill-allowlist",
+            prefill_host_port,
+            "--audit-log",
+            str(audit),
+        ],
+        "router-sidecar",
+    )
+    prompt = _prompt_ids(tokenizer, 600, seed=81)
+    body = {
+        "model": pd["decode"].model_name,
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+
+    before = _tokens_by_source(pd["decode"])
+    answer = post_json(
+        router.url + "/v1/completions", body, headers={"x-prefiller-host-port": prefill_host_port}
+    )
+    assert completion_token_ids(answer) == _reference(pd, prompt)
+    assert _delta(_tokens_by_source(pd["decode"]), before)["external_kv_transfer"] == 600
+
+    prefill_requests = metric_sum(scrape_metrics(pd["prefill"].url), "vllm:request_success_total")
+    for header in (
+        {"x-prefiller-host-port": f"127.0.0.1:{free_port()}"},
+        {"x-prefiller-url": "http://169.254.169.254"},
+    ):
+        with pytest.raises(HTTPStatusError) as err:
+            post_json(router.url + "/v1/completions", body, headers=header)
+        assert err.value.status == 403 and "allowlist" in err.value.body
+    # Refused before anything was called: one audit record (the allowed request) in all.
+    assert len(audit.read_text().splitlines()) == 1
+    assert (
+        metric_sum(scrape_metrics(pd["prefill"].url), "vllm:request_success_total")
+        == prefill_requests
+    )
     _wait_for_free_pool(pd["prefill"], timeout=LEASE_S / 2)

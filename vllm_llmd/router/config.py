@@ -72,6 +72,7 @@ class RouterConfig:
     index_max_entries: int = 1_000_000
     redis_url: str | None = None
     no_ingest: bool = False
+    prefill_allowlist: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -119,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--audit-log", default=None, help="append one JSON line per routing decision here")
     add("--audit-prompts", action="store_true", help="include prompt text in the audit log")
     add("--index-max-entries", type=int, default=1_000_000, help="in-memory index bound (blocks)")
+    add(
+        "--prefill-allowlist",
+        default=None,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="sidecar mode: prefill targets an upstream gateway may name in the "
+        "x-prefiller-host-port / x-prefiller-url headers (besides the --pod prefill pods); "
+        "a header naming any other target is refused with 403",
+    )
     add("--redis-url", default=None, help="share the block index through Redis (redis://...)")
     add(
         "--no-ingest",

@@ -88,7 +88,9 @@ class PodRegistry:
 
     def mark_unhealthy(self, pod_id: str, reason: str) -> None:
         """A request could not reach the pod: out of rotation until a health check passes."""
-        pod = self.pods[pod_id]
+        pod = self.pods.get(pod_id)
+        if pod is None:  # a target named by a request header, not one of ours
+            return
         if pod.healthy:
             logger.warning("pod %s left the rotation: %s", pod_id, reason)
         pod.healthy = False

@@ -82,7 +82,7 @@ class Router:
         try:
             self._check_api_key(request)
             body = await _read_json(request)
-            route = self._route(request.path, body, request.headers.get("X-Request-Id"))
+            route = self._route(request.path, body, request.headers)
             if route.prefill is not None:
                 body = await self._run_prefill(request.path, body, route)
             response = await self._forward(request, body, route)
@@ -100,9 +100,10 @@ class Router:
         ):
             raise _error(web.HTTPUnauthorized, "missing or wrong API key")
 
-    def _route(self, path: str, body: dict[str, Any], request_id: str | None) -> Route:
+    def _route(self, path: str, body: dict[str, Any], headers: Mapping[str, str]) -> Route:
         if not isinstance(body.get("model"), str) or not body["model"]:
             raise _error(web.HTTPBadRequest, "the request has no 'model'")
+        chosen_prefill = self._prefill_from_headers(headers)
         decode_pods = self.registry.candidates(DECODE_ROLES)
         if not decode_pods:
             raise _error(web.HTTPServiceUnavailable, "no healthy pod can serve this request")
@@ -114,11 +115,33 @@ class Router:
         hit_tokens = decode.hit_blocks * self.config.block_size
         prefill_pods = self.registry.candidates(PREFILL_ROLES)
         uncached = (num_tokens or 0) - hit_tokens
-        if prefill_pods and num_tokens is not None and uncached > self.config.pd_threshold_tokens:
+        if chosen_prefill is not None:  # chosen upstream (llm-d's gateway): honour it
+            prefill = Decision(chosen_prefill, "prefill chosen upstream (header)", {}, 0)
+        elif prefill_pods and num_tokens is not None and uncached > self.config.pd_threshold_tokens:
             prefill = self.policy.choose(ScoreInput(len(hashes), prefill_pods, caches, loads))
-        route = Route(request_id or str(uuid.uuid4()), decode, prefill, num_tokens, hit_tokens)
+        request_id = headers.get("X-Request-Id") or str(uuid.uuid4())
+        route = Route(request_id, decode, prefill, num_tokens, hit_tokens)
         self._record(route, body)
         return route
+
+    def _prefill_from_headers(self, headers: Mapping[str, str]) -> str | None:
+        """The prefill target an upstream gateway named, if allowed (else 403)."""
+        host_port = headers.get("x-prefiller-host-port")
+        url = f"http://{host_port.strip()}" if host_port else headers.get("x-prefiller-url")
+        if not url:
+            return None
+        url = url.strip().rstrip("/")
+        allowed = {pid for pid, pod in self.registry.pods.items() if pod.spec.role in PREFILL_ROLES}
+        allowed |= {
+            f"http://{target.strip()}"
+            for target in (self.config.prefill_allowlist or "").split(",")
+            if target.strip()
+        }
+        if url not in allowed:
+            raise _error(
+                web.HTTPForbidden, f"prefill target {url} is not in this router's allowlist"
+            )
+        return url
 
     def _hashes(self, path: str, body: Mapping[str, Any]) -> tuple[list[int], int | None]:
         if self.tokens is None:
