@@ -7,8 +7,6 @@ what only one backend has: the in-memory LRU bound, Redis shared by two instance
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -23,39 +21,6 @@ redis = pytest.importorskip("redis")
 from vllm_llmd.router.redis_index import RedisIndex  # noqa: E402 (needs the redis client)
 
 GPU, CPU, STORAGE = "GPU", "CPU", "STORAGE"
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory) -> Iterator[str]:
-    """A private redis-server for this module: loopback, free port, no RDB or AOF files."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    folder = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
-    argv += ["--save", "", "--appendonly", "no", "--dir", str(folder)]
-    process = subprocess.Popen(
-        argv,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield url
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(10)
 
 
 def redis_index(url: str, **kwargs) -> RedisIndex:

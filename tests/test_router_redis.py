@@ -10,10 +10,7 @@ for all of them: `EventIngestor.add_pod` and `remove_pod` call `clear_pod`.)"""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 from conftest import router_pod_config
@@ -21,7 +18,6 @@ from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import complete
 from vllm_llmd.devtools.model_maker import sample_text
-from vllm_llmd.devtools.server import free_port
 from vllm_llmd.router.config import parse_config
 from vllm_llmd.router.tokens import TokenProcessor
 
@@ -29,35 +25,6 @@ redis = pytest.importorskip("redis")
 from vllm_llmd.router.redis_index import RedisIndex  # noqa: E402 (needs the redis client)
 
 BLOCK = 128
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory) -> Iterator[str]:
-    """A private redis-server: loopback, free port, no RDB or AOF files."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    folder = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
-    argv += ["--save", "", "--appendonly", "no", "--dir", str(folder)]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield url
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture(scope="module")
