@@ -5,8 +5,8 @@ requests to an idle one; a killed pod's traffic moves to the other without a fai
 
 from __future__ import annotations
 
-import http.client
 import json
+import threading
 import time
 
 import pytest
@@ -45,6 +45,46 @@ def _cache_hits(server) -> float:
 
 def _audit(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class _BusyPod:
+    """Keeps `streams` long completions running on a pod until the block ends.
+
+    Each thread runs one non-streamed request after another (a streamed one would make the
+    pod's API server, which shares the pod's one core, emit every token). Lengths differ per
+    thread, so the requests never all end at once.
+    """
+
+    def __init__(self, server, streams: int) -> None:
+        self.server = server
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._keep_one, args=(i,), daemon=True) for i in range(streams)
+        ]
+
+    def _keep_one(self, slot: int) -> None:
+        round_ = 0
+        while not self.stop.is_set():
+            try:
+                complete(
+                    self.server.url,
+                    self.server.model_name,
+                    sample_text(50, seed=1300 + 10 * slot + round_),
+                    max_tokens=400 + 150 * slot,
+                )
+            except OSError:
+                self.stop.wait(0.1)
+            round_ += 1
+
+    def __enter__(self) -> _BusyPod:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
 
 
 def test_cached_prefix_goes_to_the_pod_that_holds_it(
@@ -91,7 +131,9 @@ def test_busy_pod_loses_requests_to_an_idle_one(
     pods, tiny_model, tokenizer, start_router, tmp_path
 ):
     audit = tmp_path / "audit.jsonl"
-    busy, idle = pods
+    # The busy pod is the one that wins a tie (policies break ties by pod URL), so a router
+    # that ignored load would send it every request.
+    busy, idle = sorted(pods, key=lambda pod: pod.url)
     router = start_router(
         [
             "--pod",
@@ -109,38 +151,22 @@ def test_busy_pod_loses_requests_to_an_idle_one(
         ],
         "router-load",
     )
-    # Keep the busy pod generating: long streamed requests (the model's whole length).
-    streams = []
-    for i in range(4):
-        conn = http.client.HTTPConnection("127.0.0.1", busy.config.port, timeout=60)
-        conn.request(
-            "POST",
-            "/v1/completions",
-            json.dumps(
-                {
-                    "model": busy.model_name,
-                    "prompt": sample_text(50, seed=1300 + i),
-                    "max_tokens": 7900,
-                    "ignore_eos": True,
-                    "stream": True,
-                }
-            ),
-            {"Content-Type": "application/json"},
-        )
-        streams.append((conn, conn.getresponse()))
-    time.sleep(1.0)  # the router's load poll sees them
-    try:
-        for i in range(4):
+    # Route requests until four decisions were taken while the router saw the busy pod
+    # generating (the tiny model is fast and the box slow: a load scrape can miss the batch).
+    busy_seen: list[dict] = []
+    with _BusyPod(busy, streams=4):
+        deadline = time.monotonic() + 90
+        i = 0
+        while len(busy_seen) < 4 and time.monotonic() < deadline:
             prompt = tokenizer.encode(sample_text(200, seed=1400 + i)).ids
             complete(router.url, busy.model_name, prompt, max_tokens=2)
-        # The premise held throughout: the busy pod was still generating.
-        running = metric_sum(scrape_metrics(busy.url), "vllm:num_requests_running")
-        assert running >= 1, "the busy pod finished its long requests: the test proves nothing"
-    finally:
-        for conn, _ in streams:
-            conn.close()
-    chosen = [r["decode_pod"] for r in _audit(audit)]
-    assert chosen == [idle.url] * 4, chosen
+            record = _audit(audit)[-1]
+            if record["loads"][busy.url]["running"] >= 1:
+                busy_seen.append(record)
+            i += 1
+    assert len(busy_seen) == 4, f"the router never saw the busy pod busy: {_audit(audit)}"
+    chosen = [r["decode_pod"] for r in busy_seen]
+    assert chosen == [idle.url] * 4, busy_seen
 
 
 def test_killed_pod_traffic_moves_without_failures(

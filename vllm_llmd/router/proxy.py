@@ -29,6 +29,7 @@ from aiohttp import web
 
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.index import Index
+from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.scoring import Decision, PodCache, ScoreInput, ScoringPolicy
@@ -51,6 +52,8 @@ class Route:
     prefill: Decision | None
     num_prompt_tokens: int | None
     hit_tokens: int
+    # every pod's load as the router saw it when it chose
+    loads: Mapping[str, PodLoad]
 
 
 class Router:
@@ -120,7 +123,7 @@ class Router:
         elif prefill_pods and num_tokens is not None and uncached > self.config.pd_threshold_tokens:
             prefill = self.policy.choose(ScoreInput(len(hashes), prefill_pods, caches, loads))
         request_id = headers.get("X-Request-Id") or str(uuid.uuid4())
-        route = Route(request_id, decode, prefill, num_tokens, hit_tokens)
+        route = Route(request_id, decode, prefill, num_tokens, hit_tokens, loads)
         self._record(route, body)
         return route
 
@@ -176,6 +179,15 @@ class Router:
             "prefill_reason": route.prefill.reason if route.prefill else None,
             "prompt_tokens": route.num_prompt_tokens,
             "hit_tokens": route.hit_tokens,
+            "loads": {
+                pod: {
+                    "waiting": load.num_waiting,
+                    "running": load.num_running,
+                    "kv_usage": load.kv_usage,
+                    "in_flight": load.num_in_flight,
+                }
+                for pod, load in route.loads.items()
+            },
         }
         if self.config.audit_prompts:
             record["prompt"] = body.get("prompt", body.get("messages"))
