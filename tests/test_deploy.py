@@ -345,17 +345,6 @@ VENV_CHECK = textwrap.dedent(
 )
 
 
-def _pip_index_args() -> list[str]:
-    # The machine's local package index when there is one: no network needed.
-    local = [Path("/opt/pypi/simple"), Path("/opt/pypi-more/simple")]
-    if not local[0].is_dir():
-        return []
-    args = ["--index-url", local[0].as_uri()]
-    if local[1].is_dir():
-        args += ["--extra-index-url", local[1].as_uri()]
-    return args
-
-
 def _router_container_args(kustomization: str) -> list[str]:
     for obj in render(K8S / kustomization):
         for container in _pod_containers(obj):
@@ -385,7 +374,8 @@ def test_router_image_dependencies_in_clean_venv(tmp_path: Path, tiny_model: Pat
     venv = tmp_path / "venv"
     subprocess.run([python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "-q"]
-    pip += ["--no-compile", *_pip_index_args()]
+    # Indexes as pip is configured on this machine (like scripts/setup.sh installs).
+    pip += ["--no-compile"]
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("PYTHONPATH", None)
     for command in (
@@ -768,6 +758,9 @@ def test_router_args_parse_and_match_the_pods(rendered: list[dict]):
         assert not _flag_values(vllm_args, "--prefix-caching-hash-algo")
         events = json.loads(_flag_values(vllm_args, "--kv-events-config")[0])
         assert events["topic"] == config.events_topic
+    if config.k8s_label_selector:
+        _check_discovery(config, deployment, rendered)
+        return
     # every pod URL and event endpoint reaches a vLLM pod: a Service's DNS name, or
     # 127.0.0.1 for the router's own pod (sidecar)
     services = _objects(rendered, "Service")
@@ -792,6 +785,48 @@ def test_router_args_parse_and_match_the_pods(rendered: list[dict]):
             assert target["metadata"]["name"] == f"llmd-{pod.role}", url
             ports = {p["containerPort"] for c in _pod_containers(target) for p in c["ports"]}
             assert parts.port in ports, url
+
+
+def _check_discovery(config, router: dict, rendered: list[dict]) -> None:
+    """Kubernetes discovery: the selector picks exactly the vLLM pods, each labelled with its
+    role, serving on the discovery port; the router's ServiceAccount may list and watch pods."""
+    parts = config.k8s_label_selector.split(",")
+    equal = dict(part.split("=", 1) for part in parts if "=" in part)
+    exist = {part for part in parts if "=" not in part}
+
+    def selected(labels: dict) -> bool:
+        return equal.items() <= labels.items() and exist <= labels.keys()
+
+    picked = {
+        name: d
+        for name, d in _deployments(rendered).items()
+        if selected(d["spec"]["template"]["metadata"]["labels"])
+    }
+    assert set(picked) == {"llmd-prefill", "llmd-decode"}, set(picked)
+    for name, deployment in picked.items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels[config.k8s_role_label] == name.removeprefix("llmd-")
+        ports = {p["containerPort"] for c in _pod_containers(deployment) for p in c["ports"]}
+        assert int(config.k8s_port) in ports, name
+    account = router["spec"]["template"]["spec"]["serviceAccountName"]
+    bindings = [
+        b
+        for b in _objects_list(rendered, "RoleBinding")
+        if any(s["kind"] == "ServiceAccount" and s["name"] == account for s in b["subjects"])
+    ]
+    roles = _objects(rendered, "Role")
+    verbs = {
+        verb
+        for b in bindings
+        for rule in roles[b["roleRef"]["name"]]["rules"]
+        if "pods" in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert {"list", "watch"} <= verbs, verbs
+
+
+def _objects_list(rendered: list[dict], kind: str) -> list[dict]:
+    return [obj for obj in rendered if obj["kind"] == kind]
 
 
 def test_sidecar_overlay_moves_the_router_into_the_decode_pod():

@@ -96,3 +96,23 @@ def test_disk_tier_evicts_least_recent_and_deletes_files():
 def test_host_tier_needs_a_chunk():
     with pytest.raises(ValueError, match="at least one chunk"):
         OffloadManager(num_host_slots=0, num_disk_chunks=0)
+
+
+def test_promoting_the_chunk_a_full_disk_would_evict_to_make_room():
+    """Room for the promoted chunk's host slot spills the host chunk to a full disk tier, whose
+    least recent chunk is the one being promoted: it must stay (pinned), not be evicted."""
+    manager = OffloadManager(num_host_slots=1, num_disk_chunks=1)
+    a, b = b"a" * 32, b"b" * 32
+    manager.prepare_store([a])
+    manager.take_plan()
+    manager.complete_store([a])
+    manager.prepare_store([b])  # evicts a from host: spilled to disk
+    manager.take_plan()
+    manager.complete_store([b])
+    manager.complete_spill([a])
+    assert manager.prepare_promote([a]) == 1
+    plan = manager.take_plan()
+    assert [key for key, _ in plan.promotes] == [a]
+    assert a not in plan.deletes
+    manager.complete_promote([a])
+    assert manager.lookup([a]) == (1, 1)  # in host now (and still on disk)

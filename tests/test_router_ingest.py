@@ -179,6 +179,32 @@ def test_pods_are_followed_apart_and_removed(publishers, ingestor):
     assert index.lookup_prefix([1]) == {"b": hit(CPU)}  # closing keeps the index
 
 
+def test_a_dead_pod_does_not_hold_up_the_others(publishers, ingestor):
+    """Each replay from a pod whose publisher is gone waits out its timeout (2 s): that wait
+    happens off the thread that applies every pod's events, whose other pods go on."""
+    publisher, endpoint, replay = publishers()
+    ingestor.add_pod("live", endpoint, replay, topic="kv")
+    time.sleep(0.3)  # its SUB has joined
+    publish(publisher, stored([1]))
+    wait_for(lambda: bool(ingestor.index.lookup_prefix([1])))
+
+    for name in ("dead-a", "dead-b"):  # nothing listens: every replay request goes unanswered
+        ingestor.add_pod(name, f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+    time.sleep(0.1)  # the ingest thread has taken up the dead pods (their first replay)
+    started = time.monotonic()
+    publish(publisher, stored([2]))
+    wait_for(lambda: ingestor.index.lookup_prefix([1, 2]) == {"live": hit(GPU, GPU)})
+    assert time.monotonic() - started < 1.0  # not the 2 x 2 s the dead pods' replays take
+
+    # The dead pods' replays did run, and failed (counted); removing one waits for its replay.
+    wait_for(
+        lambda: all(ingestor.stats()[p]["num_replay_failures"] == 1 for p in ("dead-a", "dead-b"))
+    )
+    ingestor.remove_pod("dead-a")
+    assert ingestor.pods() == ["live", "dead-b"]
+    assert ingestor.stats()["live"]["num_replay_failures"] == 0
+
+
 def test_gaps_resets_and_index_failures_are_counted():
     index = InMemoryIndex(max_entries=100)
     stats = PodStats()

@@ -99,7 +99,12 @@ class StreamTiming:
 
 
 def timed_stream(
-    base_url: str, model: str, prompt: str | list[int], max_tokens: int = 16, **extra: Any
+    base_url: str,
+    model: str,
+    prompt: str | list[int],
+    max_tokens: int = 16,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
 ) -> StreamTiming:
     """Greedy streamed /v1/completions; measures time to first token and to the end."""
     url = urllib.parse.urlsplit(base_url)
@@ -119,7 +124,9 @@ def timed_stream(
     first: float | None = None
     parts: list[str] = []
     try:
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/v1/completions", body, {"Content-Type": "application/json", **(headers or {})}
+        )
         response = conn.getresponse()
         if response.status != 200:
             raise HTTPStatusError(response.status, response.read().decode(errors="replace"))

@@ -20,8 +20,14 @@ On the first poll the subscriber asks the replay socket for the whole buffer, so
 starts after the engine still learns what is cached. A restart that happens while the subscriber
 is away and already published more batches than before cannot be seen in the seq numbers.
 
-Not thread-safe (ZMQ sockets are not): poll from one thread. Every wait is bounded by `timeout`
-(live) or `replay_timeout` (per replayed message).
+Not thread-safe (ZMQ sockets are not): poll from one thread at a time. Every wait is bounded
+by `timeout` (live) or `replay_timeout` (per replayed message).
+
+A replay waits up to `replay_timeout` per message, which a publisher that is gone always costs.
+An owner that polls many publishers from one thread passes `defer_replay=True`: then `poll`
+never waits on a replay socket. When it needs a replay it stops there (`replay_pending`) and
+reads nothing more until the owner calls `complete_replay()` (on another thread, say), which
+returns the replay's updates and those of the live batch that called for it, in stream order.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import msgspec
@@ -107,6 +113,7 @@ class Subscriber:
         replay_timeout: float = 2.0,
         max_messages_per_poll: int = 10_000,
         context: zmq.Context | None = None,
+        defer_replay: bool = False,
     ) -> None:
         for name, value in (("endpoint", endpoint), ("replay_endpoint", replay_endpoint)):
             if value is not None and "*" in value:
@@ -134,6 +141,9 @@ class Subscriber:
         # digest of the payload of the last delivered batch (to recognise the publisher)
         self._last_digest = b""
         self._synced = False
+        self._defer_replay = defer_replay
+        # with defer_replay: the replay poll() needs, left for complete_replay()
+        self._pending: Callable[[list[Update]], None] | None = None
 
     def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
         sub = self._context.socket(zmq.SUB)
@@ -157,7 +167,7 @@ class Subscriber:
         self._close_sub()
         self._sub, self._monitor = self._connect()
         if self._replay is not None and self._next_seq is not None:
-            self._resync(updates)
+            self._replay_then(self._resync, updates)
 
     def _resync(self, updates: list[Update]) -> None:
         """After a dropped connection: the same publisher (catch up) or a restarted one?"""
@@ -184,6 +194,19 @@ class Subscriber:
         return self._next_seq
 
     @property
+    def replay_pending(self) -> bool:
+        """With defer_replay: poll() needs a replay; it returns nothing until complete_replay()."""
+        return self._pending is not None
+
+    def complete_replay(self) -> list[Update]:
+        """Run the replay poll() left pending (see module docstring); its updates, in order."""
+        updates: list[Update] = []
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending(updates)
+        return updates
+
+    @property
     def closed(self) -> bool:
         """True once `close()` released the sockets."""
         return self._sub.closed
@@ -191,12 +214,15 @@ class Subscriber:
     def poll(self, timeout: float = 0.0) -> list[Update]:
         """Updates that arrive within `timeout` seconds (plus any replay they trigger)."""
         updates: list[Update] = []
+        if self._pending is not None:  # deferred: complete_replay() comes first
+            return updates
         if not self._synced:
             self._synced = True
             if self._replay is not None:
-                self._catch_up(0, updates)
-        self._reconnect_if_dropped(updates)
-        if not self._sub.poll(int(timeout * 1000)):
+                self._replay_then(lambda pending: self._catch_up(0, pending), updates)
+        if self._pending is None:
+            self._reconnect_if_dropped(updates)
+        if self._pending is not None or not self._sub.poll(int(timeout * 1000)):
             return updates
         for _ in range(self.max_messages_per_poll):
             try:
@@ -210,6 +236,8 @@ class Subscriber:
                 logger.warning("%s: skipping a bad message: %s", self.source, exc)
                 continue
             self._on_live(message, updates)
+            if self._pending is not None:  # the rest waits in the socket, behind the replay
+                break
         return updates
 
     def updates(self, duration: float | None = None, interval: float = 0.2) -> Iterator[Update]:
@@ -242,10 +270,21 @@ class Subscriber:
             self._reset(message.seq, updates)
         start = self._next_seq or 0
         if may_replay and self._replay is not None and message.seq > start:
-            self._catch_up(start, updates)
-            self._on_live(message, updates, may_replay=False)
+
+            def replay_then_deliver(pending: list[Update]) -> None:
+                self._catch_up(start, pending)
+                self._on_live(message, pending, may_replay=False)
+
+            self._replay_then(replay_then_deliver, updates)
             return
         self._deliver(message, updates, replayed=False)
+
+    def _replay_then(self, action: Callable[[list[Update]], None], updates: list[Update]) -> None:
+        """Run a step that reads the replay socket now, or leave it to complete_replay()."""
+        if self._defer_replay:
+            self._pending = action
+        else:
+            action(updates)
 
     def _catch_up(self, start_seq: int, updates: list[Update]) -> None:
         assert self._replay is not None

@@ -134,10 +134,14 @@ class OffloadManager:
             entry = self._entries.get(key)
             if entry is None or not entry.on_disk or entry.in_host or entry.promoting:
                 break
+            # Pin first: making room for the slot spills a host chunk to disk, and a full
+            # disk tier then evicts its least recent chunk, which may be this very one.
+            entry.pins += 1
             slot = self._take_slot()
             if slot is None:
+                entry.pins -= 1
                 break
-            entry.host_slot, entry.promoting, entry.pins = slot, True, entry.pins + 1
+            entry.host_slot, entry.promoting = slot, True
             self._disk_policy.touch(key)
             self._plan.promotes.append((key, slot))
             planned += 1

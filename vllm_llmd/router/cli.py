@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -10,6 +11,7 @@ from aiohttp import web
 from vllm_llmd.router.config import RouterConfig, parse_config
 from vllm_llmd.router.index import Index, InMemoryIndex
 from vllm_llmd.router.ingest import EventIngestor
+from vllm_llmd.router.k8s import K8sDiscovery, K8sDiscoveryError
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.proxy import Router, make_app
@@ -18,7 +20,7 @@ from vllm_llmd.router.tokens import TokenProcessor
 
 logger = logging.getLogger("vllm_llmd.router")
 
-PREFIX_POLICIES = ("prefix", "kv_aware")
+PREFIX_POLICIES = ("prefix", "kv_aware", "slo")
 
 
 def build_router(config: RouterConfig) -> Router:
@@ -44,22 +46,49 @@ def build_router(config: RouterConfig) -> Router:
     registry = PodRegistry(
         config.pods, ingestor, config.events_topic, config.poll_interval_s, tokens
     )
-    return Router(config, registry, index, tokens, make_policy(config.policy), RouterMetrics())
+    policy = make_policy(config.policy, config.scoring_config())
+    return Router(config, registry, index, tokens, policy, RouterMetrics())
+
+
+def build_app(config: RouterConfig) -> web.Application:
+    """The router's web app; with --k8s-label-selector, its pods are also discovered.
+
+    Raises:
+        K8sDiscoveryError: discovery was asked for but cannot start (no client, no credentials).
+    """
+    discovery = K8sDiscovery.from_config(config) if config.k8s_label_selector else None
+    router = build_router(config)
+    app = make_app(router)
+    if discovery is not None:
+        # After make_app's start-up hook (the registry polls), before its clean-up (it stops).
+        async def start_discovery(app: web.Application) -> None:
+            await discovery.start(router.registry)
+
+        async def stop_discovery(app: web.Application) -> None:
+            await discovery.stop()
+
+        app.on_startup.append(start_discovery)
+        app.on_shutdown.append(stop_discovery)
+    return app
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `vllm-llmd-router` console script."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = parse_config(argv)
-    router = build_router(config)
+    try:
+        app = build_app(config)
+    except K8sDiscoveryError as exc:
+        sys.exit(f"vllm-llmd-router: error: {exc}")
     logger.info(
-        "vllm-llmd-router on http://%s:%d, policy %s, %d pods",
+        "vllm-llmd-router on http://%s:%d, policy %s, %d pods%s",
         config.host,
         config.port,
         config.policy,
         len(config.pods),
+        f" + pods labelled {config.k8s_label_selector}" if config.k8s_label_selector else "",
     )
-    web.run_app(make_app(router), host=config.host, port=config.port, print=None)
+    web.run_app(app, host=config.host, port=config.port, print=None)
 
 
 if __name__ == "__main__":

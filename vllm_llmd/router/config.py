@@ -5,14 +5,19 @@ Every flag `--some-flag` can also be set as `VLLM_LLMD_ROUTER_SOME_FLAG` (the fl
 
 A pod is `URL[,role=both|prefill|decode][,events=tcp://HOST:PORT][,replay=tcp://HOST:PORT]`.
 Without `events`, the router asks the pod's `GET /kv_event_sources` (vLLM's own discovery).
+Pods can also be discovered in Kubernetes, by label selector (`--k8s-*`, see `router/k8s.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from vllm_llmd.router.scoring import ScoringConfig
+from vllm_llmd.router.slo import SLO, SLOConfig, parse_model_slo, parse_objective
 
 ENV_PREFIX = "VLLM_LLMD_ROUTER_"
 ROLES = ("both", "prefill", "decode")
@@ -73,7 +78,44 @@ class RouterConfig:
     redis_url: str | None = None
     no_ingest: bool = False
     prefill_allowlist: str | None = None
+    # ---- load thresholds and SLO-aware routing (see slo_config / scoring_config) ----
+    max_waiting: int = 8
+    max_kv_usage: float = 0.95
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    model_slo: tuple[str, ...] = ()
+    objective: tuple[str, ...] = ()
+    slo_headroom: float = 0.1
+    max_queue: int = 1024
+    queue_timeout_s: float = 30.0
+    latency_min_samples: int = 8
+    # ---- Kubernetes pod discovery (on with k8s_label_selector; see router/k8s.py) ----
+    k8s_namespace: str | None = None
+    k8s_label_selector: str | None = None
+    k8s_port: str = "8000"
+    k8s_role_label: str = "llm-d.ai/role"
+    k8s_kubeconfig: str | None = None
+    k8s_api_url: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    def scoring_config(self) -> ScoringConfig:
+        """The policies' knobs; ValueError on a bad value."""
+        return ScoringConfig(max_waiting=self.max_waiting, max_kv_usage=self.max_kv_usage)
+
+    def slo_config(self) -> SLOConfig:
+        """SLO defaults, objectives and queue bounds; ValueError names a bad value."""
+        default = SLO(
+            None if self.slo_ttft_ms is None else self.slo_ttft_ms / 1000.0,
+            None if self.slo_tpot_ms is None else self.slo_tpot_ms / 1000.0,
+        )
+        return SLOConfig(
+            default_slo=default,
+            model_slos=dict(parse_model_slo(text) for text in self.model_slo),
+            objectives=dict(parse_objective(text) for text in self.objective),
+            headroom=self.slo_headroom,
+            max_queue=self.max_queue,
+            queue_timeout_s=self.queue_timeout_s,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--policy",
         default="kv_aware",
-        help="routing policy: round_robin, load, prefix, kv_aware (prefix hit and load)",
+        help="routing policy: round_robin, load, prefix, kv_aware (prefix hit and load), "
+        "slo (predicted latency against SLOs, with priority and fair queueing)",
     )
     add(
         "--tokenizer",
@@ -135,7 +178,143 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --redis-url: read the shared index but follow no pod's KV events (another "
         "replica does; each pod must have exactly one ingesting replica)",
     )
+    # ---- load thresholds and SLO-aware routing ----
+    add(
+        "--max-waiting",
+        type=int,
+        default=8,
+        help="a pod with this many queued requests (its gauge, or the router's in-flight "
+        "requests beyond its running batch) is saturated",
+    )
+    add("--max-kv-usage", type=float, default=0.95, help="a pod this full (0..1) is saturated")
+    add(
+        "--slo-ttft-ms",
+        type=float,
+        default=None,
+        help="default time-to-first-token SLO (a request's x-slo-ttft-ms header wins)",
+    )
+    add(
+        "--slo-tpot-ms",
+        type=float,
+        default=None,
+        help="default time-per-output-token SLO (a request's x-slo-tpot-ms header wins)",
+    )
+    add(
+        "--model-slo",
+        action="append",
+        default=None,
+        metavar="MODEL:ttft=MS,tpot=MS",
+        help="SLO defaults of one model (repeatable)",
+    )
+    add(
+        "--objective",
+        action="append",
+        default=None,
+        metavar="NAME=PRIORITY",
+        help="priority of requests naming this x-gateway-inference-objective (repeatable); "
+        "negative priorities are sheddable: refused with 429 when no pod meets their SLO",
+    )
+    add(
+        "--slo-headroom",
+        type=float,
+        default=0.1,
+        help="policy slo: a pod meets an SLO when predicted <= (1 - headroom) * SLO",
+    )
+    add(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="policy slo: requests the router may hold while the pool is saturated",
+    )
+    add(
+        "--queue-timeout-s",
+        type=float,
+        default=30.0,
+        help="policy slo: longest wait in the router's queue for a request without a TTFT SLO",
+    )
+    add(
+        "--latency-min-samples",
+        type=int,
+        default=8,
+        help="observations a pod's latency model needs before its predictions are used",
+    )
+    # ---- Kubernetes pod discovery ----
+    add(
+        "--k8s-label-selector",
+        default=None,
+        metavar="SELECTOR",
+        help="discover pods in Kubernetes: the ready pods this label selector picks (e.g. "
+        "'app=vllm'), watched as they come and go; with or without --pod",
+    )
+    add(
+        "--k8s-namespace",
+        default=None,
+        help="namespace of the discovered pods (default: the router's own, in a cluster)",
+    )
+    add(
+        "--k8s-port",
+        default="8000",
+        metavar="PORT|NAME",
+        help="the pods' vLLM port: a number, or the name of a container port",
+    )
+    add(
+        "--k8s-role-label",
+        default="llm-d.ai/role",
+        help="pod label whose value (prefill, decode, both) is the pod's role; none: both",
+    )
+    add(
+        "--k8s-kubeconfig",
+        default=None,
+        metavar="FILE",
+        help="reach the cluster with this kubeconfig (default: the pod's service account)",
+    )
+    add(
+        "--k8s-api-url",
+        default=None,
+        metavar="URL",
+        help="reach the Kubernetes API at this URL without credentials (tests, kubectl proxy)",
+    )
     return parser
+
+
+def _k8s_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the --k8s-* flags, or None."""
+    if args.k8s_label_selector is None:
+        given = [
+            flag
+            for flag, value, default in (
+                ("--k8s-namespace", args.k8s_namespace, None),
+                ("--k8s-port", args.k8s_port, "8000"),
+                ("--k8s-role-label", args.k8s_role_label, "llm-d.ai/role"),
+                ("--k8s-kubeconfig", args.k8s_kubeconfig, None),
+                ("--k8s-api-url", args.k8s_api_url, None),
+            )
+            if value != default
+        ]
+        return f"{given[0]} needs --k8s-label-selector" if given else None
+    if not args.k8s_label_selector.strip():
+        return "--k8s-label-selector is empty: it would pick every pod in the namespace"
+    if args.k8s_kubeconfig and args.k8s_api_url:
+        return "give --k8s-kubeconfig or --k8s-api-url, not both"
+    if args.k8s_api_url and not args.k8s_api_url.startswith(("http://", "https://")):
+        return f"--k8s-api-url {args.k8s_api_url!r} must start with http:// or https://"
+    if args.k8s_kubeconfig and not os.path.isfile(args.k8s_kubeconfig):
+        return f"--k8s-kubeconfig {args.k8s_kubeconfig}: no such file"
+    if not args.k8s_role_label.strip():
+        return "--k8s-role-label is empty"
+    return check_k8s_port(args.k8s_port)
+
+
+def check_k8s_port(port: str) -> str | None:
+    """What is wrong with a --k8s-port value (a number or a container port's name), or None."""
+    if port.isdigit():
+        return None if 1 <= int(port) <= 65535 else f"--k8s-port {port}: not in 1..65535"
+    if re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?", port):
+        return None
+    return (
+        f"--k8s-port {port!r}: give a port number or a container port's name "
+        "(lowercase letters, digits and dashes, at most 15)"
+    )
 
 
 def _env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
@@ -145,7 +324,7 @@ def _env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> N
         value = environ.get(ENV_PREFIX + action.dest.upper())
         if value is None:
             continue
-        if action.dest == "pod":
+        if isinstance(action, argparse._AppendAction):  # --pod, --objective, ...
             action.default = value.split()
         elif isinstance(action, argparse._StoreTrueAction):
             action.default = value.lower() in ("1", "true", "yes", "on")
@@ -160,13 +339,26 @@ def parse_config(
     parser = build_parser()
     _env_defaults(parser, dict(os.environ if environ is None else environ))
     args = parser.parse_args(argv)
-    if not args.pod:
-        parser.error("give at least one --pod (or VLLM_LLMD_ROUTER_POD)")
+    if not args.pod and not args.k8s_label_selector:
+        parser.error(
+            "give at least one --pod (or VLLM_LLMD_ROUTER_POD), or discover pods with "
+            "--k8s-label-selector"
+        )
+    if (k8s_error := _k8s_error(args)) is not None:
+        parser.error(k8s_error)
     if args.no_ingest and not args.redis_url:
         parser.error("--no-ingest needs --redis-url: another replica fills the shared index")
     try:
-        pods = tuple(PodSpec.parse(text) for text in args.pod)
+        pods = tuple(PodSpec.parse(text) for text in args.pod or ())
     except ValueError as exc:
         parser.error(str(exc))
     values = {k: v for k, v in vars(args).items() if k != "pod"}
-    return RouterConfig(pods=pods, **values)
+    values["model_slo"] = tuple(values["model_slo"] or ())
+    values["objective"] = tuple(values["objective"] or ())
+    config = RouterConfig(pods=pods, **values)
+    try:
+        config.slo_config()
+        config.scoring_config()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config

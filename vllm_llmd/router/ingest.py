@@ -16,6 +16,10 @@ An event's tier is its `medium`; None (older engines) means "GPU", the engine's 
 Events the index refuses (an unknown medium) and failures of the index itself (Redis down) are
 counted per pod and logged, never fatal to the thread.
 
+Replays (a subscriber's first sync, a gap, a reconnect) wait on the pod's replay socket, up to
+2 s per message when its publisher is gone; they run on a thread of their own per pod (at most
+one at a time), so a dead pod never holds up the others' events.
+
 Calls from the owner (any thread): `add_pod`, `remove_pod`, `stats`, `close`. `add_pod` clears
 the pod's entries first: its subscriber replays the publisher's buffer from seq 0, which would
 otherwise count blocks a previous ingestor (a shared Redis index) already counted. So each pod
@@ -28,6 +32,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vllm_llmd.events.model import (
@@ -131,6 +136,8 @@ class _Pod:
         self.stats = PodStats()
         self.lock = threading.Lock()
         self.removed = False
+        # a replay thread has the subscriber: the polling thread skips the pod, never waits
+        self.replaying = False
 
 
 class EventIngestor:
@@ -173,7 +180,7 @@ class EventIngestor:
         # Built here so a bad endpoint raises to the caller; the lock hands the sockets over
         # to the polling thread (ZMQ allows moving a socket across a full memory barrier).
         subscriber = Subscriber(
-            endpoint, replay_endpoint=replay_endpoint, topic=topic, source=pod_id
+            endpoint, replay_endpoint=replay_endpoint, topic=topic, source=pod_id, defer_replay=True
         )
         self.index.clear_pod(pod_id)
         with self._pods_lock:
@@ -200,8 +207,9 @@ class EventIngestor:
 
     def stats(self) -> dict[str, dict[str, float | int | None]]:
         """{pod: counters}: PodStats, plus the subscriber's `num_malformed` (batches and events
-        it could not decode) and `num_unknown_events` (types it does not know). A snapshot,
-        read without stopping the thread."""
+        it could not decode), `num_unknown_events` (types it does not know) and
+        `num_replay_failures` (replays that did not complete). A snapshot, read without
+        stopping the thread."""
         with self._pods_lock:
             pods = list(self._pods.values())
         result = {}
@@ -210,6 +218,7 @@ class EventIngestor:
             counters = pod.stats.as_dict()
             counters["num_malformed"] = sub.num_malformed_batches + sub.num_malformed_events
             counters["num_unknown_events"] = sub.num_unknown_events
+            counters["num_replay_failures"] = sub.num_replay_failures
             result[pod.pod_id] = counters
         return result
 
@@ -244,15 +253,35 @@ class EventIngestor:
 
     def _poll(self, pod: _Pod) -> bool:
         """Poll one pod once and apply what came; True if anything came."""
+        if pod.replaying:
+            return False
         with pod.lock:
             if pod.removed:
                 return False
-            try:
-                updates = pod.subscriber.poll(0.0)
-            except Exception as exc:  # a transport bug must not stop the other pods
-                pod.stats.num_poll_errors += 1
-                _log_error(pod.stats, "%s: polling its event stream failed: %r", pod.pod_id, exc)
-                return False
-            for update in updates:
-                apply_update(self.index, pod.pod_id, update, pod.stats)
+            updates = self._read(pod, pod.subscriber.poll, 0.0)
+            if pod.subscriber.replay_pending:
+                pod.replaying = True
+                name = f"kv-event-replay-{pod.pod_id}"
+                threading.Thread(target=self._replay, args=(pod,), name=name, daemon=True).start()
             return bool(updates)
+
+    def _replay(self, pod: _Pod) -> None:
+        """A replay thread: the replay the pod's subscriber left pending, applied in order."""
+        with pod.lock:
+            try:
+                if not pod.removed:
+                    self._read(pod, pod.subscriber.complete_replay)
+            finally:
+                pod.replaying = False
+
+    def _read(self, pod: _Pod, read: Callable[..., list[Update]], *args: float) -> list[Update]:
+        """Apply what one subscriber call brings (under pod.lock); its failures are counted."""
+        try:
+            updates = read(*args)
+        except Exception as exc:  # a transport bug must not stop the other pods
+            pod.stats.num_poll_errors += 1
+            _log_error(pod.stats, "%s: polling its event stream failed: %r", pod.pod_id, exc)
+            return []
+        for update in updates:
+            apply_update(self.index, pod.pod_id, update, pod.stats)
+        return updates

@@ -77,6 +77,41 @@ class RouterMetrics:
             registry=r,
         )
 
+        # ---- latency models and admission (policy slo) ----
+        self.observed_ttft = Histogram(
+            "llmd_router_observed_ttft_seconds",
+            "Time to first token the router observed, per pod and serve mode (direct, "
+            "prefill, decode): what the latency models learn from.",
+            ["pod", "mode"],
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.ttft_error = Histogram(
+            "llmd_router_ttft_prediction_relative_error",
+            "|predicted - observed| / observed TTFT of requests routed with a warm latency "
+            "model: trust the slo policy when this stays low.",
+            ["pod", "mode"],
+            registry=r,
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5),
+        )
+        self.model_samples = Gauge(
+            "llmd_router_latency_model_samples",
+            "Observations in the pod's TTFT model (predictions are used from "
+            "--latency-min-samples on).",
+            ["pod", "mode"],
+            registry=r,
+        )
+        self.admissions = Counter(
+            "llmd_router_admissions",
+            "Requests the slo policy did not admit at once, by outcome: queued (waited, then "
+            "admitted), late (dispatched at its deadline), shed (429), rejected (queue full).",
+            ["outcome"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "llmd_router_queue_depth", "Requests waiting in the router's queue.", registry=r
+        )
+
     def refresh(self, pods: PodRegistry, index: Index | None) -> None:
         """Copy point-in-time values (pod load, index size, event stats) into the gauges."""
         for pod_id, pod in pods.pods.items():

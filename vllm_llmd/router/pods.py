@@ -8,6 +8,10 @@ With a token processor, a pod is first checked once it is healthy (again after i
 its /tokenize and its block size and hash algorithm must match the router's
 (`TokenProcessor.verify_against_pod`). A pod that fails is routed by load alone: it is not
 followed and `hash_verified()` leaves it out, so the index is never asked about it.
+
+Pods come from the static list and, at run time, from discovery (`router/k8s.py`), which calls
+`add_pod` and `remove_pod` on the event loop. A new pod is polled at once; a removed one leaves
+the rotation and its index entries go, as when its health check fails.
 """
 
 from __future__ import annotations
@@ -43,6 +47,31 @@ class PodState:
     hashes_ok: bool | None = None
     # the ingestor's remove_pod, running off the event loop; awaited before following again
     removal: asyncio.Future | None = None
+    # a poll of this pod is running (a new pod's first poll may overlap the periodic one)
+    polling: bool = False
+    # discovery removed it; a poll still running must not bring it back
+    removed: bool = False
+
+
+class _PodTable(dict):
+    """`PodRegistry.pods`: pod id -> PodState, where a removed pod is still found by id.
+
+    The proxy holds a pod id across awaits (a prefill, a stream) and then indexes this table to
+    count its in-flight requests, so a pod discovery removes meanwhile must still be there:
+    `pods[id]` falls back to `gone` (iteration, `in` and `get` see live pods only). A gone state
+    is dropped once nothing is in flight on it (`purge`), and revived if the pod comes back.
+    """
+
+    def __init__(self, states: dict[str, PodState]) -> None:
+        super().__init__(states)
+        self.gone: dict[str, PodState] = {}
+
+    def __missing__(self, pod_id: str) -> PodState:
+        # Unknown ids get a placeholder too, so the proxy's `+= 1` and `-= 1` always balance.
+        return self.gone.setdefault(pod_id, PodState(PodSpec(pod_id), removed=True))
+
+    def purge(self) -> None:
+        self.gone = {pid: pod for pid, pod in self.gone.items() if pod.in_flight > 0}
 
 
 class PodRegistry:
@@ -56,12 +85,15 @@ class PodRegistry:
         poll_interval_s: float = 1.0,
         tokens: TokenProcessor | None = None,
     ) -> None:
-        self.pods = {spec.pod_id: PodState(spec) for spec in specs}
+        self.pods = _PodTable({spec.pod_id: PodState(spec) for spec in specs})
         self.ingestor = ingestor
         self.tokens = tokens
         self.events_topic = events_topic
         self.poll_interval_s = poll_interval_s
         self._task: asyncio.Task | None = None
+        self._session: aiohttp.ClientSession | None = None
+        # first polls of pods added at run time
+        self._joins: set[asyncio.Task] = set()
 
     def candidates(self, roles: tuple[str, ...]) -> list[str]:
         """Healthy pods with one of roles, in configuration order."""
@@ -78,13 +110,51 @@ class PodRegistry:
         }
 
     async def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
         await self.poll_once(session)
         self._task = asyncio.create_task(self._loop(session))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        self._session = None
+        tasks = [*self._joins, *([self._task] if self._task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def add_pod(self, spec: PodSpec) -> bool:
+        """Use a discovered pod; polled at once if the registry runs. False if already known.
+
+        Call on the event loop. A pod that was removed and comes back keeps its in-flight count.
+        """
+        if spec.pod_id in self.pods:
+            return False
+        pod = self.pods.gone.pop(spec.pod_id, None) or PodState(spec)
+        pod.spec, pod.removed = spec, False
+        self.pods[spec.pod_id] = pod
+        logger.info("pod %s added (role %s)", spec.pod_id, spec.role)
+        if self._session is not None:
+            task = asyncio.create_task(self._poll(self._session, pod))
+            self._joins.add(task)
+            task.add_done_callback(self._joins.discard)
+        return True
+
+    def remove_pod(self, pod_id: str) -> bool:
+        """Stop using a pod: out of rotation, its index entries dropped. False if unknown.
+
+        Call on the event loop. Requests already sent to it finish (or fail) on their own.
+        """
+        pod = self.pods.pop(pod_id, None)
+        if pod is None:
+            return False
+        logger.info("pod %s removed", pod_id)
+        pod.removed, pod.healthy = True, False
+        self._forget(pod)
+        self.pods.gone[pod_id] = pod
+        return True
+
+    async def wait_joined(self) -> None:
+        """Wait until the first poll of every pod added so far has finished."""
+        await asyncio.gather(*self._joins, return_exceptions=True)
 
     def mark_unhealthy(self, pod_id: str, reason: str) -> None:
         """A request could not reach the pod: out of rotation until a health check passes."""
@@ -99,15 +169,26 @@ class PodRegistry:
     async def _loop(self, session: aiohttp.ClientSession) -> None:
         while True:
             await asyncio.sleep(self.poll_interval_s)
+            self.pods.purge()
             try:
                 await self.poll_once(session)
             except Exception:  # a bug in one poll must not stop the next
                 logger.exception("pod poll failed")
 
     async def poll_once(self, session: aiohttp.ClientSession) -> None:
-        await asyncio.gather(*(self._poll(session, pod) for pod in self.pods.values()))
+        await asyncio.gather(*(self._poll(session, pod) for pod in list(self.pods.values())))
 
     async def _poll(self, session: aiohttp.ClientSession, pod: PodState) -> None:
+        if pod.polling or pod.removed:
+            return
+        pod.polling = True
+        try:
+            await self._poll_pod(session, pod)
+        finally:
+            pod.polling = False
+
+    async def _poll_pod(self, session: aiohttp.ClientSession, pod: PodState) -> None:
+        # Every await may see the pod removed (discovery): then it must not rejoin.
         url = pod.spec.url
         try:
             timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
@@ -117,6 +198,8 @@ class PodRegistry:
             ok, why = False, str(exc) or type(exc).__name__
         else:
             why = "" if ok else f"/health answered {r.status}"
+        if pod.removed:
+            return
         if not ok:
             if pod.healthy:
                 logger.warning("pod %s left the rotation: %s", url, why)
@@ -130,11 +213,16 @@ class PodRegistry:
         except PodLoadError as exc:
             # A slow /metrics on a busy box is not a dead pod: keep its last known load.
             logger.debug("pod %s: load not refreshed: %s", url, exc)
+        if pod.removed:
+            return
         if not pod.healthy:
             logger.info("pod %s joined the rotation", url)
         pod.healthy = True
         if ok and pod.hashes_ok is None and self.tokens is not None:
-            pod.hashes_ok = await self._verify(session, pod)
+            verified = await self._verify(session, pod)
+            if pod.removed:
+                return
+            pod.hashes_ok = verified
         if ok and pod.hashes_ok and not pod.subscribed and self.ingestor is not None:
             await self._subscribe(session, pod)
 
@@ -170,16 +258,20 @@ class PodRegistry:
             return  # the pod publishes no events: it is routed by load alone
         assert self.ingestor is not None
         if pod.removal is not None:
-            await pod.removal
-            pod.removal = None
+            removal = pod.removal
+            await removal
+            if pod.removal is removal:
+                pod.removal = None
+        if pod.removed or not pod.healthy:  # it left while we waited
+            return
         self.ingestor.add_pod(pod.spec.pod_id, events, replay, self.events_topic)
         pod.subscribed = True
         logger.info("pod %s: following KV events at %s (replay %s)", pod.spec.url, events, replay)
 
     def _forget(self, pod: PodState) -> None:
         if pod.subscribed and self.ingestor is not None:
-            # Its index entries go with it. remove_pod waits for the ingest thread's poll of
-            # this pod, which a replay from a dead pod holds for seconds: never on the event
+            # Its index entries go with it. remove_pod waits for a poll or replay of this pod
+            # in progress, which a replay from a dead pod holds for seconds: never on the event
             # loop, where it would time out every other pod's health check meanwhile.
             pod.removal = asyncio.get_running_loop().run_in_executor(
                 None, self.ingestor.remove_pod, pod.spec.pod_id

@@ -29,10 +29,19 @@ from aiohttp import web
 
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.index import Index
+from vllm_llmd.router.latency import LatencyModels, Prediction, RequestShape
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
-from vllm_llmd.router.scoring import Decision, PodCache, ScoreInput, ScoringPolicy
+from vllm_llmd.router.predictive import SLOPlanner, request_shape
+from vllm_llmd.router.scoring import Decision, PodCache, PolicyName, ScoreInput, ScoringPolicy
+from vllm_llmd.router.slo import (
+    AdmissionQueue,
+    QueuedRequest,
+    QueueFullError,
+    RequestClass,
+    SLOHeaderError,
+)
 from vllm_llmd.router.tokens import TokenProcessor, UnsupportedRequestError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +49,8 @@ logger = logging.getLogger(__name__)
 DECODE_ROLES = ("both", "decode")
 PREFILL_ROLES = ("prefill",)
 # headers of the pod's answer that must not be copied onto ours
+# how often the admission queue is re-judged while it holds requests
+QUEUE_TICK_S = 0.05
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "server", "date"}
 
 
@@ -54,6 +65,18 @@ class Route:
     hit_tokens: int
     # every pod's load as the router saw it when it chose
     loads: Mapping[str, PodLoad]
+    request_class: RequestClass
+    # the request on the decode pod at dispatch (what its latency model learns from)
+    shape: RequestShape
+    # the decode pod's predicted latency (None: model cold)
+    prediction: Prediction | None = None
+    # seconds the request waited in the router's admission queue
+    queued_s: float = 0.0
+    # "met": admitted at once; "queued": waited, then admitted; "late": dispatched when its
+    # deadline passed without a pod predicted to meet its SLO
+    admission: str = "met"
+    # the request on the prefill pod at dispatch, for a P/D route
+    prefill_shape: RequestShape | None = None
 
 
 class Router:
@@ -76,6 +99,21 @@ class Router:
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None
         self._audit = open(config.audit_log, "a") if config.audit_log else None
+        # Every policy learns the pods' latency (exported as metrics); `slo` also routes on it.
+        self.slo_config = config.slo_config()
+        self.latency = LatencyModels(config.latency_min_samples)
+        self.planner: SLOPlanner | None = None
+        self.queue: AdmissionQueue | None = None
+        if config.policy == PolicyName.SLO.value:
+            self.planner = SLOPlanner(
+                self.latency,
+                policy,
+                config.scoring_config(),
+                config.block_size,
+                self.slo_config.headroom,
+            )
+            self.queue = AdmissionQueue(self.slo_config.max_queue)
+        self._ticker: asyncio.Task | None = None
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -85,13 +123,22 @@ class Router:
         try:
             self._check_api_key(request)
             body = await _read_json(request)
-            route = self._route(request.path, body, request.headers)
+            request_class = self._classify(request.headers, body)
+            hashes, num_tokens = self._hashes(request.path, body)
+            admission, queued_s = await self._admit(hashes, num_tokens, request_class)
+            route = self._route(
+                request.path, body, request.headers, hashes, num_tokens, request_class
+            )
+            route.queued_s, route.admission = queued_s, admission
+            self._record(route, body)
             if route.prefill is not None:
                 body = await self._run_prefill(request.path, body, route)
             response = await self._forward(request, body, route)
         except web.HTTPException as exc:
             self.metrics.requests.labels(route_name, str(exc.status)).inc()
             raise
+        finally:
+            self._pump()  # a finished request may make room for a queued one
         self.metrics.requests.labels(route_name, str(response.status)).inc()
         self.metrics.latency.labels(route_name).observe(time.monotonic() - started)
         return response
@@ -103,17 +150,127 @@ class Router:
         ):
             raise _error(web.HTTPUnauthorized, "missing or wrong API key")
 
-    def _route(self, path: str, body: dict[str, Any], headers: Mapping[str, str]) -> Route:
+    def _classify(self, headers: Mapping[str, str], body: dict[str, Any]) -> RequestClass:
         if not isinstance(body.get("model"), str) or not body["model"]:
             raise _error(web.HTTPBadRequest, "the request has no 'model'")
+        try:
+            return self.slo_config.classify(headers, body["model"])
+        except SLOHeaderError as exc:
+            raise _error(web.HTTPBadRequest, str(exc)) from None
+
+    # ---- admission (policy slo) ----------------------------------------------------------
+
+    def _admissible(
+        self, hashes: list[int], num_tokens: int | None, request_class: RequestClass
+    ) -> bool:
+        """A pod can take the request now: not all saturated, one predicted to meet its SLO."""
+        assert self.planner is not None
+        decode_pods = self.registry.candidates(DECODE_ROLES)
+        if not decode_pods:
+            return True  # _route answers 503
+        request = ScoreInput(len(hashes), decode_pods, self._caches(hashes), self.registry.loads())
+        if self.planner.all_saturated(request):
+            return False
+        return self.planner.choose(request, num_tokens, request_class.slo).meets
+
+    async def _admit(
+        self, hashes: list[int], num_tokens: int | None, request_class: RequestClass
+    ) -> tuple[str, float]:
+        """Wait until the request may go; (admission, seconds queued). 429/503 when refused."""
+        if self.queue is None:
+            return "met", 0.0
+        # Never ahead of queued requests: they go first, in queue order (by _pump).
+        if not len(self.queue) and self._admissible(hashes, num_tokens, request_class):
+            return "met", 0.0
+        if request_class.sheddable:
+            self.metrics.admissions.labels("shed").inc()
+            raise _error(
+                web.HTTPTooManyRequests,
+                "no pod can serve this request within its SLO now; retry later",
+                headers={"Retry-After": str(self._retry_after_s())},
+            )
+        arrival = time.monotonic()
+        timeout = request_class.slo.ttft_s or self.slo_config.queue_timeout_s
+        entry = QueuedRequest(
+            request_class,
+            arrival,
+            arrival + timeout,
+            lambda: self._admissible(hashes, num_tokens, request_class),
+            asyncio.get_running_loop().create_future(),
+        )
+        try:
+            self.queue.push(entry)
+        except QueueFullError as exc:
+            self.metrics.admissions.labels("rejected").inc()
+            raise _error(web.HTTPServiceUnavailable, str(exc)) from None
+        self._ensure_ticker()
+        self._pump()
+        try:
+            admitted = await entry.admitted
+        finally:
+            self.queue.remove(entry)  # no-op unless the client left while queued
+        admission = "queued" if admitted else "late"
+        self.metrics.admissions.labels(admission).inc()
+        return admission, time.monotonic() - arrival
+
+    def _retry_after_s(self) -> int:
+        """Whole seconds a shed client should wait: about one load poll, at least 1."""
+        return max(1, round(self.config.poll_interval_s))
+
+    def _pump(self) -> None:
+        """Admit queued requests in queue order while the head is admissible; expire the rest."""
+        if self.queue is None or not len(self.queue):
+            return
+        for entry in self.queue.expired(time.monotonic()):
+            self.queue.remove(entry)
+            if not entry.admitted.done():
+                entry.admitted.set_result(False)
+        # One at a time: an admitted request is counted in flight only once its coroutine
+        # runs, so the next is judged on the next tick, against the updated counts.
+        head = self.queue.peek()
+        if head is not None and head.admissible():
+            self.queue.pop()
+            if not head.admitted.done():
+                head.admitted.set_result(True)
+
+    def _ensure_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Re-judge the queue while it holds requests (loads change with every poll)."""
+        assert self.queue is not None
+        while len(self.queue):
+            self._pump()
+            await asyncio.sleep(QUEUE_TICK_S)
+
+    # ---- routing -------------------------------------------------------------------------
+
+    def _route(
+        self,
+        path: str,
+        body: dict[str, Any],
+        headers: Mapping[str, str],
+        hashes: list[int],
+        num_tokens: int | None,
+        request_class: RequestClass,
+    ) -> Route:
         chosen_prefill = self._prefill_from_headers(headers)
         decode_pods = self.registry.candidates(DECODE_ROLES)
         if not decode_pods:
             raise _error(web.HTTPServiceUnavailable, "no healthy pod can serve this request")
-        hashes, num_tokens = self._hashes(path, body)
         caches = self._caches(hashes)
         loads = self.registry.loads()
-        decode = self.policy.choose(ScoreInput(len(hashes), decode_pods, caches, loads))
+        request = ScoreInput(len(hashes), decode_pods, caches, loads)
+        prediction = None
+        if self.planner is not None:
+            choice = self.planner.choose(request, num_tokens, request_class.slo)
+            decode, prediction = choice.decision, choice.prediction
+        else:
+            decode = self.policy.choose(request)
+        shape = request_shape(request, decode.pod, num_tokens or 0, self.config.block_size)
+        if prediction is None:  # learn and report for every policy
+            prediction = self.latency.predict(decode.pod, "direct", shape)
         prefill = None
         hit_tokens = decode.hit_blocks * self.config.block_size
         prefill_pods = self.registry.candidates(PREFILL_ROLES)
@@ -121,11 +278,34 @@ class Router:
         if chosen_prefill is not None:  # chosen upstream (llm-d's gateway): honour it
             prefill = Decision(chosen_prefill, "prefill chosen upstream (header)", {}, 0)
         elif prefill_pods and num_tokens is not None and uncached > self.config.pd_threshold_tokens:
-            prefill = self.policy.choose(ScoreInput(len(hashes), prefill_pods, caches, loads))
+            prefill_request = ScoreInput(len(hashes), prefill_pods, caches, loads)
+            if self.planner is not None:
+                slo = request_class.slo
+                choice = self.planner.choose(prefill_request, num_tokens, slo, mode="prefill")
+                prefill = choice.decision
+            else:
+                prefill = self.policy.choose(prefill_request)
         request_id = headers.get("X-Request-Id") or str(uuid.uuid4())
-        route = Route(request_id, decode, prefill, num_tokens, hit_tokens, loads)
-        self._record(route, body)
-        return route
+        prefill_shape = None
+        if prefill is not None and prefill.pod in loads:
+            prefill_shape = request_shape(
+                ScoreInput(len(hashes), [prefill.pod], caches, loads),
+                prefill.pod,
+                num_tokens or 0,
+                self.config.block_size,
+            )
+        return Route(
+            request_id,
+            decode,
+            prefill,
+            num_tokens,
+            hit_tokens,
+            loads,
+            request_class,
+            shape,
+            prediction if prediction.ttft_s is not None else None,
+            prefill_shape=prefill_shape,
+        )
 
     def _prefill_from_headers(self, headers: Mapping[str, str]) -> str | None:
         """The prefill target an upstream gateway named, if allowed (else 403)."""
@@ -179,6 +359,14 @@ class Router:
             "prefill_reason": route.prefill.reason if route.prefill else None,
             "prompt_tokens": route.num_prompt_tokens,
             "hit_tokens": route.hit_tokens,
+            "priority": route.request_class.priority,
+            "fairness_id": route.request_class.fairness_id,
+            "slo_ttft_s": route.request_class.slo.ttft_s,
+            "slo_tpot_s": route.request_class.slo.tpot_s,
+            "admission": route.admission,
+            "queued_s": route.queued_s,
+            "predicted_ttft_s": route.prediction.ttft_s if route.prediction else None,
+            "predicted_tpot_s": route.prediction.tpot_s if route.prediction else None,
             "loads": {
                 pod: {
                     "waiting": load.num_waiting,
@@ -209,11 +397,16 @@ class Router:
             prefill_body.pop(key, None)
         url = route.prefill.pod + path
         headers = {"X-Request-Id": route.request_id}
+        sent = time.monotonic()
         try:
             async with self.session.post(url, json=prefill_body, headers=headers) as resp:
                 answer = await resp.json(content_type=None)
                 if resp.status != 200:
                     raise _upstream_error(resp.status, answer)
+            if route.prefill_shape is not None:  # one output token: its time is the TTFT
+                ttft = time.monotonic() - sent
+                self.latency.observe(route.prefill.pod, "prefill", route.prefill_shape, ttft, None)
+                self.metrics.observed_ttft.labels(route.prefill.pod, "prefill").observe(ttft)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             # The decode pod can still serve it alone, recomputing the prompt.
             self.registry.mark_unhealthy(route.prefill.pod, str(exc))
@@ -232,7 +425,7 @@ class Router:
         for pod in [route.decode.pod, *order]:
             self.registry.pods[pod].in_flight += 1
             try:
-                return await self._stream_from(pod, request, body, route.request_id)
+                return await self._stream_from(pod, request, body, route)
             except _NotStarted as exc:  # nothing reached the client yet: try the next pod
                 last_error = exc.cause
                 self.registry.mark_unhealthy(pod, str(exc.cause))
@@ -242,26 +435,70 @@ class Router:
         raise _error(web.HTTPBadGateway, f"no pod could be reached: {last_error}")
 
     async def _stream_from(
-        self, pod: str, request: web.Request, body: dict[str, Any], request_id: str
+        self, pod: str, request: web.Request, body: dict[str, Any], route: Route
     ) -> web.StreamResponse:
         assert self.session is not None
-        headers = {"X-Request-Id": request_id}
+        headers = {"X-Request-Id": route.request_id}
+        sent = time.monotonic()
         try:
             upstream = await self.session.post(pod + request.path, json=body, headers=headers)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise _NotStarted(exc) from exc
+        first_byte = None
+        num_events = 0
         async with upstream:
             response = web.StreamResponse(status=upstream.status)
             for name, value in upstream.headers.items():
                 if name.lower() not in _HOP_HEADERS:
                     response.headers[name] = value
-            response.headers["X-Request-Id"] = request_id
+            response.headers["X-Request-Id"] = route.request_id
             response.headers["X-Routed-To"] = pod
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
+                if first_byte is None:
+                    first_byte = time.monotonic()
+                num_events += chunk.count(b"data:")
                 await response.write(chunk)
             await response.write_eof()
-            return response
+        if upstream.status == 200 and first_byte is not None and pod == route.decode.pod:
+            mode = "decode" if route.prefill is not None else "direct"
+            self._observe(pod, mode, route, body, sent, first_byte, num_events)
+        return response
+
+    def _observe(
+        self,
+        pod: str,
+        mode: str,
+        route: Route,
+        body: Mapping[str, Any],
+        sent: float,
+        first_byte: float,
+        num_events: int,
+    ) -> None:
+        """Teach the pod's latency model what this answer took.
+
+        A streamed answer gives TTFT (its first chunk) and TPOT (the rest over the tokens: one
+        SSE event per token, less the final [DONE]); an unstreamed one with one output token
+        gives TTFT; other unstreamed answers say nothing separable and are not used.
+        """
+        end = time.monotonic()
+        ttft = tpot = None
+        if body.get("stream"):
+            ttft = first_byte - sent
+            num_tokens = num_events - 1
+            if num_tokens >= 2:
+                tpot = (end - first_byte) / (num_tokens - 1)
+        elif _max_tokens(body) == 1:
+            ttft = end - sent
+        if ttft is None:
+            return
+        if route.prediction is not None and route.prediction.ttft_s is not None and ttft > 0:
+            error = abs(route.prediction.ttft_s - ttft) / ttft
+            self.metrics.ttft_error.labels(pod, mode).observe(error)
+        self.latency.observe(pod, mode, route.shape, ttft, tpot)
+        model = self.latency.model(pod, mode)
+        self.metrics.model_samples.labels(pod, mode).set(model.ttft.num_samples)
+        self.metrics.observed_ttft.labels(pod, mode).observe(ttft)
 
     # ---- other endpoints -----------------------------------------------------------------
 
@@ -282,6 +519,7 @@ class Router:
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         self.metrics.refresh(self.registry, self.index)
+        self.metrics.queue_depth.set(len(self.queue) if self.queue is not None else 0)
         return web.Response(body=self.metrics.render(), content_type="text/plain")
 
     def close(self) -> None:
@@ -309,9 +547,20 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _error(kind: type[web.HTTPException], message: str) -> web.HTTPException:
+def _error(
+    kind: type[web.HTTPException], message: str, headers: Mapping[str, str] | None = None
+) -> web.HTTPException:
     """An OpenAI-style error answer."""
-    return kind(text=json.dumps(_error_payload(kind, message)), content_type="application/json")
+    return kind(
+        text=json.dumps(_error_payload(kind, message)),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    return value if isinstance(value, int) else None
 
 
 def _error_payload(kind: type[web.HTTPException], message: str) -> dict[str, Any]:
@@ -346,6 +595,8 @@ def make_app(router: Router) -> web.Application:
         await router.registry.start(router.session)
 
     async def on_cleanup(app: web.Application) -> None:
+        if router._ticker is not None:
+            router._ticker.cancel()
         await router.registry.stop()
         if router.session is not None:
             await router.session.close()

@@ -23,6 +23,9 @@ Policies (`make_policy(name, config)`):
   saturated when waiting >= `max_waiting` or KV usage >= `max_kv_usage`; saturated pods are
   left out while any candidate is not, so a hot cache never draws load onto a full pod. When
   all are saturated the least loaded pod (as `load`) wins.
+- `slo`: routes on each pod's predicted TTFT/TPOT against the request's SLOs, and queues or
+  sheds what no pod can serve in time (`predictive.py`, `slo.py`). The policy object built here
+  is its heuristic fallback (kv_aware), used while the latency models are cold.
 
 Ties that remain go to the smallest pod id, so equal inputs always give equal decisions.
 """
@@ -48,6 +51,7 @@ class PolicyName(str, enum.Enum):
     LOAD = "load"
     PREFIX = "prefix"
     KV_AWARE = "kv_aware"
+    SLO = "slo"
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +281,12 @@ class KVAwarePolicy(ScoringPolicy):
         return Decision(pod, reason, scores, cache.num_blocks)
 
 
+class SLOFallbackPolicy(KVAwarePolicy):
+    """The `slo` policy's choice while its latency models are cold: kv_aware's."""
+
+    name = PolicyName.SLO.value
+
+
 def _pressure(load: PodLoad) -> int:
     return load.num_waiting + load.num_running + load.num_in_flight
 
@@ -284,7 +294,7 @@ def _pressure(load: PodLoad) -> int:
 def make_policy(
     name: str | PolicyName = PolicyName.KV_AWARE, config: ScoringConfig | None = None
 ) -> ScoringPolicy:
-    """Build the policy called `name` ("round_robin", "load", "prefix", "kv_aware")."""
+    """Build the policy called `name` ("round_robin", "load", "prefix", "kv_aware", "slo")."""
     try:
         policy = PolicyName(name)
     except ValueError:
@@ -297,4 +307,6 @@ def make_policy(
         return LeastLoadedPolicy()
     if policy is PolicyName.PREFIX:
         return PrefixPolicy(config)
+    if policy is PolicyName.SLO:
+        return SLOFallbackPolicy(config)
     return KVAwarePolicy(config)

@@ -1,0 +1,305 @@
+"""SLO benchmark: goodput of routing policies under an open-loop shared-prefix workload, in one run.
+
+Two real vLLM CPU pods (one core each, LLMDConnector with a host tier, KV events on) serve the
+same workload through, in turn:
+- vllm-llmd-router `round_robin` (the baseline), `kv_aware` (our default) and `slo`;
+- vllm-router (the Rust router of the vLLM project) `cache_aware` and `kv_aware` (fed by the
+  pods' KV events), when its binary is found (`--vllm-router PATH`, or on PATH).
+
+Workload: Poisson arrivals at each rate in `--rates`, for `--duration` seconds per (rate,
+router). 80% of the requests start with one of a few long shared prefixes (a "system prompt"
+of `--prefix-tokens`) plus a short unique suffix, 20% are short unique prompts; every request
+streams `--output-tokens` tokens and carries TTFT and TPOT SLOs in llm-d's headers. Every
+(rate, router) run gets prefixes of its own, so each starts with cold caches; before it, each
+router serves `--warmup` seconds of the same load on other prefixes, unmeasured (the slo
+policy's latency models learn there, as they would in a long-running router).
+
+The TTFT SLO is set from a calibration on an idle pod: 60% of a cold long-prompt TTFT, so a cold
+prefill of a shared prefix misses it and a cached one meets it; the TPOT SLO is 3x the idle
+TPOT. Goodput = requests per second that met both SLOs (a shed request counts as missed).
+Requests carry the `standard` objective, sheddable for the slo policy (`--objective
+standard=-1`): a request that cannot be served in time is refused at once instead of making
+others late.
+
+Usage: `.venv/bin/python benchmarks/bench_slo.py [--rates 1,2,3,4] [--duration 30]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from tokenizers import Tokenizer
+
+from vllm_llmd.devtools.client import timed_stream
+from vllm_llmd.devtools.model_maker import cached_model, sample_text
+from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOG_DIR = REPO_ROOT / "logs" / "bench_slo"
+BLOCK = 128
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    shed: bool
+    ttft_s: float | None
+    tpot_s: float | None
+
+
+# ---- processes ------------------------------------------------------------------------------
+
+
+def start_pods(model: Path) -> list[tuple[VLLMServer, int]]:
+    pods = []
+    for core in ("0", "1"):
+        events = free_port()
+        config = VLLMServerConfig(
+            model=model,
+            cpu_cores=core,
+            dtype="bfloat16",
+            kv_transfer_config={
+                "kv_connector": "LLMDConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {"host_offload_bytes": 256 << 20},
+            },
+            kv_events_config={
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "topic": "kv",
+                "endpoint": f"tcp://*:{events}",
+            },
+        )
+        pods.append((VLLMServer(config, LOG_DIR / f"pod-{core}.log").start(), events))
+    for pod, _ in pods:
+        pod.wait_ready()
+    return pods
+
+
+class RouterRun:
+    """One router process for the length of one (rate, router) run."""
+
+    def __init__(self, name: str, argv: list[str], port: int) -> None:
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}"
+        log = open(LOG_DIR / f"router-{name}.log", "ab")
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, path: str, timeout: float = 60) -> RouterRun:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"router {self.name} exited; see {LOG_DIR}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"router {self.name} not ready in {timeout} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def ours(policy: str, pods, model: Path, slo_flags: list[str]) -> RouterRun:
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm_llmd.router.cli", "--port", str(port)]
+    argv += ["--policy", policy, "--tokenizer", str(model), "--poll-interval-s", "0.25"]
+    for pod, _ in pods:
+        argv += ["--pod", pod.url]
+    if policy == "slo":
+        argv += slo_flags
+    return RouterRun(f"ours-{policy}", argv, port).wait_ready("/health")
+
+
+def vllm_router(binary: str, policy: str, pods, model: Path) -> RouterRun:
+    port = free_port()
+    argv = [binary, "--port", str(port), "--policy", policy, "--worker-urls"]
+    argv += [pod.url for pod, _ in pods]
+    if policy == "kv_aware":
+        for pod, events in pods:
+            argv += ["--kv-event-source", f"{pod.url}=tcp://127.0.0.1:{events}"]
+        argv += ["--kv-event-block-size", str(BLOCK), "--kv-event-model", str(model)]
+    return RouterRun(f"vllm-router-{policy}", argv, port).wait_ready("/health")
+
+
+# ---- workload -------------------------------------------------------------------------------
+
+
+def make_requests(tokenizer, rate: float, duration: float, seed: int, args) -> list[tuple]:
+    """(send time, prompt token ids) for one run: Poisson arrivals, shared and unique prompts."""
+    rng = random.Random(seed)
+    prefixes = [
+        tokenizer.encode(sample_text(args.prefix_tokens, seed * 100 + i)).ids[: args.prefix_tokens]
+        for i in range(args.num_prefixes)
+    ]
+    requests, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration:
+            return requests
+        suffix = tokenizer.encode(sample_text(200, seed * 100_000 + len(requests))).ids
+        if rng.random() < 0.8:
+            prompt = rng.choice(prefixes) + suffix[: rng.randrange(16, 96)]
+        else:
+            prompt = suffix[: rng.randrange(100, 200)]
+        requests.append((t, prompt))
+
+
+async def one_request(session, url: str, model: str, prompt, args, slo) -> Outcome:
+    headers = {
+        "x-slo-ttft-ms": str(round(slo[0] * 1000)),
+        "x-slo-tpot-ms": str(round(slo[1] * 1000, 1)),
+        "x-gateway-inference-objective": "standard",
+    }
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": args.output_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+    }
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    try:
+        async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
+            if resp.status == 429:
+                return Outcome(False, True, None, None)
+            if resp.status != 200:
+                return Outcome(False, False, None, None)
+            async for line in resp.content:
+                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if any(c.get("text") for c in chunk.get("choices", [])):
+                    tokens += 1
+                    if first is None:
+                        first = time.perf_counter()
+    except aiohttp.ClientError:
+        return Outcome(False, False, None, None)
+    end = time.perf_counter()
+    if first is None:
+        return Outcome(False, False, None, None)
+    ttft = first - started
+    tpot = (end - first) / max(1, tokens - 1)
+    return Outcome(ttft <= slo[0] and tpot <= slo[1], False, ttft, tpot)
+
+
+async def run_load(url: str, model: str, requests, args, slo) -> list[Outcome]:
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        start = time.perf_counter()
+
+        async def fire(at: float, prompt) -> Outcome:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            return await one_request(session, url, model, prompt, args, slo)
+
+        return await asyncio.gather(*(fire(at, prompt) for at, prompt in requests))
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def calibrate(pod: VLLMServer, tokenizer, args) -> tuple[float, float]:
+    """(TTFT SLO, TPOT SLO) from an idle pod: cold long prompts and their decode speed."""
+    cold, tpots = [], []
+    for i in range(3):
+        ids = tokenizer.encode(sample_text(args.prefix_tokens + 100, 990 + i)).ids
+        timing = timed_stream(pod.url, pod.model_name, ids[: args.prefix_tokens + 64], 16)
+        cold.append(timing.ttft_s)
+        tpots.append((timing.total_s - timing.ttft_s) / 15)
+    return 0.6 * statistics.median(cold), 3 * statistics.median(tpots)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--rates", default="1,2,3,4", help="arrival rates, requests/s")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per run")
+    parser.add_argument("--prefix-tokens", type=int, default=1536)
+    parser.add_argument("--num-prefixes", type=int, default=4)
+    parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument(
+        "--warmup", type=float, default=15.0, help="unmeasured seconds of load before each run"
+    )
+    parser.add_argument("--vllm-router", default=shutil.which("vllm-router"))
+    args = parser.parse_args()
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    pods = start_pods(model)
+    try:
+        slo = calibrate(pods[0][0], tokenizer, args)
+        print(f"SLOs: TTFT {slo[0] * 1000:.0f} ms, TPOT {slo[1] * 1000:.1f} ms")
+        routers = [("ours", "round_robin"), ("ours", "kv_aware"), ("ours", "slo")]
+        if args.vllm_router:
+            routers += [("vllm-router", "cache_aware"), ("vllm-router", "kv_aware")]
+        else:
+            print("vllm-router not found (--vllm-router PATH): its policies are left out")
+        slo_flags = ["--objective", "standard=-1"]
+        rates = [float(r) for r in args.rates.split(",")]
+        goodput: dict[str, dict[float, float]] = {}
+        header = f"{'router':28} {'rate':>5} {'good/s':>7} {'attain':>7} {'shed':>5} "
+        print(header + f"{'TTFT p50':>9} {'TTFT p90':>9} {'TPOT p50':>9}")
+        for run, rate in enumerate(rates):
+            for kind, policy in routers:
+                name = f"{kind} {policy}"
+                requests = make_requests(tokenizer, rate, args.duration, 1 + run * 10, args)
+                if kind == "ours":
+                    router = ours(policy, pods, model, slo_flags)
+                else:
+                    router = vllm_router(args.vllm_router, policy, pods, model)
+                try:
+                    if args.warmup > 0:  # unmeasured, own prefixes: latency models learn
+                        warm = make_requests(tokenizer, rate, args.warmup, 5000 + run * 10, args)
+                        asyncio.run(run_load(router.url, pods[0][0].model_name, warm, args, slo))
+                    outcomes = asyncio.run(
+                        run_load(router.url, pods[0][0].model_name, requests, args, slo)
+                    )
+                finally:
+                    router.stop()
+                good = sum(o.ok for o in outcomes)
+                goodput.setdefault(name, {})[rate] = good / args.duration
+                ttfts = sorted(o.ttft_s for o in outcomes if o.ttft_s is not None) or [0.0]
+                tpots = sorted(o.tpot_s for o in outcomes if o.tpot_s is not None) or [0.0]
+                print(
+                    f"{name:28} {rate:5.1f} {good / args.duration:7.2f} "
+                    f"{good / len(outcomes):7.1%} {sum(o.shed for o in outcomes):5d} "
+                    f"{statistics.median(ttfts) * 1000:8.0f}ms "
+                    f"{ttfts[int(0.9 * (len(ttfts) - 1))] * 1000:8.0f}ms "
+                    f"{statistics.median(tpots) * 1000:8.1f}ms",
+                    flush=True,
+                )
+        base = max(goodput["ours round_robin"].values()) or 1e-9
+        print("\npeak goodput over the rates, and its ratio to round_robin's:")
+        for name, by_rate in goodput.items():
+            peak = max(by_rate.values())
+            print(f"  {name:28} {peak:6.2f} req/s  {peak / base:5.2f}x")
+    finally:
+        for pod, _ in pods:
+            pod.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""SLO-aware routing end to end: a real router (`--policy slo`) before a real vLLM pod (tiny
+model, at most two running requests so its queue is real). The latency model's predicted TTFT
+converges on what clients measure; a request whose SLO no pod can meet is shed (sheddable) or
+queued (critical) while one that can be met is not; a fairness id flooding the saturated pod
+does not starve another (by the router's audit log)."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import threading
+import time
+
+import pytest
+from tokenizers import Tokenizer
+
+from vllm_llmd.devtools.client import (
+    HTTPStatusError,
+    metric_sum,
+    post_json,
+    scrape_metrics,
+    timed_stream,
+)
+from vllm_llmd.devtools.model_maker import sample_text
+from vllm_llmd.devtools.server import VLLMServerConfig
+
+pytestmark = pytest.mark.server
+
+WARMUP = 16
+
+
+@pytest.fixture(scope="module")
+def pod(vllm_servers, tiny_model):
+    config = VLLMServerConfig(model=tiny_model, cpu_cores="1", extra_args=["--max-num-seqs", "2"])
+    return vllm_servers.shared("slo-pod", config)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+
+
+def _audit(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _prompt(tokenizer, seed: int, num_tokens: int) -> list[int]:
+    """A prompt of exactly num_tokens tokens that shares no block with another seed's."""
+    ids = tokenizer.encode(sample_text(num_tokens, seed=seed)).ids
+    assert len(ids) >= num_tokens
+    return ids[:num_tokens]
+
+
+def _slo_router(start_router, pod, tiny_model, audit, *extra: str):
+    return start_router(
+        [
+            "--pod",
+            pod.url,
+            "--policy",
+            "slo",
+            "--tokenizer",
+            str(tiny_model),
+            "--audit-log",
+            str(audit),
+            "--poll-interval-s",
+            "0.2",
+            *extra,
+        ],
+        "router-slo",
+    )
+
+
+def _warm_up(router, pod, tokenizer, seed: int) -> None:
+    """Teach the router's latency model: streamed requests of varied uncached length."""
+    rng = random.Random(seed)
+    for i in range(WARMUP):
+        timed_stream(
+            router.url, pod.model_name, _prompt(tokenizer, seed + i, rng.randrange(400, 4000)), 4
+        )
+
+
+def test_predicted_ttft_converges_on_a_real_pod(pod, tiny_model, tokenizer, start_router, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    router = _slo_router(start_router, pod, tiny_model, audit, "--latency-min-samples", "8")
+    _warm_up(router, pod, tokenizer, seed=2000)
+    rng = random.Random(1)
+    errors, pairs = [], []
+    for i in range(12):
+        prompt = _prompt(tokenizer, 2100 + i, rng.randrange(400, 4000))
+        measured = timed_stream(router.url, pod.model_name, prompt, 4).ttft_s
+        record = _audit(audit)[-1]
+        assert record["predicted_ttft_s"] is not None, record
+        errors.append(abs(record["predicted_ttft_s"] - measured) / measured)
+        pairs.append(f"{len(prompt)}:{record['predicted_ttft_s'] * 1000:.0f}/{measured * 1000:.0f}")
+    median = statistics.median(errors)
+    print(f"median relative TTFT error on 12 new requests: {median:.3f}")
+    print("prompt tokens:predicted/measured ms:", " ".join(pairs))
+    assert median <= 0.35, pairs
+    # The router exports the same judgement.
+    metrics = scrape_metrics(router.url)
+    counted = metric_sum(metrics, "llmd_router_ttft_prediction_relative_error_count")
+    assert counted >= 12
+
+
+def test_unmeetable_slo_is_shed_or_queued_by_priority(
+    pod, tiny_model, tokenizer, start_router, tmp_path
+):
+    audit = tmp_path / "audit.jsonl"
+    router = _slo_router(
+        start_router,
+        pod,
+        tiny_model,
+        audit,
+        "--objective",
+        "critical=10",
+        "--objective",
+        "batch=-1",
+    )
+    _warm_up(router, pod, tokenizer, seed=3000)
+    prompt = _prompt(tokenizer, 3100, 1500)
+
+    def ask(objective: str, ttft_ms: int) -> dict:
+        headers = {"x-gateway-inference-objective": objective, "x-slo-ttft-ms": str(ttft_ms)}
+        body = {"model": pod.model_name, "prompt": prompt, "max_tokens": 2}
+        return post_json(router.url + "/v1/completions", body, headers)
+
+    # No pod computes 1500 tokens in 1 ms: sheddable traffic is refused at once ...
+    with pytest.raises(HTTPStatusError) as shed:
+        ask("batch", 1)
+    assert shed.value.status == 429
+    assert "within its SLO" in str(shed.value)
+    # ... critical traffic waits in the router until its deadline, then is served anyway ...
+    assert ask("critical", 1)["choices"]
+    # ... and either is served at once when its SLO can be met.
+    assert ask("batch", 60_000)["choices"]
+    assert ask("critical", 60_000)["choices"]
+    records = _audit(audit)[WARMUP:]
+    assert [(r["priority"], r["admission"]) for r in records] == [
+        (10, "late"),
+        (-1, "met"),
+        (10, "met"),
+    ], records
+    assert records[0]["queued_s"] > 0 and records[1]["queued_s"] == 0
+    metrics = scrape_metrics(router.url)
+    assert metric_sum(metrics, "llmd_router_admissions_total", outcome="shed") == 1
+    assert metric_sum(metrics, "llmd_router_admissions_total", outcome="late") == 1
+
+
+def test_shed_answer_carries_retry_after(pod, tiny_model, tokenizer, start_router, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    audit = tmp_path / "audit.jsonl"
+    router = _slo_router(start_router, pod, tiny_model, audit, "--objective", "batch=-1")
+    _warm_up(router, pod, tokenizer, seed=4000)
+    body = {"model": pod.model_name, "prompt": _prompt(tokenizer, 4100, 1500), "max_tokens": 2}
+    request = urllib.request.Request(
+        router.url + "/v1/completions",
+        json.dumps(body).encode(),
+        {
+            "Content-Type": "application/json",
+            "x-gateway-inference-objective": "batch",
+            "x-slo-ttft-ms": "1",
+        },
+    )
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=30)
+    assert error.value.code == 429
+    assert int(error.value.headers["Retry-After"]) >= 1
+    assert json.loads(error.value.read())["error"]["code"] == 429
+
+
+def test_a_flooding_fairness_id_does_not_starve_another(
+    pod, tiny_model, tokenizer, start_router, tmp_path
+):
+    audit = tmp_path / "audit.jsonl"
+    router = _slo_router(start_router, pod, tiny_model, audit, "--max-waiting", "1")
+    failures: list[Exception] = []
+
+    def send(tenant: str, i: int) -> None:
+        headers = {"x-gateway-inference-fairness-id": tenant}
+        body = {"model": pod.model_name, "prompt": sample_text(40, seed=i), "max_tokens": 256}
+        try:
+            post_json(router.url + "/v1/completions", body, headers)
+        except Exception as exc:
+            failures.append(exc)
+
+    flood = [threading.Thread(target=send, args=("flood", 5000 + i)) for i in range(14)]
+    quiet = [threading.Thread(target=send, args=("quiet", 6000 + i)) for i in range(4)]
+    for thread in flood:
+        thread.start()
+    time.sleep(0.3)  # the flood fills the pod and the router's queue first
+    for thread in quiet:
+        thread.start()
+    for thread in flood + quiet:
+        thread.join(timeout=120)
+    assert not failures, failures
+    tenants = [r["fairness_id"] for r in _audit(audit)]
+    admissions = {(r["fairness_id"], r["admission"]) for r in _audit(audit)}
+    print("dispatch order:", " ".join("Q" if t == "quiet" else "f" for t in tenants))
+    # The premise: the pool was saturated, so the quiet id had to queue.
+    assert ("quiet", "queued") in admissions, admissions
+    first, last = tenants.index("quiet"), len(tenants) - 1 - tenants[::-1].index("quiet")
+    window = tenants[first : last + 1]
+    # Fair turns: the quiet id got about every other dispatch while both had requests queued,
+    # and the flood still had queued requests when the quiet id's last one went.
+    assert window.count("quiet") / len(window) >= 0.34, tenants
+    assert tenants[last + 1 :].count("flood") >= 3, tenants

@@ -1,0 +1,137 @@
+"""Routing on predicted latency: the `slo` policy's choice of pod.
+
+For each candidate the router builds the request's shape on that pod (uncached and cached
+prompt tokens from the index, the pod's queue and batch) and asks the pod's latency model
+(`latency.py`) for TTFT and TPOT. A pod's *SLO ratio* is the larger of predicted/target over
+the request's SLOs; the pod with the smallest ratio wins, and the request *meets* its SLO when
+that ratio is at most `1 - headroom`. A cache hit lowers the predicted TTFT by what the model
+learned a cached token saves, instead of carrying a fixed weight. Without SLOs the smallest
+predicted TTFT + TPOT * expected output tokens wins.
+
+Until every candidate's TTFT model is warm, the heuristic policy (kv_aware) decides and the
+request counts as meeting its SLO (nothing better is known). Saturated pods (see
+`is_saturated`) are passed over while any candidate is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_llmd.router.latency import LatencyModels, Prediction, RequestShape
+from vllm_llmd.router.load import PodLoad
+from vllm_llmd.router.scoring import Decision, ScoreInput, ScoringConfig, ScoringPolicy
+from vllm_llmd.router.slo import SLO
+
+# output tokens assumed when a request sets no max_tokens (only ranks pods without SLOs)
+DEFAULT_OUTPUT_TOKENS = 128
+
+
+def estimated_waiting(load: PodLoad) -> int:
+    """The pod's queue: its scraped gauge, or, when fresher, the router's in-flight requests
+    beyond the pod's running batch (a scrape lags; the router knows what it sent at once)."""
+    return max(load.num_waiting, load.num_in_flight - load.num_running)
+
+
+def is_saturated(load: PodLoad, config: ScoringConfig) -> bool:
+    """The pod cannot take more work now: its queue or its KV cache is full."""
+    return estimated_waiting(load) >= config.max_waiting or load.kv_usage >= config.max_kv_usage
+
+
+def request_shape(request: ScoreInput, pod: str, num_tokens: int, block_size: int) -> RequestShape:
+    """The request as seen on `pod` at this moment."""
+    load = request.load(pod)
+    cached = min(num_tokens, request.cache(pod).num_blocks * block_size)
+    return RequestShape(
+        uncached_tokens=num_tokens - cached,
+        cached_tokens=cached,
+        waiting=estimated_waiting(load),
+        active=load.num_running + load.num_in_flight,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SLOChoice:
+    """The chosen pod, its predicted latency (None while cold), and whether it meets the SLO."""
+
+    decision: Decision
+    prediction: Prediction | None
+    shape: RequestShape
+    meets: bool
+
+
+class SLOPlanner:
+    """Chooses by predicted latency (module doc); `fallback` decides while models are cold."""
+
+    def __init__(
+        self,
+        models: LatencyModels,
+        fallback: ScoringPolicy,
+        scoring: ScoringConfig,
+        block_size: int,
+        headroom: float,
+    ) -> None:
+        self.models = models
+        self.fallback = fallback
+        self.scoring = scoring
+        self.block_size = block_size
+        self.headroom = headroom
+
+    def all_saturated(self, request: ScoreInput) -> bool:
+        return all(is_saturated(request.load(p), self.scoring) for p in request.candidates)
+
+    def choose(
+        self,
+        request: ScoreInput,
+        num_tokens: int | None,
+        slo: SLO,
+        output_tokens: int | None = None,
+        mode: str = "direct",
+    ) -> SLOChoice:
+        tokens = num_tokens or 0
+        shapes = {p: request_shape(request, p, tokens, self.block_size) for p in request.candidates}
+        predictions = {p: self.models.predict(p, mode, shapes[p]) for p in request.candidates}
+        cold = [p for p, pr in predictions.items() if pr.ttft_s is None]
+        if num_tokens is None or cold:
+            decision = self.fallback.choose(request)
+            why = "no prompt tokens" if num_tokens is None else f"{len(cold)} cold models"
+            decision = Decision(
+                decision.pod,
+                f"{decision.reason} (latency model not used: {why})",
+                decision.scores,
+                decision.hit_blocks,
+            )
+            return SLOChoice(decision, None, shapes[decision.pod], True)
+        outputs = output_tokens or DEFAULT_OUTPUT_TOKENS
+        ratios = {p: _slo_ratio(predictions[p], slo, outputs) for p in request.candidates}
+        free = [p for p in request.candidates if not is_saturated(request.load(p), self.scoring)]
+        pool = free or list(request.candidates)
+        pod = min(pool, key=lambda p: (ratios[p], shapes[p].active, p))
+        prediction = predictions[pod]
+        has_slo = slo.ttft_s is not None or slo.tpot_s is not None
+        meets = not has_slo or ratios[pod] <= 1.0 - self.headroom
+        assert prediction.ttft_s is not None
+        tpot = "?" if prediction.tpot_s is None else f"{prediction.tpot_s * 1000:.1f}"
+        reason = (
+            f"slo: predicted TTFT {prediction.ttft_s * 1000:.0f} ms, "
+            f"TPOT {tpot} ms, {shapes[pod].cached_tokens} cached tokens"
+            + (f", SLO ratio {ratios[pod]:.2f}" if has_slo else "")
+            + ("" if free else "; all candidates saturated")
+        )
+        scores = {p: -r for p, r in ratios.items()}
+        decision = Decision(pod, reason, scores, request.cache(pod).num_blocks)
+        return SLOChoice(decision, prediction, shapes[pod], meets)
+
+
+def _slo_ratio(prediction: Prediction, slo: SLO, output_tokens: int) -> float:
+    """max(predicted / target) over the SLOs set; a TPOT not learned yet (no streamed answer
+    seen) is left out. Without SLOs: predicted seconds to the end of the answer."""
+    assert prediction.ttft_s is not None
+    tpot = prediction.tpot_s
+    ratios = []
+    if slo.ttft_s is not None:
+        ratios.append(prediction.ttft_s / slo.ttft_s)
+    if slo.tpot_s is not None and tpot is not None:
+        ratios.append(tpot / slo.tpot_s)
+    if ratios:
+        return max(ratios)
+    return prediction.ttft_s + (tpot or 0.0) * output_tokens

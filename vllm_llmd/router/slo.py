@@ -1,0 +1,246 @@
+"""Service-level objectives of a request, its priority class, and the router's admission queue.
+
+A request's SLOs come from llm-d's headers, so clients need no change: `x-slo-ttft-ms` (time to
+first token) and `x-slo-tpot-ms` (time per output token), else the model's defaults, else the
+router's. Its priority comes from the objective it names (`x-gateway-inference-objective`,
+mapped to an integer priority by the router's config; unknown or absent: priority 0) and its
+fairness id from `x-gateway-inference-fairness-id` (absent: "default"). As in the Gateway API
+Inference Extension, a negative priority is *sheddable*: when no pod can serve it within its
+SLO, it is refused with 429 and `Retry-After` instead of waiting.
+
+`AdmissionQueue` holds the requests that may not be dispatched yet (the pool is saturated, or
+no pod is predicted to meet the SLO). Its order: higher priority first; within a priority, the
+fairness ids with queued requests take turns (one request each), so one id flooding the router
+cannot starve another; within an id, the earliest deadline (arrival + TTFT SLO) first. A request
+waits until the router finds it admissible or its deadline passes, never longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+TTFT_HEADER = "x-slo-ttft-ms"
+TPOT_HEADER = "x-slo-tpot-ms"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
+DEFAULT_FAIRNESS_ID = "default"
+
+
+class SLOHeaderError(ValueError):
+    """A request header carrying an SLO or class is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class SLO:
+    """Latency targets in seconds; None: no target."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SLO:
+        """`ttft=MS,tpot=MS` (either part optional) -> SLO; ValueError names the fault."""
+        values: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or key not in ("ttft", "tpot"):
+                raise ValueError(f"SLO {text!r}: expected ttft=MS and/or tpot=MS, got {part!r}")
+            values[key] = _positive_ms(value, f"SLO {text!r}")
+        return cls(values.get("ttft"), values.get("tpot"))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestClass:
+    """How the router treats a request when the pool cannot serve everything at once."""
+
+    slo: SLO
+    priority: int = 0
+    fairness_id: str = DEFAULT_FAIRNESS_ID
+    objective: str | None = None
+
+    @property
+    def sheddable(self) -> bool:
+        return self.priority < 0
+
+
+@dataclass(frozen=True)
+class SLOConfig:
+    """Defaults and knobs of SLO-aware routing (flags `--slo*`, `--objective`, `--queue-*`)."""
+
+    default_slo: SLO = SLO()
+    # model name -> its SLO (a part it leaves out falls back to default_slo)
+    model_slos: Mapping[str, SLO] = field(default_factory=dict)
+    # objective name -> priority (negative: sheddable)
+    objectives: Mapping[str, int] = field(default_factory=dict)
+    # a pod meets an SLO when its prediction is within (1 - headroom) of it
+    headroom: float = 0.1
+    # requests the router may hold; more are refused (429 sheddable, 503 others)
+    max_queue: int = 1024
+    # how long a request without a TTFT SLO may wait in the queue
+    queue_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.headroom < 1:
+            raise ValueError(f"SLO headroom must be in [0, 1), got {self.headroom}")
+        if self.max_queue < 0 or self.queue_timeout_s <= 0:
+            raise ValueError("need max_queue >= 0 and queue_timeout_s > 0")
+
+    def classify(self, headers: Mapping[str, str], model: str | None) -> RequestClass:
+        """The request's SLO, priority and fairness id; SLOHeaderError on a bad header."""
+        base = self.model_slos.get(model or "", SLO())
+        ttft = _header_ms(headers, TTFT_HEADER)
+        tpot = _header_ms(headers, TPOT_HEADER)
+        slo = SLO(
+            ttft if ttft is not None else base.ttft_s or self.default_slo.ttft_s,
+            tpot if tpot is not None else base.tpot_s or self.default_slo.tpot_s,
+        )
+        objective = headers.get(OBJECTIVE_HEADER) or None
+        priority = self.objectives.get(objective, 0) if objective else 0
+        fairness_id = headers.get(FAIRNESS_HEADER) or DEFAULT_FAIRNESS_ID
+        return RequestClass(slo, priority, fairness_id, objective)
+
+
+def _header_ms(headers: Mapping[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    return None if value is None else _positive_ms(value, f"header {name}")
+
+
+def _positive_ms(value: str, what: str) -> float:
+    try:
+        ms = float(value)
+    except ValueError:
+        raise SLOHeaderError(f"{what}: {value!r} is not a number of milliseconds") from None
+    if not ms > 0 or ms == float("inf"):
+        raise SLOHeaderError(f"{what}: milliseconds must be > 0 and finite, got {value!r}")
+    return ms / 1000.0
+
+
+def parse_objective(text: str) -> tuple[str, int]:
+    """`NAME=PRIORITY` -> (name, priority); ValueError names the fault."""
+    name, sep, value = text.partition("=")
+    try:
+        priority = int(value)
+    except ValueError:
+        priority = None
+    if not sep or not name.strip() or priority is None:
+        raise ValueError(f"objective {text!r}: expected NAME=PRIORITY (an integer)")
+    return name.strip(), priority
+
+
+def parse_model_slo(text: str) -> tuple[str, SLO]:
+    """`MODEL:ttft=MS,tpot=MS` -> (model, SLO)."""
+    model, sep, slo = text.rpartition(":")
+    if not sep or not model:
+        raise ValueError(f"model SLO {text!r}: expected MODEL:ttft=MS,tpot=MS")
+    return model, SLO.parse(slo)
+
+
+# ---- the queue ----------------------------------------------------------------------------
+
+
+class QueueFullError(RuntimeError):
+    """The admission queue holds max_queue requests already."""
+
+
+@dataclass(eq=False)
+class QueuedRequest:
+    """One request waiting for admission."""
+
+    request_class: RequestClass
+    arrival: float
+    deadline: float
+    # the router's test: may this request be dispatched now?
+    admissible: Callable[[], bool]
+    # set True when admitted, False when its deadline passed first
+    admitted: asyncio.Future[bool]
+    seq: int = 0
+
+
+class AdmissionQueue:
+    """Priority, then fair turns between fairness ids, then earliest deadline (module doc)."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        # priority -> fairness id -> heap of (deadline, seq, request)
+        self._queues: dict[int, dict[str, list[tuple[float, int, QueuedRequest]]]] = {}
+        # priority -> fairness ids with queued requests, in turn order
+        self._turns: dict[int, deque[str]] = {}
+        self._seq = itertools.count()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, request: QueuedRequest) -> None:
+        if self._size >= self.max_size:
+            raise QueueFullError(f"the router's queue is full ({self.max_size} requests)")
+        request.seq = next(self._seq)
+        cls = request.request_class
+        by_id = self._queues.setdefault(cls.priority, {})
+        if cls.fairness_id not in by_id:
+            by_id[cls.fairness_id] = []
+            self._turns.setdefault(cls.priority, deque()).append(cls.fairness_id)
+        heapq.heappush(by_id[cls.fairness_id], (request.deadline, request.seq, request))
+        self._size += 1
+
+    def peek(self) -> QueuedRequest | None:
+        """The request that goes next."""
+        if not self._size:
+            return None
+        priority = max(self._queues)
+        fairness_id = self._turns[priority][0]
+        return self._queues[priority][fairness_id][0][2]
+
+    def pop(self) -> QueuedRequest:
+        """Take the next request; its fairness id moves to the back of its priority's turns."""
+        request = self.peek()
+        if request is None:
+            raise IndexError("pop from an empty admission queue")
+        cls = request.request_class
+        heapq.heappop(self._queues[cls.priority][cls.fairness_id])
+        turns = self._turns[cls.priority]
+        turns.rotate(-1)
+        self._forget_if_empty(cls.priority, cls.fairness_id)
+        self._size -= 1
+        return request
+
+    def remove(self, request: QueuedRequest) -> bool:
+        """Take a request out wherever it is (it expired, or its client left)."""
+        cls = request.request_class
+        heap = self._queues.get(cls.priority, {}).get(cls.fairness_id)
+        if heap is None:
+            return False
+        for i, (_, _, queued) in enumerate(heap):
+            if queued is request:
+                heap[i] = heap[-1]
+                heap.pop()
+                heapq.heapify(heap)
+                self._forget_if_empty(cls.priority, cls.fairness_id)
+                self._size -= 1
+                return True
+        return False
+
+    def expired(self, now: float) -> list[QueuedRequest]:
+        """Queued requests whose deadline has passed."""
+        return [
+            request
+            for by_id in self._queues.values()
+            for heap in by_id.values()
+            for deadline, _, request in heap
+            if deadline <= now
+        ]
+
+    def _forget_if_empty(self, priority: int, fairness_id: str) -> None:
+        by_id = self._queues[priority]
+        if by_id[fairness_id]:
+            return
+        del by_id[fairness_id]
+        self._turns[priority].remove(fairness_id)
+        if not by_id:
+            del self._queues[priority]
+            del self._turns[priority]
