@@ -9,7 +9,9 @@ learned a cached token saves, instead of carrying a fixed weight. Without SLOs t
 predicted TTFT + TPOT * expected output tokens wins.
 
 Until every candidate's TTFT model is warm, the heuristic policy (kv_aware) decides and the
-request counts as meeting its SLO (nothing better is known). Saturated pods (see
+request counts as meeting its SLO (nothing better is known). A request that would miss even on
+an idle pod (a long cold prompt against a tight TTFT SLO) is not held back: waiting cannot help
+it, and serving it warms the cache for the requests that share its prefix. Saturated pods (see
 `is_saturated`) are passed over while any candidate is not.
 """
 
@@ -57,6 +59,15 @@ class SLOChoice:
     prediction: Prediction | None
     shape: RequestShape
     meets: bool
+    # the best pod would meet the SLO were it idle: a miss now is caused by load, so waiting
+    # (or shedding) can help; otherwise the miss is the request's own (a long cold prompt)
+    # and it is served at once, best effort, which also warms the cache for the next one
+    meets_when_idle: bool = True
+
+    @property
+    def load_bound(self) -> bool:
+        """Missing the SLO because of load: the case for queueing or shedding."""
+        return not self.meets and self.meets_when_idle
 
 
 class SLOPlanner:
@@ -108,7 +119,12 @@ class SLOPlanner:
         pod = min(pool, key=lambda p: (ratios[p], shapes[p].active, p))
         prediction = predictions[pod]
         has_slo = slo.ttft_s is not None or slo.tpot_s is not None
-        meets = not has_slo or ratios[pod] <= 1.0 - self.headroom
+        limit = 1.0 - self.headroom
+        meets = not has_slo or ratios[pod] <= limit
+        meets_when_idle = meets or any(
+            _slo_ratio(self.models.predict(p, mode, _idle(shapes[p])), slo, outputs) <= limit
+            for p in request.candidates
+        )
         assert prediction.ttft_s is not None
         tpot = "?" if prediction.tpot_s is None else f"{prediction.tpot_s * 1000:.1f}"
         reason = (
@@ -119,7 +135,11 @@ class SLOPlanner:
         )
         scores = {p: -r for p, r in ratios.items()}
         decision = Decision(pod, reason, scores, request.cache(pod).num_blocks)
-        return SLOChoice(decision, prediction, shapes[pod], meets)
+        return SLOChoice(decision, prediction, shapes[pod], meets, meets_when_idle)
+
+
+def _idle(shape: RequestShape) -> RequestShape:
+    return RequestShape(shape.uncached_tokens, shape.cached_tokens, waiting=0, active=0)
 
 
 def _slo_ratio(prediction: Prediction, slo: SLO, output_tokens: int) -> float:

@@ -171,7 +171,8 @@ class Router:
         request = ScoreInput(len(hashes), decode_pods, self._caches(hashes), self.registry.loads())
         if self.planner.all_saturated(request):
             return False
-        return self.planner.choose(request, num_tokens, request_class.slo).meets
+        # Only a miss that load causes is worth waiting for (see SLOChoice.meets_when_idle).
+        return not self.planner.choose(request, num_tokens, request_class.slo).load_bound
 
     async def _admit(
         self, hashes: list[int], num_tokens: int | None, request_class: RequestClass
