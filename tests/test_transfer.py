@@ -125,18 +125,37 @@ def test_config_refuses_unknown_keys_and_bad_types():
 # ---- a real side channel ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def side_channel():
+def _byte_cache_server(same_host_shm: bool):
     """A TransferServer over a real byte 'cache' of 16 blocks (gather = block-major copy)."""
     cache = torch.randint(0, 256, (16, NUM_LAYERS, PAGE), dtype=torch.uint8)
     gathers = []
 
-    def gather(block_ids):
+    def gather(block_ids, out):
         gathers.append(list(block_ids))
-        return cache[torch.tensor(block_ids)].reshape(-1).clone()
+        data = cache[torch.tensor(block_ids)].reshape(-1)
+        if out is None:
+            return data.clone()
+        out.copy_(data)
+        return out
 
     registry = SendRegistry(lease_s=30)
-    server = TransferServer("127.0.0.1", 0, registry, gather, FINGERPRINT, NUM_LAYERS * PAGE)
+    server = TransferServer(
+        "127.0.0.1",
+        0,
+        registry,
+        gather,
+        FINGERPRINT,
+        NUM_LAYERS * PAGE,
+        same_host_shm=same_host_shm,
+    )
+    return server, registry, cache, gathers
+
+
+@pytest.fixture(params=["shm", "socket"])
+def side_channel(request):
+    """Both transports: this process is on the prefill's host, so "shm" takes the shared
+    memory path; "socket" is a prefill that never offers it (another host)."""
+    server, registry, cache, gathers = _byte_cache_server(request.param == "shm")
     try:
         yield server, registry, cache, gathers
     finally:
@@ -172,6 +191,49 @@ def test_pull_in_chunks_then_release(side_channel):
     assert gathers == [[9, 2], [14, 5], [7]]  # three chunks of at most two blocks
     [send] = registry.take_finished()  # released by the puller
     assert send.outcome == "done"
+    # the bytes went the way the server offers: shared memory on this host, else the socket
+    moved = (server.bytes_shared, server.bytes_sent)
+    assert moved == ((nbytes, 0) if server.host_id else (0, nbytes))
+
+
+def _llmd_segments() -> set[str]:
+    import os
+
+    return {name for name in os.listdir("/dev/shm") if name.startswith("llmd_kv_")}
+
+
+def test_same_host_segments_are_reused_per_peer_and_unlinked_on_close():
+    before = _llmd_segments()
+    server, registry, cache, _ = _byte_cache_server(same_host_shm=True)
+    try:
+        for i in range(3):
+            registry.add(f"req{i}", f"tid{i}", [1, 2, 3])
+            _, data = _pull(server, f"tid{i}", [1, 2, 3])
+            assert torch.equal(data, cache[torch.tensor([1, 2, 3])])
+        assert len(_llmd_segments() - before) == 1  # one peer (this thread): one segment
+    finally:
+        server.close()
+    assert _llmd_segments() == before
+
+
+def test_a_segment_that_cannot_be_opened_falls_back_to_the_socket(monkeypatch):
+    from vllm_llmd.transfer import shm
+
+    def refuse(self, name, nbytes):
+        raise OSError("another IPC namespace")
+
+    monkeypatch.setattr(shm.ShmReader, "view", refuse)
+    server, registry, cache, gathers = _byte_cache_server(same_host_shm=True)
+    try:
+        registry.add("req", "tid", [4, 6])
+        nbytes, data = _pull(server, "tid", [4, 6])
+        assert torch.equal(data, cache[torch.tensor([4, 6])])
+        assert server.bytes_sent == nbytes  # the read was answered again, through the socket
+        assert gathers == [[4, 6], [4, 6]]
+        [send] = registry.take_finished()
+        assert send.outcome == "done"
+    finally:
+        server.close()
 
 
 def test_pull_refused_on_fingerprint_mismatch(side_channel):

@@ -238,14 +238,17 @@ class LLMDConnectorWorker:
 
     # ---- bytes ---------------------------------------------------------------------------
 
-    def _gather(self, block_ids: list[int]) -> torch.Tensor:
-        """Blocks of every layer into one host staging buffer (pinned on CUDA)."""
+    def _gather(self, block_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks of every layer into `out` (a same-host shared-memory segment) or a new host
+        staging buffer (pinned on CUDA)."""
         cache = self.kv_cache
         assert cache is not None
         on_cuda = cache.device.type == "cuda"
-        staging = torch.empty(
-            cache.buffer_bytes(len(block_ids)), dtype=torch.uint8, pin_memory=on_cuda
-        )
+        staging = out
+        if staging is None:
+            staging = torch.empty(
+                cache.buffer_bytes(len(block_ids)), dtype=torch.uint8, pin_memory=on_cuda
+            )
         gather_blocks(cache, block_ids, staging)
         if on_cuda:
             torch.cuda.current_stream(cache.device).synchronize()

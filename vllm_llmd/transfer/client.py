@@ -4,6 +4,10 @@
 callback that writes it into the local KV cache, and always ends with a release telling the
 prefill worker the outcome, so its blocks are freed at once instead of at lease expiry. Every
 wait is bounded by `timeout_s`; any failure raises TransferFailed with a reason for the logs.
+
+On the same host (`shm.host_id()` equal on both sides) the prefill worker may answer through
+shared memory: the chunk is scattered straight from its segment. An endpoint whose segment
+cannot be opened is read through the socket from then on.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import zmq
 
 from vllm_llmd.transfer import messages as wire
+from vllm_llmd.transfer.shm import ShmReader, host_id
 
 # scatter(first_index, data): data holds blocks first_index.. of the pull, block-major
 ScatterFn = Callable[[int, torch.Tensor], None]
@@ -73,6 +78,15 @@ class _Channel:
 # request. A channel that saw any failure is discarded (a late reply could still arrive on it).
 _channels = threading.local()
 _MAX_CHANNELS_PER_THREAD = 64
+_HOST_ID = host_id()
+
+
+def _shm_state() -> tuple[ShmReader, set[str]]:
+    """This thread's segment mappings, and the endpoints whose segments it could not open."""
+    local = _channels.__dict__
+    if "shm_reader" not in local:
+        local["shm_reader"], local["no_shm"] = ShmReader(), set()
+    return local["shm_reader"], local["no_shm"]
 
 
 def _channel_for(endpoint: str, timeout_s: float, max_reply_bytes: int) -> _Channel:
@@ -105,6 +119,7 @@ def pull_blocks(
     timeout_s: float,
     unknown_transfer_grace_s: float,
     max_chunk_bytes: int,
+    same_host_shm: bool = True,
 ) -> int:
     """Read every block of spec into the local cache via scatter; returns bytes received."""
     bytes_per_block = spec.block_bytes
@@ -116,7 +131,11 @@ def pull_blocks(
     try:
         for start, end in _chunks(len(spec.remote_block_ids), per_chunk):
             data = _read_chunk(
-                channel, spec, list(spec.remote_block_ids[start:end]), unknown_transfer_grace_s
+                channel,
+                spec,
+                list(spec.remote_block_ids[start:end]),
+                unknown_transfer_grace_s,
+                same_host_shm,
             )
             if data.numel() != (end - start) * bytes_per_block:
                 raise TransferFailed(
@@ -136,19 +155,28 @@ def pull_blocks(
 
 
 def _read_chunk(
-    channel: _Channel, spec: PullSpec, block_ids: list[int], grace_s: float
+    channel: _Channel, spec: PullSpec, block_ids: list[int], grace_s: float, shm: bool
 ) -> torch.Tensor:
+    reader, no_shm = _shm_state()
+    use_shm = shm and bool(_HOST_ID) and spec.endpoint not in no_shm
     request = wire.ReadBlocks(
         version=wire.PROTOCOL_VERSION,
         transfer_id=spec.transfer_id,
         fingerprint=spec.fingerprint,
         block_ids=block_ids,
+        host_id=_HOST_ID if use_shm else "",
     )
     deadline = time.monotonic() + grace_s
     while True:
         reply, frames = channel.ask(request)
         if isinstance(reply, wire.BlocksHeader) and len(frames) == 1:
             return torch.frombuffer(frames[0].buffer, dtype=torch.uint8)
+        if isinstance(reply, wire.ShmBlocksHeader) and use_shm:
+            try:
+                return reader.view(reply.shm_name, reply.num_blocks * reply.block_bytes)
+            except OSError:  # same boot and IPC namespace, yet not openable: use the socket
+                no_shm.add(spec.endpoint)
+                return _read_chunk(channel, spec, block_ids, grace_s, shm=False)
         if isinstance(reply, wire.TransferError):
             # The prefill engine registers a transfer one step after it answered: retry briefly.
             if reply.code == wire.UNKNOWN_TRANSFER and time.monotonic() < deadline:

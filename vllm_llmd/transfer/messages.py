@@ -3,11 +3,16 @@
 A decode worker (DEALER) talks to a prefill worker (ROUTER), one request frame, one reply:
 
     ReadBlocks(transfer_id, fingerprint, block_ids)  ->  BlocksHeader + one data frame
+                                                     |   ShmBlocksHeader (same host, below)
                                                      |   TransferError
     ReleaseTransfer(transfer_id, success, reason)    ->  Ack | TransferError
 
 The data frame holds the pages of the requested blocks, block-major: for each block id in the
 order asked, every layer's page, in layer order (the order of `vllm_llmd.ops`' gather).
+
+Same host: a ReadBlocks whose `host_id` equals the prefill worker's own (see `shm.py`) may be
+answered with ShmBlocksHeader instead: the same bytes, in the named shared-memory segment, and
+no data frame. A decode worker that cannot open the segment reads again with no host_id.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import msgspec
 
 # Version history:
-#   1: first version (read in chunks, release with outcome, fingerprint per read).
+#   1: first version (read in chunks, release with outcome, fingerprint per read);
+#      compatible addition: ReadBlocks.host_id and the ShmBlocksHeader reply (same host).
 PROTOCOL_VERSION = 1
 # No control message is anywhere near this; a larger frame is refused before decoding.
 MAX_CONTROL_BYTES = 1 << 20
@@ -50,6 +56,8 @@ class ReadBlocks(msgspec.Struct, tag="read", kw_only=True):
     fingerprint: KVLayoutFingerprint
     # prefill-side block ids, in the order the data frame must hold them
     block_ids: list[int]
+    # the decode worker's shm.host_id(); empty: answer with a data frame
+    host_id: str = ""
 
 
 class ReleaseTransfer(msgspec.Struct, tag="release", kw_only=True):
@@ -66,6 +74,15 @@ class BlocksHeader(msgspec.Struct, tag="blocks", kw_only=True):
     num_blocks: int
     # bytes of one block id in the data frame (every layer's page of it)
     block_bytes: int
+
+
+class ShmBlocksHeader(msgspec.Struct, tag="shm_blocks", kw_only=True):
+    version: int
+    transfer_id: str
+    num_blocks: int
+    block_bytes: int
+    # the segment holding num_blocks * block_bytes bytes from its start
+    shm_name: str
 
 
 class Ack(msgspec.Struct, tag="ack", kw_only=True):
@@ -88,7 +105,7 @@ INCOMPATIBLE = "incompatible"
 ERROR_CODES = (UNKNOWN_TRANSFER, BAD_REQUEST, INCOMPATIBLE)
 
 Request = ReadBlocks | ReleaseTransfer
-Reply = BlocksHeader | Ack | TransferError
+Reply = BlocksHeader | ShmBlocksHeader | Ack | TransferError
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)

@@ -2,8 +2,9 @@
 
 Each read is checked (protocol version, transfer id, fingerprint, block ids the transfer holds)
 before a byte is copied; the blocks are gathered once into a staging buffer that goes out as a
-zero-copy frame. The transfer stays pinned in the registry (READING) only while the gather
-runs; the send itself reads the staging buffer, not the KV cache.
+zero-copy frame, or, for a decode worker on the same host, into a shared-memory segment whose
+name goes out instead (`shm.py`). The transfer stays pinned in the registry (READING) only
+while the gather runs; the send itself reads the staging buffer, not the KV cache.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import zmq
 from vllm_llmd.log import get_logger
 from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.registry import SendRegistry
+from vllm_llmd.transfer.shm import ShmStaging, host_id
 
 logger = get_logger(__name__)
 
-# gather(block_ids) -> contiguous uint8 tensor, block-major, every layer's page per block
-GatherFn = Callable[[list[int]], torch.Tensor]
+# gather(block_ids, out) -> contiguous uint8 tensor, block-major, every layer's page per block:
+# `out` when given (filled), else a new one
+GatherFn = Callable[[list[int], torch.Tensor | None], torch.Tensor]
 
 
 class TransferServer:
@@ -35,8 +38,12 @@ class TransferServer:
         gather: GatherFn,
         fingerprint: wire.KVLayoutFingerprint,
         block_bytes: int,
+        *,
+        same_host_shm: bool = True,
     ) -> None:
         self.registry = registry
+        self.host_id = host_id() if same_host_shm else ""
+        self._shm = ShmStaging()
         self._gather = gather
         self._fingerprint = fingerprint
         self._block_bytes = block_bytes
@@ -52,6 +59,7 @@ class TransferServer:
             self.port = port
         self.host = host
         self.bytes_sent = 0
+        self.bytes_shared = 0  # sent through shared memory
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._serve, name="llmd-transfer-server", daemon=True
@@ -62,6 +70,7 @@ class TransferServer:
         self._stop.set()
         self._thread.join(timeout=5)
         self._socket.close(linger=0)
+        self._shm.close()
 
     def _serve(self) -> None:
         poller = zmq.Poller()
@@ -100,9 +109,9 @@ class TransferServer:
         if isinstance(request, wire.ReleaseTransfer):
             self.registry.release(request.transfer_id, request.success, request.reason)
             return [wire.Ack(version=wire.PROTOCOL_VERSION, transfer_id=request.transfer_id)]
-        return self._read(request)
+        return self._read(identity, request)
 
-    def _read(self, request: wire.ReadBlocks) -> list:
+    def _read(self, identity: bytes, request: wire.ReadBlocks) -> list:
         def error(code: str, message: str) -> list:
             return [
                 wire.TransferError(
@@ -122,10 +131,27 @@ class TransferServer:
         problem = self.registry.begin_read(request.transfer_id, request.block_ids)
         if problem is not None:
             return error(wire.UNKNOWN_TRANSFER, problem)
+        same_host = bool(self.host_id) and request.host_id == self.host_id
         try:
-            staging = self._gather(request.block_ids)
+            if same_host:
+                nbytes = len(request.block_ids) * self._block_bytes
+                shm_name, out = self._shm.buffer_for(identity, nbytes)
+                self._gather(request.block_ids, out)
+                del out  # the segment may be resized or unlinked later: no view outlives this
+            else:
+                staging = self._gather(request.block_ids, None)
         finally:
             self.registry.end_read(request.transfer_id)
+        if same_host:
+            self.bytes_shared += nbytes
+            shm_header = wire.ShmBlocksHeader(
+                version=wire.PROTOCOL_VERSION,
+                transfer_id=request.transfer_id,
+                num_blocks=len(request.block_ids),
+                block_bytes=self._block_bytes,
+                shm_name=shm_name,
+            )
+            return [shm_header]
         self.bytes_sent += staging.numel()
         header = wire.BlocksHeader(
             version=wire.PROTOCOL_VERSION,
