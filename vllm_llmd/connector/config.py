@@ -13,7 +13,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class LLMDConnectorConfig:
-    """`kv_connector_extra_config` keys. README "Connector configuration" documents each."""
+    """`kv_connector_extra_config` keys.
+
+    The comment right above each field is its documentation: scripts/gen_config_reference.py
+    copies it into docs/configuration.md (tests/test_docs.py fails when that file is stale).
+    """
 
     # P/D side channel: address the prefill instance's workers listen on for decode pulls.
     # Loopback by default: bind only where an operator says so.
@@ -36,8 +40,10 @@ class LLMDConnectorConfig:
     # Concurrent transfers per decode worker.
     num_transfer_threads: int = 4
 
-    # Offload tiers. Host memory for offloaded KV, in bytes for the whole instance (split over
-    # its TP workers); 0 turns offloading off.
+    # ---- Offload tiers ----
+
+    # Host memory for offloaded KV, in bytes for the whole instance (split over its TP
+    # workers); 0 turns offloading off. Pinned on CUDA.
     host_offload_bytes: int = 0
     # Folder of the disk tier (one safetensors file per chunk); "" turns the disk tier off.
     # Files written by an earlier run with the same model and layout are loaded at start.
@@ -53,6 +59,27 @@ class LLMDConnectorConfig:
     # Debugging: a JSON file the scheduler rewrites with the block hashes each tier holds,
     # whenever that changes ({"host": [hex...], "disk": [hex...]}). "" = off.
     debug_state_path: str = ""
+
+    # ---- Shared tier (LMCache) ----
+
+    # LMCache MP server (`lmcache server`) of the shared tier, e.g. "tcp://127.0.0.1:5601";
+    # "" turns the shared tier off. It must run on this host with --shm-name and
+    # --supported-transfer-mode auto; servers sharing one Redis (--l2-adapter) share prefixes
+    # across instances and hosts. Needs `pip install 'vllm-llmd[lmcache]'`.
+    shared_tier_url: str = ""
+    # Seconds one call to the LMCache server may take (a lookup: until it answers). Past it
+    # the server counts as down: requests are served by recomputing until it answers again.
+    shared_tier_timeout_s: float = 5.0
+    # Seconds between pings of the LMCache server (and retries while it is down).
+    shared_tier_retry_s: float = 2.0
+    # Tokens per shared-tier chunk: must equal the server's --chunk-size and be a multiple of
+    # the block size. Only whole chunks of a prompt are shared.
+    shared_tier_chunk_tokens: int = 256
+    # Store computed prompt chunks to the shared tier (off: this instance only loads).
+    shared_tier_store: bool = True
+    # Chunks per worker waiting to be stored; beyond it new stores are dropped (counted), so a
+    # slow server never holds more host memory or delays a step.
+    shared_tier_max_inflight_chunks: int = 32
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> LLMDConnectorConfig:
@@ -101,6 +128,14 @@ class LLMDConnectorConfig:
                 "LLMDConnector: disk_offload_path needs host_offload_bytes > 0 (disk chunks "
                 "are loaded through the host tier)"
             )
+        for name in (
+            "shared_tier_timeout_s",
+            "shared_tier_retry_s",
+            "shared_tier_chunk_tokens",
+            "shared_tier_max_inflight_chunks",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LLMDConnector: {name} must be > 0, got {getattr(self, name)}")
 
     @property
     def offload_enabled(self) -> bool:

@@ -28,9 +28,10 @@ from vllm_llmd.connector.offload_planner import make_offload_planner
 from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
 from vllm_llmd.connector.stats import LLMDConnectorStats, LLMDPromMetrics
 from vllm_llmd.connector.worker import LLMDConnectorWorker
+from vllm_llmd.log import get_logger
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
+    from vllm.config import KVTransferConfig, VllmConfig
     from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+    from vllm_llmd.shared.planner import SharedTierPlanner
+
+logger = get_logger(__name__)
 
 
 class LLMDConnector(KVConnectorBase_V1):
@@ -57,6 +62,7 @@ class LLMDConnector(KVConnectorBase_V1):
             transfer_config.kv_connector_extra_config
         )
         fingerprint = kv_layout_fingerprint(vllm_config, kv_cache_config)
+        model_name, world_size = shared_tier_identity(vllm_config, self.config)
         self._scheduler: LLMDConnectorScheduler | None = None
         self._worker: LLMDConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -70,6 +76,9 @@ class LLMDConnector(KVConnectorBase_V1):
                     self.config, fingerprint, kv_events_enabled(vllm_config)
                 ),
                 publish_events=kv_events_enabled(vllm_config),
+                shared=make_shared_planner(
+                    self.config, transfer_config, model_name, world_size, fingerprint.block_size
+                ),
             )
         elif role == KVConnectorRole.WORKER:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -79,6 +88,8 @@ class LLMDConnector(KVConnectorBase_V1):
                 fingerprint,
                 tp_rank=get_tensor_model_parallel_rank(),
                 is_producer=transfer_config.is_kv_producer,
+                model_name=model_name,
+                world_size=world_size,
             )
 
     @property
@@ -161,6 +172,8 @@ class LLMDConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None and self._scheduler.shared is not None:
+            self._scheduler.shared.close()
 
     # vLLM 0.33 sleep-mode hooks; 0.32 never calls them. We touch KV only through the torch
     # tensors vLLM gave us, so there is nothing to unregister or restore.
@@ -216,3 +229,61 @@ def kv_events_enabled(vllm_config: VllmConfig) -> bool:
     """Whether vLLM publishes KV events: only then do we build any (else they cost nothing)."""
     events_config = vllm_config.kv_events_config
     return bool(events_config is not None and events_config.enable_kv_cache_events)
+
+
+def shared_tier_identity(vllm_config: VllmConfig, config: LLMDConnectorConfig) -> tuple[str, int]:
+    """(model name, world size) that key this instance's chunks on the LMCache server.
+
+    The model is vLLM's --model as given, as LMCacheMPConnector keys it: instances share chunks
+    only if they name the model alike (and share dtype, block size and chunk size).
+    """
+    parallel = vllm_config.parallel_config
+    if config.shared_tier_url and parallel.pipeline_parallel_size > 1:
+        raise ValueError("LLMDConnector: the shared tier does not support pipeline parallelism")
+    return str(vllm_config.model_config.model), parallel.tensor_parallel_size
+
+
+def make_shared_planner(
+    config: LLMDConnectorConfig,
+    transfer_config: KVTransferConfig,
+    model_name: str,
+    world_size: int,
+    block_size: int,
+) -> SharedTierPlanner | None:
+    """The scheduler half's shared tier (None when shared_tier_url is unset).
+
+    Raises ImportError naming the extra when LMCache is not installed, and ValueError when the
+    chunk size is not a multiple of the block size: both at start-up.
+    """
+    if not config.shared_tier_url:
+        return None
+    from vllm_llmd.shared.client import SharedTierClient
+    from vllm_llmd.shared.planner import SharedTierPlanner
+
+    if config.shared_tier_chunk_tokens % block_size:
+        raise ValueError(
+            f"LLMDConnector: shared_tier_chunk_tokens {config.shared_tier_chunk_tokens} is not "
+            f"a multiple of the block size {block_size}"
+        )
+    if getattr(transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
+        logger.warning(
+            "LLMDConnector: shared tier on, but kv_load_failure_policy is %r: a load the "
+            "LMCache server fails (it went down mid-load) fails its request; set it to "
+            "'recompute' to recompute instead",
+            transfer_config.kv_load_failure_policy,
+        )
+    client = SharedTierClient(
+        config.shared_tier_url,
+        config.shared_tier_timeout_s,
+        config.shared_tier_retry_s,
+        chunk_tokens=config.shared_tier_chunk_tokens,
+        name="scheduler",
+    )
+    return SharedTierPlanner(
+        client,
+        model_name,
+        world_size,
+        block_size,
+        config.shared_tier_chunk_tokens,
+        store=config.shared_tier_store,
+    )

@@ -18,6 +18,11 @@ first), it still releases the prefill's blocks at once.
 Offload tiers (`host_offload_bytes` > 0), every role: the tiers are asked first, right after
 the device prefix cache; on a decode instance the remote prefill covers only what the device
 cache and the tiers lack. Both parts form one async load. See `offload_planner.py`.
+
+Shared tier (`shared_tier_url`), every role: asked after the host/disk tiers and before the
+remote prefill; it covers whole LMCache chunks from token 0, so it adds what lies past the
+device cache and our tiers. Its lookup is async (None: ask again next step); its load is one
+more part of the request's async load. See `vllm_llmd/shared/planner.py`.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from vllm_llmd.connector.metadata import (
 from vllm_llmd.connector.offload_planner import OffloadPlanner
 from vllm_llmd.connector.tier_events import all_cleared, to_kv_events
 from vllm_llmd.log import get_logger
+from vllm_llmd.shared.messages import LLMDStepMetadata
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
 from vllm_llmd.transfer.params import (
     TRANSFER_ID_KEY,
@@ -59,6 +65,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+    from vllm_llmd.shared.planner import SharedTierPlanner
 
 logger = get_logger(__name__)
 
@@ -78,9 +86,11 @@ class LLMDConnectorScheduler:
         is_consumer: bool,
         offload: OffloadPlanner | None = None,
         publish_events: bool = False,
+        shared: SharedTierPlanner | None = None,
     ) -> None:
         self.config = config
         self.offload = offload
+        self.shared = shared
         # vLLM's KV-event publisher is on: announce our tiers' changes on it
         self.publish_events = publish_events
         self._events: list[KVCacheEvent] = []
@@ -96,9 +106,10 @@ class LLMDConnectorScheduler:
         self._sends: list[SendSpec] = []
         self._recvs: list[RecvSpec] = []
         self._releases: list[ReleaseSpec] = []
-        # request id -> (local computed tokens, tokens from the tiers, remote prefill or None),
-        # as the last get_num_new_matched_tokens decided; used by update_state_after_alloc
-        self._decisions: dict[str, tuple[int, int, RemotePrefillParams | None]] = {}
+        # request id -> (local computed tokens, tokens from our tiers, tokens from the shared
+        # tier, remote prefill or None), as the last get_num_new_matched_tokens decided; used by
+        # update_state_after_alloc
+        self._decisions: dict[str, tuple[int, int, int, RemotePrefillParams | None]] = {}
 
     # ---- start-up ------------------------------------------------------------------------
 
@@ -126,9 +137,20 @@ class LLMDConnectorScheduler:
             if hit is None:
                 return None, False  # disk chunks on their way to host memory
             offload_tokens = hit
-        remote = self._usable_remote(request, num_computed_tokens + offload_tokens)
-        self._decisions[request.request_id] = (num_computed_tokens, offload_tokens, remote)
-        num_external = remote.num_tokens - num_computed_tokens if remote else offload_tokens
+        num_local = num_computed_tokens + offload_tokens
+        shared_tokens = 0
+        if self.shared is not None:
+            shared_hit = self.shared.hit(request, num_local)
+            if shared_hit is None:
+                return None, False  # the LMCache server has not answered the lookup yet
+            shared_tokens = max(0, shared_hit - num_local)
+        remote = self._usable_remote(request, num_local + shared_tokens)
+        decision = (num_computed_tokens, offload_tokens, shared_tokens, remote)
+        self._decisions[request.request_id] = decision
+        if remote is not None:
+            num_external = remote.num_tokens - num_computed_tokens
+        else:
+            num_external = offload_tokens + shared_tokens
         return num_external, num_external > 0
 
     def _usable_remote(self, request: Request, num_local_tokens: int) -> RemotePrefillParams | None:
@@ -150,10 +172,12 @@ class LLMDConnectorScheduler:
         decision = self._decisions.pop(request.request_id, None)
         if decision is None:
             return
-        num_computed, offload_tokens, remote = decision
+        num_computed, offload_tokens, shared_tokens, remote = decision
         if num_external_tokens == 0:  # vLLM chose not to load (e.g. capped the hit)
             if remote is not None:
                 self._release_remote(request, "the decode instance did not load it")
+            if self.shared is not None:
+                self.shared.release(request)
             return
         block_ids = blocks.get_block_ids()[0]
         first = num_computed // self.block_size
@@ -161,8 +185,18 @@ class LLMDConnectorScheduler:
             num_blocks = offload_tokens // self.block_size
             assert self.offload is not None
             self.offload.plan_load(request, first, block_ids[first : first + num_blocks])
+        if self.shared is not None:
+            first_shared = num_computed + offload_tokens
+            if shared_tokens:
+                first = first_shared // self.block_size
+                num_blocks = shared_tokens // self.block_size
+                ids = block_ids[first : first + num_blocks]
+                self.shared.plan_load(request, first_shared, ids)
+            else:
+                self.shared.release(request)
         if remote is not None:
-            self._plan_pull(request, remote, num_computed + offload_tokens, block_ids)
+            local_tokens = num_computed + offload_tokens + shared_tokens
+            self._plan_pull(request, remote, local_tokens, block_ids)
 
     def _plan_pull(
         self,
@@ -237,12 +271,15 @@ class LLMDConnectorScheduler:
     # ---- every step ----------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LLMDConnectorMetadata:
-        metadata = LLMDConnectorMetadata(self._sends, self._recvs, self._releases)
+        metadata = LLMDStepMetadata(self._sends, self._recvs, self._releases)
         self._sends, self._recvs, self._releases = [], [], []
         if self.offload is not None:
             self.offload.plan_stores(scheduler_output)
             metadata.offload_loads, metadata.offload_step = self.offload.take_step()
             self._collect_tier_changes()
+        if self.shared is not None:
+            self.shared.plan_stores(scheduler_output)
+            metadata.shared_loads, metadata.shared_stores = self.shared.take_step()
         return metadata
 
     def _collect_tier_changes(self) -> None:
@@ -285,6 +322,8 @@ class LLMDConnectorScheduler:
         self._decisions.pop(request.request_id, None)
         if self.offload is not None:
             self.offload.request_finished(request)
+        if self.shared is not None:
+            self.shared.request_finished(request)
         params = request.kv_transfer_params
         if is_llmd_remote_prefill(params):  # decode side, finished before it ever loaded
             self._release_remote(request, f"decode request ended first ({request.status.name})")

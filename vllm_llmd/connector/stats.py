@@ -62,6 +62,36 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "llmd:offload_failed_writes",
         "Offload: store or spill copies that failed (the block is simply not offloaded).",
     ),
+    "shared_loaded_tokens": (
+        "llmd:shared_loaded_tokens",
+        "Shared tier: prompt tokens loaded from the LMCache server instead of computed.",
+    ),
+    "shared_loaded_chunks": (
+        "llmd:shared_loaded_chunks",
+        "Shared tier: chunks read from the LMCache server (a partly cached first chunk counts).",
+    ),
+    "shared_load_failures": (
+        "llmd:shared_load_failures",
+        "Shared tier: loads that failed (the request was recomputed or failed per "
+        "kv_load_failure_policy).",
+    ),
+    "shared_stored_chunks": (
+        "llmd:shared_stored_chunks",
+        "Shared tier: prompt chunks written to the LMCache server.",
+    ),
+    "shared_store_skipped_chunks": (
+        "llmd:shared_store_skipped_chunks",
+        "Shared tier: chunks offered for storing that the LMCache server already held.",
+    ),
+    "shared_store_failures": (
+        "llmd:shared_store_failures",
+        "Shared tier: chunks whose store failed (server down or erring; they are not shared).",
+    ),
+    "shared_stores_dropped": (
+        "llmd:shared_stores_dropped",
+        "Shared tier: chunks not stored because the server was down or too many chunks "
+        "were waiting (shared_tier_max_inflight_chunks).",
+    ),
 }
 
 

@@ -14,6 +14,10 @@ Offload: an `OffloadWorker` runs each step's tier plan after the forward (`wait_
 flushes its device → host copies before the next forward (`handle_preemptions`), and loads
 host slots into a request's blocks; a request's load (tiers and pull alike) finishes when all
 its parts did.
+
+Shared tier: a `SharedTierWorker` (vllm_llmd/shared/worker.py) gathers the step's new prompt
+chunks after the forward and sends them to the LMCache server off the step; the next step waits
+only for the gather. Its loads are one more part of a request's load.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,10 +42,14 @@ from vllm_llmd.offload.disk_store import DiskChunkStore
 from vllm_llmd.offload.paths import disk_tier_folder
 from vllm_llmd.offload.worker import OffloadWorker
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
+from vllm_llmd.shared.messages import LLMDStepMetadata
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
 from vllm_llmd.transfer.registry import SendRegistry
 from vllm_llmd.transfer.server import TransferServer
+
+if TYPE_CHECKING:
+    from vllm_llmd.shared.worker import SharedTierWorker
 
 logger = get_logger(__name__)
 
@@ -66,8 +75,13 @@ class LLMDConnectorWorker:
         fingerprint: KVLayoutFingerprint,
         tp_rank: int,
         is_producer: bool,
+        model_name: str = "",
+        world_size: int = 1,
     ) -> None:
         self.config = config
+        # the shared tier's key: vLLM's --model as given (what LMCacheMPConnector uses too)
+        self.model_name = model_name or fingerprint.model
+        self.world_size = world_size
         self.fingerprint = fingerprint
         self.tp_rank = tp_rank
         self.is_producer = is_producer
@@ -79,6 +93,7 @@ class LLMDConnectorWorker:
         self.server: TransferServer | None = None
         self._pool = ThreadPoolExecutor(config.num_transfer_threads, "llmd-pull")
         self.offload: OffloadWorker | None = None
+        self.shared: SharedTierWorker | None = None
         # request id -> the futures of its load (pull and/or host-tier copy)
         self._loads: dict[str, list[Future]] = {}
         # request ids vLLM has reported finished: a send may be reported only after that
@@ -108,6 +123,8 @@ class LLMDConnectorWorker:
             )
         if self.config.offload_enabled:
             self.offload = self._make_offload_worker()
+        if self.config.shared_tier_url:
+            self.shared = self._make_shared_worker(kv_caches)
         if self.is_producer:
             port = self.config.side_channel_port
             self.server = TransferServer(
@@ -151,6 +168,25 @@ class LLMDConnectorWorker:
         )
         return OffloadWorker(self.kv_cache, host_slots, disk, self.config.offload_disk_threads)
 
+    def _make_shared_worker(self, kv_caches: dict[str, torch.Tensor]) -> SharedTierWorker:
+        from vllm_llmd.shared.worker import SharedTierWorker
+
+        assert self.kv_cache is not None
+        config = self.config
+        return SharedTierWorker(
+            config.shared_tier_url,
+            kv_caches,
+            self.kv_cache,
+            model_name=self.model_name,
+            world_size=self.world_size,
+            worker_id=self.tp_rank,
+            chunk_tokens=config.shared_tier_chunk_tokens,
+            timeout_s=config.shared_tier_timeout_s,
+            retry_s=config.shared_tier_retry_s,
+            max_inflight_chunks=config.shared_tier_max_inflight_chunks,
+            count=self._count,
+        )
+
     def get_handshake_metadata(self) -> LLMDHandshake:
         return LLMDHandshake(self.tp_rank, self.server.port if self.server else None)
 
@@ -160,6 +196,8 @@ class LLMDConnectorWorker:
         """Start of a step, before its forward: last step's stores must have read their blocks."""
         if self.offload is not None:
             self.offload.flush_stores()
+        if self.shared is not None:
+            self.shared.flush_stores()
 
     def start_load_kv(self, metadata: LLMDConnectorMetadata) -> None:
         for send in metadata.sends:
@@ -170,6 +208,11 @@ class LLMDConnectorWorker:
             future = self.offload.load(load.block_ids, load.slots)
             self._loads.setdefault(load.request_id, []).append(future)
             self._count("offload_loaded_chunks", len(load.block_ids))
+        if isinstance(metadata, LLMDStepMetadata):
+            for shared_load in metadata.shared_loads:
+                assert self.shared is not None
+                future = self.shared.load(shared_load)
+                self._loads.setdefault(shared_load.request_id, []).append(future)
         for recv in metadata.recvs:
             future = self._pool.submit(self._pull, recv)
             self._loads.setdefault(recv.request_id, []).append(future)
@@ -217,6 +260,8 @@ class LLMDConnectorWorker:
 
     def wait_for_save(self, metadata: LLMDConnectorMetadata) -> None:
         """After the forward: this step's full blocks may be copied out now."""
+        if self.shared is not None and isinstance(metadata, LLMDStepMetadata):
+            self.shared.submit_stores(metadata.shared_stores)
         if self.offload is None:
             return
         step = metadata.offload_step
@@ -314,4 +359,6 @@ class LLMDConnectorWorker:
             self.server.close()
         if self.offload is not None:
             self.offload.shutdown()
+        if self.shared is not None:
+            self.shared.shutdown()
         self._pool.shutdown(wait=False, cancel_futures=True)
