@@ -61,7 +61,9 @@ class Outcome:
 # ---- processes ------------------------------------------------------------------------------
 
 
-def start_pods(model: Path) -> list[tuple[VLLMServer, int]]:
+def start_pods(model: Path, kv_cache_bytes: int | None = None) -> list[tuple[VLLMServer, int]]:
+    """Two pods, one core each, LLMDConnector with a host tier, KV events on: (server, port of
+    its event publisher). `kv_cache_bytes`: a device cache that small (None: vLLM's default)."""
     pods = []
     for core in ("0", "1"):
         events = free_port()
@@ -69,6 +71,8 @@ def start_pods(model: Path) -> list[tuple[VLLMServer, int]]:
             model=model,
             cpu_cores=core,
             dtype="bfloat16",
+            kv_cache_bytes=kv_cache_bytes,
+            max_model_len=2048 if kv_cache_bytes else 8192,
             kv_transfer_config={
                 "kv_connector": "LLMDConnector",
                 "kv_role": "kv_both",

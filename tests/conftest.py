@@ -72,6 +72,12 @@ def router_pod_config(model: Path, cores: str, tag: str = "") -> VLLMServerConfi
     )
 
 
+# Shared servers that several test modules use stay up for the whole session; every other
+# server stops when the module that started it ends (one vLLM holds about 2 GB of the box's 24:
+# kept all session long, they would not fit).
+SESSION_WIDE_SERVERS = frozenset({"router-pod-a", "router-pod-b"})
+
+
 class ServerPool:
     """Every vLLM server this test session started; stops them all at the end."""
 
@@ -110,6 +116,14 @@ class ServerPool:
             server.wait_ready()
         return servers
 
+    def end_module(self) -> None:
+        """Stop what the ending module started, except the session-wide shared servers (a
+        later module asking for a stopped shared server gets it started again)."""
+        keep = {id(self._shared[name][1]) for name in SESSION_WIDE_SERVERS if name in self._shared}
+        for server in self.servers:
+            if id(server) not in keep and server.is_running():
+                server.stop()
+
     def stop_all(self) -> None:
         for server in self.servers:
             server.stop()
@@ -128,6 +142,14 @@ def vllm_servers() -> ServerPool:
     finally:
         _POOL.stop_all()
         _POOL = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_module_servers():
+    """Teardown of every module: its own vLLM servers stop (see SESSION_WIDE_SERVERS)."""
+    yield
+    if _POOL is not None:
+        _POOL.end_module()
 
 
 @pytest.hookimpl(hookwrapper=True)

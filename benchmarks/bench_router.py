@@ -1,0 +1,148 @@
+"""Router benchmark: a shared-prefix multi-turn chat workload through each router, in one run.
+
+Two real vLLM CPU pods (small model, one core each, LLMDConnector with a host tier, KV events on)
+with device caches too small to hold every shared prefix (`--kv-cache-mib`), behind, in turn:
+vllm-llmd-router `round_robin`, `kv_aware` and `slo`, and vllm-router `cache_aware` and
+`kv_aware` (fed by the pods' KV events) when its binary is found (`--vllm-router PATH`).
+
+Workload (closed loop): `--users` users, each with one of `--num-prefixes` long system prompts
+("documents"), hold `--turns`-turn conversations: every turn resends the whole conversation so
+far plus a new question, as chat clients do, so each turn's prompt extends the last one. Each
+router gets documents of its own (cold caches at its start). Printed per router: mean and p90
+TTFT, requests per second, prefix hit rate on the pods (prompt tokens served from their cache
+or tiers over all prompt tokens, from vLLM's own counters), and the router's own added latency
+(median TTFT of a one-token request through the router minus straight to a pod, idle).
+
+Usage: `.venv/bin/python benchmarks/bench_router.py [--users 8] [--turns 4]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import statistics
+import time
+
+import aiohttp
+from bench_slo import LOG_DIR, REPO_ROOT, Outcome, one_request, ours, start_pods, vllm_router
+from tokenizers import Tokenizer
+
+from vllm_llmd.devtools.client import metric_sum, scrape_metrics, timed_stream
+from vllm_llmd.devtools.model_maker import cached_model, sample_text
+
+NO_SLO = (3600.0, 3600.0)  # the SLO headers bench_slo's client sends: none that binds here
+
+
+def hit_counts(pods) -> tuple[float, float]:
+    """(prompt tokens served from cache or tiers, all prompt tokens), summed over the pods."""
+    hit = total = 0.0
+    for pod, _ in pods:
+        metrics = scrape_metrics(pod.url)
+        name = "vllm:prompt_tokens_by_source_total"
+        total += metric_sum(metrics, name)
+        hit += metric_sum(metrics, name, source="local_cache_hit")
+        hit += metric_sum(metrics, name, source="external_kv_transfer")
+    return hit, total
+
+
+async def conversations(url: str, model: str, tokenizer, seed: int, args) -> list[Outcome]:
+    """Every user's conversation, users concurrent, turns in sequence."""
+    rng = random.Random(seed)
+    documents = [
+        tokenizer.encode(sample_text(args.prefix_tokens, seed * 100 + i)).ids[: args.prefix_tokens]
+        for i in range(args.num_prefixes)
+    ]
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def user(u: int) -> list[Outcome]:
+            prompt = list(rng.choice(documents))
+            outcomes = []
+            for turn in range(args.turns):
+                question = tokenizer.encode(sample_text(60, seed * 10_000 + u * 100 + turn)).ids
+                prompt += question[:48]
+                outcomes.append(await one_request(session, url, model, prompt, args, NO_SLO))
+                prompt += question[48:64]  # the "answer", as the client would append it
+            return outcomes
+
+        results = await asyncio.gather(*(user(u) for u in range(args.users)))
+    return [o for per_user in results for o in per_user]
+
+
+def added_latency(router_url: str, pod, repeats: int = 30) -> float:
+    """Median TTFT through the router minus straight to the pod, one-token idle requests."""
+    prompt = [11, 12, 13, 14]
+    via, direct = [], []
+    for _ in range(repeats):
+        direct.append(timed_stream(pod.url, pod.model_name, prompt, 1).ttft_s)
+        via.append(timed_stream(router_url, pod.model_name, prompt, 1).ttft_s)
+    return statistics.median(via) - statistics.median(direct)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--prefix-tokens", type=int, default=1280)
+    parser.add_argument("--num-prefixes", type=int, default=6)
+    parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument(
+        "--kv-cache-mib", type=int, default=24, help="device KV cache per pod (small: 5 KiB/token)"
+    )
+    parser.add_argument("--vllm-router", default=shutil.which("vllm-router"))
+    args = parser.parse_args()
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    pods = start_pods(model, kv_cache_bytes=args.kv_cache_mib << 20)
+    routers = [("ours", "round_robin"), ("ours", "kv_aware"), ("ours", "slo")]
+    if args.vllm_router:
+        routers += [("vllm-router", "cache_aware"), ("vllm-router", "kv_aware")]
+    else:
+        print("vllm-router not found (--vllm-router PATH): its policies are left out")
+    print(
+        f"{args.users} users x {args.turns} turns over {args.num_prefixes} documents of "
+        f"{args.prefix_tokens} tokens; device cache {args.kv_cache_mib} MiB per pod"
+    )
+    print(
+        f"{'router':28} {'TTFT mean':>10} {'TTFT p90':>9} {'req/s':>6} {'hit rate':>9} {'added':>8}"
+    )
+    try:
+        for run, (kind, policy) in enumerate(routers):
+            name = f"{kind} {policy}"
+            if kind == "ours":
+                router = ours(policy, pods, model, [])
+            else:
+                router = vllm_router(args.vllm_router, policy, pods, model)
+            try:
+                hit_before, total_before = hit_counts(pods)
+                start = time.perf_counter()
+                outcomes = asyncio.run(
+                    conversations(router.url, pods[0][0].model_name, tokenizer, 7 + run, args)
+                )
+                took = time.perf_counter() - start
+                time.sleep(1.5)  # the pods' counters reach /metrics
+                hit_after, total_after = hit_counts(pods)
+                added = added_latency(router.url, pods[0][0])
+            finally:
+                router.stop()
+            ttfts = sorted(o.ttft_s for o in outcomes if o.ttft_s is not None)
+            failed = sum(o.ttft_s is None for o in outcomes)
+            hit_rate = (hit_after - hit_before) / max(1.0, total_after - total_before)
+            print(
+                f"{name:28} {statistics.mean(ttfts) * 1000:8.0f}ms "
+                f"{ttfts[int(0.9 * (len(ttfts) - 1))] * 1000:7.0f}ms "
+                f"{len(outcomes) / took:6.2f} {hit_rate:9.1%} {added * 1000:6.1f}ms"
+                + (f"  ({failed} failed)" if failed else ""),
+                flush=True,
+            )
+    finally:
+        for pod, _ in pods:
+            pod.stop()
+
+
+if __name__ == "__main__":
+    main()
