@@ -214,13 +214,15 @@ def test_a_flooding_fairness_id_does_not_starve_another(
 
     def send(tenant: str, i: int) -> None:
         headers = {"x-gateway-inference-fairness-id": tenant}
-        body = {"model": pod.model_name, "prompt": sample_text(40, seed=i), "max_tokens": 128}
+        body = {"model": pod.model_name, "prompt": sample_text(40, seed=i), "max_tokens": 800}
         try:
             post_json(router.url + "/v1/completions", body, headers)
         except Exception as exc:
             failures.append(exc)
 
-    flood = [threading.Thread(target=send, args=("flood", 5000 + i)) for i in range(30)]
+    # Long enough that the flood takes many seconds to drain: the quiet requests reach the
+    # router while most of it still waits there, even on a slow, busy box.
+    flood = [threading.Thread(target=send, args=("flood", 5000 + i)) for i in range(24)]
     quiet = [threading.Thread(target=send, args=("quiet", 6000 + i)) for i in range(4)]
     for thread in flood:
         thread.start()
