@@ -14,6 +14,7 @@ import importlib.util
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,7 +106,7 @@ class FakeLMCacheClient:
         pass
 
 
-def _shared_scheduler(hit_chunks: int):
+def _shared_scheduler(hit_chunks: int, publish_events: bool = False):
     from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
     from vllm_llmd.transfer.messages import KVLayoutFingerprint
 
@@ -123,16 +124,28 @@ def _shared_scheduler(hit_chunks: int):
     client = FakeLMCacheClient(hit_chunks)
     planner = SharedTierPlanner(client, "m", 1, BLOCK, CHUNK)
     scheduler = LLMDConnectorScheduler(
-        LLMDConnectorConfig(), "e", fingerprint, True, True, shared=planner
+        LLMDConnectorConfig(),
+        "e",
+        fingerprint,
+        True,
+        True,
+        shared=planner,
+        publish_events=publish_events,
     )
     return scheduler, planner, client
 
 
-def _vllm_request(num_tokens: int):
+def _vllm_request(num_tokens: int, request_id: str = "req-s"):
     from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core import kv_cache_utils
     from vllm.v1.request import Request
 
-    return Request("req-s", list(range(num_tokens)), SamplingParams(max_tokens=1), None)
+    kv_cache_utils.init_none_hash(sha256)
+    hasher = kv_cache_utils.get_request_block_hasher(BLOCK, sha256)
+    return Request(
+        request_id, list(range(num_tokens)), SamplingParams(max_tokens=1), None, block_hasher=hasher
+    )
 
 
 def _ask(scheduler, request, num_computed: int) -> tuple[int | None, bool]:
@@ -194,6 +207,53 @@ def test_scheduler_stores_new_full_chunks_once():
     [store] = scheduler.build_connector_meta(output).shared_stores
     assert (store.start, store.end, store.block_ids) == (2 * CHUNK, 3 * CHUNK, tuple(range(16, 24)))
     assert scheduler.build_connector_meta(output).shared_stores == []
+    scheduler.request_finished(request, block_ids)
+    _assert_nothing_held(planner)
+
+
+def test_events_say_what_the_shared_tier_holds():
+    """Medium SHARED: a lookup's hit blocks are stored and its first missing block removed; a
+    store is announced once the worker reports it done, never when it failed."""
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+    from vllm.v1.outputs import KVConnectorOutput
+
+    from vllm_llmd.connector.metadata import SHARED_STORE, LLMDWorkerMetadata
+
+    scheduler, planner, _ = _shared_scheduler(hit_chunks=1, publish_events=True)
+    request = _vllm_request(3 * CHUNK + 40)
+    hashes = [maybe_convert_block_hash(h) for h in request.block_hashes]
+    assert _ask(scheduler, request, 0) == (CHUNK, True)
+    stored, removed = scheduler.take_events()
+    assert isinstance(stored, BlockStored) and isinstance(removed, BlockRemoved)
+    assert stored.medium == removed.medium == "SHARED"
+    assert stored.block_hashes == hashes[:8] and stored.parent_block_hash is None
+    assert stored.token_ids == list(range(CHUNK)) and stored.block_size == BLOCK
+    assert removed.block_hashes == [hashes[8]]  # one hash cuts a consumer's run there
+
+    block_ids = list(range(26))
+    scheduler.update_state_after_alloc(
+        request, SimpleNamespace(get_block_ids=lambda: (block_ids,)), CHUNK
+    )
+    state = SimpleNamespace(get_block_ids=lambda rid: (block_ids,))
+    output = SimpleNamespace(kv_connector_block_state=state, num_scheduled_tokens={"req-s": 400})
+    request.num_computed_tokens = CHUNK
+    [store] = scheduler.build_connector_meta(output).shared_stores
+    assert (store.start, store.end) == (CHUNK, 2 * CHUNK)
+    assert scheduler.take_events() == []  # not until the worker says it is done
+    report = LLMDWorkerMetadata({SHARED_STORE: {store.key: [1, 0]}})
+    scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=report))
+    [announced] = scheduler.take_events()
+    assert announced.medium == "SHARED" and announced.block_hashes == hashes[8:16]
+    assert announced.parent_block_hash == hashes[7]
+
+    request.num_computed_tokens = CHUNK + 400
+    output.num_scheduled_tokens = {"req-s": 3 * CHUNK + 40 - request.num_computed_tokens}
+    [store] = scheduler.build_connector_meta(output).shared_stores
+    report = LLMDWorkerMetadata({SHARED_STORE: {store.key: [0, 1]}})
+    scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=report))
+    assert scheduler.take_events() == []  # failed: nothing to announce, nothing kept
+    assert planner._unconfirmed == {}
     scheduler.request_finished(request, block_ids)
     _assert_nothing_held(planner)
 
@@ -447,7 +507,7 @@ MAX_TOKENS = 12
 
 
 def _llmd_config(model: Path, cores: str, lmcache: LMCacheServer):
-    from vllm_llmd.devtools.server import VLLMServerConfig
+    from vllm_llmd.devtools.server import VLLMServerConfig, free_port
 
     return VLLMServerConfig(
         model=model,
@@ -462,6 +522,13 @@ def _llmd_config(model: Path, cores: str, lmcache: LMCacheServer):
                 "shared_tier_timeout_s": 3.0,
                 "shared_tier_retry_s": 0.5,
             },
+        },
+        kv_events_config={  # a router follows them (medium SHARED for the shared tier)
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "topic": "kv",
+            "endpoint": f"tcp://*:{free_port()}",
+            "replay_endpoint": f"tcp://*:{free_port()}",
         },
         env={"LMCACHE_DISABLE_BANNER": "1", "LMCACHE_TRACK_USAGE": "false"},
     )
@@ -530,7 +597,9 @@ def prompts(small_model):
     tokenizer = Tokenizer.from_file(str(small_model / "tokenizer.json"))
     return {
         name: tokenizer.encode(sample_text(PROMPT_TOKENS, seed=900 + i)).ids[:PROMPT_TOKENS]
-        for i, name in enumerate(("a_to_b", "after_restart", "while_down", "b_to_mp", "mp_to_b"))
+        for i, name in enumerate(
+            ("a_to_b", "after_restart", "while_down", "b_to_mp", "mp_to_b", "routed", "b_miss")
+        )
     }
 
 
@@ -615,6 +684,61 @@ def test_a_computes_b_loads_from_the_shared_tier(instances, prompts, redis_url, 
     assert moved["local_compute"] == PROMPT_TOKENS - SHARED_TOKENS
     assert moved["load_failures"] == 0
     assert output == _reference(ref, prompts["a_to_b"], SHARED_TOKENS)
+
+
+def _router_metric(router, name: str) -> float:
+    from vllm_llmd.devtools.client import metric_sum, scrape_metrics
+
+    return metric_sum(scrape_metrics(router.url), name)
+
+
+@needs_lmcache
+@pytest.mark.server
+def test_the_router_counts_the_shared_tier_on_every_pod(instances, prompts, small_model, tmp_path):
+    """From the pods' real KV events (medium SHARED), the router credits B with a prompt only
+    A computed: A through its own cache, B through the shared tier."""
+    import json
+
+    from conftest import RouterProcess
+
+    a, b = instances["shared-a"], instances["shared-b"]
+    audit = tmp_path / "audit.jsonl"
+    args = ["--pod", a.url, "--pod", b.url, "--tokenizer", str(small_model)]
+    router = RouterProcess([*args, "--audit-log", str(audit)], LOG_DIR / "router-shared.log")
+    try:
+        router.wait_ready()
+        before = _snapshot(a)["stored_chunks"]
+        _generate(a, prompts["routed"])  # A computes it and stores its 7 chunks
+        _generate(b, prompts["b_miss"])  # B's lookup (a miss) makes it a member of the tier
+        deadline = time.monotonic() + 60
+        while _snapshot(a)["stored_chunks"] - before < 7:
+            assert time.monotonic() < deadline, "A never reported its stores"
+            _poke(a)  # a store's report rides the step after it ended
+            time.sleep(0.3)
+        _poke(a)  # the step that turns the last report into events
+        while (
+            _router_metric(router, "llmd_router_shared_tier_pods") < 2
+            or _router_metric(router, "llmd_router_shared_tier_blocks") < 2 * SHARED_TOKENS / 128
+        ):
+            assert time.monotonic() < deadline, "the router never saw the shared tier's events"
+            time.sleep(0.3)
+
+        body = {"model": a.model_name, "prompt": prompts["routed"], "max_tokens": 2}
+        request = urllib.request.Request(
+            router.url + "/v1/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert response.status == 200
+        record = json.loads(audit.read_text().splitlines()[-1])
+        blocks = SHARED_TOKENS // 128  # vLLM's CPU block size
+        pod_a, pod_b = a.url, b.url  # a pod's id is its URL
+        assert record["cached_blocks"][pod_b] >= blocks, record
+        assert record["shared_blocks"][pod_b] == record["cached_blocks"][pod_b], record
+        assert record["cached_blocks"][pod_a] >= blocks and record["shared_blocks"][pod_a] == 0
+    finally:
+        router.stop()
 
 
 @needs_lmcache

@@ -15,6 +15,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from vllm_llmd.shared.messages import SharedLoadSpec, SharedStoreSpec
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
 
 
@@ -88,6 +89,8 @@ class LLMDConnectorMetadata(KVConnectorMetadata):
     releases: list[ReleaseSpec] = field(default_factory=list)
     offload_loads: list[OffloadLoadSpec] = field(default_factory=list)
     offload_step: OffloadStepSpec = field(default_factory=OffloadStepSpec)
+    shared_loads: list[SharedLoadSpec] = field(default_factory=list)
+    shared_stores: list[SharedStoreSpec] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (
@@ -96,22 +99,30 @@ class LLMDConnectorMetadata(KVConnectorMetadata):
             or self.releases
             or self.offload_loads
             or not self.offload_step.is_empty()
+            or self.shared_loads
+            or self.shared_stores
         )
+
+
+# LLMDWorkerMetadata kind of the shared tier's stores
+SHARED_STORE = "shared_store"
 
 
 @dataclass
 class LLMDWorkerMetadata(KVConnectorWorkerMetadata):
-    """Worker → scheduler each step: offload chunks done, per kind and key.
+    """Worker → scheduler each step: tier copies done, per kind and key.
 
-    kind ("store" | "spill" | "promote") -> block hash -> [succeeded, failed] worker count.
+    kind -> key -> [succeeded, failed] worker count, where kind and key are
+    "store" | "spill" | "promote" (offload) -> block hash, or
+    SHARED_STORE -> `SharedStoreSpec.key`.
     """
 
-    offload_results: dict[str, dict[bytes, list[int]]] = field(default_factory=dict)
+    results: dict[str, dict[bytes, list[int]]] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> LLMDWorkerMetadata:
         assert isinstance(other, LLMDWorkerMetadata), type(other)
-        for kind, per_key in other.offload_results.items():
-            mine = self.offload_results.setdefault(kind, {})
+        for kind, per_key in other.results.items():
+            mine = self.results.setdefault(kind, {})
             for key, (succeeded, failed) in per_key.items():
                 counts = mine.setdefault(key, [0, 0])
                 counts[0] += succeeded

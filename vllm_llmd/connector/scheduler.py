@@ -38,6 +38,7 @@ from vllm.v1.request import RequestStatus
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import (
+    SHARED_STORE,
     LLMDConnectorMetadata,
     LLMDHandshake,
     LLMDWorkerMetadata,
@@ -46,9 +47,8 @@ from vllm_llmd.connector.metadata import (
     SendSpec,
 )
 from vllm_llmd.connector.offload_planner import OffloadPlanner
-from vllm_llmd.connector.tier_events import all_cleared, to_kv_events
+from vllm_llmd.connector.tier_events import all_cleared, shared_tier_events, to_kv_events
 from vllm_llmd.log import get_logger
-from vllm_llmd.shared.messages import LLMDStepMetadata
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
 from vllm_llmd.transfer.params import (
     TRANSFER_ID_KEY,
@@ -271,7 +271,7 @@ class LLMDConnectorScheduler:
     # ---- every step ----------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LLMDConnectorMetadata:
-        metadata = LLMDStepMetadata(self._sends, self._recvs, self._releases)
+        metadata = LLMDConnectorMetadata(self._sends, self._recvs, self._releases)
         self._sends, self._recvs, self._releases = [], [], []
         if self.offload is not None:
             self.offload.plan_stores(scheduler_output)
@@ -292,6 +292,10 @@ class LLMDConnectorScheduler:
             write_json_atomic(self.config.debug_state_path, self.offload.tier_state())
 
     def take_events(self) -> list[KVCacheEvent]:
+        if self.shared is not None:
+            changes = self.shared.take_changes()
+            if self.publish_events and changes:
+                self._events.extend(shared_tier_events(changes, self.block_size))
         events, self._events = self._events, []
         return events
 
@@ -305,11 +309,15 @@ class LLMDConnectorScheduler:
         return True
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        worker_meta = connector_output.kv_connector_worker_meta
+        results = worker_meta.results if isinstance(worker_meta, LLMDWorkerMetadata) else {}
+        if self.shared is not None and SHARED_STORE in results:
+            self.shared.on_store_results(results[SHARED_STORE])
         if self.offload is None:
             return
-        worker_meta = connector_output.kv_connector_worker_meta
-        if isinstance(worker_meta, LLMDWorkerMetadata):
-            self.offload.on_worker_output(worker_meta.offload_results)
+        offload_results = {kind: r for kind, r in results.items() if kind != SHARED_STORE}
+        if offload_results:
+            self.offload.on_worker_output(offload_results)
         if connector_output.finished_recving:
             self.offload.on_load_finished(set(connector_output.finished_recving))
         self._collect_tier_changes()

@@ -7,6 +7,9 @@ its tokens, the block size and the medium (`CPU` for the host tier, `STORAGE` fo
 `BlockRemoved` names the hash and the medium. A chunk's tokens and parent travel with it as
 `ChunkInfo` text (also written into its disk file, so chunks found after a restart are
 announced completely).
+
+The shared LMCache tier (medium `SHARED`, `shared_tier_events`) is announced per run of blocks,
+from what its planner learned (`SharedTierChange`: lookup answers, finished stores).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from vllm.distributed.kv_events import (
 )
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
+from vllm_llmd.events.model import MEDIUM_SHARED
 from vllm_llmd.offload.manager import TierEvent
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
+
+    from vllm_llmd.shared.planner import SharedTierChange
 
 MEDIUM_OF_TIER = {"host": MEDIUM_CPU, "disk": MEDIUM_STORAGE}
 
@@ -52,6 +58,35 @@ def chunk_info(request: Request, block_index: int, block_size: int) -> str:
     lora = request.lora_request.name if request.lora_request else None
     tokens = list(request.all_token_ids[start : start + block_size])
     return msgspec.json.encode(ChunkInfo(parent, tokens, lora)).decode()
+
+
+def shared_tier_events(changes: Iterable[SharedTierChange], block_size: int) -> list[KVCacheEvent]:
+    """vLLM KV events of the shared tier's changes: one event per change (a run of blocks), as
+    vLLM announces a request's blocks, since a hit re-announces its whole run each time."""
+    out: list[KVCacheEvent] = []
+    for change in changes:
+        request = change.request
+        first, end = change.first_block, min(change.end_block, len(request.block_hashes))
+        if end <= first:
+            continue
+        hashes = [maybe_convert_block_hash(h) for h in request.block_hashes[first:end]]
+        if not change.stored:
+            out.append(BlockRemoved(block_hashes=hashes, medium=MEDIUM_SHARED, group_idx=0))
+            continue
+        parent = maybe_convert_block_hash(request.block_hashes[first - 1]) if first else None
+        out.append(
+            BlockStored(
+                block_hashes=hashes,
+                parent_block_hash=parent,
+                token_ids=list(request.all_token_ids[first * block_size : end * block_size]),
+                block_size=block_size,
+                lora_id=None,
+                medium=MEDIUM_SHARED,
+                lora_name=request.lora_request.name if request.lora_request else None,
+                group_idx=0,
+            )
+        )
+    return out
 
 
 def to_kv_events(events: Iterable[TierEvent], block_size: int) -> list[KVCacheEvent]:

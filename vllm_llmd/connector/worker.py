@@ -31,6 +31,7 @@ import torch
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import (
+    SHARED_STORE,
     LLMDConnectorMetadata,
     LLMDHandshake,
     LLMDWorkerMetadata,
@@ -42,7 +43,6 @@ from vllm_llmd.offload.disk_store import DiskChunkStore
 from vllm_llmd.offload.paths import disk_tier_folder
 from vllm_llmd.offload.worker import OffloadWorker
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
-from vllm_llmd.shared.messages import LLMDStepMetadata
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
 from vllm_llmd.transfer.registry import SendRegistry
@@ -208,11 +208,10 @@ class LLMDConnectorWorker:
             future = self.offload.load(load.block_ids, load.slots)
             self._loads.setdefault(load.request_id, []).append(future)
             self._count("offload_loaded_chunks", len(load.block_ids))
-        if isinstance(metadata, LLMDStepMetadata):
-            for shared_load in metadata.shared_loads:
-                assert self.shared is not None
-                future = self.shared.load(shared_load)
-                self._loads.setdefault(shared_load.request_id, []).append(future)
+        for shared_load in metadata.shared_loads:
+            assert self.shared is not None
+            future = self.shared.load(shared_load)
+            self._loads.setdefault(shared_load.request_id, []).append(future)
         for recv in metadata.recvs:
             future = self._pool.submit(self._pull, recv)
             self._loads.setdefault(recv.request_id, []).append(future)
@@ -260,7 +259,7 @@ class LLMDConnectorWorker:
 
     def wait_for_save(self, metadata: LLMDConnectorMetadata) -> None:
         """After the forward: this step's full blocks may be copied out now."""
-        if self.shared is not None and isinstance(metadata, LLMDStepMetadata):
+        if self.shared is not None:
             self.shared.submit_stores(metadata.shared_stores)
         if self.offload is None:
             return
@@ -268,9 +267,12 @@ class LLMDConnectorWorker:
         self.offload.submit_step(step.spills, step.promotes, step.stores, step.deletes)
 
     def build_worker_metadata(self) -> LLMDWorkerMetadata | None:
+        results: dict[str, dict[bytes, list[int]]] = {}
+        if self.shared is not None and (stores := self.shared.take_results()):
+            results[SHARED_STORE] = stores
         if self.offload is None:
-            return None
-        results = self.offload.take_results()
+            return LLMDWorkerMetadata(results) if results else None
+        results.update(self.offload.take_results())
         for kind, ok_key, failed_key in (
             ("store", "offload_stored_chunks", "offload_failed_writes"),
             ("spill", "offload_spilled_chunks", "offload_failed_writes"),

@@ -18,6 +18,9 @@ from vllm_llmd.hashing import EventBlockHash
 MEDIUM_GPU = "GPU"
 MEDIUM_CPU = "CPU"
 MEDIUM_STORAGE = "STORAGE"
+# Ours: the tier every instance shares (LMCache). Pod-independent: a router counts a block
+# there as held by every pod, not by the pod that published it.
+MEDIUM_SHARED = "SHARED"
 
 
 class BlockStored(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,6 +16,7 @@ from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.proxy import Router, make_app
 from vllm_llmd.router.scoring import make_policy
+from vllm_llmd.router.shared_view import InMemorySharedView, RedisSharedView, SharedTierView
 from vllm_llmd.router.tokens import TokenProcessor
 
 logger = logging.getLogger("vllm_llmd.router")
@@ -26,6 +27,7 @@ PREFIX_POLICIES = ("prefix", "kv_aware", "slo")
 def build_router(config: RouterConfig) -> Router:
     """Wire index, ingestion, tokens, pods and policy from a config."""
     index: Index | None = None
+    shared: SharedTierView | None = None
     ingestor = None
     tokens = None
     if config.tokenizer:
@@ -36,10 +38,12 @@ def build_router(config: RouterConfig) -> Router:
             from vllm_llmd.router.redis_index import RedisIndex
 
             index = RedisIndex(config.redis_url)
+            shared = RedisSharedView(config.redis_url, ttl_s=config.shared_tier_ttl_s)
         else:
             index = InMemoryIndex(config.index_max_entries)
+            shared = InMemorySharedView(config.shared_tier_ttl_s, config.index_max_entries)
         if not config.no_ingest:  # followers read a shared index another replica fills
-            ingestor = EventIngestor(index)
+            ingestor = EventIngestor(index, shared=shared)
     elif config.policy in PREFIX_POLICIES:
         # Refuse to pretend: without the model's tokenizer no prefix can be matched.
         logger.error("policy %s needs --tokenizer: routing by load alone", config.policy)
@@ -47,7 +51,7 @@ def build_router(config: RouterConfig) -> Router:
         config.pods, ingestor, config.events_topic, config.poll_interval_s, tokens
     )
     policy = make_policy(config.policy, config.scoring_config())
-    return Router(config, registry, index, tokens, policy, RouterMetrics())
+    return Router(config, registry, index, tokens, policy, RouterMetrics(), shared=shared)
 
 
 def build_app(config: RouterConfig) -> web.Application:

@@ -75,6 +75,7 @@ class RouterConfig:
     audit_log: str | None = None
     audit_prompts: bool = False
     index_max_entries: int = 1_000_000
+    shared_tier_ttl_s: float = 300.0
     redis_url: str | None = None
     no_ingest: bool = False
     prefill_allowlist: str | None = None
@@ -163,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--audit-log", default=None, help="append one JSON line per routing decision here")
     add("--audit-prompts", action="store_true", help="include prompt text in the audit log")
     add("--index-max-entries", type=int, default=1_000_000, help="in-memory index bound (blocks)")
+    add(
+        "--shared-tier-ttl-s",
+        type=float,
+        default=300.0,
+        help="how long a block announced in the shared KV tier (medium SHARED) counts as there "
+        "without being announced again (the tier evicts silently)",
+    )
     add(
         "--prefill-allowlist",
         default=None,
@@ -348,6 +356,8 @@ def parse_config(
         parser.error(k8s_error)
     if args.no_ingest and not args.redis_url:
         parser.error("--no-ingest needs --redis-url: another replica fills the shared index")
+    if args.shared_tier_ttl_s <= 0:
+        parser.error(f"--shared-tier-ttl-s must be > 0, got {args.shared_tier_ttl_s}")
     try:
         pods = tuple(PodSpec.parse(text) for text in args.pod or ())
     except ValueError as exc:

@@ -13,6 +13,8 @@ what arrives:
     Gap               -> counted and logged (the pod's view may be stale until it evicts)
 
 An event's tier is its `medium`; None (older engines) means "GPU", the engine's own cache.
+Medium SHARED (our connector's shared LMCache tier) is pod-independent: those events go to the
+`SharedTierView` when one is given (and are skipped when not), never to the index.
 Events the index refuses (an unknown medium) and failures of the index itself (Redis down) are
 counted per pod and logged, never fatal to the thread.
 
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 
 from vllm_llmd.events.model import (
     MEDIUM_GPU,
+    MEDIUM_SHARED,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -44,6 +47,7 @@ from vllm_llmd.events.model import (
 )
 from vllm_llmd.events.subscriber import Gap, ReceivedBatch, Reset, Subscriber, Update
 from vllm_llmd.router.index import Index
+from vllm_llmd.router.shared_view import SharedTierView
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +83,15 @@ class PodStats:
         return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
 
 
-def apply_update(index: Index, pod_id: str, update: Update, stats: PodStats) -> None:
-    """Apply one subscriber update of `pod_id` to `index`, counting it in `stats`."""
+def apply_update(
+    index: Index,
+    pod_id: str,
+    update: Update,
+    stats: PodStats,
+    shared: SharedTierView | None = None,
+) -> None:
+    """Apply one subscriber update of `pod_id` to `index` (and `shared`), counting it in
+    `stats`."""
     if isinstance(update, Reset):
         stats.num_resets += 1
         _apply_event(index, pod_id, AllBlocksCleared(), stats)
@@ -100,12 +111,22 @@ def apply_update(index: Index, pod_id: str, update: Update, stats: PodStats) -> 
         stats.last_received_at = time.time()
         stats.lag_s = stats.last_received_at - update.batch.ts
         for event in update.events:
-            _apply_event(index, pod_id, event, stats)
+            _apply_event(index, pod_id, event, stats, shared)
 
 
-def _apply_event(index: Index, pod_id: str, event: Event, stats: PodStats) -> None:
+def _apply_event(
+    index: Index,
+    pod_id: str,
+    event: Event,
+    stats: PodStats,
+    shared: SharedTierView | None = None,
+) -> None:
     try:
-        if isinstance(event, BlockStored):
+        if isinstance(event, (BlockStored, BlockRemoved)) and event.medium == MEDIUM_SHARED:
+            if shared is not None:
+                update = shared.mark if isinstance(event, BlockStored) else shared.forget
+                update(pod_id, event.block_hashes)
+        elif isinstance(event, BlockStored):
             index.add(pod_id, event.medium or MEDIUM_GPU, event.block_hashes)
         elif isinstance(event, BlockRemoved):
             index.remove(pod_id, event.medium or MEDIUM_GPU, event.block_hashes)
@@ -148,8 +169,11 @@ class EventIngestor:
     non-blocking polls a second).
     """
 
-    def __init__(self, index: Index, *, idle_wait_s: float = 0.01) -> None:
+    def __init__(
+        self, index: Index, *, shared: SharedTierView | None = None, idle_wait_s: float = 0.01
+    ) -> None:
         self.index = index
+        self.shared = shared
         self.idle_wait_s = idle_wait_s
         self._pods: dict[str, _Pod] = {}
         self._pods_lock = threading.Lock()  # guards _pods only; never held while polling
@@ -199,6 +223,8 @@ class EventIngestor:
             pod.removed = True
             pod.subscriber.close()
         self.index.clear_pod(pod_id)
+        if self.shared is not None:
+            self.shared.remove_member(pod_id)
 
     def pods(self) -> list[str]:
         """The pods followed now."""
@@ -283,5 +309,5 @@ class EventIngestor:
             _log_error(pod.stats, "%s: polling its event stream failed: %r", pod.pod_id, exc)
             return []
         for update in updates:
-            apply_update(self.index, pod.pod_id, update, pod.stats)
+            apply_update(self.index, pod.pod_id, update, pod.stats, self.shared)
         return updates

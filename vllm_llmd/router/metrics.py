@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from vllm_llmd.router.index import Index
 from vllm_llmd.router.pods import PodRegistry
+from vllm_llmd.router.shared_view import SharedTierView
 
 
 class RouterMetrics:
@@ -47,6 +48,16 @@ class RouterMetrics:
         )
         self.index_entries = Gauge(
             "llmd_router_index_entries", "(block, pod) entries in the block index.", registry=r
+        )
+        self.shared_tier_blocks = Gauge(
+            "llmd_router_shared_tier_blocks",
+            "Blocks the router believes are in the shared KV tier (in-memory view only).",
+            registry=r,
+        )
+        self.shared_tier_pods = Gauge(
+            "llmd_router_shared_tier_pods",
+            "Pods connected to the shared KV tier (they published a SHARED event).",
+            registry=r,
         )
         self.pod_healthy = Gauge(
             "llmd_router_pod_healthy", "1 if the pod is in rotation.", ["pod"], registry=r
@@ -112,7 +123,9 @@ class RouterMetrics:
             "llmd_router_queue_depth", "Requests waiting in the router's queue.", registry=r
         )
 
-    def refresh(self, pods: PodRegistry, index: Index | None) -> None:
+    def refresh(
+        self, pods: PodRegistry, index: Index | None, shared: SharedTierView | None = None
+    ) -> None:
         """Copy point-in-time values (pod load, index size, event stats) into the gauges."""
         for pod_id, pod in pods.pods.items():
             self.pod_healthy.labels(pod_id).set(1 if pod.healthy else 0)
@@ -123,6 +136,11 @@ class RouterMetrics:
                 self.hash_verification_ok.labels(pod_id).set(1 if pod.hashes_ok else 0)
         if index is not None:
             self.index_entries.set(index.stats().num_entries)
+        if shared is not None:
+            shared_stats = shared.stats()
+            if shared_stats.num_blocks is not None:
+                self.shared_tier_blocks.set(shared_stats.num_blocks)
+            self.shared_tier_pods.set(shared_stats.num_members)
         if pods.ingestor is not None:
             for pod_id, stats in pods.ingestor.stats().items():
                 self.event_gaps.labels(pod_id).set(stats.get("num_gaps") or 0)

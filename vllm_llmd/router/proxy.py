@@ -21,12 +21,13 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from vllm_llmd.events.model import MEDIUM_SHARED
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.index import Index
 from vllm_llmd.router.latency import LatencyModels, Prediction, RequestShape
@@ -35,6 +36,7 @@ from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.predictive import SLOPlanner, request_shape
 from vllm_llmd.router.scoring import Decision, PodCache, PolicyName, ScoreInput, ScoringPolicy
+from vllm_llmd.router.shared_view import SharedTierView, extend_with_shared
 from vllm_llmd.router.slo import (
     AdmissionQueue,
     QueuedRequest,
@@ -77,6 +79,8 @@ class Route:
     admission: str = "met"
     # the request on the prefill pod at dispatch, for a P/D route
     prefill_shape: RequestShape | None = None
+    # each pod's cached run of the prompt as scored (its own tiers, then the shared tier)
+    caches: Mapping[str, PodCache] = field(default_factory=dict)
 
 
 class Router:
@@ -90,10 +94,12 @@ class Router:
         tokens: TokenProcessor | None,
         policy: ScoringPolicy,
         metrics: RouterMetrics,
+        shared: SharedTierView | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.index = index
+        self.shared = shared
         self.tokens = tokens
         self.policy = policy
         self.metrics = metrics
@@ -306,6 +312,7 @@ class Router:
             shape,
             prediction if prediction.ttft_s is not None else None,
             prefill_shape=prefill_shape,
+            caches=caches,
         )
 
     def _prefill_from_headers(self, headers: Mapping[str, str]) -> str | None:
@@ -342,7 +349,10 @@ class Router:
         if self.index is None or not hashes or not verified:
             return {}
         hits = self.index.lookup_prefix(hashes, pods=verified)
-        return {pod: PodCache(hit.num_blocks, hit.tiers) for pod, hit in hits.items()}
+        caches = {pod: PodCache(hit.num_blocks, hit.tiers) for pod, hit in hits.items()}
+        if self.shared is None or not (members := self.shared.members().intersection(verified)):
+            return caches
+        return extend_with_shared(caches, members, self.shared.run_length(hashes))
 
     def _record(self, route: Route, body: Mapping[str, Any]) -> None:
         kind = "pd" if route.prefill else "direct"
@@ -360,6 +370,11 @@ class Router:
             "prefill_reason": route.prefill.reason if route.prefill else None,
             "prompt_tokens": route.num_prompt_tokens,
             "hit_tokens": route.hit_tokens,
+            # per pod: cached blocks in a row, and how many of them only the shared tier holds
+            "cached_blocks": {pod: cache.num_blocks for pod, cache in route.caches.items()},
+            "shared_blocks": {
+                pod: cache.tiers.count(MEDIUM_SHARED) for pod, cache in route.caches.items()
+            },
             "priority": route.request_class.priority,
             "fairness_id": route.request_class.fairness_id,
             "slo_ttft_s": route.request_class.slo.ttft_s,
@@ -519,13 +534,17 @@ class Router:
         return web.json_response({"healthy_pods": healthy}, status=200 if healthy else 503)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        self.metrics.refresh(self.registry, self.index)
+        self.metrics.refresh(self.registry, self.index, self.shared)
         self.metrics.queue_depth.set(len(self.queue) if self.queue is not None else 0)
         return web.Response(body=self.metrics.render(), content_type="text/plain")
 
     def close(self) -> None:
         if self._audit is not None:
             self._audit.close()
+        if self.index is not None:
+            self.index.close()
+        if self.shared is not None:
+            self.shared.close()
 
 
 class _NotStarted(Exception):

@@ -14,8 +14,9 @@ Policies (`make_policy(name, config)`):
 - `load`: the least loaded pod, compared in order by waiting requests, then running plus
   in-flight requests, then KV-cache usage. Scores are minus the pod's rank (0 for the best).
 - `prefix`: the longest cached prefix, weighted by tier: each cached block counts
-  `tier_weights[tier]` (GPU 1.0, CPU 0.8, STORAGE 0.5 by default; an unknown tier 0), and the
-  score is that sum over the request's blocks (0..1). Ties go to the less loaded pod.
+  `tier_weights[tier]` (GPU 1.0, CPU 0.8, STORAGE 0.5, SHARED 0.4 by default; an unknown tier
+  0), and the score is that sum over the request's blocks (0..1). Ties go to the less loaded
+  pod.
   Ignores saturation; a baseline.
 - `kv_aware` (default): `w_prefix * prefix_score - w_load * load_score`, where `load_score` is
   the larger of the pod's KV usage and its requests (waiting + running + in-flight) divided by
@@ -40,7 +41,10 @@ from types import MappingProxyType
 
 from vllm_llmd.router.load import PodLoad
 
-DEFAULT_TIER_WEIGHTS = {"GPU": 1.0, "CPU": 0.8, "STORAGE": 0.5}
+# SHARED (the LMCache tier every pod can load from) is below a pod's own disk: a load crosses
+# a server (and maybe Redis). It scores alike on every pod connected to it, so it never pulls
+# a request to one pod; it only keeps a pod's own slower copy from looking better than it is.
+DEFAULT_TIER_WEIGHTS = {"GPU": 1.0, "CPU": 0.8, "STORAGE": 0.5, "SHARED": 0.4}
 _NO_LOAD = PodLoad()
 
 
@@ -60,7 +64,7 @@ class PodCache:
 
     # leading blocks of the request the pod has cached, in a row
     num_blocks: int = 0
-    # the best tier holding each of those blocks ("GPU" > "CPU" > "STORAGE")
+    # the best tier holding each of those blocks ("GPU" > "CPU" > "STORAGE" > "SHARED")
     tiers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -7,9 +7,7 @@ whole prefix: a chunk's key depends on every token before it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from vllm_llmd.connector.metadata import LLMDConnectorMetadata
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -39,13 +37,7 @@ class SharedStoreSpec:
     block_ids: tuple[int, ...]
     cache_salt: str = ""
 
-
-@dataclass
-class LLMDStepMetadata(LLMDConnectorMetadata):
-    """LLMDConnectorMetadata plus this step's shared-tier loads and stores."""
-
-    shared_loads: list[SharedLoadSpec] = field(default_factory=list)
-    shared_stores: list[SharedStoreSpec] = field(default_factory=list)
-
-    def is_empty(self) -> bool:
-        return super().is_empty() and not (self.shared_loads or self.shared_stores)
+    @property
+    def key(self) -> bytes:
+        """Names this store in the workers' reports (a request stores each range once)."""
+        return f"{self.request_id}@{self.start}".encode()

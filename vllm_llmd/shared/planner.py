@@ -14,6 +14,14 @@ Per request, never blocking a step:
    step and that the server did not hold at lookup go to the workers to store.
 4. `request_finished`: releases locks still held (the request never got blocks) and ends the
    server's session of the request.
+
+What the tier holds, for KV events (`take_changes`, published with medium SHARED so a router
+can count the tier as a saving on every pod): a lookup's answer is a fact about the server at
+that moment: its hit blocks are *stored* (announced again on every hit, which keeps a
+consumer's time-bounded view fresh), and the first block of the first chunk it lacks is
+*removed* (a consumer's run of the prompt stops there; one hash cuts it, so a miss costs one
+event, not one per block). A store is announced once every worker reported it done (the
+server took the chunks or already held them); a dropped or failed store is not.
 """
 
 from __future__ import annotations
@@ -31,6 +39,16 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SharedTierChange:
+    """Prompt blocks [first_block, end_block) of a request entered (or left) the shared tier."""
+
+    request: Request
+    first_block: int
+    end_block: int
+    stored: bool
 
 
 @dataclass
@@ -73,6 +91,9 @@ class SharedTierPlanner:
         self._offered: dict[str, int] = {}
         self._loads: list[SharedLoadSpec] = []
         self._stores: list[SharedStoreSpec] = []
+        # stores sent to the workers: key -> (what it adds, [succeeded, failed] reports)
+        self._unconfirmed: dict[bytes, tuple[SharedTierChange, list[int]]] = {}
+        self._changes: list[SharedTierChange] = []
 
     # ---- lookups -------------------------------------------------------------------------
 
@@ -125,7 +146,15 @@ class SharedTierPlanner:
         state.hit = min(int(answer) * self.chunk_tokens, state.end)
         state.locked = state.hit > 0
         self._offered[rid] = max(self._offered.get(rid, 0), state.hit)
+        self._note_lookup(self._requests[rid], state.hit, state.end)
         return state.hit
+
+    def _note_lookup(self, request: Request, hit: int, end: int) -> None:
+        hit_blocks = hit // self.block_size
+        if hit_blocks:
+            self._changes.append(SharedTierChange(request, 0, hit_blocks, stored=True))
+        if hit < end:
+            self._changes.append(SharedTierChange(request, hit_blocks, hit_blocks + 1, False))
 
     # ---- after allocation ----------------------------------------------------------------
 
@@ -184,10 +213,32 @@ class SharedTierPlanner:
             ids = block_ids[start // self.block_size : end // self.block_size]
             if len(ids) != (end - start) // self.block_size:
                 continue
-            self._stores.append(
-                SharedStoreSpec(rid, tuple(prompt[:end]), start, end, tuple(ids), salt)
-            )
+            spec = SharedStoreSpec(rid, tuple(prompt[:end]), start, end, tuple(ids), salt)
+            self._stores.append(spec)
             self._offered[rid] = end
+            change = SharedTierChange(
+                request, start // self.block_size, end // self.block_size, stored=True
+            )
+            self._unconfirmed[spec.key] = (change, [0, 0])
+
+    def on_store_results(self, results: dict[bytes, list[int]]) -> None:
+        """Workers' reports of ended stores (summed over the workers of this step)."""
+        for key, (succeeded, failed) in results.items():
+            entry = self._unconfirmed.get(key)
+            if entry is None:
+                continue  # not ours to track (reported twice after a fault-tolerance retry)
+            change, counts = entry
+            counts[0] += succeeded
+            counts[1] += failed
+            if sum(counts) >= self.world_size:
+                del self._unconfirmed[key]
+                if counts[1] == 0:
+                    self._changes.append(change)
+
+    def take_changes(self) -> list[SharedTierChange]:
+        """What the tier gained or lost since the last call, as far as this instance knows."""
+        changes, self._changes = self._changes, []
+        return changes
 
     def take_step(self) -> tuple[list[SharedLoadSpec], list[SharedStoreSpec]]:
         """This step's loads and stores for the workers."""

@@ -76,7 +76,9 @@ class SharedTierWorker:
         self._loader = ThreadPoolExecutor(2, "llmd-shared-load")
         self._pending_gather: Future[None] | None = None
         self._inflight_chunks = 0
+        # guards _inflight_chunks and _results (stores ended, for the scheduler's events)
         self._inflight_lock = threading.Lock()
+        self._results: dict[bytes, list[int]] = {}
         self.client = SharedTierClient(
             url,
             timeout_s,
@@ -198,6 +200,7 @@ class SharedTierWorker:
                     accepted.append(spec)
                     continue
             self._count("shared_stores_dropped", num_chunks)
+            self._report(spec, ok=False)
         if accepted:
             self._pending_gather = self._copier.submit(self._gather_all, accepted)
 
@@ -266,6 +269,17 @@ class SharedTierWorker:
         else:
             self._count("shared_stored_chunks", written)
             self._count("shared_store_skipped_chunks", num_chunks - written)
+        self._report(spec, ok=not failed)
+
+    def _report(self, spec: SharedStoreSpec, ok: bool) -> None:
+        with self._inflight_lock:
+            self._results[spec.key] = [int(ok), int(not ok)]
+
+    def take_results(self) -> dict[bytes, list[int]]:
+        """Stores ended since the last call: key -> [1, 0] stored (or already held), [0, 1] not."""
+        with self._inflight_lock:
+            results, self._results = self._results, {}
+        return results
 
     # ---- loads ---------------------------------------------------------------------------
 
