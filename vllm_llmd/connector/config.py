@@ -39,6 +39,10 @@ class LLMDConnectorConfig:
     max_chunk_bytes: int = 64 << 20
     # Concurrent transfers per decode worker.
     num_transfer_threads: int = 4
+    # Same host, KV on CUDA: the prefill worker writes the blocks straight into the decode
+    # worker's GPU cache through CUDA IPC (no host staging). Falls back by itself to shared
+    # memory or the socket where the handles cannot be used. Off: never tried.
+    cuda_ipc: bool = True
 
     # ---- Offload tiers ----
 

@@ -44,7 +44,8 @@ from vllm_llmd.offload.paths import disk_tier_folder
 from vllm_llmd.offload.worker import OffloadWorker
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
+from vllm_llmd.transfer.cuda_ipc import CudaIpcWriter, IpcUnavailable, export_cache
+from vllm_llmd.transfer.messages import CudaIpcCache, KVLayoutFingerprint
 from vllm_llmd.transfer.registry import SendRegistry
 from vllm_llmd.transfer.server import TransferServer
 
@@ -91,6 +92,8 @@ class LLMDConnectorWorker:
         self._stats = LLMDConnectorStats()
         self.registry = SendRegistry(config.lease_s)
         self.server: TransferServer | None = None
+        # decode side, CUDA: our cache's IPC description, sent with each same-host pull
+        self._ipc_cache: CudaIpcCache | None = None
         self._pool = ThreadPoolExecutor(config.num_transfer_threads, "llmd-pull")
         self.offload: OffloadWorker | None = None
         self.shared: SharedTierWorker | None = None
@@ -125,6 +128,12 @@ class LLMDConnectorWorker:
             self.offload = self._make_offload_worker()
         if self.config.shared_tier_url:
             self.shared = self._make_shared_worker(kv_caches)
+        use_ipc = self.config.cuda_ipc and self.kv_cache.device.type == "cuda"
+        if use_ipc:
+            try:
+                self._ipc_cache = export_cache(self.kv_cache)
+            except IpcUnavailable as exc:
+                logger.info("LLMDConnector: no same-host CUDA IPC pulls: %s", exc)
         if self.is_producer:
             port = self.config.side_channel_port
             self.server = TransferServer(
@@ -134,6 +143,7 @@ class LLMDConnectorWorker:
                 self._gather,
                 self.fingerprint,
                 self.kv_cache.block_bytes,
+                ipc_write=CudaIpcWriter(self.kv_cache).write if use_ipc else None,
             )
         # Tests and operators read this line to know the worker half is live.
         logger.info(
@@ -326,6 +336,8 @@ class LLMDConnectorWorker:
                     fingerprint=recv.fingerprint,
                     remote_block_ids=recv.remote_block_ids,
                     block_bytes=bytes_per_block,
+                    ipc=self._ipc_cache,
+                    local_block_ids=local_ids,
                 ),
                 scatter,
                 timeout_s=self.config.transfer_timeout_s,

@@ -111,6 +111,49 @@ class PagedKVCache:
             base_table=torch.tensor(bases, dtype=torch.int64, device=first.device),
         )
 
+    @classmethod
+    def from_segments(
+        cls,
+        like: PagedKVCache,
+        num_blocks: int,
+        storages: Sequence[torch.UntypedStorage],
+        offsets: Sequence[int],
+    ) -> PagedKVCache:
+        """A cache laid out as `like` (layers, dtype, device, pages), whose segments live in
+        other storages (another process's, opened through CUDA IPC).
+
+        Raises ValueError unless every segment's blocks lie inside its storage: the kernels
+        write to raw addresses, so a description from elsewhere is checked before any copy.
+        """
+        if len(storages) != like.num_segments or len(offsets) != like.num_segments:
+            raise ValueError(
+                f"{len(offsets)} segments in {len(storages)} storages, but this cache's layout "
+                f"has {like.num_segments}"
+            )
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+        span = (num_blocks - 1) * like.block_stride + like.page_bytes
+        for index, (storage, offset) in enumerate(zip(storages, offsets, strict=True)):
+            if storage.device != like.device:
+                raise ValueError(f"segment {index} is on {storage.device}, not {like.device}")
+            if offset < 0 or offset + span > storage.nbytes():
+                raise ValueError(
+                    f"segment {index}: {num_blocks} blocks from byte {offset} need "
+                    f"{offset + span} bytes, its storage has {storage.nbytes()}"
+                )
+        bases = [st.data_ptr() + off for st, off in zip(storages, offsets, strict=True)]
+        return cls(
+            layer_names=like.layer_names,
+            num_blocks=num_blocks,
+            dtype=like.dtype,
+            device=like.device,
+            page_bytes=like.page_bytes,
+            block_stride=like.block_stride,
+            storages=tuple(storages),
+            offsets=tuple(offsets),
+            base_table=torch.tensor(bases, dtype=torch.int64, device=like.device),
+        )
+
 
 def as_paged_cache(cache: PagedKVCache | Mapping[str, torch.Tensor]) -> PagedKVCache:
     return cache if isinstance(cache, PagedKVCache) else PagedKVCache.from_layers(cache)

@@ -7,7 +7,10 @@ wait is bounded by `timeout_s`; any failure raises TransferFailed with a reason 
 
 On the same host (`shm.host_id()` equal on both sides) the prefill worker may answer through
 shared memory: the chunk is scattered straight from its segment. An endpoint whose segment
-cannot be opened is read through the socket from then on.
+cannot be opened is read through the socket from then on. With a CUDA cache (`PullSpec.ipc`)
+the prefill worker may instead write the chunk into our blocks itself, device to device
+(`cuda_ipc.py`): nothing is left to scatter. An endpoint that cannot is read as above from then
+on.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class PullSpec:
     remote_block_ids: tuple[int, ...]
     # bytes of one block id in a data frame (every layer's page of it)
     block_bytes: int
+    # same-host CUDA path: our cache's IPC description, and where each remote block goes
+    ipc: wire.CudaIpcCache | None = None
+    local_block_ids: tuple[int, ...] = ()
 
 
 class _Channel:
@@ -81,12 +87,13 @@ _MAX_CHANNELS_PER_THREAD = 64
 _HOST_ID = host_id()
 
 
-def _shm_state() -> tuple[ShmReader, set[str]]:
-    """This thread's segment mappings, and the endpoints whose segments it could not open."""
+def _shm_state() -> tuple[ShmReader, set[str], set[str]]:
+    """This thread's segment mappings, the endpoints whose segments it could not open, and
+    those that cannot write into our cache through CUDA IPC."""
     local = _channels.__dict__
     if "shm_reader" not in local:
-        local["shm_reader"], local["no_shm"] = ShmReader(), set()
-    return local["shm_reader"], local["no_shm"]
+        local["shm_reader"], local["no_shm"], local["no_ipc"] = ShmReader(), set(), set()
+    return local["shm_reader"], local["no_shm"], local["no_ipc"]
 
 
 def _channel_for(endpoint: str, timeout_s: float, max_reply_bytes: int) -> _Channel:
@@ -133,10 +140,13 @@ def pull_blocks(
             data = _read_chunk(
                 channel,
                 spec,
-                list(spec.remote_block_ids[start:end]),
+                (start, end),
                 unknown_transfer_grace_s,
                 same_host_shm,
             )
+            if data is None:  # written into our blocks by the prefill worker (CUDA IPC)
+                received += (end - start) * bytes_per_block
+                continue
             if data.numel() != (end - start) * bytes_per_block:
                 raise TransferFailed(
                     f"short read: {data.numel()} bytes for {end - start} blocks of "
@@ -155,28 +165,44 @@ def pull_blocks(
 
 
 def _read_chunk(
-    channel: _Channel, spec: PullSpec, block_ids: list[int], grace_s: float, shm: bool
-) -> torch.Tensor:
-    reader, no_shm = _shm_state()
-    use_shm = shm and bool(_HOST_ID) and spec.endpoint not in no_shm
+    channel: _Channel, spec: PullSpec, chunk: tuple[int, int], grace_s: float, shm: bool
+) -> torch.Tensor | None:
+    """Blocks chunk[0]..chunk[1] of the pull as bytes, or None if they were written in place."""
+    reader, no_shm, no_ipc = _shm_state()
+    same_host = shm and bool(_HOST_ID)
+    use_shm = same_host and spec.endpoint not in no_shm
+    use_ipc = same_host and spec.ipc is not None and spec.endpoint not in no_ipc
+    start, end = chunk
     request = wire.ReadBlocks(
         version=wire.PROTOCOL_VERSION,
         transfer_id=spec.transfer_id,
         fingerprint=spec.fingerprint,
-        block_ids=block_ids,
-        host_id=_HOST_ID if use_shm else "",
+        block_ids=list(spec.remote_block_ids[start:end]),
+        host_id=_HOST_ID if use_shm or use_ipc else "",
+        ipc_cache=spec.ipc if use_ipc else None,
+        ipc_block_ids=list(spec.local_block_ids[start:end]) if use_ipc else [],
     )
     deadline = time.monotonic() + grace_s
     while True:
         reply, frames = channel.ask(request)
+        if isinstance(reply, wire.IpcBlocksWritten) and use_ipc:
+            if reply.num_blocks != end - start:
+                raise TransferFailed(f"short write: {reply.num_blocks} of {end - start} blocks")
+            return None
+        if use_ipc and not isinstance(reply, wire.TransferError):
+            no_ipc.add(spec.endpoint)  # a prefill without the path answered with bytes
         if isinstance(reply, wire.BlocksHeader) and len(frames) == 1:
             return torch.frombuffer(frames[0].buffer, dtype=torch.uint8)
-        if isinstance(reply, wire.ShmBlocksHeader) and use_shm:
+        if isinstance(reply, wire.ShmBlocksHeader):
             try:
-                return reader.view(reply.shm_name, reply.num_blocks * reply.block_bytes)
+                if use_shm:
+                    return reader.view(reply.shm_name, reply.num_blocks * reply.block_bytes)
             except OSError:  # same boot and IPC namespace, yet not openable: use the socket
                 no_shm.add(spec.endpoint)
-                return _read_chunk(channel, spec, block_ids, grace_s, shm=False)
+            return _read_chunk(channel, spec, chunk, grace_s, shm=False)
+        if isinstance(reply, wire.TransferError) and reply.code == wire.IPC_UNAVAILABLE:
+            no_ipc.add(spec.endpoint)
+            return _read_chunk(channel, spec, chunk, grace_s, shm)
         if isinstance(reply, wire.TransferError):
             # The prefill engine registers a transfer one step after it answered: retry briefly.
             if reply.code == wire.UNKNOWN_TRANSFER and time.monotonic() < deadline:

@@ -13,6 +13,12 @@ order asked, every layer's page, in layer order (the order of `vllm_llmd.ops`' g
 Same host: a ReadBlocks whose `host_id` equals the prefill worker's own (see `shm.py`) may be
 answered with ShmBlocksHeader instead: the same bytes, in the named shared-memory segment, and
 no data frame. A decode worker that cannot open the segment reads again with no host_id.
+
+Same host, KV on CUDA (`cuda_ipc.py`): a ReadBlocks may also carry `ipc_cache` (CUDA IPC
+handles of the decode worker's KV cache) and `ipc_block_ids` (where the blocks go there); a
+prefill worker that can write them device to device does, and answers IpcBlocksWritten. One
+that cannot open them answers TransferError `ipc_unavailable` (the decode worker asks again
+without); one without the path ignores the fields and answers as above.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import msgspec
 
 # Version history:
 #   1: first version (read in chunks, release with outcome, fingerprint per read);
-#      compatible addition: ReadBlocks.host_id and the ShmBlocksHeader reply (same host).
+#      compatible additions: ReadBlocks.host_id and the ShmBlocksHeader reply (same host);
+#      ReadBlocks.ipc_cache/ipc_block_ids and the IpcBlocksWritten reply (same host, CUDA).
 PROTOCOL_VERSION = 1
 # No control message is anywhere near this; a larger frame is refused before decoding.
 MAX_CONTROL_BYTES = 1 << 20
@@ -50,6 +57,32 @@ class KVLayoutFingerprint(msgspec.Struct, frozen=True, kw_only=True):
         ]
 
 
+class CudaIpcStorage(msgspec.Struct, frozen=True, kw_only=True):
+    """One CUDA allocation, as torch's `UntypedStorage._share_cuda_()` describes it."""
+
+    handle: bytes
+    size_bytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+
+class CudaIpcCache(msgspec.Struct, frozen=True, kw_only=True):
+    """A decode worker's paged KV cache (`vllm_llmd.ops.PagedKVCache`), for a same-host
+    prefill worker to write into: its storages, and where each segment's block 0 sits."""
+
+    device_uuid: str
+    storages: list[CudaIpcStorage]
+    # per segment, in PagedKVCache order: index into storages, byte offset of block 0
+    segment_storages: list[int]
+    segment_offsets: list[int]
+    num_blocks: int
+    page_bytes: int
+    block_stride: int
+
+
 class ReadBlocks(msgspec.Struct, tag="read", kw_only=True):
     version: int
     transfer_id: str
@@ -58,6 +91,9 @@ class ReadBlocks(msgspec.Struct, tag="read", kw_only=True):
     block_ids: list[int]
     # the decode worker's shm.host_id(); empty: answer with a data frame
     host_id: str = ""
+    # same host, CUDA: write block_ids[i] into the decode cache's block ipc_block_ids[i]
+    ipc_cache: CudaIpcCache | None = None
+    ipc_block_ids: list[int] = []
 
 
 class ReleaseTransfer(msgspec.Struct, tag="release", kw_only=True):
@@ -85,6 +121,14 @@ class ShmBlocksHeader(msgspec.Struct, tag="shm_blocks", kw_only=True):
     shm_name: str
 
 
+class IpcBlocksWritten(msgspec.Struct, tag="ipc_written", kw_only=True):
+    """The blocks are in the decode worker's cache (the copy finished before this was sent)."""
+
+    version: int
+    transfer_id: str
+    num_blocks: int
+
+
 class Ack(msgspec.Struct, tag="ack", kw_only=True):
     version: int
     transfer_id: str
@@ -102,10 +146,11 @@ class TransferError(msgspec.Struct, tag="error", kw_only=True):
 UNKNOWN_TRANSFER = "unknown_transfer"  # retryable for a short grace (not registered yet)
 BAD_REQUEST = "bad_request"
 INCOMPATIBLE = "incompatible"
-ERROR_CODES = (UNKNOWN_TRANSFER, BAD_REQUEST, INCOMPATIBLE)
+IPC_UNAVAILABLE = "ipc_unavailable"  # the CUDA IPC handles could not be used: read without
+ERROR_CODES = (UNKNOWN_TRANSFER, BAD_REQUEST, INCOMPATIBLE, IPC_UNAVAILABLE)
 
 Request = ReadBlocks | ReleaseTransfer
-Reply = BlocksHeader | ShmBlocksHeader | Ack | TransferError
+Reply = BlocksHeader | ShmBlocksHeader | IpcBlocksWritten | Ack | TransferError
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)

@@ -3,8 +3,10 @@
 Each read is checked (protocol version, transfer id, fingerprint, block ids the transfer holds)
 before a byte is copied; the blocks are gathered once into a staging buffer that goes out as a
 zero-copy frame, or, for a decode worker on the same host, into a shared-memory segment whose
-name goes out instead (`shm.py`). The transfer stays pinned in the registry (READING) only
-while the gather runs; the send itself reads the staging buffer, not the KV cache.
+name goes out instead (`shm.py`), or, when that worker sent CUDA IPC handles of its cache,
+straight into its blocks, device to device (`cuda_ipc.py`). The transfer stays pinned in the
+registry (READING) only while the gather (or the device copy) runs; the send itself reads the
+staging buffer, not the KV cache.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ logger = get_logger(__name__)
 # gather(block_ids, out) -> contiguous uint8 tensor, block-major, every layer's page per block:
 # `out` when given (filled), else a new one
 GatherFn = Callable[[list[int], torch.Tensor | None], torch.Tensor]
+# ipc_write(block_ids, peer cache, peer block ids): a device-to-device copy, done on return
+# (CudaIpcWriter.write); raises IpcUnavailable, or ValueError for a bad description
+IpcWriteFn = Callable[[list[int], wire.CudaIpcCache, list[int]], None]
 
 
 class TransferServer:
@@ -40,9 +45,11 @@ class TransferServer:
         block_bytes: int,
         *,
         same_host_shm: bool = True,
+        ipc_write: IpcWriteFn | None = None,
     ) -> None:
         self.registry = registry
         self.host_id = host_id() if same_host_shm else ""
+        self._ipc_write = ipc_write
         self._shm = ShmStaging()
         self._gather = gather
         self._fingerprint = fingerprint
@@ -60,6 +67,7 @@ class TransferServer:
         self.host = host
         self.bytes_sent = 0
         self.bytes_shared = 0  # sent through shared memory
+        self.bytes_ipc = 0  # written into same-host peers' GPU caches
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._serve, name="llmd-transfer-server", daemon=True
@@ -132,6 +140,8 @@ class TransferServer:
         if problem is not None:
             return error(wire.UNKNOWN_TRANSFER, problem)
         same_host = bool(self.host_id) and request.host_id == self.host_id
+        if same_host and request.ipc_cache is not None and self._ipc_write is not None:
+            return self._write_ipc(request, error)
         try:
             if same_host:
                 nbytes = len(request.block_ids) * self._block_bytes
@@ -161,3 +171,24 @@ class TransferServer:
         )
         # pyzmq keeps a reference to the buffer until the I/O thread has sent it.
         return [header, memoryview(staging.numpy()).cast("B")]
+
+    def _write_ipc(self, request: wire.ReadBlocks, error: Callable[[str, str], list]) -> list:
+        """The blocks straight into the peer's cache (the read is already begun)."""
+        assert self._ipc_write is not None and request.ipc_cache is not None
+        try:
+            self._ipc_write(request.block_ids, request.ipc_cache, request.ipc_block_ids)
+        except ValueError as exc:
+            return error(wire.BAD_REQUEST, f"CUDA IPC write refused: {exc}")
+        except Exception as exc:  # IpcUnavailable, or a CUDA error of the copy: not fatal
+            logger.warning("LLMD side channel: %s; that peer reads without CUDA IPC", exc)
+            return error(wire.IPC_UNAVAILABLE, str(exc))
+        finally:
+            self.registry.end_read(request.transfer_id)
+        self.bytes_ipc += len(request.block_ids) * self._block_bytes
+        return [
+            wire.IpcBlocksWritten(
+                version=wire.PROTOCOL_VERSION,
+                transfer_id=request.transfer_id,
+                num_blocks=len(request.block_ids),
+            )
+        ]
