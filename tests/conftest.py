@@ -16,6 +16,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -200,6 +201,49 @@ def llm_engine_factory():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class KeepBusy:
+    """Keeps `slots` long completions in flight against `url` (a pod or a router) until the
+    `with` block ends.
+
+    Each thread runs one non-streamed request after another (a streamed one would make the
+    pod's API server, which shares the pod's one core, emit every token); lengths are
+    staggered by `stagger` tokens per slot, so the requests never all end at once.
+    """
+
+    def __init__(
+        self, url: str, model: str, slots: int, *, max_tokens: int, stagger: int, seed: int
+    ) -> None:
+        self.url, self.model = url, model
+        self.max_tokens, self.stagger, self.seed = max_tokens, stagger, seed
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._keep_one, args=(i,), daemon=True) for i in range(slots)
+        ]
+
+    def _keep_one(self, slot: int) -> None:
+        from vllm_llmd.devtools.client import complete
+        from vllm_llmd.devtools.model_maker import sample_text
+
+        round_ = 0
+        while not self.stop.is_set():
+            prompt = sample_text(40, seed=self.seed + 100 * slot + round_)
+            try:
+                complete(self.url, self.model, prompt, self.max_tokens + self.stagger * slot)
+            except (OSError, ValueError):  # refused or shed (a router's 429/503): try again
+                self.stop.wait(0.1)
+            round_ += 1
+
+    def __enter__(self) -> KeepBusy:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
 
 
 class RouterProcess:

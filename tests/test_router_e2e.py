@@ -6,11 +6,10 @@ requests to an idle one; a killed pod's traffic moves to the other without a fai
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
-from conftest import router_pod_config
+from conftest import KeepBusy, router_pod_config
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import complete, metric_sum, scrape_metrics
@@ -45,46 +44,6 @@ def _cache_hits(server) -> float:
 
 def _audit(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-class _BusyPod:
-    """Keeps `streams` long completions running on a pod until the block ends.
-
-    Each thread runs one non-streamed request after another (a streamed one would make the
-    pod's API server, which shares the pod's one core, emit every token). Lengths differ per
-    thread, so the requests never all end at once.
-    """
-
-    def __init__(self, server, streams: int) -> None:
-        self.server = server
-        self.stop = threading.Event()
-        self.threads = [
-            threading.Thread(target=self._keep_one, args=(i,), daemon=True) for i in range(streams)
-        ]
-
-    def _keep_one(self, slot: int) -> None:
-        round_ = 0
-        while not self.stop.is_set():
-            try:
-                complete(
-                    self.server.url,
-                    self.server.model_name,
-                    sample_text(50, seed=1300 + 10 * slot + round_),
-                    max_tokens=400 + 150 * slot,
-                )
-            except OSError:
-                self.stop.wait(0.1)
-            round_ += 1
-
-    def __enter__(self) -> _BusyPod:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=120)
 
 
 def test_cached_prefix_goes_to_the_pod_that_holds_it(
@@ -154,7 +113,7 @@ def test_busy_pod_loses_requests_to_an_idle_one(
     # Route requests until four decisions were taken while the router saw the busy pod
     # generating (the tiny model is fast and the box slow: a load scrape can miss the batch).
     busy_seen: list[dict] = []
-    with _BusyPod(busy, streams=4):
+    with KeepBusy(busy.url, busy.model_name, 4, max_tokens=400, stagger=150, seed=1300):
         deadline = time.monotonic() + 90
         i = 0
         while len(busy_seen) < 4 and time.monotonic() < deadline:

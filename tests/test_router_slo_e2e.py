@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import KeepBusy
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import (
@@ -81,40 +82,6 @@ def _warm_up(router, pod, tokenizer, seed: int) -> None:
         )
 
 
-class _Keeper:
-    """Keeps `slots` long completions in flight through the router until the block ends."""
-
-    def __init__(self, url: str, model: str, slots: int) -> None:
-        self.url, self.model = url, model
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(slots)]
-
-    def _run(self, slot: int) -> None:
-        round_ = 0
-        while not self.stop.is_set():
-            body = {
-                "model": self.model,
-                "prompt": sample_text(30, seed=100 * slot + round_),
-                # staggered: the slots never all end at once
-                "max_tokens": 1200 + 300 * slot,
-            }
-            try:
-                post_json(self.url + "/v1/completions", body)
-            except Exception:
-                self.stop.wait(0.1)
-            round_ += 1
-
-    def __enter__(self) -> _Keeper:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=120)
-
-
 def test_predicted_ttft_converges_on_a_real_pod(pod, tiny_model, tokenizer, start_router, tmp_path):
     audit = tmp_path / "audit.jsonl"
     router = _slo_router(start_router, pod, tiny_model, audit, "--latency-min-samples", "8")
@@ -169,7 +136,7 @@ def test_unmeetable_slo_is_shed_or_queued_by_priority(
     # Saturate the pod through the router: four long requests at all times (a keeper replaces
     # each one that ends) against its batch of two and --max-waiting 1, so one ending still
     # leaves it saturated.
-    with _Keeper(router.url, pod.model_name, slots=4):
+    with KeepBusy(router.url, pod.model_name, 4, max_tokens=1200, stagger=300, seed=0):
         deadline = time.monotonic() + 60
         while len(_audit(audit)) < WARMUP + 2 + 3 and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -302,9 +302,11 @@ class Counts:
             time.sleep(0.02)
 
 
-def _worker(server: LMCacheServer, seed: int, counts: Counts) -> tuple[SharedTierWorker, object]:
+def _worker(
+    server: LMCacheServer, seed: int, counts: Counts, layout: str = "LBHNC"
+) -> tuple[SharedTierWorker, object]:
     cache = allocate_kv_caches(
-        "LBHNC", SHAPE, torch.float32, generator=torch.Generator().manual_seed(seed)
+        layout, SHAPE, torch.float32, generator=torch.Generator().manual_seed(seed)
     )
     worker = SharedTierWorker(
         server.url,
@@ -336,18 +338,33 @@ def _lookup(planner: SharedTierPlanner, request, timeout: float = 20) -> int:
 
 
 @needs_lmcache
-def test_layout_is_lmcaches_own():
-    """Our chunk bytes are what LMCache's CPU gather writes for the same blocks."""
+@pytest.mark.parametrize("kv_layout", ["LBHNC", "LBNHC", "BLNHC"])
+def test_layout_is_lmcaches_own(kv_layout):
+    """Our chunk bytes are what LMCache's own gather writes for the same blocks: vLLM's CPU
+    layout (LBHNC, LMCache detects it), and the GPU backends' LBNHC and its block-outermost
+    form, as LMCache sees them on a GPU (physical [blocks, block_size, heads, C] per layer,
+    format NL_X_NB_BS_NH_CS); CPU tensors here, the same bytes."""
+    import lmcache.lmcache_native as lmcache_native
     from lmcache.v1.multiprocess.transfer_context.base import gather_paged_kv_to_cpu
 
     from vllm_llmd.ops import gather_blocks
     from vllm_llmd.shared.layout import ChunkLayout
 
-    cache = allocate_kv_caches("LBHNC", SHAPE, torch.float32)
+    cache = allocate_kv_caches(kv_layout, SHAPE, torch.float32)
     paged = PagedKVCache.from_layers(cache.kv_caches)
     layout = ChunkLayout.from_kv_caches(cache.kv_caches, paged, CHUNK)
+    assert layout.page_order == ("HNC" if kv_layout == "LBHNC" else "NHC")
     block_ids = [5, 9, 1, 40, 2, 3, 4, 6, 11, 12, 13, 14, 15, 16, 17, 18]  # two chunks
-    theirs = gather_paged_kv_to_cpu(cache.kv_caches, block_ids, layout.blocks_per_chunk)
+    if kv_layout == "LBHNC":
+        theirs = gather_paged_kv_to_cpu(cache.kv_caches, block_ids, layout.blocks_per_chunk)
+    else:
+        physical = {name: t.permute(0, 2, 1, 3) for name, t in cache.kv_caches.items()}
+        theirs = gather_paged_kv_to_cpu(
+            physical,
+            block_ids,
+            layout.blocks_per_chunk,
+            engine_kv_format=lmcache_native.EngineKVFormat.NL_X_NB_BS_NH_CS,
+        )
     staging = torch.empty(paged.buffer_bytes(len(block_ids)), dtype=torch.uint8)
     gather_blocks(paged, block_ids, staging)
     for index, chunk in enumerate(theirs):
@@ -364,10 +381,14 @@ def test_layout_is_lmcaches_own():
 
 
 @needs_lmcache
-def test_store_on_a_load_on_b_bit_exact(lmcache_servers):
+@pytest.mark.parametrize("kv_layout", ["LBHNC", "LBNHC"])
+def test_store_on_a_load_on_b_bit_exact(lmcache_servers, kv_layout):
+    """A stores, B (its own server) loads the same bytes: vLLM's CPU layout and the GPU
+    backends' default page order (CPU tensors: the CUDA part is the copy kernels' job)."""
     counts_a, counts_b = Counts(), Counts()
-    worker_a, cache_a = _worker(lmcache_servers["a"], 1, counts_a)
-    worker_b, cache_b = _worker(lmcache_servers["b"], 2, counts_b)
+    worker_a, cache_a = _worker(lmcache_servers["a"], 1, counts_a, kv_layout)
+    worker_b, cache_b = _worker(lmcache_servers["b"], 2, counts_b, kv_layout)
+    offset = 0 if kv_layout == "LBHNC" else 1  # other tokens: the other run's chunks differ
     planner_b = SharedTierPlanner(
         SharedTierClient(lmcache_servers["b"].url, 5, 0.5, name="sched-b"),
         MODEL,
@@ -377,7 +398,7 @@ def test_store_on_a_load_on_b_bit_exact(lmcache_servers):
     )
     try:
         assert planner_b.client.wait_up(20)
-        tokens = [(7 * i + 3) % 5000 for i in range(3 * CHUNK + 100)]  # 3 full chunks + a tail
+        tokens = [(7 * i + 3 + offset) % 5000 for i in range(3 * CHUNK + 100)]  # 3 chunks + tail
         blocks_a = list(range(10, 10 + 3 * CHUNK // BLOCK))
         request = _request(tokens)
         worker_a.submit_stores(

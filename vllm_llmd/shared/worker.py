@@ -1,10 +1,13 @@
 """Worker side of the shared tier: register the KV layout, store and load chunks.
 
-LMCache's *engine-driven* mode (the one that works on CPU): the worker copies the bytes, the
-server never touches vLLM memory. At start, and again whenever the server comes back, the worker
-registers its layout (`register_kv_cache_engine_driven_context`) and maps the server's L1 pool
-(`/dev/shm/lmcache_l1_pool_<name>`, shared memory: the server must run with `--shm-name`, so
-it must run on this host).
+LMCache's *engine-driven* mode (the one that works on CPU, and on GPU too): the worker copies
+the bytes, the server never touches vLLM memory. At start, and again whenever the server comes
+back, the worker registers its layout (`register_kv_cache_engine_driven_context`) and maps the
+server's L1 pool (`/dev/shm/lmcache_l1_pool_<name>`, shared memory: the server must run with
+`--shm-name`, so it must run on this host). On CUDA the blocks go through pinned host staging
+(copy kernels), the chunk permutation through the CPU: the same bytes as on CPU
+(`layout.py`). LMCache's own GPU mode (the server reads GPU memory through CUDA IPC) is not
+used: one path for both devices, and no server-side GPU context.
 
 - store (after the forward, `submit_stores`): one ordered copy thread gathers the blocks into a
   staging buffer of ours (`gather_blocks`); the next step waits for that copy only
@@ -12,7 +15,8 @@ it must run on this host).
   (`prepare_store`: only chunks it lacks), fills them (`ChunkLayout.to_chunk`) and commits.
   A store that finds the server down, or too many chunks already waiting, is dropped (counted).
 - load (`load`, a future): `prepare_retrieve` (the chunks the scheduler's lookup locked) →
-  copy out of the slots into staging → `commit_retrieve` (unlocks) → `scatter_blocks`.
+  copy out of the slots into staging → `commit_retrieve` (unlocks; not waited for) →
+  `scatter_blocks`.
 """
 
 from __future__ import annotations
@@ -56,9 +60,10 @@ class SharedTierWorker:
         max_inflight_chunks: int,
         count: Count | None = None,
     ) -> None:
-        if cache.device.type != "cpu":
-            raise ValueError("the shared tier supports vLLM's CPU backend only (for now)")
         self.cache = cache
+        # on CUDA, staging is pinned host memory: the copy kernels move the blocks, the
+        # chunk permutation runs on the CPU (where LMCache's pool is)
+        self._pin = cache.device.type == "cuda"
         self.layout = ChunkLayout.from_kv_caches(kv_caches, cache, chunk_tokens)
         self.model_name = model_name
         self.world_size = world_size
@@ -104,7 +109,7 @@ class SharedTierWorker:
             num_layers=layout.num_layers,
             hidden_dim_size=layout.hidden_dim,
             dtype_str=layout.dtype_name,
-            use_mla=True,  # LMCache's name for "one plane" (fused K/V rows, our CPU layout)
+            use_mla=True,  # LMCache's name for "one plane" (fused K/V rows: vLLM 0.32+ pages)
             num_physical_slots=layout.chunk_tokens,
         )
         answer = self.client.call(
@@ -186,6 +191,17 @@ class SharedTierWorker:
         elif not isinstance(exc, SharedTierUnavailable):
             logger.warning("LLMDConnector shared tier: %s failed: %s", what, exc)
 
+    def _staging(self, num_blocks: int) -> torch.Tensor:
+        return torch.empty(
+            self.cache.buffer_bytes(num_blocks), dtype=torch.uint8, pin_memory=self._pin
+        )
+
+    def _synchronize(self) -> None:
+        """On CUDA, wait for this thread's copies (on the device's default stream, so they
+        were ordered after the forward that wrote the blocks)."""
+        if self._pin:
+            torch.cuda.current_stream(self.cache.device).synchronize()
+
     # ---- stores --------------------------------------------------------------------------
 
     def submit_stores(self, stores: Sequence[SharedStoreSpec]) -> None:
@@ -217,10 +233,9 @@ class SharedTierWorker:
     def _gather_all(self, stores: list[SharedStoreSpec]) -> None:
         for spec in stores:
             try:
-                staging = torch.empty(
-                    self.cache.buffer_bytes(len(spec.block_ids)), dtype=torch.uint8
-                )
+                staging = self._staging(len(spec.block_ids))
                 gather_blocks(self.cache, list(spec.block_ids), staging)
+                self._synchronize()
             except Exception:
                 logger.exception("LLMDConnector shared tier: gathering blocks to store failed")
                 self._store_done(spec, 0, failed=True)
@@ -291,6 +306,7 @@ class SharedTierWorker:
         try:
             staging = self._retrieve(spec)
             scatter_blocks(self.cache, list(spec.block_ids), staging)
+            self._synchronize()  # the kernels read the pinned staging in place
         except Exception as exc:
             self._count("shared_load_failures", 1)
             self._failed(f"load of request {spec.request_id}", exc)
@@ -320,7 +336,7 @@ class SharedTierWorker:
             num_chunks = (spec.end - spec.start) // layout.chunk_tokens
             if len(slots) != num_chunks:
                 raise SharedTierError(f"{len(slots)} slots for {num_chunks} chunks")
-            staging = torch.empty(len(spec.block_ids) * layout.block_bytes, dtype=torch.uint8)
+            staging = self._staging(len(spec.block_ids))
             written = 0
             for index, slot in enumerate(slots):
                 first = spec.skip_blocks if index == 0 else 0
@@ -333,9 +349,12 @@ class SharedTierWorker:
                 layout.from_chunk(self._slot(pool, slot), part, first)
                 written += count
         finally:
+            # The slots are copied out: release them without waiting for the answer (a round
+            # trip off the load's latency). A lost release costs nothing but the server's
+            # read-lock TTL.
             try:
-                self.client.call("commit_retrieve", key, self.instance_id)
-            except SharedTierError as exc:  # its read locks expire with the server's TTL
+                self.client.submit("commit_retrieve", key, self.instance_id)
+            except SharedTierError as exc:
                 logger.warning("LLMDConnector shared tier: commit_retrieve failed: %s", exc)
         return staging
 
