@@ -26,7 +26,16 @@ import statistics
 import time
 
 import aiohttp
-from bench_slo import LOG_DIR, REPO_ROOT, Outcome, one_request, ours, start_pods, vllm_router
+from bench_slo import (
+    LOG_DIR,
+    REPO_ROOT,
+    Outcome,
+    one_request,
+    ours,
+    percentile,
+    start_pods,
+    vllm_router,
+)
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import metric_sum, scrape_metrics, timed_stream
@@ -93,14 +102,27 @@ def main() -> None:
         "--kv-cache-mib", type=int, default=24, help="device KV cache per pod (small: 5 KiB/token)"
     )
     parser.add_argument("--vllm-router", default=shutil.which("vllm-router"))
+    parser.add_argument(
+        "--w-load",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also run ours kv_aware with each of these --w-load values (default 0.5)",
+    )
+    parser.add_argument(
+        "--only-kv-aware", action="store_true", help="skip round_robin and slo (tuning runs)"
+    )
     args = parser.parse_args()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
     pods = start_pods(model, kv_cache_bytes=args.kv_cache_mib << 20)
-    routers = [("ours", "round_robin"), ("ours", "kv_aware"), ("ours", "slo")]
+    routers = [("ours", "kv_aware", [])]
+    if not args.only_kv_aware:
+        routers = [("ours", "round_robin", []), *routers, ("ours", "slo", [])]
+    routers += [("ours", "kv_aware", ["--w-load", str(w)]) for w in args.w_load]
     if args.vllm_router:
-        routers += [("vllm-router", "cache_aware"), ("vllm-router", "kv_aware")]
+        routers += [("vllm-router", "cache_aware", []), ("vllm-router", "kv_aware", [])]
     else:
         print("vllm-router not found (--vllm-router PATH): its policies are left out")
     print(
@@ -111,10 +133,10 @@ def main() -> None:
         f"{'router':28} {'TTFT mean':>10} {'TTFT p90':>9} {'req/s':>6} {'hit rate':>9} {'added':>8}"
     )
     try:
-        for run, (kind, policy) in enumerate(routers):
-            name = f"{kind} {policy}"
+        for run, (kind, policy, flags) in enumerate(routers):
+            name = " ".join([kind, policy, *flags]).replace("--", "")
             if kind == "ours":
-                router = ours(policy, pods, model, [])
+                router = ours(policy, pods, model, flags)
             else:
                 router = vllm_router(args.vllm_router, policy, pods, model)
             try:
@@ -129,12 +151,12 @@ def main() -> None:
                 added = added_latency(router.url, pods[0][0])
             finally:
                 router.stop()
-            ttfts = sorted(o.ttft_s for o in outcomes if o.ttft_s is not None)
+            ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
             failed = sum(o.ttft_s is None for o in outcomes)
             hit_rate = (hit_after - hit_before) / max(1.0, total_after - total_before)
             print(
                 f"{name:28} {statistics.mean(ttfts) * 1000:8.0f}ms "
-                f"{ttfts[int(0.9 * (len(ttfts) - 1))] * 1000:7.0f}ms "
+                f"{percentile(ttfts, 90) * 1000:7.0f}ms "
                 f"{len(outcomes) / took:6.2f} {hit_rate:9.1%} {added * 1000:6.1f}ms"
                 + (f"  ({failed} failed)" if failed else ""),
                 flush=True,

@@ -47,6 +47,10 @@ from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = REPO_ROOT / "logs" / "bench_slo"
+# the workload client's percentile (a standalone script: imported from its folder)
+sys.path.insert(0, str(REPO_ROOT / "examples" / "workload"))
+from shared_prefix_chat import percentile  # noqa: E402
+
 BLOCK = 128
 
 
@@ -124,14 +128,13 @@ class RouterRun:
             self.process.kill()
 
 
-def ours(policy: str, pods, model: Path, slo_flags: list[str]) -> RouterRun:
+def ours(policy: str, pods, model: Path, flags: list[str]) -> RouterRun:
     port = free_port()
     argv = [sys.executable, "-m", "vllm_llmd.router.cli", "--port", str(port)]
     argv += ["--policy", policy, "--tokenizer", str(model), "--poll-interval-s", "0.25"]
     for pod, _ in pods:
         argv += ["--pod", pod.url]
-    if policy == "slo":
-        argv += slo_flags
+    argv += flags
     return RouterRun(f"ours-{policy}", argv, port).wait_ready("/health")
 
 
@@ -271,7 +274,7 @@ def main() -> None:
                 name = f"{kind} {policy}"
                 requests = make_requests(tokenizer, rate, args.duration, 1 + run * 10, args)
                 if kind == "ours":
-                    router = ours(policy, pods, model, slo_flags)
+                    router = ours(policy, pods, model, slo_flags if policy == "slo" else [])
                 else:
                     router = vllm_router(args.vllm_router, policy, pods, model)
                 try:
@@ -285,14 +288,14 @@ def main() -> None:
                     router.stop()
                 good = sum(o.ok for o in outcomes)
                 goodput.setdefault(name, {})[rate] = good / args.duration
-                ttfts = sorted(o.ttft_s for o in outcomes if o.ttft_s is not None) or [0.0]
-                tpots = sorted(o.tpot_s for o in outcomes if o.tpot_s is not None) or [0.0]
+                ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
+                tpots = [o.tpot_s for o in outcomes if o.tpot_s is not None] or [0.0]
                 print(
                     f"{name:28} {rate:5.1f} {good / args.duration:7.2f} "
                     f"{good / len(outcomes):7.1%} {sum(o.shed for o in outcomes):5d} "
-                    f"{statistics.median(ttfts) * 1000:8.0f}ms "
-                    f"{ttfts[int(0.9 * (len(ttfts) - 1))] * 1000:8.0f}ms "
-                    f"{statistics.median(tpots) * 1000:8.1f}ms",
+                    f"{percentile(ttfts, 50) * 1000:8.0f}ms "
+                    f"{percentile(ttfts, 90) * 1000:8.0f}ms "
+                    f"{percentile(tpots, 50) * 1000:8.1f}ms",
                     flush=True,
                 )
         base = max(goodput["ours round_robin"].values()) or 1e-9

@@ -223,7 +223,7 @@ class KeepBusy:
         ]
 
     def _keep_one(self, slot: int) -> None:
-        from vllm_llmd.devtools.client import complete
+        from vllm_llmd.devtools.client import HTTPStatusError, complete
         from vllm_llmd.devtools.model_maker import sample_text
 
         round_ = 0
@@ -231,7 +231,7 @@ class KeepBusy:
             prompt = sample_text(40, seed=self.seed + 100 * slot + round_)
             try:
                 complete(self.url, self.model, prompt, self.max_tokens + self.stagger * slot)
-            except (OSError, ValueError):  # refused or shed (a router's 429/503): try again
+            except (HTTPStatusError, OSError, ValueError):  # refused, shed, cut: again
                 self.stop.wait(0.1)
             round_ += 1
 

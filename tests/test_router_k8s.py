@@ -529,24 +529,27 @@ def test_static_pods_are_not_touched(kube_api):
 
 
 def test_removed_pods_keep_their_in_flight_counts():
-    """The proxy counts a request on its pod by id, across awaits: a pod removed meanwhile
-    must still be found (and a pod that comes back must not go below zero)."""
+    """The proxy holds a pod's state across awaits to count its request: a pod removed
+    meanwhile keeps the count, and one that comes back while the request runs has it."""
     from vllm_llmd.router.config import PodSpec
 
     spec = PodSpec(pod_url("127.0.0.11"))
     registry = PodRegistry((), None)
     assert registry.add_pod(spec) and not registry.add_pod(spec)
-    registry.pods[spec.url].in_flight += 1  # a request starts
+    state = registry.state(spec.url)
+    state.in_flight += 1  # a request starts
     assert registry.remove_pod(spec.url) and not registry.remove_pod(spec.url)
     assert spec.url not in registry.pods and not registry.candidates(("both",))
-    registry.add_pod(spec)  # back while the request runs
-    registry.pods[spec.url].in_flight -= 1  # the request ends
+    registry.add_pod(spec)  # back while the request runs: the same count
+    assert registry.loads()[spec.url].num_in_flight == 1
+    state.in_flight -= 1  # the request ends
     assert registry.loads()[spec.url].num_in_flight == 0
     registry.remove_pod(spec.url)
-    registry.pods[spec.url].in_flight += 1  # routed before the removal, sent after it
-    registry.pods[spec.url].in_flight -= 1
-    registry.pods.purge()
-    assert not registry.pods and not registry.pods.gone
+    late = registry.state(spec.url)  # routed before the removal, sent after it
+    late.in_flight += 1
+    late.in_flight -= 1
+    registry.add_pod(spec)
+    assert registry.loads()[spec.url].num_in_flight == 0
 
 
 def test_kubeconfig_reaches_the_api_and_names_the_namespace(kube_api, tmp_path):

@@ -82,6 +82,8 @@ class RouterConfig:
     # ---- load thresholds and SLO-aware routing (see slo_config / scoring_config) ----
     max_waiting: int = 8
     max_kv_usage: float = 0.95
+    w_prefix: float = 1.0
+    w_load: float = 0.5
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     model_slo: tuple[str, ...] = ()
@@ -101,7 +103,12 @@ class RouterConfig:
 
     def scoring_config(self) -> ScoringConfig:
         """The policies' knobs; ValueError on a bad value."""
-        return ScoringConfig(max_waiting=self.max_waiting, max_kv_usage=self.max_kv_usage)
+        return ScoringConfig(
+            w_prefix=self.w_prefix,
+            w_load=self.w_load,
+            max_waiting=self.max_waiting,
+            max_kv_usage=self.max_kv_usage,
+        )
 
     def slo_config(self) -> SLOConfig:
         """SLO defaults, objectives and queue bounds; ValueError names a bad value."""
@@ -195,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
         "requests beyond its running batch) is saturated",
     )
     add("--max-kv-usage", type=float, default=0.95, help="a pod this full (0..1) is saturated")
+    add(
+        "--w-prefix",
+        type=float,
+        default=1.0,
+        help="kv_aware: weight of the cached-prefix score (0..1, tier-weighted share of the "
+        "prompt's blocks a pod holds)",
+    )
+    add(
+        "--w-load",
+        type=float,
+        default=0.5,
+        help="kv_aware: weight of the load score (0..1, a pod's requests against the busiest "
+        "candidate's, or its KV usage); higher spreads conversations more, lower keeps them "
+        "on the pod that holds their prefix",
+    )
     add(
         "--slo-ttft-ms",
         type=float,

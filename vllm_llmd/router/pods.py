@@ -53,27 +53,6 @@ class PodState:
     removed: bool = False
 
 
-class _PodTable(dict):
-    """`PodRegistry.pods`: pod id -> PodState, where a removed pod is still found by id.
-
-    The proxy holds a pod id across awaits (a prefill, a stream) and then indexes this table to
-    count its in-flight requests, so a pod discovery removes meanwhile must still be there:
-    `pods[id]` falls back to `gone` (iteration, `in` and `get` see live pods only). A gone state
-    is dropped once nothing is in flight on it (`purge`), and revived if the pod comes back.
-    """
-
-    def __init__(self, states: dict[str, PodState]) -> None:
-        super().__init__(states)
-        self.gone: dict[str, PodState] = {}
-
-    def __missing__(self, pod_id: str) -> PodState:
-        # Unknown ids get a placeholder too, so the proxy's `+= 1` and `-= 1` always balance.
-        return self.gone.setdefault(pod_id, PodState(PodSpec(pod_id), removed=True))
-
-    def purge(self) -> None:
-        self.gone = {pid: pod for pid, pod in self.gone.items() if pod.in_flight > 0}
-
-
 class PodRegistry:
     """The pods the router may use, and what it knows about each."""
 
@@ -85,7 +64,10 @@ class PodRegistry:
         poll_interval_s: float = 1.0,
         tokens: TokenProcessor | None = None,
     ) -> None:
-        self.pods = _PodTable({spec.pod_id: PodState(spec) for spec in specs})
+        # pod id -> state, for the pods in use
+        self.pods: dict[str, PodState] = {spec.pod_id: PodState(spec) for spec in specs}
+        # removed pods with requests still in flight: their counts survive a quick return
+        self._gone: dict[str, PodState] = {}
         self.ingestor = ingestor
         self.tokens = tokens
         self.events_topic = events_topic
@@ -94,6 +76,13 @@ class PodRegistry:
         self._session: aiohttp.ClientSession | None = None
         # first polls of pods added at run time
         self._joins: set[asyncio.Task] = set()
+
+    def state(self, pod_id: str) -> PodState:
+        """The pod's state, live or removed. The proxy holds it across awaits (a prefill, a
+        stream) to count its request in flight, so a removal meanwhile loses nothing. An id
+        that is no pod of ours (a target named by a header) gets a state of its own."""
+        pod = self.pods.get(pod_id) or self._gone.get(pod_id)
+        return pod if pod is not None else PodState(PodSpec(pod_id), removed=True)
 
     def candidates(self, roles: tuple[str, ...]) -> list[str]:
         """Healthy pods with one of roles, in configuration order."""
@@ -128,7 +117,7 @@ class PodRegistry:
         """
         if spec.pod_id in self.pods:
             return False
-        pod = self.pods.gone.pop(spec.pod_id, None) or PodState(spec)
+        pod = self._gone.pop(spec.pod_id, None) or PodState(spec)
         pod.spec, pod.removed = spec, False
         self.pods[spec.pod_id] = pod
         logger.info("pod %s added (role %s)", spec.pod_id, spec.role)
@@ -149,7 +138,8 @@ class PodRegistry:
         logger.info("pod %s removed", pod_id)
         pod.removed, pod.healthy = True, False
         self._forget(pod)
-        self.pods.gone[pod_id] = pod
+        if pod.in_flight:
+            self._gone[pod_id] = pod
         return True
 
     async def wait_joined(self) -> None:
@@ -169,7 +159,7 @@ class PodRegistry:
     async def _loop(self, session: aiohttp.ClientSession) -> None:
         while True:
             await asyncio.sleep(self.poll_interval_s)
-            self.pods.purge()
+            self._gone = {pid: pod for pid, pod in self._gone.items() if pod.in_flight > 0}
             try:
                 await self.poll_once(session)
             except Exception:  # a bug in one poll must not stop the next

@@ -400,6 +400,18 @@ class Router:
 
     # ---- upstream ------------------------------------------------------------------------
 
+    async def _post(
+        self, url: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """POST with one retry when the pod closed a pooled keep-alive connection as we sent
+        (uvicorn closes idle ones after 5 s; aiohttp may pick one in that instant): the request
+        never reached the pod, and the pod is not down."""
+        assert self.session is not None
+        try:
+            return await self.session.post(url, json=body, headers=headers)
+        except aiohttp.ServerDisconnectedError:
+            return await self.session.post(url, json=body, headers=headers)
+
     async def _run_prefill(self, path: str, body: dict[str, Any], route: Route) -> dict[str, Any]:
         """Run the prompt on the prefill pod; the decode request carries its KV params."""
         assert route.prefill is not None and self.session is not None
@@ -415,7 +427,7 @@ class Router:
         headers = {"X-Request-Id": route.request_id}
         sent = time.monotonic()
         try:
-            async with self.session.post(url, json=prefill_body, headers=headers) as resp:
+            async with await self._post(url, prefill_body, headers) as resp:
                 answer = await resp.json(content_type=None)
                 if resp.status != 200:
                     raise _upstream_error(resp.status, answer)
@@ -439,7 +451,8 @@ class Router:
         order.remove(route.decode.pod)
         last_error: Exception | None = None
         for pod in [route.decode.pod, *order]:
-            self.registry.pods[pod].in_flight += 1
+            state = self.registry.state(pod)  # held: the pod may be removed meanwhile
+            state.in_flight += 1
             try:
                 return await self._stream_from(pod, request, body, route)
             except _NotStarted as exc:  # nothing reached the client yet: try the next pod
@@ -447,7 +460,7 @@ class Router:
                 self.registry.mark_unhealthy(pod, str(exc.cause))
                 self.metrics.retries.inc()
             finally:
-                self.registry.pods[pod].in_flight -= 1
+                state.in_flight -= 1
         raise _error(web.HTTPBadGateway, f"no pod could be reached: {last_error}")
 
     async def _stream_from(
@@ -457,7 +470,7 @@ class Router:
         headers = {"X-Request-Id": route.request_id}
         sent = time.monotonic()
         try:
-            upstream = await self.session.post(pod + request.path, json=body, headers=headers)
+            upstream = await self._post(pod + request.path, body, headers)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise _NotStarted(exc) from exc
         first_byte = None
