@@ -76,6 +76,7 @@ class RouterConfig:
     audit_prompts: bool = False
     index_max_entries: int = 1_000_000
     shared_tier_ttl_s: float = 300.0
+    recent_route_ttl_s: float = 5.0
     redis_url: str | None = None
     no_ingest: bool = False
     prefill_allowlist: str | None = None
@@ -171,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--audit-log", default=None, help="append one JSON line per routing decision here")
     add("--audit-prompts", action="store_true", help="include prompt text in the audit log")
     add("--index-max-entries", type=int, default=1_000_000, help="in-memory index bound (blocks)")
+    add(
+        "--recent-route-ttl-s",
+        type=float,
+        default=5.0,
+        help="for this long after routing a prompt to a pod, count its prefix as that pod's "
+        "until the pod's KV events say so (a second request on the prefix follows the first); "
+        "0 turns it off",
+    )
     add(
         "--shared-tier-ttl-s",
         type=float,

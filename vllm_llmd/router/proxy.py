@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from vllm_llmd.events.model import MEDIUM_SHARED
+from vllm_llmd.events.model import MEDIUM_GPU, MEDIUM_SHARED
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.index import Index
 from vllm_llmd.router.latency import LatencyModels, Prediction, RequestShape
@@ -35,8 +35,9 @@ from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.predictive import SLOPlanner, request_shape
+from vllm_llmd.router.recent import RecentRoutes
 from vllm_llmd.router.scoring import Decision, PodCache, PolicyName, ScoreInput, ScoringPolicy
-from vllm_llmd.router.shared_view import SharedTierView, extend_with_shared
+from vllm_llmd.router.shared_view import SharedTierView, extend_with_shared, extended
 from vllm_llmd.router.slo import (
     AdmissionQueue,
     QueuedRequest,
@@ -100,6 +101,8 @@ class Router:
         self.registry = registry
         self.index = index
         self.shared = shared
+        ttl = config.recent_route_ttl_s
+        self.recent = RecentRoutes(ttl, config.index_max_entries) if ttl > 0 else None
         self.tokens = tokens
         self.policy = policy
         self.metrics = metrics
@@ -301,6 +304,10 @@ class Router:
                 num_tokens or 0,
                 self.config.block_size,
             )
+        if self.recent is not None and hashes:
+            for chosen in (decode, prefill):
+                if chosen is not None and chosen.pod in loads:  # ours, not a header's
+                    self.recent.record(chosen.pod, hashes)
         return Route(
             request_id,
             decode,
@@ -350,6 +357,11 @@ class Router:
             return {}
         hits = self.index.lookup_prefix(hashes, pods=verified)
         caches = {pod: PodCache(hit.num_blocks, hit.tiers) for pod, hit in hits.items()}
+        if self.recent is not None:  # sent there, its events not in yet
+            for pod in verified:
+                run = self.recent.run_length(pod, hashes)
+                if run:
+                    caches[pod] = extended(caches.get(pod) or PodCache(), run, MEDIUM_GPU)
         if self.shared is None or not (members := self.shared.members().intersection(verified)):
             return caches
         return extend_with_shared(caches, members, self.shared.run_length(hashes))

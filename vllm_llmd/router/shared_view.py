@@ -245,8 +245,12 @@ def extend_with_shared(
     if shared_blocks <= 0:
         return out
     for pod in members:
-        own = out.get(pod) or PodCache()
-        if shared_blocks > own.num_blocks:
-            extra = (MEDIUM_SHARED,) * (shared_blocks - own.num_blocks)
-            out[pod] = PodCache(shared_blocks, own.tiers + extra)
+        out[pod] = extended(out.get(pod) or PodCache(), shared_blocks, MEDIUM_SHARED)
     return out
+
+
+def extended(cache: PodCache, num_blocks: int, tier: str) -> PodCache:
+    """`cache` continued to num_blocks blocks in `tier` (unchanged if it is that long)."""
+    if num_blocks <= cache.num_blocks:
+        return cache
+    return PodCache(num_blocks, cache.tiers + (tier,) * (num_blocks - cache.num_blocks))
