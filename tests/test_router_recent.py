@@ -33,6 +33,9 @@ def test_runs_are_per_pod_and_expire():
     recent.record("b", [1])
     clock.now += 2  # a's entries are 6 s old, b's 2 s
     assert recent.run_length("a", [1]) == 0 and recent.run_length("b", [1, 2]) == 1
+    clock.now += 10
+    recent.record("c", [7])  # expired entries go as new ones come: memory follows the rate
+    assert len(recent) == 1
     with pytest.raises(ValueError, match="ttl_s > 0"):
         RecentRoutes(ttl_s=0)
 

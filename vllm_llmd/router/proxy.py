@@ -102,7 +102,7 @@ class Router:
         self.index = index
         self.shared = shared
         ttl = config.recent_route_ttl_s
-        self.recent = RecentRoutes(ttl, config.index_max_entries) if ttl > 0 else None
+        self.recent = RecentRoutes(ttl) if ttl > 0 else None
         self.tokens = tokens
         self.policy = policy
         self.metrics = metrics

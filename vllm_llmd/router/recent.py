@@ -38,13 +38,21 @@ class RecentRoutes:
 
     def record(self, pod: str, hashes: Sequence[int]) -> None:
         """The request with these block hashes was sent to `pod`."""
-        expires = self._clock() + self.ttl_s
+        now = self._clock()
         with self._lock:
             for block_hash in hashes:
-                self._routes.setdefault(block_hash, {})[pod] = expires
+                self._routes.setdefault(block_hash, {})[pod] = now + self.ttl_s
                 self._routes.move_to_end(block_hash)
+            # oldest first: drop what expired (so memory follows the rate, not the history),
+            # then whatever exceeds the bound
+            while self._routes and max(next(iter(self._routes.values())).values()) <= now:
+                self._routes.popitem(last=False)
             while len(self._routes) > self.max_entries:
                 self._routes.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._routes)
 
     def run_length(self, pod: str, hashes: Sequence[int]) -> int:
         """How many of the hashes, from the first, were sent to `pod` within `ttl_s`."""
