@@ -80,7 +80,8 @@ class Route:
     admission: str = "met"
     # the request on the prefill pod at dispatch, for a P/D route
     prefill_shape: RequestShape | None = None
-    # each pod's cached run of the prompt as scored (its own tiers, then the shared tier)
+    # each pod's cached run of the prompt as scored (its own tiers, prefixes just routed
+    # there, then the shared tier)
     caches: Mapping[str, PodCache] = field(default_factory=dict)
 
 
