@@ -172,11 +172,9 @@ def test_unmeetable_slo_is_shed_or_queued_by_priority(
     assert metric_sum(metrics, "llmd_router_admissions_total", outcome="queued") >= 1
 
 
-def test_a_flooding_fairness_id_does_not_starve_another(
-    pod, tiny_model, tokenizer, start_router, tmp_path
-):
-    audit = tmp_path / "audit.jsonl"
-    router = _slo_router(start_router, pod, tiny_model, audit, "--max-waiting", "1")
+def _flood_and_quiet(router, pod, audit) -> list[dict]:
+    """24 requests of id "flood", then 4 of id "quiet" once a few floods were dispatched; the
+    audit records, in dispatch order."""
     failures: list[Exception] = []
 
     def send(tenant: str, i: int) -> None:
@@ -203,13 +201,19 @@ def test_a_flooding_fairness_id_does_not_starve_another(
     for thread in flood + quiet:
         thread.join(timeout=120)
     assert not failures, failures
-    records = _audit(audit)  # in dispatch order; arrival = dispatch time - time queued
+    records = _audit(audit)
     print("dispatch order:", " ".join("Q" if r["fairness_id"] == "quiet" else "f" for r in records))
+    return records
+
+
+def _contended_window(records: list[dict]) -> list[str] | None:
+    """The ids dispatched while both ids had requests queued, or None when the run did not
+    set that up (a quiet request found the router idle, or too few floods were queued when
+    the last quiet one arrived for first-come-first-served to serve them all first)."""
     quiet_records = [r for r in records if r["fairness_id"] == "quiet"]
-    assert all(r["admission"] == "queued" for r in quiet_records), quiet_records
-    # From the moment every quiet request was queued to the last quiet dispatch, both ids had
-    # requests waiting. The premise: enough flood requests were queued at that moment for a
-    # first-come-first-served queue to serve them all first.
+    if not all(r["admission"] == "queued" for r in quiet_records):
+        return None
+    # arrival = dispatch time - time queued
     all_queued = max(r["ts"] - r["queued_s"] for r in quiet_records)
     last_quiet = max(r["ts"] for r in quiet_records)
     flood_waiting = [
@@ -219,8 +223,25 @@ def test_a_flooding_fairness_id_does_not_starve_another(
         and r["ts"] - r["queued_s"] < all_queued
         and r["ts"] > all_queued
     ]
-    assert len(flood_waiting) >= 7, "too few flood requests queued: the test proves nothing"
-    window = [r["fairness_id"] for r in records if all_queued < r["ts"] <= last_quiet]
+    if len(flood_waiting) < 7:
+        return None
+    return [r["fairness_id"] for r in records if all_queued < r["ts"] <= last_quiet]
+
+
+def test_a_flooding_fairness_id_does_not_starve_another(
+    pod, tiny_model, tokenizer, start_router, tmp_path
+):
+    # The scenario depends on timing this box does not always give (the flood may drain
+    # before the quiet id arrives): a run that did not set it up proves nothing either way,
+    # and is run again (each run its own router), at most three times.
+    for attempt in range(3):
+        audit = tmp_path / f"audit-{attempt}.jsonl"
+        router = _slo_router(start_router, pod, tiny_model, audit, "--max-waiting", "1")
+        window = _contended_window(_flood_and_quiet(router, pod, audit))
+        if window is not None:
+            break
+    else:
+        pytest.fail("three runs in a row never queued both ids together: the test proves nothing")
     # Fair turns give the quiet id about every other dispatch (4 of ~7); first come, first
     # served would give it 4 of 11 or fewer.
     share = window.count("quiet") / len(window)
