@@ -203,6 +203,16 @@ def llm_engine_factory():
                 os.environ[key] = value
 
 
+class FakeClock:
+    """A monotonic clock the test moves by hand (`clock.now += seconds`)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class KeepBusy:
     """Keeps `slots` long completions in flight against `url` (a pod or a router) until the
     `with` block ends.

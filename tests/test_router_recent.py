@@ -4,6 +4,7 @@ prefix follows the first to its pod before that pod's KV events arrive, for `ttl
 from __future__ import annotations
 
 import pytest
+from conftest import FakeClock
 
 from vllm_llmd.router.config import parse_config
 from vllm_llmd.router.index import InMemoryIndex
@@ -12,14 +13,6 @@ from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.proxy import Router
 from vllm_llmd.router.recent import RecentRoutes
 from vllm_llmd.router.scoring import PodCache, make_policy
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_runs_are_per_pod_and_expire():

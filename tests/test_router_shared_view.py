@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import FakeClock
 
 from vllm_llmd.events.model import MEDIUM_CPU, MEDIUM_SHARED, BlockRemoved, BlockStored
 from vllm_llmd.events.subscriber import ReceivedBatch
@@ -16,14 +17,6 @@ from vllm_llmd.router.ingest import PodStats, apply_update
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.scoring import PodCache, ScoreInput, ScoringConfig, make_policy
 from vllm_llmd.router.shared_view import InMemorySharedView, RedisSharedView, extend_with_shared
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(params=["memory", "redis"])

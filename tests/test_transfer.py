@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 import torch
+from conftest import FakeClock
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.transfer import messages as wire
@@ -26,14 +27,6 @@ FINGERPRINT = wire.KVLayoutFingerprint(
     tensor_parallel_size=1,
     page_bytes=PAGE,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # ---- registry --------------------------------------------------------------------------------

@@ -94,6 +94,8 @@ class LLMDConnectorWorker:
         self.server: TransferServer | None = None
         # decode side, CUDA: our cache's IPC description, sent with each same-host pull
         self._ipc_cache: CudaIpcCache | None = None
+        # prefill side, CUDA: writes into same-host peers' caches (holds their mappings)
+        self._ipc_writer: CudaIpcWriter | None = None
         self._pool = ThreadPoolExecutor(config.num_transfer_threads, "llmd-pull")
         self.offload: OffloadWorker | None = None
         self.shared: SharedTierWorker | None = None
@@ -135,6 +137,7 @@ class LLMDConnectorWorker:
             except IpcUnavailable as exc:
                 logger.info("LLMDConnector: no same-host CUDA IPC pulls: %s", exc)
         if self.is_producer:
+            self._ipc_writer = CudaIpcWriter(self.kv_cache) if use_ipc else None
             port = self.config.side_channel_port
             self.server = TransferServer(
                 self.config.side_channel_host,
@@ -143,7 +146,7 @@ class LLMDConnectorWorker:
                 self._gather,
                 self.fingerprint,
                 self.kv_cache.block_bytes,
-                ipc_write=CudaIpcWriter(self.kv_cache).write if use_ipc else None,
+                ipc_write=self._ipc_writer.write if self._ipc_writer else None,
             )
         # Tests and operators read this line to know the worker half is live.
         logger.info(
@@ -371,6 +374,8 @@ class LLMDConnectorWorker:
     def shutdown(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self._ipc_writer is not None:  # after the server: no write is running now
+            self._ipc_writer.close()
         if self.offload is not None:
             self.offload.shutdown()
         if self.shared is not None:
