@@ -54,6 +54,10 @@ def _prompt(tokenizer, seed: int, num_tokens: int) -> list[int]:
     return ids[:num_tokens]
 
 
+def _queue_depth(router) -> float:
+    return metric_sum(scrape_metrics(router.url), "llmd_router_queue_depth")
+
+
 def _slo_router(start_router, pod, tiny_model, audit, *extra: str):
     return start_router(
         [
@@ -133,15 +137,19 @@ def test_unmeetable_slo_is_shed_or_queued_by_priority(
     # and so is a request whose SLO can be met.
     assert ask("batch", 1)["choices"]
     assert ask("batch", 60_000)["choices"]
-    # Saturate the pod through the router: four long requests at all times (a keeper replaces
-    # each one that ends) against its batch of two and --max-waiting 1, so one ending still
-    # leaves it saturated.
-    with KeepBusy(router.url, pod.model_name, 4, max_tokens=1200, stagger=300, seed=0):
+    # Saturate the pod through the router: four long requests against its batch of two and
+    # --max-waiting 1, so three are in the pod and the fourth waits in the router. They are long
+    # (seconds each) so none ends before the probes below: on this box the test process is
+    # starved of CPU and a keeper may take seconds to send its next request, which would leave
+    # the pod with room and the router's queue empty.
+    with KeepBusy(router.url, pod.model_name, 4, max_tokens=3000, stagger=500, seed=0):
         deadline = time.monotonic() + 60
-        while len(_audit(audit)) < WARMUP + 2 + 3 and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+            len(_audit(audit)) >= WARMUP + 2 + 3 and _queue_depth(router) >= 1
+        ):
             time.sleep(0.1)
         assert len(_audit(audit)) >= WARMUP + 2 + 3, "the long requests were not dispatched"
-        time.sleep(0.5)  # a load poll sees the pod's own queue too
+        assert _queue_depth(router) >= 1, "no request waits in the router: the pod is not full"
         # Sheddable traffic is refused at once, even with an easy SLO ...
         request = urllib.request.Request(
             router.url + "/v1/completions",

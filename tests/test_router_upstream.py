@@ -1,38 +1,51 @@
 """The router's POST to a pod survives a pooled keep-alive connection the pod just closed
 (uvicorn closes idle ones after 5 s; aiohttp can pick one in that instant): one retry on a
-fresh connection, and the pod is not marked down for it. A real TCP server plays the pod:
-it drops the first `drops` requests without an answer, then answers."""
+fresh connection, and the pod is not marked down for it. A real TCP server plays the pod: for
+each connection in turn it drops the request without an answer ("drop"), resets the connection
+before the body is written ("reset"), or answers ("answer", and every connection after the
+scripted ones)."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 
 import aiohttp
 import pytest
 
+from vllm_llmd.devtools.server import free_port
 from vllm_llmd.router.config import parse_config
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
-from vllm_llmd.router.proxy import Router
+from vllm_llmd.router.proxy import Router, upstream_session
 from vllm_llmd.router.scoring import make_policy
 
 ANSWER = b'{"choices": [{"text": "ok"}]}'
+# a body far larger than the socket buffers: a reset after the head lands while it is written
+BIG_PROMPT = "x" * (16 << 20)
 
 
-async def _flaky_pod(drops: int) -> tuple[asyncio.Server, list[int]]:
-    """A pod that reads each request, drops the first `drops` connections, answers after."""
-    seen: list[int] = []
+async def _scripted_pod(script: list[str]) -> tuple[asyncio.Server, list[str]]:
+    """A pod that treats its n-th connection as script[n] says; returns what it did."""
+    seen: list[str] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        action = script[len(seen)] if len(seen) < len(script) else "answer"
+        seen.append(action)
         head = await reader.readuntil(b"\r\n\r\n")
+        if action == "reset":  # RST at once: the client is still writing the body
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
         length = next(
             int(line.split(b":")[1])
             for line in head.split(b"\r\n")
             if line.lower().startswith(b"content-length")
         )
         await reader.readexactly(length)
-        seen.append(len(seen))
-        if len(seen) > drops:
+        if action == "answer":
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                 + f"Content-Length: {len(ANSWER)}\r\n\r\n".encode()
@@ -51,24 +64,60 @@ def _router(url: str) -> Router:
     return Router(config, registry, None, None, make_policy("round_robin"), RouterMetrics())
 
 
-@pytest.mark.parametrize(("drops", "answered"), [(0, True), (1, True), (2, False)])
-def test_a_dropped_connection_is_retried_once(drops, answered):
+@pytest.mark.parametrize(
+    ("script", "error"),
+    [
+        ([], None),
+        (["drop"], None),
+        (["reset"], None),
+        (["drop", "drop"], aiohttp.ServerDisconnectedError),
+        (["reset", "reset"], aiohttp.ClientOSError),
+    ],
+)
+def test_a_dropped_connection_is_retried_once(script, error):
     async def run() -> None:
-        server, seen = await _flaky_pod(drops)
+        server, seen = await _scripted_pod(script)
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         router = _router(url)
-        router.session = aiohttp.ClientSession()
+        router.session = upstream_session(30)
+        body = {"prompt": BIG_PROMPT if "reset" in script else "x"}
         try:
-            if answered:
-                response = await router._post(url + "/v1/completions", {"prompt": "x"}, {})
+            if error is None:
+                response = await router._post(url + "/v1/completions", body, {})
                 assert response.status == 200 and await response.read() == ANSWER
             else:
-                with pytest.raises(aiohttp.ServerDisconnectedError):
-                    await router._post(url + "/v1/completions", {"prompt": "x"}, {})
-            assert len(seen) == min(drops + 1, 2)  # never more than one retry
+                with pytest.raises(error):
+                    await router._post(url + "/v1/completions", body, {})
+            assert len(seen) == min(len(script) + 1, 2)  # never more than one retry
         finally:
             await router.session.close()
             server.close()
             await server.wait_closed()
+
+    asyncio.run(run())
+
+
+def test_a_refused_connection_is_not_retried():
+    """The pod is unreachable, not closing a stale connection: the caller moves on at once."""
+
+    async def run() -> None:
+        url = f"http://127.0.0.1:{free_port()}"
+        router = _router(url)
+        router.session = upstream_session(30)
+        posts = 0
+        post = router.session.post
+
+        def counting_post(*args, **kwargs):
+            nonlocal posts
+            posts += 1
+            return post(*args, **kwargs)
+
+        router.session.post = counting_post
+        try:
+            with pytest.raises(aiohttp.ClientConnectorError):
+                await router._post(url + "/v1/completions", {"prompt": "x"}, {})
+            assert posts == 1
+        finally:
+            await router.session.close()
 
     asyncio.run(run())

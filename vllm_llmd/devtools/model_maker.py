@@ -14,6 +14,7 @@ Usage: ``vllm-llmd-make-model tiny ./models/tiny`` (presets: tiny, small, medium
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -111,9 +112,10 @@ def _word(rng: random.Random) -> str:
     )
 
 
-def _lexicon(size: int = 3000, seed: int = 1234) -> list[str]:
+@functools.cache  # every sample_text call needs it; tests call that from busy threads
+def _lexicon(size: int = 3000, seed: int = 1234) -> tuple[str, ...]:
     rng = random.Random(seed)
-    return sorted({_word(rng) for _ in range(size)})
+    return tuple(sorted({_word(rng) for _ in range(size)}))
 
 
 def sample_text(num_words: int, seed: int) -> str:

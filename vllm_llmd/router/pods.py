@@ -1,8 +1,10 @@
 """The router's pods: health, load and event subscription, kept fresh by one polling task.
 
-Each poll, per pod: `GET /health` (a failure takes the pod out of rotation and drops its index
-entries), `GET /metrics` for its load, and on first sight its KV-event endpoint (configured, or
-from vLLM's `GET /kv_event_sources`) is handed to the event ingestor.
+Each poll, per pod: `GET /health`, `GET /metrics` for its load, and on first sight its KV-event
+endpoint (configured, or from vLLM's `GET /kv_event_sources`), handed to the event ingestor. A
+failed /health takes the pod out of rotation and drops its index entries; one that only timed
+out must do so `slow_checks_to_evict` times in a row, because a busy pod on a loaded host
+answers late yet serves.
 
 With a token processor, a pod is first checked once it is healthy (again after it rejoins):
 its /tokenize and its block size and hash algorithm must match the router's
@@ -33,6 +35,10 @@ logger = logging.getLogger(__name__)
 # Seconds a health check or load scrape may take. Only a failed /health takes a pod out of
 # rotation: an overloaded pod (or box) answers /metrics slowly yet serves fine.
 HEALTH_TIMEOUT_S = 5.0
+# /health checks in a row that time out before a pod leaves the rotation. A refused connection
+# or an error status takes it out at once; a timeout alone may be a busy API server (leaving
+# would also drop its index entries, the router's knowledge of its cache).
+SLOW_CHECKS_TO_EVICT = 3
 
 
 @dataclass
@@ -51,6 +57,8 @@ class PodState:
     polling: bool = False
     # discovery removed it; a poll still running must not bring it back
     removed: bool = False
+    # /health checks in a row that timed out
+    slow_checks: int = 0
 
 
 class PodRegistry:
@@ -63,7 +71,11 @@ class PodRegistry:
         events_topic: str = "kv",
         poll_interval_s: float = 1.0,
         tokens: TokenProcessor | None = None,
+        health_timeout_s: float = HEALTH_TIMEOUT_S,
+        slow_checks_to_evict: int = SLOW_CHECKS_TO_EVICT,
     ) -> None:
+        if health_timeout_s <= 0 or slow_checks_to_evict < 1:
+            raise ValueError("need health_timeout_s > 0 and slow_checks_to_evict >= 1")
         # pod id -> state, for the pods in use
         self.pods: dict[str, PodState] = {spec.pod_id: PodState(spec) for spec in specs}
         # removed pods with requests still in flight: their counts survive a quick return
@@ -72,6 +84,8 @@ class PodRegistry:
         self.tokens = tokens
         self.events_topic = events_topic
         self.poll_interval_s = poll_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.slow_checks_to_evict = slow_checks_to_evict
         self._task: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
         # first polls of pods added at run time
@@ -180,17 +194,30 @@ class PodRegistry:
     async def _poll_pod(self, session: aiohttp.ClientSession, pod: PodState) -> None:
         # Every await may see the pod removed (discovery): then it must not rejoin.
         url = pod.spec.url
+        slow = False
         try:
-            timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+            timeout = aiohttp.ClientTimeout(total=self.health_timeout_s)
             async with session.get(url + "/health", timeout=timeout) as r:
                 ok = r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError:  # before ClientError: aiohttp's timeouts are both
+            ok, slow, why = False, True, f"/health took over {self.health_timeout_s:g} s"
+        except aiohttp.ClientError as exc:
             ok, why = False, str(exc) or type(exc).__name__
         else:
             why = "" if ok else f"/health answered {r.status}"
         if pod.removed:
             return
+        pod.slow_checks = pod.slow_checks + 1 if slow else 0
         if not ok:
+            if pod.healthy and slow and pod.slow_checks < self.slow_checks_to_evict:
+                logger.info(
+                    "pod %s: %s (%d of %d in a row before it leaves the rotation)",
+                    url,
+                    why,
+                    pod.slow_checks,
+                    self.slow_checks_to_evict,
+                )
+                return  # still in rotation; its load is not read this time (as slow)
             if pod.healthy:
                 logger.warning("pod %s left the rotation: %s", url, why)
             pod.healthy = False
@@ -198,7 +225,7 @@ class PodRegistry:
             return
         try:
             pod.load = await scrape_pod_load(
-                session, url, timeout=HEALTH_TIMEOUT_S, num_in_flight=pod.in_flight
+                session, url, timeout=self.health_timeout_s, num_in_flight=pod.in_flight
             )
         except PodLoadError as exc:
             # A slow /metrics on a busy box is not a dead pod: keep its last known load.

@@ -417,12 +417,16 @@ class Router:
         self, url: str, body: dict[str, Any], headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
         """POST with one retry when the pod closed a pooled keep-alive connection as we sent
-        (uvicorn closes idle ones after 5 s; aiohttp may pick one in that instant): the request
-        never reached the pod, and the pod is not down."""
+        (uvicorn closes idle ones after 5 s; aiohttp may pick one in that instant): the pod
+        dropped the connection without an answer, or it was gone before the body was written,
+        and the pod is not down. A failed connect (ClientConnectorError) is not retried: that
+        pod is unreachable, and the caller tries the next one."""
         assert self.session is not None
         try:
             return await self.session.post(url, json=body, headers=headers)
-        except aiohttp.ServerDisconnectedError:
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             return await self.session.post(url, json=body, headers=headers)
 
     async def _run_prefill(self, path: str, body: dict[str, Any], route: Route) -> dict[str, Any]:
@@ -627,6 +631,21 @@ def _upstream_error(status: int, answer: Any) -> web.HTTPException:
     return _JSONError(status, answer)
 
 
+# Seconds an idle pooled connection to a pod is kept: below the pods' own keep-alive timeout
+# (uvicorn: 5 s), so the router drops an idle connection before the pod does, instead of
+# sending a request on one the pod is closing.
+UPSTREAM_KEEPALIVE_S = 3.0
+
+
+def upstream_session(request_timeout_s: float) -> aiohttp.ClientSession:
+    """The router's one client session to its pods. No connection limit: aiohttp's default (100)
+    would hold the 101st concurrent request back inside the router, unseen by the pods' queues
+    and the router's own admission; concurrency is bounded by the clients and by admission."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
+    timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+
 def make_app(router: Router) -> web.Application:
     app = web.Application(client_max_size=router.config.max_body_bytes)
     app.router.add_post("/v1/completions", router.handle_generate)
@@ -636,8 +655,7 @@ def make_app(router: Router) -> web.Application:
     app.router.add_get("/metrics", router.handle_metrics)
 
     async def on_startup(app: web.Application) -> None:
-        timeout = aiohttp.ClientTimeout(total=router.config.request_timeout_s)
-        router.session = aiohttp.ClientSession(timeout=timeout)
+        router.session = upstream_session(router.config.request_timeout_s)
         await router.registry.start(router.session)
 
     async def on_cleanup(app: web.Application) -> None:
