@@ -17,6 +17,7 @@ from vllm_llmd.devtools.client import metric_sum, scrape_metrics
 pytestmark = pytest.mark.server
 
 KEY = "s3cret"
+REQUESTS_METRIC = "llmd_router_requests_total"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -132,3 +133,62 @@ def test_wrong_block_size_is_caught_at_start_up(pod, tiny_model, start_router, t
     metrics = scrape_metrics(router.url)
     assert metric_sum(metrics, "llmd_router_index_entries") == 0
     assert "following KV events" not in router.log_path.read_text()
+
+
+def _running_while_streaming(pod, samples: int = 5) -> list[float]:
+    """The pod's running-request gauge, read while a streamed request of ours runs on it.
+
+    vLLM publishes its gauges with request outputs, and an unstreamed request has none until it
+    ends: only a streamed request keeps the gauge fresh, and it counts itself (1)."""
+    host, port = pod.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = _completion(pod.model_name, max_tokens=400, ignore_eos=True, stream=True)
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        seen = []
+        for _ in range(samples):
+            for _ in range(20):  # events: the pod took a few more steps
+                response.fp.readline()
+            seen.append(metric_sum(scrape_metrics(pod.url), "vllm:num_requests_running"))
+        return seen
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_cancels_its_request_at_the_pod(router, pod, stream):
+    """A disconnect passes through the router: the pod stops generating an answer no one will
+    read (unstreamed, nothing would ever be written to notice it), the router counts it as 499
+    and logs no error."""
+
+    def metric(url: str, name: str, **labels: str) -> float:
+        return metric_sum(scrape_metrics(url), name, **labels)
+
+    def logged_errors() -> int:
+        return router.log_path.read_text().count("Error handling request")
+
+    left_before, errors_before = metric(router.url, REQUESTS_METRIC, status="499"), logged_errors()
+    decisions = metric(router.url, "llmd_router_decisions_total")
+    host, port = router.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    # ~30 s of generation on this box, were it not cancelled
+    body = _completion(pod.model_name, max_tokens=8000, ignore_eos=True, stream=stream)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json", **AUTH})
+    deadline = time.monotonic() + 60
+    while metric(router.url, "llmd_router_decisions_total") == decisions:
+        assert time.monotonic() < deadline, "the router never sent the request on"
+        time.sleep(0.05)
+    if stream:  # a streaming client reads a little, then leaves
+        response = conn.getresponse()
+        assert response.status == 200 and response.fp.readline()
+    else:
+        time.sleep(1.0)  # the pod is generating
+    conn.close()
+    time.sleep(1.0)  # the cancellation reaches the pod
+    # Soon only our own streamed probe runs there.
+    running = _running_while_streaming(pod)
+    assert running[-1] <= 1, running
+    assert metric(router.url, REQUESTS_METRIC, status="499") == left_before + 1
+    assert logged_errors() == errors_before  # a client leaving is not a server error

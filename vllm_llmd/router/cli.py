@@ -92,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         len(config.pods),
         f" + pods labelled {config.k8s_label_selector}" if config.k8s_label_selector else "",
     )
-    web.run_app(app, host=config.host, port=config.port, print=None)
+    # handler_cancellation: a client that disconnects cancels its request here, and so upstream
+    # (the pod aborts it) instead of the pod generating an answer no one reads, or the request
+    # waiting in the admission queue and being dispatched after its client left.
+    web.run_app(app, host=config.host, port=config.port, print=None, handler_cancellation=True)
 
 
 if __name__ == "__main__":

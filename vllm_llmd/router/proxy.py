@@ -51,9 +51,11 @@ logger = logging.getLogger(__name__)
 
 DECODE_ROLES = ("both", "decode")
 PREFILL_ROLES = ("prefill",)
-# headers of the pod's answer that must not be copied onto ours
 # how often the admission queue is re-judged while it holds requests
 QUEUE_TICK_S = 0.05
+# the requests metric's status for a request whose client disconnected first (nginx's 499)
+CLIENT_CLOSED_STATUS = "499"
+# headers of the pod's answer that must not be copied onto ours
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "server", "date"}
 
 
@@ -147,6 +149,13 @@ class Router:
         except web.HTTPException as exc:
             self.metrics.requests.labels(route_name, str(exc.status)).inc()
             raise
+        except asyncio.CancelledError:  # the client left (cli.py: handler_cancellation)
+            self.metrics.requests.labels(route_name, CLIENT_CLOSED_STATUS).inc()
+            raise
+        except _ClientLeft:  # it left while we wrote, before its cancellation came
+            self.metrics.requests.labels(route_name, CLIENT_CLOSED_STATUS).inc()
+            # as a cancellation: aiohttp closes quietly (an exception would be a logged 500)
+            raise asyncio.CancelledError from None
         finally:
             self._pump()  # a finished request may make room for a queued one
         self.metrics.requests.labels(route_name, str(response.status)).inc()
@@ -499,13 +508,16 @@ class Router:
                     response.headers[name] = value
             response.headers["X-Request-Id"] = route.request_id
             response.headers["X-Routed-To"] = pod
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                if first_byte is None:
-                    first_byte = time.monotonic()
-                num_events += chunk.count(b"data:")
-                await response.write(chunk)
-            await response.write_eof()
+            try:
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    if first_byte is None:
+                        first_byte = time.monotonic()
+                    num_events += chunk.count(b"data:")
+                    await response.write(chunk)
+                await response.write_eof()
+            except ConnectionResetError as exc:  # our client's connection, not the pod's
+                raise _ClientLeft() from exc
         if upstream.status == 200 and first_byte is not None and pod == route.decode.pod:
             mode = "decode" if route.prefill is not None else "direct"
             self._observe(pod, mode, route, body, sent, first_byte, num_events)
@@ -575,6 +587,10 @@ class Router:
             self.index.close()
         if self.shared is not None:
             self.shared.close()
+
+
+class _ClientLeft(Exception):
+    """Our client closed its connection while its answer was being written."""
 
 
 class _NotStarted(Exception):
