@@ -138,8 +138,8 @@ def test_wrong_block_size_is_caught_at_start_up(pod, tiny_model, start_router, t
 def _running_while_streaming(pod, samples: int = 5) -> list[float]:
     """The pod's running-request gauge, read while a streamed request of ours runs on it.
 
-    vLLM publishes its gauges with request outputs, and an unstreamed request has none until it
-    ends: only a streamed request keeps the gauge fresh, and it counts itself (1)."""
+    Measured here (vLLM 0.32, CPU): while only an unstreamed request runs, the pod's gauges do
+    not move until it ends; a streamed request keeps them fresh. It counts itself (1)."""
     host, port = pod.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     body = _completion(pod.model_name, max_tokens=400, ignore_eos=True, stream=True)
