@@ -3,6 +3,7 @@ that ends normally holds its blocks for the decode side; an aborted one holds no
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from vllm import SamplingParams
 from vllm.v1.request import Request, RequestStatus
@@ -11,7 +12,7 @@ from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import LLMDHandshake
 from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
-from vllm_llmd.transfer.params import RemotePrefillParams
+from vllm_llmd.transfer.params import RemotePrefillParams, prompt_digest
 
 BLOCK = 32
 FINGERPRINT = KVLayoutFingerprint(
@@ -75,3 +76,95 @@ def test_transfer_ids_are_unguessable():
         for _ in range(50)
     }
     assert len(ids) == 50
+
+
+# ---- decode side: kv_transfer_params come from the API client and are not trusted ----------
+
+PROMPT = list(range(3 * BLOCK + 5))
+
+
+def _decode_scheduler(**config) -> LLMDConnectorScheduler:
+    return LLMDConnectorScheduler(
+        LLMDConnectorConfig(**config), "engine-d", FINGERPRINT, is_producer=False, is_consumer=True
+    )
+
+
+def _valid_params(**changes) -> dict:
+    params = RemotePrefillParams(
+        engine_id="engine-p",
+        request_id="req-p",
+        host="10.0.0.5",
+        ports=(5701,),
+        block_ids=(7, 8, 9, 10),
+        num_tokens=len(PROMPT),
+        transfer_id="t" * 32,
+        fingerprint=FINGERPRINT,
+        prompt_digest=prompt_digest(PROMPT),
+    ).to_dict()
+    params.update(changes)
+    return params
+
+
+def _decode_request(params: dict) -> Request:
+    sampling = SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": params})
+    return Request("req-d", list(PROMPT), sampling, None)
+
+
+HOSTILE = {
+    # the review's crash: no ports (worker indexed ports[tp_rank] and killed the engine core)
+    "no ports": {"llmd_ports": []},
+    "ports not ints": {"llmd_ports": ["5701"]},
+    "port out of range": {"llmd_ports": [70000]},
+    "ports not a list": {"llmd_ports": 5701},
+    "unequal TP": {"llmd_ports": [5701, 5702]},
+    "tokens past the prompt": {"remote_num_tokens": 10**6, "remote_block_ids": list(range(7813))},
+    "repeated block ids": {"remote_block_ids": [3, 3, 3, 3]},
+    "negative block id": {"remote_block_ids": [-1, 8, 9, 10]},
+    "block count off": {"remote_block_ids": [7, 8]},
+    "host with a path": {"remote_host": "evil.example/x:1"},
+    "host not a string": {"remote_host": ["h"]},
+    "transfer id not url-safe": {"llmd_transfer_id": "a b\n"},
+    "digest of another prompt": {"llmd_prompt_digest": prompt_digest([1, 2, 3])},
+    "fingerprint of another layout": {
+        "llmd_fingerprint": {**msgspec.to_builtins(FINGERPRINT), "dtype": "x"}
+    },
+    "fingerprint malformed": {"llmd_fingerprint": "m"},
+    "no transfer id value": {"llmd_transfer_id": None},
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_params_recompute_and_never_reach_the_worker_malformed(name):
+    scheduler = _decode_scheduler()
+    request = _decode_request(_valid_params(**HOSTILE[name]))
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+    scheduler.update_state_after_alloc(request, None, 0)
+    assert scheduler.request_finished(request, []) == (False, None)
+    metadata = scheduler.build_connector_meta(None)
+    assert not metadata.recvs
+    # A release goes out only for params that parsed, and each names one port per TP rank.
+    for release in metadata.releases:
+        assert release.host == "10.0.0.5" and release.transfer_id == "t" * 32
+        assert release.ports and all(1 <= port < 65536 for port in release.ports)
+    assert len(metadata.releases) <= 1
+
+
+def test_valid_params_are_loaded():
+    scheduler = _decode_scheduler()
+    request = _decode_request(_valid_params())
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+
+
+def test_host_outside_the_allowlist_gets_no_pull_and_no_release():
+    scheduler = _decode_scheduler(allowed_prefill_hosts="10.1.0.0/16, prefill-0.svc")
+    request = _decode_request(_valid_params())
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+    assert scheduler.request_finished(request, []) == (False, None)
+    assert scheduler.build_connector_meta(None).is_empty()
+    allowed = _decode_scheduler(allowed_prefill_hosts="10.0.0.0/24")
+    assert allowed.get_num_new_matched_tokens(_decode_request(_valid_params()), 0)[1]
+
+
+def test_allowlist_entries_are_checked_at_start_up():
+    with pytest.raises(ValueError, match="allowed_prefill_hosts entry 'a b'"):
+        LLMDConnectorConfig.from_extra_config({"allowed_prefill_hosts": "10.0.0.1,a b"})

@@ -339,3 +339,35 @@ def test_concurrent_writes_and_reads_never_see_a_partial_chunk(tmp_path, monkeyp
     assert outcomes.count("hit") > 20, outcomes
     assert not list(tmp_path.rglob("*.tmp"))
     assert {c.key for c in store.scan()} == {key for key in keys if store.contains(key)}
+
+
+def test_failing_disk_writes_are_reported_failed_and_logged_once(tmp_path, caplog):
+    # A full or broken disk used to fail every spill silently (only a counter moved).
+    from vllm_llmd.offload.worker import OffloadWorker
+    from vllm_llmd.ops import PagedKVCache
+    from vllm_llmd.ops.layouts import KVCacheShape, allocate_kv_caches
+
+    shape = KVCacheShape(num_layers=2, num_blocks=8, num_heads=2, block_size=4, content=8)
+    cache = PagedKVCache.from_layers(allocate_kv_caches("LBHNC", shape, torch.float32).kv_caches)
+    fingerprint = make_fingerprint(
+        num_layers=2, page_bytes=cache.page_bytes, tensor_parallel_size=1
+    )
+    store = DiskChunkStore(tmp_path / "tier", fingerprint, 0, cache.block_bytes)
+    worker = OffloadWorker(cache, num_host_slots=4, disk=store, num_disk_threads=2)
+    try:
+        (tmp_path / "tier").rename(tmp_path / "gone")
+        (tmp_path / "tier").write_bytes(b"")  # a file where the folder was: every write fails
+        spills = [(make_key(i), i, "") for i in range(4)]
+        with caplog.at_level(logging.WARNING):
+            worker.submit_step(spills, [], [], [])
+            worker.flush_stores()
+            deadline = time.monotonic() + 10
+            while len(worker._results["spill"]) < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        results = worker.take_results()["spill"]
+        assert all(counts == [0, 1] for counts in results.values()) and len(results) == 4
+        failures = [r for r in caplog.records if "disk tier write" in r.getMessage()]
+        assert len(failures) == 1, [r.getMessage() for r in failures]
+        assert str(tmp_path / "tier") in failures[0].getMessage()
+    finally:
+        worker.shutdown()

@@ -229,6 +229,30 @@ def test_decode_side_rejection_releases_the_prefill_at_once(pd, tokenizer):
     assert waited < LEASE_S - 1, f"freed only after {waited:.1f}s: by lease, not by release"
 
 
+CRASH_PARAMS = [
+    # the review's reproduction: killed the engine core of any role (IndexError in a worker)
+    {"do_remote_prefill": True, "llmd_transfer_id": "x", "remote_host": "h", "llmd_ports": []},
+    {"do_remote_prefill": True, "llmd_transfer_id": "x", "remote_host": "h", "llmd_ports": "p"},
+    {"do_remote_prefill": True, "llmd_transfer_id": ["x"], "llmd_ports": [1, 2, 3]},
+    {"do_remote_prefill": True, "llmd_transfer_id": "x", "llmd_ports": [[1]], "remote_host": 5},
+]
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_crafted_params_are_recomputed_and_the_server_keeps_serving(pd, tokenizer, role):
+    server = pd[role]
+    prompt = _prompt_ids(tokenizer, 300, seed=51)
+    for params in CRASH_PARAMS:
+        answer = complete(
+            server.url, server.model_name, prompt, max_tokens=MAX_TOKENS, kv_transfer_params=params
+        )
+        assert completion_token_ids(answer) == _reference(pd, prompt), params
+    # Still alive and still moving KV: a real P/D round after the crafted ones.
+    other = _prompt_ids(tokenizer, 400, seed=52)
+    assert _decode(pd, other, _prefill(pd, other)) == _reference(pd, other)
+    _wait_for_free_pool(pd["prefill"], timeout=LEASE_S / 2)
+
+
 @pytest.fixture(scope="module")
 def tiered_decode(pd, vllm_servers, tiny_model):
     """A decode instance whose device cache holds 16 blocks, with a host tier below it."""

@@ -823,3 +823,30 @@ def test_interop_with_vllms_lmcache_mp_connector(
         assert output == _reference(ref, prompts["mp_to_b"], SHARED_TOKENS)
     finally:
         mp.stop()
+
+
+@needs_lmcache
+def test_heartbeat_survives_a_failing_check_and_logs_it(caplog):
+    # A check callback that raises used to end the heartbeat thread silently: the tier then
+    # stayed down (or up) for good, whatever the server did.
+    calls = []
+
+    def check() -> str | None:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("mapping check blew up")
+        return None
+
+    from vllm_llmd.devtools.server import free_port
+
+    client = SharedTierClient(
+        f"tcp://127.0.0.1:{free_port()}", 0.2, 0.1, check=check, name="hb-check"
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(calls) >= 3 and client._thread.is_alive()
+        assert "mapping check blew up" in caplog.text
+    finally:
+        client.close()

@@ -7,8 +7,11 @@ a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, fields
 from typing import Any
+
+from vllm_llmd.transfer.params import is_host_name
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,11 @@ class LLMDConnectorConfig:
     # worker's GPU cache through CUDA IPC (no host staging). Falls back by itself to shared
     # memory or the socket where the handles cannot be used. Off: never tried.
     cuda_ipc: bool = True
+    # Hosts a decode instance may pull prompt KV from (and send releases to): comma-separated
+    # host names, IP addresses or CIDR networks, e.g. "10.0.0.0/8,prefill-0.svc". Requests
+    # naming another host are recomputed without any connection. "": any host (then only
+    # trusted clients, such as the router, may send kv_transfer_params to this instance).
+    allowed_prefill_hosts: str = ""
 
     # ---- Offload tiers ----
 
@@ -123,6 +131,7 @@ class LLMDConnectorConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LLMDConnector: {name} must be > 0, got {getattr(self, name)}")
+        self.prefill_host_allowlist()  # refuses a malformed entry at start-up
         if self.unknown_transfer_grace_s < 0:
             raise ValueError("LLMDConnector: unknown_transfer_grace_s must be >= 0")
         if self.host_offload_bytes < 0 or self.disk_offload_bytes < 0:
@@ -140,6 +149,12 @@ class LLMDConnectorConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LLMDConnector: {name} must be > 0, got {getattr(self, name)}")
+
+    def prefill_host_allowlist(self) -> HostAllowlist | None:
+        """`allowed_prefill_hosts` parsed; None when every host is allowed."""
+        if not self.allowed_prefill_hosts.strip():
+            return None
+        return HostAllowlist.parse(self.allowed_prefill_hosts)
 
     @property
     def offload_enabled(self) -> bool:
@@ -165,3 +180,36 @@ class LLMDConnectorConfig:
 
     def replace(self, **changes: Any) -> LLMDConnectorConfig:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class HostAllowlist:
+    """Host names and IP networks a decode instance may connect to for P/D."""
+
+    names: frozenset[str]
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> HostAllowlist:
+        names, networks = set(), []
+        for entry in (e.strip() for e in text.split(",")):
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                if not is_host_name(entry):
+                    raise ValueError(
+                        f"LLMDConnector: allowed_prefill_hosts entry {entry!r} is neither a "
+                        "host name, an IP address nor a CIDR network"
+                    ) from None
+                names.add(entry.lower())
+        return cls(frozenset(names), tuple(networks))
+
+    def allows(self, host: str) -> bool:
+        """host as written in kv_transfer_params (a name is matched as written, not resolved)."""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return host.lower() in self.names
+        return any(address in network for network in self.networks)

@@ -51,7 +51,6 @@ from vllm_llmd.connector.tier_events import all_cleared, shared_tier_events, to_
 from vllm_llmd.log import get_logger
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
 from vllm_llmd.transfer.params import (
-    TRANSFER_ID_KEY,
     ParamsError,
     RemotePrefillParams,
     is_llmd_remote_prefill,
@@ -102,6 +101,7 @@ class LLMDConnectorScheduler:
         self.is_consumer = is_consumer
         # side-channel port per TP rank, learned from the workers' handshake at start-up
         self.side_channel_ports: tuple[int, ...] | None = None
+        self._allowed_hosts = config.prefill_host_allowlist()
         # this step's work for the worker half; drained by build_connector_meta
         self._sends: list[SendSpec] = []
         self._recvs: list[RecvSpec] = []
@@ -158,11 +158,12 @@ class LLMDConnectorScheduler:
         if not (self.is_consumer and is_llmd_remote_prefill(request.kv_transfer_params)):
             return None
         remote, problem = self._check_remote(request)
-        if remote is None:
-            self._release_remote(request, problem)
+        if problem:
+            self._release_remote(request, problem, remote)
             return None
+        assert remote is not None
         if remote.num_tokens <= num_local_tokens:
-            self._release_remote(request, "prompt fully cached on the decode instance")
+            self._release_remote(request, "prompt fully cached on the decode instance", remote)
             return None
         return remote
 
@@ -237,11 +238,24 @@ class LLMDConnectorScheduler:
         request.kv_transfer_params["do_remote_prefill"] = False
 
     def _check_remote(self, request: Request) -> tuple[RemotePrefillParams | None, str]:
+        """(params, "") when this request may pull them; else (params or None, the problem).
+
+        The params come from the decode instance's API client: each check here stands between
+        a crafted request and a connection, a pinned block or a cached block."""
         try:
             remote = RemotePrefillParams.from_dict(request.kv_transfer_params)
         except ParamsError as exc:
             logger.error("LLMDConnector: request %s: %s; recomputing", request.request_id, exc)
             return None, str(exc)
+        num_prompt = len(request.prompt_token_ids or ())
+        if self._allowed_hosts is not None and not self._allowed_hosts.allows(remote.host):
+            logger.error(
+                "LLMDConnector: request %s: prefill host %r is not in allowed_prefill_hosts; "
+                "recomputing",
+                request.request_id,
+                remote.host,
+            )
+            return None, "prefill host not allowed"  # and no release: no connection to it
         if len(remote.ports) != self.fingerprint.tensor_parallel_size:
             problem = (
                 f"prefill has tensor-parallel size {len(remote.ports)}, this decode instance "
@@ -251,22 +265,28 @@ class LLMDConnectorScheduler:
             problem = "KV layouts differ (prefill vs decode): " + "; ".join(
                 remote.fingerprint.differences(self.fingerprint)
             )
+        elif remote.num_tokens > num_prompt:
+            problem = f"params cover {remote.num_tokens} tokens, the prompt has {num_prompt}"
         elif prompt_digest(list(request.prompt_token_ids or ())) != remote.prompt_digest:
             problem = "the prefill ran another prompt (token ids differ)"
         else:
             return remote, ""
         logger.error("LLMDConnector: request %s: %s; recomputing", request.request_id, problem)
-        return None, problem
+        return remote, problem
 
-    def _release_remote(self, request: Request, reason: str) -> None:
-        """Queue a release of the prefill's blocks, once; this request will not load them."""
-        params = request.kv_transfer_params
-        params["do_remote_prefill"] = False
-        try:
-            host, ports = str(params["remote_host"]), tuple(int(p) for p in params["llmd_ports"])
-        except (KeyError, TypeError, ValueError):
-            return  # nowhere to send it: the prefill's lease frees the blocks
-        self._releases.append(ReleaseSpec(host, ports, str(params[TRANSFER_ID_KEY]), reason))
+    def _release_remote(
+        self, request: Request, reason: str, remote: RemotePrefillParams | None = None
+    ) -> None:
+        """Queue a release of the prefill's blocks, once; this request will not load them.
+
+        Only params that passed `from_dict` and the host allowlist are released: with anything
+        else there is nowhere safe to send it, and the prefill's lease frees the blocks."""
+        request.kv_transfer_params["do_remote_prefill"] = False
+        if remote is None:
+            return
+        if self._allowed_hosts is not None and not self._allowed_hosts.allows(remote.host):
+            return
+        self._releases.append(ReleaseSpec(remote.host, remote.ports, remote.transfer_id, reason))
 
     # ---- every step ----------------------------------------------------------------------
 
@@ -334,7 +354,10 @@ class LLMDConnectorScheduler:
             self.shared.request_finished(request)
         params = request.kv_transfer_params
         if is_llmd_remote_prefill(params):  # decode side, finished before it ever loaded
-            self._release_remote(request, f"decode request ended first ({request.status.name})")
+            if self.is_consumer:
+                remote, _ = self._check_remote(request)
+                reason = f"decode request ended first ({request.status.name})"
+                self._release_remote(request, reason, remote)
             return False, None
         if not (self.is_producer and wants_remote_decode(params)):
             return False, None

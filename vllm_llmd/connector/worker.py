@@ -23,9 +23,10 @@ only for the gather. Its loads are one more part of a request's load.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -35,7 +36,9 @@ from vllm_llmd.connector.metadata import (
     LLMDConnectorMetadata,
     LLMDHandshake,
     LLMDWorkerMetadata,
+    OffloadLoadSpec,
     RecvSpec,
+    ReleaseSpec,
 )
 from vllm_llmd.connector.stats import LLMDConnectorStats
 from vllm_llmd.log import get_logger
@@ -50,9 +53,11 @@ from vllm_llmd.transfer.registry import SendRegistry
 from vllm_llmd.transfer.server import TransferServer
 
 if TYPE_CHECKING:
+    from vllm_llmd.shared.messages import SharedLoadSpec
     from vllm_llmd.shared.worker import SharedTierWorker
 
 logger = get_logger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -213,30 +218,52 @@ class LLMDConnectorWorker:
             self.shared.flush_stores()
 
     def start_load_kv(self, metadata: LLMDConnectorMetadata) -> None:
+        # vLLM does not guard this hook: an exception here kills the engine core. Each job is
+        # started on its own; one that cannot start fails its request's load (recompute).
         for send in metadata.sends:
             self.registry.add(send.request_id, send.transfer_id, list(send.block_ids))
             self._held_requests.add(send.request_id)
         for load in metadata.offload_loads:
-            assert self.offload is not None
-            future = self.offload.load(load.block_ids, load.slots)
-            self._loads.setdefault(load.request_id, []).append(future)
-            self._count("offload_loaded_chunks", len(load.block_ids))
+            self._start_load(load.request_id, self._load_offloaded, load)
         for shared_load in metadata.shared_loads:
-            assert self.shared is not None
-            future = self.shared.load(shared_load)
-            self._loads.setdefault(shared_load.request_id, []).append(future)
+            self._start_load(shared_load.request_id, self._load_shared, shared_load)
         for recv in metadata.recvs:
             future = self._pool.submit(self._pull, recv)
             self._loads.setdefault(recv.request_id, []).append(future)
         for release in metadata.releases:
-            endpoint = f"tcp://{release.host}:{release.ports[self.tp_rank]}"
-            self._pool.submit(
-                release_transfer,
-                endpoint,
-                release.transfer_id,
-                release.reason,
-                self.config.transfer_timeout_s,
-            )
+            for endpoint in self._release_endpoints(release):
+                self._pool.submit(
+                    release_transfer,
+                    endpoint,
+                    release.transfer_id,
+                    release.reason,
+                    self.config.transfer_timeout_s,
+                )
+
+    def _start_load(self, request_id: str, start: Callable[[T], Future], spec: T) -> None:
+        try:
+            future = start(spec)
+        except Exception as exc:
+            logger.exception("LLMDConnector: request %s: load could not start", request_id)
+            future = Future()
+            future.set_exception(exc)
+        self._loads.setdefault(request_id, []).append(future)
+
+    def _load_offloaded(self, load: OffloadLoadSpec) -> Future:
+        assert self.offload is not None
+        future = self.offload.load(load.block_ids, load.slots)
+        self._count("offload_loaded_chunks", len(load.block_ids))
+        return future
+
+    def _load_shared(self, load: SharedLoadSpec) -> Future:
+        assert self.shared is not None
+        return self.shared.load(load)
+
+    def _release_endpoints(self, release: ReleaseSpec) -> list[str]:
+        """The prefill ranks this worker releases: ports[r], ports[r + tp], ... so that every
+        prefill rank gets one release whatever the two instances' TP sizes are."""
+        step = self.fingerprint.tensor_parallel_size
+        return [f"tcp://{release.host}:{port}" for port in release.ports[self.tp_rank :: step]]
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         """(finished_sending, finished_recving, failed_recving) request ids of this step."""

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from vllm_llmd.log import get_logger
+from vllm_llmd.log import ThrottledLog, get_logger
 from vllm_llmd.offload.disk_store import DiskChunkStore
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
 
@@ -49,6 +49,7 @@ class OffloadWorker:
         self._pending_stores: Future[None] | None = None
         self._lock = threading.Lock()
         self._results: Results = defaultdict(dict)
+        self._write_failures = ThrottledLog(logger)
 
     # ---- a step's plan -------------------------------------------------------------------
 
@@ -144,7 +145,15 @@ class OffloadWorker:
 
     def _write(self, key: Key, data: torch.Tensor, info: str) -> None:
         assert self.disk is not None
-        self.disk.write(key, data, info)
+        try:
+            self.disk.write(key, data, info)
+        except Exception as exc:  # a full or read-only disk fails every write: say so, once
+            self._write_failures.warning(
+                "LLMDConnector: disk tier write to %s failed: %s; that chunk is not on disk",
+                self.disk.root,
+                exc,
+            )
+            raise
 
     def _read(self, key: Key, out: torch.Tensor) -> None:
         assert self.disk is not None

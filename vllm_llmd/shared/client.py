@@ -147,36 +147,47 @@ class SharedTierClient:
         delay = 0.0
         while not self._stop.wait(delay):
             delay = self.retry_s
-            problem = self._check() if self._check is not None else None
-            if problem:
-                self.mark_down(problem)
             try:
-                self._client.ping(self.instance_id).result(timeout=self.timeout_s)
-            except Exception as exc:
-                self.mark_down(f"ping: {type(exc).__name__} {exc}".strip())
-                continue
-            if self.is_up:
-                continue
-            try:
-                self._check_chunk_size()
-                if self._on_recover is not None:
-                    self._on_recover()
-            except Exception as exc:
-                logger.warning(
-                    "LLMDConnector shared tier: LMCache server %s answers, but setting up "
-                    "failed: %s; retrying in %gs",
+                self._beat()
+            except Exception as exc:  # never die: a dead heartbeat leaves the tier down for good
+                logger.exception(
+                    "LLMDConnector shared tier: heartbeat of %s failed; retrying in %gs",
                     self.url,
-                    exc,
                     self.retry_s,
                 )
-                continue
-            logger.info(
-                "LLMDConnector shared tier: LMCache server %s %s",
+                self.mark_down(f"heartbeat: {type(exc).__name__}")
+
+    def _beat(self) -> None:
+        problem = self._check() if self._check is not None else None
+        if problem:
+            self.mark_down(problem)
+        try:
+            self._client.ping(self.instance_id).result(timeout=self.timeout_s)
+        except Exception as exc:
+            self.mark_down(f"ping: {type(exc).__name__} {exc}".strip())
+            return
+        if self.is_up:
+            return
+        try:
+            self._check_chunk_size()
+            if self._on_recover is not None:
+                self._on_recover()
+        except Exception as exc:
+            logger.warning(
+                "LLMDConnector shared tier: LMCache server %s answers, but setting up "
+                "failed: %s; retrying in %gs",
                 self.url,
-                "answers again; shared tier back on" if self._ever_up else "connected",
+                exc,
+                self.retry_s,
             )
-            self._ever_up = True
-            self._up.set()
+            return
+        logger.info(
+            "LLMDConnector shared tier: LMCache server %s %s",
+            self.url,
+            "answers again; shared tier back on" if self._ever_up else "connected",
+        )
+        self._ever_up = True
+        self._up.set()
 
     def _check_chunk_size(self) -> None:
         if self.chunk_tokens is None:

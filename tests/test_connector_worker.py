@@ -1,0 +1,67 @@
+"""The worker half's step hook never raises: vLLM does not guard `start_load_kv`, and an
+exception there kills the engine core (every request of the instance). Driven on CPU with the
+real worker class; no KV cache is needed for these paths."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from vllm_llmd.connector.config import LLMDConnectorConfig
+from vllm_llmd.connector.metadata import LLMDConnectorMetadata, OffloadLoadSpec, ReleaseSpec
+from vllm_llmd.connector.worker import LLMDConnectorWorker
+from vllm_llmd.devtools.server import free_port
+from vllm_llmd.transfer.messages import KVLayoutFingerprint
+
+FINGERPRINT = KVLayoutFingerprint(
+    model="m",
+    dtype="float32",
+    num_layers=2,
+    num_kv_heads=2,
+    head_size=16,
+    block_size=32,
+    layout="LBHNC",
+    tensor_parallel_size=2,
+    page_bytes=4096,
+)
+
+
+@pytest.fixture
+def make_worker():
+    workers = []
+
+    def make(tp_rank: int, tp_size: int = 2) -> LLMDConnectorWorker:
+        fingerprint = msgspec.structs.replace(FINGERPRINT, tensor_parallel_size=tp_size)
+        config = LLMDConnectorConfig(transfer_timeout_s=0.5)
+        worker = LLMDConnectorWorker(config, fingerprint, tp_rank, is_producer=False)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.shutdown()
+
+
+def test_release_with_fewer_ports_than_ranks_does_not_raise(make_worker):
+    # Prefill TP 1, decode TP 2: rank 1 used to index ports[1] and kill the engine core.
+    worker = make_worker(tp_rank=1)
+    release = ReleaseSpec("127.0.0.1", (free_port(),), "t" * 32, "unequal TP")
+    worker.start_load_kv(LLMDConnectorMetadata(releases=[release]))
+    assert worker._release_endpoints(release) == []
+    assert make_worker(tp_rank=0)._release_endpoints(release) == [
+        f"tcp://127.0.0.1:{release.ports[0]}"
+    ]
+
+
+def test_every_prefill_rank_is_released_once_whatever_the_tp_sizes(make_worker):
+    ports = (5001, 5002, 5003)  # prefill TP 3, decode TP 2
+    release = ReleaseSpec("h", ports, "t" * 32, "r")
+    endpoints = [make_worker(rank)._release_endpoints(release) for rank in (0, 1)]
+    assert endpoints == [["tcp://h:5001", "tcp://h:5003"], ["tcp://h:5002"]]
+
+
+def test_a_load_that_cannot_start_fails_its_request_instead_of_raising(make_worker):
+    worker = make_worker(tp_rank=0, tp_size=1)  # no offload tier: the load cannot start
+    load = OffloadLoadSpec("req-1", block_ids=(1, 2), slots=(0, 1))
+    worker.start_load_kv(LLMDConnectorMetadata(offload_loads=[load]))
+    assert worker.get_finished(set()) == (set(), {"req-1"}, {"req-1"})
