@@ -850,3 +850,76 @@ def test_deploy_readme_names_the_ports():
             for container in _pod_containers(deployment):
                 for port in container.get("ports", []):
                     assert str(port["containerPort"]) in readme, port
+
+
+# ---- network policies: who may reach which port ------------------------------------------
+
+
+def _labels_match(selector: dict, labels: dict[str, str]) -> bool:
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "Exists", f"unsupported selector {expression}"
+        if expression["key"] not in labels:
+            return False
+    return True
+
+
+def _allowed(objects: list[dict], source: dict[str, str], target: dict[str, str], port: str):
+    """Whether a pod labelled `source` may open `port` (a port name) on a pod labelled
+    `target`, under the NetworkPolicies in `objects` (ingress only, pod selectors only)."""
+    policies = [
+        o["spec"]
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and _labels_match(o["spec"]["podSelector"], target)
+    ]
+    if not policies:
+        return True  # no policy selects the pod: everything is allowed
+    for policy in policies:
+        for rule in policy.get("ingress", []):
+            peers = rule.get("from")
+            sources_ok = peers is None or any(
+                set(peer) == {"podSelector"} and _labels_match(peer["podSelector"], source)
+                for peer in peers
+            )
+            ports_ok = "ports" not in rule or any(p["port"] == port for p in rule["ports"])
+            if sources_ok and ports_ok:
+                return True
+    return False
+
+
+def _pod_labels(objects: list[dict], name: str) -> dict[str, str]:
+    return _deployments(objects)[name]["spec"]["template"]["metadata"]["labels"]
+
+
+def _port_names(objects: list[dict], name: str) -> set[str]:
+    return {
+        port["name"]
+        for container in _pod_containers(_deployments(objects)[name])
+        for port in container.get("ports", [])
+    }
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_network_policies_open_exactly_the_flows_the_stack_needs(kustomization):
+    objects = render(K8S / kustomization)
+    prefill = _pod_labels(objects, "llmd-prefill")
+    decode = _pod_labels(objects, "llmd-decode")
+    stranger = {"app": "something-else"}
+    sidecar = kustomization == "overlays/sidecar"
+    router = decode if sidecar else _pod_labels(objects, "llmd-router")
+    vllm_ports = {"http", "kv-events", "kv-replay"}
+    assert {"kv-side"} | vllm_ports <= _port_names(objects, "llmd-prefill")
+    for port in vllm_ports:
+        assert _allowed(objects, router, prefill, port)
+        assert not _allowed(objects, stranger, prefill, port)
+        assert not _allowed(objects, stranger, decode, port)
+        if not sidecar:  # (in the sidecar overlay the router reaches its decode over localhost)
+            assert _allowed(objects, router, decode, port)
+    # only decode pods pull from a prefill's side channel
+    assert _allowed(objects, decode, prefill, "kv-side")
+    assert not _allowed(objects, stranger, prefill, "kv-side")
+    assert not _allowed(objects, router, prefill, "kv-side") or sidecar
+    # clients reach the router, wherever it runs
+    assert _allowed(objects, stranger, router, "router")
