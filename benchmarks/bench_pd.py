@@ -1,7 +1,7 @@
 """P/D benchmark: decode TTFT with the prompt's KV transferred vs recomputed, in one run.
 
 Part 1 (no vLLM): bandwidth of LLMDConnector's side channel (TransferServer -> pull_blocks over
-loopback ZMQ, real tensors the size of one long prompt's KV) against a plain memcpy of the same
+loopback TCP, real tensors the size of one long prompt's KV) against a plain memcpy of the same
 bytes.
 
 Part 2 (real vLLM CPU servers, bf16): for long unique prompts,
@@ -135,7 +135,7 @@ def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> Non
     )
     print(f"  memcpy              {copy_s * 1e3:8.2f} ms  {nbytes / copy_s / 1e9:6.2f} GB/s")
     for name, took, how in (
-        ("socket", socket_s, "gather + ZMQ loopback + scatter"),
+        ("socket", socket_s, "gather + TCP loopback + scatter"),
         ("same-host shm", shm_s, "gather into shared memory + scatter"),
     ):
         print(

@@ -38,7 +38,8 @@ class LLMDConnectorConfig:
     # Seconds a decode worker retries a transfer id the prefill worker does not know yet:
     # the prefill engine registers it one step after it answered the request.
     unknown_transfer_grace_s: float = 3.0
-    # Largest payload of one reply (bytes): bounds the staging buffer on both sides.
+    # Largest payload of one reply (bytes): bounds the staging buffer on both sides. A prefill
+    # refuses larger reads, so a decode's value must not exceed its prefills'.
     max_chunk_bytes: int = 64 << 20
     # Concurrent transfers per decode worker.
     num_transfer_threads: int = 4

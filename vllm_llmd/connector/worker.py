@@ -152,6 +152,7 @@ class LLMDConnectorWorker:
                 self.fingerprint,
                 self.kv_cache.block_bytes,
                 ipc_write=self._ipc_writer.write if self._ipc_writer else None,
+                max_chunk_bytes=self.config.max_chunk_bytes,
             )
         # Tests and operators read this line to know the worker half is live.
         logger.info(

@@ -3,31 +3,49 @@
 `pull_blocks` reads in chunks of at most `max_chunk_bytes`, hands each chunk to a `scatter`
 callback that writes it into the local KV cache, and always ends with a release telling the
 prefill worker the outcome, so its blocks are freed at once instead of at lease expiry. Every
-wait is bounded by `timeout_s`; any failure raises TransferFailed with a reason for the logs.
+wait is bounded by `timeout_s`, every retry by a count; any failure raises TransferFailed with
+a reason for the logs (and releases the transfer as failed).
+
+Nothing a prefill worker answers can make this side hold more than it asked for: a reply's
+lengths are checked against the read before its bytes are received (`framing.py`), and the
+data part goes straight into a buffer of exactly that size.
 
 On the same host (`shm.host_id()` equal on both sides) the prefill worker may answer through
 shared memory: the chunk is scattered straight from its segment. An endpoint whose segment
 cannot be opened is read through the socket from then on. With a CUDA cache (`PullSpec.ipc`)
 the prefill worker may instead write the chunk into our blocks itself, device to device
 (`cuda_ipc.py`): nothing is left to scatter. An endpoint that cannot is read as above from then
-on.
+on. Each such switch drops a transport this read offered, so a chunk is asked at most three
+times that way; an answer through a transport the read did not offer fails the pull.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import zmq
 
 from vllm_llmd.transfer import messages as wire
+from vllm_llmd.transfer.framing import (
+    HEADER,
+    ConnectionClosed,
+    frame,
+    parse_header,
+    recv_exactly,
+    recv_into,
+)
 from vllm_llmd.transfer.shm import ShmReader, host_id
 
 # scatter(first_index, data): data holds blocks first_index.. of the pull, block-major
 ScatterFn = Callable[[int, torch.Tensor], None]
+# between asks for a transfer the prefill has not registered yet, and between connection tries
+_RETRY_SLEEP_S = 0.05
+# transport switches (CUDA IPC -> shared memory -> socket) one chunk may take
+_MAX_SWITCHES = 2
 
 
 class TransferFailed(RuntimeError):
@@ -43,7 +61,7 @@ class PullSpec:
     fingerprint: wire.KVLayoutFingerprint
     # prefill-side block ids to read, in the order the scatter callback expects them
     remote_block_ids: tuple[int, ...]
-    # bytes of one block id in a data frame (every layer's page of it)
+    # bytes of one block id in a data part (every layer's page of it)
     block_bytes: int
     # same-host CUDA path: our cache's IPC description, and where each remote block goes
     ipc: wire.CudaIpcCache | None = None
@@ -51,33 +69,97 @@ class PullSpec:
 
 
 class _Channel:
-    """A DEALER socket to one prefill worker with bounded request/reply."""
+    """A TCP connection to one prefill worker: one request, one reply, every wait bounded."""
 
-    def __init__(self, endpoint: str, timeout_s: float, max_reply_bytes: int) -> None:
+    def __init__(self, endpoint: str, timeout_s: float) -> None:
         self.endpoint = endpoint
-        self.timeout_ms = int(timeout_s * 1000)
-        self.socket = zmq.Context.instance().socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
-        self.socket.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, max_reply_bytes)
-        self.socket.connect(endpoint)
+        self.timeout_s = timeout_s
+        self.address = _address(endpoint)
+        self.sock: socket.socket | None = None
 
-    def ask(self, request: wire.Request) -> tuple[wire.Reply, list[zmq.Frame]]:
+    def ask(
+        self, request: wire.Request, max_data_bytes: int = 0
+    ) -> tuple[wire.Reply, torch.Tensor | None]:
+        """The reply, and its data part (at most max_data_bytes) if it has one. Any failure
+        closes the connection (the next ask opens a new one): nothing half-read is left on it."""
+        deadline = time.monotonic() + self.timeout_s
         try:
-            self.socket.send(wire.encode(request))
-            frames = self.socket.recv_multipart(copy=False)
-        except zmq.Again:
-            raise TransferFailed(
-                f"prefill worker {self.endpoint} did not answer within {self.timeout_ms} ms"
-            ) from None
-        try:
-            return wire.decode_reply(frames[0].buffer), frames[1:]
-        except wire.WireError as exc:
-            raise TransferFailed(f"bad reply from {self.endpoint}: {exc}") from None
+            header = self._send(frame(request), deadline)
+            control_bytes, data_bytes = parse_header(header, max_data_bytes)
+            reply = wire.decode_reply(recv_exactly(self.sock, control_bytes, deadline))
+            data = None
+            if data_bytes:
+                if not isinstance(reply, wire.BlocksHeader):
+                    raise wire.WireError(f"a {type(reply).__name__} reply with a data part")
+                data = torch.empty(data_bytes, dtype=torch.uint8)
+                recv_into(self.sock, memoryview(data.numpy()), deadline)
+            return reply, data
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, wire.WireError):
+                raise TransferFailed(f"bad reply from {self.endpoint}: {exc}") from None
+            if isinstance(exc, TimeoutError):
+                raise self._no_answer("") from None
+            if isinstance(exc, OSError):
+                raise TransferFailed(f"prefill worker {self.endpoint}: {exc}") from None
+            raise
+
+    def _send(self, payload: bytes, deadline: float) -> bytes:
+        """Send a request, return its reply's frame header. A reused connection that the
+        prefill worker closed while it was idle is opened again, once."""
+        for attempt in range(2):
+            reused = self.sock is not None
+            if not reused:
+                self._connect(deadline)
+            assert self.sock is not None
+            try:
+                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                self.sock.sendall(payload)
+                return bytes(recv_exactly(self.sock, HEADER.size, deadline))
+            except (ConnectionClosed, ConnectionResetError, BrokenPipeError) as exc:
+                self.close()
+                nothing_back = not isinstance(exc, ConnectionClosed) or exc.received == 0
+                if not (reused and nothing_back and attempt == 0):
+                    raise TransferFailed(
+                        f"prefill worker {self.endpoint} closed the connection"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _connect(self, deadline: float) -> None:
+        """Connect by the deadline; a refused connection is tried again until then (the
+        prefill worker may be binding its port)."""
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                sock = socket.create_connection(self.address, timeout=max(0.001, remaining))
+                break
+            except ConnectionRefusedError:
+                if remaining <= _RETRY_SLEEP_S:
+                    raise self._no_answer(" (connection refused)") from None
+                time.sleep(_RETRY_SLEEP_S)
+            except TimeoutError:
+                raise self._no_answer("") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+
+    def _no_answer(self, why: str) -> TransferFailed:
+        milliseconds = int(self.timeout_s * 1000)
+        return TransferFailed(
+            f"prefill worker {self.endpoint} did not answer within {milliseconds} ms{why}"
+        )
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def _address(endpoint: str) -> tuple[str, int]:
+    """("host", port) of "tcp://host:port" ("[v6]" hosts too)."""
+    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise TransferFailed(f"not a side-channel endpoint: {endpoint!r}")
+    return host.strip("[]"), int(port)
 
 
 # Channels are reused per pulling thread and prefill endpoint: no connection set-up per
@@ -96,14 +178,14 @@ def _shm_state() -> tuple[ShmReader, set[str], set[str]]:
     return local["shm_reader"], local["no_shm"], local["no_ipc"]
 
 
-def _channel_for(endpoint: str, timeout_s: float, max_reply_bytes: int) -> _Channel:
+def _channel_for(endpoint: str, timeout_s: float) -> _Channel:
     cache: dict[tuple, _Channel] = _channels.__dict__.setdefault("by_key", {})
-    key = (endpoint, timeout_s, max_reply_bytes)
+    key = (endpoint, timeout_s)
     channel = cache.get(key)
     if channel is None:
         if len(cache) >= _MAX_CHANNELS_PER_THREAD:  # endpoints come and go: drop the oldest
             cache.pop(next(iter(cache))).close()
-        channel = cache[key] = _Channel(endpoint, timeout_s, max_reply_bytes)
+        channel = cache[key] = _Channel(endpoint, timeout_s)
     return channel
 
 
@@ -131,9 +213,7 @@ def pull_blocks(
     """Read every block of spec into the local cache via scatter; returns bytes received."""
     bytes_per_block = spec.block_bytes
     per_chunk = max(1, max_chunk_bytes // bytes_per_block)
-    channel = _channel_for(
-        spec.endpoint, timeout_s, per_chunk * bytes_per_block + wire.MAX_CONTROL_BYTES
-    )
+    channel = _channel_for(spec.endpoint, timeout_s)
     received, reason = 0, ""
     try:
         for start, end in _chunks(len(spec.remote_block_ids), per_chunk):
@@ -147,16 +227,11 @@ def pull_blocks(
             if data is None:  # written into our blocks by the prefill worker (CUDA IPC)
                 received += (end - start) * bytes_per_block
                 continue
-            if data.numel() != (end - start) * bytes_per_block:
-                raise TransferFailed(
-                    f"short read: {data.numel()} bytes for {end - start} blocks of "
-                    f"{bytes_per_block} bytes"
-                )
             scatter(start, data)
             received += data.numel()
         return received
-    except TransferFailed as exc:
-        reason = str(exc)
+    except Exception as exc:  # a scatter that failed too: the prefill must not hear "done"
+        reason = str(exc) or type(exc).__name__
         raise
     finally:
         released = _release(channel, spec.transfer_id, success=not reason, reason=reason)
@@ -167,49 +242,89 @@ def pull_blocks(
 def _read_chunk(
     channel: _Channel, spec: PullSpec, chunk: tuple[int, int], grace_s: float, shm: bool
 ) -> torch.Tensor | None:
-    """Blocks chunk[0]..chunk[1] of the pull as bytes, or None if they were written in place."""
+    """Blocks chunk[0]..chunk[1] of the pull as bytes, or None if they were written in place.
+
+    Bounded: a transport switch must drop a transport this read offered (at most
+    _MAX_SWITCHES), and an unknown transfer is asked again only within grace_s."""
     reader, no_shm, no_ipc = _shm_state()
     same_host = shm and bool(_HOST_ID)
-    use_shm = same_host and spec.endpoint not in no_shm
-    use_ipc = same_host and spec.ipc is not None and spec.endpoint not in no_ipc
     start, end = chunk
-    request = wire.ReadBlocks(
-        version=wire.PROTOCOL_VERSION,
-        transfer_id=spec.transfer_id,
-        fingerprint=spec.fingerprint,
-        block_ids=list(spec.remote_block_ids[start:end]),
-        host_id=_HOST_ID if use_shm or use_ipc else "",
-        ipc_cache=spec.ipc if use_ipc else None,
-        ipc_block_ids=list(spec.local_block_ids[start:end]) if use_ipc else [],
-    )
+    expected = (end - start) * spec.block_bytes
     deadline = time.monotonic() + grace_s
-    while True:
-        reply, frames = channel.ask(request)
+    max_asks = 1 + _MAX_SWITCHES + int(grace_s / _RETRY_SLEEP_S) + 1
+    for _ in range(max_asks):
+        offered = use_ipc, use_shm = _offered(spec, same_host, no_ipc, no_shm)
+        request = wire.ReadBlocks(
+            version=wire.PROTOCOL_VERSION,
+            transfer_id=spec.transfer_id,
+            fingerprint=spec.fingerprint,
+            block_ids=list(spec.remote_block_ids[start:end]),
+            host_id=_HOST_ID if use_shm or use_ipc else "",
+            ipc_cache=spec.ipc if use_ipc else None,
+            ipc_block_ids=list(spec.local_block_ids[start:end]) if use_ipc else [],
+        )
+        reply, data = channel.ask(request, max_data_bytes=expected)
         if isinstance(reply, wire.IpcBlocksWritten) and use_ipc:
             if reply.num_blocks != end - start:
                 raise TransferFailed(f"short write: {reply.num_blocks} of {end - start} blocks")
             return None
         if use_ipc and not isinstance(reply, wire.TransferError):
-            no_ipc.add(spec.endpoint)  # a prefill without the path answered with bytes
-        if isinstance(reply, wire.BlocksHeader) and len(frames) == 1:
-            return torch.frombuffer(frames[0].buffer, dtype=torch.uint8)
-        if isinstance(reply, wire.ShmBlocksHeader):
+            no_ipc.add(spec.endpoint)  # a prefill without the path answered otherwise
+        if isinstance(reply, wire.BlocksHeader):
+            got = 0 if data is None else data.numel()
+            if got != expected or reply.num_blocks != end - start:
+                raise TransferFailed(
+                    f"short read: {got} bytes for {end - start} blocks of {spec.block_bytes} bytes"
+                )
+            return data
+        if isinstance(reply, wire.ShmBlocksHeader) and (use_shm or use_ipc):
+            if reply.num_blocks * reply.block_bytes != expected:
+                raise TransferFailed(
+                    f"short read: {reply.num_blocks} blocks of {reply.block_bytes} bytes in "
+                    f"shared memory for {end - start} blocks of {spec.block_bytes} bytes"
+                )
             try:
                 if use_shm:
-                    return reader.view(reply.shm_name, reply.num_blocks * reply.block_bytes)
+                    return reader.view(reply.shm_name, expected)
             except OSError:  # same boot and IPC namespace, yet not openable: use the socket
-                no_shm.add(spec.endpoint)
-            return _read_chunk(channel, spec, chunk, grace_s, shm=False)
-        if isinstance(reply, wire.TransferError) and reply.code == wire.IPC_UNAVAILABLE:
+                pass
+            no_shm.add(spec.endpoint)
+        elif isinstance(reply, wire.TransferError) and reply.code == wire.IPC_UNAVAILABLE:
             no_ipc.add(spec.endpoint)
-            return _read_chunk(channel, spec, chunk, grace_s, shm)
-        if isinstance(reply, wire.TransferError):
+        elif isinstance(reply, wire.TransferError):
             # The prefill engine registers a transfer one step after it answered: retry briefly.
             if reply.code == wire.UNKNOWN_TRANSFER and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(_RETRY_SLEEP_S)
                 continue
             raise TransferFailed(f"prefill worker refused the read ({reply.code}): {reply.message}")
-        raise TransferFailed(f"unexpected reply {type(reply).__name__} to a read")
+        else:
+            raise TransferFailed(
+                f"unexpected reply {type(reply).__name__} to a read that offered "
+                f"{_transports(offered)}"
+            )
+        # A transport switch must drop one this read offered: a prefill worker answering
+        # through one it was not offered would otherwise be asked again without end.
+        if _offered(spec, same_host, no_ipc, no_shm) == offered:
+            code = f" ({reply.code})" if isinstance(reply, wire.TransferError) else ""
+            raise TransferFailed(
+                f"prefill worker answered {type(reply).__name__}{code} to a read that offered "
+                f"{_transports(offered)}"
+            )
+    raise TransferFailed(f"no usable answer to a read after {max_asks} asks")
+
+
+def _offered(
+    spec: PullSpec, same_host: bool, no_ipc: set[str], no_shm: set[str]
+) -> tuple[bool, bool]:
+    """(CUDA IPC, shared memory): the transports a read of spec may offer now."""
+    use_ipc = same_host and spec.ipc is not None and spec.endpoint not in no_ipc
+    return use_ipc, same_host and spec.endpoint not in no_shm
+
+
+def _transports(offered: tuple[bool, bool]) -> str:
+    use_ipc, use_shm = offered
+    names = ["CUDA IPC"] * use_ipc + ["shared memory"] * use_shm + ["the socket"]
+    return ", ".join(names)
 
 
 def _release(channel: _Channel, transfer_id: str, success: bool, reason: str) -> bool:
@@ -231,6 +346,6 @@ def _release(channel: _Channel, transfer_id: str, success: bool, reason: str) ->
 
 def release_transfer(endpoint: str, transfer_id: str, reason: str, timeout_s: float) -> None:
     """Free a prefill's blocks without reading them (the decode side will not load them)."""
-    channel = _channel_for(endpoint, timeout_s, wire.MAX_CONTROL_BYTES)
+    channel = _channel_for(endpoint, timeout_s)
     if not _release(channel, transfer_id, success=False, reason=reason):
         _discard(channel)

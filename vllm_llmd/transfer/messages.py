@@ -1,18 +1,20 @@
 """The P/D side-channel wire: typed, versioned msgspec messages, size-checked before decoding.
 
-A decode worker (DEALER) talks to a prefill worker (ROUTER), one request frame, one reply:
+A decode worker talks to a prefill worker over one TCP connection, one request, one reply, each
+a frame of `framing.py` (a bounded header, this module's msgpack control part, and for a
+BlocksHeader the data part):
 
-    ReadBlocks(transfer_id, fingerprint, block_ids)  ->  BlocksHeader + one data frame
+    ReadBlocks(transfer_id, fingerprint, block_ids)  ->  BlocksHeader + data
                                                      |   ShmBlocksHeader (same host, below)
                                                      |   TransferError
     ReleaseTransfer(transfer_id, success, reason)    ->  Ack | TransferError
 
-The data frame holds the pages of the requested blocks, block-major: for each block id in the
+The data part holds the pages of the requested blocks, block-major: for each block id in the
 order asked, every layer's page, in layer order (the order of `vllm_llmd.ops`' gather).
 
 Same host: a ReadBlocks whose `host_id` equals the prefill worker's own (see `shm.py`) may be
 answered with ShmBlocksHeader instead: the same bytes, in the named shared-memory segment, and
-no data frame. A decode worker that cannot open the segment reads again with no host_id.
+no data part. A decode worker that cannot open the segment reads again with no host_id.
 
 Same host, KV on CUDA (`cuda_ipc.py`): a ReadBlocks may also carry `ipc_cache` (CUDA IPC
 handles of the decode worker's KV cache) and `ipc_block_ids` (where the blocks go there); a
@@ -29,7 +31,9 @@ import msgspec
 #   1: first version (read in chunks, release with outcome, fingerprint per read);
 #      compatible additions: ReadBlocks.host_id and the ShmBlocksHeader reply (same host);
 #      ReadBlocks.ipc_cache/ipc_block_ids and the IpcBlocksWritten reply (same host, CUDA).
-PROTOCOL_VERSION = 1
+#   2: plain TCP with our own bounded framing (`framing.py`) instead of ZMQ multipart messages,
+#      whose total size nothing bounds; error codes `too_large` and `unavailable`.
+PROTOCOL_VERSION = 2
 # No control message is anywhere near this; a larger frame is refused before decoding.
 MAX_CONTROL_BYTES = 1 << 20
 
@@ -49,33 +53,48 @@ class KVLayoutFingerprint(msgspec.Struct, frozen=True, kw_only=True):
     page_bytes: int
 
     def differences(self, other: KVLayoutFingerprint) -> list[str]:
-        """Human-readable `field: ours != theirs` for each field that differs."""
+        """Human-readable `field: ours != theirs` for each field that differs (for local logs:
+        the values are not for a peer, see `differing_fields`)."""
         return [
             f"{name}: {getattr(self, name)!r} != {getattr(other, name)!r}"
-            for name in self.__struct_fields__
-            if getattr(self, name) != getattr(other, name)
+            for name in self.differing_fields(other)
+        ]
+
+    def differing_fields(self, other: KVLayoutFingerprint) -> list[str]:
+        """Names of the fields that differ: all a side-channel peer is told, since the values
+        would let anyone who can reach the port forge params that match this layout."""
+        return [
+            name for name in self.__struct_fields__ if getattr(self, name) != getattr(other, name)
         ]
 
 
-class CudaIpcStorage(msgspec.Struct, frozen=True, kw_only=True):
-    """One CUDA allocation, as torch's `UntypedStorage._share_cuda_()` describes it."""
+# Bytes of a CUDA IPC memory handle (CU_IPC_HANDLE_SIZE in cuda.h).
+CUDA_IPC_HANDLE_BYTES = 64
+
+
+class CudaIpcStorage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One storage of a decode worker's KV cache: the CUDA allocation holding it (its IPC
+    handle, from cuIpcGetMemHandle on the allocation's base) and where in that allocation it
+    lies. The prefill worker maps the allocation itself and checks this range against the
+    allocation's real size (`cuda_ipc.py`): no field is trusted.
+
+    Strict: a description in the first format (torch's `_share_cuda_`, with a ref-counter
+    file and offset) is refused at decoding, naming the field, rather than half-read.
+    """
 
     handle: bytes
-    size_bytes: int
+    # the storage's first byte, counted from the allocation's base, and its length
     offset_bytes: int
-    ref_counter_handle: bytes
-    ref_counter_offset: int
-    event_handle: bytes
-    event_sync_required: bool
+    size_bytes: int
 
 
-class CudaIpcCache(msgspec.Struct, frozen=True, kw_only=True):
+class CudaIpcCache(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A decode worker's paged KV cache (`vllm_llmd.ops.PagedKVCache`), for a same-host
     prefill worker to write into: its storages, and where each segment's block 0 sits."""
 
     device_uuid: str
     storages: list[CudaIpcStorage]
-    # per segment, in PagedKVCache order: index into storages, byte offset of block 0
+    # per segment, in PagedKVCache order: index into storages, byte offset of block 0 there
     segment_storages: list[int]
     segment_offsets: list[int]
     num_blocks: int
@@ -87,9 +106,9 @@ class ReadBlocks(msgspec.Struct, tag="read", kw_only=True):
     version: int
     transfer_id: str
     fingerprint: KVLayoutFingerprint
-    # prefill-side block ids, in the order the data frame must hold them
+    # prefill-side block ids, in the order the data part must hold them
     block_ids: list[int]
-    # the decode worker's shm.host_id(); empty: answer with a data frame
+    # the decode worker's shm.host_id(); empty: answer with a data part
     host_id: str = ""
     # same host, CUDA: write block_ids[i] into the decode cache's block ipc_block_ids[i]
     ipc_cache: CudaIpcCache | None = None
@@ -108,7 +127,7 @@ class BlocksHeader(msgspec.Struct, tag="blocks", kw_only=True):
     version: int
     transfer_id: str
     num_blocks: int
-    # bytes of one block id in the data frame (every layer's page of it)
+    # bytes of one block id in the data part (every layer's page of it)
     block_bytes: int
 
 
@@ -147,7 +166,9 @@ UNKNOWN_TRANSFER = "unknown_transfer"  # retryable for a short grace (not regist
 BAD_REQUEST = "bad_request"
 INCOMPATIBLE = "incompatible"
 IPC_UNAVAILABLE = "ipc_unavailable"  # the CUDA IPC handles could not be used: read without
-ERROR_CODES = (UNKNOWN_TRANSFER, BAD_REQUEST, INCOMPATIBLE, IPC_UNAVAILABLE)
+TOO_LARGE = "too_large"  # a read of more bytes than the prefill's max_chunk_bytes
+UNAVAILABLE = "unavailable"  # the prefill worker's side channel failed: do not retry
+ERROR_CODES = (UNKNOWN_TRANSFER, BAD_REQUEST, INCOMPATIBLE, IPC_UNAVAILABLE, TOO_LARGE, UNAVAILABLE)
 
 Request = ReadBlocks | ReleaseTransfer
 Reply = BlocksHeader | ShmBlocksHeader | IpcBlocksWritten | Ack | TransferError
@@ -163,6 +184,12 @@ class WireError(ValueError):
 
 def encode(message: Request | Reply) -> bytes:
     return _encoder.encode(message)
+
+
+def error(transfer_id: str, code: str, message: str) -> TransferError:
+    return TransferError(
+        version=PROTOCOL_VERSION, transfer_id=transfer_id, code=code, message=message
+    )
 
 
 def _check(frame: bytes | memoryview, decoder: msgspec.msgpack.Decoder) -> Request | Reply:

@@ -65,6 +65,9 @@ class SendRegistry:
                 return "a read of this transfer is already in progress"
             if not send.block_ids.issuperset(block_ids):
                 return "requested blocks that this transfer does not hold"
+            if len(set(block_ids)) != len(block_ids):
+                # a read's size is its id count: repeats would copy one block without bound
+                return "requested a block more than once"
             send.state = SendState.READING
             send.expires_at = max(send.expires_at, self._clock() + self.lease_s)
             return None

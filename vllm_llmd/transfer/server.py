@@ -1,24 +1,27 @@
-"""Prefill side of the side channel: a ZMQ ROUTER thread serving reads of held KV blocks.
+"""Prefill side of the side channel: serves reads of held KV blocks to decode workers.
 
-Each read is checked (protocol version, transfer id, fingerprint, block ids the transfer holds)
-before a byte is copied; the blocks are gathered once into a staging buffer that goes out as a
-zero-copy frame, or, for a decode worker on the same host, into a shared-memory segment whose
-name goes out instead (`shm.py`), or, when that worker sent CUDA IPC handles of its cache,
-straight into its blocks, device to device (`cuda_ipc.py`). The transfer stays pinned in the
-registry (READING) only while the gather (or the device copy) runs; the send itself reads the
-staging buffer, not the KV cache.
+`listener.py` runs the connections (TCP, bounded frames, one thread); this module answers each
+request. A read is checked before a byte is copied: protocol version, its size (block ids
+unique, at most `max_chunk_bytes` of them), transfer id and the blocks that transfer holds,
+then the fingerprint (a peer is told which fields differ, never our values). The blocks are
+gathered once into a staging buffer that goes out as the reply's data part without a copy, or,
+for a decode worker on the same host, into a shared-memory segment whose name goes out instead
+(`shm.py`), or, when that worker sent CUDA IPC handles of its cache, straight into its blocks,
+device to device (`cuda_ipc.py`). The transfer stays pinned in the registry (READING) only while
+the gather (or the device copy) runs; the send itself reads the staging buffer, not the KV
+cache.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import torch
-import zmq
 
 from vllm_llmd.log import get_logger
 from vllm_llmd.transfer import messages as wire
+from vllm_llmd.transfer.framing import frame
+from vllm_llmd.transfer.listener import FrameServer
 from vllm_llmd.transfer.registry import SendRegistry
 from vllm_llmd.transfer.shm import ShmStaging, host_id
 
@@ -30,6 +33,8 @@ GatherFn = Callable[[list[int], torch.Tensor | None], torch.Tensor]
 # ipc_write(block_ids, peer cache, peer block ids): a device-to-device copy, done on return
 # (CudaIpcWriter.write); raises IpcUnavailable, or ValueError for a bad description
 IpcWriteFn = Callable[[list[int], wire.CudaIpcCache, list[int]], None]
+# the decode side's default chunk (LLMDConnectorConfig.max_chunk_bytes)
+DEFAULT_MAX_CHUNK_BYTES = 64 << 20
 
 
 class TransferServer:
@@ -44,6 +49,7 @@ class TransferServer:
         fingerprint: wire.KVLayoutFingerprint,
         block_bytes: int,
         *,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         same_host_shm: bool = True,
         ipc_write: IpcWriteFn | None = None,
     ) -> None:
@@ -54,102 +60,74 @@ class TransferServer:
         self._gather = gather
         self._fingerprint = fingerprint
         self._block_bytes = block_bytes
-        self._context = zmq.Context.instance()
-        self._socket = self._context.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        # A peer cannot make us buffer more than one control message's worth per frame.
-        self._socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_BYTES)
-        if port == 0:
-            self.port = self._socket.bind_to_random_port(f"tcp://{host}")
-        else:
-            self._socket.bind(f"tcp://{host}:{port}")
-            self.port = port
-        self.host = host
+        # one read moves at most this many blocks (at least one, as the decode side reads)
+        self.max_read_blocks = max(1, max_chunk_bytes // block_bytes)
+        self.max_chunk_bytes = max_chunk_bytes
         self.bytes_sent = 0
         self.bytes_shared = 0  # sent through shared memory
         self.bytes_ipc = 0  # written into same-host peers' GPU caches
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._serve, name="llmd-transfer-server", daemon=True
-        )
-        self._thread.start()
+        self.host = host
+        self.connections = FrameServer(host, port, self._answer, self._shm.forget)
+        self.port = self.connections.port
+
+    @property
+    def failure(self) -> str | None:
+        """Why the side channel stopped serving (it then refuses every peer), else None."""
+        return self.connections.failure
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._socket.close(linger=0)
+        self.connections.close()
         self._shm.close()
 
-    def _serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(100):
-                continue
-            frames = self._socket.recv_multipart(copy=False)
-            identity, payload = frames[0].bytes, frames[-1].buffer
-            try:
-                reply = self._handle(identity, wire.decode_request(payload))
-            except wire.WireError as exc:
-                logger.warning("LLMD side channel: refused a malformed request: %s", exc)
-                reply = [
-                    wire.TransferError(
-                        version=wire.PROTOCOL_VERSION,
-                        transfer_id="",
-                        code=wire.BAD_REQUEST,
-                        message=str(exc),
-                    )
-                ]
-            except Exception as exc:  # never let one request kill the server thread
-                logger.exception("LLMD side channel: request failed")
-                reply = [
-                    wire.TransferError(
-                        version=wire.PROTOCOL_VERSION,
-                        transfer_id="",
-                        code=wire.BAD_REQUEST,
-                        message=f"internal error: {exc}",
-                    )
-                ]
-            header, *data = reply
-            self._socket.send_multipart([identity, wire.encode(header), *data], copy=False)
-
-    def _handle(self, identity: bytes, request: wire.Request) -> list:
+    def _answer(self, peer: bytes, control: bytes) -> list:
+        """The reply frame's parts to one request frame (listener.Handler)."""
+        try:
+            request = wire.decode_request(control)
+        except wire.WireError as exc:
+            logger.warning("LLMD side channel: refused a malformed request: %s", exc)
+            return [frame(wire.error("", wire.BAD_REQUEST, str(exc)))]
         if isinstance(request, wire.ReleaseTransfer):
             self.registry.release(request.transfer_id, request.success, request.reason)
-            return [wire.Ack(version=wire.PROTOCOL_VERSION, transfer_id=request.transfer_id)]
-        return self._read(identity, request)
+            return [frame(wire.Ack(version=wire.PROTOCOL_VERSION, transfer_id=request.transfer_id))]
+        reply, *data = self._read(peer, request)
+        return [frame(reply, sum(part.nbytes for part in data)), *data]
 
-    def _read(self, identity: bytes, request: wire.ReadBlocks) -> list:
+    def _read(self, peer: bytes, request: wire.ReadBlocks) -> list:
         def error(code: str, message: str) -> list:
-            return [
-                wire.TransferError(
-                    version=wire.PROTOCOL_VERSION,
-                    transfer_id=request.transfer_id,
-                    code=code,
-                    message=message,
-                )
-            ]
+            return [wire.error(request.transfer_id, code, message)]
 
-        differences = self._fingerprint.differences(request.fingerprint)
-        if differences:
+        block_ids = request.block_ids
+        if not block_ids:
+            return error(wire.BAD_REQUEST, "a read of no blocks")
+        if len(block_ids) > self.max_read_blocks:
             return error(
-                wire.INCOMPATIBLE,
-                "KV layouts differ (prefill vs decode): " + "; ".join(differences),
+                wire.TOO_LARGE,
+                f"a read of {len(block_ids)} blocks ({len(block_ids) * self._block_bytes} bytes) "
+                f"exceeds this prefill worker's max_chunk_bytes ({self.max_chunk_bytes}): "
+                "set the decode side's max_chunk_bytes no larger",
             )
-        problem = self.registry.begin_read(request.transfer_id, request.block_ids)
+        problem = self.registry.begin_read(request.transfer_id, block_ids)
         if problem is not None:
             return error(wire.UNKNOWN_TRANSFER, problem)
+        # Only a peer holding the transfer id gets this far; it is told field names, no values.
+        differing = self._fingerprint.differing_fields(request.fingerprint)
+        if differing:
+            self.registry.end_read(request.transfer_id)
+            return error(
+                wire.INCOMPATIBLE,
+                "KV layouts differ (prefill vs decode) in: " + ", ".join(differing),
+            )
         same_host = bool(self.host_id) and request.host_id == self.host_id
         if same_host and request.ipc_cache is not None and self._ipc_write is not None:
             return self._write_ipc(request, error)
         try:
             if same_host:
-                nbytes = len(request.block_ids) * self._block_bytes
-                shm_name, out = self._shm.buffer_for(identity, nbytes)
-                self._gather(request.block_ids, out)
+                nbytes = len(block_ids) * self._block_bytes
+                shm_name, out = self._shm.buffer_for(peer, nbytes)
+                self._gather(block_ids, out)
                 del out  # the segment may be resized or unlinked later: no view outlives this
             else:
-                staging = self._gather(request.block_ids, None)
+                staging = self._gather(block_ids, None)
         finally:
             self.registry.end_read(request.transfer_id)
         if same_host:
@@ -157,19 +135,22 @@ class TransferServer:
             shm_header = wire.ShmBlocksHeader(
                 version=wire.PROTOCOL_VERSION,
                 transfer_id=request.transfer_id,
-                num_blocks=len(request.block_ids),
+                num_blocks=len(block_ids),
                 block_bytes=self._block_bytes,
                 shm_name=shm_name,
             )
             return [shm_header]
+        expected = len(block_ids) * self._block_bytes
+        if staging.numel() != expected:
+            raise RuntimeError(f"gather returned {staging.numel()} bytes, expected {expected}")
         self.bytes_sent += staging.numel()
         header = wire.BlocksHeader(
             version=wire.PROTOCOL_VERSION,
             transfer_id=request.transfer_id,
-            num_blocks=len(request.block_ids),
+            num_blocks=len(block_ids),
             block_bytes=self._block_bytes,
         )
-        # pyzmq keeps a reference to the buffer until the I/O thread has sent it.
+        # the view keeps the staging buffer alive until the loop has sent it
         return [header, memoryview(staging.numpy()).cast("B")]
 
     def _write_ipc(self, request: wire.ReadBlocks, error: Callable[[str, str], list]) -> list:

@@ -10,10 +10,11 @@ Host identity (`host_id`) is the kernel's boot id plus the IPC namespace's inode
 containers on one node with private `/dev/shm`s never take this path by mistake; if a segment
 still cannot be opened, the decode side asks again without it (the socket path).
 
-Lifetime: the prefill side owns every segment: one per peer (DEALER identity), grown when a
+Lifetime: the prefill side owns every segment: one per peer (connection), grown when a
 larger read comes, reused by that peer's next read (a peer sends its next request only after
-it consumed the previous reply), unlinked when more than `max_peers` peers have one (the
-least recent goes) and on close. Names are random; segments are created 0600 by the OS.
+it consumed the previous reply), unlinked when its peer disconnects, when more than
+`max_peers` peers have one (the least recent goes) and on close. Names are random; segments
+are created 0600 by the OS.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class ShmStaging:
             _unlink(oldest)
         view = torch.frombuffer(segment.buf, dtype=torch.uint8, count=nbytes)
         return segment.name, view
+
+    def forget(self, peer: bytes) -> None:
+        """The peer is gone: unlink its segment (its own mapping, if any, stays valid)."""
+        segment = self._segments.pop(peer, None)
+        if segment is not None:
+            _unlink(segment)
 
     def close(self) -> None:
         while self._segments:

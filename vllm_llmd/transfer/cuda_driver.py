@@ -1,0 +1,146 @@
+"""The four CUDA driver calls of the same-host IPC path, and nothing else.
+
+`cuda_ipc.py` decides what to open and checks every number a peer sent; this module only
+talks to the driver (ctypes on libcuda.so.1), so that the CPU tests can put a fake of
+`IpcDriver` in its place while all the checks run for real:
+
+- `allocation_range(ptr)`: base and size of the allocation holding ptr (cuMemGetAddressRange),
+  the real extent a peer's description is checked against;
+- `export_handle(base)`: cuIpcGetMemHandle of an allocation's base, 64 bytes;
+- `open_handle(handle)`: cuIpcOpenMemHandle, the allocation's base as mapped here;
+- `close_handle(ptr)`: cuIpcCloseMemHandle of what open_handle returned.
+
+Only the handle reaches the driver: no size, offset or torch ref-counter file of the peer's
+(torch's `_new_shared_cuda` takes those on trust; it is not used). Every call runs in the
+device's primary context, the one torch uses, pushed and popped around it: the calling thread
+(the side channel's) may have no current context, or another device's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from vllm_llmd.transfer.messages import CUDA_IPC_HANDLE_BYTES
+
+# cuIpcOpenMemHandle flag: enable peer access to the owning GPU when it is another one.
+_LAZY_ENABLE_PEER_ACCESS = 1
+
+
+class IpcDriver(Protocol):
+    """What the IPC path needs from CUDA (real: `CudaDriver`; tests: a CPU fake)."""
+
+    def allocation_range(self, ptr: int, device: torch.device) -> tuple[int, int]:
+        """(base, size in bytes) of the allocation that holds address ptr."""
+        ...
+
+    def export_handle(self, base: int, device: torch.device) -> bytes:
+        """The IPC handle of the allocation starting at base."""
+        ...
+
+    def open_handle(self, handle: bytes, device: torch.device) -> int:
+        """Map a peer's allocation into device's context; its base address here."""
+        ...
+
+    def close_handle(self, ptr: int, device: torch.device) -> None:
+        """Unmap what open_handle returned."""
+        ...
+
+
+class _CUipcMemHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * CUDA_IPC_HANDLE_BYTES)]
+
+
+class CudaDriver:
+    """`IpcDriver` on the CUDA driver API. Thread-safe (the driver is)."""
+
+    def __init__(self) -> None:
+        self._cuda = _libcuda()
+        self._call("cuInit", 0)
+        self._contexts: dict[int, ctypes.c_void_p] = {}
+        self._lock = threading.Lock()
+
+    def allocation_range(self, ptr: int, device: torch.device) -> tuple[int, int]:
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        with self._in_context(device):
+            self._call(
+                "cuMemGetAddressRange_v2",
+                ctypes.byref(base),
+                ctypes.byref(size),
+                ctypes.c_uint64(ptr),
+            )
+        return base.value, size.value
+
+    def export_handle(self, base: int, device: torch.device) -> bytes:
+        handle = _CUipcMemHandle()
+        with self._in_context(device):
+            self._call("cuIpcGetMemHandle", ctypes.byref(handle), ctypes.c_uint64(base))
+        return ctypes.string_at(ctypes.addressof(handle), CUDA_IPC_HANDLE_BYTES)
+
+    def open_handle(self, handle: bytes, device: torch.device) -> int:
+        if len(handle) != CUDA_IPC_HANDLE_BYTES:  # checked before; the struct copy relies on it
+            raise ValueError(
+                f"a CUDA IPC handle has {CUDA_IPC_HANDLE_BYTES} bytes, not {len(handle)}"
+            )
+        ipc_handle = _CUipcMemHandle()
+        ctypes.memmove(ctypes.addressof(ipc_handle), handle, CUDA_IPC_HANDLE_BYTES)
+        ptr = ctypes.c_uint64()
+        with self._in_context(device):
+            self._call(
+                "cuIpcOpenMemHandle_v2", ctypes.byref(ptr), ipc_handle, _LAZY_ENABLE_PEER_ACCESS
+            )
+        return ptr.value
+
+    def close_handle(self, ptr: int, device: torch.device) -> None:
+        with self._in_context(device):
+            self._call("cuIpcCloseMemHandle", ctypes.c_uint64(ptr))
+
+    @contextlib.contextmanager
+    def _in_context(self, device: torch.device) -> Iterator[None]:
+        context = self._primary_context(device)
+        self._call("cuCtxPushCurrent_v2", context)
+        try:
+            yield
+        finally:
+            self._call("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
+
+    def _primary_context(self, device: torch.device) -> ctypes.c_void_p:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with self._lock:
+            if index not in self._contexts:
+                cu_device, context = ctypes.c_int(), ctypes.c_void_p()
+                self._call("cuDeviceGet", ctypes.byref(cu_device), index)
+                # retained for the life of the process, as torch's runtime does
+                self._call("cuDevicePrimaryCtxRetain", ctypes.byref(context), cu_device)
+                self._contexts[index] = context
+            return self._contexts[index]
+
+    def _call(self, name: str, *args: object) -> None:
+        result = getattr(self._cuda, name)(*args)
+        if result != 0:
+            message = ctypes.c_char_p()
+            self._cuda.cuGetErrorString(result, ctypes.byref(message))
+            text = message.value.decode() if message.value else "unknown error"
+            raise RuntimeError(f"{name} failed: {text} ({result})")
+
+
+def _libcuda() -> ctypes.CDLL:
+    cuda = ctypes.CDLL("libcuda.so.1")
+    u64, ptr = ctypes.c_uint64, ctypes.c_void_p
+    cuda.cuInit.argtypes = [ctypes.c_uint]
+    cuda.cuDeviceGet.argtypes = [ptr, ctypes.c_int]
+    cuda.cuDevicePrimaryCtxRetain.argtypes = [ptr, ctypes.c_int]
+    cuda.cuCtxPushCurrent_v2.argtypes = [ptr]
+    cuda.cuCtxPopCurrent_v2.argtypes = [ptr]
+    cuda.cuMemGetAddressRange_v2.argtypes = [ptr, ptr, u64]
+    cuda.cuIpcGetMemHandle.argtypes = [ptr, u64]
+    # the handle goes by value: a 64-byte struct
+    cuda.cuIpcOpenMemHandle_v2.argtypes = [ptr, _CUipcMemHandle, ctypes.c_uint]
+    cuda.cuIpcCloseMemHandle.argtypes = [u64]
+    cuda.cuGetErrorString.argtypes = [ctypes.c_int, ptr]
+    return cuda

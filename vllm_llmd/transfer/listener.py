@@ -1,0 +1,304 @@
+"""The prefill side's TCP loop of the side channel: connections, bounded frames, timeouts.
+
+One thread, one selector, every socket non-blocking; `TransferServer` supplies what to answer.
+Whatever a peer sends, what the loop holds for it is bounded before it is read:
+
+- a request frame's header is read first and its lengths checked (`framing.parse_header`:
+  control part at most `MAX_CONTROL_BYTES`, no data part), then only the announced bytes;
+- all connections' partial requests together hold at most `max_buffered_bytes`, and one must
+  be complete within `request_timeout_s` of its first byte;
+- a connection is read only while no reply of its own is pending (one request at a time, as
+  the protocol goes), and a reply that makes no progress for `send_timeout_s` closes it;
+- at most `max_connections` are open: a new one replaces the least recently active idle one.
+
+A peer that breaks a rule gets an error frame (when it can be named) and is disconnected. An
+exception answering one request answers that peer with an error; anything else that goes wrong
+with one connection closes it. Should the loop itself fail, it is logged with its traceback and
+the port answers every later peer at once with `unavailable`, so pulls fail fast instead of
+waiting out their timeout.
+"""
+
+from __future__ import annotations
+
+import select
+import selectors
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from vllm_llmd.log import get_logger
+from vllm_llmd.transfer import messages as wire
+from vllm_llmd.transfer.framing import HEADER, frame, parse_header
+
+logger = get_logger(__name__)
+
+# handle(peer, control part) -> the reply: header and control (framing.frame), then its data
+# part if any (a buffer the loop sends without copying; kept referenced until sent)
+Handler = Callable[[bytes, bytes], list]
+# forget(peer): its connection is gone
+Forget = Callable[[bytes], None]
+
+_RECV_BYTES = 1 << 16
+
+
+class _Connection:
+    __slots__ = ("frame_bytes", "inbox", "outbox", "peer", "progress_at", "sock", "started_at")
+
+    def __init__(self, sock: socket.socket, peer: bytes, now: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.inbox = bytearray()
+        # header + control bytes of the request being read, once its header is in
+        self.frame_bytes = 0
+        self.started_at = now  # of the request being read
+        # reply parts still to send (memoryviews), and when a byte of them last went out
+        self.outbox: list[memoryview] = []
+        self.progress_at = now
+
+
+class FrameServer:
+    """Accepts side-channel connections on host:port and answers their frames (module doc)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handle: Handler,
+        forget: Forget,
+        *,
+        max_connections: int = 256,
+        max_buffered_bytes: int = 16 << 20,
+        request_timeout_s: float = 10.0,
+        send_timeout_s: float = 60.0,
+    ) -> None:
+        self._handle = handle
+        self._forget = forget
+        self.max_connections = max_connections
+        self.max_buffered_bytes = max_buffered_bytes
+        self.request_timeout_s = request_timeout_s
+        self.send_timeout_s = send_timeout_s
+        bind_host = "" if host in ("*", "0.0.0.0") else host
+        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+        self._listener = socket.create_server((bind_host, port), family=family, backlog=128)
+        self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        # least recently active first
+        self._connections: OrderedDict[bytes, _Connection] = OrderedDict()
+        self._next_peer = 0
+        # bytes of partial requests held now, and the most ever held (for tests and logs)
+        self.buffered_bytes = 0
+        self.max_buffered_seen = 0
+        # why the loop failed (then every peer is answered `unavailable`), else None
+        self.failure: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._serve, name="llmd-transfer-server", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for key, events in self._selector.select(timeout=0.1):
+                    if key.data is None:
+                        self._accept()
+                    else:
+                        self._service(key.data, events)
+                self._expire(time.monotonic())
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            logger.error(
+                "LLMD side channel on port %d failed; every peer is refused from now on",
+                self.port,
+                exc_info=True,
+            )
+            self._close_all()
+            self._answer_failed()
+        finally:
+            self._close_all()
+            self._selector.close()
+            self._listener.close()
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        if len(self._connections) >= self.max_connections and not self._evict_idle():
+            logger.warning(
+                "LLMD side channel: %d connections, none idle: refused a new one",
+                len(self._connections),
+            )
+            sock.close()
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._next_peer += 1
+        connection = _Connection(sock, b"peer-%d" % self._next_peer, time.monotonic())
+        self._connections[connection.peer] = connection
+        self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _evict_idle(self) -> bool:
+        for connection in self._connections.values():
+            if not connection.inbox and not connection.outbox:
+                self._close(connection)
+                return True
+        return False
+
+    def _service(self, connection: _Connection, events: int) -> None:
+        try:
+            if events & selectors.EVENT_WRITE:
+                self._flush(connection)
+            elif events & selectors.EVENT_READ:
+                self._read(connection)
+        except OSError:  # reset by the peer, and the like: it is gone
+            self._close(connection)
+        except Exception:
+            logger.exception("LLMD side channel: dropped a connection after an unexpected error")
+            self._close(connection)
+
+    def _expire(self, now: float) -> None:
+        for connection in list(self._connections.values()):
+            if connection.outbox and now - connection.progress_at > self.send_timeout_s:
+                logger.warning(
+                    "LLMD side channel: a peer read nothing of its reply for %.0fs: closed",
+                    self.send_timeout_s,
+                )
+                self._close(connection)
+            elif connection.inbox and now - connection.started_at > self.request_timeout_s:
+                logger.warning(
+                    "LLMD side channel: a peer sent %d bytes of a request in %.0fs: closed",
+                    len(connection.inbox),
+                    self.request_timeout_s,
+                )
+                self._close(connection)
+
+    # ---- one connection ----------------------------------------------------------------------
+
+    def _read(self, connection: _Connection) -> None:
+        inbox = connection.inbox
+        want = (connection.frame_bytes or HEADER.size) - len(inbox)
+        chunk = connection.sock.recv(min(want, _RECV_BYTES))
+        if not chunk:
+            self._close(connection)
+            return
+        if self.buffered_bytes + len(chunk) > self.max_buffered_bytes:
+            logger.warning(
+                "LLMD side channel: partial requests hold %d bytes: closed the peer sending more",
+                self.buffered_bytes,
+            )
+            self._close(connection)
+            return
+        if not inbox:
+            connection.started_at = time.monotonic()
+        inbox += chunk
+        self.buffered_bytes += len(chunk)
+        self.max_buffered_seen = max(self.max_buffered_seen, self.buffered_bytes)
+        if not connection.frame_bytes and len(inbox) == HEADER.size:
+            try:
+                control_bytes, _ = parse_header(inbox, max_data_bytes=0)
+            except wire.WireError as exc:
+                self._refuse(connection, str(exc))
+                return
+            connection.frame_bytes = HEADER.size + control_bytes
+        if connection.frame_bytes and len(inbox) == connection.frame_bytes:
+            control = bytes(inbox[HEADER.size :])
+            self._take_inbox(connection)
+            self._reply(connection, self._answer(connection.peer, control))
+
+    def _answer(self, peer: bytes, control: bytes) -> list:
+        try:
+            return self._handle(peer, control)
+        except Exception as exc:  # never let one request take the loop down
+            logger.exception("LLMD side channel: a request failed")
+            return [frame(wire.error("", wire.BAD_REQUEST, f"internal error: {exc}"))]
+
+    def _refuse(self, connection: _Connection, reason: str) -> None:
+        """Answer a frame that breaks the protocol with an error, then disconnect."""
+        logger.warning("LLMD side channel: refused a malformed request: %s", reason)
+        self._take_inbox(connection)
+        try:
+            connection.sock.send(frame(wire.error("", wire.BAD_REQUEST, reason)))
+        except OSError:
+            pass
+        self._close(connection)
+
+    def _reply(self, connection: _Connection, parts: list) -> None:
+        connection.outbox = [memoryview(part).cast("B") for part in parts]
+        connection.progress_at = time.monotonic()
+        self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
+        self._flush(connection)
+
+    def _flush(self, connection: _Connection) -> None:
+        outbox = connection.outbox
+        while outbox:
+            try:
+                sent = connection.sock.send(outbox[0])
+            except BlockingIOError:
+                return
+            connection.progress_at = time.monotonic()
+            if sent == len(outbox[0]):
+                outbox.pop(0).release()
+            else:
+                outbox[0] = outbox[0][sent:]
+        self._connections.move_to_end(connection.peer)
+        self._selector.modify(connection.sock, selectors.EVENT_READ, connection)
+
+    def _take_inbox(self, connection: _Connection) -> None:
+        self.buffered_bytes -= len(connection.inbox)
+        connection.inbox = bytearray()
+        connection.frame_bytes = 0
+
+    def _close(self, connection: _Connection) -> None:
+        if self._connections.pop(connection.peer, None) is None:
+            return
+        self._take_inbox(connection)
+        connection.outbox.clear()
+        try:
+            self._selector.unregister(connection.sock)
+        except (KeyError, ValueError):
+            pass
+        connection.sock.close()
+        self._forget(connection.peer)
+
+    def _close_all(self) -> None:
+        for connection in list(self._connections.values()):
+            try:
+                self._close(connection)
+            except Exception:
+                logger.exception("LLMD side channel: closing a connection failed")
+
+    # ---- after a failure of the loop -------------------------------------------------------
+
+    def _answer_failed(self) -> None:
+        """Until close: tell every new peer at once that this side channel is gone."""
+        reason = f"the prefill worker's side channel failed: {self.failure}"
+        refusal = frame(wire.error("", wire.UNAVAILABLE, reason))
+        try:
+            while not self._stop.is_set():
+                readable, _, _ = select.select([self._listener], [], [], 0.1)
+                if not readable:
+                    continue
+                try:
+                    sock, _ = self._listener.accept()
+                except BlockingIOError:
+                    continue
+                with sock:
+                    try:
+                        sock.settimeout(0.5)
+                        sock.recv(_RECV_BYTES)  # its request: closing then resets nothing
+                        sock.sendall(refusal)
+                    except OSError:
+                        pass
+        except Exception:
+            logger.exception("LLMD side channel: refusing peers failed too; the port closes")
