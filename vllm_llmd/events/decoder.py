@@ -72,6 +72,8 @@ def decode_batch(payload: bytes) -> EventBatch:
         raw = msgspec.msgpack.decode(payload)
     except msgspec.DecodeError as exc:
         raise MalformedBatchError(f"payload is not msgpack: {exc}") from None
+    except RecursionError:  # msgspec's own depth guard: a hostile or broken publisher
+        raise MalformedBatchError("payload is nested too deeply to be a batch") from None
     if not isinstance(raw, list) or len(raw) < 2:
         raise MalformedBatchError(f"expected [ts, [events...], dp_rank], got {_preview(raw)}")
     ts, raw_events, *rest = raw
@@ -86,7 +88,7 @@ def decode_batch(payload: bytes) -> EventBatch:
             events.append(decode_event(raw_event))
         except UnknownEventError:
             num_unknown += 1
-        except MalformedEventError:
+        except (MalformedEventError, RecursionError):
             num_malformed += 1
     return EventBatch(
         ts=float(ts),
@@ -109,7 +111,7 @@ def decode_event(raw: Any) -> Event:
     try:
         _normalize_hashes(fields)
         return msgspec.convert(fields, event_type)
-    except (msgspec.ValidationError, TypeError, ValueError) as exc:
+    except (msgspec.ValidationError, TypeError, ValueError, RecursionError) as exc:
         raise MalformedEventError(f"malformed {tag}: {exc}") from None
 
 
@@ -137,5 +139,8 @@ def _normalize_hashes(fields: dict[Any, Any]) -> None:
 
 
 def _preview(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply to show"
     return text if len(text) <= limit else text[:limit] + "..."

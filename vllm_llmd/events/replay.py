@@ -2,7 +2,10 @@
 
 The publisher keeps its last `buffer_steps` batches; a DEALER sends a start seq and reads every
 buffered batch from there on, then an end marker (frames in `wire.py`). Every wait is bounded:
-a publisher that is down or slow costs at most `timeout` seconds per message.
+a publisher that is down or slow costs at most `timeout` seconds per message. What one replay
+may bring is bounded too (`max_messages` batches, `max_bytes` in all, each message at most
+`max_message_bytes`): past that the reply is cut, `complete` is False and the subscriber reports
+the rest as a gap.
 """
 
 from __future__ import annotations
@@ -12,7 +15,20 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from vllm_llmd.events.wire import FrameError, RawMessage, parse_replay, replay_request
+from vllm_llmd.events.wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    REPLAY_FRAMES,
+    FrameError,
+    RawMessage,
+    limit_frame_size,
+    parse_replay,
+    recv_bounded,
+    replay_request,
+)
+
+# vLLM keeps 10,000 batches (`buffer_steps`) by default: twice that, and a byte bound besides.
+DEFAULT_MAX_REPLAY_MESSAGES = 20_000
+DEFAULT_MAX_REPLAY_BYTES = 512 << 20
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +52,18 @@ class ReplayClient:
         *,
         context: zmq.Context | None = None,
         timeout: float = 2.0,
-        max_messages: int = 1_000_000,
+        max_messages: int = DEFAULT_MAX_REPLAY_MESSAGES,
+        max_bytes: int = DEFAULT_MAX_REPLAY_BYTES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
+        if min(max_messages, max_bytes, max_message_bytes) <= 0:
+            raise ValueError("max_messages, max_bytes and max_message_bytes must be > 0")
         self.endpoint = endpoint
         self.timeout = timeout
-        # guard against a peer that never sends the end marker
+        # guard against a peer that never sends the end marker, or sends too much
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.max_message_bytes = max_message_bytes
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
 
@@ -55,20 +77,33 @@ class ReplayClient:
             logger.warning("replay request to %s could not be sent", self.endpoint)
             self._drop_socket()
             return result
-        while len(result.messages) < self.max_messages:
+        num_bytes = 0
+        while True:
             if not socket.poll(int(self.timeout * 1000)):
                 logger.warning(
                     "replay from %s timed out after %d batches", self.endpoint, len(result.messages)
                 )
                 break
             try:
-                message = parse_replay(socket.recv_multipart())
+                frames = recv_bounded(socket, REPLAY_FRAMES, self.max_message_bytes)
+                message = parse_replay(frames)
             except FrameError as exc:
                 logger.warning("replay from %s sent a bad message: %s", self.endpoint, exc)
                 break
             if message is None:
                 result.complete = True
                 return result
+            num_bytes += sum(len(frame) for frame in frames)
+            if len(result.messages) >= self.max_messages or num_bytes > self.max_bytes:
+                logger.warning(
+                    "replay from %s cut after %d batches: at most %d batches and %d bytes are "
+                    "read per replay; the rest counts as lost",
+                    self.endpoint,
+                    len(result.messages),
+                    self.max_messages,
+                    self.max_bytes,
+                )
+                break
             result.messages.append(message)
         # The rest of this reply may still arrive; a fresh socket keeps it out of the next one.
         self._drop_socket()
@@ -82,6 +117,7 @@ class ReplayClient:
         if self._socket is None:
             self._socket = self._context.socket(zmq.DEALER)
             self._socket.setsockopt(zmq.LINGER, 0)
+            limit_frame_size(self._socket, self.max_message_bytes)
             self._socket.connect(self.endpoint)
         return self._socket
 

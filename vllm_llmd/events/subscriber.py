@@ -23,6 +23,16 @@ is away and already published more batches than before cannot be seen in the seq
 Not thread-safe (ZMQ sockets are not): poll from one thread at a time. Every wait is bounded
 by `timeout` (live) or `replay_timeout` (per replayed message).
 
+Bounds (a pod must not cost the router unbounded memory or starve the other pods): each frame
+at most `max_message_bytes` (ZMQ_MAXMSGSIZE: libzmq drops the connection of a peer that sends a
+bigger one, and the subscriber reconnects), each message at most 3 frames and
+`max_message_bytes` in all (`wire.recv_bounded`; a bigger one is dropped and counted as
+malformed), each `poll` at most `max_messages_per_poll` messages and about `max_bytes_per_poll`
+bytes (the rest waits for the next poll), each replay bounded as in `replay.py`. A payload that
+does not decode (not msgpack, not a batch, nested too deep) costs only itself: it is counted in
+`num_malformed_batches`, reported as a one-batch `Gap` (its blocks are unknown, so the view may
+be stale), and the poll goes on with the next message.
+
 A replay waits up to `replay_timeout` per message, which a publisher that is gone always costs.
 An owner that polls many publishers from one thread passes `defer_replay=True`: then `poll`
 never waits on a replay socket. When it needs a replay it stops there (`replay_pending`) and
@@ -45,9 +55,20 @@ from zmq.utils.monitor import recv_monitor_message
 from vllm_llmd.events.decoder import MalformedBatchError, decode_batch
 from vllm_llmd.events.model import Event, EventBatch
 from vllm_llmd.events.replay import ReplayClient
-from vllm_llmd.events.wire import FrameError, RawMessage, parse_live
+from vllm_llmd.events.wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    LIVE_FRAMES,
+    FrameError,
+    RawMessage,
+    limit_frame_size,
+    parse_live,
+    recv_bounded,
+)
 
 logger = logging.getLogger(__name__)
+
+# A source logs its malformed messages at most this often (each one is counted).
+_MALFORMED_LOG_INTERVAL_S = 10.0
 
 
 class ReceivedBatch(msgspec.Struct, frozen=True):
@@ -111,7 +132,9 @@ class Subscriber:
         topic: str = "",
         source: str | None = None,
         replay_timeout: float = 2.0,
-        max_messages_per_poll: int = 10_000,
+        max_messages_per_poll: int = 1_000,
+        max_bytes_per_poll: int = 16 << 20,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         context: zmq.Context | None = None,
         defer_replay: bool = False,
     ) -> None:
@@ -124,13 +147,23 @@ class Subscriber:
         self.endpoint = endpoint
         self.source = source or endpoint
         self.stats = SubscriberStats()
+        if min(max_messages_per_poll, max_bytes_per_poll, max_message_bytes) <= 0:
+            raise ValueError("the per-poll and per-message bounds must be > 0")
         self.max_messages_per_poll = max_messages_per_poll
+        self.max_bytes_per_poll = max_bytes_per_poll
+        self.max_message_bytes = max_message_bytes
+        self._last_malformed_log = float("-inf")
         self._topic = topic.encode()
         context = context or zmq.Context.instance()
         self._context = context
         self._sub, self._monitor = self._connect()
         self._replay = (
-            ReplayClient(replay_endpoint, context=context, timeout=replay_timeout)
+            ReplayClient(
+                replay_endpoint,
+                context=context,
+                timeout=replay_timeout,
+                max_message_bytes=max_message_bytes,
+            )
             if replay_endpoint
             else None
         )
@@ -151,6 +184,7 @@ class Subscriber:
         # match the publisher's default HWM so a slow poller does not drop (it would then replay)
         sub.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        limit_frame_size(sub, self.max_message_bytes)
         # Watch the connection: libzmq's SUB reconnects to a restarted publisher but then
         # receives nothing (seen with pyzmq 27 / libzmq 4.3), so a disconnect means a new socket.
         monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -163,7 +197,12 @@ class Subscriber:
             dropped |= recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED
         if not dropped:
             return
-        logger.info("%s: publisher connection dropped; reconnecting", self.source)
+        logger.info(
+            "%s: publisher connection dropped (it went away, or sent a frame over %d bytes); "
+            "reconnecting",
+            self.source,
+            self.max_message_bytes,
+        )
         self._close_sub()
         self._sub, self._monitor = self._connect()
         if self._replay is not None and self._next_seq is not None:
@@ -224,21 +263,38 @@ class Subscriber:
             self._reconnect_if_dropped(updates)
         if self._pending is not None or not self._sub.poll(int(timeout * 1000)):
             return updates
+        num_bytes = 0
         for _ in range(self.max_messages_per_poll):
             try:
-                frames = self._sub.recv_multipart(zmq.NOBLOCK)
+                frames = recv_bounded(self._sub, LIVE_FRAMES, self.max_message_bytes, zmq.NOBLOCK)
+                message = parse_live(frames)
             except zmq.Again:
                 break
-            try:
-                message = parse_live(frames)
             except FrameError as exc:
                 self.stats.num_malformed_batches += 1
-                logger.warning("%s: skipping a bad message: %s", self.source, exc)
+                self._warn_malformed("skipping a bad message: %s", exc)
                 continue
             self._on_live(message, updates)
+            num_bytes += len(message.topic) + len(message.payload)
             if self._pending is not None:  # the rest waits in the socket, behind the replay
                 break
+            if num_bytes >= self.max_bytes_per_poll:  # the rest waits for the next poll
+                break
         return updates
+
+    def _warn_malformed(self, message: str, *args: object) -> None:
+        """Log a malformed message, at most every _MALFORMED_LOG_INTERVAL_S per source."""
+        now = time.monotonic()
+        if now - self._last_malformed_log < _MALFORMED_LOG_INTERVAL_S:
+            return
+        self._last_malformed_log = now
+        logger.warning(
+            "%s: " + message + " (%d malformed so far; logged at most every %.0f s)",
+            self.source,
+            *args,
+            self.stats.num_malformed_batches,
+            _MALFORMED_LOG_INTERVAL_S,
+        )
 
     def updates(self, duration: float | None = None, interval: float = 0.2) -> Iterator[Update]:
         """Poll until `duration` seconds have passed (forever if None), yielding each update."""
@@ -324,9 +380,13 @@ class Subscriber:
             self._replayed = {s: d for s, d in self._replayed.items() if s > seq}
         try:
             batch = decode_batch(message.payload)
-        except MalformedBatchError as exc:
+        except Exception as exc:  # MalformedBatchError, or a decoder bug: this batch only
             self.stats.num_malformed_batches += 1
-            logger.warning("%s: skipping batch %d: %s", self.source, seq, exc)
+            if isinstance(exc, MalformedBatchError):
+                self._warn_malformed("skipping batch %d: %s", seq, exc)
+            else:
+                logger.exception("%s: decoding batch %d failed; skipped", self.source, seq)
+            updates.append(Gap(self.source, seq, seq))
             return
         self.stats.num_batches += 1
         self.stats.num_events += len(batch.events)

@@ -12,6 +12,13 @@ Replay ROUTER socket, as a DEALER client sees it:
     replies   [b"", topic, seq, payload]   one per buffered batch with seq >= start_seq
               [b"", seq, payload]          (older vLLM: no topic frame)
     end       [b"", b"", END_SEQ, b""]     END_SEQ is -1 as 8 signed bytes (0xFF * 8)
+
+Size bounds. ZMQ_MAXMSGSIZE (`limit_frame_size`) bounds each frame: libzmq drops the connection
+of a peer that sends a bigger one. It does not bound a multipart message: libzmq delivers one
+only whole, so a peer that sends frames with MORE set and never a last one makes it buffer
+without limit, and no socket option prevents that (the publishers are pods the router trusts
+that far). What arrives whole, `recv_bounded` reads frame by frame, keeping at most the frames
+and bytes the format allows and draining the rest, so Python never holds an oversized message.
 """
 
 from __future__ import annotations
@@ -19,8 +26,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
+import zmq
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+
+
+# Bytes one published message (all its frames) may have. vLLM's biggest batches hold the token
+# ids of a long prefill (a few bytes per token): far below this.
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+# frames of a live message, and of the longest replay reply
+LIVE_FRAMES = 3
+REPLAY_FRAMES = 4
 
 
 class FrameError(ValueError):
@@ -73,3 +89,39 @@ def parse_replay(frames: Sequence[bytes]) -> RawMessage | None:
     if seq == END_SEQ:
         return None
     return RawMessage(bytes(topic), decode_seq(seq), bytes(payload))
+
+
+def limit_frame_size(socket: zmq.Socket, max_bytes: int) -> None:
+    """Make libzmq drop a peer that sends a frame over `max_bytes` (before it is buffered)."""
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+    socket.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+
+
+def recv_bounded(
+    socket: zmq.Socket, max_frames: int, max_bytes: int, flags: int = 0
+) -> list[bytes]:
+    """One multipart message, frame by frame: FrameError if it has more than `max_frames` frames
+    or more than `max_bytes` in all (the whole message is consumed; the excess is never kept).
+
+    Raises zmq.Again (with zmq.NOBLOCK) when no message is waiting.
+    """
+    frames: list[bytes] = []
+    num_frames = num_bytes = 0
+    more = True
+    while more:
+        # the first frame may wait (flags); the rest of a message is already there
+        frame = socket.recv(flags if num_frames == 0 else 0, copy=False)
+        more = bool(frame.more)
+        num_frames += 1
+        num_bytes += len(frame)
+        if num_frames <= max_frames and num_bytes <= max_bytes:
+            frames.append(frame.bytes)
+        else:
+            frames.clear()  # drained, not kept
+    if num_frames > max_frames or num_bytes > max_bytes:
+        raise FrameError(
+            f"a message of {num_frames} frames and {num_bytes} bytes: at most {max_frames} "
+            f"frames and {max_bytes} bytes are allowed"
+        )
+    return frames

@@ -16,7 +16,9 @@ An event's tier is its `medium`; None (older engines) means "GPU", the engine's 
 Medium SHARED (our connector's shared LMCache tier) is pod-independent: those events go to the
 `SharedTierView` when one is given (and are skipped when not), never to the index.
 Events the index refuses (an unknown medium) and failures of the index itself (Redis down) are
-counted per pod and logged, never fatal to the thread.
+counted per pod and logged (at most every 10 s per pod), never fatal to the thread. Nor is a
+failing subscriber: a poll that raises is counted, logged with the pod and its traceback, and
+the pod is polled again after a backoff (doubling up to `_MAX_BACKOFF_S`) while the others go on.
 
 Replays (a subscriber's first sync, a gap, a reconnect) wait on the pod's replay socket, up to
 2 s per message when its publisher is gone; they run on a thread of their own per pod (at most
@@ -53,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 # How often a failing pod logs its errors (each one is counted regardless).
 _ERROR_LOG_INTERVAL_S = 10.0
+# A pod whose poll failed waits this long before the next, doubling per failure up to the max.
+_FIRST_BACKOFF_S = 0.1
+_MAX_BACKOFF_S = 5.0
 
 
 @dataclass
@@ -76,7 +81,9 @@ class PodStats:
     last_received_at: float | None = None
     # last_received_at - last_event_ts: how far behind the engine the index was (clock skew too)
     lag_s: float | None = None
-    _last_error_log: float = dataclasses.field(default=0.0, repr=False)
+    # when an error, and a gap, were last logged (each is logged at most every 10 s)
+    _last_error_log: float = dataclasses.field(default=float("-inf"), repr=False)
+    _last_gap_log: float = dataclasses.field(default=float("-inf"), repr=False)
 
     def as_dict(self) -> dict[str, float | int | None]:
         """The public counters as a plain dict."""
@@ -98,11 +105,13 @@ def apply_update(
     elif isinstance(update, Gap):
         stats.num_gaps += 1
         stats.num_lost_batches += update.last_seq - update.first_seq + 1
-        logger.warning(
+        _log_error(
+            stats,
             "%s: event batches %d..%d are lost; its index entries may be stale",
             pod_id,
             update.first_seq,
             update.last_seq,
+            timer="_last_gap_log",
         )
     elif isinstance(update, ReceivedBatch):
         stats.num_batches += 1
@@ -140,12 +149,19 @@ def _apply_event(
         _log_error(stats, "%s: the index failed to apply an event: %r", pod_id, exc)
 
 
-def _log_error(stats: PodStats, message: str, *args: object) -> None:
+def _log_error(
+    stats: PodStats,
+    message: str,
+    *args: object,
+    exc_info: bool = False,
+    timer: str = "_last_error_log",
+) -> None:
+    """Log a pod's error unless one was logged in the last _ERROR_LOG_INTERVAL_S (per timer)."""
     now = time.monotonic()
-    if now - stats._last_error_log >= _ERROR_LOG_INTERVAL_S:
-        stats._last_error_log = now
-        suffix = " (errors are counted; logged at most every %.0fs)"
-        logger.warning(message + suffix, *args, _ERROR_LOG_INTERVAL_S)
+    if now - getattr(stats, timer) >= _ERROR_LOG_INTERVAL_S:
+        setattr(stats, timer, now)
+        suffix = " (counted; logged at most every %.0fs)"
+        logger.warning(message + suffix, *args, _ERROR_LOG_INTERVAL_S, exc_info=exc_info)
 
 
 class _Pod:
@@ -159,6 +175,15 @@ class _Pod:
         self.removed = False
         # a replay thread has the subscriber: the polling thread skips the pod, never waits
         self.replaying = False
+        # after a failed poll: not polled before retry_at (time.monotonic()); backoff_s doubles
+        self.retry_at = 0.0
+        self.backoff_s = 0.0
+
+    def failed(self) -> float:
+        """A poll failed: back off (doubling). The seconds until the next try."""
+        self.backoff_s = min(_MAX_BACKOFF_S, max(_FIRST_BACKOFF_S, 2 * self.backoff_s))
+        self.retry_at = time.monotonic() + self.backoff_s
+        return self.backoff_s
 
 
 class EventIngestor:
@@ -206,7 +231,11 @@ class EventIngestor:
         subscriber = Subscriber(
             endpoint, replay_endpoint=replay_endpoint, topic=topic, source=pod_id, defer_replay=True
         )
-        self.index.clear_pod(pod_id)
+        try:
+            self.index.clear_pod(pod_id)
+        except BaseException:  # the index is down (IndexUnavailable): the caller tries again
+            subscriber.close()
+            raise
         with self._pods_lock:
             if pod_id in self._pods:  # added concurrently
                 subscriber.close()
@@ -222,9 +251,12 @@ class EventIngestor:
         with pod.lock:  # waits for a poll in flight
             pod.removed = True
             pod.subscriber.close()
-        self.index.clear_pod(pod_id)
-        if self.shared is not None:
-            self.shared.remove_member(pod_id)
+        try:
+            self.index.clear_pod(pod_id)
+            if self.shared is not None:
+                self.shared.remove_member(pod_id)
+        except Exception as exc:  # Redis down: its entries stay until they expire (TTL)
+            logger.warning("%s: its index entries could not be dropped: %r", pod_id, exc)
 
     def pods(self) -> list[str]:
         """The pods followed now."""
@@ -273,13 +305,21 @@ class EventIngestor:
                 pods = list(self._pods.values())
             busy = False
             for pod in pods:
-                busy |= self._poll(pod)
+                try:
+                    busy |= self._poll(pod)
+                except Exception:  # a bug here must not stop every pod's events
+                    pod.stats.num_poll_errors += 1
+                    logger.exception(
+                        "%s: polling its events failed; next try in %.1f s",
+                        pod.pod_id,
+                        pod.failed(),
+                    )
             if not busy:
                 self._stop.wait(self.idle_wait_s)
 
     def _poll(self, pod: _Pod) -> bool:
         """Poll one pod once and apply what came; True if anything came."""
-        if pod.replaying:
+        if pod.replaying or time.monotonic() < pod.retry_at:
             return False
         with pod.lock:
             if pod.removed:
@@ -297,6 +337,11 @@ class EventIngestor:
             try:
                 if not pod.removed:
                     self._read(pod, pod.subscriber.complete_replay)
+            except Exception:  # never a silent death: the pod is polled again after a backoff
+                pod.stats.num_poll_errors += 1
+                logger.exception(
+                    "%s: its replay failed; next poll in %.1f s", pod.pod_id, pod.failed()
+                )
             finally:
                 pod.replaying = False
 
@@ -306,8 +351,16 @@ class EventIngestor:
             updates = read(*args)
         except Exception as exc:  # a transport bug must not stop the other pods
             pod.stats.num_poll_errors += 1
-            _log_error(pod.stats, "%s: polling its event stream failed: %r", pod.pod_id, exc)
+            _log_error(
+                pod.stats,
+                "%s: polling its event stream failed (%r); next try in %.1f s",
+                pod.pod_id,
+                exc,
+                pod.failed(),
+                exc_info=True,
+            )
             return []
+        pod.backoff_s = 0.0
         for update in updates:
             apply_update(self.index, pod.pod_id, update, pod.stats, self.shared)
         return updates

@@ -15,6 +15,7 @@ not finished, which it knows at once.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 
 import aiohttp
@@ -72,6 +73,9 @@ def pod_load_from_metrics(text: str, num_in_flight: int = 0) -> PodLoad:
     missing = [name for name, values in totals.items() if not values]
     if missing:
         raise ValueError(f"no {', '.join(missing)} in the metrics: not a vLLM /metrics page?")
+    not_finite = [name for name, values in totals.items() if not all(map(math.isfinite, values))]
+    if not_finite:
+        raise ValueError(f"{', '.join(not_finite)} is not a finite number in the metrics")
     return PodLoad(
         num_waiting=int(sum(totals[WAITING])),
         num_running=int(sum(totals[RUNNING])),

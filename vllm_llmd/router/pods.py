@@ -11,6 +11,12 @@ its /tokenize and its block size and hash algorithm must match the router's
 (`TokenProcessor.verify_against_pod`). A pod that fails is routed by load alone: it is not
 followed and `hash_verified()` leaves it out, so the index is never asked about it.
 
+A pod's answers are not trusted to be well formed: a /metrics whose gauges are not finite
+numbers leaves its load as it was, a /kv_event_sources that is not the expected object (or
+endpoints the ingestor refuses) leaves it without events (routed by load alone, retried at the
+next poll), each logged naming the pod and what was wrong; and any other failure in one pod's
+poll is logged with its traceback and never stops the router or the other pods' polls.
+
 Pods come from the static list and, at run time, from discovery (`router/k8s.py`), which calls
 `add_pod` and `remove_pod` on the event loop. A new pod is polled at once; a removed one leaves
 the rotation and its index entries go, as when its health check fails.
@@ -21,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import aiohttp
 
 from vllm_llmd.router.config import PodSpec
+from vllm_llmd.router.event_sources import BadEventSources, discover_event_endpoints
 from vllm_llmd.router.ingest import EventIngestor
 from vllm_llmd.router.load import PodLoad, PodLoadError, scrape_pod_load
 from vllm_llmd.router.tokens import TokenProcessor
@@ -59,6 +65,10 @@ class PodState:
     removed: bool = False
     # /health checks in a row that timed out
     slow_checks: int = 0
+    # why its events are not followed, or its load not read (logged when it changes, so a
+    # pod that keeps answering badly does not spam)
+    events_problem: str = ""
+    load_problem: str = ""
 
 
 class PodRegistry:
@@ -188,6 +198,8 @@ class PodRegistry:
         pod.polling = True
         try:
             await self._poll_pod(session, pod)
+        except Exception:  # a pod's odd answer must not stop the router (nor the other pods)
+            logger.exception("pod %s: its poll failed; polled again next round", pod.spec.url)
         finally:
             pod.polling = False
 
@@ -229,7 +241,12 @@ class PodRegistry:
             )
         except PodLoadError as exc:
             # A slow /metrics on a busy box is not a dead pod: keep its last known load.
-            logger.debug("pod %s: load not refreshed: %s", url, exc)
+            self._load_problem(pod, exc.reason, logging.INFO)
+        except ArithmeticError as exc:  # a gauge of +Inf: its count overflows int()
+            problem = f"a gauge in its /metrics is not a finite number ({exc})"
+            self._load_problem(pod, problem, logging.WARNING)
+        else:
+            pod.load_problem = ""
         if pod.removed:
             return
         if not pod.healthy:
@@ -249,7 +266,14 @@ class PodRegistry:
         try:
             async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as r:
                 model = (await r.json())["data"][0]["id"]
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError) as exc:
+        except (
+            aiohttp.ClientError,
+            asyncio.TimeoutError,
+            ValueError,
+            KeyError,
+            IndexError,
+            TypeError,  # an answer of the wrong shape (a list where an object belongs)
+        ) as exc:
             verdict_ok, reason = False, f"could not read its model from /v1/models: {exc!r}"
         else:
             verdict = await self.tokens.verify_against_pod(url, model, session=session)
@@ -270,7 +294,11 @@ class PodRegistry:
     async def _subscribe(self, session: aiohttp.ClientSession, pod: PodState) -> None:
         events, replay = pod.spec.events, pod.spec.replay
         if events is None:
-            events, replay = await discover_event_endpoints(session, pod.spec.url)
+            try:
+                events, replay = await discover_event_endpoints(session, pod.spec.url)
+            except BadEventSources as exc:
+                self._events_problem(pod, str(exc))
+                return
         if events is None:
             return  # the pod publishes no events: it is routed by load alone
         assert self.ingestor is not None
@@ -281,9 +309,32 @@ class PodRegistry:
                 pod.removal = None
         if pod.removed or not pod.healthy:  # it left while we waited
             return
-        self.ingestor.add_pod(pod.spec.pod_id, events, replay, self.events_topic)
-        pod.subscribed = True
+        try:
+            # off the event loop: add_pod clears the pod in the index, a Redis round trip that
+            # an unreachable Redis makes last its whole timeout
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.ingestor.add_pod, pod.spec.pod_id, events, replay, self.events_topic
+            )
+        except Exception as exc:  # a refused endpoint (ValueError, ZMQError), the index down
+            self._events_problem(pod, f"its KV events at {events} cannot be followed: {exc!r}")
+            return
+        pod.subscribed, pod.events_problem = True, ""
+        if pod.removed or not pod.healthy:  # it left while add_pod ran: stop following it
+            self._forget(pod)
+            return
         logger.info("pod %s: following KV events at %s (replay %s)", pod.spec.url, events, replay)
+
+    def _load_problem(self, pod: PodState, problem: str, level: int) -> None:
+        """The pod's load was not read: log why when the reason changes (else every poll)."""
+        if problem != pod.load_problem:
+            logger.log(level, "pod %s: load not refreshed: %s", pod.spec.url, problem)
+        pod.load_problem = problem
+
+    def _events_problem(self, pod: PodState, problem: str) -> None:
+        """The pod's events cannot be followed now: log why (once per reason), try next poll."""
+        if problem != pod.events_problem:
+            logger.warning("pod %s: %s; it is routed by load alone", pod.spec.url, problem)
+        pod.events_problem = problem
 
     def _forget(self, pod: PodState) -> None:
         if pod.subscribed and self.ingestor is not None:
@@ -295,36 +346,3 @@ class PodRegistry:
             )
         pod.subscribed = False
         pod.hashes_ok = None  # it may come back as another engine: check it again
-
-
-async def discover_event_endpoints(
-    session: aiohttp.ClientSession, url: str
-) -> tuple[str | None, str | None]:
-    """The pod's (event, replay) endpoints from vLLM's GET /kv_event_sources (DP rank 0)."""
-    try:
-        async with session.get(
-            url + "/kv_event_sources", timeout=aiohttp.ClientTimeout(total=2)
-        ) as resp:
-            if resp.status != 200:
-                return None, None
-            sources = await resp.json()
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-        return None, None
-    if not sources:
-        return None, None
-    config = sources.get("0") or next(iter(sources.values()))
-    if not config or not config.get("enable_kv_cache_events"):
-        return None, None
-    host = urlsplit(url).hostname or "127.0.0.1"
-    return _connectable(config.get("endpoint"), host), _connectable(
-        config.get("replay_endpoint"), host
-    )
-
-
-def _connectable(endpoint: str | None, host: str) -> str | None:
-    """vLLM reports bind addresses (tcp://*:5557): connect to the pod's host instead."""
-    if not endpoint:
-        return None
-    for wildcard in ("*", "0.0.0.0", "[::]"):
-        endpoint = endpoint.replace(f"//{wildcard}:", f"//{host}:")
-    return endpoint

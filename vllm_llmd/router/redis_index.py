@@ -31,6 +31,10 @@ one ingestor (shard pods across replicas, or let one replica ingest and start th
 entries for every replica until its replay caught up).
 Keys are built inside the Lua script only from KEYS, but the schema spans several keys per call:
 a standalone Redis (or one cluster slot), not a sharded cluster.
+
+Failures: every call is bounded by the timeouts and retries of `redis_client.connect`, and any
+Redis failure raises `redis_client.IndexUnavailable` (the constructor too, when Redis cannot be
+reached), never a redis-py exception.
 """
 
 from __future__ import annotations
@@ -53,6 +57,15 @@ from vllm_llmd.router.index import (
     best_tier,
     check_tier,
     longest_prefixes,
+)
+from vllm_llmd.router.redis_client import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_RETRIES,
+    DEFAULT_SOCKET_TIMEOUT_S,
+    IndexUnavailable,
+    connect,
+    unavailable_on_failure,
+    where,
 )
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]+")
@@ -99,7 +112,9 @@ class RedisIndex(Index):
         url: str = "redis://127.0.0.1:6379/0",
         namespace: str = "llmd",
         ttl_s: float | None = 3600.0,
-        socket_timeout_s: float = 5.0,
+        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
         if not _NAMESPACE.fullmatch(namespace):
             raise ValueError(f"namespace {namespace!r} must be non-empty letters, digits or '_.:-'")
@@ -107,18 +122,18 @@ class RedisIndex(Index):
             raise ValueError(f"ttl_s must be > 0 (or None for no expiry), got {ttl_s}")
         self.namespace = namespace
         self.ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
-        self._client = redis.Redis.from_url(
+        self._client = connect(
             url,
-            decode_responses=True,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            socket_timeout_s=socket_timeout_s,
+            retries=retries,
         )
         try:
             self._client.ping()
         except redis.RedisError as exc:
             self._client.close()
-            raise ConnectionError(
-                f"RedisIndex: cannot reach Redis at {_where(self._client)} ({exc}); start "
+            raise IndexUnavailable(
+                f"RedisIndex: cannot reach Redis at {where(self._client)} ({exc}); start "
                 "redis-server there or give the index the right URL"
             ) from exc
         self._remove = self._client.register_script(_REMOVE_SCRIPT)
@@ -144,7 +159,8 @@ class RedisIndex(Index):
                 pipe.pexpire(key, self.ttl_ms)
         pipe.sadd(self._pod_key(pod), *(str(h) for h in hashes))
         pipe.sadd(self._pods_key, pod)
-        pipe.execute()
+        with unavailable_on_failure(self._client, "RedisIndex.add"):
+            pipe.execute()
 
     def remove(self, pod: str, tier: str, hashes: Sequence[int]) -> None:
         field = f"{pod}|{check_tier(tier)}"
@@ -152,9 +168,14 @@ class RedisIndex(Index):
             return
         keys = [self._pod_key(pod), self._stats_key, *(self._block_key(h) for h in hashes)]
         pod_fields = [f"{pod}|{t}" for t in TIERS]
-        self._remove(keys=keys, args=[field, len(TIERS), *pod_fields, *hashes])
+        with unavailable_on_failure(self._client, "RedisIndex.remove"):
+            self._remove(keys=keys, args=[field, len(TIERS), *pod_fields, *hashes])
 
     def clear_pod(self, pod: str) -> None:
+        with unavailable_on_failure(self._client, "RedisIndex.clear_pod"):
+            self._clear_pod(pod)
+
+    def _clear_pod(self, pod: str) -> None:
         pipe = self._client.pipeline(transaction=True)
         pipe.smembers(self._pod_key(pod))
         pipe.delete(self._pod_key(pod))
@@ -179,19 +200,21 @@ class RedisIndex(Index):
             pipe.hgetall(key)
             if self.ttl_ms is not None:
                 pipe.pexpire(key, self.ttl_ms)  # a lookup is a use; a no-op on a missing key
-        replies = pipe.execute()
+        with unavailable_on_failure(self._client, "RedisIndex.lookup_prefix"):
+            replies = pipe.execute()
         entries = replies[:: 1 if self.ttl_ms is None else 2]
         return longest_prefixes(_holders(entries), pods)
 
     def stats(self) -> IndexStats:
-        pipe = self._client.pipeline(transaction=False)
-        pipe.smembers(self._pods_key)
-        pipe.hgetall(self._stats_key)
-        pods, counters = pipe.execute()
-        pipe = self._client.pipeline(transaction=False)
-        for pod in pods:
-            pipe.scard(self._pod_key(pod))
-        sizes = [size for size in pipe.execute() if size > 0]
+        with unavailable_on_failure(self._client, "RedisIndex.stats"):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.smembers(self._pods_key)
+            pipe.hgetall(self._stats_key)
+            pods, counters = pipe.execute()
+            pipe = self._client.pipeline(transaction=False)
+            for pod in pods:
+                pipe.scard(self._pod_key(pod))
+            sizes = [size for size in pipe.execute() if size > 0]
         return IndexStats(
             # an upper bound: pod-set members whose block key expired still count
             num_entries=sum(sizes),
@@ -216,11 +239,3 @@ def _holders(entries: Iterable[dict[str, str]]) -> Iterable[dict[str, str]]:
         if not tiers:
             return
         yield {pod: best_tier(held) for pod, held in tiers.items()}
-
-
-def _where(client: redis.Redis) -> str:
-    """host:port/db of a client, without the password a URL may carry."""
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return f"unix:{kwargs['path']}"
-    return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"

@@ -16,7 +16,9 @@ removed, which cuts every consumer's run there. So a wrong "hit" lasts at most o
 `ttl_s`, and costs only a routing choice, never correctness (the pod recomputes).
 
 Backends: `InMemorySharedView` (one router process, LRU-bounded) and `RedisSharedView` (one key
-per block with a Redis TTL, shared by replicas like `RedisIndex`).
+per block with a Redis TTL, shared by replicas like `RedisIndex`, bounded like it: every call
+times out and retries as `redis_client.connect` says, and a Redis failure raises
+`redis_client.IndexUnavailable`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from vllm_llmd.events.model import MEDIUM_SHARED
+from vllm_llmd.router.redis_client import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_RETRIES,
+    DEFAULT_SOCKET_TIMEOUT_S,
+    connect,
+    unavailable_on_failure,
+)
 from vllm_llmd.router.scoring import PodCache
 
 DEFAULT_TTL_S = 300.0
@@ -166,16 +175,17 @@ class RedisSharedView(SharedTierView):
         url: str,
         namespace: str = "llmd",
         ttl_s: float = DEFAULT_TTL_S,
-        socket_timeout_s: float = 5.0,
+        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
         super().__init__(ttl_s)
-        import redis  # the redis extra; only this backend needs it
-
-        self._client: redis.Redis = redis.Redis.from_url(
+        # the redis extra; only this backend needs it (connect imports it)
+        self._client = connect(
             url,
-            decode_responses=True,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            socket_timeout_s=socket_timeout_s,
+            retries=retries,
         )
         self._prefix = f"{namespace}:shr:"
         self._members_key = f"{namespace}:shr-pods"
@@ -187,13 +197,15 @@ class RedisSharedView(SharedTierView):
 
     def members(self) -> frozenset[str]:
         if time.monotonic() - self._members_read_at > _MEMBERS_CACHE_S:
-            names = self._client.smembers(self._members_key)
+            with unavailable_on_failure(self._client, "RedisSharedView.members"):
+                names = self._client.smembers(self._members_key)
             self._members = frozenset(names)
             self._members_read_at = time.monotonic()
         return self._members
 
     def remove_member(self, pod: str) -> None:
-        self._client.srem(self._members_key, pod)
+        with unavailable_on_failure(self._client, "RedisSharedView.remove_member"):
+            self._client.srem(self._members_key, pod)
         self._members_read_at = float("-inf")
 
     def mark(self, pod: str, hashes: Sequence[int]) -> None:
@@ -203,16 +215,18 @@ class RedisSharedView(SharedTierView):
             self._members_read_at = float("-inf")
         for block_hash in hashes:
             pipe.set(self._prefix + str(block_hash), 1, px=self._ttl_ms)
-        pipe.execute()
+        with unavailable_on_failure(self._client, "RedisSharedView.mark"):
+            pipe.execute()
         self._num_marked += len(hashes)
 
     def forget(self, pod: str, hashes: Sequence[int]) -> None:
-        if pod not in self._members:
-            self._client.sadd(self._members_key, pod)
-            self._members_read_at = float("-inf")
-        if hashes:
-            keys = [self._prefix + str(h) for h in hashes]
-            self._num_forgotten += int(self._client.delete(*keys))
+        with unavailable_on_failure(self._client, "RedisSharedView.forget"):
+            if pod not in self._members:
+                self._client.sadd(self._members_key, pod)
+                self._members_read_at = float("-inf")
+            if hashes:
+                keys = [self._prefix + str(h) for h in hashes]
+                self._num_forgotten += int(self._client.delete(*keys))
 
     def run_length(self, hashes: Sequence[int]) -> int:
         if not hashes:
@@ -220,7 +234,9 @@ class RedisSharedView(SharedTierView):
         pipe = self._client.pipeline(transaction=False)
         for block_hash in hashes:
             pipe.exists(self._prefix + str(block_hash))
-        for position, present in enumerate(pipe.execute()):
+        with unavailable_on_failure(self._client, "RedisSharedView.run_length"):
+            replies = pipe.execute()
+        for position, present in enumerate(replies):
             if not present:
                 return position
         return len(hashes)

@@ -1,0 +1,201 @@
+"""The Redis backends (`RedisIndex`, `RedisSharedView`) when Redis fails: a real redis-server of
+the test's own (loopback, free port, no persistence) that is paused with SIGSTOP (the kernel
+still accepts connections, nothing ever answers: without a read timeout a call hangs) or
+stopped for good. Every call must return within its timeouts and raise `IndexUnavailable`, the
+one error the proxy catches to route by load alone; the ingestor counts what it could not
+apply and logs it at most every 10 s; everything works again once Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import msgspec
+import pytest
+import zmq
+
+from vllm_llmd.devtools.server import free_port
+from vllm_llmd.events.wire import encode_seq
+from vllm_llmd.router.ingest import EventIngestor
+from vllm_llmd.router.redis_client import IndexUnavailable
+from vllm_llmd.router.shared_view import RedisSharedView
+
+redis = pytest.importorskip("redis")
+from vllm_llmd.router.redis_index import RedisIndex  # noqa: E402 (needs the redis client)
+
+TIMEOUTS = {"socket_timeout_s": 0.3, "connect_timeout_s": 0.3, "retries": 1}
+# two tries of 0.3 s, a short backoff, and slack for a loaded test machine
+WITHIN_S = 1.5
+
+
+class RedisServer:
+    """A private redis-server process."""
+
+    def __init__(self, folder) -> None:
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed")
+        port = free_port()
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no", "--dir", str(folder)]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def pause(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        self.resume()
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def backends(url: str) -> tuple[RedisIndex, RedisSharedView]:
+    return RedisIndex(url, **TIMEOUTS), RedisSharedView(url, **TIMEOUTS)
+
+
+def calls(index: RedisIndex, view: RedisSharedView) -> dict[str, Callable[[], object]]:
+    """One of every backend call the router makes."""
+    return {
+        "index.add": lambda: index.add("pod", "GPU", [1, 2]),
+        "index.remove": lambda: index.remove("pod", "GPU", [2]),
+        "index.lookup_prefix": lambda: index.lookup_prefix([1, 2]),
+        "index.clear_pod": lambda: index.clear_pod("other"),
+        "index.stats": index.stats,
+        "view.mark": lambda: view.mark("pod", [5]),
+        "view.forget": lambda: view.forget("pod", [5]),
+        "view.run_length": lambda: view.run_length([5, 6]),
+        "view.remove_member": lambda: view.remove_member("other"),
+    }
+
+
+def assert_each_fails_in_time(index: RedisIndex, view: RedisSharedView) -> None:
+    for name, call in calls(index, view).items():
+        started = time.monotonic()
+        with pytest.raises(IndexUnavailable, match=r"Redis at 127\.0\.0\.1:\d+/0 failed"):
+            call()
+        assert time.monotonic() - started < WITHIN_S, f"{name} took too long"
+    view._members_read_at = float("-inf")  # members() is cached for a second: ask Redis
+    with pytest.raises(IndexUnavailable):
+        view.members()
+
+
+def test_a_paused_redis_costs_one_bounded_wait_per_call(redis_server):
+    index, view = backends(redis_server.url)
+    for call in calls(index, view).values():
+        call()  # all fine while Redis answers
+    redis_server.pause()
+    try:
+        assert_each_fails_in_time(index, view)
+    finally:
+        redis_server.resume()
+    # back: the same objects work again
+    index.add("pod", "GPU", [1])
+    assert index.lookup_prefix([1])["pod"].num_blocks == 1
+    view.mark("pod", [9])
+    assert view.run_length([9]) == 1
+    index.close()
+    view.close()
+
+
+def test_a_stopped_redis_fails_fast_with_index_unavailable(redis_server):
+    index, view = backends(redis_server.url)
+    redis_server.stop()
+    assert_each_fails_in_time(index, view)
+    with pytest.raises(IndexUnavailable, match="cannot reach Redis"):
+        RedisIndex(redis_server.url, **TIMEOUTS)
+    assert issubclass(IndexUnavailable, ConnectionError)  # what callers caught before
+
+
+@pytest.mark.parametrize(
+    "bad", [{"socket_timeout_s": 0}, {"connect_timeout_s": -1.0}, {"retries": -1}]
+)
+def test_bounds_are_checked(bad):
+    with pytest.raises(ValueError, match="Redis"):
+        RedisSharedView("redis://127.0.0.1:1/0", **bad)
+
+
+def test_ingest_counts_and_rate_limits_what_a_paused_redis_loses(redis_server, caplog):
+    index = RedisIndex(redis_server.url, **TIMEOUTS)
+    socket = zmq.Context.instance().socket(zmq.XPUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.bind("tcp://127.0.0.1:*")
+    endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def send(seq: int, block_hash: int) -> None:
+        event = ["BlockStored", [block_hash], None, list(range(16)), 16, None]
+        payload = msgspec.msgpack.encode([time.time(), [event], 0])
+        socket.send_multipart([b"", encode_seq(seq), payload])
+
+    def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "condition not met in time"
+            time.sleep(0.05)
+
+    try:
+        with EventIngestor(index) as ingestor:
+            ingestor.add_pod("pod-r", endpoint)
+            assert socket.poll(10_000) and socket.recv().startswith(b"\x01")
+            send(0, 100)
+            wait_for(lambda: bool(index.lookup_prefix([100])))
+            redis_server.pause()
+            with caplog.at_level(logging.WARNING, logger="vllm_llmd.router.ingest"):
+                for seq in range(1, 4):
+                    send(seq, 100 + seq)
+                wait_for(lambda: ingestor.stats()["pod-r"]["num_index_errors"] == 3)
+            redis_server.resume()
+            logged = [r for r in caplog.records if "pod-r" in r.getMessage()]
+            assert len(logged) == 1, [r.getMessage() for r in logged]  # not one per event
+            assert "IndexUnavailable" in logged[0].getMessage()
+            send(4, 200)
+            wait_for(lambda: bool(index.lookup_prefix([200])))  # applied again once it is back
+    finally:
+        socket.close(linger=0)
+        index.close()
+
+
+def test_following_and_dropping_a_pod_while_redis_is_down(redis_server, caplog):
+    """remove_pod (run off the event loop when a pod leaves) logs what it could not drop;
+    add_pod raises IndexUnavailable (the registry tries again next poll) and keeps nothing."""
+    index = RedisIndex(redis_server.url, **TIMEOUTS)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with EventIngestor(index) as ingestor:
+        ingestor.add_pod("pod-x", endpoint)
+        redis_server.stop()
+        with caplog.at_level(logging.WARNING, logger="vllm_llmd.router.ingest"):
+            ingestor.remove_pod("pod-x")
+        assert ingestor.pods() == []
+        assert "pod-x: its index entries could not be dropped" in caplog.text
+        with pytest.raises(IndexUnavailable):
+            ingestor.add_pod("pod-x", endpoint)
+        assert ingestor.pods() == []
+    index.close()
