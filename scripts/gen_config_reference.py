@@ -4,7 +4,7 @@
   (vllm_llmd/connector/config.py): name, type and default from the field, the description from
   the comment lines right above the field (the source is the single place to document a key).
 - `vllm-llmd-router` flags come from the router's own argparse parser
-  (`vllm_llmd.router.config.build_parser`): every action, its environment variable, type,
+  (`vllm_llmd.router.flags.build_parser`): every action, its environment variable, type,
   default and help.
 
 Usage: `python scripts/gen_config_reference.py` (writes the file), `--check` (exit 1 if the
@@ -154,7 +154,7 @@ def render() -> str:
         "",
         "Every flag can also be set by its environment variable (the flag wins); a repeatable",
         "flag (`--pod`, ...) takes whitespace-separated values there, and a boolean flag takes",
-        "`1`, `true`, `yes` or `on`. Source: `vllm_llmd/router/config.py` (`build_parser`).",
+        "`1`, `true`, `yes` or `on`. Source: `vllm_llmd/router/flags.py` (`build_parser`).",
         "",
         "| flag | environment | type | default | meaning |",
         "|---|---|---|---|---|",

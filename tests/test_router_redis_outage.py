@@ -9,12 +9,8 @@ apply and logs it at most every 10 s; everything works again once Redis is back.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -32,50 +28,6 @@ from vllm_llmd.router.redis_index import RedisIndex  # noqa: E402 (needs the red
 TIMEOUTS = {"socket_timeout_s": 0.3, "connect_timeout_s": 0.3, "retries": 1}
 # two tries of 0.3 s, a short backoff, and slack for a loaded test machine
 WITHIN_S = 1.5
-
-
-class RedisServer:
-    """A private redis-server process."""
-
-    def __init__(self, folder) -> None:
-        if shutil.which("redis-server") is None:
-            pytest.skip("redis-server is not installed")
-        port = free_port()
-        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--dir", str(folder)]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{port}/0"
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
-
-    def pause(self) -> None:
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.process.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        self.resume()
-        self.process.terminate()
-        self.process.wait(10)
-
-
-@pytest.fixture
-def redis_server(tmp_path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
 
 
 def backends(url: str) -> tuple[RedisIndex, RedisSharedView]:

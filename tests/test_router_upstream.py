@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from vllm_llmd.devtools.server import free_port
 from vllm_llmd.router.config import parse_config
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
-from vllm_llmd.router.proxy import Router, upstream_session
+from vllm_llmd.router.proxy import Router
 from vllm_llmd.router.scoring import make_policy
+from vllm_llmd.router.upstream import ClientLeft, post, relay, upstream_session
 
 ANSWER = b'{"choices": [{"text": "ok"}]}'
 # a body far larger than the socket buffers: a reset after the head lands while it is written
@@ -83,11 +86,11 @@ def test_a_dropped_connection_is_retried_once(script, error):
         body = {"prompt": BIG_PROMPT if "reset" in script else "x"}
         try:
             if error is None:
-                response = await router._post(url + "/v1/completions", body, {})
+                response = await post(router.session, url + "/v1/completions", body, {})
                 assert response.status == 200 and await response.read() == ANSWER
             else:
                 with pytest.raises(error):
-                    await router._post(url + "/v1/completions", body, {})
+                    await post(router.session, url + "/v1/completions", body, {})
             assert len(seen) == min(len(script) + 1, 2)  # never more than one retry
         finally:
             await router.session.close()
@@ -105,19 +108,98 @@ def test_a_refused_connection_is_not_retried():
         router = _router(url)
         router.session = upstream_session(30)
         posts = 0
-        post = router.session.post
+        session_post = router.session.post
 
         def counting_post(*args, **kwargs):
             nonlocal posts
             posts += 1
-            return post(*args, **kwargs)
+            return session_post(*args, **kwargs)
 
         router.session.post = counting_post
         try:
             with pytest.raises(aiohttp.ClientConnectorError):
-                await router._post(url + "/v1/completions", {"prompt": "x"}, {})
+                await post(router.session, url + "/v1/completions", {"prompt": "x"}, {})
             assert posts == 1
         finally:
             await router.session.close()
+
+    asyncio.run(run())
+
+
+class _ResetFromElsewhere:
+    """A pod's answer whose body read fails with a bare ConnectionResetError. No real aiohttp
+    connection raises that (aiohttp wraps a pod's reset in ClientPayloadError), so this stands
+    in for a reset from anywhere but our client's connection."""
+
+    status = 200
+    headers = {"Content-Type": "text/event-stream"}
+
+    class content:
+        @staticmethod
+        async def iter_any():
+            yield b"data: 1\n\n"
+            raise ConnectionResetError("not our client's connection")
+
+
+async def _slow_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for i in range(50):
+        await response.write(f"data: {i}\n\n".encode())
+        await asyncio.sleep(0.05)
+    await response.write_eof()
+    return response
+
+
+@pytest.mark.parametrize("reset_by", ["our-client", "elsewhere"])
+def test_only_our_clients_reset_counts_as_it_leaving(reset_by):
+    """relay() calls it ClientLeft (a 499, closed quietly) only when our client's connection is
+    the one gone; any other reset is an error of its own, not hidden as a client leaving."""
+
+    async def run() -> None:
+        raised: list[type] = []
+
+        async def start(app: web.Application) -> web.AppRunner:
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            return runner
+
+        pod = web.Application()
+        pod.router.add_post("/v1/completions", _slow_stream)
+        pod_runner = await start(pod)
+        pod_url = f"http://127.0.0.1:{pod_runner.addresses[0][1]}"
+        session = upstream_session(30)
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                if reset_by == "elsewhere":
+                    upstream = _ResetFromElsewhere()
+                else:
+                    upstream = await post(session, pod_url + "/v1/completions", {}, {})
+                response, _, _ = await relay(upstream, request, pod_url, "id")
+            except Exception as exc:
+                raised.append(type(exc))
+                raise
+            return response
+
+        router = web.Application()
+        router.router.add_post("/v1/completions", handler)
+        router_runner = await start(router)
+        url = f"http://127.0.0.1:{router_runner.addresses[0][1]}/v1/completions"
+        try:
+            async with aiohttp.ClientSession() as client:
+                response = await client.post(url, json={})
+                assert (await response.content.readline()).startswith(b"data: ")
+                response.close()  # our client leaves (or, elsewhere, was never the cause)
+            deadline = time.monotonic() + 10
+            while not raised and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            expected = ClientLeft if reset_by == "our-client" else ConnectionResetError
+            assert raised == [expected]
+        finally:
+            await session.close()
+            await router_runner.cleanup()
+            await pod_runner.cleanup()
 
     asyncio.run(run())

@@ -64,6 +64,7 @@ from vllm_llmd.events.wire import (
     parse_live,
     recv_bounded,
 )
+from vllm_llmd.log import ThrottledLog
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class Subscriber:
         self.max_messages_per_poll = max_messages_per_poll
         self.max_bytes_per_poll = max_bytes_per_poll
         self.max_message_bytes = max_message_bytes
-        self._last_malformed_log = float("-inf")
+        self._malformed_log = ThrottledLog(logger, _MALFORMED_LOG_INTERVAL_S)
         self._topic = topic.encode()
         context = context or zmq.Context.instance()
         self._context = context
@@ -284,16 +285,11 @@ class Subscriber:
 
     def _warn_malformed(self, message: str, *args: object) -> None:
         """Log a malformed message, at most every _MALFORMED_LOG_INTERVAL_S per source."""
-        now = time.monotonic()
-        if now - self._last_malformed_log < _MALFORMED_LOG_INTERVAL_S:
-            return
-        self._last_malformed_log = now
-        logger.warning(
-            "%s: " + message + " (%d malformed so far; logged at most every %.0f s)",
+        self._malformed_log.warning(
+            "%s: " + message + " (%d malformed so far)",
             self.source,
             *args,
             self.stats.num_malformed_batches,
-            _MALFORMED_LOG_INTERVAL_S,
         )
 
     def updates(self, duration: float | None = None, interval: float = 0.2) -> Iterator[Update]:

@@ -37,8 +37,12 @@ def build_router(config: RouterConfig) -> Router:
         if config.redis_url:
             from vllm_llmd.router.redis_index import RedisIndex
 
-            index = RedisIndex(config.redis_url)
-            shared = RedisSharedView(config.redis_url, ttl_s=config.shared_tier_ttl_s)
+            timeouts = {
+                "connect_timeout_s": config.redis_timeout_s,
+                "socket_timeout_s": config.redis_timeout_s,
+            }
+            index = RedisIndex(config.redis_url, **timeouts)
+            shared = RedisSharedView(config.redis_url, ttl_s=config.shared_tier_ttl_s, **timeouts)
         else:
             index = InMemoryIndex(config.index_max_entries)
             shared = InMemorySharedView(config.shared_tier_ttl_s, config.index_max_entries)
@@ -82,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
     try:
         app = build_app(config)
-    except K8sDiscoveryError as exc:
+    except (K8sDiscoveryError, ConnectionError) as exc:  # ConnectionError: Redis unreachable
         sys.exit(f"vllm-llmd-router: error: {exc}")
     logger.info(
         "vllm-llmd-router on http://%s:%d, policy %s, %d pods%s",

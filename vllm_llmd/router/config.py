@@ -16,11 +16,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from vllm_llmd.router.flags import ENV_PREFIX, ROLES, build_parser
 from vllm_llmd.router.scoring import ScoringConfig
 from vllm_llmd.router.slo import SLO, SLOConfig, parse_model_slo, parse_objective
-
-ENV_PREFIX = "VLLM_LLMD_ROUTER_"
-ROLES = ("both", "prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -78,8 +76,16 @@ class RouterConfig:
     shared_tier_ttl_s: float = 300.0
     recent_route_ttl_s: float = 5.0
     redis_url: str | None = None
+    redis_timeout_s: float = 1.0
     no_ingest: bool = False
     prefill_allowlist: str | None = None
+    # ---- what clients are trusted with (see router/client_body.py) ----
+    trust_client_kv_transfer_params: bool = False
+    trust_request_chat_template: bool = False
+    # ---- blocking work off the event loop (see router/off_loop.py) ----
+    tokenize_workers: int = 4
+    tokenize_timeout_s: float = 1.0
+    index_timeout_s: float = 0.5
     # ---- load thresholds and SLO-aware routing (see slo_config / scoring_config) ----
     max_waiting: int = 8
     max_kv_usage: float = 0.95
@@ -125,195 +131,6 @@ class RouterConfig:
             max_queue=self.max_queue,
             queue_timeout_s=self.queue_timeout_s,
         )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The router's CLI; each flag's default comes from its environment variable."""
-    parser = argparse.ArgumentParser(
-        prog="vllm-llmd-router",
-        description="KV-cache-aware, load-aware, disaggregation-aware OpenAI proxy for vLLM.",
-        epilog=f"Every flag can also be set as {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT).",
-    )
-    add = parser.add_argument
-    add(
-        "--pod",
-        action="append",
-        default=None,
-        metavar="URL[,role=R][,events=E][,replay=P]",
-        help="a vLLM pod (repeatable); role both|prefill|decode",
-    )
-    add("--host", default="127.0.0.1", help="address to listen on")
-    add("--port", type=int, default=8000, help="port to listen on")
-    add(
-        "--policy",
-        default="kv_aware",
-        help="routing policy: round_robin, load, prefix, kv_aware (prefix hit and load), "
-        "slo (predicted latency against SLOs, with priority and fair queueing)",
-    )
-    add(
-        "--tokenizer",
-        default=None,
-        help="local path of the model's tokenizer (needed by prefix-aware policies)",
-    )
-    add("--block-size", type=int, default=128, help="the pods' KV block size in tokens")
-    add("--hash-algorithm", default="sha256", help="the pods' --prefix-caching-hash-algo")
-    add("--hash-seed", default=None, help="the pods' PYTHONHASHSEED, if they set one")
-    add("--events-topic", default="kv", help="topic of the pods' KV events")
-    add(
-        "--pd-threshold-tokens",
-        type=int,
-        default=256,
-        help="prompts with more uncached tokens go prefill -> decode when both roles exist",
-    )
-    add("--api-key", default=None, help="require 'Authorization: Bearer KEY' from clients")
-    add("--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted")
-    add("--request-timeout-s", type=float, default=600.0, help="timeout of one upstream request")
-    add("--poll-interval-s", type=float, default=1.0, help="pod health and load poll interval")
-    add("--audit-log", default=None, help="append one JSON line per routing decision here")
-    add("--audit-prompts", action="store_true", help="include prompt text in the audit log")
-    add("--index-max-entries", type=int, default=1_000_000, help="in-memory index bound (blocks)")
-    add(
-        "--recent-route-ttl-s",
-        type=float,
-        default=5.0,
-        help="for this long after routing a prompt to a pod, count its prefix as that pod's "
-        "until the pod's KV events say so (a second request on the prefix follows the first); "
-        "0 turns it off",
-    )
-    add(
-        "--shared-tier-ttl-s",
-        type=float,
-        default=300.0,
-        help="how long a block announced in the shared KV tier (medium SHARED) counts as there "
-        "without being announced again (the tier evicts silently)",
-    )
-    add(
-        "--prefill-allowlist",
-        default=None,
-        metavar="HOST:PORT[,HOST:PORT...]",
-        help="sidecar mode: prefill targets an upstream gateway may name in the "
-        "x-prefiller-host-port / x-prefiller-url headers (besides the --pod prefill pods); "
-        "a header naming any other target is refused with 403",
-    )
-    add("--redis-url", default=None, help="share the block index through Redis (redis://...)")
-    add(
-        "--no-ingest",
-        action="store_true",
-        help="with --redis-url: read the shared index but follow no pod's KV events (another "
-        "replica does; each pod must have exactly one ingesting replica)",
-    )
-    # ---- load thresholds and SLO-aware routing ----
-    add(
-        "--max-waiting",
-        type=int,
-        default=8,
-        help="a pod with this many queued requests (its gauge, or the router's in-flight "
-        "requests beyond its running batch) is saturated",
-    )
-    add("--max-kv-usage", type=float, default=0.95, help="a pod this full (0..1) is saturated")
-    add(
-        "--w-prefix",
-        type=float,
-        default=1.0,
-        help="kv_aware: weight of the cached-prefix score (0..1, tier-weighted share of the "
-        "prompt's blocks a pod holds)",
-    )
-    add(
-        "--w-load",
-        type=float,
-        default=0.5,
-        help="kv_aware: weight of the load score (0..1, a pod's requests against the busiest "
-        "candidate's, or its KV usage); higher spreads conversations more, lower keeps them "
-        "on the pod that holds their prefix",
-    )
-    add(
-        "--slo-ttft-ms",
-        type=float,
-        default=None,
-        help="default time-to-first-token SLO (a request's x-slo-ttft-ms header wins)",
-    )
-    add(
-        "--slo-tpot-ms",
-        type=float,
-        default=None,
-        help="default time-per-output-token SLO (a request's x-slo-tpot-ms header wins)",
-    )
-    add(
-        "--model-slo",
-        action="append",
-        default=None,
-        metavar="MODEL:ttft=MS,tpot=MS",
-        help="SLO defaults of one model (repeatable)",
-    )
-    add(
-        "--objective",
-        action="append",
-        default=None,
-        metavar="NAME=PRIORITY",
-        help="priority of requests naming this x-gateway-inference-objective (repeatable); "
-        "negative priorities are sheddable: refused with 429 when no pod meets their SLO",
-    )
-    add(
-        "--slo-headroom",
-        type=float,
-        default=0.1,
-        help="policy slo: a pod meets an SLO when predicted <= (1 - headroom) * SLO",
-    )
-    add(
-        "--max-queue",
-        type=int,
-        default=1024,
-        help="policy slo: requests the router may hold while the pool is saturated",
-    )
-    add(
-        "--queue-timeout-s",
-        type=float,
-        default=30.0,
-        help="policy slo: longest wait in the router's queue for a request without a TTFT SLO",
-    )
-    add(
-        "--latency-min-samples",
-        type=int,
-        default=8,
-        help="observations a pod's latency model needs before its predictions are used",
-    )
-    # ---- Kubernetes pod discovery ----
-    add(
-        "--k8s-label-selector",
-        default=None,
-        metavar="SELECTOR",
-        help="discover pods in Kubernetes: the ready pods this label selector picks (e.g. "
-        "'app=vllm'), watched as they come and go; with or without --pod",
-    )
-    add(
-        "--k8s-namespace",
-        default=None,
-        help="namespace of the discovered pods (default: the router's own, in a cluster)",
-    )
-    add(
-        "--k8s-port",
-        default="8000",
-        metavar="PORT|NAME",
-        help="the pods' vLLM port: a number, or the name of a container port",
-    )
-    add(
-        "--k8s-role-label",
-        default="llm-d.ai/role",
-        help="pod label whose value (prefill, decode, both) is the pod's role; none: both",
-    )
-    add(
-        "--k8s-kubeconfig",
-        default=None,
-        metavar="FILE",
-        help="reach the cluster with this kubeconfig (default: the pod's service account)",
-    )
-    add(
-        "--k8s-api-url",
-        default=None,
-        metavar="URL",
-        help="reach the Kubernetes API at this URL without credentials (tests, kubectl proxy)",
-    )
-    return parser
 
 
 def _k8s_error(args: argparse.Namespace) -> str | None:
@@ -387,6 +204,11 @@ def parse_config(
         parser.error(k8s_error)
     if args.no_ingest and not args.redis_url:
         parser.error("--no-ingest needs --redis-url: another replica fills the shared index")
+    if args.tokenize_workers < 1:
+        parser.error(f"--tokenize-workers must be >= 1, got {args.tokenize_workers}")
+    for flag in ("tokenize_timeout_s", "index_timeout_s", "redis_timeout_s"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     if args.shared_tier_ttl_s <= 0:
         parser.error(f"--shared-tier-ttl-s must be > 0, got {args.shared_tier_ttl_s}")
     try:

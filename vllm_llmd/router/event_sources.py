@@ -31,7 +31,7 @@ async def discover_event_endpoints(
     """
     try:
         async with session.get(
-            url + "/kv_event_sources", timeout=aiohttp.ClientTimeout(total=2)
+            url + "/kv_event_sources", timeout=aiohttp.ClientTimeout(total=2), allow_redirects=False
         ) as resp:
             if resp.status != 200:
                 return None, None

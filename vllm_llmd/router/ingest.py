@@ -48,6 +48,7 @@ from vllm_llmd.events.model import (
     Event,
 )
 from vllm_llmd.events.subscriber import Gap, ReceivedBatch, Reset, Subscriber, Update
+from vllm_llmd.log import ThrottledLog
 from vllm_llmd.router.index import Index
 from vllm_llmd.router.shared_view import SharedTierView
 
@@ -81,13 +82,21 @@ class PodStats:
     last_received_at: float | None = None
     # last_received_at - last_event_ts: how far behind the engine the index was (clock skew too)
     lag_s: float | None = None
-    # when an error, and a gap, were last logged (each is logged at most every 10 s)
-    _last_error_log: float = dataclasses.field(default=float("-inf"), repr=False)
-    _last_gap_log: float = dataclasses.field(default=float("-inf"), repr=False)
+    # errors, and gaps, are each logged at most every _ERROR_LOG_INTERVAL_S (counted always)
+    error_log: ThrottledLog = dataclasses.field(
+        default_factory=lambda: ThrottledLog(logger, _ERROR_LOG_INTERVAL_S), repr=False
+    )
+    gap_log: ThrottledLog = dataclasses.field(
+        default_factory=lambda: ThrottledLog(logger, _ERROR_LOG_INTERVAL_S), repr=False
+    )
 
     def as_dict(self) -> dict[str, float | int | None]:
         """The public counters as a plain dict."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+        return {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.repr  # the counters, not the logs' throttles
+        }
 
 
 def apply_update(
@@ -105,13 +114,11 @@ def apply_update(
     elif isinstance(update, Gap):
         stats.num_gaps += 1
         stats.num_lost_batches += update.last_seq - update.first_seq + 1
-        _log_error(
-            stats,
+        stats.gap_log.warning(
             "%s: event batches %d..%d are lost; its index entries may be stale",
             pod_id,
             update.first_seq,
             update.last_seq,
-            timer="_last_gap_log",
         )
     elif isinstance(update, ReceivedBatch):
         stats.num_batches += 1
@@ -143,25 +150,10 @@ def _apply_event(
             index.clear_pod(pod_id)
     except ValueError as exc:  # the index refused the event itself (an unknown medium)
         stats.num_bad_events += 1
-        _log_error(stats, "%s: skipping an event: %s", pod_id, exc)
+        stats.error_log.warning("%s: skipping an event: %s", pod_id, exc)
     except Exception as exc:  # the backend failed (e.g. Redis unreachable): keep going
         stats.num_index_errors += 1
-        _log_error(stats, "%s: the index failed to apply an event: %r", pod_id, exc)
-
-
-def _log_error(
-    stats: PodStats,
-    message: str,
-    *args: object,
-    exc_info: bool = False,
-    timer: str = "_last_error_log",
-) -> None:
-    """Log a pod's error unless one was logged in the last _ERROR_LOG_INTERVAL_S (per timer)."""
-    now = time.monotonic()
-    if now - getattr(stats, timer) >= _ERROR_LOG_INTERVAL_S:
-        setattr(stats, timer, now)
-        suffix = " (counted; logged at most every %.0fs)"
-        logger.warning(message + suffix, *args, _ERROR_LOG_INTERVAL_S, exc_info=exc_info)
+        stats.error_log.warning("%s: the index failed to apply an event: %r", pod_id, exc)
 
 
 class _Pod:
@@ -351,8 +343,7 @@ class EventIngestor:
             updates = read(*args)
         except Exception as exc:  # a transport bug must not stop the other pods
             pod.stats.num_poll_errors += 1
-            _log_error(
-                pod.stats,
+            pod.stats.error_log.warning(
                 "%s: polling its event stream failed (%r); next try in %.1f s",
                 pod.pod_id,
                 exc,

@@ -97,7 +97,9 @@ async def scrape_pod_load(
     """
     metrics_url = url.rstrip("/") + "/metrics"
     try:
-        async with session.get(metrics_url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.get(
+            metrics_url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+        ) as resp:
             if resp.status != 200:
                 raise PodLoadError(url, f"/metrics answered HTTP {resp.status}")
             text = await resp.text()

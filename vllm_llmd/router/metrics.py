@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from vllm_llmd.router.index import Index
+from vllm_llmd.router.index import IndexStats
 from vllm_llmd.router.pods import PodRegistry
-from vllm_llmd.router.shared_view import SharedTierView
+from vllm_llmd.router.shared_view import SharedViewStats
 
 
 class RouterMetrics:
@@ -44,6 +44,25 @@ class RouterMetrics:
         self.retries = Counter(
             "llmd_router_retries",
             "Requests retried on another pod after a connection failure.",
+            registry=r,
+        )
+        self.routing_fallbacks = Counter(
+            "llmd_router_routing_fallbacks",
+            "Requests routed by load alone because a routing input failed: tokenize_timeout "
+            "(tokenizing took over --tokenize-timeout-s), index_timeout (an index or shared-tier "
+            "lookup took over --index-timeout-s), index_error (it failed: Redis down).",
+            ["reason"],
+            registry=r,
+        )
+        self.stripped_kv_params = Counter(
+            "llmd_router_client_kv_transfer_params_stripped",
+            "Client requests whose kv_transfer_params the router removed (only its own P/D "
+            "step sets them; --trust-client-kv-transfer-params keeps them).",
+            registry=r,
+        )
+        self.audit_failures = Counter(
+            "llmd_router_audit_write_failures",
+            "Audit records that could not be written (dropped; the request was served).",
             registry=r,
         )
         self.index_entries = Gauge(
@@ -124,9 +143,15 @@ class RouterMetrics:
         )
 
     def refresh(
-        self, pods: PodRegistry, index: Index | None, shared: SharedTierView | None = None
+        self,
+        pods: PodRegistry,
+        index: IndexStats | None,
+        shared: SharedViewStats | None = None,
     ) -> None:
-        """Copy point-in-time values (pod load, index size, event stats) into the gauges."""
+        """Copy point-in-time values (pod load, index size, event stats) into the gauges.
+
+        `index` and `shared` are the stores' stats, read off the event loop by the caller
+        (None: not read, the gauges keep their last values)."""
         for pod_id, pod in pods.pods.items():
             self.pod_healthy.labels(pod_id).set(1 if pod.healthy else 0)
             self.pod_waiting.labels(pod_id).set(pod.load.num_waiting)
@@ -135,12 +160,11 @@ class RouterMetrics:
             if pods.tokens is not None:
                 self.hash_verification_ok.labels(pod_id).set(1 if pod.hashes_ok else 0)
         if index is not None:
-            self.index_entries.set(index.stats().num_entries)
+            self.index_entries.set(index.num_entries)
         if shared is not None:
-            shared_stats = shared.stats()
-            if shared_stats.num_blocks is not None:
-                self.shared_tier_blocks.set(shared_stats.num_blocks)
-            self.shared_tier_pods.set(shared_stats.num_members)
+            if shared.num_blocks is not None:
+                self.shared_tier_blocks.set(shared.num_blocks)
+            self.shared_tier_pods.set(shared.num_members)
         if pods.ingestor is not None:
             for pod_id, stats in pods.ingestor.stats().items():
                 self.event_gaps.labels(pod_id).set(stats.get("num_gaps") or 0)

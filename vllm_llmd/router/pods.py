@@ -209,7 +209,7 @@ class PodRegistry:
         slow = False
         try:
             timeout = aiohttp.ClientTimeout(total=self.health_timeout_s)
-            async with session.get(url + "/health", timeout=timeout) as r:
+            async with session.get(url + "/health", timeout=timeout, allow_redirects=False) as r:
                 ok = r.status == 200
         except asyncio.TimeoutError:  # before ClientError: aiohttp's timeouts are both
             ok, slow, why = False, True, f"/health took over {self.health_timeout_s:g} s"
@@ -264,7 +264,9 @@ class PodRegistry:
         assert self.tokens is not None
         url = pod.spec.url
         try:
-            async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            async with session.get(
+                url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5), allow_redirects=False
+            ) as r:
                 model = (await r.json())["data"][0]["id"]
         except (
             aiohttp.ClientError,

@@ -1,0 +1,109 @@
+"""Admission (policy slo): a request goes when a pod can take it, else it waits its turn.
+
+A request is admitted at once when no request is queued and `admissible()` says a pod can take
+it now; a sheddable one is refused (429) otherwise; the rest wait in the `AdmissionQueue`
+(priority, then fairness id) and are admitted in queue order by `pump` (after every finished
+request and every `QUEUE_TICK_S` while the queue holds any), or dispatched "late" at their
+deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from vllm_llmd.router.errors import error
+from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.slo import AdmissionQueue, QueuedRequest, QueueFullError, RequestClass
+
+# how often the admission queue is re-judged while it holds requests
+QUEUE_TICK_S = 0.05
+
+
+class Admission:
+    """The router's admission queue and the task that re-judges it."""
+
+    def __init__(
+        self,
+        max_queue: int,
+        queue_timeout_s: float,
+        retry_after_s: int,
+        metrics: RouterMetrics,
+    ) -> None:
+        self.queue = AdmissionQueue(max_queue)
+        self.queue_timeout_s = queue_timeout_s
+        # whole seconds a shed client should wait (about one load poll)
+        self.retry_after_s = retry_after_s
+        self.metrics = metrics
+        self._ticker: asyncio.Task | None = None
+
+    async def admit(
+        self, request_class: RequestClass, admissible: Callable[[], bool]
+    ) -> tuple[str, float]:
+        """Wait until the request may go; (admission, seconds queued). 429/503 when refused."""
+        # Never ahead of queued requests: they go first, in queue order (by pump).
+        if not len(self.queue) and admissible():
+            return "met", 0.0
+        if request_class.sheddable:
+            self.metrics.admissions.labels("shed").inc()
+            raise error(
+                web.HTTPTooManyRequests,
+                "no pod can serve this request within its SLO now; retry later",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        arrival = time.monotonic()
+        timeout = request_class.slo.ttft_s or self.queue_timeout_s
+        entry = QueuedRequest(
+            request_class,
+            arrival,
+            arrival + timeout,
+            admissible,
+            asyncio.get_running_loop().create_future(),
+        )
+        try:
+            self.queue.push(entry)
+        except QueueFullError as exc:
+            self.metrics.admissions.labels("rejected").inc()
+            raise error(web.HTTPServiceUnavailable, str(exc)) from None
+        self._ensure_ticker()
+        self.pump()
+        try:
+            admitted = await entry.admitted
+        finally:
+            self.queue.remove(entry)  # no-op unless the client left while queued
+        admission = "queued" if admitted else "late"
+        self.metrics.admissions.labels(admission).inc()
+        return admission, time.monotonic() - arrival
+
+    def pump(self) -> None:
+        """Admit queued requests in queue order while the head is admissible; expire the rest."""
+        if not len(self.queue):
+            return
+        for entry in self.queue.expired(time.monotonic()):
+            self.queue.remove(entry)
+            if not entry.admitted.done():
+                entry.admitted.set_result(False)
+        # One at a time: an admitted request is counted in flight only once its coroutine
+        # runs, so the next is judged on the next tick, against the updated counts.
+        head = self.queue.peek()
+        if head is not None and head.admissible():
+            self.queue.pop()
+            if not head.admitted.done():
+                head.admitted.set_result(True)
+
+    def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+
+    def _ensure_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Re-judge the queue while it holds requests (loads change with every poll)."""
+        while len(self.queue):
+            self.pump()
+            await asyncio.sleep(QUEUE_TICK_S)
