@@ -6,30 +6,21 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from factories import make_fingerprint
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from vllm.v1.outputs import KVConnectorOutput
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import LLMDWorkerMetadata
-from vllm_llmd.connector.offload_planner import OffloadPlanner
 from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
 from vllm_llmd.connector.tier_events import ChunkInfo
 from vllm_llmd.hashing import PrefixHasher, to_event_hash
+from vllm_llmd.offload.jobs import JobKind, JobTally
 from vllm_llmd.offload.manager import OffloadManager
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
+from vllm_llmd.offload.planner import OffloadPlanner
 
 BLOCK = 32
-FINGERPRINT = KVLayoutFingerprint(
-    model="m",
-    dtype="float32",
-    num_layers=2,
-    num_kv_heads=2,
-    head_size=16,
-    block_size=BLOCK,
-    layout="LBHNC",
-    tensor_parallel_size=1,
-    page_bytes=4096,
-)
+FINGERPRINT = make_fingerprint()
 TOKENS = list(range(100, 100 + 2 * BLOCK))
 KEYS = PrefixHasher(BLOCK).block_hashes(TOKENS)
 
@@ -55,7 +46,7 @@ def _store(scheduler: LLMDConnectorScheduler, index: int) -> None:
         )
     ).decode()
     scheduler.offload.manager.prepare_store([KEYS[index]], [info])
-    meta = LLMDWorkerMetadata({"store": {KEYS[index]: [1, 0]}})
+    meta = LLMDWorkerMetadata(JobTally({JobKind.STORE: {KEYS[index]: [1, 0]}}))
     scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=meta))
 
 

@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from factories import make_fingerprint
 from vllm import SamplingParams
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import LLMDHandshake
 from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
 from vllm_llmd.transfer.params import RemotePrefillParams, prompt_digest
 
 BLOCK = 32
-FINGERPRINT = KVLayoutFingerprint(
-    model="m",
-    dtype="float32",
-    num_layers=2,
-    num_kv_heads=2,
-    head_size=16,
-    block_size=BLOCK,
-    layout="LBHNC",
-    tensor_parallel_size=1,
-    page_bytes=4096,
-)
+FINGERPRINT = make_fingerprint()
 
 
 def _prefill_scheduler() -> LLMDConnectorScheduler:

@@ -6,24 +6,14 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from factories import make_fingerprint
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import LLMDConnectorMetadata, OffloadLoadSpec, ReleaseSpec
 from vllm_llmd.connector.worker import LLMDConnectorWorker
 from vllm_llmd.devtools.server import free_port
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
 
-FINGERPRINT = KVLayoutFingerprint(
-    model="m",
-    dtype="float32",
-    num_layers=2,
-    num_kv_heads=2,
-    head_size=16,
-    block_size=32,
-    layout="LBHNC",
-    tensor_parallel_size=2,
-    page_bytes=4096,
-)
+FINGERPRINT = make_fingerprint(tensor_parallel_size=2)
 
 
 @pytest.fixture

@@ -343,6 +343,7 @@ def test_concurrent_writes_and_reads_never_see_a_partial_chunk(tmp_path, monkeyp
 
 def test_failing_disk_writes_are_reported_failed_and_logged_once(tmp_path, caplog):
     # A full or broken disk used to fail every spill silently (only a counter moved).
+    from vllm_llmd.offload.jobs import JobKind, OffloadStepSpec, SpillJob
     from vllm_llmd.offload.worker import OffloadWorker
     from vllm_llmd.ops import PagedKVCache
     from vllm_llmd.ops.layouts import KVCacheShape, allocate_kv_caches
@@ -357,14 +358,15 @@ def test_failing_disk_writes_are_reported_failed_and_logged_once(tmp_path, caplo
     try:
         (tmp_path / "tier").rename(tmp_path / "gone")
         (tmp_path / "tier").write_bytes(b"")  # a file where the folder was: every write fails
-        spills = [(make_key(i), i, "") for i in range(4)]
+        spills = tuple(SpillJob(make_key(i), i, "") for i in range(4))
         with caplog.at_level(logging.WARNING):
-            worker.submit_step(spills, [], [], [])
+            worker.submit_step(OffloadStepSpec(spills=spills))
             worker.flush_stores()
             deadline = time.monotonic() + 10
-            while len(worker._results["spill"]) < 4 and time.monotonic() < deadline:
+            spilled = worker._results.counts
+            while len(spilled.get(JobKind.SPILL, {})) < 4 and time.monotonic() < deadline:
                 time.sleep(0.02)
-        results = worker.take_results()["spill"]
+        results = worker.take_results().counts[JobKind.SPILL]
         assert all(counts == [0, 1] for counts in results.values()) and len(results) == 4
         failures = [r for r in caplog.records if "disk tier write" in r.getMessage()]
         assert len(failures) == 1, [r.getMessage() for r in failures]

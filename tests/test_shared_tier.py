@@ -21,8 +21,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from factories import make_fingerprint
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
+from vllm_llmd.connector.metadata import LLMDConnectorMetadata
+from vllm_llmd.connector.request_state import RequestState
 from vllm_llmd.ops import PagedKVCache
 from vllm_llmd.ops.layouts import KVCacheShape, allocate_kv_caches
 from vllm_llmd.shared.client import SharedTierClient, import_lmcache
@@ -108,19 +111,8 @@ class FakeLMCacheClient:
 
 def _shared_scheduler(hit_chunks: int, publish_events: bool = False):
     from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
-    from vllm_llmd.transfer.messages import KVLayoutFingerprint
 
-    fingerprint = KVLayoutFingerprint(
-        model="m",
-        dtype="float32",
-        num_layers=2,
-        num_kv_heads=2,
-        head_size=16,
-        block_size=BLOCK,
-        layout="LBHNC",
-        tensor_parallel_size=1,
-        page_bytes=4096,
-    )
+    fingerprint = make_fingerprint()
     client = FakeLMCacheClient(hit_chunks)
     planner = SharedTierPlanner(client, "m", 1, BLOCK, CHUNK)
     scheduler = LLMDConnectorScheduler(
@@ -156,13 +148,16 @@ def _ask(scheduler, request, num_computed: int) -> tuple[int | None, bool]:
     raise AssertionError("the lookup never finished")
 
 
-def _assert_nothing_held(planner) -> None:
-    assert planner._lookups == {} and planner._sessions == set()
-    assert planner._requests == {} and planner._offered == {}
+def _assert_nothing_held(scheduler, request) -> None:
+    # no lookup, lock, session or offered range left: all of it lives in the request's state
+    state = scheduler.state_of(request.request_id)
+    if state is not None:  # finished with its load in flight: dropped at finished_recving
+        assert state.is_finished and state.load_in_flight
+        assert state.shared_lookup is None and not state.shared_session
 
 
 def test_scheduler_loads_the_shared_hit_past_the_local_one_and_frees_the_rest():
-    scheduler, planner, client = _shared_scheduler(hit_chunks=3)
+    scheduler, _, client = _shared_scheduler(hit_chunks=3)
     request = _vllm_request(3 * CHUNK + 40)
     assert scheduler.get_num_new_matched_tokens(request, 9 * BLOCK) == (None, False)
     assert _ask(scheduler, request, 9 * BLOCK) == (3 * CHUNK - 9 * BLOCK, True)
@@ -177,21 +172,21 @@ def test_scheduler_loads_the_shared_hit_past_the_local_one_and_frees_the_rest():
     assert ("free_lookup_locks", (0, CHUNK)) in client.calls
     scheduler.request_finished(request, block_ids)
     assert client.calls[-1] == ("end_session", "req-s")
-    _assert_nothing_held(planner)
+    _assert_nothing_held(scheduler, request)
 
 
 def test_scheduler_frees_every_lock_when_vllm_loads_nothing():
-    scheduler, planner, client = _shared_scheduler(hit_chunks=2)
+    scheduler, _, client = _shared_scheduler(hit_chunks=2)
     request = _vllm_request(3 * CHUNK)
     assert _ask(scheduler, request, 0) == (2 * CHUNK, True)
     scheduler.update_state_after_alloc(request, SimpleNamespace(), 0)
     assert ("free_lookup_locks", (0, 2 * CHUNK)) in client.calls
     scheduler.request_finished(request, [])
-    _assert_nothing_held(planner)
+    _assert_nothing_held(scheduler, request)
 
 
 def test_scheduler_stores_new_full_chunks_once():
-    scheduler, planner, _ = _shared_scheduler(hit_chunks=0)
+    scheduler, _, _ = _shared_scheduler(hit_chunks=0)
     request = _vllm_request(3 * CHUNK + 40)
     assert _ask(scheduler, request, 0) == (0, False)
     block_ids = list(range(26))
@@ -208,7 +203,7 @@ def test_scheduler_stores_new_full_chunks_once():
     assert (store.start, store.end, store.block_ids) == (2 * CHUNK, 3 * CHUNK, tuple(range(16, 24)))
     assert scheduler.build_connector_meta(output).shared_stores == []
     scheduler.request_finished(request, block_ids)
-    _assert_nothing_held(planner)
+    _assert_nothing_held(scheduler, request)
 
 
 def test_events_say_what_the_shared_tier_holds():
@@ -218,7 +213,8 @@ def test_events_say_what_the_shared_tier_holds():
     from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
     from vllm.v1.outputs import KVConnectorOutput
 
-    from vllm_llmd.connector.metadata import SHARED_STORE, LLMDWorkerMetadata
+    from vllm_llmd.connector.metadata import LLMDWorkerMetadata
+    from vllm_llmd.offload.jobs import JobKind, JobTally
 
     scheduler, planner, _ = _shared_scheduler(hit_chunks=1, publish_events=True)
     request = _vllm_request(3 * CHUNK + 40)
@@ -241,7 +237,7 @@ def test_events_say_what_the_shared_tier_holds():
     [store] = scheduler.build_connector_meta(output).shared_stores
     assert (store.start, store.end) == (CHUNK, 2 * CHUNK)
     assert scheduler.take_events() == []  # not until the worker says it is done
-    report = LLMDWorkerMetadata({SHARED_STORE: {store.key: [1, 0]}})
+    report = LLMDWorkerMetadata(JobTally({JobKind.SHARED_STORE: {store.key: [1, 0]}}))
     scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=report))
     [announced] = scheduler.take_events()
     assert announced.medium == "SHARED" and announced.block_hashes == hashes[8:16]
@@ -250,22 +246,22 @@ def test_events_say_what_the_shared_tier_holds():
     request.num_computed_tokens = CHUNK + 400
     output.num_scheduled_tokens = {"req-s": 3 * CHUNK + 40 - request.num_computed_tokens}
     [store] = scheduler.build_connector_meta(output).shared_stores
-    report = LLMDWorkerMetadata({SHARED_STORE: {store.key: [0, 1]}})
+    report = LLMDWorkerMetadata(JobTally({JobKind.SHARED_STORE: {store.key: [0, 1]}}))
     scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=report))
     assert scheduler.take_events() == []  # failed: nothing to announce, nothing kept
     assert planner._unconfirmed == {}
     scheduler.request_finished(request, block_ids)
-    _assert_nothing_held(planner)
+    _assert_nothing_held(scheduler, request)
 
 
 def test_a_down_server_is_a_miss_without_a_call():
-    scheduler, planner, client = _shared_scheduler(hit_chunks=3)
+    scheduler, _, client = _shared_scheduler(hit_chunks=3)
     client.is_up = False
     request = _vllm_request(3 * CHUNK)
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
     assert client.calls == []
     scheduler.request_finished(request, [])
-    _assert_nothing_held(planner)
+    _assert_nothing_held(scheduler, request)
 
 
 @pytest.fixture(scope="module")
@@ -329,9 +325,9 @@ def _request(tokens: list[int]) -> SimpleNamespace:
     return SimpleNamespace(request_id=uuid.uuid4().hex, prompt_token_ids=tokens, cache_salt=None)
 
 
-def _lookup(planner: SharedTierPlanner, request, timeout: float = 20) -> int:
+def _lookup(planner: SharedTierPlanner, state: RequestState, timeout: float = 20) -> int:
     deadline = time.monotonic() + timeout
-    while (hit := planner.hit(request)) is None:
+    while (hit := planner.hit(state, 0)) is None:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     return hit
@@ -400,11 +396,11 @@ def test_store_on_a_load_on_b_bit_exact(lmcache_servers, kv_layout):
         assert planner_b.client.wait_up(20)
         tokens = [(7 * i + 3 + offset) % 5000 for i in range(3 * CHUNK + 100)]  # 3 chunks + tail
         blocks_a = list(range(10, 10 + 3 * CHUNK // BLOCK))
-        request = _request(tokens)
+        state = RequestState(_request(tokens))
         worker_a.submit_stores(
             [
                 SharedStoreSpec(
-                    request.request_id, tuple(tokens[: 3 * CHUNK]), 0, 3 * CHUNK, tuple(blocks_a)
+                    state.request_id, tuple(tokens[: 3 * CHUNK]), 0, 3 * CHUNK, tuple(blocks_a)
                 )
             ]
         )
@@ -413,20 +409,22 @@ def test_store_on_a_load_on_b_bit_exact(lmcache_servers, kv_layout):
 
         # B's lookup goes to server B, which finds the chunks in Redis (A's L2 writes are async)
         deadline = time.monotonic() + 20
-        while (hit := _lookup(planner_b, request)) < 3 * CHUNK:
+        while (hit := _lookup(planner_b, state)) < 3 * CHUNK:
             assert time.monotonic() < deadline, hit
-            planner_b.request_finished(request)
-            request = _request(tokens)
+            planner_b.finish(state)
+            state = RequestState(_request(tokens))
             time.sleep(0.2)
         # 2 blocks already local: the first chunk is read whole, its first 2 blocks skipped
         first_token = 2 * BLOCK
         blocks_b = list(range(30, 30 + (3 * CHUNK - first_token) // BLOCK))
-        planner_b.plan_load(request, first_token, blocks_b)
-        (load,), stores = planner_b.take_step()
+        planner_b.plan_load(state, first_token, blocks_b)
+        step = LLMDConnectorMetadata()
+        planner_b.take_step(step)
+        (load,), stores = step.shared_loads, step.shared_stores
         assert (load.start, load.end, load.skip_blocks, load.num_tokens) == (0, 768, 2, 704)
         assert stores == []
         assert worker_b.load(load).result(timeout=20) == 704
-        planner_b.request_finished(request)
+        planner_b.finish(state)
 
         for layer in range(SHAPE.num_layers):
             for block_a, block_b in zip(blocks_a[2:], blocks_b, strict=True):
@@ -464,11 +462,12 @@ def test_lookup_misses_are_zero_and_locks_are_released(lmcache_servers):
     )
     try:
         assert planner.client.wait_up(20)
-        assert planner.hit(_request(list(range(CHUNK - 1)))) == 0  # no full chunk: no lookup
-        request = _request([9000 + i for i in range(2 * CHUNK)])
-        assert _lookup(planner, request) == 0
-        planner.request_finished(request)
-        assert planner._lookups == {} and planner._sessions == set() and planner._requests == {}
+        # no full chunk: no lookup
+        assert planner.hit(RequestState(_request(list(range(CHUNK - 1)))), 0) == 0
+        state = RequestState(_request([9000 + i for i in range(2 * CHUNK)]))
+        assert _lookup(planner, state) == 0
+        planner.finish(state)
+        assert state.holds_nothing()  # no lookup, no session left
     finally:
         planner.close()
         worker.shutdown()
@@ -493,13 +492,14 @@ def test_hung_server_costs_one_timeout_then_fails_fast_and_comes_back(lmcache_se
     try:
         assert planner.client.wait_up(20)
         server.process.send_signal(signal.SIGSTOP)
-        request = _request(tokens)
+        state = RequestState(_request(tokens))
         start = time.monotonic()
-        assert _lookup(planner, request) == 0  # a miss once the timeout passed
+        assert _lookup(planner, state) == 0  # a miss once the timeout passed
         assert 0.9 < time.monotonic() - start < 3
         assert not planner.client.is_up
-        assert planner.hit(_request(tokens)) == 0  # fails fast while down: no new lookup
-        planner.request_finished(request)
+        # fails fast while down: no new lookup
+        assert planner.hit(RequestState(_request(tokens)), 0) == 0
+        planner.finish(state)
 
         # a store while the worker still thinks it is up: the step waits for the gather only
         started = time.monotonic()
@@ -512,7 +512,7 @@ def test_hung_server_costs_one_timeout_then_fails_fast_and_comes_back(lmcache_se
 
         server.process.send_signal(signal.SIGCONT)
         assert planner.client.wait_up(20) and worker.client.wait_up(20)
-        assert _lookup(planner, _request(tokens)) == 0  # answers again (nothing stored)
+        assert _lookup(planner, RequestState(_request(tokens))) == 0  # answers again
     finally:
         if server.process is not None:
             server.process.send_signal(signal.SIGCONT)

@@ -24,11 +24,14 @@ from vllm_llmd.compat import check_vllm_version
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.fingerprint import kv_layout_fingerprint
 from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDHandshake
-from vllm_llmd.connector.offload_planner import make_offload_planner
 from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
 from vllm_llmd.connector.stats import LLMDConnectorStats, LLMDPromMetrics
 from vllm_llmd.connector.worker import LLMDConnectorWorker
 from vllm_llmd.log import get_logger
+from vllm_llmd.offload.disk_store import DiskChunkStore
+from vllm_llmd.offload.manager import OffloadManager
+from vllm_llmd.offload.paths import disk_tier_folder
+from vllm_llmd.offload.planner import OffloadPlanner
 
 if TYPE_CHECKING:
     from vllm.config import KVTransferConfig, VllmConfig
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
     from vllm_llmd.shared.planner import SharedTierPlanner
+    from vllm_llmd.transfer.messages import KVLayoutFingerprint
 
 logger = get_logger(__name__)
 
@@ -286,4 +290,35 @@ def make_shared_planner(
         block_size,
         config.shared_tier_chunk_tokens,
         store=config.shared_tier_store,
+    )
+
+
+def make_offload_planner(
+    config: LLMDConnectorConfig, fingerprint: KVLayoutFingerprint, publish_events: bool
+) -> OffloadPlanner | None:
+    """The scheduler half's planner, with the disk tier's index rebuilt from its folder."""
+    if not config.offload_enabled:
+        return None
+    num_workers = fingerprint.tensor_parallel_size
+    chunk_bytes = fingerprint.num_layers * fingerprint.page_bytes
+    host_slots, disk_chunks = config.offload_chunks(chunk_bytes, num_workers)
+    manager = OffloadManager(host_slots, disk_chunks, config.offload_policy)
+    if disk_chunks:
+        folder = disk_tier_folder(config.disk_offload_path, fingerprint)
+        scans = [
+            DiskChunkStore(folder, fingerprint, rank, chunk_bytes).scan()
+            for rank in range(num_workers)
+        ]
+        # A chunk is usable only if every worker's part of it survived.
+        complete = set.intersection(*({c.key for c in scan} for scan in scans))
+        found = [(c.key, c.info) for c in scans[0] if c.key in complete][-disk_chunks:]
+        manager.add_disk_chunks(found)
+        if found:
+            logger.info("LLMDConnector offload: %d chunks found on disk in %s", len(found), folder)
+    return OffloadPlanner(
+        manager,
+        fingerprint.block_size,
+        num_workers,
+        config.offload_decode_blocks,
+        describe_chunks=publish_events or disk_chunks > 0,
     )

@@ -1,8 +1,10 @@
 """Typed messages between the connector's halves.
 
 The scheduler half builds one `LLMDConnectorMetadata` per engine step; vLLM ships it to every
-worker inside `SchedulerOutput`, and the worker half executes it. Request ids are vLLM's
-engine-internal ids.
+worker inside `SchedulerOutput`, and the worker half executes it. Each worker answers with
+`LLMDWorkerMetadata` (a `JobTally` of the tier jobs that ended). Each tier's jobs are its own
+typed classes (`vllm_llmd/offload/jobs.py`, `vllm_llmd/shared/messages.py`); P/D's are here.
+Request ids are vLLM's engine-internal ids.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from vllm_llmd.offload.jobs import JobTally, OffloadLoadSpec, OffloadStepSpec
 from vllm_llmd.shared.messages import SharedLoadSpec, SharedStoreSpec
 from vllm_llmd.transfer.messages import KVLayoutFingerprint
 
@@ -54,32 +57,6 @@ class ReleaseSpec:
     reason: str
 
 
-@dataclass(frozen=True)
-class OffloadLoadSpec:
-    """Offload: copy host-tier slots into a request's device blocks (same order)."""
-
-    request_id: str
-    block_ids: tuple[int, ...]
-    slots: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class OffloadStepSpec:
-    """Offload tier work of one step, run by each worker in this order. Keys: block hashes."""
-
-    # (key, host slot, chunk info) evicted to disk: copied out before anything reuses the slot
-    spills: tuple[tuple[bytes, int, str], ...] = ()
-    # disk chunks to read (and validate) into host slots
-    promotes: tuple[tuple[bytes, int], ...] = ()
-    # (key, device block id, host slot): blocks computed this step to copy to host
-    stores: tuple[tuple[bytes, int, int], ...] = ()
-    # disk chunks evicted from the disk tier
-    deletes: tuple[bytes, ...] = ()
-
-    def is_empty(self) -> bool:
-        return not (self.spills or self.promotes or self.stores or self.deletes)
-
-
 @dataclass
 class LLMDConnectorMetadata(KVConnectorMetadata):
     """What the worker half must do in one engine step."""
@@ -104,29 +81,16 @@ class LLMDConnectorMetadata(KVConnectorMetadata):
         )
 
 
-# LLMDWorkerMetadata kind of the shared tier's stores
-SHARED_STORE = "shared_store"
-
-
 @dataclass
 class LLMDWorkerMetadata(KVConnectorWorkerMetadata):
-    """Worker → scheduler each step: tier copies done, per kind and key.
+    """Worker → scheduler each step: the tier jobs that ended on this worker (vLLM sums the
+    workers' reports with `aggregate`)."""
 
-    kind -> key -> [succeeded, failed] worker count, where kind and key are
-    "store" | "spill" | "promote" (offload) -> block hash, or
-    SHARED_STORE -> `SharedStoreSpec.key`.
-    """
-
-    results: dict[str, dict[bytes, list[int]]] = field(default_factory=dict)
+    results: JobTally = field(default_factory=JobTally)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> LLMDWorkerMetadata:
         assert isinstance(other, LLMDWorkerMetadata), type(other)
-        for kind, per_key in other.results.items():
-            mine = self.results.setdefault(kind, {})
-            for key, (succeeded, failed) in per_key.items():
-                counts = mine.setdefault(key, [0, 0])
-                counts[0] += succeeded
-                counts[1] += failed
+        self.results.merge(other.results)
         return self
 
 

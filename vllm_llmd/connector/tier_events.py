@@ -5,8 +5,7 @@ The scheduler half returns these from `take_events`, so vLLM appends them to the
 carries its hash exactly as vLLM publishes hashes (`maybe_convert_block_hash`), its parent's,
 its tokens, the block size and the medium (`CPU` for the host tier, `STORAGE` for disk); a
 `BlockRemoved` names the hash and the medium. A chunk's tokens and parent travel with it as
-`ChunkInfo` text (also written into its disk file, so chunks found after a restart are
-announced completely).
+`ChunkInfo` text (`vllm_llmd/offload/chunk_info.py`).
 
 The shared LMCache tier (medium `SHARED`, `shared_tier_events`) is announced per run of blocks,
 from what its planner learned (`SharedTierChange`: lookup answers, finished stores).
@@ -29,35 +28,16 @@ from vllm.distributed.kv_events import (
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from vllm_llmd.events.model import MEDIUM_SHARED
+from vllm_llmd.offload.chunk_info import ChunkInfo
 from vllm_llmd.offload.manager import TierEvent
 
 if TYPE_CHECKING:
-    from vllm.v1.request import Request
-
     from vllm_llmd.shared.planner import SharedTierChange
 
 MEDIUM_OF_TIER = {"host": MEDIUM_CPU, "disk": MEDIUM_STORAGE}
 
 
-class ChunkInfo(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What one chunk holds: enough for a consumer to check its hash."""
-
-    # hex digest of the previous block's hash; None for a prefix's first block
-    parent: str | None
-    token_ids: list[int]
-    lora_name: str | None = None
-
-
 _decoder = msgspec.json.Decoder(ChunkInfo)
-
-
-def chunk_info(request: Request, block_index: int, block_size: int) -> str:
-    """The ChunkInfo text of a request's block_index-th block."""
-    parent = request.block_hashes[block_index - 1].hex() if block_index else None
-    start = block_index * block_size
-    lora = request.lora_request.name if request.lora_request else None
-    tokens = list(request.all_token_ids[start : start + block_size])
-    return msgspec.json.encode(ChunkInfo(parent, tokens, lora)).decode()
 
 
 def shared_tier_events(changes: Iterable[SharedTierChange], block_size: int) -> list[KVCacheEvent]:

@@ -32,7 +32,6 @@ import torch
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import (
-    SHARED_STORE,
     LLMDConnectorMetadata,
     LLMDHandshake,
     LLMDWorkerMetadata,
@@ -41,9 +40,14 @@ from vllm_llmd.connector.metadata import (
     ReleaseSpec,
 )
 from vllm_llmd.connector.stats import LLMDConnectorStats
+from vllm_llmd.connector.worker_tiers import (
+    count_offload_results,
+    make_offload_worker,
+    make_shared_worker,
+    shared_store_tally,
+)
 from vllm_llmd.log import get_logger
-from vllm_llmd.offload.disk_store import DiskChunkStore
-from vllm_llmd.offload.paths import disk_tier_folder
+from vllm_llmd.offload.jobs import JobTally
 from vllm_llmd.offload.worker import OffloadWorker
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
@@ -132,9 +136,19 @@ class LLMDConnectorWorker:
                 f"the KV cache spec says {expected}"
             )
         if self.config.offload_enabled:
-            self.offload = self._make_offload_worker()
+            self.offload = make_offload_worker(
+                self.config, self.fingerprint, self.kv_cache, self.tp_rank
+            )
         if self.config.shared_tier_url:
-            self.shared = self._make_shared_worker(kv_caches)
+            self.shared = make_shared_worker(
+                self.config,
+                kv_caches,
+                self.kv_cache,
+                self.model_name,
+                self.world_size,
+                self.tp_rank,
+                self._count,
+            )
         use_ipc = self.config.cuda_ipc and self.kv_cache.device.type == "cuda"
         if use_ipc:
             try:
@@ -166,45 +180,6 @@ class LLMDConnectorWorker:
             f"{self.server.host}:{self.server.port}" if self.server else "off",
         )
         return self.registration
-
-    def _make_offload_worker(self) -> OffloadWorker:
-        assert self.kv_cache is not None
-        num_workers = self.fingerprint.tensor_parallel_size
-        host_slots, disk_chunks = self.config.offload_chunks(self.kv_cache.block_bytes, num_workers)
-        disk = None
-        if disk_chunks:
-            disk = DiskChunkStore(
-                disk_tier_folder(self.config.disk_offload_path, self.fingerprint),
-                self.fingerprint,
-                self.tp_rank,
-                self.kv_cache.block_bytes,
-            )
-        logger.info(
-            "LLMDConnector offload: host tier %d chunks (%.1f MiB), disk tier %s",
-            host_slots,
-            host_slots * self.kv_cache.block_bytes / 2**20,
-            f"{disk_chunks} chunks in {disk.root}" if disk else "off",
-        )
-        return OffloadWorker(self.kv_cache, host_slots, disk, self.config.offload_disk_threads)
-
-    def _make_shared_worker(self, kv_caches: dict[str, torch.Tensor]) -> SharedTierWorker:
-        from vllm_llmd.shared.worker import SharedTierWorker
-
-        assert self.kv_cache is not None
-        config = self.config
-        return SharedTierWorker(
-            config.shared_tier_url,
-            kv_caches,
-            self.kv_cache,
-            model_name=self.model_name,
-            world_size=self.world_size,
-            worker_id=self.tp_rank,
-            chunk_tokens=config.shared_tier_chunk_tokens,
-            timeout_s=config.shared_tier_timeout_s,
-            retry_s=config.shared_tier_retry_s,
-            max_inflight_chunks=config.shared_tier_max_inflight_chunks,
-            count=self._count,
-        )
 
     def get_handshake_metadata(self) -> LLMDHandshake:
         return LLMDHandshake(self.tp_rank, self.server.port if self.server else None)
@@ -302,27 +277,18 @@ class LLMDConnectorWorker:
         """After the forward: this step's full blocks may be copied out now."""
         if self.shared is not None:
             self.shared.submit_stores(metadata.shared_stores)
-        if self.offload is None:
-            return
-        step = metadata.offload_step
-        self.offload.submit_step(step.spills, step.promotes, step.stores, step.deletes)
+        if self.offload is not None:
+            self.offload.submit_step(metadata.offload_step)
 
     def build_worker_metadata(self) -> LLMDWorkerMetadata | None:
-        results: dict[str, dict[bytes, list[int]]] = {}
-        if self.shared is not None and (stores := self.shared.take_results()):
-            results[SHARED_STORE] = stores
-        if self.offload is None:
-            return LLMDWorkerMetadata(results) if results else None
-        results.update(self.offload.take_results())
-        for kind, ok_key, failed_key in (
-            ("store", "offload_stored_chunks", "offload_failed_writes"),
-            ("spill", "offload_spilled_chunks", "offload_failed_writes"),
-            ("promote", "offload_promoted_chunks", "offload_rejected_chunks"),
-        ):
-            counts = results.get(kind, {}).values()
-            self._count(ok_key, sum(ok for ok, _ in counts))
-            self._count(failed_key, sum(failed for _, failed in counts))
-        return LLMDWorkerMetadata(results) if results else None
+        results = JobTally()
+        if self.shared is not None:
+            results.merge(shared_store_tally(self.shared.take_results()))
+        if self.offload is not None:
+            offload_results = self.offload.take_results()
+            count_offload_results(offload_results, self._count)
+            results.merge(offload_results)
+        return None if results.is_empty() else LLMDWorkerMetadata(results)
 
     # ---- bytes ---------------------------------------------------------------------------
 

@@ -306,6 +306,10 @@ class OffloadManager:
         events, self._events = self._events, []
         return events
 
+    def num_pinned(self) -> int:
+        """Chunks a copy (load, store or promotion) still uses: 0 when no copy is running."""
+        return sum(1 for entry in self._entries.values() if entry.pins)
+
     def num_in_host(self) -> int:
         return len(self._host_policy)
 

@@ -1,16 +1,16 @@
 """Worker side of the offload tiers: the host pool, the disk store, and the threads moving bytes.
 
-`OffloadWorker` executes what the scheduler half planned (`StepPlan` plus loads) and reports
-which chunks completed. All copies that touch the host pool run on one ordered thread, so a
-step's spills copy their slots out before that step's stores or promotions overwrite them; disk
-reads and writes run on a small pool. Stores read device blocks vLLM may reuse once the step
-ends, so the next step flushes them (`flush_stores`) before its forward runs.
+`OffloadWorker` executes what the scheduler half planned (`OffloadStepSpec` plus loads) and
+reports which chunks completed (`JobTally`). All copies that touch the host pool run on one
+ordered thread, so a step's spills copy their slots out before that step's stores or
+promotions overwrite them; disk reads and writes run on a small pool. Stores read device
+blocks vLLM may reuse once the step ends, so the next step flushes them (`flush_stores`) before
+its forward runs.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -18,13 +18,12 @@ import torch
 
 from vllm_llmd.log import ThrottledLog, get_logger
 from vllm_llmd.offload.disk_store import DiskChunkStore
+from vllm_llmd.offload.jobs import JobKind, JobTally, OffloadStepSpec, SpillJob, StoreJob
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
 
 logger = get_logger(__name__)
 
 Key = bytes
-# kind ("store" | "spill" | "promote") -> key -> [succeeded, failed] on this worker
-Results = dict[str, dict[Key, list[int]]]
 
 
 class OffloadWorker:
@@ -48,24 +47,17 @@ class OffloadWorker:
         self._disk_pool = ThreadPoolExecutor(num_disk_threads, "llmd-offload-disk")
         self._pending_stores: Future[None] | None = None
         self._lock = threading.Lock()
-        self._results: Results = defaultdict(dict)
+        # this worker's completions since the last take_results
+        self._results = JobTally()
         self._write_failures = ThrottledLog(logger)
 
     # ---- a step's plan -------------------------------------------------------------------
 
-    def submit_step(
-        self,
-        spills: Sequence[tuple[Key, int, str]],
-        promotes: Sequence[tuple[Key, int]],
-        stores: Sequence[tuple[Key, int, int]],
-        deletes: Sequence[Key],
-    ) -> None:
-        """Run a step's plan in order. stores are (key, device block id, host slot)."""
-        if not (spills or promotes or stores or deletes):
+    def submit_step(self, step: OffloadStepSpec) -> None:
+        """Run a step's plan in order: spills, promotions, deletes, stores."""
+        if step.is_empty():
             return
-        self._pending_stores = self._copier.submit(
-            self._run_step, list(spills), list(promotes), list(stores), list(deletes)
-        )
+        self._pending_stores = self._copier.submit(self._run_step, step)
 
     def flush_stores(self) -> None:
         """Wait until the last step's device → host copies are done (its blocks may be reused).
@@ -79,46 +71,48 @@ class OffloadWorker:
         except Exception:
             logger.exception("LLMDConnector: an offload step failed")
 
-    def _run_step(
-        self,
-        spills: list[tuple[Key, int, str]],
-        promotes: list[tuple[Key, int]],
-        stores: list[tuple[Key, int, int]],
-        deletes: list[Key],
-    ) -> None:
+    def _run_step(self, step: OffloadStepSpec) -> None:
         # Every chunk of the plan gets a result, failed or not: the scheduler unpins on it.
-        if spills:
-            try:
-                slots = torch.tensor([slot for _, slot, _ in spills])
-                copies = self.host.index_select(0, slots)  # out of the pool before reuse
-            except Exception:
-                logger.exception(
-                    "LLMDConnector: copying %d chunks out to spill failed", len(spills)
-                )
-                copies = None
-            for i, (key, _, info) in enumerate(spills):
-                if copies is None:
-                    self._record("spill", key, False)
-                else:
-                    self._on_disk("spill", key, self._write, key, copies[i], info)
-        for key, slot in promotes:
-            self._on_disk("promote", key, self._read, key, self.host[slot])
-        for key in deletes:
+        self._spill(step.spills)
+        for promote in step.promotes:
+            self._on_disk(
+                JobKind.PROMOTE, promote.key, self._read, promote.key, self.host[promote.slot]
+            )
+        for key in step.deletes:
             self._disk_pool.submit(self._delete, key)
-        if stores:
+        if step.stores:
             try:
-                self._store(stores)
+                self._store(step.stores)
                 ok = True
             except Exception:
-                logger.exception("LLMDConnector: offload store of %d blocks failed", len(stores))
+                logger.exception(
+                    "LLMDConnector: offload store of %d blocks failed", len(step.stores)
+                )
                 ok = False
-            for key, _, _ in stores:
-                self._record("store", key, ok)
+            for store in step.stores:
+                self._record(JobKind.STORE, store.key, ok)
 
-    def _store(self, stores: list[tuple[Key, int, int]]) -> None:
+    def _spill(self, spills: Sequence[SpillJob]) -> None:
+        if not spills:
+            return
+        try:
+            slots = torch.tensor([spill.slot for spill in spills])
+            copies = self.host.index_select(0, slots)  # out of the pool before reuse
+        except Exception:
+            logger.exception("LLMDConnector: copying %d chunks out to spill failed", len(spills))
+            copies = None
+        for i, spill in enumerate(spills):
+            if copies is None:
+                self._record(JobKind.SPILL, spill.key, False)
+            else:
+                self._on_disk(
+                    JobKind.SPILL, spill.key, self._write, spill.key, copies[i], spill.info
+                )
+
+    def _store(self, stores: Sequence[StoreJob]) -> None:
         # Slots come off the free list mostly in runs: gather each run straight into the pool.
-        blocks = [block for _, block, _ in stores]
-        for first, last, slot in slot_runs([slot for _, _, slot in stores]):
+        blocks = [store.block_id for store in stores]
+        for first, last, slot in slot_runs([store.slot for store in stores]):
             gather_blocks(self.kv_cache, blocks[first:last], self.host[slot : slot + last - first])
         if self.kv_cache.device.type == "cuda":
             torch.cuda.current_stream(self.kv_cache.device).synchronize()
@@ -139,7 +133,7 @@ class OffloadWorker:
 
     # ---- disk ----------------------------------------------------------------------------
 
-    def _on_disk(self, kind: str, key: Key, fn: Callable[..., object], *args: object) -> None:
+    def _on_disk(self, kind: JobKind, key: Key, fn: Callable[..., object], *args: object) -> None:
         future = self._disk_pool.submit(fn, *args)
         future.add_done_callback(lambda f: self._record(kind, key, f.exception() is None))
 
@@ -169,15 +163,15 @@ class OffloadWorker:
 
     # ---- results -------------------------------------------------------------------------
 
-    def _record(self, kind: str, key: Key, ok: bool) -> None:
+    def _record(self, kind: JobKind, key: Key, ok: bool) -> None:
         with self._lock:
-            counts = self._results[kind].setdefault(key, [0, 0])
-            counts[0 if ok else 1] += 1
+            self._results.record(kind, key, ok)
 
-    def take_results(self) -> Results:
+    def take_results(self) -> JobTally:
+        """This worker's completions since the last call."""
         with self._lock:
-            results, self._results = self._results, defaultdict(dict)
-        return dict(results)
+            results, self._results = self._results, JobTally()
+        return results
 
     def shutdown(self) -> None:
         self._copier.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,373 @@
+"""Every request lifecycle through the connector's scheduler half, without servers: real vLLM
+`Request` objects (with vLLM's block hasher), a real `OffloadManager` behind the offload tier,
+and the hooks in the order vLLM's scheduler calls them. The worker half's answers (finished
+loads, job reports) are the typed messages it sends (`KVConnectorOutput`, `LLMDWorkerMetadata`).
+
+Each scenario ends as vLLM's own connector tests do: the connector holds nothing for the
+request (no `RequestState`, no pinned chunk, no lookup, no pull or release left to send).
+Stand-ins, because no engine runs here: vLLM's `KVCacheBlocks` and `SchedulerOutput` are
+reduced to the two methods the connector reads."""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+from factories import make_fingerprint
+from vllm import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core import kv_cache_utils
+from vllm.v1.outputs import KVConnectorOutput
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_llmd.connector.config import LLMDConnectorConfig
+from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDWorkerMetadata
+from vllm_llmd.connector.remote_prefill import RemotePrefillPlanner
+from vllm_llmd.connector.request_state import LoadPhase
+from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
+from vllm_llmd.connector.tier import TierPlanner
+from vllm_llmd.offload.chunk_info import chunk_info
+from vllm_llmd.offload.jobs import JobKind, JobTally, OffloadLoadSpec
+from vllm_llmd.offload.manager import OffloadManager
+from vllm_llmd.offload.planner import OffloadPlanner
+from vllm_llmd.shared.planner import SharedTierPlanner
+from vllm_llmd.transfer.params import RemotePrefillParams, prompt_digest
+
+BLOCK = 32
+PROMPT = list(range(1000, 1000 + 3 * BLOCK + 5))  # 3 full blocks and a tail
+FULL = 3 * BLOCK
+FINGERPRINT = make_fingerprint()
+DEVICE_BLOCKS = [40, 41, 42, 43]  # what vLLM allocates for PROMPT (4 blocks)
+
+
+# ---- factories -----------------------------------------------------------------------------
+
+
+def make_scheduler(
+    host_slots: int = 8, disk_chunks: int = 0, consumer: bool = False
+) -> LLMDConnectorScheduler:
+    planner = OffloadPlanner(
+        OffloadManager(host_slots, disk_chunks), BLOCK, num_workers=1, store_decode=False
+    )
+    return LLMDConnectorScheduler(
+        LLMDConnectorConfig(host_offload_bytes=1 << 20),
+        "engine-d",
+        FINGERPRINT,
+        is_producer=False,
+        is_consumer=consumer,
+        offload=planner,
+    )
+
+
+def make_request(request_id: str, kv_transfer_params: dict | None = None) -> Request:
+    kv_cache_utils.init_none_hash(sha256)
+    extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
+    return Request(
+        request_id,
+        list(PROMPT),
+        SamplingParams(max_tokens=4, extra_args=extra),
+        None,
+        block_hasher=kv_cache_utils.get_request_block_hasher(BLOCK, sha256),
+    )
+
+
+def remote_params(**changes) -> dict:
+    params = RemotePrefillParams(
+        engine_id="engine-p",
+        request_id="req-p",
+        host="10.0.0.5",
+        ports=(5701,),
+        block_ids=(7, 8, 9, 10),
+        num_tokens=len(PROMPT),
+        transfer_id="t" * 32,
+        fingerprint=FINGERPRINT,
+        prompt_digest=prompt_digest(PROMPT),
+    ).to_dict()
+    params.update(changes)
+    return params
+
+
+def blocks(block_ids: list[int]) -> SimpleNamespace:
+    """vLLM's KVCacheBlocks as the connector reads it."""
+    return SimpleNamespace(get_block_ids=lambda: (block_ids,))
+
+
+def step(
+    scheduler: LLMDConnectorScheduler, scheduled: dict[str, int] | None = None
+) -> LLMDConnectorMetadata:
+    """build_connector_meta for a step that runs `scheduled` (request id -> tokens)."""
+    block_state = SimpleNamespace(get_block_ids=lambda request_id: (DEVICE_BLOCKS,))
+    output = SimpleNamespace(
+        kv_connector_block_state=block_state, num_scheduled_tokens=scheduled or {}
+    )
+    return scheduler.build_connector_meta(output)
+
+
+def worker_reports(
+    scheduler: LLMDConnectorScheduler,
+    results: JobTally | None = None,
+    finished_recving: set[str] | None = None,
+    failed_recving: set[str] | None = None,
+) -> None:
+    """update_connector_output with what the worker half sent this step."""
+    meta = LLMDWorkerMetadata(results) if results is not None else None
+    scheduler.update_connector_output(
+        KVConnectorOutput(
+            finished_recving=finished_recving,
+            kv_connector_worker_meta=meta,
+            failed_recving=failed_recving or set(),
+        )
+    )
+
+
+def all_done(metadata: LLMDConnectorMetadata) -> JobTally:
+    """The worker's report that every store, spill and promotion of a step succeeded."""
+    tally = JobTally()
+    for kind, jobs in (
+        (JobKind.STORE, metadata.offload_step.stores),
+        (JobKind.SPILL, metadata.offload_step.spills),
+        (JobKind.PROMOTE, metadata.offload_step.promotes),
+    ):
+        for job in jobs:
+            tally.record(kind, job.key, ok=True)
+    return tally
+
+
+def finish(scheduler: LLMDConnectorScheduler, request: Request, status: RequestStatus) -> None:
+    request.status = status
+    assert scheduler.request_finished(request, DEVICE_BLOCKS) == (False, None)
+
+
+def assert_holds_nothing(scheduler: LLMDConnectorScheduler, request: Request) -> None:
+    """No state, no pinned chunk, and nothing left to send for the request."""
+    assert scheduler.state_of(request.request_id) is None
+    assert scheduler.offload is not None and scheduler.offload.manager.num_pinned() == 0
+    leftover = step(scheduler)
+    assert not (leftover.recvs or leftover.offload_loads or leftover.shared_loads)
+    assert not leftover.releases
+
+
+def compute_prompt(scheduler: LLMDConnectorScheduler, request_id: str = "first") -> None:
+    """A request that computes the whole prompt and stores its full blocks in the host tier."""
+    request = make_request(request_id)
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
+    metadata = step(scheduler, {request_id: len(PROMPT)})
+    assert [job.block_id for job in metadata.offload_step.stores] == DEVICE_BLOCKS[:3]
+    request.num_computed_tokens = len(PROMPT)
+    worker_reports(scheduler, all_done(metadata))
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)
+    assert scheduler.offload.manager.num_in_host() == 3
+
+
+def load_from_host(scheduler: LLMDConnectorScheduler, request: Request) -> OffloadLoadSpec:
+    """Hit the host tier for the prompt's 3 full blocks and plan their load."""
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (FULL, True)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), FULL)
+    assert scheduler.state_of(request.request_id).phase == LoadPhase.LOADING
+    [load] = step(scheduler).offload_loads
+    assert scheduler.offload.manager.num_pinned() == 3
+    return load
+
+
+# ---- lifecycles ----------------------------------------------------------------------------
+
+
+def test_device_cache_hit_only():
+    scheduler = make_scheduler()
+    request = make_request("r")
+    # vLLM's prefix cache holds the 3 full blocks; the tiers hold nothing more
+    assert scheduler.get_num_new_matched_tokens(request, FULL) == (0, False)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
+    assert scheduler.state_of("r").phase == LoadPhase.COMPUTING
+    metadata = step(scheduler, {"r": len(PROMPT) - FULL})
+    request.num_computed_tokens = len(PROMPT)
+    worker_reports(scheduler, all_done(metadata))
+    finish(scheduler, request, RequestStatus.FINISHED_LENGTH_CAPPED)
+    assert_holds_nothing(scheduler, request)
+
+
+def test_host_tier_hit_and_load():
+    scheduler = make_scheduler()
+    compute_prompt(scheduler)
+    request = make_request("r")
+    load = load_from_host(scheduler, request)
+    assert load.request_id == "r" and load.block_ids == tuple(DEVICE_BLOCKS[:3])
+    worker_reports(scheduler, finished_recving={"r"})
+    assert scheduler.state_of("r").phase == LoadPhase.COMPUTING
+    assert scheduler.offload.manager.num_pinned() == 0
+    step(scheduler, {"r": len(PROMPT) - FULL})  # nothing new to store: all in host already
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)
+
+
+def test_disk_promote_then_load():
+    scheduler = make_scheduler(host_slots=4, disk_chunks=8)
+    request = make_request("r")
+    infos = [chunk_info(request, i, BLOCK) for i in range(3)]
+    scheduler.offload.manager.add_disk_chunks(zip(request.block_hashes, infos, strict=True))
+    # the chunks are on disk only: promoted first, and the hit is not known until they are
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)
+    assert scheduler.state_of("r").phase == LoadPhase.ASKED
+    metadata = step(scheduler)
+    assert [job.key for job in metadata.offload_step.promotes] == request.block_hashes[:3]
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)  # still reading
+    worker_reports(scheduler, all_done(metadata))
+    load = load_from_host(scheduler, request)
+    assert load.block_ids == tuple(DEVICE_BLOCKS[:3])
+    worker_reports(scheduler, finished_recving={"r"})
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)
+
+
+def test_remote_pull_after_the_local_tiers():
+    scheduler = make_scheduler(consumer=True)
+    compute_prompt(scheduler)
+    scheduler.offload.manager.reset()  # keep nothing in host...
+    assert scheduler.offload.manager.num_in_host() == 0
+    request = make_request("r", remote_params())
+    assert scheduler.get_num_new_matched_tokens(request, BLOCK) == (len(PROMPT) - BLOCK, True)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), len(PROMPT) - BLOCK)
+    metadata = step(scheduler)
+    [recv] = metadata.recvs
+    # ...so the pull covers all but the device cache's first block
+    assert recv.local_block_ids == tuple(DEVICE_BLOCKS[1:]) and recv.remote_block_ids == (8, 9, 10)
+    assert recv.num_tokens == len(PROMPT) - BLOCK and not metadata.releases
+    worker_reports(scheduler, finished_recving={"r"})
+    assert scheduler.state_of("r").phase == LoadPhase.COMPUTING
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)  # the worker's pull released the prefill
+
+
+def test_host_tier_first_then_remote_pull_for_the_rest():
+    scheduler = make_scheduler(consumer=True)
+    compute_prompt(scheduler)
+    request = make_request("r", remote_params())
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), len(PROMPT))
+    metadata = step(scheduler)
+    [load], [recv] = metadata.offload_loads, metadata.recvs
+    assert load.block_ids == tuple(DEVICE_BLOCKS[:3])
+    assert recv.local_block_ids == (DEVICE_BLOCKS[3],) and recv.remote_block_ids == (10,)
+    assert recv.num_tokens == len(PROMPT) - FULL
+    worker_reports(scheduler, finished_recving={"r"})  # one report for the load's parts
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)
+
+
+def test_abort_before_alloc_releases_the_prefill_and_pins_nothing():
+    scheduler = make_scheduler(consumer=True)
+    compute_prompt(scheduler)
+    request = make_request("r", remote_params())
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+    assert scheduler.state_of("r").phase == LoadPhase.MATCHED
+    request.status = RequestStatus.FINISHED_ABORTED
+    assert scheduler.request_finished(request, []) == (False, None)
+    [release] = step(scheduler).releases
+    assert release.transfer_id == "t" * 32 and "FINISHED_ABORTED" in release.reason
+    assert_holds_nothing(scheduler, request)
+
+
+def test_abort_while_loading_keeps_the_pins_until_the_load_ends():
+    scheduler = make_scheduler()
+    compute_prompt(scheduler)
+    request = make_request("r")
+    load_from_host(scheduler, request)
+    request.status = RequestStatus.FINISHED_ABORTED
+    assert scheduler.request_finished(request, DEVICE_BLOCKS) == (False, None)
+    # the worker still copies from those host slots: nothing is unpinned yet
+    assert scheduler.state_of("r").phase == LoadPhase.ABORTED
+    assert scheduler.offload.manager.num_pinned() == 3
+    worker_reports(scheduler, finished_recving={"r"})
+    assert_holds_nothing(scheduler, request)
+
+
+def test_preempted_request_comes_back_and_finishes_once():
+    scheduler = make_scheduler(consumer=True)
+    compute_prompt(scheduler)
+    request = make_request("r", remote_params())
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), len(PROMPT))
+    assert len(step(scheduler).recvs) == 1
+    worker_reports(scheduler, finished_recving={"r"})
+    request.num_computed_tokens = len(PROMPT)
+    # preempted: vLLM frees its blocks, resets it and asks again (no request_finished)
+    request.num_computed_tokens, request.status = 0, RequestStatus.PREEMPTED
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (FULL, True)  # host only
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), FULL)
+    metadata = step(scheduler)
+    assert len(metadata.offload_loads) == 1 and not metadata.recvs  # pulled once, never again
+    worker_reports(scheduler, finished_recving={"r"})
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)
+
+
+def test_failed_load_unpins_and_the_request_recomputes():
+    scheduler = make_scheduler()
+    compute_prompt(scheduler)
+    request = make_request("r")
+    load_from_host(scheduler, request)
+    worker_reports(scheduler, finished_recving={"r"}, failed_recving={"r"})
+    assert scheduler.state_of("r").phase == LoadPhase.COMPUTING
+    assert scheduler.offload.manager.num_pinned() == 0
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)
+
+
+def test_failed_pull_ends_like_any_load():
+    scheduler = make_scheduler(consumer=True)
+    request = make_request("r", remote_params())
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), len(PROMPT))
+    assert len(step(scheduler).recvs) == 1
+    worker_reports(scheduler, finished_recving={"r"}, failed_recving={"r"})
+    request.status = RequestStatus.FINISHED_ERROR  # kv_load_failure_policy=fail
+    assert scheduler.request_finished(request, DEVICE_BLOCKS) == (False, None)
+    assert_holds_nothing(scheduler, request)
+
+
+@pytest.mark.parametrize(
+    "changes", [{"llmd_prompt_digest": prompt_digest([1, 2])}, {"llmd_ports": []}]
+)
+def test_rejected_params_load_only_from_the_tiers(changes):
+    scheduler = make_scheduler(consumer=True)
+    compute_prompt(scheduler)
+    request = make_request("r", remote_params(**changes))
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (FULL, True)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), FULL)
+    metadata = step(scheduler)
+    assert len(metadata.offload_loads) == 1 and not metadata.recvs
+    # a release only for params that parsed (ports did not), and only once
+    assert len(metadata.releases) == (0 if "llmd_ports" in changes else 1)
+    worker_reports(scheduler, finished_recving={"r"})
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)
+
+
+def test_a_remote_hit_vllm_does_not_load_releases_the_prefill_at_once():
+    # vLLM may load nothing (num_external_tokens 0) after a hit; the prefill's blocks used to
+    # stay held until its lease expired: the release went out without its parsed params.
+    scheduler = make_scheduler(consumer=True)
+    request = make_request("r", remote_params())
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
+    metadata = step(scheduler)
+    assert not metadata.recvs
+    [release] = metadata.releases
+    assert release.transfer_id == "t" * 32 and release.ports == (5701,)
+    assert release.reason == "the decode instance did not load it"
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)
+
+
+@pytest.mark.parametrize(
+    "tier", [OffloadPlanner, SharedTierPlanner, RemotePrefillPlanner], ids=lambda t: t.__name__
+)
+def test_every_tier_implements_the_tier_protocol(tier):
+    hooks = [name for name in vars(TierPlanner) if not name.startswith("_")]
+    assert len(hooks) == 8
+    for name in hooks:
+        wanted = list(inspect.signature(getattr(TierPlanner, name)).parameters)
+        assert list(inspect.signature(getattr(tier, name)).parameters) == wanted, name
