@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from vllm_llmd.devtools.client import complete, timed_stream
 from vllm_llmd.devtools.model_maker import PRESETS, cached_model, sample_text
 from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port
-from vllm_llmd.transfer import messages as wire
+from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.transfer.client import PullSpec, pull_blocks
 from vllm_llmd.transfer.registry import SendRegistry
 from vllm_llmd.transfer.server import TransferServer
@@ -57,7 +57,7 @@ def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> Non
     layers = p.num_hidden_layers
     cache = torch.randint(0, 256, (num_blocks * 2, layers, page), dtype=torch.uint8)
     dest = torch.empty_like(cache)
-    fingerprint = wire.KVLayoutFingerprint(
+    fingerprint = KVLayoutFingerprint(
         model="bench",
         dtype="bfloat16",
         num_layers=layers,

@@ -37,7 +37,7 @@ from tokenizers import Tokenizer
 from vllm_llmd.devtools.client import metric_sum, scrape_metrics, timed_stream
 from vllm_llmd.devtools.model_maker import PRESETS, cached_model, sample_text
 from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port
-from vllm_llmd.shared.devserver import LMCacheServer, LMCacheServerConfig
+from vllm_llmd.shared_tier.lmcache_server import LMCacheServer, LMCacheServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = REPO_ROOT / "logs" / "bench_shared_tier"

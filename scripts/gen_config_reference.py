@@ -3,9 +3,10 @@
 - LLMDConnector `kv_connector_extra_config` keys come from the `LLMDConnectorConfig` dataclass
   (vllm_llmd/connector/config.py): name, type and default from the field, the description from
   the comment lines right above the field (the source is the single place to document a key).
-- `vllm-llmd-router` flags come from the router's own argparse parser
-  (`vllm_llmd.router.flags.build_parser`): every action, its environment variable, type,
-  default and help.
+- `vllm-llmd-router` flags come from the `RouterConfig` dataclass
+  (vllm_llmd/router/config.py), whose fields declare each flag once
+  (`vllm_llmd.router.flags.flag_specs`): its environment variable, type, default and help. The
+  router's argparse parser is generated from the same fields.
 
 Usage: `python scripts/gen_config_reference.py` (writes the file), `--check` (exit 1 if the
 file on disk differs: the code changed without regenerating), `--stdout` (print it).
@@ -90,29 +91,28 @@ def json_default(value: Any) -> str:
 
 
 def router_entries() -> list[Entry]:
-    """Every `vllm-llmd-router` flag, in the parser's order (--help excluded)."""
-    from vllm_llmd.router.config import ENV_PREFIX, build_parser
+    """Every `vllm-llmd-router` flag, in the order of RouterConfig's fields."""
+    from vllm_llmd.router.config import RouterConfig
+    from vllm_llmd.router.flags import flag_specs
 
     entries = []
-    for action in build_parser()._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        if isinstance(action, argparse._StoreTrueAction):
+    for spec in flag_specs(RouterConfig):
+        if spec.is_switch:
             kind = "flag"
-        elif isinstance(action, argparse._AppendAction):
-            kind = f"{getattr(action.type, '__name__', 'str')}, repeatable"
+        elif spec.repeatable:
+            kind = f"{spec.value_type.__name__}, repeatable"
         else:
-            kind = getattr(action.type, "__name__", "str")
-        default = "" if action.default is None else json_default(action.default).strip('"')
-        if action.metavar:
-            kind += f" (`{action.metavar}`)"
+            kind = spec.value_type.__name__
+        if spec.metavar:
+            kind += f" (`{spec.metavar}`)"
+        empty = spec.default is None or spec.default == ()
         entries.append(
             Entry(
-                name=", ".join(action.option_strings),
+                name=spec.option,
                 type=kind,
-                default=default,
-                description=action.help or "",
-                env=ENV_PREFIX + action.dest.upper(),
+                default="" if empty else json_default(spec.default).strip('"'),
+                description=spec.help,
+                env=spec.env,
             )
         )
     return entries
@@ -154,7 +154,7 @@ def render() -> str:
         "",
         "Every flag can also be set by its environment variable (the flag wins); a repeatable",
         "flag (`--pod`, ...) takes whitespace-separated values there, and a boolean flag takes",
-        "`1`, `true`, `yes` or `on`. Source: `vllm_llmd/router/flags.py` (`build_parser`).",
+        "`1`, `true`, `yes` or `on`. Source: `vllm_llmd/router/config.py` (`RouterConfig`).",
         "",
         "| flag | environment | type | default | meaning |",
         "|---|---|---|---|---|",

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/python -m mypy  # the checked set is [tool.mypy] files in pyproject.toml
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,8 +21,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
+from redis_server import start_redis
 
 from vllm_llmd.devtools.model_maker import cached_model
 from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port
@@ -48,6 +49,36 @@ def small_model() -> Path:
     return model_path("small")
 
 
+def llmd_host_tier() -> dict[str, Any]:
+    """--kv-transfer-config of a router test pod: LLMDConnector with a 64 MiB host tier."""
+    return {
+        "kv_connector": "LLMDConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"host_offload_bytes": 64 << 20},
+    }
+
+
+def kv_events_config() -> dict[str, Any]:
+    """--kv-events-config of a test pod: ZMQ KV events (topic "kv") and replay, on free ports."""
+    port, replay = free_port(), free_port()
+    return {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "topic": "kv",
+        "endpoint": f"tcp://*:{port}",
+        "replay_endpoint": f"tcp://*:{replay}",
+    }
+
+
+def event_endpoints(config: VLLMServerConfig) -> tuple[str, str]:
+    """(events, replay): where a subscriber on this host reaches a pod's KV events."""
+    events = config.kv_events_config or {}
+    return (
+        events["endpoint"].replace("*", "127.0.0.1"),
+        events["replay_endpoint"].replace("*", "127.0.0.1"),
+    )
+
+
 @functools.cache
 def router_pod_config(model: Path, cores: str, tag: str = "") -> VLLMServerConfig:
     """A router test pod: LLMDConnector with a host tier, KV events with replay on free ports.
@@ -55,22 +86,11 @@ def router_pod_config(model: Path, cores: str, tag: str = "") -> VLLMServerConfi
     Cached: every module asking for the same (model, cores, tag) gets the same config, so
     `vllm_servers.shared` hands them the same server; another tag gets its own event ports.
     """
-    port, replay = free_port(), free_port()
     return VLLMServerConfig(
         model=model,
         cpu_cores=cores,
-        kv_transfer_config={
-            "kv_connector": "LLMDConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"host_offload_bytes": 64 << 20},
-        },
-        kv_events_config={
-            "enable_kv_cache_events": True,
-            "publisher": "zmq",
-            "topic": "kv",
-            "endpoint": f"tcp://*:{port}",
-            "replay_endpoint": f"tcp://*:{replay}",
-        },
+        kv_transfer_config=llmd_host_tier(),
+        kv_events_config=kv_events_config(),
     )
 
 
@@ -144,6 +164,30 @@ def vllm_servers() -> ServerPool:
     finally:
         _POOL.stop_all()
         _POOL = None
+
+
+@pytest.fixture(scope="module")
+def router_pods(vllm_servers, tiny_model) -> tuple[VLLMServer, VLLMServer]:
+    """The two session-wide router test pods (tiny model, one core each): a and b."""
+    servers = vllm_servers.shared_group(
+        {
+            "router-pod-a": router_pod_config(tiny_model, "0"),
+            "router-pod-b": router_pod_config(tiny_model, "1"),
+        }
+    )
+    return servers["router-pod-a"], servers["router-pod-b"]
+
+
+@pytest.fixture
+def kube_api():
+    """A `FakeKubeAPI` (tests/fake_kube_api.py) standing in for the Kubernetes API server."""
+    from fake_kube_api import FakeKubeAPI
+
+    api = FakeKubeAPI().start()
+    try:
+        yield api
+    finally:
+        api.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -307,57 +351,6 @@ def start_router():
     yield start
     for router in routers:
         router.stop()
-
-
-class RedisServer:
-    """A private redis-server (loopback, free port, no RDB or AOF files) a test can pause
-    (SIGSTOP: every call then hangs until its timeout) and stop."""
-
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--dir", str(folder)]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def wait_ready(self, timeout: float = 10) -> RedisServer:
-        import redis
-
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return self
-                except redis.ConnectionError:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def pause(self) -> None:
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.process.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.resume()
-            self.process.terminate()
-            self.process.wait(10)
-
-
-def start_redis(folder: Path) -> RedisServer:
-    """A ready RedisServer; skips the test where redis-py or redis-server is missing."""
-    import shutil
-
-    pytest.importorskip("redis")
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    return RedisServer(folder).wait_ready()
 
 
 @pytest.fixture(scope="module")

@@ -6,42 +6,29 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from factories import make_fingerprint
+from factories import make_scheduler
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from vllm.v1.outputs import KVConnectorOutput
 
-from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import LLMDWorkerMetadata
 from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
-from vllm_llmd.connector.tier_events import ChunkInfo
+from vllm_llmd.connector.tier_events import BlockInfo
 from vllm_llmd.hashing import PrefixHasher, to_event_hash
-from vllm_llmd.offload.jobs import JobKind, JobTally
-from vllm_llmd.offload.manager import OffloadManager
-from vllm_llmd.offload.planner import OffloadPlanner
+from vllm_llmd.job_tally import JobKind, JobTally
 
 BLOCK = 32
-FINGERPRINT = make_fingerprint()
 TOKENS = list(range(100, 100 + 2 * BLOCK))
 KEYS = PrefixHasher(BLOCK).block_hashes(TOKENS)
 
 
 def _scheduler(publish: bool, host_slots: int = 1) -> LLMDConnectorScheduler:
-    planner = OffloadPlanner(OffloadManager(host_slots, 0), BLOCK, 1, store_decode=False)
-    return LLMDConnectorScheduler(
-        LLMDConnectorConfig(host_offload_bytes=1 << 20),
-        "engine",
-        FINGERPRINT,
-        is_producer=False,
-        is_consumer=False,
-        offload=planner,
-        publish_events=publish,
-    )
+    return make_scheduler(engine_id="engine", host_slots=host_slots, publish_events=publish)
 
 
 def _store(scheduler: LLMDConnectorScheduler, index: int) -> None:
     """What plan_stores + the worker's report do for block `index` of TOKENS."""
     info = msgspec.json.encode(
-        ChunkInfo(
+        BlockInfo(
             KEYS[index - 1].hex() if index else None, TOKENS[index * BLOCK : (index + 1) * BLOCK]
         )
     ).decode()

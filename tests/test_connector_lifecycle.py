@@ -14,78 +14,29 @@ import inspect
 from types import SimpleNamespace
 
 import pytest
-from factories import make_fingerprint
-from vllm import SamplingParams
-from vllm.utils.hashing import sha256
-from vllm.v1.core import kv_cache_utils
+from factories import BLOCK, make_request, make_scheduler, remote_prefill_params
 from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDWorkerMetadata
 from vllm_llmd.connector.remote_prefill import RemotePrefillPlanner
 from vllm_llmd.connector.request_state import LoadPhase
 from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
 from vllm_llmd.connector.tier import TierPlanner
-from vllm_llmd.offload.chunk_info import chunk_info
-from vllm_llmd.offload.jobs import JobKind, JobTally, OffloadLoadSpec
-from vllm_llmd.offload.manager import OffloadManager
+from vllm_llmd.job_tally import JobKind, JobTally
+from vllm_llmd.offload.block_info import block_info
+from vllm_llmd.offload.jobs import OffloadLoadSpec
 from vllm_llmd.offload.planner import OffloadPlanner
-from vllm_llmd.shared.planner import SharedTierPlanner
-from vllm_llmd.transfer.params import RemotePrefillParams, prompt_digest
+from vllm_llmd.shared_tier.planner import SharedTierPlanner
+from vllm_llmd.transfer.params import prompt_digest
 
-BLOCK = 32
 PROMPT = list(range(1000, 1000 + 3 * BLOCK + 5))  # 3 full blocks and a tail
 FULL = 3 * BLOCK
-FINGERPRINT = make_fingerprint()
 DEVICE_BLOCKS = [40, 41, 42, 43]  # what vLLM allocates for PROMPT (4 blocks)
+HOST_SLOTS = 8
 
 
 # ---- factories -----------------------------------------------------------------------------
-
-
-def make_scheduler(
-    host_slots: int = 8, disk_chunks: int = 0, consumer: bool = False
-) -> LLMDConnectorScheduler:
-    planner = OffloadPlanner(
-        OffloadManager(host_slots, disk_chunks), BLOCK, num_workers=1, store_decode=False
-    )
-    return LLMDConnectorScheduler(
-        LLMDConnectorConfig(host_offload_bytes=1 << 20),
-        "engine-d",
-        FINGERPRINT,
-        is_producer=False,
-        is_consumer=consumer,
-        offload=planner,
-    )
-
-
-def make_request(request_id: str, kv_transfer_params: dict | None = None) -> Request:
-    kv_cache_utils.init_none_hash(sha256)
-    extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
-    return Request(
-        request_id,
-        list(PROMPT),
-        SamplingParams(max_tokens=4, extra_args=extra),
-        None,
-        block_hasher=kv_cache_utils.get_request_block_hasher(BLOCK, sha256),
-    )
-
-
-def remote_params(**changes) -> dict:
-    params = RemotePrefillParams(
-        engine_id="engine-p",
-        request_id="req-p",
-        host="10.0.0.5",
-        ports=(5701,),
-        block_ids=(7, 8, 9, 10),
-        num_tokens=len(PROMPT),
-        transfer_id="t" * 32,
-        fingerprint=FINGERPRINT,
-        prompt_digest=prompt_digest(PROMPT),
-    ).to_dict()
-    params.update(changes)
-    return params
 
 
 def blocks(block_ids: list[int]) -> SimpleNamespace:
@@ -150,7 +101,7 @@ def assert_holds_nothing(scheduler: LLMDConnectorScheduler, request: Request) ->
 
 def compute_prompt(scheduler: LLMDConnectorScheduler, request_id: str = "first") -> None:
     """A request that computes the whole prompt and stores its full blocks in the host tier."""
-    request = make_request(request_id)
+    request = make_request(request_id, PROMPT)
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
     metadata = step(scheduler, {request_id: len(PROMPT)})
@@ -176,8 +127,8 @@ def load_from_host(scheduler: LLMDConnectorScheduler, request: Request) -> Offlo
 
 
 def test_device_cache_hit_only():
-    scheduler = make_scheduler()
-    request = make_request("r")
+    scheduler = make_scheduler(host_slots=HOST_SLOTS)
+    request = make_request("r", PROMPT)
     # vLLM's prefix cache holds the 3 full blocks; the tiers hold nothing more
     assert scheduler.get_num_new_matched_tokens(request, FULL) == (0, False)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
@@ -190,9 +141,9 @@ def test_device_cache_hit_only():
 
 
 def test_host_tier_hit_and_load():
-    scheduler = make_scheduler()
+    scheduler = make_scheduler(host_slots=HOST_SLOTS)
     compute_prompt(scheduler)
-    request = make_request("r")
+    request = make_request("r", PROMPT)
     load = load_from_host(scheduler, request)
     assert load.request_id == "r" and load.block_ids == tuple(DEVICE_BLOCKS[:3])
     worker_reports(scheduler, finished_recving={"r"})
@@ -204,10 +155,10 @@ def test_host_tier_hit_and_load():
 
 
 def test_disk_promote_then_load():
-    scheduler = make_scheduler(host_slots=4, disk_chunks=8)
-    request = make_request("r")
-    infos = [chunk_info(request, i, BLOCK) for i in range(3)]
-    scheduler.offload.manager.add_disk_chunks(zip(request.block_hashes, infos, strict=True))
+    scheduler = make_scheduler(host_slots=4, disk_blocks=8)
+    request = make_request("r", PROMPT)
+    infos = [block_info(request, i, BLOCK) for i in range(3)]
+    scheduler.offload.manager.add_disk_blocks(zip(request.block_hashes, infos, strict=True))
     # the chunks are on disk only: promoted first, and the hit is not known until they are
     assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)
     assert scheduler.state_of("r").phase == LoadPhase.ASKED
@@ -223,11 +174,11 @@ def test_disk_promote_then_load():
 
 
 def test_remote_pull_after_the_local_tiers():
-    scheduler = make_scheduler(consumer=True)
+    scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
     compute_prompt(scheduler)
     scheduler.offload.manager.reset()  # keep nothing in host...
     assert scheduler.offload.manager.num_in_host() == 0
-    request = make_request("r", remote_params())
+    request = make_request("r", PROMPT, remote_prefill_params(PROMPT))
     assert scheduler.get_num_new_matched_tokens(request, BLOCK) == (len(PROMPT) - BLOCK, True)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), len(PROMPT) - BLOCK)
     metadata = step(scheduler)
@@ -242,9 +193,9 @@ def test_remote_pull_after_the_local_tiers():
 
 
 def test_host_tier_first_then_remote_pull_for_the_rest():
-    scheduler = make_scheduler(consumer=True)
+    scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
     compute_prompt(scheduler)
-    request = make_request("r", remote_params())
+    request = make_request("r", PROMPT, remote_prefill_params(PROMPT))
     assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), len(PROMPT))
     metadata = step(scheduler)
@@ -258,9 +209,9 @@ def test_host_tier_first_then_remote_pull_for_the_rest():
 
 
 def test_abort_before_alloc_releases_the_prefill_and_pins_nothing():
-    scheduler = make_scheduler(consumer=True)
+    scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
     compute_prompt(scheduler)
-    request = make_request("r", remote_params())
+    request = make_request("r", PROMPT, remote_prefill_params(PROMPT))
     assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
     assert scheduler.state_of("r").phase == LoadPhase.MATCHED
     request.status = RequestStatus.FINISHED_ABORTED
@@ -271,9 +222,9 @@ def test_abort_before_alloc_releases_the_prefill_and_pins_nothing():
 
 
 def test_abort_while_loading_keeps_the_pins_until_the_load_ends():
-    scheduler = make_scheduler()
+    scheduler = make_scheduler(host_slots=HOST_SLOTS)
     compute_prompt(scheduler)
-    request = make_request("r")
+    request = make_request("r", PROMPT)
     load_from_host(scheduler, request)
     request.status = RequestStatus.FINISHED_ABORTED
     assert scheduler.request_finished(request, DEVICE_BLOCKS) == (False, None)
@@ -285,9 +236,9 @@ def test_abort_while_loading_keeps_the_pins_until_the_load_ends():
 
 
 def test_preempted_request_comes_back_and_finishes_once():
-    scheduler = make_scheduler(consumer=True)
+    scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
     compute_prompt(scheduler)
-    request = make_request("r", remote_params())
+    request = make_request("r", PROMPT, remote_prefill_params(PROMPT))
     assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), len(PROMPT))
     assert len(step(scheduler).recvs) == 1
@@ -305,9 +256,9 @@ def test_preempted_request_comes_back_and_finishes_once():
 
 
 def test_failed_load_unpins_and_the_request_recomputes():
-    scheduler = make_scheduler()
+    scheduler = make_scheduler(host_slots=HOST_SLOTS)
     compute_prompt(scheduler)
-    request = make_request("r")
+    request = make_request("r", PROMPT)
     load_from_host(scheduler, request)
     worker_reports(scheduler, finished_recving={"r"}, failed_recving={"r"})
     assert scheduler.state_of("r").phase == LoadPhase.COMPUTING
@@ -317,8 +268,8 @@ def test_failed_load_unpins_and_the_request_recomputes():
 
 
 def test_failed_pull_ends_like_any_load():
-    scheduler = make_scheduler(consumer=True)
-    request = make_request("r", remote_params())
+    scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
+    request = make_request("r", PROMPT, remote_prefill_params(PROMPT))
     assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), len(PROMPT))
     assert len(step(scheduler).recvs) == 1
@@ -332,9 +283,9 @@ def test_failed_pull_ends_like_any_load():
     "changes", [{"llmd_prompt_digest": prompt_digest([1, 2])}, {"llmd_ports": []}]
 )
 def test_rejected_params_load_only_from_the_tiers(changes):
-    scheduler = make_scheduler(consumer=True)
+    scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
     compute_prompt(scheduler)
-    request = make_request("r", remote_params(**changes))
+    request = make_request("r", PROMPT, remote_prefill_params(PROMPT, **changes))
     assert scheduler.get_num_new_matched_tokens(request, 0) == (FULL, True)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), FULL)
     metadata = step(scheduler)
@@ -349,8 +300,8 @@ def test_rejected_params_load_only_from_the_tiers(changes):
 def test_a_remote_hit_vllm_does_not_load_releases_the_prefill_at_once():
     # vLLM may load nothing (num_external_tokens 0) after a hit; the prefill's blocks used to
     # stay held until its lease expired: the release went out without its parsed params.
-    scheduler = make_scheduler(consumer=True)
-    request = make_request("r", remote_params())
+    scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
+    request = make_request("r", PROMPT, remote_prefill_params(PROMPT))
     assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
     metadata = step(scheduler)

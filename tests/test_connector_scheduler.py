@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from factories import make_fingerprint
-from vllm import SamplingParams
+from factories import make_fingerprint, make_request, make_scheduler, remote_prefill_params
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
@@ -19,18 +18,14 @@ FINGERPRINT = make_fingerprint()
 
 
 def _prefill_scheduler() -> LLMDConnectorScheduler:
-    scheduler = LLMDConnectorScheduler(
-        LLMDConnectorConfig(), "engine-p", FINGERPRINT, is_producer=True, is_consumer=False
-    )
+    scheduler = make_scheduler(engine_id="engine-p", producer=True)
     scheduler.set_worker_handshakes({0: LLMDHandshake(0, 5701)})
     return scheduler
 
 
 def _finished_request(status: RequestStatus, num_tokens: int = 3 * BLOCK + 5) -> Request:
-    params = SamplingParams(
-        max_tokens=1, extra_args={"kv_transfer_params": {"do_remote_decode": True}}
-    )
-    request = Request("req-1", list(range(num_tokens)), params, None)
+    params = {"do_remote_decode": True}
+    request = make_request("req-1", range(num_tokens), params, max_tokens=1, block_size=None)
     request.num_computed_tokens = num_tokens
     request.status = status
     return request
@@ -74,30 +69,15 @@ PROMPT = list(range(3 * BLOCK + 5))
 
 
 def _decode_scheduler(**config) -> LLMDConnectorScheduler:
-    return LLMDConnectorScheduler(
-        LLMDConnectorConfig(**config), "engine-d", FINGERPRINT, is_producer=False, is_consumer=True
-    )
+    return make_scheduler(config=LLMDConnectorConfig(**config), consumer=True)
 
 
 def _valid_params(**changes) -> dict:
-    params = RemotePrefillParams(
-        engine_id="engine-p",
-        request_id="req-p",
-        host="10.0.0.5",
-        ports=(5701,),
-        block_ids=(7, 8, 9, 10),
-        num_tokens=len(PROMPT),
-        transfer_id="t" * 32,
-        fingerprint=FINGERPRINT,
-        prompt_digest=prompt_digest(PROMPT),
-    ).to_dict()
-    params.update(changes)
-    return params
+    return remote_prefill_params(PROMPT, **changes)
 
 
 def _decode_request(params: dict) -> Request:
-    sampling = SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": params})
-    return Request("req-d", list(PROMPT), sampling, None)
+    return make_request("req-d", PROMPT, params, max_tokens=1, block_size=None)
 
 
 HOSTILE = {

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_llmd.ops import PagedKVCache, cuda_copy
+from vllm_llmd.ops import PagedKVCache, cuda_copy, libcuda
 from vllm_llmd.ops.cuda_copy import (
     LaunchGeometry,
     kernel_args,
@@ -270,6 +270,34 @@ def test_cuda_path_compiles_loads_and_launches_as_the_kernels_expect(host_kernel
     assert torch.equal(expected_buffer(allocated, [0, 2, 3]), out)
     assert (driver.launches, driver.depth) == (2, 0)
     assert kernels.compiled.arch == "90" and kernels.compiled.log == ""
+
+
+class FailingDriver(FakeDriver):
+    """libcuda stand-in whose module load fails, as a driver with a bad image does."""
+
+    def __init__(self) -> None:
+        super().__init__(host=None)
+
+    def cuModuleLoadData(self, module, image):
+        return 200  # CUDA_ERROR_INVALID_IMAGE
+
+    def cuGetErrorString(self, result, message):
+        message._obj.value = b"device kernel image is invalid"
+        return 0
+
+
+def test_a_failing_driver_call_is_named_with_its_error_and_the_context_is_popped():
+    # The one checked call of the kernels and the IPC path (ops/libcuda.py).
+    driver = FailingDriver()
+    expected = r"cuModuleLoadData failed on cuda:3: device kernel image is invalid \(200\)"
+    with pytest.raises(RuntimeError, match=expected):
+        with libcuda.pushed_context(driver, ctypes.c_void_p(0xC0)):
+            libcuda.check_call(
+                driver, "cuModuleLoadData", None, b"", device=torch.device("cuda", 3)
+            )
+    assert driver.depth == 0
+    with pytest.raises(RuntimeError, match=r"^cuModuleLoadData failed: device kernel image"):
+        libcuda.check_call(driver, "cuModuleLoadData", None, b"")
 
 
 def test_kernel_sources_use_no_standard_headers():

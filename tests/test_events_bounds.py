@@ -9,8 +9,10 @@ misbehaving replay ROUTER.
 - one poll reads a bounded number of messages and bytes; one replay a bounded number of batches
   and bytes.
 
-Not covered because it cannot be: libzmq buffers a multipart message until its last frame, so a
-publisher that never sends one grows the router's memory (no socket option bounds it).
+Each runs with both transports ("zmq": pyzmq; "zmtp": our bounded ZMTP client) where both
+behave alike. libzmq buffers a multipart message until its last frame, so a publisher that never
+sends one grows a "zmq" subscriber without limit: test_events_zmtp.py shows that, and the "zmtp"
+transport cutting it.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import msgspec
 import pytest
 import zmq
+from events_harness import poll_until
 
 from vllm_llmd.events.decoder import MalformedBatchError, decode_batch
 from vllm_llmd.events.replay import ReplayClient
 from vllm_llmd.events.subscriber import Gap, ReceivedBatch, Subscriber, Update
+from vllm_llmd.events.transport import TRANSPORTS
 from vllm_llmd.events.wire import END_SEQ, encode_seq
 
 # msgpack: a fixarray of one element, nested far past msgspec's recursion guard
@@ -37,6 +41,11 @@ def batch_payload(first_hash: int, num_tokens: int = 16) -> bytes:
     """A valid KVEventBatch (the array form) whose BlockStored carries num_tokens token ids."""
     event = ["BlockStored", [first_hash], None, list(range(num_tokens)), 16, None]
     return msgspec.msgpack.encode([time.time(), [event], 0])
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request) -> str:
+    return request.param
 
 
 @pytest.fixture
@@ -64,16 +73,6 @@ def wait_subscribed(
     raise TimeoutError("no subscription reached the publisher")
 
 
-def poll_until(
-    subscriber: Subscriber, done: Callable[[list[Update]], bool], timeout: float = 5.0
-) -> list[Update]:
-    updates: list[Update] = []
-    deadline = time.monotonic() + timeout
-    while not done(updates) and time.monotonic() < deadline:
-        updates += subscriber.poll(0.05)
-    return updates
-
-
 def seqs(updates: list[Update]) -> list[int]:
     return [u.seq for u in updates if isinstance(u, ReceivedBatch)]
 
@@ -89,10 +88,10 @@ def test_deep_nesting_is_a_malformed_batch_not_a_recursion_error():
         decode_batch(events)
 
 
-def test_a_deeply_nested_batch_between_good_ones_costs_only_itself(xpub):
+def test_a_deeply_nested_batch_between_good_ones_costs_only_itself(xpub, transport):
     socket, endpoint = xpub
-    with Subscriber(endpoint, source="pod-deep") as subscriber:
-        wait_subscribed(socket)
+    with Subscriber(endpoint, source="pod-deep", transport=transport) as subscriber:
+        wait_subscribed(socket, subscriber)
         for seq, payload in enumerate([batch_payload(10), DEEP_PAYLOAD, batch_payload(12)]):
             socket.send_multipart([b"kv", encode_seq(seq), payload])
         time.sleep(0.3)  # all three wait in the SUB socket: one poll reads them together
@@ -111,10 +110,13 @@ def test_a_deeply_nested_batch_between_good_ones_costs_only_itself(xpub):
 # ---- size bounds on live messages ---------------------------------------------------------------
 
 
-def test_a_frame_over_the_bound_never_arrives_and_the_subscriber_reconnects(xpub):
+def test_a_frame_over_the_bound_never_arrives_and_the_subscriber_reconnects(xpub, transport):
     socket, endpoint = xpub
-    with Subscriber(endpoint, source="pod-big", max_message_bytes=64 << 10) as subscriber:
-        wait_subscribed(socket)
+    bound = 64 << 10
+    with Subscriber(
+        endpoint, source="pod-big", max_message_bytes=bound, transport=transport
+    ) as subscriber:
+        wait_subscribed(socket, subscriber)
         socket.send_multipart([b"kv", encode_seq(0), batch_payload(1, num_tokens=40_000)])
         # libzmq drops the connection at the oversized frame; the subscriber's next polls see
         # that and connect a new socket, whose subscription reaches the publisher again
@@ -122,13 +124,15 @@ def test_a_frame_over_the_bound_never_arrives_and_the_subscriber_reconnects(xpub
         socket.send_multipart([b"kv", encode_seq(1), batch_payload(2)])
         updates += poll_until(subscriber, lambda u: bool(seqs(u)))
         assert seqs(updates) == [1]
+        assert subscriber.stats.num_connections_cut == (transport == "zmtp")
 
 
 def test_a_message_too_big_in_all_is_dropped_and_counted_naming_the_pod(xpub, caplog):
+    # zmq only: the zmtp transport cuts the connection instead (test_events_zmtp.py)
     socket, endpoint = xpub
     limit = 64 << 10
     with Subscriber(endpoint, source="pod-wide", max_message_bytes=limit) as subscriber:
-        wait_subscribed(socket)
+        wait_subscribed(socket, subscriber)
         payload = batch_payload(1, num_tokens=12_000)  # about 36 KiB: under the bound alone
         assert len(payload) < limit < 2 * len(payload)
         with caplog.at_level(logging.WARNING, logger="vllm_llmd.events.subscriber"):
@@ -142,12 +146,12 @@ def test_a_message_too_big_in_all_is_dropped_and_counted_naming_the_pod(xpub, ca
         assert any("pod-wide" in w and "bytes" in w for w in warnings), warnings
 
 
-def test_one_poll_reads_a_bounded_number_of_messages_and_bytes(xpub):
+def test_one_poll_reads_a_bounded_number_of_messages_and_bytes(xpub, transport):
     socket, endpoint = xpub
     payload = batch_payload(1, num_tokens=3_000)  # about 9 KiB
     bounds = {"max_messages_per_poll": 4, "max_bytes_per_poll": 2 * len(payload) + 1}
-    with Subscriber(endpoint, source="pod-flood", **bounds) as subscriber:
-        wait_subscribed(socket)
+    with Subscriber(endpoint, source="pod-flood", transport=transport, **bounds) as subscriber:
+        wait_subscribed(socket, subscriber)
         for seq in range(10):
             socket.send_multipart([b"", encode_seq(seq), payload])
         time.sleep(0.3)
@@ -199,17 +203,17 @@ REPLAYED = batch_payload(1, num_tokens=3_000)  # about 9 KiB
         ({"max_message_bytes": len(REPLAYED) // 2}, 0),  # the peer is dropped: a timeout
     ],
 )
-def test_a_replay_brings_a_bounded_number_of_batches_and_bytes(bounds, num_kept):
+def test_a_replay_brings_a_bounded_number_of_batches_and_bytes(bounds, num_kept, transport):
     socket, endpoint = router_socket()
     payload = REPLAYED
     replies = [replay_reply(seq, payload) for seq in range(10)] + [END]
-    client = ReplayClient(endpoint, timeout=0.5, **bounds)
+    client = ReplayClient(endpoint, timeout=0.5, transport=transport, **bounds)
     try:
         result = fetch_with_server(socket, replies, client)
         assert not result.complete
         assert [m.seq for m in result.messages] == list(range(num_kept))
         # without the bounds the same reply is complete
-        unbounded = ReplayClient(endpoint, timeout=0.5)
+        unbounded = ReplayClient(endpoint, timeout=0.5, transport=transport)
         try:
             full = fetch_with_server(socket, replies, unbounded)
         finally:
@@ -220,10 +224,10 @@ def test_a_replay_brings_a_bounded_number_of_batches_and_bytes(bounds, num_kept)
         socket.close(linger=0)
 
 
-def test_a_replay_message_with_too_many_frames_ends_the_replay():
+def test_a_replay_message_with_too_many_frames_ends_the_replay(transport):
     socket, endpoint = router_socket()
     replies = [replay_reply(0, batch_payload(1)), [b"", b"kv", *[b"x"] * 30], END]
-    client = ReplayClient(endpoint, timeout=0.5)
+    client = ReplayClient(endpoint, timeout=0.5, transport=transport)
     try:
         result = fetch_with_server(socket, replies, client)
         assert [m.seq for m in result.messages] == [0] and not result.complete
@@ -235,6 +239,6 @@ def test_a_replay_message_with_too_many_frames_ends_the_replay():
 @pytest.mark.parametrize(
     "name", ["max_messages_per_poll", "max_bytes_per_poll", "max_message_bytes"]
 )
-def test_bounds_must_be_positive(name):
+def test_bounds_must_be_positive(name, transport):
     with pytest.raises(ValueError, match="must be > 0"):
-        Subscriber("tcp://127.0.0.1:1", **{name: 0})
+        Subscriber("tcp://127.0.0.1:1", transport=transport, **{name: 0})

@@ -13,12 +13,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import msgspec
 import pytest
 import zmq
+from events_harness import poll_until
 from vllm.distributed import kv_events as vllm_events
 
 from vllm_llmd.devtools.client import complete, completion_token_ids, post_json
@@ -28,6 +30,7 @@ from vllm_llmd.events import __main__ as cli
 from vllm_llmd.events.decoder import MalformedBatchError, decode_batch
 from vllm_llmd.events.model import AllBlocksCleared, BlockRemoved, BlockStored
 from vllm_llmd.events.subscriber import Gap, ReceivedBatch, Reset, Subscriber, Update
+from vllm_llmd.events.transport import TRANSPORTS
 from vllm_llmd.events.wire import (
     END_SEQ,
     FrameError,
@@ -231,6 +234,12 @@ def test_wire_frames():
 # ---- subscriber against vLLM's ZmqEventPublisher --------------------------------------------
 
 
+@pytest.fixture(params=TRANSPORTS)
+def transport(request) -> str:
+    """Each subscriber test runs with pyzmq and with our ZMTP client."""
+    return request.param
+
+
 @pytest.fixture
 def publishers() -> Iterator[Callable[..., vllm_events.ZmqEventPublisher]]:
     """Start vLLM publishers in this process (binding, retried while a port is released)."""
@@ -260,16 +269,6 @@ def publishers() -> Iterator[Callable[..., vllm_events.ZmqEventPublisher]]:
             publisher.shutdown()
 
 
-def poll_until(
-    subscriber: Subscriber, done: Callable[[list[Update]], bool], timeout: float = 10.0
-) -> list[Update]:
-    updates: list[Update] = []
-    deadline = time.monotonic() + timeout
-    while not done(updates) and time.monotonic() < deadline:
-        updates += subscriber.poll(0.1)
-    return updates
-
-
 def batches(updates: list[Update]) -> list[ReceivedBatch]:
     return [u for u in updates if isinstance(u, ReceivedBatch)]
 
@@ -287,14 +286,17 @@ def publish(publisher, hashes) -> None:
         publisher.publish(vllm_batch(vllm_stored(h), ts=time.time()))
 
 
-def test_late_subscriber_gets_history_from_replay(publishers):
+def test_late_subscriber_gets_history_from_replay(publishers, transport):
     port, replay_port = free_port(), free_port()
     publisher = publishers(port, replay_port)
     publish(publisher, range(100, 105))
     time.sleep(0.3)  # the publisher thread sends them
 
     with Subscriber(
-        f"tcp://127.0.0.1:{port}", replay_endpoint=f"tcp://127.0.0.1:{replay_port}", topic="kv"
+        f"tcp://127.0.0.1:{port}",
+        replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
+        topic="kv",
+        transport=transport,
     ) as subscriber:
         history = subscriber.poll(0.2)
         assert seqs(history) == [0, 1, 2, 3, 4]
@@ -308,6 +310,30 @@ def test_late_subscriber_gets_history_from_replay(publishers):
         assert not [u for u in history + live if isinstance(u, (Gap, Reset))]
         assert subscriber.stats.num_batches == 10
     assert subscriber.closed
+
+
+def test_deferred_replay_runs_where_the_owner_says(publishers, transport):
+    port, replay_port = free_port(), free_port()
+    publisher = publishers(port, replay_port)
+    publish(publisher, range(100, 103))
+    time.sleep(0.3)
+    with Subscriber(
+        f"tcp://127.0.0.1:{port}",
+        replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
+        topic="kv",
+        transport=transport,
+        defer_replay=True,
+    ) as subscriber:
+        assert subscriber.poll(0.0) == [] and subscriber.replay_pending
+        result: list[list[Update]] = []
+        worker = threading.Thread(target=lambda: result.append(subscriber.complete_replay()))
+        worker.start()  # the replay socket is read on another thread, as the router does
+        worker.join(10)
+        assert seqs(result[0]) == [0, 1, 2] and not subscriber.replay_pending
+        # let the SUB join (the zmtp transport connects inside poll(), pyzmq in the background)
+        assert subscriber.poll(0.3) == []
+        publish(publisher, range(103, 105))
+        assert seqs(poll_until(subscriber, lambda u: 4 in seqs(u))) == [3, 4]
 
 
 class LossyRelay:
@@ -352,7 +378,7 @@ def relay_factory():
         relay.close()
 
 
-def test_lost_messages_are_refilled_from_replay(publishers, relay_factory):
+def test_lost_messages_are_refilled_from_replay(publishers, relay_factory, transport):
     port, replay_port = free_port(), free_port()
     publisher = publishers(port, replay_port)
     relay = relay_factory(f"tcp://127.0.0.1:{port}")
@@ -360,6 +386,7 @@ def test_lost_messages_are_refilled_from_replay(publishers, relay_factory):
         f"tcp://127.0.0.1:{relay.port}",
         replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
         topic="kv",
+        transport=transport,
     )
     try:
         assert subscriber.poll(0.1) == []  # nothing published yet: an empty replay
@@ -378,12 +405,14 @@ def test_lost_messages_are_refilled_from_replay(publishers, relay_factory):
         subscriber.close()
 
 
-def test_lost_messages_without_replay_are_reported_as_gaps(publishers, relay_factory):
+def test_lost_messages_without_replay_are_reported_as_gaps(publishers, relay_factory, transport):
     port = free_port()
     publisher = publishers(port, None)
     relay = relay_factory(f"tcp://127.0.0.1:{port}")
-    with Subscriber(f"tcp://127.0.0.1:{relay.port}", topic="kv") as subscriber:
-        time.sleep(0.5)
+    endpoint = f"tcp://127.0.0.1:{relay.port}"
+    with Subscriber(endpoint, topic="kv", transport=transport) as subscriber:
+        # let the SUB join (the zmtp transport connects inside poll(), pyzmq in the background)
+        assert subscriber.poll(0.5) == []
         publish(publisher, range(10))
         relay.forward(drop={6, 7})
         updates = poll_until(subscriber, lambda u: 9 in seqs(u))
@@ -396,13 +425,15 @@ def test_lost_messages_without_replay_are_reported_as_gaps(publishers, relay_fac
         assert subscriber.stats.num_lost == 2
 
 
-def test_engine_restart_is_reported_as_reset(publishers):
+def test_engine_restart_is_reported_as_reset(publishers, transport):
     port, replay_port = free_port(), free_port()
     endpoint, replay = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay_port}"
     first = publishers(port, replay_port)
     publish(first, range(20))
     time.sleep(0.3)
-    with Subscriber(endpoint, replay_endpoint=replay, topic="kv") as subscriber:
+    with Subscriber(
+        endpoint, replay_endpoint=replay, topic="kv", transport=transport
+    ) as subscriber:
         before = poll_until(subscriber, lambda u: 19 in seqs(u))
         assert seqs(before) == list(range(20))
 
@@ -421,13 +452,14 @@ def test_engine_restart_is_reported_as_reset(publishers):
         assert subscriber.stats.num_resets == 1
 
 
-def test_replay_endpoint_down_costs_one_bounded_wait(publishers):
+def test_replay_endpoint_down_costs_one_bounded_wait(publishers, transport):
     port = free_port()
     publishers(port, None)
     subscriber = Subscriber(
         f"tcp://127.0.0.1:{port}",
         replay_endpoint=f"tcp://127.0.0.1:{free_port()}",  # nobody there
         replay_timeout=0.3,
+        transport=transport,
     )
     started = time.monotonic()
     assert subscriber.poll(0.0) == []
@@ -473,6 +505,7 @@ def test_watch_help_runs_as_a_module():
         text=True,
     )
     assert sub.returncode == 0 and "--replay" in sub.stdout and "--topic" in sub.stdout
+    assert "--transport" in sub.stdout
 
 
 def test_watch_refuses_a_bind_address(capsys):
@@ -480,7 +513,7 @@ def test_watch_refuses_a_bind_address(capsys):
     assert "bind address" in capsys.readouterr().err
 
 
-def test_watch_prints_one_line_per_event(publishers, capsys):
+def test_watch_prints_one_line_per_event(publishers, capsys, transport):
     port, replay_port = free_port(), free_port()
     publisher = publishers(port, replay_port)
     publisher.publish(
@@ -492,6 +525,7 @@ def test_watch_prints_one_line_per_event(publishers, capsys):
     )
     time.sleep(0.3)
     argv = ["watch", f"tcp://127.0.0.1:{port}", "--replay", f"tcp://127.0.0.1:{replay_port}"]
+    argv += ["--transport", transport]
     assert cli.main([*argv, "--topic", "kv", "--duration", "0.5"]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines() == [
@@ -500,7 +534,7 @@ def test_watch_prints_one_line_per_event(publishers, capsys):
         "seq=0 BlockRemoved medium=GPU blocks=1 first_hash=41 group=None replayed",
         "seq=0 AllBlocksCleared replayed",
     ]
-    assert "watching" in err and "summary:" in err
+    assert "watching" in err and f"transport={transport}" in err and "summary:" in err
 
 
 # ---- end to end: a real vLLM server -------------------------------------------------------------
@@ -557,15 +591,19 @@ def check_against_sent(event: BlockStored, hasher: PrefixHasher) -> None:
 
 
 @pytest.mark.server
-def test_every_published_hash_is_reproduced(events_server):
+def test_every_published_hash_is_reproduced(events_server, transport):
     server, endpoint, replay = events_server
     hasher = PrefixHasher(128)  # vLLM's default block size on CPU
-    with Subscriber(endpoint, replay_endpoint=replay, topic="kv") as subscriber:
+    with Subscriber(
+        endpoint, replay_endpoint=replay, topic="kv", transport=transport
+    ) as subscriber:
         subscriber.poll(0.1)
-        first = send(server, tokenize(server, sample_text(400, seed=11)))
+        # new prompts per transport: the shared server has cached the other run's blocks
+        seed = 11 + 10 * TRANSPORTS.index(transport)
+        first = send(server, tokenize(server, sample_text(400, seed=seed)))
         prompt = first[:-16]
         # shares the first prompt: a prefix hit, then new blocks chained on it
-        second = send(server, prompt + tokenize(server, sample_text(150, seed=12)))
+        second = send(server, prompt + tokenize(server, sample_text(150, seed=seed + 1)))
         wanted = {h for ids in (prompt, second[:-16]) for h in hasher.event_hashes(ids)}
         assert len(wanted) >= 5
 

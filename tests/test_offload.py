@@ -168,7 +168,7 @@ def test_restart_loads_from_disk_and_rejects_a_corrupt_file(
     )
     assert restarted.config.port != config.port
     log = restarted.log_text()
-    assert "chunks found on disk" in log
+    assert "blocks found on disk" in log
 
     outputs, moved = _round(restarted, prompts)
     assert outputs == reference_outputs

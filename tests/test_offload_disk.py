@@ -11,52 +11,50 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import factories
 import pytest
 import safetensors.torch
 import torch
 from safetensors import safe_open
 
+from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.offload import disk_store
 from vllm_llmd.offload.disk_store import (
-    CorruptChunkError,
-    DiskChunkStore,
-    MissingChunkError,
-    ScannedChunk,
+    CorruptBlockFileError,
+    DiskBlockStore,
+    MissingBlockFileError,
+    ScannedBlockFile,
 )
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
 
 NUM_LAYERS, PAGE_BYTES = 4, 250  # odd sizes on purpose: 1000-byte chunks
 
 
 def make_fingerprint(**overrides: object) -> KVLayoutFingerprint:
-    fields = dict(
+    fields: dict[str, object] = dict(
         model="tiny-llama",
         dtype="bfloat16",
         num_layers=NUM_LAYERS,
-        num_kv_heads=2,
-        head_size=16,
         block_size=16,
         layout="NHD",
         tensor_parallel_size=2,
         page_bytes=PAGE_BYTES,
     )
-    fields.update(overrides)
-    return KVLayoutFingerprint(**fields)
+    return factories.make_fingerprint(**(fields | overrides))
 
 
-def make_store(root: Path, tp_rank: int = 0, **overrides: object) -> DiskChunkStore:
+def make_store(root: Path, tp_rank: int = 0, **overrides: object) -> DiskBlockStore:
     fingerprint = make_fingerprint(**overrides)
-    chunk_bytes = fingerprint.num_layers * fingerprint.page_bytes
-    return DiskChunkStore(root, fingerprint, tp_rank, chunk_bytes)
+    block_bytes = fingerprint.num_layers * fingerprint.page_bytes
+    return DiskBlockStore(root, fingerprint, tp_rank, block_bytes)
 
 
 def make_key(i: int) -> bytes:
     return hashlib.sha256(f"block {i}".encode()).digest()
 
 
-def make_chunk(chunk_bytes: int, seed: int) -> torch.Tensor:
+def make_block(block_bytes: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (chunk_bytes,), dtype=torch.uint8, generator=generator)
+    return torch.randint(0, 256, (block_bytes,), dtype=torch.uint8, generator=generator)
 
 
 def set_mtime(path: Path, mtime: float) -> None:
@@ -69,16 +67,16 @@ def set_mtime(path: Path, mtime: float) -> None:
 def test_round_trip_is_byte_exact(tmp_path):
     store = make_store(tmp_path)
     for i in range(5):
-        chunk = make_chunk(store.chunk_bytes, seed=i)
+        chunk = make_block(store.block_bytes, seed=i)
         size = store.write(make_key(i), chunk)
         path = store.path_for(make_key(i))
-        assert size == path.stat().st_size > store.chunk_bytes
+        assert size == path.stat().st_size > store.block_bytes
         assert torch.equal(store.read(make_key(i)), chunk)
 
 
 def test_file_layout_and_it_is_plain_safetensors(tmp_path):
     store = make_store(tmp_path, tp_rank=1)
-    key, chunk = make_key(0), make_chunk(store.chunk_bytes, seed=0)
+    key, chunk = make_key(0), make_block(store.block_bytes, seed=0)
     store.write(key, chunk)
     path = store.path_for(key)
     assert path == tmp_path / key.hex()[:2] / f"{key.hex()}-r1.safetensors"
@@ -93,7 +91,7 @@ def test_file_layout_and_it_is_plain_safetensors(tmp_path):
 
 def test_read_into_out_buffer(tmp_path):
     store = make_store(tmp_path)
-    chunk = make_chunk(store.chunk_bytes, seed=1)
+    chunk = make_block(store.block_bytes, seed=1)
     store.write(make_key(0), chunk)
     out = torch.zeros(NUM_LAYERS, PAGE_BYTES, dtype=torch.uint8)  # contiguous, any shape
     assert store.read(make_key(0), out=out) is out
@@ -102,8 +100,8 @@ def test_read_into_out_buffer(tmp_path):
 
 def test_rewrite_replaces_the_file(tmp_path):
     store = make_store(tmp_path)
-    store.write(make_key(0), make_chunk(store.chunk_bytes, seed=1))
-    newer = make_chunk(store.chunk_bytes, seed=2)
+    store.write(make_key(0), make_block(store.block_bytes, seed=1))
+    newer = make_block(store.block_bytes, seed=2)
     store.write(make_key(0), newer)
     assert torch.equal(store.read(make_key(0)), newer)
     assert [p.name for p in store.path_for(make_key(0)).parent.iterdir()] == [
@@ -129,7 +127,7 @@ def test_write_refuses_wrong_chunks(tmp_path, bad):
 
 def test_read_refuses_wrong_out_buffer(tmp_path):
     store = make_store(tmp_path)
-    store.write(make_key(0), make_chunk(store.chunk_bytes, seed=0))
+    store.write(make_key(0), make_block(store.block_bytes, seed=0))
     with pytest.raises(ValueError, match="out must be"):
         store.read(make_key(0), out=torch.empty(999, dtype=torch.uint8))
     assert store.contains(make_key(0))  # a caller's mistake is not the file's fault
@@ -137,20 +135,20 @@ def test_read_refuses_wrong_out_buffer(tmp_path):
 
 def test_constructor_checks_sizes_and_rank(tmp_path):
     fingerprint = make_fingerprint()
-    with pytest.raises(ValueError, match=r"chunk_bytes=999 must equal num_layers \* page_bytes"):
-        DiskChunkStore(tmp_path, fingerprint, 0, 999)
+    with pytest.raises(ValueError, match=r"block_bytes=999 must equal num_layers \* page_bytes"):
+        DiskBlockStore(tmp_path, fingerprint, 0, 999)
     with pytest.raises(ValueError, match="tp_rank=2 is outside tensor_parallel_size=2"):
-        DiskChunkStore(tmp_path, fingerprint, 2, 1000)
-    DiskChunkStore(tmp_path / "made" / "on demand", fingerprint, 0, 1000)
+        DiskBlockStore(tmp_path, fingerprint, 2, 1000)
+    DiskBlockStore(tmp_path / "made" / "on demand", fingerprint, 0, 1000)
     assert (tmp_path / "made" / "on demand").is_dir()
 
 
 def test_missing_chunk_and_delete(tmp_path):
     store = make_store(tmp_path)
-    with pytest.raises(MissingChunkError, match="no such file"):
+    with pytest.raises(MissingBlockFileError, match="no such file"):
         store.read(make_key(0))
     store.delete(make_key(0))  # missing is fine
-    store.write(make_key(0), make_chunk(store.chunk_bytes, seed=0))
+    store.write(make_key(0), make_block(store.block_bytes, seed=0))
     store.delete(make_key(0))
     assert not store.contains(make_key(0))
 
@@ -166,30 +164,30 @@ def flip_byte(path: Path, offset_from_end: int) -> None:
 
 def test_flipped_payload_byte_is_caught_by_read_and_deleted(tmp_path):
     store = make_store(tmp_path)
-    store.write(make_key(0), make_chunk(store.chunk_bytes, seed=0))
+    store.write(make_key(0), make_block(store.block_bytes, seed=0))
     flip_byte(store.path_for(make_key(0)), offset_from_end=17)
     assert [c.key for c in store.scan()] == [make_key(0)]  # the header is fine
-    out = torch.zeros(store.chunk_bytes, dtype=torch.uint8)
-    with pytest.raises(CorruptChunkError, match="payload checksum mismatch; deleted") as info:
+    out = torch.zeros(store.block_bytes, dtype=torch.uint8)
+    with pytest.raises(CorruptBlockFileError, match="payload checksum mismatch; deleted") as info:
         store.read(make_key(0), out=out)
     assert info.value.path == store.path_for(make_key(0))
     assert not store.contains(make_key(0))
 
 
 def test_other_fingerprint_names_the_field_on_read(tmp_path):
-    make_store(tmp_path, num_layers=2, page_bytes=500).write(make_key(0), make_chunk(1000, seed=0))
+    make_store(tmp_path, num_layers=2, page_bytes=500).write(make_key(0), make_block(1000, seed=0))
     store = make_store(tmp_path)
-    with pytest.raises(CorruptChunkError, match=r"num_layers: 2 != 4; page_bytes: 500 != 250"):
+    with pytest.raises(CorruptBlockFileError, match=r"num_layers: 2 != 4; page_bytes: 500 != 250"):
         store.read(make_key(0))
     assert not store.contains(make_key(0))
 
 
 def test_truncated_file_is_rejected_by_read(tmp_path):
     store = make_store(tmp_path)
-    store.write(make_key(0), make_chunk(store.chunk_bytes, seed=0))
+    store.write(make_key(0), make_block(store.block_bytes, seed=0))
     path = store.path_for(make_key(0))
     os.truncate(path, path.stat().st_size - 1)
-    with pytest.raises(CorruptChunkError, match="expected"):
+    with pytest.raises(CorruptBlockFileError, match="expected"):
         store.read(make_key(0))
     assert not path.exists()
 
@@ -201,7 +199,7 @@ def test_scan_returns_the_written_keys_oldest_first(tmp_path):
     store = make_store(tmp_path)
     keys = [make_key(i) for i in range(6)]
     sizes = {
-        key: store.write(key, make_chunk(store.chunk_bytes, seed=i)) for i, key in enumerate(keys)
+        key: store.write(key, make_block(store.block_bytes, seed=i)) for i, key in enumerate(keys)
     }
     order = keys[:]
     random.Random(0).shuffle(order)
@@ -209,7 +207,7 @@ def test_scan_returns_the_written_keys_oldest_first(tmp_path):
     for age, key in enumerate(reversed(order)):  # order[0] gets the oldest mtime
         set_mtime(store.path_for(key), now - 100 - age)
     assert store.scan() == [
-        ScannedChunk(key, sizes[key], store.path_for(key).stat().st_mtime) for key in order
+        ScannedBlockFile(key, sizes[key], store.path_for(key).stat().st_mtime) for key in order
     ]
     assert make_store(tmp_path / "empty").scan() == []
 
@@ -217,15 +215,15 @@ def test_scan_returns_the_written_keys_oldest_first(tmp_path):
 def test_scan_deletes_invalid_files_and_keeps_other_ranks(tmp_path, caplog):
     store = make_store(tmp_path)
     good = make_key(0)
-    store.write(good, make_chunk(1000, seed=0))
+    store.write(good, make_block(1000, seed=0))
 
     # same rank, another model layout: deleted, and the log names the differing field
     other_model = make_key(1)
-    make_store(tmp_path, head_size=32).write(other_model, make_chunk(1000, seed=1))
+    make_store(tmp_path, head_size=32).write(other_model, make_block(1000, seed=1))
     # truncated payload, and truncated inside the header
     truncated_payload, truncated_header = make_key(2), make_key(3)
     for key in (truncated_payload, truncated_header):
-        store.write(key, make_chunk(1000, seed=2))
+        store.write(key, make_block(1000, seed=2))
     os.truncate(
         store.path_for(truncated_payload), store.path_for(truncated_payload).stat().st_size - 10
     )
@@ -247,7 +245,7 @@ def test_scan_deletes_invalid_files_and_keeps_other_ranks(tmp_path, caplog):
     wrong_shard.write_bytes(b"x" * 64)
     # another worker's files: neither returned nor deleted, even if stale or invalid to us
     rank1 = make_store(tmp_path, tp_rank=1)
-    rank1.write(make_key(6), make_chunk(1000, seed=6))
+    rank1.write(make_key(6), make_block(1000, seed=6))
     rank1_temp = rank1.path_for(make_key(6)).parent / f".{make_key(6).hex()}-r1.89abcdef.tmp"
     rank1_temp.write_bytes(b"partial")
     set_mtime(rank1_temp, time.time() - 3600)
@@ -280,7 +278,7 @@ def test_scan_deletes_invalid_files_and_keeps_other_ranks(tmp_path, caplog):
 
 def test_scan_reads_headers_only(tmp_path, monkeypatch):
     store = make_store(tmp_path)
-    store.write(make_key(0), make_chunk(1000, seed=0))
+    store.write(make_key(0), make_block(1000, seed=0))
     flip_byte(store.path_for(make_key(0)), offset_from_end=1)
     calls = []
     monkeypatch.setattr(
@@ -307,13 +305,13 @@ def slow_save_file(tensors: dict, filename: Path, metadata: dict) -> None:
 def test_concurrent_writes_and_reads_never_see_a_partial_chunk(tmp_path, monkeypatch):
     monkeypatch.setattr("vllm_llmd.offload.disk_store.save_file", slow_save_file)
     # few keys, so that writes, reads and deletes of one key collide
-    chunk_bytes = 1 << 16
-    fingerprint = make_fingerprint(num_layers=4, page_bytes=chunk_bytes // 4)
-    store = DiskChunkStore(tmp_path, fingerprint, 0, chunk_bytes)
+    block_bytes = 1 << 16
+    fingerprint = make_fingerprint(num_layers=4, page_bytes=block_bytes // 4)
+    store = DiskBlockStore(tmp_path, fingerprint, 0, block_bytes)
     keys = [make_key(i) for i in range(4)]
     # every key has 3 versions; a read must return exactly one of them
     versions = {
-        key: [make_chunk(chunk_bytes, seed=10 * i + v) for v in range(3)]
+        key: [make_block(block_bytes, seed=10 * i + v) for v in range(3)]
         for i, key in enumerate(keys)
     }
 
@@ -328,14 +326,14 @@ def test_concurrent_writes_and_reads_never_see_a_partial_chunk(tmp_path, monkeyp
         else:
             try:
                 data = store.read(key)
-            except MissingChunkError:
+            except MissingBlockFileError:
                 return "miss"
             assert any(torch.equal(data, v) for v in versions[key]), "read a mixed chunk"
             return "hit"
         return kind
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        outcomes = list(pool.map(op, range(200)))  # re-raises any CorruptChunkError
+        outcomes = list(pool.map(op, range(200)))  # re-raises any CorruptBlockFileError
     assert outcomes.count("hit") > 20, outcomes
     assert not list(tmp_path.rglob("*.tmp"))
     assert {c.key for c in store.scan()} == {key for key in keys if store.contains(key)}
@@ -343,17 +341,17 @@ def test_concurrent_writes_and_reads_never_see_a_partial_chunk(tmp_path, monkeyp
 
 def test_failing_disk_writes_are_reported_failed_and_logged_once(tmp_path, caplog):
     # A full or broken disk used to fail every spill silently (only a counter moved).
-    from vllm_llmd.offload.jobs import JobKind, OffloadStepSpec, SpillJob
+    from vllm_llmd.job_tally import JobKind
+    from vllm_llmd.offload.jobs import OffloadStepSpec, SpillJob
     from vllm_llmd.offload.worker import OffloadWorker
-    from vllm_llmd.ops import PagedKVCache
-    from vllm_llmd.ops.layouts import KVCacheShape, allocate_kv_caches
+    from vllm_llmd.ops.layouts import KVCacheShape
 
     shape = KVCacheShape(num_layers=2, num_blocks=8, num_heads=2, block_size=4, content=8)
-    cache = PagedKVCache.from_layers(allocate_kv_caches("LBHNC", shape, torch.float32).kv_caches)
+    _, cache = factories.make_paged_cache("LBHNC", shape)
     fingerprint = make_fingerprint(
         num_layers=2, page_bytes=cache.page_bytes, tensor_parallel_size=1
     )
-    store = DiskChunkStore(tmp_path / "tier", fingerprint, 0, cache.block_bytes)
+    store = DiskBlockStore(tmp_path / "tier", fingerprint, 0, cache.block_bytes)
     worker = OffloadWorker(cache, num_host_slots=4, disk=store, num_disk_threads=2)
     try:
         (tmp_path / "tier").rename(tmp_path / "gone")

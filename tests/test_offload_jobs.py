@@ -7,9 +7,8 @@ from __future__ import annotations
 import pickle
 
 from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDWorkerMetadata
+from vllm_llmd.job_tally import JobKind, JobTally
 from vllm_llmd.offload.jobs import (
-    JobKind,
-    JobTally,
     OffloadLoadSpec,
     OffloadStepSpec,
     PromoteJob,
@@ -40,7 +39,7 @@ def test_tally_merges_and_settles_once_every_worker_reported():
 
 
 def test_offload_store_completes_when_every_tp_rank_reported():
-    manager = OffloadManager(num_host_slots=2, num_disk_chunks=0)
+    manager = OffloadManager(num_host_slots=2, num_disk_blocks=0)
     planner = OffloadPlanner(manager, block_size=16, num_workers=2, store_decode=False)
     manager.prepare_store(KEYS[:2])
     reports = [JobTally(), JobTally()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_llmd.offload.manager import OffloadManager, TierEvent
+from vllm_llmd.offload.manager import OffloadManager, OffloadTier, TierEvent
 
 K = [bytes([i]) * 32 for i in range(20)]
 
@@ -16,7 +16,7 @@ def stored(manager, keys):
 
 
 def test_store_then_lookup_and_load_from_host():
-    m = OffloadManager(num_host_slots=4, num_disk_chunks=0)
+    m = OffloadManager(num_host_slots=4, num_disk_blocks=0)
     assert [k for k, _ in stored(m, K[:3])] == K[:3]
     assert m.lookup(K[:4]) == (3, 3)
     assert m.lookup(K[1:3]) == (2, 2)
@@ -24,11 +24,11 @@ def test_store_then_lookup_and_load_from_host():
     assert len(set(slots)) == 2
     m.complete_load(K[:2])
     assert stored(m, K[:3]) == []  # already held: nothing to store again
-    assert m.take_events() == [TierEvent(k, "host", True) for k in K[:3]]
+    assert m.take_events() == [TierEvent(k, OffloadTier.HOST, True) for k in K[:3]]
 
 
 def test_pending_store_is_not_a_hit_and_failed_store_frees_the_slot():
-    m = OffloadManager(num_host_slots=1, num_disk_chunks=0)
+    m = OffloadManager(num_host_slots=1, num_disk_blocks=0)
     [(key, slot)] = m.prepare_store(K[:1])
     assert m.lookup(K[:1]) == (0, 0)
     assert m.prepare_store(K[1:2]) == []  # the only slot is pinned by the pending store
@@ -37,7 +37,7 @@ def test_pending_store_is_not_a_hit_and_failed_store_frees_the_slot():
 
 
 def test_host_eviction_spills_to_disk_and_promotion_brings_it_back():
-    m = OffloadManager(num_host_slots=2, num_disk_chunks=10)
+    m = OffloadManager(num_host_slots=2, num_disk_blocks=10)
     stored(m, K[:2])
     m.take_events()
     planned = stored(m, K[2:3])  # evicts K[0], the least recently used
@@ -53,12 +53,15 @@ def test_host_eviction_spills_to_disk_and_promotion_brings_it_back():
     m.complete_promote([K[0]])
     assert m.lookup(K[:1]) == (1, 1)
     events = m.take_events()
-    assert TierEvent(K[0], "host", False) in events and TierEvent(K[0], "disk", True) in events
+    assert (
+        TierEvent(K[0], OffloadTier.HOST, False) in events
+        and TierEvent(K[0], OffloadTier.DISK, True) in events
+    )
 
 
 def test_failed_promotion_forgets_the_disk_chunk():
-    m = OffloadManager(num_host_slots=2, num_disk_chunks=10)
-    m.add_disk_chunks((k, "") for k in K[:2])
+    m = OffloadManager(num_host_slots=2, num_disk_blocks=10)
+    m.add_disk_blocks((k, "") for k in K[:2])
     assert m.lookup(K[:2]) == (0, 2)
     assert m.prepare_promote(K[:2]) == 2
     m.complete_promote([K[0]], success=False)  # the file failed validation
@@ -69,7 +72,7 @@ def test_failed_promotion_forgets_the_disk_chunk():
 
 
 def test_pinned_chunks_are_never_evicted():
-    m = OffloadManager(num_host_slots=2, num_disk_chunks=0)
+    m = OffloadManager(num_host_slots=2, num_disk_blocks=0)
     stored(m, K[:2])
     m.prepare_load(K[:2])  # both pinned by a load
     assert m.prepare_store(K[2:3]) == []
@@ -79,7 +82,7 @@ def test_pinned_chunks_are_never_evicted():
 
 
 def test_disk_tier_evicts_least_recent_and_deletes_files():
-    m = OffloadManager(num_host_slots=1, num_disk_chunks=2)
+    m = OffloadManager(num_host_slots=1, num_disk_blocks=2)
     deleted = []
     for i in range(4):  # each store evicts the previous chunk to disk
         stored(m, K[i : i + 1])
@@ -94,14 +97,14 @@ def test_disk_tier_evicts_least_recent_and_deletes_files():
 
 
 def test_host_tier_needs_a_chunk():
-    with pytest.raises(ValueError, match="at least one chunk"):
-        OffloadManager(num_host_slots=0, num_disk_chunks=0)
+    with pytest.raises(ValueError, match="at least one block"):
+        OffloadManager(num_host_slots=0, num_disk_blocks=0)
 
 
 def test_promoting_the_chunk_a_full_disk_would_evict_to_make_room():
     """Room for the promoted chunk's host slot spills the host chunk to a full disk tier, whose
     least recent chunk is the one being promoted: it must stay (pinned), not be evicted."""
-    manager = OffloadManager(num_host_slots=1, num_disk_chunks=1)
+    manager = OffloadManager(num_host_slots=1, num_disk_blocks=1)
     a, b = b"a" * 32, b"b" * 32
     manager.prepare_store([a])
     manager.take_plan()

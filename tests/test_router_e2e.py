@@ -5,11 +5,11 @@ requests to an idle one; a killed pod's traffic moves to the other without a fai
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 from conftest import KeepBusy, router_pod_config
+from router_harness import read_audit, router_args
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import complete, metric_sum, scrape_metrics
@@ -18,17 +18,6 @@ from vllm_llmd.devtools.model_maker import sample_text
 pytestmark = pytest.mark.server
 
 BLOCK = 128
-
-
-@pytest.fixture(scope="module")
-def pods(vllm_servers, tiny_model):
-    servers = vllm_servers.shared_group(
-        {
-            "router-pod-a": router_pod_config(tiny_model, "0"),
-            "router-pod-b": router_pod_config(tiny_model, "1"),
-        }
-    )
-    return servers["router-pod-a"], servers["router-pod-b"]
 
 
 @pytest.fixture(scope="module")
@@ -42,44 +31,28 @@ def _cache_hits(server) -> float:
     )
 
 
-def _audit(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_cached_prefix_goes_to_the_pod_that_holds_it(
-    pods, tiny_model, tokenizer, start_router, tmp_path
+    router_pods, tiny_model, tokenizer, start_router, tmp_path
 ):
     audit = tmp_path / "audit.jsonl"
-    router = start_router(
-        [
-            "--pod",
-            pods[0].url,
-            "--pod",
-            pods[1].url,
-            "--policy",
-            "kv_aware",
-            "--tokenizer",
-            str(tiny_model),
-            "--audit-log",
-            str(audit),
-        ],
-        "router-affinity",
-    )
-    model = pods[0].model_name
-    hits_before = {p.url: _cache_hits(p) for p in pods}
+    pod_urls = [pod.url for pod in router_pods]
+    args = router_args(*pod_urls, policy="kv_aware", tokenizer=tiny_model, audit_log=audit)
+    router = start_router(args, "router-affinity")
+    model = router_pods[0].model_name
+    hits_before = {p.url: _cache_hits(p) for p in router_pods}
     for i in range(4):
         shared = tokenizer.encode(sample_text(5 * BLOCK, seed=1200 + i)).ids[: 4 * BLOCK]
         complete(router.url, model, [*shared, 11, 12, 13], max_tokens=2)
         time.sleep(1.0)  # the pod's BlockStored events reach the router's index
         complete(router.url, model, [*shared, 21, 22, 23, 24], max_tokens=2)
 
-    records = _audit(audit)
+    records = read_audit(audit)
     assert len(records) == 8
     for first, again in zip(records[::2], records[1::2], strict=True):
         assert again["decode_pod"] == first["decode_pod"], (first, again)
         assert again["hit_tokens"] == 4 * BLOCK and first["hit_tokens"] == 0
     # The pods agree: each second request hit its pod's prefix cache.
-    gained = sum(_cache_hits(p) - hits_before[p.url] for p in pods)
+    gained = sum(_cache_hits(p) - hits_before[p.url] for p in router_pods)
     assert gained >= 4 * 4 * BLOCK
     metrics = scrape_metrics(router.url)
     assert metric_sum(metrics, "llmd_router_decisions_total", kind="direct") == 8
@@ -87,29 +60,21 @@ def test_cached_prefix_goes_to_the_pod_that_holds_it(
 
 
 def test_busy_pod_loses_requests_to_an_idle_one(
-    pods, tiny_model, tokenizer, start_router, tmp_path
+    router_pods, tiny_model, tokenizer, start_router, tmp_path
 ):
     audit = tmp_path / "audit.jsonl"
     # The busy pod is the one that wins a tie (policies break ties by pod URL), so a router
     # that ignored load would send it every request.
-    busy, idle = sorted(pods, key=lambda pod: pod.url)
-    router = start_router(
-        [
-            "--pod",
-            busy.url,
-            "--pod",
-            idle.url,
-            "--policy",
-            "kv_aware",
-            "--tokenizer",
-            str(tiny_model),
-            "--audit-log",
-            str(audit),
-            "--poll-interval-s",
-            "0.2",
-        ],
-        "router-load",
+    busy, idle = sorted(router_pods, key=lambda pod: pod.url)
+    args = router_args(
+        busy.url,
+        idle.url,
+        policy="kv_aware",
+        tokenizer=tiny_model,
+        audit_log=audit,
+        poll_interval_s=0.2,
     )
+    router = start_router(args, "router-load")
     # Route requests until four decisions were taken while the router saw the busy pod
     # generating (the tiny model is fast and the box slow: a load scrape can miss the batch).
     busy_seen: list[dict] = []
@@ -119,45 +84,37 @@ def test_busy_pod_loses_requests_to_an_idle_one(
         while len(busy_seen) < 4 and time.monotonic() < deadline:
             prompt = tokenizer.encode(sample_text(200, seed=1400 + i)).ids
             complete(router.url, busy.model_name, prompt, max_tokens=2)
-            record = _audit(audit)[-1]
+            record = read_audit(audit)[-1]
             if record["loads"][busy.url]["running"] >= 1:
                 busy_seen.append(record)
             i += 1
-    assert len(busy_seen) == 4, f"the router never saw the busy pod busy: {_audit(audit)}"
+    assert len(busy_seen) == 4, f"the router never saw the busy pod busy: {read_audit(audit)}"
     chosen = [r["decode_pod"] for r in busy_seen]
     assert chosen == [idle.url] * 4, busy_seen
 
 
 def test_killed_pod_traffic_moves_without_failures(
-    pods, tiny_model, tokenizer, start_router, vllm_servers, tmp_path
+    router_pods, tiny_model, tokenizer, start_router, vllm_servers, tmp_path
 ):
     audit = tmp_path / "audit.jsonl"
     spare = vllm_servers.launch(router_pod_config(tiny_model, "1", "spare"), "router-pod-spare")
-    router = start_router(
-        [
-            "--pod",
-            pods[0].url,
-            "--pod",
-            spare.url,
-            "--policy",
-            "round_robin",
-            "--tokenizer",
-            str(tiny_model),
-            "--audit-log",
-            str(audit),
-            "--poll-interval-s",
-            "0.5",
-        ],
-        "router-failover",
+    args = router_args(
+        router_pods[0].url,
+        spare.url,
+        policy="round_robin",
+        tokenizer=tiny_model,
+        audit_log=audit,
+        poll_interval_s=0.5,
     )
+    router = start_router(args, "router-failover")
     prompt = tokenizer.encode(sample_text(100, seed=1500)).ids
     for _ in range(2):
         complete(router.url, spare.model_name, prompt, max_tokens=2)
     spare.stop()
     for _ in range(6):  # no request fails: the dead pod is retried past, then dropped
-        complete(router.url, pods[0].model_name, prompt, max_tokens=2)
-    records = _audit(audit)
-    assert {r["decode_pod"] for r in records[:2]} == {pods[0].url, spare.url}
+        complete(router.url, router_pods[0].model_name, prompt, max_tokens=2)
+    records = read_audit(audit)
+    assert {r["decode_pod"] for r in records[:2]} == {router_pods[0].url, spare.url}
     time.sleep(1.5)
     metrics = scrape_metrics(router.url)
     assert metric_sum(metrics, "llmd_router_pod_healthy", pod=spare.url) == 0

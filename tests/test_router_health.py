@@ -10,6 +10,7 @@ import asyncio
 import aiohttp
 import pytest
 from aiohttp import web
+from router_harness import serve_on_loopback, url_of
 
 from vllm_llmd.router.config import PodSpec
 from vllm_llmd.router.pods import PodRegistry
@@ -37,22 +38,14 @@ async def _start_pod(behaviour: FakePodBehaviour) -> web.AppRunner:
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner
-
-
-def _url(runner: web.AppRunner) -> str:
-    port = runner.addresses[0][1]
-    return f"http://127.0.0.1:{port}"
+    return await serve_on_loopback(app)
 
 
 def test_slow_health_checks_evict_only_after_several_in_a_row():
     async def run() -> None:
         behaviour = FakePodBehaviour()
         runner = await _start_pod(behaviour)
-        url = _url(runner)
+        url = url_of(runner)
         registry = PodRegistry((PodSpec(url),), None, health_timeout_s=0.2, slow_checks_to_evict=3)
         state = registry.state(url)
         async with aiohttp.ClientSession() as session:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
+from conftest import event_endpoints, kv_events_config, llmd_host_tier
+from router_harness import wait_for
 from tokenizers import Tokenizer
 from vllm.distributed import kv_events as vllm_events
 
@@ -49,14 +51,6 @@ def removed(hashes: list[int], medium: str = GPU) -> vllm_events.BlockRemoved:
 def publish(publisher: vllm_events.ZmqEventPublisher, *events) -> None:
     batch = vllm_events.KVEventBatch(ts=time.time(), events=list(events), data_parallel_rank=0)
     publisher.publish(batch)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def hit(*tiers: str) -> PrefixHit:
@@ -230,25 +224,14 @@ BLOCK = 128  # vLLM's default block size on CPU
 
 @pytest.fixture(scope="module")
 def events_server(tiny_model, vllm_servers):
-    port, replay_port = free_port(), free_port()
     config = VLLMServerConfig(
         model=tiny_model,
         max_model_len=2048,
-        kv_transfer_config={
-            "kv_connector": "LLMDConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"host_offload_bytes": 64 << 20},
-        },
-        kv_events_config={
-            "enable_kv_cache_events": True,
-            "publisher": "zmq",
-            "endpoint": f"tcp://*:{port}",
-            "replay_endpoint": f"tcp://*:{replay_port}",
-            "topic": "kv",
-        },
+        kv_transfer_config=llmd_host_tier(),
+        kv_events_config=kv_events_config(),
     )
     server = vllm_servers.shared("router-ingest", config)
-    return server, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay_port}"
+    return (server, *event_endpoints(config))
 
 
 @pytest.mark.server

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import msgspec
 import pytest
 import zmq
+from router_harness import wait_for
 
 from vllm_llmd.events.wire import encode_seq
 from vllm_llmd.router.index import InMemoryIndex, PrefixHit
@@ -29,14 +30,6 @@ def stored_payload(*hashes: int) -> bytes:
     """A KVEventBatch (array form) with one BlockStored on the GPU."""
     event = ["BlockStored", list(hashes), None, list(range(16 * len(hashes))), 16, None]
     return msgspec.msgpack.encode([time.time(), [event], 0])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -92,7 +85,7 @@ def test_a_failing_pod_is_logged_with_its_traceback_backed_off_and_spares_the_ot
     # Stands in for a transport failure inside the subscriber (its socket gone under it): from
     # now on every poll of pod-bad raises.
     with ingestor._pods["pod-bad"].lock:
-        ingestor._pods["pod-bad"].subscriber._sub.close(linger=0)
+        ingestor._pods["pod-bad"].subscriber._live.close()
     with caplog.at_level(logging.WARNING, logger="vllm_llmd.router.ingest"):
         time.sleep(1.5)
         good_socket.send_multipart([b"", encode_seq(0), stored_payload(7)])

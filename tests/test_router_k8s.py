@@ -1,11 +1,8 @@
 """Kubernetes pod discovery (`vllm_llmd.router.k8s`) with the real `kubernetes` client.
 
-No cluster runs here, so `FakeKubeAPI`, a real HTTP server (aiohttp, on a free loopback port),
-stands in for the Kubernetes API server. It serves what discovery uses and nothing else:
-`GET /api/v1/namespaces/{ns}/pods` as a list (honouring `labelSelector`: `k=v`, `k==v`,
-`k!=v`, `k`, `!k`) and with `watch=true` as a stream of JSON lines (ADDED, MODIFIED, DELETED,
-and an ERROR 410 when the watch's resourceVersion is too old). The client is pointed at it
-with `--k8s-api-url` (or a kubeconfig naming it).
+No cluster runs here, so `FakeKubeAPI` (tests/fake_kube_api.py), a real HTTP server, stands in
+for the Kubernetes API server. The client is pointed at it with `--k8s-api-url` (or a
+kubeconfig naming it).
 
 - ready pods join the registry with the right URL (pod IP, numbered or named port) and role
   (label); pods not running, not ready, without an IP, being deleted, of another label or
@@ -14,288 +11,32 @@ with `--k8s-api-url` (or a kubeconfig naming it).
 - a 410 (events lost) makes discovery list again, which brings back what the watch missed;
 - the API server down, at start or later: the router starts, known pods stay, the event loop
   never blocks, and discovery recovers when the server returns;
-- bad flags and missing credentials or client are refused with a message that says what to do;
-- end to end: a real router process with only k8s flags before a real vLLM pod (tiny model):
-  requests reach the discovered pod, its KV events fill the index, and once the pod is deleted
-  from the API the router answers 503 and its index entries are gone.
+- bad flags and missing credentials or client are refused with a message that says what to do.
+
+End to end (a real router process and a real vLLM pod): test_router_k8s_e2e.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from conftest import router_pod_config
+from fake_kube_api import NS, FakeKubeAPI, make_pod
 
-from vllm_llmd.devtools.client import metric_sum, scrape_metrics
 from vllm_llmd.devtools.server import free_port
 from vllm_llmd.router.config import parse_config
 from vllm_llmd.router.k8s import K8sDiscovery, K8sDiscoveryError, import_kubernetes
 from vllm_llmd.router.pods import PodRegistry
 
-NS = "llm"
 CLOSED_PORT = free_port()  # nothing listens here: health checks of test pods fail at once
-
-
-# ---- the stand-in API server -------------------------------------------------------------------
-
-
-def make_pod(
-    name: str,
-    ip: str | None = "127.0.0.11",
-    *,
-    labels: dict[str, str] | None = None,
-    ready: bool = True,
-    phase: str = "Running",
-    deleting: bool = False,
-    ports: dict[str, int] | None = None,
-    namespace: str = NS,
-) -> dict[str, Any]:
-    """A pod as the API server returns it (the fields discovery reads, and the required ones)."""
-    metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": namespace,
-        "uid": f"uid-{name}",
-        "labels": {"app": "vllm"} if labels is None else labels,
-    }
-    if deleting:
-        metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    container_ports = [{"name": n, "containerPort": p} for n, p in (ports or {}).items()]
-    status: dict[str, Any] = {
-        "phase": phase,
-        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-    }
-    if ip is not None:
-        status["podIP"] = ip
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata,
-        "spec": {"containers": [{"name": "vllm", "image": "vllm", "ports": container_ports}]},
-        "status": status,
-    }
-
-
-def selector_matches(selector: str, labels: dict[str, str]) -> bool:
-    """Equality-based label selectors, as the API server reads them."""
-    for term in filter(None, (t.strip() for t in selector.split(","))):
-        if "!=" in term:
-            key, value = term.split("!=", 1)
-            ok = labels.get(key.strip()) != value.strip()
-        elif "=" in term:
-            key, value = term.replace("==", "=").split("=", 1)
-            ok = labels.get(key.strip()) == value.strip()
-        elif term.startswith("!"):
-            ok = term[1:].strip() not in labels
-        else:
-            ok = term in labels
-        if not ok:
-            return False
-    return True
-
-
-class FakeKubeAPI:
-    """The pods endpoints of a Kubernetes API server, on its own thread and event loop.
-
-    `put`, `delete` and `expire` change its state from any thread. `record=False` changes it
-    without a watch event (as if the event was compacted away); only a list sees the change.
-    `stop()` takes the server down (connections refused); `start()` brings it back.
-    """
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.requests: list[str] = []  # "list" / "watch", in arrival order
-        self._lock = threading.Lock()
-        self._pods: dict[tuple[str, str], dict] = {}  # (namespace, name) -> pod
-        # (resourceVersion, type, pod, the pod before) of every recorded change
-        self._events: list[tuple[int, str, dict, dict | None]] = []
-        self._rv = 100
-        self._oldest_rv = 0  # a watch from an older resourceVersion gets 410
-        self._generation = 0  # bumped by expire(): open watches end with 410
-        self._changed: asyncio.Event | None = None
-        self._runner: web.AppRunner | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def num_lists(self) -> int:
-        return self.requests.count("list")
-
-    # ---- state, from the test's thread
-
-    def put(self, pod: dict, record: bool = True) -> None:
-        """Create or replace a pod (ADDED or MODIFIED)."""
-        key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
-        with self._lock:
-            before = self._pods.get(key)
-            pod = self._stamp(pod)
-            self._pods[key] = pod
-            if record:
-                self._events.append((self._rv, "MODIFIED" if before else "ADDED", pod, before))
-        self._notify()
-
-    def delete(self, name: str, namespace: str = NS, record: bool = True) -> None:
-        with self._lock:
-            pod = self._pods.pop((namespace, name))
-            pod = self._stamp(pod)
-            if record:
-                self._events.append((self._rv, "DELETED", pod, pod))
-        self._notify()
-
-    def expire(self) -> None:
-        """Compact the history: open watches and watches from before now get 410 Gone."""
-        with self._lock:
-            self._oldest_rv = self._rv
-            self._generation += 1
-        self._notify()
-
-    def _stamp(self, pod: dict) -> dict:
-        self._rv += 1
-        pod = json.loads(json.dumps(pod))
-        pod["metadata"]["resourceVersion"] = str(self._rv)
-        return pod
-
-    def _notify(self) -> None:
-        def wake() -> None:
-            if self._changed is not None:
-                self._changed.set()
-                self._changed = asyncio.Event()
-
-        self._loop.call_soon_threadsafe(wake)
-
-    # ---- serving
-
-    def start(self) -> FakeKubeAPI:
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-
-    def close(self) -> None:
-        self.stop()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-    async def _start(self) -> None:
-        self._changed = asyncio.Event()
-        app = web.Application()
-        app.router.add_get("/api/v1/namespaces/{ns}/pods", self._pods_handler)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def _stop(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            changed, self._changed = self._changed, None
-            if changed is not None:
-                changed.set()  # open watches end
-            await runner.cleanup()
-
-    async def _pods_handler(self, request: web.Request) -> web.StreamResponse:
-        namespace, query = request.match_info["ns"], request.query
-        selector = query.get("labelSelector", "")
-        if query.get("watch") in ("true", "1"):
-            return await self._watch(request, namespace, selector)
-        self.requests.append("list")
-        with self._lock:
-            items = [
-                pod
-                for (ns, _), pod in self._pods.items()
-                if ns == namespace and selector_matches(selector, pod["metadata"]["labels"])
-            ]
-            rv = self._rv
-        return web.json_response(
-            {
-                "apiVersion": "v1",
-                "kind": "PodList",
-                "metadata": {"resourceVersion": str(rv)},
-                "items": items,
-            }
-        )
-
-    async def _watch(
-        self, request: web.Request, namespace: str, selector: str
-    ) -> web.StreamResponse:
-        self.requests.append("watch")
-        query = request.query
-        cursor = int(query.get("resourceVersion") or 0)
-        deadline = time.monotonic() + float(query.get("timeoutSeconds", 30))
-        generation = self._generation
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(request)
-        while True:
-            changed = self._changed
-            if changed is None:  # the server is going down
-                break
-            with self._lock:
-                expired = cursor < self._oldest_rv or generation != self._generation
-                events = [e for e in self._events if e[0] > cursor]
-            if expired:
-                await _write_line(response, _gone())
-                break
-            for rv, kind, pod, before in events:
-                cursor = rv
-                if pod["metadata"]["namespace"] != namespace:
-                    continue
-                kind = _seen_by(selector, kind, pod, before)
-                if kind is not None:
-                    await _write_line(response, {"type": kind, "object": pod})
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
-        return response
-
-
-def _seen_by(selector: str, kind: str, pod: dict, before: dict | None) -> str | None:
-    """What a watch with this selector sees of a change: a pod that starts or stops matching
-    is ADDED or DELETED for it, as the API server's watch cache does."""
-    now = selector_matches(selector, pod["metadata"]["labels"])
-    was = before is not None and selector_matches(selector, before["metadata"]["labels"])
-    if kind == "MODIFIED" and now != was:
-        return "ADDED" if now else "DELETED"
-    return kind if now or was else None
-
-
-def _gone() -> dict:
-    status = {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "status": "Failure",
-        "message": "too old resource version",
-        "reason": "Expired",
-        "code": 410,
-    }
-    return {"type": "ERROR", "object": status}
-
-
-async def _write_line(response: web.StreamResponse, event: dict) -> None:
-    await response.write(json.dumps(event).encode() + b"\n")
-
-
-@pytest.fixture
-def kube_api():
-    api = FakeKubeAPI().start()
-    try:
-        yield api
-    finally:
-        api.close()
 
 
 # ---- discovery into a PodRegistry ---------------------------------------------------------------
@@ -645,72 +386,3 @@ def test_missing_client_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "kubernetes", None)  # as if it were not installed
     with pytest.raises(K8sDiscoveryError, match=r"pip install 'vllm-llmd\[k8s\]'"):
         import_kubernetes()
-
-
-# ---- end to end: a real router process, a real vLLM pod ---------------------------------------
-
-
-def _post(url: str, body: dict) -> tuple[int, dict, dict]:
-    """(status, headers, JSON answer) of a POST to the router."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    try:
-        conn.request(
-            "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
-        )
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), json.loads(response.read())
-    finally:
-        conn.close()
-
-
-def _router_health(url: str) -> int:
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        conn.request("GET", "/health")
-        return conn.getresponse().status
-    finally:
-        conn.close()
-
-
-def _wait(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-
-
-@pytest.mark.server
-def test_router_routes_to_discovered_pods_and_drops_deleted_ones(
-    kube_api, vllm_servers, tiny_model, start_router
-):
-    pod = vllm_servers.shared("router-pod-a", router_pod_config(tiny_model, "0"))
-    vllm_pod = make_pod("vllm-0", "127.0.0.1", ports={"http": pod.config.port})
-    kube_api.put(vllm_pod)
-    kube_api.put(make_pod("vllm-1", "127.0.0.1", ready=False, ports={"http": 1}))  # starting
-    args = ["--k8s-label-selector", "app=vllm", "--k8s-namespace", NS]
-    args += ["--k8s-api-url", kube_api.url, "--k8s-port", "http"]
-    args += ["--tokenizer", str(tiny_model), "--poll-interval-s", "0.5"]
-    router = start_router(args, "router-k8s")  # ready: the pod was discovered before it served
-
-    body = {"model": pod.model_name, "prompt": "the quick brown fox " * 60, "max_tokens": 2}
-    for _ in range(2):
-        status, headers, answer = _post(router.url, body)
-        assert status == 200, answer
-        assert headers["X-Routed-To"] == pod.url
-    # The router found the pod's KV events by itself and follows them.
-    _wait(lambda: metric_sum(scrape_metrics(router.url), "llmd_router_index_entries") > 0)
-
-    kube_api.delete("vllm-0")
-    _wait(lambda: _router_health(router.url) == 503)
-    status, _, answer = _post(router.url, body)
-    assert status == 503, answer
-    assert answer["error"]["message"] == "no healthy pod can serve this request"
-    _wait(lambda: metric_sum(scrape_metrics(router.url), "llmd_router_index_entries") == 0)
-
-    kube_api.put(vllm_pod)  # back (a new pod at the same address)
-    _wait(lambda: _router_health(router.url) == 200)
-    status, headers, answer = _post(router.url, body)
-    assert status == 200, answer
-    assert "discovering pods in namespace llm" in router.log_path.read_text()

@@ -6,9 +6,9 @@ answer equals the prefill pod's own greedy answer."""
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
+from router_harness import read_audit, router_args
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import complete, completion_token_ids, metric_sum, scrape_metrics
@@ -60,26 +60,19 @@ def _external_tokens(server) -> float:
 def test_router_runs_nixl_prefill_then_decode(nixl_pods, tiny_model, start_router, tmp_path):
     prefill, decode = nixl_pods
     audit = tmp_path / "audit.jsonl"
-    router = start_router(
-        [
-            "--pod",
-            f"{prefill.url},role=prefill",
-            "--pod",
-            f"{decode.url},role=decode",
-            "--tokenizer",
-            str(tiny_model),
-            "--pd-threshold-tokens",
-            "100",
-            "--audit-log",
-            str(audit),
-        ],
-        "router-nixl",
+    args = router_args(
+        f"{prefill.url},role=prefill",
+        f"{decode.url},role=decode",
+        tokenizer=tiny_model,
+        pd_threshold_tokens=100,
+        audit_log=audit,
     )
+    router = start_router(args, "router-nixl")
     tokenizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
     prompt = tokenizer.encode(sample_text(1200, seed=881)).ids[:1000]
     before = _external_tokens(decode)
     answer = complete(router.url, decode.model_name, prompt, max_tokens=8)
-    [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    [record] = read_audit(audit)
     assert (record["prefill_pod"], record["decode_pod"]) == (prefill.url, decode.url)
     # NIXL moves whole blocks: 7 of the 1000 tokens' 128-token blocks; the rest is computed.
     assert _external_tokens(decode) - before >= 7 * 128

@@ -14,6 +14,7 @@ import logging
 import aiohttp
 import pytest
 from aiohttp import web
+from router_harness import serve_on_loopback, url_of
 
 from vllm_llmd.router.cli import build_app
 from vllm_llmd.router.config import PodSpec, parse_config
@@ -43,14 +44,7 @@ async def start_pod(metrics: str = GOOD_METRICS, sources: object = None) -> web.
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/kv_event_sources", event_sources)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner
-
-
-def url_of(runner: web.AppRunner) -> str:
-    return f"http://127.0.0.1:{runner.addresses[0][1]}"
+    return await serve_on_loopback(app)
 
 
 @pytest.mark.parametrize("value", ["+Inf", "-Inf", "NaN"])

@@ -9,11 +9,10 @@ for all of them: `EventIngestor.add_pod` and `remove_pod` call `clear_pod`.)"""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
-from conftest import router_pod_config
+from router_harness import read_audit, router_args
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import complete
@@ -25,17 +24,6 @@ redis = pytest.importorskip("redis")
 from vllm_llmd.router.redis_index import RedisIndex  # noqa: E402 (needs the redis client)
 
 BLOCK = 128
-
-
-@pytest.fixture(scope="module")
-def pods(vllm_servers, tiny_model):
-    servers = vllm_servers.shared_group(
-        {
-            "router-pod-a": router_pod_config(tiny_model, "0"),
-            "router-pod-b": router_pod_config(tiny_model, "1"),
-        }
-    )
-    return servers["router-pod-a"], servers["router-pod-b"]
 
 
 def test_no_ingest_needs_redis():
@@ -59,23 +47,19 @@ def _wait_for_prefix(index: RedisIndex, hashes: list[int], pod: str, timeout: fl
     raise TimeoutError(f"{pod} never held the prefix: {index.lookup_prefix(hashes)}")
 
 
-def _audit(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.mark.server
 def test_replicas_sharing_redis_make_the_same_decision(
-    pods, tiny_model, redis_url, start_router, tmp_path
+    router_pods, tiny_model, redis_url, start_router, tmp_path
 ):
     tokenizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
     hasher = TokenProcessor(tiny_model, BLOCK)
     index = RedisIndex(redis_url)
-    model = pods[0].model_name
-    common = ["--tokenizer", str(tiny_model), "--redis-url", redis_url, "--poll-interval-s", "0.2"]
+    model = router_pods[0].model_name
+    common = {"tokenizer": tiny_model, "redis_url": redis_url, "poll_interval_s": 0.2}
     audits = [tmp_path / "audit-1.jsonl", tmp_path / "audit-2.jsonl"]
+    pod_urls = [pod.url for pod in router_pods]
     ingesting = start_router(
-        ["--pod", pods[0].url, "--pod", pods[1].url, *common, "--audit-log", str(audits[0])],
-        "router-redis-1",
+        router_args(*pod_urls, **common, audit_log=audits[0]), "router-redis-1"
     )
 
     # Two prefixes: one routed by replica 1 (an idle tie: the smallest pod id), one sent to the
@@ -84,22 +68,22 @@ def test_replicas_sharing_redis_make_the_same_decision(
         tokenizer.encode(sample_text(5 * BLOCK, seed=1600 + i)).ids[: 4 * BLOCK] for i in range(2)
     ]
     complete(ingesting.url, model, [*prefixes[0], 11, 12, 13], max_tokens=2)
-    holders = [_audit(audits[0])[0]["decode_pod"]]
-    holders.append(next(p.url for p in pods if p.url != holders[0]))
+    holders = [read_audit(audits[0])[0]["decode_pod"]]
+    holders.append(next(p.url for p in router_pods if p.url != holders[0]))
     complete(holders[1], model, [*prefixes[1], 11, 12, 13], max_tokens=2)
     hashes = [list(hasher.hash(prefix).block_hashes) for prefix in prefixes]
     for prefix_hashes, holder in zip(hashes, holders, strict=True):
         _wait_for_prefix(index, prefix_hashes, holder)
 
     # Replica 2 reads the same index and follows no events (its start clears nothing).
-    args = ["--pod", pods[1].url, "--pod", pods[0].url, *common, "--audit-log", str(audits[1])]
-    reading = start_router([*args, "--no-ingest"], "router-redis-2")
+    args = router_args(*reversed(pod_urls), **common, audit_log=audits[1], no_ingest=True)
+    reading = start_router(args, "router-redis-2")
     for prefix in prefixes:
         for router in (ingesting, reading):
             complete(router.url, model, [*prefix, 21, 22, 23, 24], max_tokens=2)
 
-    first = _audit(audits[0])[1:]
-    second = _audit(audits[1])
+    first = read_audit(audits[0])[1:]
+    second = read_audit(audits[1])
     decided = [[(r["decode_pod"], r["hit_tokens"]) for r in records] for records in (first, second)]
     expected = [(holder, 4 * BLOCK) for holder in holders]
     assert decided == [expected, expected]

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import msgspec
 import pytest
 import zmq
+from router_harness import wait_for
 
 from vllm_llmd.devtools.server import free_port
 from vllm_llmd.events.wire import encode_seq
@@ -106,12 +107,6 @@ def test_ingest_counts_and_rate_limits_what_a_paused_redis_loses(redis_server, c
         event = ["BlockStored", [block_hash], None, list(range(16)), 16, None]
         payload = msgspec.msgpack.encode([time.time(), [event], 0])
         socket.send_multipart([b"", encode_seq(seq), payload])
-
-    def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, "condition not met in time"
-            time.sleep(0.05)
 
     try:
         with EventIngestor(index) as ingestor:

@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 from conftest import KeepBusy
+from router_harness import read_audit, router_args
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import (
@@ -43,10 +44,6 @@ def tokenizer(tiny_model):
     return Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
 
 
-def _audit(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def _prompt(tokenizer, seed: int, num_tokens: int) -> list[int]:
     """A prompt of exactly num_tokens tokens that shares no block with another seed's."""
     ids = tokenizer.encode(sample_text(num_tokens, seed=seed)).ids
@@ -59,22 +56,10 @@ def _queue_depth(router) -> float:
 
 
 def _slo_router(start_router, pod, tiny_model, audit, *extra: str):
-    return start_router(
-        [
-            "--pod",
-            pod.url,
-            "--policy",
-            "slo",
-            "--tokenizer",
-            str(tiny_model),
-            "--audit-log",
-            str(audit),
-            "--poll-interval-s",
-            "0.2",
-            *extra,
-        ],
-        "router-slo",
+    args = router_args(
+        pod.url, policy="slo", tokenizer=tiny_model, audit_log=audit, poll_interval_s=0.2
     )
+    return start_router([*args, *extra], "router-slo")
 
 
 def _warm_up(router, pod, tokenizer, seed: int) -> None:
@@ -95,7 +80,7 @@ def test_predicted_ttft_converges_on_a_real_pod(pod, tiny_model, tokenizer, star
     for i in range(12):
         prompt = _prompt(tokenizer, 2100 + i, rng.randrange(400, 4000))
         measured = timed_stream(router.url, pod.model_name, prompt, 4).ttft_s
-        record = _audit(audit)[-1]
+        record = read_audit(audit)[-1]
         assert record["predicted_ttft_s"] is not None, record
         errors.append(abs(record["predicted_ttft_s"] - measured) / measured)
         pairs.append(f"{len(prompt)}:{record['predicted_ttft_s'] * 1000:.0f}/{measured * 1000:.0f}")
@@ -145,10 +130,10 @@ def test_unmeetable_slo_is_shed_or_queued_by_priority(
     with KeepBusy(router.url, pod.model_name, 4, max_tokens=3000, stagger=500, seed=0):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (
-            len(_audit(audit)) >= WARMUP + 2 + 3 and _queue_depth(router) >= 1
+            len(read_audit(audit)) >= WARMUP + 2 + 3 and _queue_depth(router) >= 1
         ):
             time.sleep(0.1)
-        assert len(_audit(audit)) >= WARMUP + 2 + 3, "the long requests were not dispatched"
+        assert len(read_audit(audit)) >= WARMUP + 2 + 3, "the long requests were not dispatched"
         assert _queue_depth(router) >= 1, "no request waits in the router: the pod is not full"
         # Sheddable traffic is refused at once, even with an easy SLO ...
         request = urllib.request.Request(
@@ -168,7 +153,7 @@ def test_unmeetable_slo_is_shed_or_queued_by_priority(
         # ... critical traffic waits in the router until the pod has room (ahead of the
         # keeper's priority-0 requests queued there), then is served.
         assert ask("critical", 60_000)["choices"]
-    records = [r for r in _audit(audit)[WARMUP:] if r["prompt_tokens"] == 1500]
+    records = [r for r in read_audit(audit)[WARMUP:] if r["prompt_tokens"] == 1500]
     assert [(r["priority"], r["admission"]) for r in records] == [
         (-1, "met"),
         (-1, "met"),
@@ -202,14 +187,14 @@ def _flood_and_quiet(router, pod, audit) -> list[dict]:
     # The flood fills the pod and the router's queue first: the quiet id comes once a few
     # flood requests were dispatched (the rest wait in the router).
     deadline = time.monotonic() + 30
-    while (not audit.exists() or len(_audit(audit)) < 3) and time.monotonic() < deadline:
+    while (not audit.exists() or len(read_audit(audit)) < 3) and time.monotonic() < deadline:
         time.sleep(0.05)
     for thread in quiet:
         thread.start()
     for thread in flood + quiet:
         thread.join(timeout=120)
     assert not failures, failures
-    records = _audit(audit)
+    records = read_audit(audit)
     print("dispatch order:", " ".join("Q" if r["fairness_id"] == "quiet" else "f" for r in records))
     return records
 

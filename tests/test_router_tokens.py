@@ -15,6 +15,7 @@ import time
 
 import aiohttp
 import pytest
+from conftest import event_endpoints, kv_events_config
 
 from vllm_llmd.devtools.client import post_json
 from vllm_llmd.devtools.model_maker import sample_text
@@ -65,22 +66,15 @@ def bos_model(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pod(bos_model, vllm_servers):
-    port, replay_port = free_port(), free_port()
     config = VLLMServerConfig(
         model=bos_model,
         served_model_name="tiny-bos",
         block_size=BLOCK,
-        kv_events_config={
-            "enable_kv_cache_events": True,
-            "publisher": "zmq",
-            "endpoint": f"tcp://*:{port}",
-            "replay_endpoint": f"tcp://*:{replay_port}",
-            "topic": "kv",
-        },
+        kv_events_config=kv_events_config(),
         extra_args=["--trust-request-chat-template"],
     )
     server = vllm_servers.shared("router-tokens", config)
-    server.events = (f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay_port}")
+    server.events = event_endpoints(config)
     return server
 
 

@@ -7,26 +7,17 @@ import msgspec
 import pytest
 import torch
 from conftest import FakeClock
+from factories import make_fingerprint
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
 from vllm_llmd.transfer.params import ParamsError, RemotePrefillParams, prompt_digest
-from vllm_llmd.transfer.registry import SendRegistry, SendState
+from vllm_llmd.transfer.registry import SendOutcome, SendRegistry, SendState
 from vllm_llmd.transfer.server import TransferServer
 
 NUM_LAYERS, PAGE = 3, 96
-FINGERPRINT = wire.KVLayoutFingerprint(
-    model="m",
-    dtype="float32",
-    num_layers=NUM_LAYERS,
-    num_kv_heads=2,
-    head_size=8,
-    block_size=32,
-    layout="LBHNC",
-    tensor_parallel_size=1,
-    page_bytes=PAGE,
-)
+FINGERPRINT = make_fingerprint(num_layers=NUM_LAYERS, head_size=8, page_bytes=PAGE)
 
 
 # ---- registry --------------------------------------------------------------------------------
@@ -44,7 +35,11 @@ def test_registry_release_frees_and_reading_is_never_freed():
     assert registry.take_finished() == []
     assert registry.release("t1", True)
     [done] = registry.take_finished()
-    assert (done.request_id, done.state, done.outcome) == ("req", SendState.RELEASED, "done")
+    assert (done.request_id, done.state, done.outcome) == (
+        "req",
+        SendState.RELEASED,
+        SendOutcome.DONE,
+    )
     assert len(registry) == 0
 
 
@@ -58,7 +53,7 @@ def test_registry_lease_expiry_and_bad_reads():
     assert registry.take_finished() == []
     clock.now += 0.2
     [expired] = registry.take_finished()
-    assert expired.outcome == "expired"
+    assert expired.outcome == SendOutcome.EXPIRED
     assert "unknown" in registry.begin_read("t1", [1])
 
 
@@ -67,7 +62,7 @@ def test_registry_failed_release_frees():
     registry.add("req", "t1", [1])
     assert registry.release("t1", False, "decode gave up")
     [send] = registry.take_finished()
-    assert send.outcome == "failed: decode gave up"
+    assert (send.outcome, send.reason) == (SendOutcome.FAILED, "decode gave up")
 
 
 # ---- wire, params, config --------------------------------------------------------------------
@@ -156,7 +151,7 @@ def side_channel(request):
         server.close()
 
 
-def _pull(server, transfer_id, block_ids, fingerprint=FINGERPRINT, chunk_bytes=1 << 20):
+def _pull(server, transfer_id, block_ids, fingerprint=FINGERPRINT, read_bytes=1 << 20):
     received = {}
 
     def scatter(first, data):
@@ -170,21 +165,21 @@ def _pull(server, transfer_id, block_ids, fingerprint=FINGERPRINT, chunk_bytes=1
         NUM_LAYERS * PAGE,
     )
     nbytes = pull_blocks(
-        spec, scatter, timeout_s=2, unknown_transfer_grace_s=0.3, max_chunk_bytes=chunk_bytes
+        spec, scatter, timeout_s=2, unknown_transfer_grace_s=0.3, max_chunk_bytes=read_bytes
     )
     return nbytes, torch.cat([received[k] for k in sorted(received)])
 
 
-def test_pull_in_chunks_then_release(side_channel):
+def test_pull_in_reads_then_release(side_channel):
     server, registry, cache, gathers = side_channel
     blocks = [9, 2, 14, 5, 7]
     registry.add("req", "tid", blocks)
-    nbytes, data = _pull(server, "tid", blocks, chunk_bytes=2 * NUM_LAYERS * PAGE)
+    nbytes, data = _pull(server, "tid", blocks, read_bytes=2 * NUM_LAYERS * PAGE)
     assert nbytes == len(blocks) * NUM_LAYERS * PAGE
     assert torch.equal(data, cache[torch.tensor(blocks)])
-    assert gathers == [[9, 2], [14, 5], [7]]  # three chunks of at most two blocks
+    assert gathers == [[9, 2], [14, 5], [7]]  # three reads of at most two blocks
     [send] = registry.take_finished()  # released by the puller
-    assert send.outcome == "done"
+    assert send.outcome == SendOutcome.DONE
     # the bytes went the way the server offers: shared memory on this host, else the socket
     moved = (server.bytes_shared, server.bytes_sent)
     assert moved == ((nbytes, 0) if server.host_id else (0, nbytes))
@@ -225,7 +220,7 @@ def test_a_segment_that_cannot_be_opened_falls_back_to_the_socket(monkeypatch):
         assert server.bytes_sent == nbytes  # the read was answered again, through the socket
         assert gathers == [[4, 6], [4, 6]]
         [send] = registry.take_finished()
-        assert send.outcome == "done"
+        assert send.outcome == SendOutcome.DONE
     finally:
         server.close()
 
@@ -239,7 +234,7 @@ def test_pull_refused_on_fingerprint_mismatch(side_channel):
         _pull(server, "tid", [1], fingerprint=other)
     assert "float32" not in str(refused.value)
     [send] = registry.take_finished()  # the failed pull still released the blocks
-    assert send.outcome.startswith("failed: ")
+    assert send.outcome == SendOutcome.FAILED
 
 
 def test_pull_of_unknown_transfer_fails_after_grace(side_channel):
@@ -252,7 +247,7 @@ def test_pull_of_unknown_transfer_fails_after_grace(side_channel):
         _pull(server, "tid", [3])
     # Whoever holds the id and gives up releases the blocks at once.
     [send] = registry.take_finished()
-    assert send.outcome.startswith("failed: ")
+    assert send.outcome == SendOutcome.FAILED
 
 
 def test_pull_from_nobody_times_out():
@@ -274,4 +269,4 @@ def test_release_without_read(side_channel):
     registry.add("req", "tid", [1])
     release_transfer(f"tcp://127.0.0.1:{server.port}", "tid", "cached locally", timeout_s=2)
     [send] = registry.take_finished()
-    assert send.outcome == "failed: cached locally"
+    assert (send.outcome, send.reason) == (SendOutcome.FAILED, "cached locally")

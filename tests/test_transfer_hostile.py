@@ -26,7 +26,7 @@ from test_transfer import FINGERPRINT, NUM_LAYERS, PAGE, _byte_cache_server, _pu
 from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks
 from vllm_llmd.transfer.framing import HEADER, MAGIC, frame, frame_header, recv_exactly
-from vllm_llmd.transfer.registry import SendRegistry, SendState
+from vllm_llmd.transfer.registry import SendOutcome, SendRegistry, SendState
 
 BLOCK_BYTES = NUM_LAYERS * PAGE
 
@@ -202,7 +202,7 @@ def test_a_read_naming_a_block_twice_is_refused_and_nothing_is_gathered(side_cha
         _pull(server, "tid", [3, 3])
     assert gathers == []
     [send] = registry.take_finished()  # the puller released it as failed
-    assert send.outcome.startswith("failed: ")
+    assert send.outcome == SendOutcome.FAILED
 
 
 def test_a_read_over_the_servers_max_chunk_bytes_is_refused_unpinned():
@@ -212,12 +212,12 @@ def test_a_read_over_the_servers_max_chunk_bytes_is_refused_unpinned():
     try:
         registry.add("req", "tid", list(range(8)))
         with pytest.raises(TransferFailed, match=r"too_large.*max_chunk_bytes \(576\)"):
-            _pull(server, "tid", [0, 1, 2], chunk_bytes=3 * BLOCK_BYTES)
+            _pull(server, "tid", [0, 1, 2], read_bytes=3 * BLOCK_BYTES)
         assert gathers == []
         [send] = registry.take_finished()  # not left pinned: the puller's release freed it
-        assert send.state == SendState.RELEASED and send.outcome.startswith("failed: ")
+        assert send.state == SendState.RELEASED and send.outcome == SendOutcome.FAILED
         registry.add("req2", "tid2", list(range(8)))
-        _, data = _pull(server, "tid2", [0, 1, 2], chunk_bytes=2 * BLOCK_BYTES)  # within it
+        _, data = _pull(server, "tid2", [0, 1, 2], read_bytes=2 * BLOCK_BYTES)  # within it
         assert torch.equal(data, cache[torch.tensor([0, 1, 2])])
     finally:
         server.close()
@@ -372,7 +372,7 @@ def test_a_scatter_that_fails_releases_the_transfer_as_failed(side_channel):
             spec, broken_scatter, timeout_s=2, unknown_transfer_grace_s=0, max_chunk_bytes=1 << 20
         )
     [send] = registry.take_finished()
-    assert send.outcome == "failed: out of device memory"
+    assert (send.outcome, send.reason) == (SendOutcome.FAILED, "out of device memory")
 
 
 def test_an_idle_connection_the_server_dropped_is_opened_again(side_channel):

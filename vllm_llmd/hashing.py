@@ -64,7 +64,8 @@ def _xxh3_128(data: bytes) -> bytes:
             "the xxhash/xxhash_cbor prefix-caching hash needs the xxhash package "
             "(the engine uses it too): pip install xxhash"
         ) from None
-    return xxhash.xxh3_128_digest(data)
+    digest: bytes = xxhash.xxh3_128_digest(data)
+    return digest
 
 
 def sha256(obj: Any) -> bytes:

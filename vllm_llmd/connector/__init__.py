@@ -6,7 +6,7 @@
 - `request_state.py`: `RequestState`, all the scheduler half holds for one request, and its
   `LoadPhase`.
 - `tier.py`: `TierPlanner`, the protocol every tier's scheduler side implements (offload:
-  `vllm_llmd/offload/planner.py`, shared: `vllm_llmd/shared/planner.py`, remote prefill:
+  `vllm_llmd/offload/planner.py`, shared: `vllm_llmd/shared_tier/planner.py`, remote prefill:
   `remote_prefill.py`).
 - `remote_prefill.py`: the decode side of P/D (pulls and releases) as the last tier.
 - `worker.py`: the worker half (each worker process): moves bytes, reports completions;

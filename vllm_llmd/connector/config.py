@@ -139,7 +139,7 @@ class LLMDConnectorConfig:
             raise ValueError("LLMDConnector: offload byte sizes must be >= 0")
         if self.disk_offload_path and not self.host_offload_bytes:
             raise ValueError(
-                "LLMDConnector: disk_offload_path needs host_offload_bytes > 0 (disk chunks "
+                "LLMDConnector: disk_offload_path needs host_offload_bytes > 0 (disk blocks "
                 "are loaded through the host tier)"
             )
         for name in (
@@ -161,16 +161,17 @@ class LLMDConnectorConfig:
     def offload_enabled(self) -> bool:
         return self.host_offload_bytes > 0
 
-    def offload_chunks(self, chunk_bytes: int, num_workers: int) -> tuple[int, int]:
-        """(host slots, disk chunks) per worker, for chunks of chunk_bytes per worker."""
-        per_chunk = chunk_bytes * num_workers
-        host = self.host_offload_bytes // per_chunk
+    def offload_capacity(self, block_bytes: int, num_workers: int) -> tuple[int, int]:
+        """(host slots, disk files) per worker, for offloaded blocks of block_bytes per worker
+        (one block of every layer)."""
+        per_block = block_bytes * num_workers
+        host = self.host_offload_bytes // per_block
         if self.offload_enabled and host == 0:
             raise ValueError(
                 f"LLMDConnector: host_offload_bytes {self.host_offload_bytes} is less than one "
-                f"chunk ({per_chunk} bytes: one block of every layer on every worker)"
+                f"block ({per_block} bytes: one block of every layer on every worker)"
             )
-        return host, self.disk_bytes // per_chunk
+        return host, self.disk_bytes // per_block
 
     @property
     def disk_bytes(self) -> int:

@@ -28,7 +28,7 @@ from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
 from vllm_llmd.connector.stats import LLMDConnectorStats, LLMDPromMetrics
 from vllm_llmd.connector.worker import LLMDConnectorWorker
 from vllm_llmd.log import get_logger
-from vllm_llmd.offload.disk_store import DiskChunkStore
+from vllm_llmd.offload.disk_store import DiskBlockStore
 from vllm_llmd.offload.manager import OffloadManager
 from vllm_llmd.offload.paths import disk_tier_folder
 from vllm_llmd.offload.planner import OffloadPlanner
@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-    from vllm_llmd.shared.planner import SharedTierPlanner
-    from vllm_llmd.transfer.messages import KVLayoutFingerprint
+    from vllm_llmd.kv_layout import KVLayoutFingerprint
+    from vllm_llmd.shared_tier.planner import SharedTierPlanner
 
 logger = get_logger(__name__)
 
@@ -261,8 +261,8 @@ def make_shared_planner(
     """
     if not config.shared_tier_url:
         return None
-    from vllm_llmd.shared.client import SharedTierClient
-    from vllm_llmd.shared.planner import SharedTierPlanner
+    from vllm_llmd.shared_tier.client import SharedTierClient
+    from vllm_llmd.shared_tier.planner import SharedTierPlanner
 
     if config.shared_tier_chunk_tokens % block_size:
         raise ValueError(
@@ -300,25 +300,25 @@ def make_offload_planner(
     if not config.offload_enabled:
         return None
     num_workers = fingerprint.tensor_parallel_size
-    chunk_bytes = fingerprint.num_layers * fingerprint.page_bytes
-    host_slots, disk_chunks = config.offload_chunks(chunk_bytes, num_workers)
-    manager = OffloadManager(host_slots, disk_chunks, config.offload_policy)
-    if disk_chunks:
+    block_bytes = fingerprint.num_layers * fingerprint.page_bytes
+    host_slots, disk_blocks = config.offload_capacity(block_bytes, num_workers)
+    manager = OffloadManager(host_slots, disk_blocks, config.offload_policy)
+    if disk_blocks:
         folder = disk_tier_folder(config.disk_offload_path, fingerprint)
         scans = [
-            DiskChunkStore(folder, fingerprint, rank, chunk_bytes).scan()
+            DiskBlockStore(folder, fingerprint, rank, block_bytes).scan()
             for rank in range(num_workers)
         ]
-        # A chunk is usable only if every worker's part of it survived.
+        # A block is usable only if every worker's part of it survived.
         complete = set.intersection(*({c.key for c in scan} for scan in scans))
-        found = [(c.key, c.info) for c in scans[0] if c.key in complete][-disk_chunks:]
-        manager.add_disk_chunks(found)
+        found = [(c.key, c.info) for c in scans[0] if c.key in complete][-disk_blocks:]
+        manager.add_disk_blocks(found)
         if found:
-            logger.info("LLMDConnector offload: %d chunks found on disk in %s", len(found), folder)
+            logger.info("LLMDConnector offload: %d blocks found on disk in %s", len(found), folder)
     return OffloadPlanner(
         manager,
         fingerprint.block_size,
         num_workers,
         config.offload_decode_blocks,
-        describe_chunks=publish_events or disk_chunks > 0,
+        describe_blocks=publish_events or disk_blocks > 0,
     )

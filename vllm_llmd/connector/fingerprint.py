@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
+from vllm_llmd.kv_layout import KVLayoutFingerprint
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -2,8 +2,9 @@
 
 The scheduler half builds one `LLMDConnectorMetadata` per engine step; vLLM ships it to every
 worker inside `SchedulerOutput`, and the worker half executes it. Each worker answers with
-`LLMDWorkerMetadata` (a `JobTally` of the tier jobs that ended). Each tier's jobs are its own
-typed classes (`vllm_llmd/offload/jobs.py`, `vllm_llmd/shared/messages.py`); P/D's are here.
+`LLMDWorkerMetadata` (a `vllm_llmd.job_tally.JobTally` of the tier jobs that ended). Each
+tier's jobs are its own typed classes (`vllm_llmd/offload/jobs.py`,
+`vllm_llmd/shared_tier/messages.py`); P/D's are here.
 Request ids are vLLM's engine-internal ids.
 """
 
@@ -17,9 +18,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from vllm_llmd.offload.jobs import JobTally, OffloadLoadSpec, OffloadStepSpec
-from vllm_llmd.shared.messages import SharedLoadSpec, SharedStoreSpec
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
+from vllm_llmd.job_tally import JobTally
+from vllm_llmd.kv_layout import KVLayoutFingerprint
+from vllm_llmd.offload.jobs import OffloadLoadSpec, OffloadStepSpec
+from vllm_llmd.shared_tier.messages import SharedLoadSpec, SharedStoreSpec
 
 
 @dataclass(frozen=True)

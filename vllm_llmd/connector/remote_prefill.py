@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import RecvSpec, ReleaseSpec
+from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.log import get_logger
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
 from vllm_llmd.transfer.params import (
     ParamsError,
     RemotePrefillParams,
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from vllm_llmd.connector.metadata import LLMDConnectorMetadata
     from vllm_llmd.connector.request_state import RequestState
-    from vllm_llmd.offload.jobs import JobTally
+    from vllm_llmd.job_tally import JobTally
 
 logger = get_logger(__name__)
 

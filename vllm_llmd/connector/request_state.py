@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vllm.v1.request import Request
 
-    from vllm_llmd.shared.planner import SharedLookup
+    from vllm_llmd.hashing import BlockHash
+    from vllm_llmd.shared_tier.lookup import SharedLookup
     from vllm_llmd.transfer.params import RemotePrefillParams
 
 
@@ -51,14 +52,14 @@ class RequestState:
     num_computed_tokens: int = 0
     # absolute token each tier loads up to (from the previous one's end), in tier order
     tier_ends: tuple[int, ...] = ()
-    # a load in flight ends before the state may be dropped (its copies read pinned chunks)
+    # a load in flight ends before the state may be dropped (its copies read pinned blocks)
     load_in_flight: bool = False
 
     # ---- offload tier (host/disk) --------------------------------------------------------
     # leading blocks already offered for storing
     offload_offered_blocks: int = 0
-    # chunks pinned for this request's host → device load
-    offload_loading_keys: list[bytes] = field(default_factory=list)
+    # blocks pinned for this request's host → device load
+    offload_loading_keys: list[BlockHash] = field(default_factory=list)
 
     # ---- shared tier ---------------------------------------------------------------------
     # the lookup on the LMCache server (its answer and locks), until loaded or released

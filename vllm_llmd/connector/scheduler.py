@@ -9,7 +9,7 @@ It owns one `RequestState` per live request (`request_state.py`) and asks its ti
 (`tier.py`), in order, what each adds past the device prefix cache: the offload tiers
 (`host_offload_bytes` > 0: host, then disk, `vllm_llmd/offload/planner.py`), the shared tier
 (`shared_tier_url`: whole LMCache chunks from token 0, its lookup async,
-`vllm_llmd/shared/planner.py`), then on a decode instance (`kv_consumer`/`kv_both`) the remote
+`vllm_llmd/shared_tier/planner.py`), then on a decode instance (`kv_consumer`/`kv_both`) the remote
 prefill named by the request's kv_transfer_params (`remote_prefill.py`). Their parts form one
 async load. Every ending of a request goes through `_finish`, where each tier frees its part.
 
@@ -40,9 +40,9 @@ from vllm_llmd.connector.metadata import (
 from vllm_llmd.connector.remote_prefill import RemotePrefillPlanner
 from vllm_llmd.connector.request_state import LoadPhase, RequestState
 from vllm_llmd.connector.tier_events import all_cleared, shared_tier_events, to_kv_events
+from vllm_llmd.job_tally import JobTally
+from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.log import get_logger
-from vllm_llmd.offload.jobs import JobTally
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
 from vllm_llmd.transfer.params import (
     RemotePrefillParams,
     is_llmd_remote_prefill,
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
     from vllm_llmd.connector.tier import TierPlanner
     from vllm_llmd.offload.planner import OffloadPlanner
-    from vllm_llmd.shared.planner import SharedTierPlanner
+    from vllm_llmd.shared_tier.planner import SharedTierPlanner
 
 logger = get_logger(__name__)
 
@@ -283,7 +283,7 @@ class LLMDConnectorScheduler:
 
     def _finish(self, request: Request) -> None:
         """The one path every ending takes: each tier frees the request's part, and its state
-        goes (once a load in flight ended: its copies still read pinned chunks)."""
+        goes (once a load in flight ended: its copies still read pinned blocks)."""
         state = self._states.get(request.request_id) or RequestState(request)
         normal = request.status in _HANDOFF_STATUSES
         state.phase = LoadPhase.FINISHED if normal else LoadPhase.ABORTED

@@ -2,7 +2,7 @@
 
 The scheduler half holds its tiers in lookup order (vLLM's device prefix cache comes first and
 is vLLM's own): the offload tiers (host, then disk: `vllm_llmd/offload/planner.py`), the shared
-tier (`vllm_llmd/shared/planner.py`), then the remote prefill (P/D pull:
+tier (`vllm_llmd/shared_tier/planner.py`), then the remote prefill (P/D pull:
 `remote_prefill.py`). Each hook of the scheduler half loops over them:
 
 - `get_num_new_matched_tokens` → `hit`, each tier asked with what the ones before it cover;
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from vllm_llmd.connector.metadata import LLMDConnectorMetadata
     from vllm_llmd.connector.request_state import RequestState
-    from vllm_llmd.offload.jobs import JobTally
+    from vllm_llmd.job_tally import JobTally
 
 
 class TierPlanner(Protocol):

@@ -1,11 +1,11 @@
 """Our tiers' stores and evictions as vLLM KV events, on vLLM's own publisher.
 
 The scheduler half returns these from `take_events`, so vLLM appends them to the same
-`KVEventBatch` as its device-cache events, in order. Each chunk is one block: a `BlockStored`
+`KVEventBatch` as its device-cache events, in order. One event per offloaded block: a `BlockStored`
 carries its hash exactly as vLLM publishes hashes (`maybe_convert_block_hash`), its parent's,
 its tokens, the block size and the medium (`CPU` for the host tier, `STORAGE` for disk); a
-`BlockRemoved` names the hash and the medium. A chunk's tokens and parent travel with it as
-`ChunkInfo` text (`vllm_llmd/offload/chunk_info.py`).
+`BlockRemoved` names the hash and the medium. A block's tokens and parent travel with it as
+`BlockInfo` text (`vllm_llmd/offload/block_info.py`).
 
 The shared LMCache tier (medium `SHARED`, `shared_tier_events`) is announced per run of blocks,
 from what its planner learned (`SharedTierChange`: lookup answers, finished stores).
@@ -28,16 +28,16 @@ from vllm.distributed.kv_events import (
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from vllm_llmd.events.model import MEDIUM_SHARED
-from vllm_llmd.offload.chunk_info import ChunkInfo
-from vllm_llmd.offload.manager import TierEvent
+from vllm_llmd.offload.block_info import BlockInfo
+from vllm_llmd.offload.manager import OffloadTier, TierEvent
 
 if TYPE_CHECKING:
-    from vllm_llmd.shared.planner import SharedTierChange
+    from vllm_llmd.shared_tier.planner import SharedTierChange
 
-MEDIUM_OF_TIER = {"host": MEDIUM_CPU, "disk": MEDIUM_STORAGE}
+MEDIUM_OF_TIER = {OffloadTier.HOST: MEDIUM_CPU, OffloadTier.DISK: MEDIUM_STORAGE}
 
 
-_decoder = msgspec.json.Decoder(ChunkInfo)
+_decoder = msgspec.json.Decoder(BlockInfo)
 
 
 def shared_tier_events(changes: Iterable[SharedTierChange], block_size: int) -> list[KVCacheEvent]:
@@ -70,7 +70,7 @@ def shared_tier_events(changes: Iterable[SharedTierChange], block_size: int) -> 
 
 
 def to_kv_events(events: Iterable[TierEvent], block_size: int) -> list[KVCacheEvent]:
-    """vLLM KV events for tier events (stores without a readable ChunkInfo are skipped)."""
+    """vLLM KV events for tier events (stores without a readable BlockInfo are skipped)."""
     out: list[KVCacheEvent] = []
     for event in events:
         medium = MEDIUM_OF_TIER[event.tier]

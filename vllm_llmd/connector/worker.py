@@ -15,7 +15,7 @@ flushes its device → host copies before the next forward (`handle_preemptions`
 host slots into a request's blocks; a request's load (tiers and pull alike) finishes when all
 its parts did.
 
-Shared tier: a `SharedTierWorker` (vllm_llmd/shared/worker.py) gathers the step's new prompt
+Shared tier: a `SharedTierWorker` (vllm_llmd/shared_tier/worker.py) gathers the step's new prompt
 chunks after the forward and sends them to the LMCache server off the step; the next step waits
 only for the gather. Its loads are one more part of a request's load.
 """
@@ -46,19 +46,20 @@ from vllm_llmd.connector.worker_tiers import (
     make_shared_worker,
     shared_store_tally,
 )
+from vllm_llmd.job_tally import JobTally
+from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.log import get_logger
-from vllm_llmd.offload.jobs import JobTally
 from vllm_llmd.offload.worker import OffloadWorker
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
 from vllm_llmd.transfer.cuda_ipc import CudaIpcWriter, IpcUnavailable, export_cache
-from vllm_llmd.transfer.messages import CudaIpcCache, KVLayoutFingerprint
-from vllm_llmd.transfer.registry import SendRegistry
+from vllm_llmd.transfer.messages import CudaIpcCache
+from vllm_llmd.transfer.registry import SendOutcome, SendRegistry
 from vllm_llmd.transfer.server import TransferServer
 
 if TYPE_CHECKING:
-    from vllm_llmd.shared.messages import SharedLoadSpec
-    from vllm_llmd.shared.worker import SharedTierWorker
+    from vllm_llmd.shared_tier.messages import SharedLoadSpec
+    from vllm_llmd.shared_tier.worker import SharedTierWorker
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -245,9 +246,9 @@ class LLMDConnectorWorker:
         """(finished_sending, finished_recving, failed_recving) request ids of this step."""
         self._finished_requests |= finished_req_ids & self._held_requests
         for send in self.registry.take_finished():
-            if send.outcome == "done":
+            if send.outcome == SendOutcome.DONE:
                 self._count("sends_released")
-            elif send.outcome == "expired":
+            elif send.outcome == SendOutcome.EXPIRED:
                 self._count("sends_expired")
                 logger.warning(
                     "LLMDConnector: transfer for request %s expired after %.0fs unread; "

@@ -11,22 +11,22 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
+from vllm_llmd.job_tally import JobKind, JobTally
+from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.log import get_logger
-from vllm_llmd.offload.disk_store import DiskChunkStore
-from vllm_llmd.offload.jobs import JobKind, JobTally
+from vllm_llmd.offload.disk_store import DiskBlockStore
 from vllm_llmd.offload.paths import disk_tier_folder
 from vllm_llmd.offload.worker import OffloadWorker
 from vllm_llmd.ops import PagedKVCache
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
 
 if TYPE_CHECKING:
     import torch
 
-    from vllm_llmd.shared.worker import SharedTierWorker
+    from vllm_llmd.shared_tier.worker import SharedTierWorker
 
 logger = get_logger(__name__)
 
-# job kind -> (counter of chunks done, counter of chunks failed)
+# job kind -> (counter of blocks done, counter of blocks failed)
 _COUNTERS_OF_KIND = {
     JobKind.STORE: ("offload_stored_chunks", "offload_failed_writes"),
     JobKind.SPILL: ("offload_spilled_chunks", "offload_failed_writes"),
@@ -42,20 +42,20 @@ def make_offload_worker(
 ) -> OffloadWorker:
     """This worker's host pool and (if configured) its part of the disk tier."""
     num_workers = fingerprint.tensor_parallel_size
-    host_slots, disk_chunks = config.offload_chunks(kv_cache.block_bytes, num_workers)
+    host_slots, disk_blocks = config.offload_capacity(kv_cache.block_bytes, num_workers)
     disk = None
-    if disk_chunks:
-        disk = DiskChunkStore(
+    if disk_blocks:
+        disk = DiskBlockStore(
             disk_tier_folder(config.disk_offload_path, fingerprint),
             fingerprint,
             tp_rank,
             kv_cache.block_bytes,
         )
     logger.info(
-        "LLMDConnector offload: host tier %d chunks (%.1f MiB), disk tier %s",
+        "LLMDConnector offload: host tier %d blocks (%.1f MiB), disk tier %s",
         host_slots,
         host_slots * kv_cache.block_bytes / 2**20,
-        f"{disk_chunks} chunks in {disk.root}" if disk else "off",
+        f"{disk_blocks} blocks in {disk.root}" if disk else "off",
     )
     return OffloadWorker(kv_cache, host_slots, disk, config.offload_disk_threads)
 
@@ -70,7 +70,7 @@ def make_shared_worker(
     count: Callable[[str, int], None],
 ) -> SharedTierWorker:
     """This worker's connection to the shared tier's LMCache server (LMCache imported here)."""
-    from vllm_llmd.shared.worker import SharedTierWorker
+    from vllm_llmd.shared_tier.worker import SharedTierWorker
 
     return SharedTierWorker(
         config.shared_tier_url,

@@ -11,6 +11,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_llmd.prometheus_text import MetricSamples, parse_prometheus_text
+
 
 class HTTPStatusError(RuntimeError):
     """The server answered with a non-2xx status; `status` and `body` say what it said."""
@@ -32,15 +34,17 @@ def post_json(
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            answer: dict[str, Any] = json.loads(response.read())  # the OpenAI API's objects
     except urllib.error.HTTPError as exc:
         raise HTTPStatusError(exc.code, exc.read().decode(errors="replace")) from None
+    return answer
 
 
 def get_text(url: str, timeout: float = 30) -> str:
     """GET url and return the body as text (e.g. /metrics)."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read().decode()
+        body: bytes = response.read()
+    return body.decode()
 
 
 def complete(
@@ -64,26 +68,12 @@ def completion_token_ids(answer: dict[str, Any]) -> list[int]:
     return list(answer["choices"][0]["token_ids"])
 
 
-def parse_prometheus_text(text: str) -> dict[tuple[str, frozenset], float]:
-    """Parse Prometheus text exposition: {(sample name, frozenset of label items): value}.
-
-    Raises ValueError on text that is not in the exposition format.
-    """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples: dict[tuple[str, frozenset], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def scrape_metrics(base_url: str) -> dict[tuple[str, frozenset], float]:
+def scrape_metrics(base_url: str) -> MetricSamples:
     """GET /metrics and parse it: {(sample name, frozenset of label items): value}."""
     return parse_prometheus_text(get_text(base_url + "/metrics"))
 
 
-def metric_sum(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+def metric_sum(samples: MetricSamples, name: str, **labels: str) -> float:
     """Sum of the samples called name whose labels include every given label."""
     wanted = set(labels.items())
     return sum(v for (n, lbls), v in samples.items() if n == name and wanted <= lbls)
@@ -119,6 +109,8 @@ def timed_stream(
             **extra,
         }
     )
+    if url.hostname is None:
+        raise ValueError(f"base_url {base_url!r} names no host")
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=600)
     started = time.perf_counter()
     first: float | None = None

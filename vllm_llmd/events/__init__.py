@@ -5,6 +5,8 @@ Consumer side, transport, parsing and domain kept apart (nothing here imports vL
 - `wire`: the publisher's ZMQ frames as `RawMessage(topic, seq, payload)`; replay frames.
 - `model`: our domain events (`BlockStored`, `BlockRemoved`, `AllBlocksCleared`, `EventBatch`).
 - `decoder`: payload -> `EventBatch`, for the map and the older array form, leniently.
+- `transport`: the SUB and DEALER sockets, pyzmq's ("zmq") or ours ("zmtp"), behind one interface.
+- `zmtp_codec`, `zmtp`: our ZMTP 3.x client (NULL security), every length bounded before buffering.
 - `replay`: `ReplayClient`, a DEALER on a publisher's replay socket.
 - `subscriber`: `Subscriber`, one publisher followed in seq order (gaps, restarts, replay).
 - `__main__`: `python -m vllm_llmd.events watch ENDPOINT`, the stream printed one event a line.

@@ -9,6 +9,7 @@ publishes at all, on which topic, for which tier, and which hashes. One line per
     GAP seq=5..9 lost
 
 With --replay it first prints what the engine's replay buffer still holds (marked `replayed`).
+`--transport zmtp` reads through our bounded ZMTP client instead of pyzmq (see transport.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import zmq
 
 from vllm_llmd.events.model import AllBlocksCleared, BlockRemoved, BlockStored, Event
 from vllm_llmd.events.subscriber import Gap, ReceivedBatch, Reset, Subscriber, Update
+from vllm_llmd.events.transport import TRANSPORTS
 
 
 def format_event(seq: int, event: Event, replayed: bool = False) -> str:
@@ -69,9 +71,11 @@ def watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
         replay_endpoint=args.replay,
         topic=args.topic,
         replay_timeout=args.replay_timeout,
+        transport=args.transport,
     )
     print(
-        f"watching {args.endpoint} topic={args.topic!r} replay={args.replay}",
+        f"watching {args.endpoint} topic={args.topic!r} replay={args.replay} "
+        f"transport={args.transport}",
         file=sys.stderr,
         flush=True,
     )
@@ -114,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for each replayed batch (default: 2)",
     )
+    w.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="zmq",
+        help="zmq: pyzmq's sockets; zmtp: our ZMTP client, which also bounds a whole multipart "
+        "message (default: zmq)",
+    )
     w.set_defaults(run=watch)
     return parser
 
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return int(args.run(args))
     # a bad endpoint and the like: say what to fix, without a traceback
     except (ValueError, zmq.ZMQError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,18 +11,17 @@ the rest as a gap.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
 
+from vllm_llmd.events.transport import RequestSocket, Transport, check_transport, open_request
 from vllm_llmd.events.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    REPLAY_FRAMES,
     FrameError,
     RawMessage,
-    limit_frame_size,
     parse_replay,
-    recv_bounded,
     replay_request,
 )
 
@@ -50,12 +49,15 @@ class ReplayClient:
         self,
         endpoint: str,
         *,
-        context: zmq.Context | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
         timeout: float = 2.0,
         max_messages: int = DEFAULT_MAX_REPLAY_MESSAGES,
         max_bytes: int = DEFAULT_MAX_REPLAY_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        transport: Transport = "zmq",
+        on_cut: Callable[[], None] | None = None,
     ) -> None:
+        check_transport(transport)
         if min(max_messages, max_bytes, max_message_bytes) <= 0:
             raise ValueError("max_messages, max_bytes and max_message_bytes must be > 0")
         self.endpoint = endpoint
@@ -64,28 +66,30 @@ class ReplayClient:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.max_message_bytes = max_message_bytes
-        self._context = context or zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
+        self.transport = transport
+        self._context = context
+        self._on_cut = on_cut
+        self._socket: RequestSocket | None = None
 
     def fetch(self, start_seq: int) -> ReplayResult:
         """Every buffered batch with seq >= start_seq, as far as the publisher answers in time."""
         socket = self._connected()
         result = ReplayResult()
-        try:
-            socket.send_multipart(replay_request(start_seq), flags=zmq.NOBLOCK)
-        except zmq.Again:  # no pipe to the publisher (yet)
+        if not socket.send(replay_request(start_seq)):
             logger.warning("replay request to %s could not be sent", self.endpoint)
             self._drop_socket()
             return result
         num_bytes = 0
         while True:
-            if not socket.poll(int(self.timeout * 1000)):
-                logger.warning(
-                    "replay from %s timed out after %d batches", self.endpoint, len(result.messages)
-                )
-                break
             try:
-                frames = recv_bounded(socket, REPLAY_FRAMES, self.max_message_bytes)
+                frames = socket.recv(self.timeout)
+                if frames is None:
+                    logger.warning(
+                        "replay from %s timed out (or could not connect) after %d batches",
+                        self.endpoint,
+                        len(result.messages),
+                    )
+                    break
                 message = parse_replay(frames)
             except FrameError as exc:
                 logger.warning("replay from %s sent a bad message: %s", self.endpoint, exc)
@@ -113,15 +117,18 @@ class ReplayClient:
         """Release the socket. Idempotent."""
         self._drop_socket()
 
-    def _connected(self) -> zmq.Socket:
+    def _connected(self) -> RequestSocket:
         if self._socket is None:
-            self._socket = self._context.socket(zmq.DEALER)
-            self._socket.setsockopt(zmq.LINGER, 0)
-            limit_frame_size(self._socket, self.max_message_bytes)
-            self._socket.connect(self.endpoint)
+            self._socket = open_request(
+                self.transport,
+                self.endpoint,
+                max_message_bytes=self.max_message_bytes,
+                context=self._context,
+                on_cut=self._on_cut,
+            )
         return self._socket
 
     def _drop_socket(self) -> None:
         if self._socket is not None:
-            self._socket.close(linger=0)
+            self._socket.close()
             self._socket = None

@@ -23,12 +23,19 @@ is away and already published more batches than before cannot be seen in the seq
 Not thread-safe (ZMQ sockets are not): poll from one thread at a time. Every wait is bounded
 by `timeout` (live) or `replay_timeout` (per replayed message).
 
+Transport (`transport=`, see transport.py): "zmq" reads through pyzmq's SUB and DEALER; "zmtp"
+through our ZMTP client, which also bounds a multipart message libzmq would buffer without limit
+until its last frame. Updates, gaps, replay and reconnects are the same with both; the zmtp one
+does its I/O inside `poll()` (it connects and subscribes there, pyzmq in the background).
+
 Bounds (a pod must not cost the router unbounded memory or starve the other pods): each frame
 at most `max_message_bytes` (ZMQ_MAXMSGSIZE: libzmq drops the connection of a peer that sends a
 bigger one, and the subscriber reconnects), each message at most 3 frames and
-`max_message_bytes` in all (`wire.recv_bounded`; a bigger one is dropped and counted as
-malformed), each `poll` at most `max_messages_per_poll` messages and about `max_bytes_per_poll`
-bytes (the rest waits for the next poll), each replay bounded as in `replay.py`. A payload that
+`max_message_bytes` in all (zmq: `wire.recv_bounded`, a bigger one is dropped and counted as
+malformed; zmtp: the connection is cut before it is buffered, counted in
+`num_connections_cut`, and made again after a backoff), each `poll` at most
+`max_messages_per_poll` messages and about `max_bytes_per_poll` bytes (the rest waits for the
+next poll), each replay bounded as in `replay.py`. A payload that
 does not decode (not msgpack, not a batch, nested too deep) costs only itself: it is counted in
 `num_malformed_batches`, reported as a one-batch `Gap` (its blocks are unknown, so the view may
 be stale), and the poll goes on with the next message.
@@ -44,25 +51,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import msgspec
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from vllm_llmd.events.decoder import MalformedBatchError, decode_batch
 from vllm_llmd.events.model import Event, EventBatch
 from vllm_llmd.events.replay import ReplayClient
+from vllm_llmd.events.transport import Transport, check_transport, open_live
 from vllm_llmd.events.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    LIVE_FRAMES,
     FrameError,
     RawMessage,
-    limit_frame_size,
     parse_live,
-    recv_bounded,
 )
 from vllm_llmd.log import ThrottledLog
 
@@ -120,6 +125,9 @@ class SubscriberStats:
     num_malformed_events: int = 0
     num_unknown_events: int = 0
     num_replay_failures: int = 0
+    # connections the zmtp transport cut (a peer over a bound or off the protocol), live and
+    # replay; libzmq's drops (zmq transport) are not counted: it does not say why it dropped
+    num_connections_cut: int = 0
 
 
 class Subscriber:
@@ -136,8 +144,9 @@ class Subscriber:
         max_messages_per_poll: int = 1_000,
         max_bytes_per_poll: int = 16 << 20,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        context: zmq.Context | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
         defer_replay: bool = False,
+        transport: Transport = "zmq",
     ) -> None:
         for name, value in (("endpoint", endpoint), ("replay_endpoint", replay_endpoint)):
             if value is not None and "*" in value:
@@ -145,7 +154,9 @@ class Subscriber:
                     f"{name} {value!r} is a bind address; a subscriber connects: give the "
                     "publisher's host, e.g. tcp://127.0.0.1:5557 for vLLM's tcp://*:5557"
                 )
+        check_transport(transport)
         self.endpoint = endpoint
+        self.transport = transport
         self.source = source or endpoint
         self.stats = SubscriberStats()
         if min(max_messages_per_poll, max_bytes_per_poll, max_message_bytes) <= 0:
@@ -155,15 +166,24 @@ class Subscriber:
         self.max_message_bytes = max_message_bytes
         self._malformed_log = ThrottledLog(logger, _MALFORMED_LOG_INTERVAL_S)
         self._topic = topic.encode()
-        context = context or zmq.Context.instance()
-        self._context = context
-        self._sub, self._monitor = self._connect()
+        self._cut_lock = threading.Lock()
+        self._live = open_live(
+            transport,
+            endpoint,
+            topic=self._topic,
+            max_message_bytes=max_message_bytes,
+            context=context,
+            name=self.source,
+            on_cut=self._count_cut,
+        )
         self._replay = (
             ReplayClient(
                 replay_endpoint,
                 context=context,
                 timeout=replay_timeout,
                 max_message_bytes=max_message_bytes,
+                transport=transport,
+                on_cut=self._count_cut,
             )
             if replay_endpoint
             else None
@@ -179,33 +199,20 @@ class Subscriber:
         # with defer_replay: the replay poll() needs, left for complete_replay()
         self._pending: Callable[[list[Update]], None] | None = None
 
-    def _connect(self) -> tuple[zmq.Socket, zmq.Socket]:
-        sub = self._context.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        # match the publisher's default HWM so a slow poller does not drop (it would then replay)
-        sub.setsockopt(zmq.RCVHWM, 100_000)
-        sub.setsockopt(zmq.SUBSCRIBE, self._topic)
-        limit_frame_size(sub, self.max_message_bytes)
-        # Watch the connection: libzmq's SUB reconnects to a restarted publisher but then
-        # receives nothing (seen with pyzmq 27 / libzmq 4.3), so a disconnect means a new socket.
-        monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sub.connect(self.endpoint)
-        return sub, monitor
+    def _count_cut(self) -> None:
+        # the live socket's poll() and a deferred replay's thread may both count
+        with self._cut_lock:
+            self.stats.num_connections_cut += 1
 
     def _reconnect_if_dropped(self, updates: list[Update]) -> None:
-        dropped = False
-        while self._monitor.poll(0):
-            dropped |= recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED
-        if not dropped:
+        if not self._live.reconnect_if_dropped():
             return
         logger.info(
-            "%s: publisher connection dropped (it went away, or sent a frame over %d bytes); "
+            "%s: publisher connection dropped (it went away, or sent more than %d bytes); "
             "reconnecting",
             self.source,
             self.max_message_bytes,
         )
-        self._close_sub()
-        self._sub, self._monitor = self._connect()
         if self._replay is not None and self._next_seq is not None:
             self._replay_then(self._resync, updates)
 
@@ -222,11 +229,6 @@ class Subscriber:
         # The batch we saw last is not in its buffer as we saw it: the engine restarted.
         self._reset(first.seq if first is not None else 0, updates)
         self._catch_up(0, updates)
-
-    def _close_sub(self) -> None:
-        self._sub.disable_monitor()
-        self._monitor.close(linger=0)
-        self._sub.close(linger=0)
 
     @property
     def next_seq(self) -> int | None:
@@ -249,12 +251,15 @@ class Subscriber:
     @property
     def closed(self) -> bool:
         """True once `close()` released the sockets."""
-        return self._sub.closed
+        return self._live.closed
 
     def poll(self, timeout: float = 0.0) -> list[Update]:
         """Updates that arrive within `timeout` seconds (plus any replay they trigger)."""
         updates: list[Update] = []
         if self._pending is not None:  # deferred: complete_replay() comes first
+            # reads nothing, but keeps the live connection going (the zmtp transport connects
+            # and subscribes inside poll); complete_replay() does not touch the live socket
+            self._live.wait(0.0)
             return updates
         if not self._synced:
             self._synced = True
@@ -262,15 +267,15 @@ class Subscriber:
                 self._replay_then(lambda pending: self._catch_up(0, pending), updates)
         if self._pending is None:
             self._reconnect_if_dropped(updates)
-        if self._pending is not None or not self._sub.poll(int(timeout * 1000)):
+        if self._pending is not None or not self._live.wait(timeout):
             return updates
         num_bytes = 0
         for _ in range(self.max_messages_per_poll):
             try:
-                frames = recv_bounded(self._sub, LIVE_FRAMES, self.max_message_bytes, zmq.NOBLOCK)
+                frames = self._live.recv()
+                if frames is None:
+                    break
                 message = parse_live(frames)
-            except zmq.Again:
-                break
             except FrameError as exc:
                 self.stats.num_malformed_batches += 1
                 self._warn_malformed("skipping a bad message: %s", exc)
@@ -301,8 +306,7 @@ class Subscriber:
 
     def close(self) -> None:
         """Release the sockets. Idempotent."""
-        if not self._sub.closed:
-            self._close_sub()
+        self._live.close()
         if self._replay is not None:
             self._replay.close()
 

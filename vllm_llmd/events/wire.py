@@ -16,9 +16,9 @@ Replay ROUTER socket, as a DEALER client sees it:
 Size bounds. ZMQ_MAXMSGSIZE (`limit_frame_size`) bounds each frame: libzmq drops the connection
 of a peer that sends a bigger one. It does not bound a multipart message: libzmq delivers one
 only whole, so a peer that sends frames with MORE set and never a last one makes it buffer
-without limit, and no socket option prevents that (the publishers are pods the router trusts
-that far). What arrives whole, `recv_bounded` reads frame by frame, keeping at most the frames
-and bytes the format allows and draining the rest, so Python never holds an oversized message.
+without limit, and no socket option prevents that (the "zmtp" transport, zmtp.py, does). What
+arrives whole, `recv_bounded` reads frame by frame, keeping at most the frames and bytes the
+format allows and draining the rest, so Python never holds an oversized message.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def parse_replay(frames: Sequence[bytes]) -> RawMessage | None:
     return RawMessage(bytes(topic), decode_seq(seq), bytes(payload))
 
 
-def limit_frame_size(socket: zmq.Socket, max_bytes: int) -> None:
+def limit_frame_size(socket: zmq.Socket[bytes], max_bytes: int) -> None:
     """Make libzmq drop a peer that sends a frame over `max_bytes` (before it is buffered)."""
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
@@ -99,7 +99,7 @@ def limit_frame_size(socket: zmq.Socket, max_bytes: int) -> None:
 
 
 def recv_bounded(
-    socket: zmq.Socket, max_frames: int, max_bytes: int, flags: int = 0
+    socket: zmq.Socket[bytes], max_frames: int, max_bytes: int, flags: int = 0
 ) -> list[bytes]:
     """One multipart message, frame by frame: FrameError if it has more than `max_frames` frames
     or more than `max_bytes` in all (the whole message is consumed; the excess is never kept).

@@ -1,15 +1,17 @@
 """KV offload tiers below the device cache: host memory, then disk.
 
-A chunk is one vLLM block (all layers of one worker), keyed by vLLM's block hash (`bytes`).
+The unit is one vLLM block of all layers of one worker, keyed by its block hash
+(`vllm_llmd.hashing.BlockHash`): a slot of the host pool holds one, a disk file holds one.
+("Chunk" is the shared tier's word: an LMCache chunk of many tokens, `vllm_llmd.shared_tier`.)
 
 - `policy`: `CachePolicy`, the replaceable eviction order of a tier's keys; `make_policy(name)`.
-- `disk_store`: `DiskChunkStore`, the disk tier's bytes: one validated safetensors file per
-  chunk, atomic writes, a header-only `scan` to rebuild the index on a warm restart.
+- `disk_store`: `DiskBlockStore`, the disk tier's bytes: one validated safetensors file per
+  block, atomic writes, a header-only `scan` to rebuild the index on a warm restart.
 - `manager`: scheduler side, the index of what is where and the plan of each step (no bytes).
 - `planner`: scheduler side, the offload tiers' `TierPlanner`: vLLM's hooks turned into manager
   calls and step jobs.
-- `jobs`: the typed step jobs (`OffloadStepSpec`) and the completion tally (`JobTally`) every
-  tier reports with.
-- `chunk_info`: `ChunkInfo`, what a chunk holds (tokens, parent), for its file and its events.
+- `jobs`: the typed step jobs (`OffloadStepSpec`); workers report them in a
+  `vllm_llmd.job_tally.JobTally`, as every tier does.
+- `block_info`: `BlockInfo`, what a block holds (tokens, parent), for its file and its events.
 - `worker`: worker side, the host pool, the disk store and the threads that move the bytes.
 """

@@ -1,4 +1,4 @@
-"""The disk tier's bytes: one safetensors file per chunk (one vLLM block, all layers, one worker).
+"""The disk tier's bytes: one safetensors file per block (one vLLM block, all layers, one worker).
 
 Layout under the configured root, sharded by the key's first two hex digits so that no folder
 grows past a few thousand entries:
@@ -8,16 +8,16 @@ grows past a few thousand entries:
 
 Each file is a standard safetensors file (written by `safetensors.torch.save_file`):
 
-    u64 little-endian N | N bytes of JSON header | payload (chunk_bytes)
+    u64 little-endian N | N bytes of JSON header | payload (block_bytes)
 
-with one tensor, "kv" (dtype U8, shape [chunk_bytes]), and string metadata:
+with one tensor, "kv" (dtype U8, shape [block_bytes]), and string metadata:
 
     format_version   FORMAT_VERSION
     fingerprint      msgspec JSON of the writer's KVLayoutFingerprint
     key              the key (vLLM block hash) in hex
     tp_rank          the writer's tensor-parallel rank
     checksum         blake2b of the payload, 16-byte digest, hex
-    info             the caller's description of the chunk (opaque text; e.g. the tokens and
+    info             the caller's description of the block (opaque text; e.g. the tokens and
                      parent hash a KV event needs), returned by `scan`
 
 Validation. `scan` (warm restart) reads only headers: format version, fingerprint, key (it must
@@ -25,7 +25,7 @@ match the file's name and shard), tp_rank, tensor dtype/shape/offsets and the fi
 `read` checks all of that again and the payload's checksum, so bytes corrupted after the scan
 are caught. A file that fails is deleted and never returned. Files of other tp_ranks belong to
 the other workers sharing the folder: they are neither opened nor deleted. Files whose names
-are not ours are left alone. A root holds one model's chunks: a file with another fingerprint
+are not ours are left alone. A root holds one model's blocks: a file with another fingerprint
 is deleted, so give each model (fingerprint) its own root.
 
 Concurrency. A write goes to a uniquely named temp file in the target's folder, then
@@ -52,8 +52,9 @@ import msgspec
 import torch
 from safetensors.torch import save_file
 
+from vllm_llmd.hashing import BlockHash
+from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.log import get_logger
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
 
 logger = get_logger(__name__)
 
@@ -68,35 +69,35 @@ _CHECKSUM_BYTES = 16
 # model may share a root); older ones were left by a crash.
 _TEMP_GRACE_S = 60.0
 _SUFFIX = ".safetensors"
-_CHUNK_NAME = re.compile(r"([0-9a-f]+)-r(\d+)\.safetensors")
+_BLOCK_FILE_NAME = re.compile(r"([0-9a-f]+)-r(\d+)\.safetensors")
 _TEMP_NAME = re.compile(r"\.([0-9a-f]+)-r(\d+)\.[0-9a-f]+\.tmp")
 _SHARD_NAME = re.compile(r"[0-9a-f]{2}")
 
 
-class CorruptChunkError(RuntimeError):
-    """A chunk cannot be read: its file failed validation (and has been deleted) or is
-    missing (`MissingChunkError`). Either way the caller treats the chunk as a miss."""
+class CorruptBlockFileError(RuntimeError):
+    """A block cannot be read: its file failed validation (and has been deleted) or is
+    missing (`MissingBlockFileError`). Either way the caller treats the block as a miss."""
 
     def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"chunk file {path}: {reason}")
+        super().__init__(f"block file {path}: {reason}")
         self.path = path
         self.reason = reason
 
 
-class MissingChunkError(CorruptChunkError):
-    """The chunk file does not exist (deleted by someone else, or never written)."""
+class MissingBlockFileError(CorruptBlockFileError):
+    """The block file does not exist (deleted by someone else, or never written)."""
 
 
 @dataclass(frozen=True, slots=True)
-class ScannedChunk:
-    """A valid chunk file found by `DiskChunkStore.scan`."""
+class ScannedBlockFile:
+    """A valid block file found by `DiskBlockStore.scan`."""
 
-    key: bytes
+    key: BlockHash
     # size of the whole file in bytes (header included), as `write` returns it
     size_bytes: int
     # last write, seconds since the epoch (os.stat st_mtime)
     mtime: float
-    # the `info` text the chunk was written with ("" if none)
+    # the `info` text the block was written with ("" if none)
     info: str = ""
 
 
@@ -104,17 +105,17 @@ class _Invalid(Exception):
     """Internal: why a file failed validation."""
 
 
-class DiskChunkStore:
-    """One worker's chunk files under `root`. Thread-safe for different keys; a concurrent
+class DiskBlockStore:
+    """One worker's block files under `root`. Thread-safe for different keys; a concurrent
     write and read (or delete) of the same key is safe too (see the module docstring)."""
 
     def __init__(
-        self, root: Path, fingerprint: KVLayoutFingerprint, tp_rank: int, chunk_bytes: int
+        self, root: Path, fingerprint: KVLayoutFingerprint, tp_rank: int, block_bytes: int
     ) -> None:
         expected_bytes = fingerprint.num_layers * fingerprint.page_bytes
-        if chunk_bytes <= 0 or chunk_bytes != expected_bytes:
+        if block_bytes <= 0 or block_bytes != expected_bytes:
             raise ValueError(
-                f"chunk_bytes={chunk_bytes} must equal num_layers * page_bytes "
+                f"block_bytes={block_bytes} must equal num_layers * page_bytes "
                 f"= {fingerprint.num_layers} * {fingerprint.page_bytes} = {expected_bytes}"
             )
         if not 0 <= tp_rank < fingerprint.tensor_parallel_size:
@@ -125,37 +126,37 @@ class DiskChunkStore:
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.tp_rank = tp_rank
-        self.chunk_bytes = chunk_bytes
+        self.block_bytes = block_bytes
         self._fingerprint_json = msgspec.json.encode(fingerprint).decode()
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def path_for(self, key: bytes) -> Path:
+    def path_for(self, key: BlockHash) -> Path:
         if not key:
-            raise ValueError("chunk key must be non-empty bytes")
+            raise ValueError("block key must be non-empty bytes")
         key_hex = key.hex()
         return self.root / key_hex[:2] / f"{key_hex}-r{self.tp_rank}{_SUFFIX}"
 
-    def contains(self, key: bytes) -> bool:
+    def contains(self, key: BlockHash) -> bool:
         return self.path_for(key).is_file()
 
-    def write(self, key: bytes, chunk: torch.Tensor, info: str = "") -> int:
-        """Store `chunk` (uint8, chunk_bytes, contiguous, on CPU) under `key`, replacing any
+    def write(self, key: BlockHash, block: torch.Tensor, info: str = "") -> int:
+        """Store `block` (uint8, block_bytes, contiguous, on CPU) under `key`, replacing any
         file there, with an opaque `info` text that `scan` returns. Returns the file's size."""
-        self._check_buffer(chunk, "chunk")
-        chunk = chunk.view(-1)
+        self._check_buffer(block, "block")
+        block = block.view(-1)
         path = self.path_for(key)
         metadata = {
             "format_version": str(FORMAT_VERSION),
             "fingerprint": self._fingerprint_json,
             "key": key.hex(),
             "tp_rank": str(self.tp_rank),
-            "checksum": _checksum(chunk),
+            "checksum": _checksum(block),
             "info": info,
         }
         path.parent.mkdir(exist_ok=True)
         temp = path.parent / f".{path.name[: -len(_SUFFIX)]}.{uuid.uuid4().hex}.tmp"
         try:
-            save_file({TENSOR_NAME: chunk}, temp, metadata=metadata)
+            save_file({TENSOR_NAME: block}, temp, metadata=metadata)
             size = temp.stat().st_size
             os.replace(temp, path)
         except BaseException:
@@ -163,22 +164,22 @@ class DiskChunkStore:
             raise
         return size
 
-    def read(self, key: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The validated payload of `key`, in `out` if given (uint8, chunk_bytes, contiguous,
+    def read(self, key: BlockHash, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The validated payload of `key`, in `out` if given (uint8, block_bytes, contiguous,
         on CPU; may be pinned), else in a new tensor.
 
         Raises:
-            MissingChunkError: there is no file for `key`.
-            CorruptChunkError: the file failed validation; it has been deleted.
+            MissingBlockFileError: there is no file for `key`.
+            CorruptBlockFileError: the file failed validation; it has been deleted.
         """
         if out is None:
-            out = torch.empty(self.chunk_bytes, dtype=torch.uint8)
+            out = torch.empty(self.block_bytes, dtype=torch.uint8)
         self._check_buffer(out, "out")
         path = self.path_for(key)
         try:
             f = open(path, "rb", buffering=0)
         except FileNotFoundError:
-            raise MissingChunkError(path, "no such file") from None
+            raise MissingBlockFileError(path, "no such file") from None
         with f:
             stat = os.fstat(f.fileno())
             try:
@@ -188,27 +189,27 @@ class DiskChunkStore:
                     raise _Invalid("payload checksum mismatch")
             except (_Invalid, OSError) as exc:
                 _discard(path, stat)
-                raise CorruptChunkError(path, f"{exc}; deleted") from None
+                raise CorruptBlockFileError(path, f"{exc}; deleted") from None
         return out
 
-    def delete(self, key: bytes) -> None:
+    def delete(self, key: BlockHash) -> None:
         self.path_for(key).unlink(missing_ok=True)
 
-    def scan(self) -> list[ScannedChunk]:
-        """Rebuild the index at start-up: this rank's valid chunks, oldest write first.
+    def scan(self) -> list[ScannedBlockFile]:
+        """Rebuild the index at start-up: this rank's valid blocks, oldest write first.
 
         Reads headers only (the checksum is checked by `read`). Deletes this rank's invalid
         files and stale temp files; logs what it deleted and why.
         """
-        found: list[ScannedChunk] = []
+        found: list[ScannedBlockFile] = []
         deleted: list[tuple[Path, str]] = []
         for shard in os.scandir(self.root):
             if not (shard.is_dir() and _SHARD_NAME.fullmatch(shard.name)):
                 continue
             for entry in os.scandir(shard.path):
-                chunk, delete_reason = self._scan_entry(entry)
-                if chunk is not None:
-                    found.append(chunk)
+                block, delete_reason = self._scan_entry(entry)
+                if block is not None:
+                    found.append(block)
                 elif delete_reason is not None:
                     Path(entry.path).unlink(missing_ok=True)
                     deleted.append((Path(entry.path), delete_reason))
@@ -217,7 +218,7 @@ class DiskChunkStore:
         if deleted:
             path, reason = deleted[0]
             logger.warning(
-                "disk offload scan of %s: kept %d chunk files, deleted %d invalid ones "
+                "disk offload scan of %s: kept %d block files, deleted %d invalid ones "
                 "(first: %s: %s)",
                 self.root,
                 len(found),
@@ -225,11 +226,11 @@ class DiskChunkStore:
                 path.name,
                 reason,
             )
-        found.sort(key=lambda chunk: chunk.mtime)
+        found.sort(key=lambda block: block.mtime)
         return found
 
-    def _scan_entry(self, entry: os.DirEntry) -> tuple[ScannedChunk | None, str | None]:
-        """(the chunk if valid and ours, else None; why to delete the file, or None to keep)."""
+    def _scan_entry(self, entry: os.DirEntry) -> tuple[ScannedBlockFile | None, str | None]:
+        """(the block if valid and ours, else None; why to delete the file, or None to keep)."""
         temp = _TEMP_NAME.fullmatch(entry.name)
         if temp:
             if int(temp.group(2)) != self.tp_rank:
@@ -239,13 +240,13 @@ class DiskChunkStore:
             except FileNotFoundError:
                 return None, None  # the write finished meanwhile
             return None, ("leftover temp file" if age_s >= _TEMP_GRACE_S else None)
-        name = _CHUNK_NAME.fullmatch(entry.name)
+        name = _BLOCK_FILE_NAME.fullmatch(entry.name)
         if not name or int(name.group(2)) != self.tp_rank:
-            return None, None  # not a chunk file, or another worker's
+            return None, None  # not a block file, or another worker's
         key_hex = name.group(1)
         if len(key_hex) % 2 or Path(entry.path).parent.name != key_hex[:2]:
             return None, "file name does not match its shard folder"
-        key = bytes.fromhex(key_hex)
+        key = BlockHash(bytes.fromhex(key_hex))
         try:
             with open(entry.path, "rb", buffering=0) as f:
                 stat = os.fstat(f.fileno())
@@ -254,9 +255,9 @@ class DiskChunkStore:
             return None, None  # deleted meanwhile
         except (_Invalid, OSError) as exc:
             return None, str(exc)
-        return ScannedChunk(key, stat.st_size, stat.st_mtime, metadata.get("info", "")), None
+        return ScannedBlockFile(key, stat.st_size, stat.st_mtime, metadata.get("info", "")), None
 
-    def _validate_header(self, f: BinaryIO, key: bytes, file_size: int) -> dict[str, str]:
+    def _validate_header(self, f: BinaryIO, key: BlockHash, file_size: int) -> dict[str, str]:
         """Check everything but the checksum; leaves `f` at the payload. Returns the metadata."""
         header_len, header = _read_header(f, file_size)
         metadata = header.get("__metadata__")
@@ -276,15 +277,15 @@ class DiskChunkStore:
         tensor = header.get(TENSOR_NAME)
         expected = {
             "dtype": "U8",
-            "shape": [self.chunk_bytes],
-            "data_offsets": [0, self.chunk_bytes],
+            "shape": [self.block_bytes],
+            "data_offsets": [0, self.block_bytes],
         }
         if tensor != expected or len(header) != 2:
             names = sorted(set(header) - {"__metadata__"})
             raise _Invalid(f"tensors {names} with {TENSOR_NAME}={tensor}, expected only {expected}")
-        if file_size != 8 + header_len + self.chunk_bytes:
+        if file_size != 8 + header_len + self.block_bytes:
             raise _Invalid(
-                f"file is {file_size} bytes, expected {8 + header_len + self.chunk_bytes}"
+                f"file is {file_size} bytes, expected {8 + header_len + self.block_bytes}"
             )
         return metadata
 
@@ -302,12 +303,12 @@ class DiskChunkStore:
     def _check_buffer(self, tensor: torch.Tensor, what: str) -> None:
         if (
             tensor.dtype != torch.uint8
-            or tensor.numel() != self.chunk_bytes
+            or tensor.numel() != self.block_bytes
             or tensor.device.type != "cpu"
             or not tensor.is_contiguous()
         ):
             raise ValueError(
-                f"{what} must be a contiguous uint8 CPU tensor of {self.chunk_bytes} elements, "
+                f"{what} must be a contiguous uint8 CPU tensor of {self.block_bytes} elements, "
                 f"got {tensor.dtype} shape {tuple(tensor.shape)} on {tensor.device}"
                 f"{'' if tensor.is_contiguous() else ' (not contiguous)'}"
             )
@@ -341,8 +342,8 @@ def _read_exactly(f: BinaryIO, view: memoryview) -> None:
         done += n
 
 
-def _checksum(chunk: torch.Tensor) -> str:
-    data = memoryview(chunk.view(-1).numpy())
+def _checksum(block: torch.Tensor) -> str:
+    data = memoryview(block.view(-1).numpy())
     return hashlib.blake2b(data, digest_size=_CHECKSUM_BYTES).hexdigest()
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import msgspec
 
-from vllm_llmd.transfer.messages import KVLayoutFingerprint
+from vllm_llmd.kv_layout import KVLayoutFingerprint
 
 
 def disk_tier_folder(root: str | Path, fingerprint: KVLayoutFingerprint) -> Path:
     """The disk tier's folder for one model and layout under root: one per fingerprint, so
-    instances of different models can share a root without deleting each other's chunks."""
+    instances of different models can share a root without deleting each other's blocks."""
     digest = hashlib.sha256(msgspec.json.encode(fingerprint)).hexdigest()[:16]
     return Path(root) / f"kv-{digest}"

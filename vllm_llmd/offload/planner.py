@@ -6,11 +6,11 @@ of each request lives in `RequestState` (`offload_*` fields).
 - `hit` (from get_num_new_matched_tokens): how many tokens past the local device hit the tiers
   hold. A run held only on disk is first promoted to host memory; until it is, the answer is
   None ("ask again next step"), and a file that fails validation on the way becomes a miss.
-- `plan_load` (from update_state_after_alloc): pins the hit chunks for a host → device load;
+- `plan_load` (from update_state_after_alloc): pins the hit blocks for a host → device load;
   `complete_load` (finished_recving, done or failed) unpins them.
 - `plan_stores` (from build_connector_meta): newly computed full blocks of every scheduled
   request (prompt blocks by default) go to the host tier.
-- `on_results`: completions the workers reported; a chunk completes once every worker (TP
+- `on_results`: completions the workers reported; a block completes once every worker (TP
   rank) reported it, and fails if any did.
 """
 
@@ -19,17 +19,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from vllm_llmd.offload.chunk_info import chunk_info
+from vllm_llmd.job_tally import JobKind, JobTally
+from vllm_llmd.offload.block_info import block_info
 from vllm_llmd.offload.jobs import (
-    JobKind,
-    JobTally,
     OffloadLoadSpec,
     OffloadStepSpec,
     PromoteJob,
     SpillJob,
     StoreJob,
 )
-from vllm_llmd.offload.manager import OffloadManager, TierEvent
+from vllm_llmd.offload.manager import OffloadManager, OffloadTier, TierEvent
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -47,11 +46,11 @@ class OffloadPlanner:
         block_size: int,
         num_workers: int,
         store_decode: bool,
-        describe_chunks: bool = True,
+        describe_blocks: bool = True,
     ) -> None:
         self.manager = manager
-        # keep each chunk's tokens and parent (ChunkInfo): needed by KV events and disk files
-        self.describe_chunks = describe_chunks
+        # keep each block's tokens and parent (BlockInfo): needed by KV events and disk files
+        self.describe_blocks = describe_blocks
         self.block_size = block_size
         self.num_workers = num_workers
         self.store_decode = store_decode
@@ -89,7 +88,7 @@ class OffloadPlanner:
         self.manager.complete_load(keys)
 
     def finish(self, state: RequestState) -> None:
-        return None  # a load in flight unpins at complete_load; stores are per chunk
+        return None  # a load in flight unpins at complete_load; stores are per block
 
     # ---- stores --------------------------------------------------------------------------
 
@@ -112,8 +111,8 @@ class OffloadPlanner:
             keys = list(request.block_hashes[offered:num_full])
             block_of = dict(zip(keys, block_ids[offered:num_full], strict=False))
             infos = None
-            if self.describe_chunks:
-                infos = [chunk_info(request, i, self.block_size) for i in range(offered, num_full)]
+            if self.describe_blocks:
+                infos = [block_info(request, i, self.block_size) for i in range(offered, num_full)]
             for key, slot in self.manager.prepare_store(keys, infos):
                 self._stores.append(StoreJob(key, block_of[key], slot))
             state.offload_offered_blocks = num_full
@@ -146,12 +145,12 @@ class OffloadPlanner:
         return self.manager.take_events()
 
     def reset(self) -> None:
-        """Drop every chunk no copy is using (vLLM's prefix-cache reset)."""
+        """Drop every block no copy is using (vLLM's prefix-cache reset)."""
         self.manager.reset()
 
     def tier_state(self) -> dict[str, list[str]]:
         """Hex keys held per tier (for the debug state file)."""
         return {
-            "host": sorted(k.hex() for k in self.manager.host_keys()),
-            "disk": sorted(k.hex() for k in self.manager.disk_keys()),
+            OffloadTier.HOST.value: sorted(k.hex() for k in self.manager.host_keys()),
+            OffloadTier.DISK.value: sorted(k.hex() for k in self.manager.disk_keys()),
         }

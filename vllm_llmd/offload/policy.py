@@ -1,11 +1,11 @@
-"""Eviction policies of the offload tiers: which chunk a full tier gives up first.
+"""Eviction policies of the offload tiers: which block a full tier gives up first.
 
 A tier owns one `CachePolicy` over the keys (vLLM block hashes) it holds, and tells it every
 change; the policy only orders keys, it never holds bytes or decides when to evict:
 
-    insert(key)                 a chunk was stored (the key must be new)
+    insert(key)                 a block was stored (the key must be new)
     touch(key)                  a hit, or a re-store of a held key: refreshes its value
-    remove(key)                 the chunk is gone (evicted, deleted, found corrupt)
+    remove(key)                 the block is gone (evicted, deleted, found corrupt)
     choose_victim(is_evictable) the least valuable key that may go now, or None; the policy
                                 keeps it until the tier calls remove() once the bytes are freed
 
@@ -27,28 +27,30 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 
+from vllm_llmd.hashing import BlockHash
+
 
 class CachePolicy(ABC):
     """Orders a tier's keys by how much they are worth keeping. Not thread-safe: the tier
     calls it under its own lock."""
 
     @abstractmethod
-    def insert(self, key: bytes) -> None:
+    def insert(self, key: BlockHash) -> None:
         """Start tracking a newly stored key. KeyError if it is already tracked."""
 
     @abstractmethod
-    def touch(self, key: bytes) -> None:
+    def touch(self, key: BlockHash) -> None:
         """Record a use of a tracked key (a hit or a re-store). KeyError if unknown."""
 
     @abstractmethod
-    def remove(self, key: bytes) -> None:
+    def remove(self, key: BlockHash) -> None:
         """Stop tracking a key. KeyError if unknown."""
 
     @abstractmethod
-    def choose_victim(self, is_evictable: Callable[[bytes], bool]) -> bytes | None:
+    def choose_victim(self, is_evictable: Callable[[BlockHash], bool]) -> BlockHash | None:
         """The least valuable tracked key for which `is_evictable(key)` is true, or None.
 
-        The key stays tracked; the tier calls `remove` once it has freed the chunk.
+        The key stays tracked; the tier calls `remove` once it has freed the block.
         """
 
     @abstractmethod
@@ -63,20 +65,20 @@ class LRUPolicy(CachePolicy):
 
     def __init__(self) -> None:
         # least recently used first, most recently used last; values unused
-        self._order: OrderedDict[bytes, None] = OrderedDict()
+        self._order: OrderedDict[BlockHash, None] = OrderedDict()
 
-    def insert(self, key: bytes) -> None:
+    def insert(self, key: BlockHash) -> None:
         if key in self._order:
             raise KeyError(f"LRU policy already tracks key {key.hex()}")
         self._order[key] = None
 
-    def touch(self, key: bytes) -> None:
+    def touch(self, key: BlockHash) -> None:
         self._order.move_to_end(key)  # KeyError if unknown
 
-    def remove(self, key: bytes) -> None:
+    def remove(self, key: BlockHash) -> None:
         del self._order[key]
 
-    def choose_victim(self, is_evictable: Callable[[bytes], bool]) -> bytes | None:
+    def choose_victim(self, is_evictable: Callable[[BlockHash], bool]) -> BlockHash | None:
         for key in self._order:
             if is_evictable(key):
                 return key

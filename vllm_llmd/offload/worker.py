@@ -1,7 +1,7 @@
 """Worker side of the offload tiers: the host pool, the disk store, and the threads moving bytes.
 
 `OffloadWorker` executes what the scheduler half planned (`OffloadStepSpec` plus loads) and
-reports which chunks completed (`JobTally`). All copies that touch the host pool run on one
+reports which blocks completed (`JobTally`). All copies that touch the host pool run on one
 ordered thread, so a step's spills copy their slots out before that step's stores or
 promotions overwrite them; disk reads and writes run on a small pool. Stores read device
 blocks vLLM may reuse once the step ends, so the next step flushes them (`flush_stores`) before
@@ -16,14 +16,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from vllm_llmd.hashing import BlockHash
+from vllm_llmd.job_tally import JobKind, JobTally
 from vllm_llmd.log import ThrottledLog, get_logger
-from vllm_llmd.offload.disk_store import DiskChunkStore
-from vllm_llmd.offload.jobs import JobKind, JobTally, OffloadStepSpec, SpillJob, StoreJob
+from vllm_llmd.offload.disk_store import DiskBlockStore
+from vllm_llmd.offload.jobs import OffloadStepSpec, SpillJob, StoreJob
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
 
 logger = get_logger(__name__)
-
-Key = bytes
 
 
 class OffloadWorker:
@@ -33,14 +33,14 @@ class OffloadWorker:
         self,
         kv_cache: PagedKVCache,
         num_host_slots: int,
-        disk: DiskChunkStore | None,
+        disk: DiskBlockStore | None,
         num_disk_threads: int,
     ) -> None:
         self.kv_cache = kv_cache
-        self.chunk_bytes = kv_cache.block_bytes
+        self.block_bytes = kv_cache.block_bytes
         pin = kv_cache.device.type == "cuda"  # pinned host memory lets the kernels DMA
         self.host = torch.empty(
-            (num_host_slots, self.chunk_bytes), dtype=torch.uint8, pin_memory=pin
+            (num_host_slots, self.block_bytes), dtype=torch.uint8, pin_memory=pin
         )
         self.disk = disk
         self._copier = ThreadPoolExecutor(1, "llmd-offload-copy")
@@ -62,7 +62,7 @@ class OffloadWorker:
     def flush_stores(self) -> None:
         """Wait until the last step's device → host copies are done (its blocks may be reused).
 
-        Never raises: a failed copy was reported per chunk; the engine step must go on."""
+        Never raises: a failed copy was reported per block; the engine step must go on."""
         pending, self._pending_stores = self._pending_stores, None
         if pending is None:
             return
@@ -72,7 +72,7 @@ class OffloadWorker:
             logger.exception("LLMDConnector: an offload step failed")
 
     def _run_step(self, step: OffloadStepSpec) -> None:
-        # Every chunk of the plan gets a result, failed or not: the scheduler unpins on it.
+        # Every block of the plan gets a result, failed or not: the scheduler unpins on it.
         self._spill(step.spills)
         for promote in step.promotes:
             self._on_disk(
@@ -99,7 +99,7 @@ class OffloadWorker:
             slots = torch.tensor([spill.slot for spill in spills])
             copies = self.host.index_select(0, slots)  # out of the pool before reuse
         except Exception:
-            logger.exception("LLMDConnector: copying %d chunks out to spill failed", len(spills))
+            logger.exception("LLMDConnector: copying %d blocks out to spill failed", len(spills))
             copies = None
         for i, spill in enumerate(spills):
             if copies is None:
@@ -133,37 +133,41 @@ class OffloadWorker:
 
     # ---- disk ----------------------------------------------------------------------------
 
-    def _on_disk(self, kind: JobKind, key: Key, fn: Callable[..., object], *args: object) -> None:
+    def _on_disk(
+        self, kind: JobKind, key: BlockHash, fn: Callable[..., object], *args: object
+    ) -> None:
         future = self._disk_pool.submit(fn, *args)
         future.add_done_callback(lambda f: self._record(kind, key, f.exception() is None))
 
-    def _write(self, key: Key, data: torch.Tensor, info: str) -> None:
+    def _write(self, key: BlockHash, data: torch.Tensor, info: str) -> None:
         assert self.disk is not None
         try:
             self.disk.write(key, data, info)
         except Exception as exc:  # a full or read-only disk fails every write: say so, once
             self._write_failures.warning(
-                "LLMDConnector: disk tier write to %s failed: %s; that chunk is not on disk",
+                "LLMDConnector: disk tier write to %s failed: %s; that block is not on disk",
                 self.disk.root,
                 exc,
             )
             raise
 
-    def _read(self, key: Key, out: torch.Tensor) -> None:
+    def _read(self, key: BlockHash, out: torch.Tensor) -> None:
         assert self.disk is not None
         try:
             self.disk.read(key, out=out)
         except Exception as exc:
-            logger.warning("LLMDConnector: disk chunk %s rejected: %s", key.hex()[:16], exc)
+            logger.warning(
+                "LLMDConnector: disk tier file of block %s rejected: %s", key.hex()[:16], exc
+            )
             raise
 
-    def _delete(self, key: Key) -> None:
+    def _delete(self, key: BlockHash) -> None:
         assert self.disk is not None
         self.disk.delete(key)
 
     # ---- results -------------------------------------------------------------------------
 
-    def _record(self, kind: JobKind, key: Key, ok: bool) -> None:
+    def _record(self, kind: JobKind, key: BlockHash, ok: bool) -> None:
         with self._lock:
             self._results.record(kind, key, ok)
 

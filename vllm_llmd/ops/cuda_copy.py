@@ -12,11 +12,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from vllm_llmd.ops.libcuda import (
+    check_call,
+    load_libcuda,
+    pushed_context,
+    retain_primary_context,
+)
 from vllm_llmd.ops.nvrtc import KERNEL_NAMES, compile_cubin
 from vllm_llmd.ops.paged_cache import PagedKVCache
 
@@ -69,9 +74,7 @@ class CudaKernels:
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
         self.compiled = compile_cubin(f"{major}{minor}")
-        cu_device, self._context = ctypes.c_int(), ctypes.c_void_p()
-        self._call("cuDeviceGet", ctypes.byref(cu_device), index)
-        self._call("cuDevicePrimaryCtxRetain", ctypes.byref(self._context), cu_device)
+        self._context = retain_primary_context(self._cuda, index)
         module = ctypes.c_void_p()
         self._functions = {}
         with self._in_context():
@@ -106,15 +109,8 @@ class CudaKernels:
         # `ids` lives until the kernel has read it: freed on this stream, the caching
         # allocator reuses its memory only for work queued after the kernel.
 
-    @contextlib.contextmanager
-    def _in_context(self) -> Iterator[None]:
-        # Pushed, then popped: the calling thread may have no current context yet, or another
-        # device's, which torch's runtime calls on this thread must find again afterwards.
-        self._call("cuCtxPushCurrent_v2", self._context)
-        try:
-            yield
-        finally:
-            self._call("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
+    def _in_context(self) -> contextlib.AbstractContextManager[None]:
+        return pushed_context(self._cuda, self._context)
 
     def _address(self, buffer: torch.Tensor) -> int:
         if buffer.device.type == "cuda":
@@ -124,12 +120,7 @@ class CudaKernels:
         return address.value
 
     def _call(self, name: str, *args: object) -> None:
-        result = getattr(self._cuda, name)(*args)
-        if result != 0:
-            message = ctypes.c_char_p()
-            self._cuda.cuGetErrorString(result, ctypes.byref(message))
-            text = message.value.decode() if message.value else "unknown error"
-            raise RuntimeError(f"{name} failed on {self.device}: {text} ({result})")
+        check_call(self._cuda, name, *args, device=self.device)
 
 
 _KERNELS: dict[torch.device, CudaKernels | Exception] = {}
@@ -153,15 +144,11 @@ def kernels_for(device: torch.device) -> CudaKernels:
 
 
 def _libcuda() -> ctypes.CDLL:
-    cuda = ctypes.CDLL("libcuda.so.1")
+    cuda = load_libcuda()
     cuda.cuLaunchKernel.argtypes = [ctypes.c_void_p]
     cuda.cuLaunchKernel.argtypes += [ctypes.c_uint] * 6 + [ctypes.c_uint, ctypes.c_void_p]
     cuda.cuLaunchKernel.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
     cuda.cuModuleLoadData.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     cuda.cuModuleGetFunction.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p]
     cuda.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
-    cuda.cuCtxPushCurrent_v2.argtypes = [ctypes.c_void_p]
-    cuda.cuCtxPopCurrent_v2.argtypes = [ctypes.c_void_p]
-    cuda.cuDevicePrimaryCtxRetain.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    cuda.cuDeviceGet.argtypes = [ctypes.c_void_p, ctypes.c_int]
     return cuda

@@ -38,7 +38,7 @@ class Admission:
         # whole seconds a shed client should wait (about one load poll)
         self.retry_after_s = retry_after_s
         self.metrics = metrics
-        self._ticker: asyncio.Task | None = None
+        self._ticker: asyncio.Task[None] | None = None
 
     async def admit(
         self, request_class: RequestClass, admissible: Callable[[], bool]

@@ -93,10 +93,10 @@ def detect_content_format(template: str) -> str:
         if any(_accesses(loop.iter, v, "content") for v in message_vars):
             return "openai"
         if isinstance(loop.iter, nodes.Name):
-            fed = in_macros.get(id(loop))
-            if fed is not None and loop.iter.name in fed:
+            fed_params = in_macros.get(id(loop))
+            if fed_params is not None and loop.iter.name in fed_params:
                 return "openai"
-            if fed is None and loop.iter.name == "content":
+            if fed_params is None and loop.iter.name == "content":
                 return "openai"
     return "string"
 
@@ -161,7 +161,7 @@ def _text_part(part: Any, wrap: bool) -> Any:
     if isinstance(part, str):
         return {"type": "text", "text": part} if wrap else part
     kind = part.get("type") if isinstance(part, Mapping) else None
-    field = _TEXT_PART_FIELDS.get(kind)
+    field = _TEXT_PART_FIELDS.get(kind) if isinstance(kind, str) else None
     if field is None:
         raise UnsupportedRequestError(f"chat content part {kind!r} is not text")
     text = part.get(field)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 from aiohttp import web
 
+from vllm_llmd.events.transport import Transport
 from vllm_llmd.router.config import RouterConfig, parse_config
 from vllm_llmd.router.index import Index, InMemoryIndex
 from vllm_llmd.router.ingest import EventIngestor
@@ -37,17 +39,23 @@ def build_router(config: RouterConfig) -> Router:
         if config.redis_url:
             from vllm_llmd.router.redis_index import RedisIndex
 
-            timeouts = {
-                "connect_timeout_s": config.redis_timeout_s,
-                "socket_timeout_s": config.redis_timeout_s,
-            }
-            index = RedisIndex(config.redis_url, **timeouts)
-            shared = RedisSharedView(config.redis_url, ttl_s=config.shared_tier_ttl_s, **timeouts)
+            timeout_s = config.redis_timeout_s
+            index = RedisIndex(
+                config.redis_url, connect_timeout_s=timeout_s, socket_timeout_s=timeout_s
+            )
+            shared = RedisSharedView(
+                config.redis_url,
+                ttl_s=config.shared_tier_ttl_s,
+                connect_timeout_s=timeout_s,
+                socket_timeout_s=timeout_s,
+            )
         else:
             index = InMemoryIndex(config.index_max_entries)
             shared = InMemorySharedView(config.shared_tier_ttl_s, config.index_max_entries)
         if not config.no_ingest:  # followers read a shared index another replica fills
-            ingestor = EventIngestor(index, shared=shared)
+            ingestor = EventIngestor(
+                index, shared=shared, transport=cast(Transport, config.kv_events_transport)
+            )
     elif config.policy in PREFIX_POLICIES:
         # Refuse to pretend: without the model's tokenizer no prefix can be matched.
         logger.error("policy %s needs --tokenizer: routing by load alone", config.policy)

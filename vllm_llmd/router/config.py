@@ -11,14 +11,36 @@ Pods can also be discovered in Kubernetes, by label selector (`--k8s-*`, see `ro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from vllm_llmd.router.flags import ENV_PREFIX, ROLES, build_parser
+from vllm_llmd.events.transport import TRANSPORTS
+from vllm_llmd.router.flags import ENV_PREFIX, add_flags, flag, flag_specs, parsed_values
 from vllm_llmd.router.scoring import ScoringConfig
 from vllm_llmd.router.slo import SLO, SLOConfig, parse_model_slo, parse_objective
+
+__all__ = [
+    "ENV_PREFIX",
+    "ROLES",
+    "PodSpec",
+    "RouterConfig",
+    "build_parser",
+    "check_k8s_port",
+    "parse_config",
+]
+
+ROLES = ("both", "prefill", "decode")
+# the fields that only mean something with --k8s-label-selector
+K8S_DISCOVERY_FIELDS = (
+    "k8s_namespace",
+    "k8s_port",
+    "k8s_role_label",
+    "k8s_kubeconfig",
+    "k8s_api_url",
+)
 
 
 @dataclass(frozen=True)
@@ -54,59 +76,173 @@ class PodSpec:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Everything the router needs; see `build_parser` for each field's meaning."""
+    """Everything the router needs. Each field is a flag, declared once here: its default,
+    type and help (`flags.flag`); `build_parser` and docs/configuration.md come from them."""
 
-    pods: tuple[PodSpec, ...]
-    host: str = "127.0.0.1"
-    port: int = 8000
-    policy: str = "kv_aware"
-    tokenizer: str | None = None
-    block_size: int = 128
-    hash_algorithm: str = "sha256"
-    hash_seed: str | None = None
-    events_topic: str = "kv"
-    pd_threshold_tokens: int = 256
-    api_key: str | None = None
-    max_body_bytes: int = 8 << 20
-    request_timeout_s: float = 600.0
-    poll_interval_s: float = 1.0
-    audit_log: str | None = None
-    audit_prompts: bool = False
-    index_max_entries: int = 1_000_000
-    shared_tier_ttl_s: float = 300.0
-    recent_route_ttl_s: float = 5.0
-    redis_url: str | None = None
-    redis_timeout_s: float = 1.0
-    no_ingest: bool = False
-    prefill_allowlist: str | None = None
+    pods: tuple[PodSpec, ...] = flag(
+        (),
+        "a vLLM pod (repeatable); role both|prefill|decode",
+        metavar="URL[,role=R][,events=E][,replay=P]",
+        name="pod",
+    )
+    host: str = flag("127.0.0.1", "address to listen on")
+    port: int = flag(8000, "port to listen on")
+    policy: str = flag(
+        "kv_aware",
+        "routing policy: round_robin, load, prefix, kv_aware (prefix hit and load), "
+        "slo (predicted latency against SLOs, with priority and fair queueing)",
+    )
+    tokenizer: str | None = flag(
+        None, "local path of the model's tokenizer (needed by prefix-aware policies)"
+    )
+    block_size: int = flag(128, "the pods' KV block size in tokens")
+    hash_algorithm: str = flag("sha256", "the pods' --prefix-caching-hash-algo")
+    hash_seed: str | None = flag(None, "the pods' PYTHONHASHSEED, if they set one")
+    events_topic: str = flag("kv", "topic of the pods' KV events")
+    kv_events_transport: str = flag(
+        "zmtp",
+        "how the router speaks to the pods' KV-event sockets: zmtp (our own ZMTP client: every "
+        "frame and whole message bounded before it is buffered) or zmq (pyzmq: libzmq buffers "
+        "a multipart message that never ends without limit)",
+        metavar="{zmtp,zmq}",
+    )
+    pd_threshold_tokens: int = flag(
+        256, "prompts with more uncached tokens go prefill -> decode when both roles exist"
+    )
+    api_key: str | None = flag(None, "require 'Authorization: Bearer KEY' from clients")
+    max_body_bytes: int = flag(8 << 20, "largest request body accepted")
+    request_timeout_s: float = flag(600.0, "timeout of one upstream request")
+    poll_interval_s: float = flag(1.0, "pod health and load poll interval")
+    audit_log: str | None = flag(None, "append one JSON line per routing decision here")
+    audit_prompts: bool = flag(False, "include prompt text in the audit log")
+    index_max_entries: int = flag(1_000_000, "in-memory index bound (blocks)")
+    recent_route_ttl_s: float = flag(
+        5.0,
+        "for this long after routing a prompt to a pod, count its prefix as that pod's "
+        "until the pod's KV events say so (a second request on the prefix follows the first); "
+        "0 turns it off",
+    )
+    shared_tier_ttl_s: float = flag(
+        300.0,
+        "how long a block announced in the shared KV tier (medium SHARED) counts as there "
+        "without being announced again (the tier evicts silently)",
+    )
+    prefill_allowlist: str | None = flag(
+        None,
+        "sidecar mode: prefill targets an upstream gateway may name in the "
+        "x-prefiller-host-port / x-prefiller-url headers (besides the --pod prefill pods); "
+        "a header naming any other target is refused with 403",
+        metavar="HOST:PORT[,HOST:PORT...]",
+    )
     # ---- what clients are trusted with (see router/client_body.py) ----
-    trust_client_kv_transfer_params: bool = False
-    trust_request_chat_template: bool = False
+    trust_client_kv_transfer_params: bool = flag(
+        False,
+        "forward the kv_transfer_params of client requests (only behind a trusted "
+        "upstream that sets them, e.g. llm-d's EPP and sidecar); by default they are removed: "
+        "they tell a pod which host to pull KV from into the shared prefix cache",
+    )
+    trust_request_chat_template: bool = flag(
+        False,
+        "accept a request's own chat_template (also in chat_template_kwargs) and render "
+        "it to tokenize; by default such requests are refused with 400, as vLLM does",
+    )
     # ---- blocking work off the event loop (see router/off_loop.py) ----
-    tokenize_workers: int = 4
-    tokenize_timeout_s: float = 1.0
-    index_timeout_s: float = 0.5
+    tokenize_workers: int = flag(
+        4, "threads that tokenize requests (and render chat templates) off the event loop"
+    )
+    tokenize_timeout_s: float = flag(
+        1.0, "a request whose tokenization takes longer is routed by load alone"
+    )
+    index_timeout_s: float = flag(
+        0.5,
+        "a request whose index or shared-tier lookup (Redis) takes longer, or fails, is "
+        "routed by load alone",
+    )
+    redis_url: str | None = flag(None, "share the block index through Redis (redis://...)")
+    redis_timeout_s: float = flag(
+        1.0,
+        "with --redis-url: seconds to connect to Redis and for one Redis call; past it the "
+        "call fails (requests are then routed by load alone, events wait in their pod's queue)",
+    )
+    no_ingest: bool = flag(
+        False,
+        "with --redis-url: read the shared index but follow no pod's KV events (another "
+        "replica does; each pod must have exactly one ingesting replica)",
+    )
     # ---- load thresholds and SLO-aware routing (see slo_config / scoring_config) ----
-    max_waiting: int = 8
-    max_kv_usage: float = 0.95
-    w_prefix: float = 1.0
-    w_load: float = 0.5
-    slo_ttft_ms: float | None = None
-    slo_tpot_ms: float | None = None
-    model_slo: tuple[str, ...] = ()
-    objective: tuple[str, ...] = ()
-    slo_headroom: float = 0.1
-    max_queue: int = 1024
-    queue_timeout_s: float = 30.0
-    latency_min_samples: int = 8
+    max_waiting: int = flag(
+        8,
+        "a pod with this many queued requests (its gauge, or the router's in-flight "
+        "requests beyond its running batch) is saturated",
+    )
+    max_kv_usage: float = flag(0.95, "a pod this full (0..1) is saturated")
+    w_prefix: float = flag(
+        1.0,
+        "kv_aware: weight of the cached-prefix score (0..1, tier-weighted share of the "
+        "prompt's blocks a pod holds)",
+    )
+    w_load: float = flag(
+        0.5,
+        "kv_aware: weight of the load score (0..1, a pod's requests against the busiest "
+        "candidate's, or its KV usage); higher spreads conversations more, lower keeps them "
+        "on the pod that holds their prefix",
+    )
+    slo_ttft_ms: float | None = flag(
+        None, "default time-to-first-token SLO (a request's x-slo-ttft-ms header wins)"
+    )
+    slo_tpot_ms: float | None = flag(
+        None, "default time-per-output-token SLO (a request's x-slo-tpot-ms header wins)"
+    )
+    model_slo: tuple[str, ...] = flag(
+        (), "SLO defaults of one model (repeatable)", metavar="MODEL:ttft=MS,tpot=MS"
+    )
+    objective: tuple[str, ...] = flag(
+        (),
+        "priority of requests naming this x-gateway-inference-objective (repeatable); "
+        "negative priorities are sheddable: refused with 429 when no pod meets their SLO",
+        metavar="NAME=PRIORITY",
+    )
+    slo_headroom: float = flag(
+        0.1, "policy slo: a pod meets an SLO when predicted <= (1 - headroom) * SLO"
+    )
+    max_queue: int = flag(
+        1024, "policy slo: requests the router may hold while the pool is saturated"
+    )
+    queue_timeout_s: float = flag(
+        30.0, "policy slo: longest wait in the router's queue for a request without a TTFT SLO"
+    )
+    latency_min_samples: int = flag(
+        8, "observations a pod's latency model needs before its predictions are used"
+    )
     # ---- Kubernetes pod discovery (on with k8s_label_selector; see router/k8s.py) ----
-    k8s_namespace: str | None = None
-    k8s_label_selector: str | None = None
-    k8s_port: str = "8000"
-    k8s_role_label: str = "llm-d.ai/role"
-    k8s_kubeconfig: str | None = None
-    k8s_api_url: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    k8s_label_selector: str | None = flag(
+        None,
+        "discover pods in Kubernetes: the ready pods this label selector picks (e.g. "
+        "'app=vllm'), watched as they come and go; with or without --pod",
+        metavar="SELECTOR",
+    )
+    k8s_namespace: str | None = flag(
+        None, "namespace of the discovered pods (default: the router's own, in a cluster)"
+    )
+    k8s_port: str = flag(
+        "8000",
+        "the pods' vLLM port: a number, or the name of a container port",
+        metavar="PORT|NAME",
+    )
+    k8s_role_label: str = flag(
+        "llm-d.ai/role",
+        "pod label whose value (prefill, decode, both) is the pod's role; none: both",
+    )
+    k8s_kubeconfig: str | None = flag(
+        None,
+        "reach the cluster with this kubeconfig (default: the pod's service account)",
+        metavar="FILE",
+    )
+    k8s_api_url: str | None = flag(
+        None,
+        "reach the Kubernetes API at this URL without credentials (tests, kubectl proxy)",
+        metavar="URL",
+    )
 
     def scoring_config(self) -> ScoringConfig:
         """The policies' knobs; ValueError on a bad value."""
@@ -136,16 +272,11 @@ class RouterConfig:
 def _k8s_error(args: argparse.Namespace) -> str | None:
     """What is wrong with the --k8s-* flags, or None."""
     if args.k8s_label_selector is None:
+        defaults = {f.name: f.default for f in dataclasses.fields(RouterConfig)}
         given = [
-            flag
-            for flag, value, default in (
-                ("--k8s-namespace", args.k8s_namespace, None),
-                ("--k8s-port", args.k8s_port, "8000"),
-                ("--k8s-role-label", args.k8s_role_label, "llm-d.ai/role"),
-                ("--k8s-kubeconfig", args.k8s_kubeconfig, None),
-                ("--k8s-api-url", args.k8s_api_url, None),
-            )
-            if value != default
+            "--" + name.replace("_", "-")
+            for name in K8S_DISCOVERY_FIELDS
+            if getattr(args, name) != defaults[name]
         ]
         return f"{given[0]} needs --k8s-label-selector" if given else None
     if not args.k8s_label_selector.strip():
@@ -173,27 +304,23 @@ def check_k8s_port(port: str) -> str | None:
     )
 
 
-def _env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
-    for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        value = environ.get(ENV_PREFIX + action.dest.upper())
-        if value is None:
-            continue
-        if isinstance(action, argparse._AppendAction):  # --pod, --objective, ...
-            action.default = value.split()
-        elif isinstance(action, argparse._StoreTrueAction):
-            action.default = value.lower() in ("1", "true", "yes", "on")
-        else:
-            action.default = action.type(value) if action.type else value
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The router's CLI, generated from RouterConfig's fields; with environ, a flag's
+    `VLLM_LLMD_ROUTER_*` variable there is its default."""
+    parser = argparse.ArgumentParser(
+        prog="vllm-llmd-router",
+        description="KV-cache-aware, load-aware, disaggregation-aware OpenAI proxy for vLLM.",
+        epilog=f"Every flag can also be set as {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT).",
+    )
+    add_flags(parser, flag_specs(RouterConfig), environ or {})
+    return parser
 
 
 def parse_config(
-    argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> RouterConfig:
     """Parse flags (and environment variables) into a RouterConfig."""
-    parser = build_parser()
-    _env_defaults(parser, dict(os.environ if environ is None else environ))
+    parser = build_parser(os.environ if environ is None else environ)
     args = parser.parse_args(argv)
     if not args.pod and not args.k8s_label_selector:
         parser.error(
@@ -204,21 +331,22 @@ def parse_config(
         parser.error(k8s_error)
     if args.no_ingest and not args.redis_url:
         parser.error("--no-ingest needs --redis-url: another replica fills the shared index")
+    if args.kv_events_transport not in TRANSPORTS:
+        parser.error(
+            f"--kv-events-transport must be one of {', '.join(TRANSPORTS)}, "
+            f"got {args.kv_events_transport!r}"
+        )
     if args.tokenize_workers < 1:
         parser.error(f"--tokenize-workers must be >= 1, got {args.tokenize_workers}")
-    for flag in ("tokenize_timeout_s", "index_timeout_s", "redis_timeout_s"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
-    if args.shared_tier_ttl_s <= 0:
-        parser.error(f"--shared-tier-ttl-s must be > 0, got {args.shared_tier_ttl_s}")
+    for name in ("tokenize_timeout_s", "index_timeout_s", "redis_timeout_s", "shared_tier_ttl_s"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    values = parsed_values(flag_specs(RouterConfig), args)
     try:
-        pods = tuple(PodSpec.parse(text) for text in args.pod or ())
+        values["pods"] = tuple(PodSpec.parse(text) for text in values["pods"])
     except ValueError as exc:
         parser.error(str(exc))
-    values = {k: v for k, v in vars(args).items() if k != "pod"}
-    values["model_slo"] = tuple(values["model_slo"] or ())
-    values["objective"] = tuple(values["objective"] or ())
-    config = RouterConfig(pods=pods, **values)
+    config = RouterConfig(**values)
     try:
         config.slo_config()
         config.scoring_config()

@@ -1,238 +1,144 @@
-"""The router's command line: every flag, its default and its help (the reference in
-docs/configuration.md is generated from it). `config.parse_config` turns the flags, and their
-`VLLM_LLMD_ROUTER_*` environment variables, into a `RouterConfig`."""
+"""Command-line flags generated from a config dataclass: each field is declared once.
+
+A field made with `flag(default, help)` becomes `--field-name` (type, default and help from
+the field), settable as `VLLM_LLMD_ROUTER_FIELD_NAME` too (the flag wins). The field's type
+says how: `bool` is a switch, `int`/`float`/`str` (or `X | None`) take a value, and
+`tuple[X, ...]` is repeatable (whitespace-separated in the environment). `config.RouterConfig`
+declares the router's flags this way; `build_parser` there and docs/configuration.md
+(scripts/gen_config_reference.py) are generated from `flag_specs`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 ENV_PREFIX = "VLLM_LLMD_ROUTER_"
-ROLES = ("both", "prefill", "decode")
+TRUE_WORDS = ("1", "true", "yes", "on")
+_VALUE_TYPES: dict[Any, type] = {int: int, float: float, str: str}
+_METADATA_KEY = "vllm_llmd.flag"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The router's CLI; each flag's default comes from its environment variable."""
-    parser = argparse.ArgumentParser(
-        prog="vllm-llmd-router",
-        description="KV-cache-aware, load-aware, disaggregation-aware OpenAI proxy for vLLM.",
-        epilog=f"Every flag can also be set as {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT).",
+@dataclass(frozen=True)
+class Flag:
+    """What a field's flag adds to the field: its help, and where needed a metavar or a name."""
+
+    help: str
+    metavar: str | None = None
+    # the flag's name when it is not the field's (`pods` is set with the repeatable `--pod`)
+    name: str | None = None
+
+
+def flag(default: Any, help: str, *, metavar: str | None = None, name: str | None = None) -> Any:
+    """A dataclass field that is also a command-line flag (see the module docstring)."""
+    return dataclasses.field(
+        default=default, metadata={_METADATA_KEY: Flag(help, metavar=metavar, name=name)}
     )
-    add = parser.add_argument
-    add(
-        "--pod",
-        action="append",
-        default=None,
-        metavar="URL[,role=R][,events=E][,replay=P]",
-        help="a vLLM pod (repeatable); role both|prefill|decode",
-    )
-    add("--host", default="127.0.0.1", help="address to listen on")
-    add("--port", type=int, default=8000, help="port to listen on")
-    add(
-        "--policy",
-        default="kv_aware",
-        help="routing policy: round_robin, load, prefix, kv_aware (prefix hit and load), "
-        "slo (predicted latency against SLOs, with priority and fair queueing)",
-    )
-    add(
-        "--tokenizer",
-        default=None,
-        help="local path of the model's tokenizer (needed by prefix-aware policies)",
-    )
-    add("--block-size", type=int, default=128, help="the pods' KV block size in tokens")
-    add("--hash-algorithm", default="sha256", help="the pods' --prefix-caching-hash-algo")
-    add("--hash-seed", default=None, help="the pods' PYTHONHASHSEED, if they set one")
-    add("--events-topic", default="kv", help="topic of the pods' KV events")
-    add(
-        "--pd-threshold-tokens",
-        type=int,
-        default=256,
-        help="prompts with more uncached tokens go prefill -> decode when both roles exist",
-    )
-    add("--api-key", default=None, help="require 'Authorization: Bearer KEY' from clients")
-    add("--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted")
-    add("--request-timeout-s", type=float, default=600.0, help="timeout of one upstream request")
-    add("--poll-interval-s", type=float, default=1.0, help="pod health and load poll interval")
-    add("--audit-log", default=None, help="append one JSON line per routing decision here")
-    add("--audit-prompts", action="store_true", help="include prompt text in the audit log")
-    add("--index-max-entries", type=int, default=1_000_000, help="in-memory index bound (blocks)")
-    add(
-        "--recent-route-ttl-s",
-        type=float,
-        default=5.0,
-        help="for this long after routing a prompt to a pod, count its prefix as that pod's "
-        "until the pod's KV events say so (a second request on the prefix follows the first); "
-        "0 turns it off",
-    )
-    add(
-        "--shared-tier-ttl-s",
-        type=float,
-        default=300.0,
-        help="how long a block announced in the shared KV tier (medium SHARED) counts as there "
-        "without being announced again (the tier evicts silently)",
-    )
-    add(
-        "--prefill-allowlist",
-        default=None,
-        metavar="HOST:PORT[,HOST:PORT...]",
-        help="sidecar mode: prefill targets an upstream gateway may name in the "
-        "x-prefiller-host-port / x-prefiller-url headers (besides the --pod prefill pods); "
-        "a header naming any other target is refused with 403",
-    )
-    add(
-        "--trust-client-kv-transfer-params",
-        action="store_true",
-        help="forward the kv_transfer_params of client requests (only behind a trusted "
-        "upstream that sets them, e.g. llm-d's EPP and sidecar); by default they are removed: "
-        "they tell a pod which host to pull KV from into the shared prefix cache",
-    )
-    add(
-        "--trust-request-chat-template",
-        action="store_true",
-        help="accept a request's own chat_template (also in chat_template_kwargs) and render "
-        "it to tokenize; by default such requests are refused with 400, as vLLM does",
-    )
-    add(
-        "--tokenize-workers",
-        type=int,
-        default=4,
-        help="threads that tokenize requests (and render chat templates) off the event loop",
-    )
-    add(
-        "--tokenize-timeout-s",
-        type=float,
-        default=1.0,
-        help="a request whose tokenization takes longer is routed by load alone",
-    )
-    add(
-        "--index-timeout-s",
-        type=float,
-        default=0.5,
-        help="a request whose index or shared-tier lookup (Redis) takes longer, or fails, is "
-        "routed by load alone",
-    )
-    add("--redis-url", default=None, help="share the block index through Redis (redis://...)")
-    add(
-        "--redis-timeout-s",
-        type=float,
-        default=1.0,
-        help="with --redis-url: seconds to connect to Redis and for one Redis call; past it the "
-        "call fails (requests are then routed by load alone, events wait in their pod's queue)",
-    )
-    add(
-        "--no-ingest",
-        action="store_true",
-        help="with --redis-url: read the shared index but follow no pod's KV events (another "
-        "replica does; each pod must have exactly one ingesting replica)",
-    )
-    # ---- load thresholds and SLO-aware routing ----
-    add(
-        "--max-waiting",
-        type=int,
-        default=8,
-        help="a pod with this many queued requests (its gauge, or the router's in-flight "
-        "requests beyond its running batch) is saturated",
-    )
-    add("--max-kv-usage", type=float, default=0.95, help="a pod this full (0..1) is saturated")
-    add(
-        "--w-prefix",
-        type=float,
-        default=1.0,
-        help="kv_aware: weight of the cached-prefix score (0..1, tier-weighted share of the "
-        "prompt's blocks a pod holds)",
-    )
-    add(
-        "--w-load",
-        type=float,
-        default=0.5,
-        help="kv_aware: weight of the load score (0..1, a pod's requests against the busiest "
-        "candidate's, or its KV usage); higher spreads conversations more, lower keeps them "
-        "on the pod that holds their prefix",
-    )
-    add(
-        "--slo-ttft-ms",
-        type=float,
-        default=None,
-        help="default time-to-first-token SLO (a request's x-slo-ttft-ms header wins)",
-    )
-    add(
-        "--slo-tpot-ms",
-        type=float,
-        default=None,
-        help="default time-per-output-token SLO (a request's x-slo-tpot-ms header wins)",
-    )
-    add(
-        "--model-slo",
-        action="append",
-        default=None,
-        metavar="MODEL:ttft=MS,tpot=MS",
-        help="SLO defaults of one model (repeatable)",
-    )
-    add(
-        "--objective",
-        action="append",
-        default=None,
-        metavar="NAME=PRIORITY",
-        help="priority of requests naming this x-gateway-inference-objective (repeatable); "
-        "negative priorities are sheddable: refused with 429 when no pod meets their SLO",
-    )
-    add(
-        "--slo-headroom",
-        type=float,
-        default=0.1,
-        help="policy slo: a pod meets an SLO when predicted <= (1 - headroom) * SLO",
-    )
-    add(
-        "--max-queue",
-        type=int,
-        default=1024,
-        help="policy slo: requests the router may hold while the pool is saturated",
-    )
-    add(
-        "--queue-timeout-s",
-        type=float,
-        default=30.0,
-        help="policy slo: longest wait in the router's queue for a request without a TTFT SLO",
-    )
-    add(
-        "--latency-min-samples",
-        type=int,
-        default=8,
-        help="observations a pod's latency model needs before its predictions are used",
-    )
-    # ---- Kubernetes pod discovery ----
-    add(
-        "--k8s-label-selector",
-        default=None,
-        metavar="SELECTOR",
-        help="discover pods in Kubernetes: the ready pods this label selector picks (e.g. "
-        "'app=vllm'), watched as they come and go; with or without --pod",
-    )
-    add(
-        "--k8s-namespace",
-        default=None,
-        help="namespace of the discovered pods (default: the router's own, in a cluster)",
-    )
-    add(
-        "--k8s-port",
-        default="8000",
-        metavar="PORT|NAME",
-        help="the pods' vLLM port: a number, or the name of a container port",
-    )
-    add(
-        "--k8s-role-label",
-        default="llm-d.ai/role",
-        help="pod label whose value (prefill, decode, both) is the pod's role; none: both",
-    )
-    add(
-        "--k8s-kubeconfig",
-        default=None,
-        metavar="FILE",
-        help="reach the cluster with this kubeconfig (default: the pod's service account)",
-    )
-    add(
-        "--k8s-api-url",
-        default=None,
-        metavar="URL",
-        help="reach the Kubernetes API at this URL without credentials (tests, kubectl proxy)",
-    )
-    return parser
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """One flag as derived from its field: everything the parser and the reference need."""
+
+    field: str  # the config field it sets
+    dest: str  # argparse's name for it (the flag without dashes)
+    option: str  # --some-flag
+    env: str  # VLLM_LLMD_ROUTER_SOME_FLAG
+    value_type: type  # of one value: int, float, str, or bool for a switch
+    repeatable: bool
+    default: Any  # the field's default
+    help: str
+    metavar: str | None
+
+    @property
+    def is_switch(self) -> bool:
+        return self.value_type is bool
+
+
+def _value_type(annotation: Any, field: str) -> tuple[type, bool]:
+    """(type of one value, repeatable) for a field's annotation."""
+    repeatable = False
+    if typing.get_origin(annotation) is tuple:
+        annotation, repeatable = typing.get_args(annotation)[0], True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        not_none = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(not_none) != 1:
+            raise TypeError(f"flag field {field}: unsupported union {annotation}")
+        annotation = not_none[0]
+    if annotation is bool and not repeatable:
+        return bool, False
+    if repeatable:  # items are parsed by the config (e.g. PodSpec.parse); others are text
+        return _VALUE_TYPES.get(annotation, str), True
+    if annotation not in _VALUE_TYPES:
+        raise TypeError(f"flag field {field}: unsupported type {annotation}")
+    return _VALUE_TYPES[annotation], False
+
+
+def flag_specs(config_class: type) -> list[FlagSpec]:
+    """Every flag of a config dataclass, in field order (fields without `flag()` are skipped)."""
+    hints = typing.get_type_hints(config_class)
+    specs = []
+    for f in dataclasses.fields(config_class):
+        meta = f.metadata.get(_METADATA_KEY)
+        if not isinstance(meta, Flag):
+            continue
+        dest = meta.name or f.name
+        value_type, repeatable = _value_type(hints[f.name], f.name)
+        specs.append(
+            FlagSpec(
+                field=f.name,
+                dest=dest,
+                option="--" + dest.replace("_", "-"),
+                env=ENV_PREFIX + dest.upper(),
+                value_type=value_type,
+                repeatable=repeatable,
+                default=f.default,
+                help=meta.help,
+                metavar=meta.metavar,
+            )
+        )
+    return specs
+
+
+def _env_default(spec: FlagSpec, text: str) -> Any:
+    """The parser default that an environment variable's text sets."""
+    if spec.is_switch:
+        return text.lower() in TRUE_WORDS
+    if spec.repeatable:
+        return text.split()
+    return text  # argparse converts a string default with the flag's type, naming the flag
+
+
+def add_flags(
+    parser: argparse.ArgumentParser, specs: list[FlagSpec], environ: Mapping[str, str]
+) -> None:
+    """Add one argument per spec; a spec's environment variable, if set, is its default."""
+    for spec in specs:
+        default = None if spec.repeatable else spec.default
+        if spec.env in environ:
+            default = _env_default(spec, environ[spec.env])
+        if spec.is_switch:
+            parser.add_argument(spec.option, action="store_true", default=default, help=spec.help)
+        else:
+            parser.add_argument(
+                spec.option,
+                action="append" if spec.repeatable else "store",
+                type=spec.value_type,
+                default=default,
+                metavar=spec.metavar,
+                help=spec.help,
+            )
+
+
+def parsed_values(specs: list[FlagSpec], args: argparse.Namespace) -> dict[str, Any]:
+    """{field: parsed value}; a repeatable flag's values as a tuple (empty when not given)."""
+    values = {}
+    for spec in specs:
+        value = getattr(args, spec.dest)
+        values[spec.field] = tuple(value or ()) if spec.repeatable else value
+    return values

@@ -48,6 +48,7 @@ from vllm_llmd.events.model import (
     Event,
 )
 from vllm_llmd.events.subscriber import Gap, ReceivedBatch, Reset, Subscriber, Update
+from vllm_llmd.events.transport import Transport, check_transport
 from vllm_llmd.log import ThrottledLog
 from vllm_llmd.router.index import Index
 from vllm_llmd.router.shared_view import SharedTierView
@@ -187,10 +188,18 @@ class EventIngestor:
     """
 
     def __init__(
-        self, index: Index, *, shared: SharedTierView | None = None, idle_wait_s: float = 0.01
+        self,
+        index: Index,
+        *,
+        shared: SharedTierView | None = None,
+        idle_wait_s: float = 0.01,
+        transport: Transport = "zmq",
     ) -> None:
         self.index = index
         self.shared = shared
+        check_transport(transport)
+        # how each pod's event sockets are spoken: pyzmq, or our bounded ZMTP client
+        self.transport: Transport = transport
         self.idle_wait_s = idle_wait_s
         self._pods: dict[str, _Pod] = {}
         self._pods_lock = threading.Lock()  # guards _pods only; never held while polling
@@ -221,7 +230,12 @@ class EventIngestor:
         # Built here so a bad endpoint raises to the caller; the lock hands the sockets over
         # to the polling thread (ZMQ allows moving a socket across a full memory barrier).
         subscriber = Subscriber(
-            endpoint, replay_endpoint=replay_endpoint, topic=topic, source=pod_id, defer_replay=True
+            endpoint,
+            replay_endpoint=replay_endpoint,
+            topic=topic,
+            source=pod_id,
+            defer_replay=True,
+            transport=self.transport,
         )
         try:
             self.index.clear_pod(pod_id)
@@ -258,7 +272,8 @@ class EventIngestor:
     def stats(self) -> dict[str, dict[str, float | int | None]]:
         """{pod: counters}: PodStats, plus the subscriber's `num_malformed` (batches and events
         it could not decode), `num_unknown_events` (types it does not know) and
-        `num_replay_failures` (replays that did not complete). A snapshot, read without
+        `num_replay_failures` (replays that did not complete) and `num_connections_cut`
+        (event connections cut for a frame or message past its bounds). A snapshot, read without
         stopping the thread."""
         with self._pods_lock:
             pods = list(self._pods.values())
@@ -269,6 +284,7 @@ class EventIngestor:
             counters["num_malformed"] = sub.num_malformed_batches + sub.num_malformed_events
             counters["num_unknown_events"] = sub.num_unknown_events
             counters["num_replay_failures"] = sub.num_replay_failures
+            counters["num_connections_cut"] = sub.num_connections_cut
             result[pod.pod_id] = counters
         return result
 

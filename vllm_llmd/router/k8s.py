@@ -98,7 +98,7 @@ def _named_port(pod: Any, name: str) -> int:
     for container in pod.spec.containers or ():
         for container_port in container.ports or ():
             if container_port.name == name:
-                return container_port.container_port
+                return int(container_port.container_port)
     raise ValueError(f"no container port named {name!r}")
 
 
@@ -280,7 +280,7 @@ class K8sDiscovery:
             self._update(pod)
         self._publish()
         self._synced.set()
-        return answer.metadata.resource_version
+        return str(answer.metadata.resource_version)
 
     def _watch_from(self, resource_version: str) -> str:
         """Follow changes until the watch ends; return the last resourceVersion seen."""

@@ -25,6 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
+
+# a feature vector, or the model's weights
+Vector = npt.NDArray[np.float64]
 
 SERVE_MODES = ("direct", "prefill", "decode")
 
@@ -38,7 +42,7 @@ class RequestShape:
     waiting: int
     active: int
 
-    def ttft_features(self) -> np.ndarray:
+    def ttft_features(self) -> Vector:
         return np.array(
             [
                 1.0,
@@ -49,7 +53,7 @@ class RequestShape:
             ]
         )
 
-    def tpot_features(self) -> np.ndarray:
+    def tpot_features(self) -> Vector:
         return np.array([1.0, float(self.active)])
 
 
@@ -60,15 +64,15 @@ class OnlineLeastSquares:
         if not 0.5 < forget <= 1.0:
             raise ValueError(f"forget must be in (0.5, 1], got {forget}")
         self.forget = forget
-        self.weights = np.zeros(num_features)
+        self.weights: Vector = np.zeros(num_features)
         # inverse of the (ridge-started) information matrix
-        self._p = np.eye(num_features) / ridge
+        self._p: Vector = np.eye(num_features) / ridge
         self.num_samples = 0
 
-    def predict(self, x: np.ndarray) -> float:
+    def predict(self, x: Vector) -> float:
         return float(self.weights @ x)
 
-    def update(self, x: np.ndarray, y: float) -> None:
+    def update(self, x: Vector, y: float) -> None:
         px = self._p @ x
         gain = px / (self.forget + x @ px)
         self.weights = self.weights + gain * (y - self.weights @ x)

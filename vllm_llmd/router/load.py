@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from vllm_llmd.devtools.client import parse_prometheus_text
+from vllm_llmd.prometheus_text import parse_prometheus_text
 
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
@@ -65,9 +65,8 @@ class PodLoad:
 def pod_load_from_metrics(text: str, num_in_flight: int = 0) -> PodLoad:
     """A PodLoad from the text of a vLLM /metrics page; ValueError if the gauges are missing."""
     # Parse only the three gauges' lines: a vLLM page is mostly histograms we do not need.
-    lines = [line for line in text.splitlines() if line.startswith(_GAUGES)]
-    totals = {name: [] for name in _GAUGES}
-    for (name, _labels), value in parse_prometheus_text("\n".join(lines) + "\n").items():
+    totals: dict[str, list[float]] = {name: [] for name in _GAUGES}
+    for (name, _labels), value in parse_prometheus_text(text, only=_GAUGES).items():
         if name in totals:
             totals[name].append(value)
     missing = [name for name, values in totals.items() if not values]

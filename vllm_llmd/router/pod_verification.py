@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vllm_llmd.hashing import PrefixHasher
+from vllm_llmd.prometheus_text import parse_prometheus_text
 from vllm_llmd.router.chat_template import UnsupportedRequestError
 
 # Probe inputs for verify_against_pod: mixed scripts, digits, runs of spaces, punctuation.
@@ -158,12 +159,8 @@ async def _post_tokenize(session: Any, url: str, body: dict[str, Any], timeout: 
 
 
 def _cache_config(metrics_text: str) -> tuple[int | None, str | None]:
-    from vllm_llmd.devtools.client import parse_prometheus_text
-
-    lines = [
-        line for line in metrics_text.splitlines() if line.startswith("vllm:cache_config_info")
-    ]
-    for (name, labels), _ in parse_prometheus_text("\n".join(lines) + "\n").items():
+    only = ("vllm:cache_config_info",)
+    for (name, labels), _ in parse_prometheus_text(metrics_text, only=only).items():
         if name == "vllm:cache_config_info":
             info = dict(labels)
             size = info.get("block_size")

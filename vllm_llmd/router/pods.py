@@ -58,7 +58,7 @@ class PodState:
     # the pod's tokens and block hashes match the router's; None: not checked since it joined
     hashes_ok: bool | None = None
     # the ingestor's remove_pod, running off the event loop; awaited before following again
-    removal: asyncio.Future | None = None
+    removal: asyncio.Future[None] | None = None
     # a poll of this pod is running (a new pod's first poll may overlap the periodic one)
     polling: bool = False
     # discovery removed it; a poll still running must not bring it back
@@ -96,10 +96,10 @@ class PodRegistry:
         self.poll_interval_s = poll_interval_s
         self.health_timeout_s = health_timeout_s
         self.slow_checks_to_evict = slow_checks_to_evict
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         # first polls of pods added at run time
-        self._joins: set[asyncio.Task] = set()
+        self._joins: set[asyncio.Task[None]] = set()
 
     def state(self, pod_id: str) -> PodState:
         """The pod's state, live or removed. The proxy holds it across awaits (a prefill, a

@@ -199,7 +199,7 @@ class RedisSharedView(SharedTierView):
         if time.monotonic() - self._members_read_at > _MEMBERS_CACHE_S:
             with unavailable_on_failure(self._client, "RedisSharedView.members"):
                 names = self._client.smembers(self._members_key)
-            self._members = frozenset(names)
+            self._members = frozenset(n.decode() if isinstance(n, bytes) else n for n in names)
             self._members_read_at = time.monotonic()
         return self._members
 

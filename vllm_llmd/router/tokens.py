@@ -135,10 +135,9 @@ class TokenProcessor:
 
     # ---- tokenization ----------------------------------------------------------------------
 
-    def completion_token_ids(
-        self, prompt: str | Sequence[int], *, add_special_tokens: bool = True
-    ) -> list[int]:
-        """The prompt tokens of a /v1/completions request (one prompt)."""
+    def completion_token_ids(self, prompt: object, *, add_special_tokens: bool = True) -> list[int]:
+        """The prompt tokens of a /v1/completions request (one prompt: a string or token ids,
+        as a client sent it; anything else is an UnsupportedRequestError)."""
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
         if isinstance(prompt, Sequence) and all(
@@ -204,7 +203,7 @@ class TokenProcessor:
 
     def tokenize_completion(
         self,
-        prompt: str | Sequence[int],
+        prompt: object,
         *,
         add_special_tokens: bool = True,
         cache_salt: str | None = None,
@@ -214,7 +213,11 @@ class TokenProcessor:
         return self.hash(ids, cache_salt=cache_salt)
 
     def tokenize_chat(
-        self, messages: Sequence[Mapping[str, Any]], *, cache_salt: str | None = None, **options
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        cache_salt: str | None = None,
+        **options: Any,
     ) -> TokenizedRequest:
         """`chat_token_ids` (same options), hashed."""
         return self.hash(self.chat_token_ids(messages, **options), cache_salt=cache_salt)
@@ -251,10 +254,10 @@ class TokenProcessor:
             return self.tokenize_completion(prompt, add_special_tokens=special, cache_salt=salt)
         raise UnsupportedRequestError(f"no tokenization rule for {path}")
 
-    def _resolve_template(self, chat_template: str | None, tools: list | None) -> str:
+    def _resolve_template(self, chat_template: str | None, tools: list[Any] | None) -> str:
         # vLLM's order: the request's template, the server's --chat-template, the tokenizer's.
         try:
-            template = self.tokenizer.get_chat_template(
+            template: str = self.tokenizer.get_chat_template(
                 chat_template or self._chat_template, tools=tools
             )
         except ValueError as exc:

@@ -98,8 +98,6 @@ async def relay(
             num_events += chunk.count(b"data:")
             await response.write(chunk)
         await response.write_eof()
-    except ConnectionResetError as exc:
-        if request.transport is not None and not request.transport.is_closing():
-            raise  # our client is still there: the reset came from elsewhere
-        raise ClientLeft() from exc
+    except ConnectionResetError as exc:  # our client's connection: a pod's comes as a
+        raise ClientLeft() from exc  # ClientPayloadError from upstream.content
     return response, first_byte, num_events

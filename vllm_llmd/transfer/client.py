@@ -1,21 +1,22 @@
 """Decode side of the side channel: pull a prefill's blocks, then release them.
 
-`pull_blocks` reads in chunks of at most `max_chunk_bytes`, hands each chunk to a `scatter`
-callback that writes it into the local KV cache, and always ends with a release telling the
-prefill worker the outcome, so its blocks are freed at once instead of at lease expiry. Every
-wait is bounded by `timeout_s`, every retry by a count; any failure raises TransferFailed with
-a reason for the logs (and releases the transfer as failed).
+`pull_blocks` asks in reads (one `ReadBlocks` and its reply) of at most `max_chunk_bytes` (the
+config key's name), hands each read's blocks to a `scatter` callback that writes them into the
+local KV cache, and always ends with a release telling the prefill worker the outcome, so its
+blocks are freed at once instead of at lease expiry. Every wait is bounded by `timeout_s`,
+every retry by a count; any failure raises TransferFailed with a reason for the logs (and
+releases the transfer as failed).
 
 Nothing a prefill worker answers can make this side hold more than it asked for: a reply's
 lengths are checked against the read before its bytes are received (`framing.py`), and the
 data part goes straight into a buffer of exactly that size.
 
 On the same host (`shm.host_id()` equal on both sides) the prefill worker may answer through
-shared memory: the chunk is scattered straight from its segment. An endpoint whose segment
+shared memory: the read's blocks are scattered straight from its segment. An endpoint whose segment
 cannot be opened is read through the socket from then on. With a CUDA cache (`PullSpec.ipc`)
-the prefill worker may instead write the chunk into our blocks itself, device to device
+the prefill worker may instead write the read's blocks into ours itself, device to device
 (`cuda_ipc.py`): nothing is left to scatter. An endpoint that cannot is read as above from then
-on. Each such switch drops a transport this read offered, so a chunk is asked at most three
+on. Each such switch drops a transport this read offered, so one read is asked at most three
 times that way; an answer through a transport the read did not offer fails the pull.
 """
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.framing import (
     HEADER,
@@ -44,7 +46,7 @@ from vllm_llmd.transfer.shm import ShmReader, host_id
 ScatterFn = Callable[[int, torch.Tensor], None]
 # between asks for a transfer the prefill has not registered yet, and between connection tries
 _RETRY_SLEEP_S = 0.05
-# transport switches (CUDA IPC -> shared memory -> socket) one chunk may take
+# transport switches (CUDA IPC -> shared memory -> socket) one read may take
 _MAX_SWITCHES = 2
 
 
@@ -58,7 +60,7 @@ class PullSpec:
 
     endpoint: str  # tcp://host:port of the prefill worker
     transfer_id: str
-    fingerprint: wire.KVLayoutFingerprint
+    fingerprint: KVLayoutFingerprint
     # prefill-side block ids to read, in the order the scatter callback expects them
     remote_block_ids: tuple[int, ...]
     # bytes of one block id in a data part (every layer's page of it)
@@ -197,8 +199,9 @@ def _discard(channel: _Channel) -> None:
     channel.close()
 
 
-def _chunks(count: int, per_chunk: int) -> list[tuple[int, int]]:
-    return [(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
+def _read_ranges(count: int, per_read: int) -> list[tuple[int, int]]:
+    """[start, end) of each read of a pull of count blocks, per_read blocks at most."""
+    return [(start, min(start + per_read, count)) for start in range(0, count, per_read)]
 
 
 def pull_blocks(
@@ -212,12 +215,12 @@ def pull_blocks(
 ) -> int:
     """Read every block of spec into the local cache via scatter; returns bytes received."""
     bytes_per_block = spec.block_bytes
-    per_chunk = max(1, max_chunk_bytes // bytes_per_block)
+    per_read = max(1, max_chunk_bytes // bytes_per_block)
     channel = _channel_for(spec.endpoint, timeout_s)
     received, reason = 0, ""
     try:
-        for start, end in _chunks(len(spec.remote_block_ids), per_chunk):
-            data = _read_chunk(
+        for start, end in _read_ranges(len(spec.remote_block_ids), per_read):
+            data = _read(
                 channel,
                 spec,
                 (start, end),
@@ -239,16 +242,16 @@ def pull_blocks(
             _discard(channel)
 
 
-def _read_chunk(
-    channel: _Channel, spec: PullSpec, chunk: tuple[int, int], grace_s: float, shm: bool
+def _read(
+    channel: _Channel, spec: PullSpec, blocks: tuple[int, int], grace_s: float, shm: bool
 ) -> torch.Tensor | None:
-    """Blocks chunk[0]..chunk[1] of the pull as bytes, or None if they were written in place.
+    """Blocks blocks[0]..blocks[1] of the pull as bytes, or None if they were written in place.
 
     Bounded: a transport switch must drop a transport this read offered (at most
     _MAX_SWITCHES), and an unknown transfer is asked again only within grace_s."""
     reader, no_shm, no_ipc = _shm_state()
     same_host = shm and bool(_HOST_ID)
-    start, end = chunk
+    start, end = blocks
     expected = (end - start) * spec.block_bytes
     deadline = time.monotonic() + grace_s
     max_asks = 1 + _MAX_SWITCHES + int(grace_s / _RETRY_SLEEP_S) + 1

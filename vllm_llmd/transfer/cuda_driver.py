@@ -21,11 +21,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
-from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 
+from vllm_llmd.ops.libcuda import (
+    check_call,
+    load_libcuda,
+    pushed_context,
+    retain_primary_context,
+)
 from vllm_llmd.transfer.messages import CUDA_IPC_HANDLE_BYTES
 
 # cuIpcOpenMemHandle flag: enable peer access to the owning GPU when it is another one.
@@ -100,47 +105,28 @@ class CudaDriver:
         with self._in_context(device):
             self._call("cuIpcCloseMemHandle", ctypes.c_uint64(ptr))
 
-    @contextlib.contextmanager
-    def _in_context(self, device: torch.device) -> Iterator[None]:
-        context = self._primary_context(device)
-        self._call("cuCtxPushCurrent_v2", context)
-        try:
-            yield
-        finally:
-            self._call("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
+    def _in_context(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
+        return pushed_context(self._cuda, self._primary_context(device))
 
     def _primary_context(self, device: torch.device) -> ctypes.c_void_p:
         index = device.index if device.index is not None else torch.cuda.current_device()
         with self._lock:
             if index not in self._contexts:
-                cu_device, context = ctypes.c_int(), ctypes.c_void_p()
-                self._call("cuDeviceGet", ctypes.byref(cu_device), index)
                 # retained for the life of the process, as torch's runtime does
-                self._call("cuDevicePrimaryCtxRetain", ctypes.byref(context), cu_device)
-                self._contexts[index] = context
+                self._contexts[index] = retain_primary_context(self._cuda, index)
             return self._contexts[index]
 
     def _call(self, name: str, *args: object) -> None:
-        result = getattr(self._cuda, name)(*args)
-        if result != 0:
-            message = ctypes.c_char_p()
-            self._cuda.cuGetErrorString(result, ctypes.byref(message))
-            text = message.value.decode() if message.value else "unknown error"
-            raise RuntimeError(f"{name} failed: {text} ({result})")
+        check_call(self._cuda, name, *args)
 
 
 def _libcuda() -> ctypes.CDLL:
-    cuda = ctypes.CDLL("libcuda.so.1")
+    cuda = load_libcuda()
     u64, ptr = ctypes.c_uint64, ctypes.c_void_p
     cuda.cuInit.argtypes = [ctypes.c_uint]
-    cuda.cuDeviceGet.argtypes = [ptr, ctypes.c_int]
-    cuda.cuDevicePrimaryCtxRetain.argtypes = [ptr, ctypes.c_int]
-    cuda.cuCtxPushCurrent_v2.argtypes = [ptr]
-    cuda.cuCtxPopCurrent_v2.argtypes = [ptr]
     cuda.cuMemGetAddressRange_v2.argtypes = [ptr, ptr, u64]
     cuda.cuIpcGetMemHandle.argtypes = [ptr, u64]
     # the handle goes by value: a 64-byte struct
     cuda.cuIpcOpenMemHandle_v2.argtypes = [ptr, _CUipcMemHandle, ctypes.c_uint]
     cuda.cuIpcCloseMemHandle.argtypes = [u64]
-    cuda.cuGetErrorString.argtypes = [ctypes.c_int, ptr]
     return cuda

@@ -25,10 +25,14 @@ without); one without the path ignores the fields and answers as above.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import msgspec
 
+from vllm_llmd.kv_layout import KVLayoutFingerprint
+
 # Version history:
-#   1: first version (read in chunks, release with outcome, fingerprint per read);
+#   1: first version (bounded reads, release with outcome, fingerprint per read);
 #      compatible additions: ReadBlocks.host_id and the ShmBlocksHeader reply (same host);
 #      ReadBlocks.ipc_cache/ipc_block_ids and the IpcBlocksWritten reply (same host, CUDA).
 #   2: plain TCP with our own bounded framing (`framing.py`) instead of ZMQ multipart messages,
@@ -36,36 +40,6 @@ import msgspec
 PROTOCOL_VERSION = 2
 # No control message is anywhere near this; a larger frame is refused before decoding.
 MAX_CONTROL_BYTES = 1 << 20
-
-
-class KVLayoutFingerprint(msgspec.Struct, frozen=True, kw_only=True):
-    """What both sides must agree on before a byte of KV moves between them."""
-
-    model: str
-    dtype: str
-    num_layers: int
-    num_kv_heads: int
-    head_size: int
-    block_size: int
-    layout: str
-    tensor_parallel_size: int
-    # bytes of one block of one layer on one worker
-    page_bytes: int
-
-    def differences(self, other: KVLayoutFingerprint) -> list[str]:
-        """Human-readable `field: ours != theirs` for each field that differs (for local logs:
-        the values are not for a peer, see `differing_fields`)."""
-        return [
-            f"{name}: {getattr(self, name)!r} != {getattr(other, name)!r}"
-            for name in self.differing_fields(other)
-        ]
-
-    def differing_fields(self, other: KVLayoutFingerprint) -> list[str]:
-        """Names of the fields that differ: all a side-channel peer is told, since the values
-        would let anyone who can reach the port forge params that match this layout."""
-        return [
-            name for name in self.__struct_fields__ if getattr(self, name) != getattr(other, name)
-        ]
 
 
 # Bytes of a CUDA IPC memory handle (CU_IPC_HANDLE_SIZE in cuda.h).
@@ -174,8 +148,9 @@ Request = ReadBlocks | ReleaseTransfer
 Reply = BlocksHeader | ShmBlocksHeader | IpcBlocksWritten | Ack | TransferError
 
 _encoder = msgspec.msgpack.Encoder()
-_request_decoder = msgspec.msgpack.Decoder(Request)
-_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+_reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
+_Message = TypeVar("_Message", Request, Reply)
 
 
 class WireError(ValueError):
@@ -192,7 +167,7 @@ def error(transfer_id: str, code: str, message: str) -> TransferError:
     )
 
 
-def _check(frame: bytes | memoryview, decoder: msgspec.msgpack.Decoder) -> Request | Reply:
+def _check(frame: bytes | memoryview, decoder: msgspec.msgpack.Decoder[_Message]) -> _Message:
     if len(frame) > MAX_CONTROL_BYTES:
         raise WireError(f"control frame of {len(frame)} bytes exceeds {MAX_CONTROL_BYTES}")
     try:

@@ -24,7 +24,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from vllm_llmd.transfer.messages import PROTOCOL_VERSION, KVLayoutFingerprint
+from vllm_llmd.kv_layout import KVLayoutFingerprint
+from vllm_llmd.transfer.messages import PROTOCOL_VERSION
 
 # The key that marks params as ours (a Nixl dict lacks it).
 TRANSFER_ID_KEY = "llmd_transfer_id"

@@ -20,6 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
+class SendOutcome(str, enum.Enum):
+    """How a finished transfer ended (for counters and logs)."""
+
+    DONE = "done"  # the decode side read it and released it
+    FAILED = "failed"  # the decode side gave up and released it (`PendingSend.reason` says why)
+    EXPIRED = "expired"  # nobody released it within the lease
+
+
 class SendState(enum.IntEnum):
     WAITING = enum.auto()
     READING = enum.auto()
@@ -36,8 +44,9 @@ class PendingSend:
     # time.monotonic() after which the blocks are freed unless a read renews it
     expires_at: float
     state: SendState = SendState.WAITING
-    # how the transfer ended, for counters and logs ("done", "failed: ...", "expired")
-    outcome: str = ""
+    # how the transfer ended (None until it did), and why a failed one failed
+    outcome: SendOutcome | None = None
+    reason: str = ""
 
 
 class SendRegistry:
@@ -87,7 +96,8 @@ class SendRegistry:
             if send is None or send.state != SendState.WAITING:
                 return False
             send.state = SendState.RELEASED
-            send.outcome = "done" if success else f"failed: {reason}"
+            send.outcome = SendOutcome.DONE if success else SendOutcome.FAILED
+            send.reason = "" if success else reason
             return True
 
     def take_finished(self) -> list[PendingSend]:
@@ -97,7 +107,7 @@ class SendRegistry:
         with self._lock:
             for transfer_id, send in list(self._by_transfer.items()):
                 if send.state == SendState.WAITING and send.expires_at <= now:
-                    send.state, send.outcome = SendState.EXPIRED, "expired"
+                    send.state, send.outcome = SendState.EXPIRED, SendOutcome.EXPIRED
                 if send.state >= SendState.RELEASED:
                     finished.append(self._by_transfer.pop(transfer_id))
         return finished

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.log import get_logger
 from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.framing import frame
@@ -33,7 +34,7 @@ GatherFn = Callable[[list[int], torch.Tensor | None], torch.Tensor]
 # ipc_write(block_ids, peer cache, peer block ids): a device-to-device copy, done on return
 # (CudaIpcWriter.write); raises IpcUnavailable, or ValueError for a bad description
 IpcWriteFn = Callable[[list[int], wire.CudaIpcCache, list[int]], None]
-# the decode side's default chunk (LLMDConnectorConfig.max_chunk_bytes)
+# the decode side's default bound on one read's bytes (LLMDConnectorConfig.max_chunk_bytes)
 DEFAULT_MAX_CHUNK_BYTES = 64 << 20
 
 
@@ -46,7 +47,7 @@ class TransferServer:
         port: int,
         registry: SendRegistry,
         gather: GatherFn,
-        fingerprint: wire.KVLayoutFingerprint,
+        fingerprint: KVLayoutFingerprint,
         block_bytes: int,
         *,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,

@@ -15,7 +15,7 @@ stores a chunk of `chunk_tokens` tokens as one object, one row per page row, hea
     staging       [num_blocks, num_layers, page]    page = [H, N, C] (LBHNC) | [N, H, C] (LBNHC)
 
 so a chunk is one permuted copy of blocks_per_chunk staging blocks, and back. These are the
-bytes LMCache's own code writes for the same blocks (tests/test_shared_tier.py compares them
+bytes LMCache's own code writes for the same blocks (tests/test_shared_tier_lmcache.py compares them
 with LMCache's gather for both page orders). On CUDA the staging buffer is pinned host memory
 (the copy kernels move the blocks; the permutation runs on the CPU, where the chunk lives).
 With LBHNC a "row" is a position in a head's page, not a token (vLLM's CPU attention packs a

@@ -32,10 +32,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vllm_llmd.job_tally import JobKind, JobTally
 from vllm_llmd.log import get_logger
-from vllm_llmd.offload.jobs import JobKind, JobTally
-from vllm_llmd.shared.client import SharedTierClient, SharedTierError
-from vllm_llmd.shared.messages import SharedLoadSpec, SharedStoreSpec
+from vllm_llmd.shared_tier.client import SharedTierClient, SharedTierError
+from vllm_llmd.shared_tier.lookup import SharedLookup
+from vllm_llmd.shared_tier.messages import SharedLoadSpec, SharedStoreSpec
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -57,20 +58,6 @@ class SharedTierChange:
     first_block: int
     end_block: int
     stored: bool
-
-
-@dataclass
-class SharedLookup:
-    """One request's lookup on the server."""
-
-    end: int  # tokens looked up: the prompt's full chunks
-    sent_at: float
-    future: Any  # the RPC in flight (lookup, then query_prefetch_status)
-    querying: bool = False
-    # hit tokens from 0 once known
-    hit: int | None = None
-    # the server holds read locks on the hit chunks for this request
-    locked: bool = False
 
 
 class SharedTierPlanner:

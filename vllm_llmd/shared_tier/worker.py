@@ -31,9 +31,9 @@ import torch
 
 from vllm_llmd.log import get_logger
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
-from vllm_llmd.shared.client import SharedTierClient, SharedTierError, SharedTierUnavailable
-from vllm_llmd.shared.layout import ChunkLayout
-from vllm_llmd.shared.messages import SharedLoadSpec, SharedStoreSpec
+from vllm_llmd.shared_tier.client import SharedTierClient, SharedTierError, SharedTierUnavailable
+from vllm_llmd.shared_tier.layout import ChunkLayout
+from vllm_llmd.shared_tier.messages import SharedLoadSpec, SharedStoreSpec
 
 logger = get_logger(__name__)
 

@@ -10,9 +10,11 @@ imported only when `shared_tier_url` is set.
 - `layout`: `ChunkLayout`, LMCache's chunk object for a vLLM CPU cache and the permuted copies
   between it and a staging buffer that `vllm_llmd.ops` fills.
 - `messages`: what the scheduler half tells the worker half to load and store each step.
+- `lookup`: `SharedLookup`, one request's lookup on the server (kept in its `RequestState`).
 - `planner`: scheduler side, per request: async lookup → hit tokens, lock release, session end,
   and the chunks to store.
 - `worker`: worker side: registers the KV layout, stores and loads chunks through the server's
   shared-memory slots, off the engine step.
-- `devserver`: `LMCacheServer`, a real `lmcache server` child process for tests and benchmarks.
+- `lmcache_server`: `LMCacheServer`, a real `lmcache server` child process: a dev helper for
+  the tests and `benchmarks/bench_shared_tier.py`, not used by the connector.
 """

@@ -1,6 +1,8 @@
 """Start, wait for and stop a real `lmcache server` (LMCache's MP server) on this box.
 
-For tests, benchmarks and demos of the shared tier. The settings are the ones measured to work
+A dev helper, not part of the connector (nothing in `vllm_llmd` imports it): the shared tier's
+tests and `benchmarks/bench_shared_tier.py` start their servers with it, which is why it ships
+in the package rather than under tests/. The settings are the ones measured to work
 on CPU: `--supported-transfer-mode auto` (the default makes a CPU vLLM hang at start-up),
 `--shm-name` (shared-memory transfers, else slow pickle mode), usage telemetry off. Several
 servers given the same `redis_url` form one shared tier ("hosts" sharing a Redis L2).

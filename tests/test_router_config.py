@@ -1,0 +1,110 @@
+"""The router's flags come from one typed config (RouterConfig's fields), and the router's
+production code does not import the devtools."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from vllm_llmd.router.config import RouterConfig, build_parser, parse_config
+from vllm_llmd.router.flags import flag, flag_specs
+
+PACKAGE = Path(__file__).resolve().parents[1] / "vllm_llmd"
+POD = ["--pod", "http://127.0.0.1:1"]
+
+
+def test_every_field_is_a_flag_whose_parser_default_is_the_fields():
+    actions = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+    specs = flag_specs(RouterConfig)
+    assert [s.field for s in specs] == [f.name for f in dataclasses.fields(RouterConfig)]
+    assert {s.dest for s in specs} == set(actions)
+    for spec in specs:
+        action = actions[spec.dest]
+        assert action.option_strings == [spec.option]
+        assert action.help == spec.help
+        if not spec.repeatable:
+            assert action.default == spec.default, spec.option
+    # a config parsed from nothing but a pod is the dataclass's defaults
+    config = parse_config(POD, environ={})
+    expected = RouterConfig(pods=config.pods)
+    assert config == expected
+
+
+def test_flag_types_come_from_the_field_annotations():
+    specs = {s.option: s for s in flag_specs(RouterConfig)}
+    assert specs["--port"].value_type is int and specs["--w-load"].value_type is float
+    assert specs["--slo-ttft-ms"].value_type is float  # float | None
+    assert specs["--audit-prompts"].is_switch
+    assert specs["--pod"].repeatable and specs["--pod"].env == "VLLM_LLMD_ROUTER_POD"
+    assert specs["--objective"].repeatable
+    with pytest.raises(SystemExit):
+        parse_config([*POD, "--port", "eighty"], environ={})
+
+
+def test_environment_sets_every_kind_of_flag_and_the_flag_wins():
+    environ = {
+        "VLLM_LLMD_ROUTER_POD": "http://a:1 http://b:1,role=prefill",
+        "VLLM_LLMD_ROUTER_PORT": "9001",
+        "VLLM_LLMD_ROUTER_AUDIT_PROMPTS": "yes",
+        "VLLM_LLMD_ROUTER_OBJECTIVE": "chat=2 batch=-1",
+        "VLLM_LLMD_ROUTER_SLO_TTFT_MS": "250",
+    }
+    config = parse_config([], environ=environ)
+    assert [p.url for p in config.pods] == ["http://a:1", "http://b:1"]
+    assert config.pods[1].role == "prefill"
+    assert config.port == 9001 and config.audit_prompts is True
+    assert config.objective == ("chat=2", "batch=-1") and config.slo_ttft_ms == 250.0
+    assert parse_config(["--port", "9002"], environ=environ).port == 9002
+
+
+def test_a_malformed_environment_value_is_a_usage_error_naming_the_flag(capsys):
+    # Before, int() raised a bare ValueError (a traceback naming no flag) for the environment.
+    with pytest.raises(SystemExit):
+        parse_config(POD, environ={"VLLM_LLMD_ROUTER_MAX_QUEUE": "many"})
+    assert "--max-queue: invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_validation_messages_name_the_flag(capsys):
+    for argv, message in (
+        (["--k8s-port", "http"], "--k8s-port needs --k8s-label-selector"),
+        (["--shared-tier-ttl-s", "0"], "--shared-tier-ttl-s must be > 0, got 0.0"),
+        (["--redis-timeout-s", "-1"], "--redis-timeout-s must be > 0, got -1.0"),
+        (["--tokenize-workers", "0"], "--tokenize-workers must be >= 1, got 0"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_config([*POD, *argv], environ={})
+        assert message in capsys.readouterr().err
+
+
+def test_an_unsupported_field_type_is_refused_when_flags_are_derived():
+    @dataclasses.dataclass
+    class Bad:
+        ratio: complex = flag(0j, "not a flag type")
+
+    with pytest.raises(TypeError, match="ratio"):
+        flag_specs(Bad)
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_router_does_not_import_devtools():
+    # devtools (test launchers, clients) may import production code, never the reverse; the
+    # router read Prometheus text through devtools.client before vllm_llmd/prometheus_text.py.
+    modules = [*PACKAGE.glob("*.py"), *(PACKAGE / "router").rglob("*.py")]
+    offenders = [
+        str(path.relative_to(PACKAGE))
+        for path in modules
+        if any(name.startswith("vllm_llmd.devtools") for name in _imports(path))
+    ]
+    assert offenders == []
