@@ -27,7 +27,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 
 status=0
 python3 -m pytest -q -p no:cacheprovider -rs tests/test_copy_kernels.py tests/test_ops.py \
-  tests/test_cuda_ipc.py || status=$?
+  tests/test_cuda_ipc.py tests/test_cuda_ipc_checks.py || status=$?
 python3 benchmarks/bench_copy_kernels.py --check || status=$?
 python3 benchmarks/bench_copy_kernels.py || status=$?
 exit "$status"

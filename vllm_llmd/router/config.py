@@ -100,11 +100,13 @@ class RouterConfig:
     hash_seed: str | None = flag(None, "the pods' PYTHONHASHSEED, if they set one")
     events_topic: str = flag("kv", "topic of the pods' KV events")
     kv_events_transport: str = flag(
-        "zmtp",
-        "how the router speaks to the pods' KV-event sockets: zmtp (our own ZMTP client: every "
-        "frame and whole message bounded before it is buffered) or zmq (pyzmq: libzmq buffers "
-        "a multipart message that never ends without limit)",
-        metavar="{zmtp,zmq}",
+        "zmq",
+        "how the router speaks to the pods' KV-event sockets: zmq (pyzmq; libzmq buffers a "
+        "multipart message that never ends without limit) or zmtp (our own ZMTP client: every "
+        "frame and whole message bounded before it is buffered; it connects when the router "
+        "first polls, so events published in the first milliseconds after a pod joins wait for "
+        "the next event's gap to be replayed)",
+        metavar="{zmq,zmtp}",
     )
     pd_threshold_tokens: int = flag(
         256, "prompts with more uncached tokens go prefill -> decode when both roles exist"
