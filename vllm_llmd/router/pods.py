@@ -242,9 +242,6 @@ class PodRegistry:
         except PodLoadError as exc:
             # A slow /metrics on a busy box is not a dead pod: keep its last known load.
             self._load_problem(pod, exc.reason, logging.INFO)
-        except ArithmeticError as exc:  # a gauge of +Inf: its count overflows int()
-            problem = f"a gauge in its /metrics is not a finite number ({exc})"
-            self._load_problem(pod, problem, logging.WARNING)
         else:
             pod.load_problem = ""
         if pod.removed:
