@@ -202,11 +202,14 @@ def _stop_module_servers():
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
-    if report.failed and _POOL is not None:
-        for server in _POOL.servers:
-            report.sections.append(
-                (f"vLLM server log tail: {server.log_path.name}", server.log_tail(40))
-            )
+    if not report.failed:
+        return
+    for server in _POOL.servers if _POOL is not None else []:
+        report.sections.append(
+            (f"vLLM server log tail: {server.log_path.name}", server.log_tail(40))
+        )
+    for router in RouterProcess.running:
+        report.sections.append((f"router log tail: {router.log_path.name}", router.log_tail(60)))
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +307,9 @@ class KeepBusy:
 class RouterProcess:
     """A `vllm-llmd-router` child process on a free loopback port."""
 
+    # routers not stopped yet: a failing test's report shows their log tails
+    running: list[RouterProcess] = []
+
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -313,6 +319,10 @@ class RouterProcess:
             self.process = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        RouterProcess.running.append(self)
+
+    def log_tail(self, lines: int) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def wait_ready(self, timeout: float = 60) -> RouterProcess:
         deadline = time.monotonic() + timeout
@@ -328,6 +338,8 @@ class RouterProcess:
         raise TimeoutError(f"router not ready: {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
+        if self in RouterProcess.running:
+            RouterProcess.running.remove(self)
         if self.process.poll() is None:
             self.process.terminate()
             try:

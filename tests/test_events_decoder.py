@@ -324,16 +324,43 @@ def test_deferred_replay_runs_where_the_owner_says(publishers, transport):
         transport=transport,
         defer_replay=True,
     ) as subscriber:
-        assert subscriber.poll(0.0) == [] and subscriber.replay_pending
+        # Polls return nothing; once the live subscription is on its way, the replay waits.
+        deadline = time.monotonic() + 10
+        while not subscriber.replay_pending:
+            assert subscriber.poll(0.0) == [] and time.monotonic() < deadline
+            time.sleep(0.01)
+        assert subscriber.poll(0.0) == []
         result: list[list[Update]] = []
         worker = threading.Thread(target=lambda: result.append(subscriber.complete_replay()))
         worker.start()  # the replay socket is read on another thread, as the router does
         worker.join(10)
         assert seqs(result[0]) == [0, 1, 2] and not subscriber.replay_pending
-        # let the SUB join (the zmtp transport connects inside poll(), pyzmq in the background)
-        assert subscriber.poll(0.3) == []
         publish(publisher, range(103, 105))
         assert seqs(poll_until(subscriber, lambda u: 4 in seqs(u))) == [3, 4]
+
+
+def test_a_batch_published_while_the_subscription_travels_is_not_missed(publishers, transport):
+    """A subscriber asks for the replay buffer only once its live subscription is on its way:
+    a batch published just after its first poll (a router meeting a new pod) arrives, by replay
+    or live, though no later batch would show it missing. Asked earlier, the replay would find
+    the buffer empty and the publisher would drop the batch for want of a subscriber."""
+    for attempt in range(3):  # the batch lands at a different moment of the handshake each time
+        port, replay_port = free_port(), free_port()
+        publisher = publishers(port, replay_port)
+        with Subscriber(
+            f"tcp://127.0.0.1:{port}",
+            replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
+            topic="kv",
+            transport=transport,
+        ) as subscriber:
+            updates = subscriber.poll(0.0)  # the first poll, as the router's ingest makes it
+            time.sleep(0.05 * attempt)
+            publish(publisher, [100 + attempt])
+            updates += poll_until(subscriber, lambda u: 0 in seqs(u), timeout=5)
+            assert seqs(updates) == [0], attempt
+            assert first_hash(batches(updates)[0]) == 100 + attempt
+            assert not [u for u in updates if isinstance(u, (Gap, Reset))]
+        publisher.shutdown()
 
 
 class LossyRelay:
@@ -461,9 +488,14 @@ def test_replay_endpoint_down_costs_one_bounded_wait(publishers, transport):
         replay_timeout=0.3,
         transport=transport,
     )
-    started = time.monotonic()
-    assert subscriber.poll(0.0) == []
-    assert time.monotonic() - started < 2.0
+    # The replay is asked for once the live subscription is on its way; the poll that asks
+    # waits about replay_timeout for an endpoint that never answers, no more.
+    deadline = time.monotonic() + 10
+    while not subscriber.stats.num_replay_failures:
+        assert time.monotonic() < deadline, "the replay was never asked for"
+        started = time.monotonic()
+        assert subscriber.poll(0.0) == []
+        assert time.monotonic() - started < 2.0
     assert subscriber.stats.num_replay_failures == 1
     subscriber.close()
     subscriber.close()  # idempotent

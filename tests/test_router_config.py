@@ -73,6 +73,8 @@ def test_validation_messages_name_the_flag(capsys):
         (["--shared-tier-ttl-s", "0"], "--shared-tier-ttl-s must be > 0, got 0.0"),
         (["--redis-timeout-s", "-1"], "--redis-timeout-s must be > 0, got -1.0"),
         (["--tokenize-workers", "0"], "--tokenize-workers must be >= 1, got 0"),
+        (["--health-timeout-s", "0"], "--health-timeout-s must be > 0, got 0.0"),
+        (["--health-timeouts-to-evict", "0"], "--health-timeouts-to-evict must be >= 1, got 0"),
     ):
         with pytest.raises(SystemExit):
             parse_config([*POD, *argv], environ={})

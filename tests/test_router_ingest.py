@@ -174,7 +174,7 @@ def test_pods_are_followed_apart_and_removed(publishers, ingestor):
 
 
 def test_a_dead_pod_does_not_hold_up_the_others(publishers, ingestor):
-    """Each replay from a pod whose publisher is gone waits out its timeout (2 s): that wait
+    """Each replay from a pod whose replay socket is gone waits out its timeout (2 s): that wait
     happens off the thread that applies every pod's events, whose other pods go on."""
     publisher, endpoint, replay = publishers()
     ingestor.add_pod("live", endpoint, replay, topic="kv")
@@ -182,21 +182,41 @@ def test_a_dead_pod_does_not_hold_up_the_others(publishers, ingestor):
     publish(publisher, stored([1]))
     wait_for(lambda: bool(ingestor.index.lookup_prefix([1])))
 
-    for name in ("dead-a", "dead-b"):  # nothing listens: every replay request goes unanswered
-        ingestor.add_pod(name, f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
-    time.sleep(0.1)  # the ingest thread has taken up the dead pods (their first replay)
-    started = time.monotonic()
-    publish(publisher, stored([2]))
-    wait_for(lambda: ingestor.index.lookup_prefix([1, 2]) == {"live": hit(GPU, GPU)})
-    assert time.monotonic() - started < 1.0  # not the 2 x 2 s the dead pods' replays take
+    # Live sockets that take the subscription (the replay is asked for only then) and replay
+    # sockets where nothing listens: every replay request goes unanswered.
+    dead = [zmq.Context.instance().socket(zmq.PUB) for _ in range(2)]
+    try:
+        for name, pub in zip(("dead-a", "dead-b"), dead, strict=True):
+            pub.setsockopt(zmq.LINGER, 0)
+            pub.bind("tcp://127.0.0.1:*")
+            live = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            ingestor.add_pod(name, live, f"tcp://127.0.0.1:{free_port()}")
+        time.sleep(0.1)  # the ingest thread has taken up the dead pods (their first replay)
+        started = time.monotonic()
+        publish(publisher, stored([2]))
+        wait_for(lambda: ingestor.index.lookup_prefix([1, 2]) == {"live": hit(GPU, GPU)})
+        assert time.monotonic() - started < 1.0  # not the 2 x 2 s the dead pods' replays take
 
-    # The dead pods' replays did run, and failed (counted); removing one waits for its replay.
-    wait_for(
-        lambda: all(ingestor.stats()[p]["num_replay_failures"] == 1 for p in ("dead-a", "dead-b"))
-    )
-    ingestor.remove_pod("dead-a")
-    assert ingestor.pods() == ["live", "dead-b"]
-    assert ingestor.stats()["live"]["num_replay_failures"] == 0
+        # The dead pods' replays did run, and failed (counted); removing one waits for it.
+        wait_for(
+            lambda: all(
+                ingestor.stats()[p]["num_replay_failures"] == 1 for p in ("dead-a", "dead-b")
+            )
+        )
+        ingestor.remove_pod("dead-a")
+        assert ingestor.pods() == ["live", "dead-b"]
+        assert ingestor.stats()["live"]["num_replay_failures"] == 0
+    finally:
+        for pub in dead:
+            pub.close(linger=0)
+
+
+def test_a_pod_whose_publisher_never_answers_is_asked_for_no_replay(ingestor):
+    """Until its live socket is subscribed a pod's replay is not asked for: a pod whose
+    publisher is not (yet) there costs no replay wait, and none fails."""
+    ingestor.add_pod("absent", f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+    time.sleep(3.0)  # longer than a replay's timeout (2 s): one asked for would have failed
+    assert ingestor.stats()["absent"]["num_replay_failures"] == 0
 
 
 def test_gaps_resets_and_index_failures_are_counted():

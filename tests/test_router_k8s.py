@@ -277,18 +277,15 @@ def test_removed_pods_keep_their_in_flight_counts():
     spec = PodSpec(pod_url("127.0.0.11"))
     registry = PodRegistry((), None)
     assert registry.add_pod(spec) and not registry.add_pod(spec)
-    state = registry.state(spec.url)
-    state.in_flight += 1  # a request starts
-    assert registry.remove_pod(spec.url) and not registry.remove_pod(spec.url)
-    assert spec.url not in registry.pods and not registry.candidates(("both",))
-    registry.add_pod(spec)  # back while the request runs: the same count
-    assert registry.loads()[spec.url].num_in_flight == 1
-    state.in_flight -= 1  # the request ends
+    with registry.sending(spec.url):  # a request runs
+        assert registry.remove_pod(spec.url) and not registry.remove_pod(spec.url)
+        assert spec.url not in registry.pods and not registry.candidates(("both",))
+        registry.add_pod(spec)  # back while the request runs: the same count
+        assert registry.loads()[spec.url].num_in_flight == 1
     assert registry.loads()[spec.url].num_in_flight == 0
     registry.remove_pod(spec.url)
-    late = registry.state(spec.url)  # routed before the removal, sent after it
-    late.in_flight += 1
-    late.in_flight -= 1
+    with registry.sending(spec.url):  # routed before the removal, sent after it
+        pass
     registry.add_pod(spec)
     assert registry.loads()[spec.url].num_in_flight == 0
 

@@ -56,8 +56,14 @@ def _queue_depth(router) -> float:
 
 
 def _slo_router(start_router, pod, tiny_model, audit, *extra: str):
+    # A busy CPU pod on this box may answer /health late for seconds on end: it is not dead.
     args = router_args(
-        pod.url, policy="slo", tokenizer=tiny_model, audit_log=audit, poll_interval_s=0.2
+        pod.url,
+        policy="slo",
+        tokenizer=tiny_model,
+        audit_log=audit,
+        poll_interval_s=0.2,
+        health_timeout_s=30,
     )
     return start_router([*args, *extra], "router-slo")
 
@@ -122,19 +128,18 @@ def test_unmeetable_slo_is_shed_or_queued_by_priority(
     # and so is a request whose SLO can be met.
     assert ask("batch", 1)["choices"]
     assert ask("batch", 60_000)["choices"]
-    # Saturate the pod through the router: four long requests against its batch of two and
-    # --max-waiting 1, so three are in the pod and the fourth waits in the router. They are long
-    # (seconds each) so none ends before the probes below: on this box the test process is
-    # starved of CPU and a keeper may take seconds to send its next request, which would leave
-    # the pod with room and the router's queue empty.
-    with KeepBusy(router.url, pod.model_name, 4, max_tokens=3000, stagger=500, seed=0):
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (
-            len(read_audit(audit)) >= WARMUP + 2 + 3 and _queue_depth(router) >= 1
-        ):
+    # Saturate the pod through the router: six long requests against its batch of two and
+    # --max-waiting 1, so at least three wait in the router (more while the pod's gauges lag,
+    # which on this box they do for seconds: the router then counts each request it sent but
+    # the pod does not report running as waiting there). They are long (seconds each) so the
+    # router's queue never drains before the probes below, even when the starved test process
+    # takes seconds to send a keeper's next request.
+    with KeepBusy(router.url, pod.model_name, 6, max_tokens=2000, stagger=300, seed=0):
+        deadline = time.monotonic() + 120
+        while _queue_depth(router) < 1:
+            assert time.monotonic() < deadline, "no request waits in the router: pod not full"
             time.sleep(0.1)
-        assert len(read_audit(audit)) >= WARMUP + 2 + 3, "the long requests were not dispatched"
-        assert _queue_depth(router) >= 1, "no request waits in the router: the pod is not full"
+        assert len(read_audit(audit)) >= WARMUP + 2 + 1, "no long request was dispatched"
         # Sheddable traffic is refused at once, even with an easy SLO ...
         request = urllib.request.Request(
             router.url + "/v1/completions",

@@ -16,8 +16,10 @@ Sequence rules, with `next` the seq expected next:
     seq <  next            a copy of a batch replay already delivered (same payload): drop;
                            otherwise the engine restarted: Reset, then as from a fresh start
 
-On the first poll the subscriber asks the replay socket for the whole buffer, so a consumer that
-starts after the engine still learns what is cached. A restart that happens while the subscriber
+Once its live connection is subscribed, the subscriber asks the replay socket for the whole
+buffer, so a consumer that starts after the engine still learns what is cached (asked before,
+what is published in between would be missed until the next batch showed the gap); after a
+reconnect, it catches up the same way. A restart that happens while the subscriber
 is away and already published more batches than before cannot be seen in the seq numbers.
 
 Not thread-safe (ZMQ sockets are not): poll from one thread at a time. Every wait is bounded
@@ -195,6 +197,8 @@ class Subscriber:
         # digest of the payload of the last delivered batch (to recognise the publisher)
         self._last_digest = b""
         self._synced = False
+        # the live connection was made again: catch up once it is subscribed
+        self._resync_needed = False
         self._defer_replay = defer_replay
         # with defer_replay: the replay poll() needs, left for complete_replay()
         self._pending: Callable[[list[Update]], None] | None = None
@@ -214,7 +218,7 @@ class Subscriber:
             self.max_message_bytes,
         )
         if self._replay is not None and self._next_seq is not None:
-            self._replay_then(self._resync, updates)
+            self._resync_needed = True  # once the new connection is subscribed (see poll)
 
     def _resync(self, updates: list[Update]) -> None:
         """After a dropped connection: the same publisher (catch up) or a restarted one?"""
@@ -261,12 +265,20 @@ class Subscriber:
             # and subscribes inside poll); complete_replay() does not touch the live socket
             self._live.wait(0.0)
             return updates
+        self._reconnect_if_dropped(updates)
+        # A replay asked for before the live subscription is in place could miss what is
+        # published between the two (and nothing would say so until the next batch): replay
+        # once subscribed. pyzmq subscribes in the background; the zmtp transport here.
+        if not self._live.subscribed:
+            if not self._live.wait(timeout) and not self._live.subscribed:
+                return updates  # a message read meanwhile waits its turn, after the replay
         if not self._synced:
             self._synced = True
             if self._replay is not None:
                 self._replay_then(lambda pending: self._catch_up(0, pending), updates)
-        if self._pending is None:
-            self._reconnect_if_dropped(updates)
+        elif self._resync_needed:
+            self._resync_needed = False
+            self._replay_then(self._resync, updates)
         if self._pending is not None or not self._live.wait(timeout):
             return updates
         num_bytes = 0

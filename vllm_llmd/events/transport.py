@@ -39,6 +39,12 @@ class LiveSocket(Protocol):
     @property
     def closed(self) -> bool: ...
 
+    @property
+    def subscribed(self) -> bool:
+        """The subscription is on its way to the publisher: what it publishes from now on
+        comes here (a replay asked for earlier could miss some)."""
+        ...
+
     def wait(self, timeout: float) -> bool:
         """True once a message can be read, waiting at most `timeout` seconds."""
         ...
@@ -128,6 +134,9 @@ class ZmqLive:
         self._topic = topic
         self._max_message_bytes = max_message_bytes
         self._context = context
+        # from the monitor: handshakes finished, and a disconnect not yet acted on
+        self._handshakes = 0
+        self._disconnected = False
         self._sub, self._monitor = self._connect()
 
     def _connect(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
@@ -138,8 +147,9 @@ class ZmqLive:
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         limit_frame_size(sub, self._max_message_bytes)
         # Watch the connection: libzmq's SUB reconnects to a restarted publisher but then
-        # receives nothing (seen with pyzmq 27 / libzmq 4.3), so a disconnect means a new socket.
-        monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # receives nothing (seen with pyzmq 27 / libzmq 4.3), so a disconnect means a new socket;
+        # a finished handshake means the subscription is on its way (libzmq sends it next).
+        monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         try:
             sub.connect(self._endpoint)
         except zmq.ZMQError:
@@ -153,6 +163,12 @@ class ZmqLive:
     def closed(self) -> bool:
         return bool(self._sub.closed)
 
+    @property
+    def subscribed(self) -> bool:
+        if not self._handshakes:
+            self._read_monitor()
+        return self._handshakes > 0
+
     def wait(self, timeout: float) -> bool:
         return bool(self._sub.poll(int(timeout * 1000)))
 
@@ -163,13 +179,19 @@ class ZmqLive:
             return None
 
     def reconnect_if_dropped(self) -> bool:
-        dropped = False
-        while self._monitor.poll(0):
-            dropped |= recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED
+        self._read_monitor()
+        dropped, self._disconnected = self._disconnected, False
         if dropped:
             self.close()
+            self._handshakes = 0
             self._sub, self._monitor = self._connect()
         return dropped
+
+    def _read_monitor(self) -> None:
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            self._disconnected |= event == zmq.EVENT_DISCONNECTED
+            self._handshakes += event == zmq.EVENT_HANDSHAKE_SUCCEEDED
 
     def close(self) -> None:
         if not self._sub.closed:
@@ -215,6 +237,10 @@ class ZmtpLive:
     @property
     def closed(self) -> bool:
         return self.connection.closed
+
+    @property
+    def subscribed(self) -> bool:
+        return self.connection.subscribed
 
     def wait(self, timeout: float) -> bool:
         if self._waiting is None:

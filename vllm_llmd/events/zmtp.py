@@ -121,6 +121,7 @@ class ZmtpConnection:
         self._peer_minor = 1
         self._decoder: FrameDecoder | None = None
         self._tx = bytearray()  # to send now
+        self._flushed_since_ready = False  # see `subscribed`
         self._outbox = bytearray()  # messages sent before READY: they follow it
         if auto_reconnect:
             self._start_connect()
@@ -134,6 +135,12 @@ class ZmtpConnection:
     @property
     def closed(self) -> bool:
         return self._state is State.CLOSED
+
+    @property
+    def subscribed(self) -> bool:
+        """The connection is READY and everything queued by then (a SUB's subscription, a
+        DEALER's early requests) has been handed to the kernel."""
+        return self._flushed_since_ready
 
     @property
     def buffered_bytes(self) -> int:
@@ -318,6 +325,7 @@ class ZmtpConnection:
         try:
             if revents & select.POLLOUT and self._tx:
                 del self._tx[: self._sock.send(self._tx)]
+                self._flushed_since_ready |= self._state is State.READY and not self._tx
             if not revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 return -1
             data = self._sock.recv(READ_BYTES)
@@ -374,6 +382,7 @@ class ZmtpConnection:
     def _drop(self) -> float:
         """Close the socket, forget what it held; the delay before the next attempt."""
         self._dropped |= self._state is State.READY
+        self._flushed_since_ready = False
         self._close_socket()
         self._state = State.DOWN
         delay = min(RECONNECT_IVL_S * 2.0 ** min(self._failures, 16), RECONNECT_IVL_MAX_S)

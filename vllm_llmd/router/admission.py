@@ -17,7 +17,14 @@ from aiohttp import web
 
 from vllm_llmd.router.errors import error
 from vllm_llmd.router.metrics import RouterMetrics
-from vllm_llmd.router.slo import AdmissionQueue, QueuedRequest, QueueFullError, RequestClass
+from vllm_llmd.router.slo import (
+    AdmissionOutcome,
+    AdmissionQueue,
+    Admitted,
+    QueuedRequest,
+    QueueFullError,
+    RequestClass,
+)
 
 # how often the admission queue is re-judged while it holds requests
 QUEUE_TICK_S = 0.05
@@ -42,13 +49,13 @@ class Admission:
 
     async def admit(
         self, request_class: RequestClass, admissible: Callable[[], bool]
-    ) -> tuple[str, float]:
+    ) -> tuple[Admitted, float]:
         """Wait until the request may go; (admission, seconds queued). 429/503 when refused."""
         # Never ahead of queued requests: they go first, in queue order (by pump).
         if not len(self.queue) and admissible():
             return "met", 0.0
         if request_class.sheddable:
-            self.metrics.admissions.labels("shed").inc()
+            self._count("shed")
             raise error(
                 web.HTTPTooManyRequests,
                 "no pod can serve this request within its SLO now; retry later",
@@ -66,7 +73,7 @@ class Admission:
         try:
             self.queue.push(entry)
         except QueueFullError as exc:
-            self.metrics.admissions.labels("rejected").inc()
+            self._count("rejected")
             raise error(web.HTTPServiceUnavailable, str(exc)) from None
         self._ensure_ticker()
         self.pump()
@@ -74,9 +81,12 @@ class Admission:
             admitted = await entry.admitted
         finally:
             self.queue.remove(entry)  # no-op unless the client left while queued
-        admission = "queued" if admitted else "late"
-        self.metrics.admissions.labels(admission).inc()
+        admission: Admitted = "queued" if admitted else "late"
+        self._count(admission)
         return admission, time.monotonic() - arrival
+
+    def _count(self, outcome: AdmissionOutcome) -> None:
+        self.metrics.admissions.labels(outcome).inc()
 
     def pump(self) -> None:
         """Admit queued requests in queue order while the head is admissible; expire the rest."""

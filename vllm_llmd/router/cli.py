@@ -60,7 +60,13 @@ def build_router(config: RouterConfig) -> Router:
         # Refuse to pretend: without the model's tokenizer no prefix can be matched.
         logger.error("policy %s needs --tokenizer: routing by load alone", config.policy)
     registry = PodRegistry(
-        config.pods, ingestor, config.events_topic, config.poll_interval_s, tokens
+        config.pods,
+        ingestor,
+        config.events_topic,
+        config.poll_interval_s,
+        tokens,
+        health_timeout_s=config.health_timeout_s,
+        slow_checks_to_evict=config.health_timeouts_to_evict,
     )
     policy = make_policy(config.policy, config.scoring_config())
     return Router(config, registry, index, tokens, policy, RouterMetrics(), shared=shared)

@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, TypeGuard, get_args
 
 from vllm_llmd.events.transport import TRANSPORTS
 from vllm_llmd.router.flags import ENV_PREFIX, add_flags, flag, flag_specs, parsed_values
@@ -26,13 +27,17 @@ __all__ = [
     "ENV_PREFIX",
     "ROLES",
     "PodSpec",
+    "Role",
     "RouterConfig",
     "build_parser",
     "check_k8s_port",
+    "is_role",
     "parse_config",
 ]
 
-ROLES = ("both", "prefill", "decode")
+# what a pod does: prefill and decode, or one of the two (P/D)
+Role = Literal["both", "prefill", "decode"]
+ROLES: tuple[Role, ...] = get_args(Role)
 # the fields that only mean something with --k8s-label-selector
 K8S_DISCOVERY_FIELDS = (
     "k8s_namespace",
@@ -48,7 +53,7 @@ class PodSpec:
     """A pod as configured (static list) or discovered."""
 
     url: str
-    role: str = "both"
+    role: Role = "both"
     events: str | None = None
     replay: str | None = None
 
@@ -69,9 +74,13 @@ class PodSpec:
                 raise ValueError(f"pod {text!r}: unknown option {option!r} (role, events, replay)")
             values[key] = value
         role = values.get("role", "both")
-        if role not in ROLES:
+        if not is_role(role):
             raise ValueError(f"pod {text!r}: role must be one of {ROLES}, got {role!r}")
         return cls(url.rstrip("/"), role, values.get("events"), values.get("replay"))
+
+
+def is_role(text: str) -> TypeGuard[Role]:
+    return text in ROLES
 
 
 @dataclass(frozen=True)
@@ -100,13 +109,12 @@ class RouterConfig:
     hash_seed: str | None = flag(None, "the pods' PYTHONHASHSEED, if they set one")
     events_topic: str = flag("kv", "topic of the pods' KV events")
     kv_events_transport: str = flag(
-        "zmq",
-        "how the router speaks to the pods' KV-event sockets: zmq (pyzmq; libzmq buffers a "
-        "multipart message that never ends without limit) or zmtp (our own ZMTP client: every "
-        "frame and whole message bounded before it is buffered; it connects when the router "
-        "first polls, so events published in the first milliseconds after a pod joins wait for "
-        "the next event's gap to be replayed)",
-        metavar="{zmq,zmtp}",
+        "zmtp",
+        "how the router speaks to the pods' KV-event sockets: zmtp (our own ZMTP client: every "
+        "frame and whole message bounded before it is buffered, a peer that breaks a bound cut "
+        "and reconnected with backoff) or zmq (pyzmq; libzmq buffers a multipart message that "
+        "never ends without limit: for publishers you trust)",
+        metavar="{zmtp,zmq}",
     )
     pd_threshold_tokens: int = flag(
         256, "prompts with more uncached tokens go prefill -> decode when both roles exist"
@@ -115,6 +123,14 @@ class RouterConfig:
     max_body_bytes: int = flag(8 << 20, "largest request body accepted")
     request_timeout_s: float = flag(600.0, "timeout of one upstream request")
     poll_interval_s: float = flag(1.0, "pod health and load poll interval")
+    health_timeout_s: float = flag(
+        5.0, "seconds a pod's /health may take before the check counts as timed out"
+    )
+    health_timeouts_to_evict: int = flag(
+        3,
+        "timed-out /health checks in a row that take a pod out of rotation (a busy pod on a "
+        "loaded host answers late yet serves; a refused or failed check evicts at once)",
+    )
     audit_log: str | None = flag(None, "append one JSON line per routing decision here")
     audit_prompts: bool = flag(False, "include prompt text in the audit log")
     index_max_entries: int = flag(1_000_000, "in-memory index bound (blocks)")
@@ -338,9 +354,16 @@ def parse_config(
             f"--kv-events-transport must be one of {', '.join(TRANSPORTS)}, "
             f"got {args.kv_events_transport!r}"
         )
-    if args.tokenize_workers < 1:
-        parser.error(f"--tokenize-workers must be >= 1, got {args.tokenize_workers}")
-    for name in ("tokenize_timeout_s", "index_timeout_s", "redis_timeout_s", "shared_tier_ttl_s"):
+    for name in ("tokenize_workers", "health_timeouts_to_evict"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in (
+        "tokenize_timeout_s",
+        "index_timeout_s",
+        "redis_timeout_s",
+        "shared_tier_ttl_s",
+        "health_timeout_s",
+    ):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     values = parsed_values(flag_specs(RouterConfig), args)

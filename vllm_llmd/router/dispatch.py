@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from vllm_llmd.router.errors import error
-from vllm_llmd.router.latency import LatencyModels
+from vllm_llmd.router.latency import LatencyModels, ServeMode
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.routing import Route
@@ -88,16 +88,13 @@ class Dispatcher:
         order.remove(route.decode.pod)
         last_error: Exception | None = None
         for pod in [route.decode.pod, *order]:
-            state = self.registry.state(pod)  # held: the pod may be removed meanwhile
-            state.in_flight += 1
             try:
-                return await self._stream_from(session, pod, request, body, route)
+                with self.registry.sending(pod):
+                    return await self._stream_from(session, pod, request, body, route)
             except NotStarted as exc:  # nothing reached the client yet: try the next pod
                 last_error = exc.cause
                 self.registry.mark_unhealthy(pod, str(exc.cause))
                 self.metrics.retries.inc()
-            finally:
-                state.in_flight -= 1
         raise error(web.HTTPBadGateway, f"no pod could be reached: {last_error}")
 
     async def _stream_from(
@@ -119,14 +116,14 @@ class Dispatcher:
                 raise redirect_error(pod, upstream.status)
             response, first_byte, num_events = await relay(upstream, request, pod, route.request_id)
         if upstream.status == 200 and first_byte is not None and pod == route.decode.pod:
-            mode = "decode" if route.prefill is not None else "direct"
+            mode: ServeMode = "decode" if route.prefill is not None else "direct"
             self._observe(pod, mode, route, body, sent, first_byte, num_events)
         return response
 
     def _observe(
         self,
         pod: str,
-        mode: str,
+        mode: ServeMode,
         route: Route,
         body: Mapping[str, Any],
         sent: float,

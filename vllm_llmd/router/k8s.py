@@ -32,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from vllm_llmd.router.config import ROLES, PodSpec, RouterConfig, check_k8s_port
+from vllm_llmd.router.config import ROLES, PodSpec, RouterConfig, check_k8s_port, is_role
 from vllm_llmd.router.pods import PodRegistry
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def pod_spec(pod: Any, port: str, role_label: str = DEFAULT_ROLE_LABEL) -> PodSp
     """
     number = int(port) if port.isdigit() else _named_port(pod, port)
     role = (pod.metadata.labels or {}).get(role_label, "both")
-    if role not in ROLES:
+    if not is_role(role):
         raise ValueError(f"label {role_label}={role!r} is not one of {', '.join(ROLES)}")
     host = pod.status.pod_ip
     if ":" in host:  # IPv6

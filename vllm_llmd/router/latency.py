@@ -23,6 +23,7 @@ back to its heuristic policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -30,7 +31,9 @@ import numpy.typing as npt
 # a feature vector, or the model's weights
 Vector = npt.NDArray[np.float64]
 
-SERVE_MODES = ("direct", "prefill", "decode")
+# how a pod serves a request: all of it, or one half of a P/D pair
+ServeMode = Literal["direct", "prefill", "decode"]
+SERVE_MODES: tuple[ServeMode, ...] = get_args(ServeMode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +123,7 @@ class LatencyModels:
         self.forget = forget
         self._models: dict[tuple[str, str], PodLatencyModel] = {}
 
-    def model(self, pod: str, mode: str) -> PodLatencyModel:
+    def model(self, pod: str, mode: ServeMode) -> PodLatencyModel:
         if mode not in SERVE_MODES:
             raise ValueError(f"unknown serve mode {mode!r}; one of {SERVE_MODES}")
         key = (pod, mode)
@@ -128,11 +131,16 @@ class LatencyModels:
             self._models[key] = PodLatencyModel(self.min_samples, self.forget)
         return self._models[key]
 
-    def predict(self, pod: str, mode: str, shape: RequestShape) -> Prediction:
+    def predict(self, pod: str, mode: ServeMode, shape: RequestShape) -> Prediction:
         return self.model(pod, mode).predict(shape)
 
     def observe(
-        self, pod: str, mode: str, shape: RequestShape, ttft_s: float | None, tpot_s: float | None
+        self,
+        pod: str,
+        mode: ServeMode,
+        shape: RequestShape,
+        ttft_s: float | None,
+        tpot_s: float | None,
     ) -> None:
         self.model(pod, mode).observe(shape, ttft_s, tpot_s)
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -102,11 +104,22 @@ class PodRegistry:
         self._joins: set[asyncio.Task[None]] = set()
 
     def state(self, pod_id: str) -> PodState:
-        """The pod's state, live or removed. The proxy holds it across awaits (a prefill, a
-        stream) to count its request in flight, so a removal meanwhile loses nothing. An id
-        that is no pod of ours (a target named by a header) gets a state of its own."""
+        """The pod's state, live or removed. An id that is no pod of ours (a target named by a
+        header) gets a state of its own."""
         pod = self.pods.get(pod_id) or self._gone.get(pod_id)
         return pod if pod is not None else PodState(PodSpec(pod_id), removed=True)
+
+    @contextmanager
+    def sending(self, pod_id: str) -> Iterator[None]:
+        """Count a request in flight to the pod while the block runs. The state is held across
+        the block's awaits, so a pod removed meanwhile keeps the count (and has it again if it
+        comes back before the request ends)."""
+        pod = self.state(pod_id)
+        pod.in_flight += 1
+        try:
+            yield
+        finally:
+            pod.in_flight -= 1
 
     def candidates(self, roles: tuple[str, ...]) -> list[str]:
         """Healthy pods with one of roles, in configuration order."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_llmd.router.latency import LatencyModels, Prediction, RequestShape
+from vllm_llmd.router.latency import LatencyModels, Prediction, RequestShape, ServeMode
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.scoring import Decision, ScoreInput, ScoringConfig, ScoringPolicy
 from vllm_llmd.router.slo import SLO
@@ -96,7 +96,7 @@ class SLOPlanner:
         num_tokens: int | None,
         slo: SLO,
         output_tokens: int | None = None,
-        mode: str = "direct",
+        mode: ServeMode = "direct",
     ) -> SLOChoice:
         tokens = num_tokens or 0
         shapes = {p: request_shape(request, p, tokens, self.block_size) for p in request.candidates}

@@ -63,7 +63,7 @@ from vllm_llmd.router.shared_view import (
     extend_with_shared,
     extended,
 )
-from vllm_llmd.router.slo import RequestClass, SLOHeaderError
+from vllm_llmd.router.slo import Admitted, RequestClass, SLOHeaderError
 from vllm_llmd.router.tokens import TokenProcessor, UnsupportedRequestError
 from vllm_llmd.router.upstream import ClientLeft, is_redirect, upstream_session
 
@@ -147,7 +147,8 @@ class Router:
             request_class = self._classify(request.headers, body)
             hashes, num_tokens = await self._hashes(request.path, body)
             caches = await self._lookup(hashes)
-            admission, queued_s = "met", 0.0
+            admission: Admitted = "met"
+            queued_s = 0.0
             if self.admission is not None:
                 admissible = partial(self._admissible, hashes, caches, num_tokens, request_class)
                 admission, queued_s = await self.admission.admit(request_class, admissible)

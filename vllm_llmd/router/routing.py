@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from vllm_llmd.router.config import Role
 from vllm_llmd.router.latency import LatencyModels, Prediction, RequestShape
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.predictive import SLOPlanner, request_shape
 from vllm_llmd.router.scoring import Decision, PodCache, ScoreInput, ScoringPolicy
-from vllm_llmd.router.slo import RequestClass
+from vllm_llmd.router.slo import Admitted, RequestClass
 
-DECODE_ROLES = ("both", "decode")
-PREFILL_ROLES = ("prefill",)
+DECODE_ROLES: tuple[Role, ...] = ("both", "decode")
+PREFILL_ROLES: tuple[Role, ...] = ("prefill",)
 
 
 @dataclass
@@ -38,9 +39,8 @@ class Route:
     prediction: Prediction | None = None
     # seconds the request waited in the router's admission queue
     queued_s: float = 0.0
-    # "met": admitted at once; "queued": waited, then admitted; "late": dispatched when its
-    # deadline passed without a pod predicted to meet its SLO
-    admission: str = "met"
+    # how it was admitted (see slo.Admitted)
+    admission: Admitted = "met"
     # the request on the prefill pod at dispatch, for a P/D route
     prefill_shape: RequestShape | None = None
     # each pod's cached run of the prompt as scored (its own tiers, prefixes just routed

@@ -23,12 +23,19 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 TTFT_HEADER = "x-slo-ttft-ms"
 TPOT_HEADER = "x-slo-tpot-ms"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 DEFAULT_FAIRNESS_ID = "default"
+
+# How a request was let through: "met" at once; "queued" after waiting for a pod with room;
+# "late" when its deadline passed without one (dispatched anyway).
+Admitted = Literal["met", "queued", "late"]
+# ... or refused: "shed" (sheddable, 429) or "rejected" (the queue is full, 503).
+AdmissionOutcome = Literal[Admitted, "shed", "rejected"]
 
 
 class SLOHeaderError(ValueError):
