@@ -100,6 +100,7 @@ def make_scheduler(
     consumer: bool = False,
     host_slots: int = 0,
     disk_blocks: int = 0,
+    staging_slots: int = 0,
     shared: SharedTierPlanner | None = None,
     publish_events: bool = False,
 ) -> LLMDConnectorScheduler:
@@ -111,7 +112,7 @@ def make_scheduler(
 
     offload = None
     if host_slots:
-        manager = OffloadManager(host_slots, disk_blocks)
+        manager = OffloadManager(host_slots, disk_blocks, num_staging_slots=staging_slots)
         offload = OffloadPlanner(manager, BLOCK, num_workers=1, store_decode=False)
         config = config or LLMDConnectorConfig(host_offload_bytes=1 << 20)
     return LLMDConnectorScheduler(

@@ -73,15 +73,16 @@ def worker_reports(
 
 
 def all_done(metadata: LLMDConnectorMetadata) -> JobTally:
-    """The worker's report that every store, spill and promotion of a step succeeded."""
+    """The worker's report that every store, disk write and verification of a step succeeded."""
     tally = JobTally()
-    for kind, jobs in (
-        (JobKind.STORE, metadata.offload_step.stores),
-        (JobKind.SPILL, metadata.offload_step.spills),
-        (JobKind.PROMOTE, metadata.offload_step.promotes),
+    step = metadata.offload_step
+    for kind, keys in (
+        (JobKind.STORE, [job.key for job in step.stores]),
+        (JobKind.SPILL, [job.key for job in (*step.spills, *step.disk_stores)]),
+        (JobKind.VERIFY, list(step.verifies)),
     ):
-        for job in jobs:
-            tally.record(kind, job.key, ok=True)
+        for key in keys:
+            tally.record(kind, key, ok=True)
     return tally
 
 
@@ -154,23 +155,80 @@ def test_host_tier_hit_and_load():
     assert_holds_nothing(scheduler, request)
 
 
-def test_disk_promote_then_load():
-    scheduler = make_scheduler(host_slots=4, disk_blocks=8)
+def test_files_found_at_start_are_verified_then_loaded_from_disk():
+    scheduler = make_scheduler(host_slots=1, disk_blocks=8)
     request = make_request("r", PROMPT)
     infos = [block_info(request, i, BLOCK) for i in range(3)]
     scheduler.offload.manager.add_disk_blocks(zip(request.block_hashes, infos, strict=True))
-    # the chunks are on disk only: promoted first, and the hit is not known until they are
+    # the files were found at start-up: read back first, and the hit is not known until then
     assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)
     assert scheduler.state_of("r").phase == LoadPhase.ASKED
     metadata = step(scheduler)
-    assert [job.key for job in metadata.offload_step.promotes] == request.block_hashes[:3]
+    assert list(metadata.offload_step.verifies) == request.block_hashes[:3]
     assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)  # still reading
     worker_reports(scheduler, all_done(metadata))
-    load = load_from_host(scheduler, request)
-    assert load.block_ids == tuple(DEVICE_BLOCKS[:3])
-    worker_reports(scheduler, finished_recving={"r"})
+    # All three load straight from disk, though the host tier has one slot.
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (FULL, True)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), FULL)
+    [load] = step(scheduler).offload_loads
+    assert load.block_ids == () and load.disk_block_ids == tuple(DEVICE_BLOCKS[:3])
+    assert load.disk_keys == tuple(request.block_hashes[:3])
+    assert scheduler.offload.manager.num_pinned() == 3
+    reads = JobTally()
+    for key in load.disk_keys:
+        reads.record(JobKind.DISK_READ, key, ok=True)
+    worker_reports(scheduler, reads, finished_recving={"r"})
     finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
     assert_holds_nothing(scheduler, request)
+    assert scheduler.offload.manager.num_on_disk() == 3
+
+
+def test_a_small_host_tier_sends_new_blocks_straight_to_disk():
+    """One host slot, pinned by another request's load: the prompt's blocks go to disk through
+    the staging slots; one that finds no staging slot either is offered again next step."""
+    scheduler = make_scheduler(host_slots=1, disk_blocks=8, staging_slots=2)
+    compute_prompt_blocks = make_request("held", PROMPT[:BLOCK])
+    assert scheduler.get_num_new_matched_tokens(compute_prompt_blocks, 0) == (0, False)
+    scheduler.update_state_after_alloc(compute_prompt_blocks, blocks(DEVICE_BLOCKS), 0)
+    first = step(scheduler, {"held": BLOCK})
+    worker_reports(scheduler, all_done(first))
+    manager = scheduler.offload.manager
+    manager.prepare_load(compute_prompt_blocks.block_hashes[:1])  # its slot is pinned
+    request = make_request("r", list(range(5000, 5000 + 3 * BLOCK)))
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
+    metadata = step(scheduler, {"r": 3 * BLOCK})
+    assert metadata.offload_step.stores == ()
+    assert [job.key for job in metadata.offload_step.disk_stores] == request.block_hashes[:2]
+    request.num_computed_tokens = 3 * BLOCK
+    worker_reports(scheduler, all_done(metadata))  # written: the staging slots are free again
+    later = step(scheduler, {"r": 1})  # the third block is offered again
+    assert [job.key for job in later.offload_step.disk_stores] == request.block_hashes[2:3]
+    worker_reports(scheduler, all_done(later))
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert manager.lookup(request.block_hashes) == (0, 3)
+    assert step(scheduler).offload_step.num_dropped == 0
+    manager.complete_load(compute_prompt_blocks.block_hashes[:1])
+    finish(scheduler, compute_prompt_blocks, RequestStatus.FINISHED_STOPPED)
+    assert manager.num_pinned() == 0 and manager.num_staging_in_use() == 0
+
+
+def test_blocks_no_slot_took_before_the_request_ended_are_counted_dropped():
+    scheduler = make_scheduler(host_slots=1)  # no disk tier: nowhere else to go
+    held = make_request("held", PROMPT[:BLOCK])
+    scheduler.get_num_new_matched_tokens(held, 0)
+    scheduler.update_state_after_alloc(held, blocks(DEVICE_BLOCKS), 0)
+    worker_reports(scheduler, all_done(step(scheduler, {"held": BLOCK})))
+    scheduler.offload.manager.prepare_load(held.block_hashes[:1])
+    request = make_request("r", list(range(5000, 5000 + 3 * BLOCK)))
+    scheduler.get_num_new_matched_tokens(request, 0)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
+    metadata = step(scheduler, {"r": 3 * BLOCK})
+    assert metadata.offload_step.stores == () and metadata.offload_step.disk_stores == ()
+    request.num_computed_tokens = 3 * BLOCK
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert step(scheduler).offload_step.num_dropped == 3
+    assert step(scheduler).offload_step.num_dropped == 0  # counted once
 
 
 def test_remote_pull_after_the_local_tiers():

@@ -15,51 +15,24 @@ import factories
 import pytest
 import safetensors.torch
 import torch
+from disk_harness import (
+    NUM_LAYERS,
+    PAGE_BYTES,
+    make_block,
+    make_fingerprint,
+    make_key,
+    make_store,
+    set_mtime,
+)
 from safetensors import safe_open
 
-from vllm_llmd.kv_layout import KVLayoutFingerprint
-from vllm_llmd.offload import disk_store
+from vllm_llmd.offload import disk_scan
 from vllm_llmd.offload.disk_store import (
     CorruptBlockFileError,
     DiskBlockStore,
     MissingBlockFileError,
     ScannedBlockFile,
 )
-
-NUM_LAYERS, PAGE_BYTES = 4, 250  # odd sizes on purpose: 1000-byte chunks
-
-
-def make_fingerprint(**overrides: object) -> KVLayoutFingerprint:
-    fields: dict[str, object] = dict(
-        model="tiny-llama",
-        dtype="bfloat16",
-        num_layers=NUM_LAYERS,
-        block_size=16,
-        layout="NHD",
-        tensor_parallel_size=2,
-        page_bytes=PAGE_BYTES,
-    )
-    return factories.make_fingerprint(**(fields | overrides))
-
-
-def make_store(root: Path, tp_rank: int = 0, **overrides: object) -> DiskBlockStore:
-    fingerprint = make_fingerprint(**overrides)
-    block_bytes = fingerprint.num_layers * fingerprint.page_bytes
-    return DiskBlockStore(root, fingerprint, tp_rank, block_bytes)
-
-
-def make_key(i: int) -> bytes:
-    return hashlib.sha256(f"block {i}".encode()).digest()
-
-
-def make_block(block_bytes: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (block_bytes,), dtype=torch.uint8, generator=generator)
-
-
-def set_mtime(path: Path, mtime: float) -> None:
-    os.utime(path, (mtime, mtime))
-
 
 # ---- write / read ------------------------------------------------------------------------
 
@@ -255,12 +228,12 @@ def test_scan_deletes_invalid_files_and_keeps_other_ranks(tmp_path, caplog):
 
     # vLLM's logging config stops "vllm.*" records from reaching the root logger (caplog's
     # usual handler) once vllm is imported, so listen on our logger directly
-    disk_store.logger.addHandler(caplog.handler)
+    disk_scan.logger.addHandler(caplog.handler)
     try:
-        with caplog.at_level(logging.DEBUG, logger=disk_store.logger.name):
+        with caplog.at_level(logging.DEBUG, logger=disk_scan.logger.name):
             scanned = store.scan()
     finally:
-        disk_store.logger.removeHandler(caplog.handler)
+        disk_scan.logger.removeHandler(caplog.handler)
 
     assert [c.key for c in scanned] == [good]
     for gone in (other_model, truncated_payload, truncated_header):

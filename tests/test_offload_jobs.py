@@ -9,9 +9,9 @@ import pickle
 from vllm_llmd.connector.metadata import LLMDConnectorMetadata, LLMDWorkerMetadata
 from vllm_llmd.job_tally import JobKind, JobTally
 from vllm_llmd.offload.jobs import (
+    DiskStoreJob,
     OffloadLoadSpec,
     OffloadStepSpec,
-    PromoteJob,
     SpillJob,
     StoreJob,
 )
@@ -60,15 +60,17 @@ def test_step_messages_survive_vllms_trip_between_processes():
     # vLLM pickles SchedulerOutput and the workers' outputs itself (its own MessageQueue)
     step = OffloadStepSpec(
         spills=(SpillJob(KEYS[0], 1, "{}"),),
-        promotes=(PromoteJob(KEYS[1], 2),),
+        verifies=(KEYS[1],),
         stores=(StoreJob(KEYS[2], 7, 3),),
+        disk_stores=(DiskStoreJob(KEYS[0], 8, 0, "{}"),),
         deletes=(KEYS[3],),
+        num_dropped=2,
     )
     metadata = LLMDConnectorMetadata(
-        offload_loads=[OffloadLoadSpec("r", (1, 2), (3, 4))], offload_step=step
+        offload_loads=[OffloadLoadSpec("r", (1, 2), (3, 4), (5,), (KEYS[1],))], offload_step=step
     )
     assert pickle.loads(pickle.dumps(metadata)) == metadata
     tally = JobTally()
-    tally.record(JobKind.PROMOTE, KEYS[1], True)
+    tally.record(JobKind.DISK_READ, KEYS[1], True)
     report = pickle.loads(pickle.dumps(LLMDWorkerMetadata(tally)))
-    assert list(report.results) == [(JobKind.PROMOTE, KEYS[1], 1, 0)]
+    assert list(report.results) == [(JobKind.DISK_READ, KEYS[1], 1, 0)]

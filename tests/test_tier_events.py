@@ -64,7 +64,7 @@ def events_server(vllm_servers, small_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workload(events_server, small_model):
-    """Two rounds of six prompts: device evictions, host stores, spills, promotions."""
+    """Two rounds of six prompts: device evictions, host stores, spills, loads from disk."""
     server, *_ = events_server
     tokenizer = Tokenizer.from_file(str(small_model / "tokenizer.json"))
     prompts = [

@@ -1,6 +1,6 @@
 """What every tier reports its step jobs with: `JobKind` and the tally `JobTally`.
 
-Each worker answers a step's jobs (offload stores, spills and promotions, shared-tier stores)
+Each worker answers a step's jobs (offload stores, spills and verifications, shared-tier stores)
 with a `JobTally`: per job kind and key, how many workers finished it and how many failed it.
 vLLM sums the workers' tallies (`JobTally.merge`, from `LLMDWorkerMetadata.aggregate`), and a
 tier completes a job once every worker reported it (`JobTally.take_settled`). It lives below
@@ -21,8 +21,9 @@ class JobKind(Enum):
     """What a reported job did."""
 
     STORE = "store"  # device block -> host slot
-    SPILL = "spill"  # evicted host slot -> disk file
-    PROMOTE = "promote"  # disk file -> host slot (validated)
+    SPILL = "spill"  # evicted host slot, or staging slot of a store straight to disk -> disk file
+    VERIFY = "verify"  # a disk file found at start-up, read back whole (validated)
+    DISK_READ = "disk_read"  # a disk file read into the device cache by a load (validated)
     SHARED_STORE = "shared_store"  # prompt chunks -> the LMCache server
 
 

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="local model only: device KV cache (default 4: 16 tiny blocks, so it evicts)",
     )
     add("--host-offload-mib", type=int, default=4, help="host tier (default 4: 16 tiny blocks)")
-    add("--disk-offload-mib", type=int, default=6, help="disk tier (default 6: 24 tiny blocks)")
+    add("--disk-offload-mib", type=int, default=4, help="disk tier (default 4: 16 tiny blocks)")
     add(
         "--disk-offload-path",
         type=Path,

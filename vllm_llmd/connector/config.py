@@ -69,6 +69,10 @@ class LLMDConnectorConfig:
     offload_decode_blocks: bool = False
     # Threads per worker reading and writing the disk tier.
     offload_disk_threads: int = 4
+    # Host memory, in bytes for the whole instance, through which new blocks go straight to
+    # disk when every host slot is pinned (by loads and stores in flight), so a small host
+    # tier does not drop them. Used only with a disk tier; 0: such blocks wait for a slot.
+    offload_staging_bytes: int = 64 << 20
     # Debugging: a JSON file the scheduler rewrites with the block hashes each tier holds,
     # whenever that changes ({"host": [hex...], "disk": [hex...]}). "" = off.
     debug_state_path: str = ""
@@ -135,12 +139,12 @@ class LLMDConnectorConfig:
         self.prefill_host_allowlist()  # refuses a malformed entry at start-up
         if self.unknown_transfer_grace_s < 0:
             raise ValueError("LLMDConnector: unknown_transfer_grace_s must be >= 0")
-        if self.host_offload_bytes < 0 or self.disk_offload_bytes < 0:
+        if min(self.host_offload_bytes, self.disk_offload_bytes, self.offload_staging_bytes) < 0:
             raise ValueError("LLMDConnector: offload byte sizes must be >= 0")
         if self.disk_offload_path and not self.host_offload_bytes:
             raise ValueError(
-                "LLMDConnector: disk_offload_path needs host_offload_bytes > 0 (disk blocks "
-                "are loaded through the host tier)"
+                "LLMDConnector: disk_offload_path needs host_offload_bytes > 0 (new blocks go "
+                "to the host tier first)"
             )
         for name in (
             "shared_tier_timeout_s",
@@ -161,9 +165,9 @@ class LLMDConnectorConfig:
     def offload_enabled(self) -> bool:
         return self.host_offload_bytes > 0
 
-    def offload_capacity(self, block_bytes: int, num_workers: int) -> tuple[int, int]:
-        """(host slots, disk files) per worker, for offloaded blocks of block_bytes per worker
-        (one block of every layer)."""
+    def offload_capacity(self, block_bytes: int, num_workers: int) -> tuple[int, int, int]:
+        """(host slots, disk files, staging slots) per worker, for offloaded blocks of
+        block_bytes per worker (one block of every layer)."""
         per_block = block_bytes * num_workers
         host = self.host_offload_bytes // per_block
         if self.offload_enabled and host == 0:
@@ -171,7 +175,9 @@ class LLMDConnectorConfig:
                 f"LLMDConnector: host_offload_bytes {self.host_offload_bytes} is less than one "
                 f"block ({per_block} bytes: one block of every layer on every worker)"
             )
-        return host, self.disk_bytes // per_block
+        disk = self.disk_bytes // per_block
+        staging = max(1, self.offload_staging_bytes // per_block) if disk else 0
+        return host, disk, staging if self.offload_staging_bytes else 0
 
     @property
     def disk_bytes(self) -> int:

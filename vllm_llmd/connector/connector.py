@@ -301,8 +301,8 @@ def make_offload_planner(
         return None
     num_workers = fingerprint.tensor_parallel_size
     block_bytes = fingerprint.num_layers * fingerprint.page_bytes
-    host_slots, disk_blocks = config.offload_capacity(block_bytes, num_workers)
-    manager = OffloadManager(host_slots, disk_blocks, config.offload_policy)
+    host_slots, disk_blocks, staging_slots = config.offload_capacity(block_bytes, num_workers)
+    manager = OffloadManager(host_slots, disk_blocks, config.offload_policy, staging_slots)
     if disk_blocks:
         folder = disk_tier_folder(config.disk_offload_path, fingerprint)
         scans = [

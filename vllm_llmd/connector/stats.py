@@ -52,11 +52,17 @@ COUNTERS: dict[str, tuple[str, str]] = {
     ),
     "offload_promoted_chunks": (
         "llmd:offload_promoted_chunks",
-        "Offload: blocks read back from the disk tier into the host tier for a hit.",
+        "Offload: blocks loaded from the disk tier into the device cache instead of computed.",
+    ),
+    "offload_dropped_chunks": (
+        "llmd:offload_dropped_chunks",
+        "Offload: computed blocks that reached no tier (every host and staging slot in use "
+        "until their request ended).",
     ),
     "offload_rejected_chunks": (
         "llmd:offload_rejected_chunks",
-        "Offload: disk files that failed validation (deleted, recomputed instead).",
+        "Offload: disk files that failed validation (deleted; a miss, or a failed load if "
+        "the file turned bad after it was checked).",
     ),
     "offload_failed_writes": (
         "llmd:offload_failed_writes",

@@ -228,8 +228,8 @@ class LLMDConnectorWorker:
 
     def _load_offloaded(self, load: OffloadLoadSpec) -> Future:
         assert self.offload is not None
-        future = self.offload.load(load.block_ids, load.slots)
-        self._count("offload_loaded_chunks", len(load.block_ids))
+        future = self.offload.load(load)
+        self._count("offload_loaded_chunks", len(load.block_ids))  # disk reads: when reported
         return future
 
     def _load_shared(self, load: SharedLoadSpec) -> Future:
@@ -280,6 +280,8 @@ class LLMDConnectorWorker:
             self.shared.submit_stores(metadata.shared_stores)
         if self.offload is not None:
             self.offload.submit_step(metadata.offload_step)
+            if self.tp_rank == 0:  # counted once per instance
+                self._count("offload_dropped_chunks", metadata.offload_step.num_dropped)
 
     def build_worker_metadata(self) -> LLMDWorkerMetadata | None:
         results = JobTally()

@@ -26,11 +26,12 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-# job kind -> (counter of blocks done, counter of blocks failed)
+# job kind -> (counter of blocks done or None, counter of blocks failed)
 _COUNTERS_OF_KIND = {
     JobKind.STORE: ("offload_stored_chunks", "offload_failed_writes"),
     JobKind.SPILL: ("offload_spilled_chunks", "offload_failed_writes"),
-    JobKind.PROMOTE: ("offload_promoted_chunks", "offload_rejected_chunks"),
+    JobKind.DISK_READ: ("offload_promoted_chunks", "offload_rejected_chunks"),
+    JobKind.VERIFY: (None, "offload_rejected_chunks"),
 }
 
 
@@ -42,7 +43,9 @@ def make_offload_worker(
 ) -> OffloadWorker:
     """This worker's host pool and (if configured) its part of the disk tier."""
     num_workers = fingerprint.tensor_parallel_size
-    host_slots, disk_blocks = config.offload_capacity(kv_cache.block_bytes, num_workers)
+    host_slots, disk_blocks, staging_slots = config.offload_capacity(
+        kv_cache.block_bytes, num_workers
+    )
     disk = None
     if disk_blocks:
         disk = DiskBlockStore(
@@ -57,7 +60,9 @@ def make_offload_worker(
         host_slots * kv_cache.block_bytes / 2**20,
         f"{disk_blocks} blocks in {disk.root}" if disk else "off",
     )
-    return OffloadWorker(kv_cache, host_slots, disk, config.offload_disk_threads)
+    return OffloadWorker(
+        kv_cache, host_slots, disk, config.offload_disk_threads, num_staging_slots=staging_slots
+    )
 
 
 def make_shared_worker(
@@ -91,7 +96,8 @@ def count_offload_results(results: JobTally, count: Callable[[str, int], None]) 
     """Add an offload tally to the connector's counters."""
     for kind, (ok_key, failed_key) in _COUNTERS_OF_KIND.items():
         succeeded, failed = results.totals(kind)
-        count(ok_key, succeeded)
+        if ok_key is not None:
+            count(ok_key, succeeded)
         count(failed_key, failed)
 
 

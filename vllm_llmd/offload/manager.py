@@ -6,17 +6,24 @@ index changes only through the verb pairs below, so it is the one owner of "what
 An offloaded block is one vLLM block (all layers) keyed by its block hash. It lives in the host
 tier (a slot of the host pool), on disk, or both:
 
-    prepare_store   ──▶ storing (pinned) ──complete_store──▶ in host (evictable)
-    prepare_promote ──▶ disk → host read (pinned) ──complete_promote──▶ in host | forgotten
+    prepare_store ──▶ storing into a host slot (pinned) ──complete_store──▶ in host (evictable)
+                  └─▶ no host slot free (all pinned): straight to disk through a staging slot
+                      ──complete_spill──▶ on disk
     host full: LRU victim ──▶ spill to disk (if it is not there yet) ──complete_spill──▶ on disk
     disk full: LRU victim ──▶ deleted
-    prepare_load    ──▶ pinned (host → device) ──complete_load──▶ unpinned
+    prepare_verify ──▶ a file found at start-up read back whole ──complete_verify──▶ usable
+    prepare_load  ──▶ pinned (host → device, or disk → device) ──complete_load──▶ unpinned
 
-Loads into the device cache always read the host tier: a disk hit is first promoted to host,
-and the worker validates the file on the way (a file that fails is deleted and becomes a miss,
-never an error). A pinned block is never evicted: nothing is freed while a copy reads or writes
-it. A slot freed by an eviction is reused in the same step only after the worker copied the
-victim out: the worker runs a step's spills first (`StepPlan` order).
+A disk hit loads straight into the device cache (the worker reads it in pieces through a
+buffer of its own), so how much of a prompt comes back from disk does not depend on the host
+tier's size. Files this process wrote are trusted; a file found at start-up (only its header was
+checked) is read back and validated once before it counts as a hit, so one that fails is a
+miss, never a failed load. A pinned block is never evicted: nothing is freed while a copy reads
+or writes it. A slot freed by an eviction is reused in the same step only after the worker
+copied the victim out: the worker runs a step's spills first (`StepPlan` order).
+
+A store is dropped only when neither a host slot nor a staging slot is free: the caller offers
+the rest again next step (`prepare_store` says how many keys it took).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import enum
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from vllm_llmd.hashing import BlockHash
 from vllm_llmd.offload.policy import CachePolicy, make_policy
@@ -41,8 +49,12 @@ class BlockEntry:
     on_disk: bool = False
     # the disk file is being written
     spilling: bool = False
-    # the disk file is being read into host_slot
-    promoting: bool = False
+    # the staging slot a store straight to disk writes from (no host slot); None otherwise
+    staging_slot: int | None = None
+    # the disk file's payload is known good: written by this process, or read back whole
+    verified: bool = False
+    # the disk file is being read back to verify it
+    verifying: bool = False
     # what the block holds (tokens, parent hash), as text: written into its disk file and
     # carried by its tier events
     info: str = ""
@@ -56,8 +68,8 @@ class StepPlan:
 
     # (key, host slot, info) -> disk, for evicted blocks not yet on disk: copied out first
     spills: list[tuple[BlockHash, int, str]] = field(default_factory=list)
-    # disk -> host slot (validated on the way)
-    promotes: list[tuple[BlockHash, int]] = field(default_factory=list)
+    # disk files found at start-up to read back whole (validated) before they count as hits
+    verifies: list[BlockHash] = field(default_factory=list)
     # disk files to delete (disk tier evictions)
     deletes: list[BlockHash] = field(default_factory=list)
 
@@ -67,6 +79,22 @@ class OffloadTier(str, enum.Enum):
 
     HOST = "host"
     DISK = "disk"
+
+
+class PlannedStore(NamedTuple):
+    """A store `prepare_store` planned: into host slot `slot`, or (`to_disk`) straight to disk
+    through staging slot `slot`."""
+
+    key: BlockHash
+    slot: int
+    to_disk: bool = False
+
+
+class PlannedLoad(NamedTuple):
+    """Where each key of a load comes from: a host slot, or (slot None) its disk file."""
+
+    key: BlockHash
+    host_slot: int | None
 
 
 @dataclass(frozen=True)
@@ -82,13 +110,21 @@ class TierEvent:
 class OffloadManager:
     """Index of the host and disk tiers, sized in blocks."""
 
-    def __init__(self, num_host_slots: int, num_disk_blocks: int, policy: str = "lru") -> None:
+    def __init__(
+        self,
+        num_host_slots: int,
+        num_disk_blocks: int,
+        policy: str = "lru",
+        num_staging_slots: int = 0,
+    ) -> None:
         if num_host_slots <= 0:
             raise ValueError(f"the host tier needs at least one block, got {num_host_slots}")
         self.num_host_slots = num_host_slots
         self.num_disk_blocks = num_disk_blocks
+        self.num_staging_slots = num_staging_slots if num_disk_blocks > 0 else 0
         self._entries: dict[BlockHash, BlockEntry] = {}
         self._free_slots = list(range(num_host_slots - 1, -1, -1))
+        self._free_staging = list(range(self.num_staging_slots - 1, -1, -1))
         self._host_policy: CachePolicy = make_policy(policy)
         self._disk_policy: CachePolicy = make_policy(policy)
         self._events: list[TierEvent] = []
@@ -113,77 +149,93 @@ class OffloadManager:
         entry = self._entries.get(key)
         return entry is not None and (entry.in_host or entry.on_disk)
 
-    def is_promoting(self, key: BlockHash) -> bool:
-        entry = self._entries.get(key)
-        return entry is not None and entry.promoting
+    def unverified(self, keys: Sequence[BlockHash]) -> list[BlockHash]:
+        """The keys held only on disk whose files were not read back yet (found at start-up)."""
+        unverified = []
+        for key in keys:
+            entry = self._entries[key]
+            if not entry.in_host and entry.on_disk and not entry.verified:
+                unverified.append(key)
+        return unverified
 
     # ---- loads ---------------------------------------------------------------------------
 
-    def prepare_load(self, keys: Sequence[BlockHash]) -> list[int]:
-        """Pin host-resident keys for a host → device load; returns their host slots."""
-        slots = []
+    def prepare_load(self, keys: Sequence[BlockHash]) -> list[PlannedLoad]:
+        """Pin readable keys for a load into the device cache: from their host slot when in
+        host memory, else from their (verified) disk file."""
+        planned = []
         for key in keys:
             entry = self._entries[key]
-            assert entry.in_host and entry.host_slot is not None, (
-                f"load of a block not in host memory: {key.hex()}"
-            )
             entry.pins += 1
-            self._host_policy.touch(key)
-            slots.append(entry.host_slot)
-        return slots
+            if entry.in_host and entry.host_slot is not None:
+                self._host_policy.touch(key)
+                planned.append(PlannedLoad(key, entry.host_slot))
+            else:
+                assert entry.on_disk and entry.verified, f"load of an unheld block {key.hex()}"
+                self._disk_policy.touch(key)
+                planned.append(PlannedLoad(key, None))
+        return planned
 
     def complete_load(self, keys: Iterable[BlockHash]) -> None:
         for key in keys:
-            self._entries[key].pins -= 1
+            entry = self._entries[key]
+            entry.pins -= 1
+            self._forget_if_gone(entry)
 
-    def prepare_promote(self, keys: Sequence[BlockHash]) -> int:
-        """Plan disk → host reads for disk-only keys; returns how many were planned."""
-        planned = 0
+    def prepare_verify(self, keys: Sequence[BlockHash]) -> int:
+        """Plan read-backs of unverified disk files; returns how many are (now) being verified."""
+        verifying = 0
         for key in keys:
             entry = self._entries.get(key)
-            if entry is None or not entry.on_disk or entry.in_host or entry.promoting:
-                break
-            # Pin first: making room for the slot spills a host block to disk, and a full
-            # disk tier then evicts its least recent block, which may be this very one.
-            entry.pins += 1
-            slot = self._take_slot()
-            if slot is None:
-                entry.pins -= 1
-                break
-            entry.host_slot, entry.promoting = slot, True
-            self._disk_policy.touch(key)
-            self._plan.promotes.append((key, slot))
-            planned += 1
-        return planned
+            if entry is None or not entry.on_disk or entry.verified:
+                continue
+            if not entry.verifying:
+                entry.verifying, entry.pins = True, entry.pins + 1  # not deleted meanwhile
+                self._plan.verifies.append(key)
+            verifying += 1
+        return verifying
 
-    def complete_promote(self, keys: Iterable[BlockHash], success: bool = True) -> None:
-        """A promoted block joins the host tier; one that failed validation is forgotten."""
+    def complete_verify(self, keys: Iterable[BlockHash], success: bool = True) -> None:
+        """A verified file counts as a hit from now on; one that failed was deleted."""
         for key in keys:
             entry = self._entries[key]
-            entry.promoting, entry.pins = False, entry.pins - 1
+            entry.verifying, entry.pins = False, entry.pins - 1
             if success:
-                entry.in_host = True
-                self._host_policy.insert(key)
-                self._emit(TierEvent(key, OffloadTier.HOST, True, entry.info))
-            else:  # the worker deleted the file
-                self._release_slot(entry)
-                if entry.on_disk:
-                    entry.on_disk = False
-                    self._disk_policy.remove(key)
-                    self._emit(TierEvent(key, OffloadTier.DISK, stored=False))
+                entry.verified = True
+            elif entry.on_disk:
+                entry.on_disk = False
+                self._disk_policy.remove(key)
+                self._emit(TierEvent(key, OffloadTier.DISK, stored=False))
+            self._forget_if_gone(entry)
+
+    def complete_disk_read(self, keys: Iterable[BlockHash], success: bool = True) -> None:
+        """A load read these keys' files; one that failed (corrupted, or deleted behind our
+        back) is on disk no longer, so the next hit does not fail the same way."""
+        if success:
+            return
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None or not entry.on_disk:
+                continue
+            entry.on_disk = entry.verified = False
+            self._disk_policy.remove(key)
+            self._emit(TierEvent(key, OffloadTier.DISK, stored=False))
             self._forget_if_gone(entry)
 
     # ---- stores --------------------------------------------------------------------------
 
     def prepare_store(
         self, keys: Sequence[BlockHash], infos: Sequence[str] | None = None
-    ) -> list[tuple[BlockHash, int]]:
-        """Plan host stores for keys no tier holds or is storing; evict and spill for room.
+    ) -> tuple[list[PlannedStore], int]:
+        """Plan stores for keys no tier holds or is storing: into host slots (evicting and
+        spilling for room), else, when every host slot is pinned, straight to disk through a
+        staging slot.
 
-        infos: each key's description (see BlockEntry.info). Returns the (key, host slot) pairs
-        planned, in order.
+        infos: each key's description (see BlockEntry.info). Returns the stores planned, in
+        order, and how many leading keys were taken care of (planned, or already held): the
+        others found no slot and are to be offered again.
         """
-        planned = []
+        planned: list[PlannedStore] = []
         for i, key in enumerate(keys):
             entry = self._entries.get(key)
             if entry is not None:
@@ -192,17 +244,26 @@ class OffloadManager:
                 if entry.host_slot is not None or entry.on_disk or entry.spilling:
                     continue
             slot = self._take_slot()
-            if slot is None:
-                break  # every host block is pinned: store nothing more this step
+            to_disk = slot is None
+            if to_disk:
+                slot = self._free_staging.pop() if self._free_staging else None
+                if slot is None:
+                    return planned, i  # every host and staging slot is in use
+                self._make_disk_room()
+                self._num_spilling += 1
+            assert slot is not None
             entry = self._entries.setdefault(key, BlockEntry(key))
-            entry.host_slot, entry.pins = slot, entry.pins + 1
+            if to_disk:
+                entry.staging_slot, entry.spilling = slot, True
+            else:
+                entry.host_slot, entry.pins = slot, entry.pins + 1
             if infos is not None:
                 entry.info = infos[i]
-            planned.append((key, slot))
-        return planned
+            planned.append(PlannedStore(key, slot, to_disk))
+        return planned, len(keys)
 
     def take_plan(self) -> StepPlan:
-        """Drain this step's evictions and promotions for the worker (stores are returned by
+        """Drain this step's evictions and verifications for the worker (stores are returned by
         prepare_store: the caller adds their device blocks)."""
         plan, self._plan = self._plan, StepPlan()
         return plan
@@ -220,12 +281,16 @@ class OffloadManager:
                 self._forget_if_gone(entry)
 
     def complete_spill(self, keys: Iterable[BlockHash], success: bool = True) -> None:
+        """A disk write ended: a spill from a host slot, or a store through a staging slot."""
         for key in keys:
             entry = self._entries[key]
             entry.spilling = False
             self._num_spilling -= 1
+            if entry.staging_slot is not None:
+                self._free_staging.append(entry.staging_slot)
+                entry.staging_slot = None
             if success:
-                entry.on_disk = True
+                entry.on_disk = entry.verified = True
                 self._disk_policy.insert(key)
                 self._emit(TierEvent(key, OffloadTier.DISK, True, entry.info))
             self._forget_if_gone(entry)
@@ -282,7 +347,7 @@ class OffloadManager:
     # ---- warm restart, reset, events -----------------------------------------------------
 
     def add_disk_blocks(self, blocks: Iterable[tuple[BlockHash, str]]) -> None:
-        """Blocks (key, info) found on disk at start-up, oldest first, readable at once."""
+        """Blocks (key, info) found on disk at start-up, oldest first (verified before use)."""
         for key, info in blocks:
             entry = self._entries.setdefault(key, BlockEntry(key, info=info))
             if not entry.on_disk:
@@ -317,8 +382,12 @@ class OffloadManager:
         return events
 
     def num_pinned(self) -> int:
-        """Blocks a copy (load, store or promotion) still uses: 0 when no copy is running."""
+        """Blocks a copy (load, store or verification) still uses: 0 when none is running."""
         return sum(1 for entry in self._entries.values() if entry.pins)
+
+    def num_staging_in_use(self) -> int:
+        """Staging slots held by stores straight to disk: 0 when none is running."""
+        return self.num_staging_slots - len(self._free_staging)
 
     def num_in_host(self) -> int:
         return len(self._host_policy)

@@ -4,12 +4,17 @@ The offload tier of the scheduler half's tier loop (`vllm_llmd/connector/tier.py
 of each request lives in `RequestState` (`offload_*` fields).
 
 - `hit` (from get_num_new_matched_tokens): how many tokens past the local device hit the tiers
-  hold. A run held only on disk is first promoted to host memory; until it is, the answer is
-  None ("ask again next step"), and a file that fails validation on the way becomes a miss.
-- `plan_load` (from update_state_after_alloc): pins the hit blocks for a host → device load;
-  `complete_load` (finished_recving, done or failed) unpins them.
+  hold, in host memory or on disk. Disk files found at start-up are read back whole first;
+  until they are, the answer is None ("ask again next step"), and one that fails becomes a
+  miss.
+- `plan_load` (from update_state_after_alloc): pins the hit blocks for a load into the device
+  cache, each from its host slot or its disk file; `complete_load` (finished_recving, done or
+  failed) unpins them.
 - `plan_stores` (from build_connector_meta): newly computed full blocks of every scheduled
-  request (prompt blocks by default) go to the host tier.
+  request (prompt blocks by default) go to the host tier, or straight to disk when every host
+  slot is pinned. Blocks that found no slot at all are offered again next step; those still
+  not stored when the request ends are counted as dropped (`offload_dropped_chunks`) and
+  logged.
 - `on_results`: completions the workers reported; a block completes once every worker (TP
   rank) reported it, and fails if any did.
 """
@@ -20,18 +25,22 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from vllm_llmd.job_tally import JobKind, JobTally
+from vllm_llmd.log import ThrottledLog, get_logger
 from vllm_llmd.offload.block_info import block_info
 from vllm_llmd.offload.jobs import (
+    DiskStoreJob,
     OffloadLoadSpec,
     OffloadStepSpec,
-    PromoteJob,
     SpillJob,
     StoreJob,
 )
 from vllm_llmd.offload.manager import OffloadManager, OffloadTier, TierEvent
 
+logger = get_logger(__name__)
+
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
 
     from vllm_llmd.connector.metadata import LLMDConnectorMetadata
     from vllm_llmd.connector.request_state import RequestState
@@ -58,27 +67,37 @@ class OffloadPlanner:
         self._reports = JobTally()
         # this step's jobs
         self._stores: list[StoreJob] = []
+        self._disk_stores: list[DiskStoreJob] = []
         self._loads: list[OffloadLoadSpec] = []
+        # computed blocks of finished requests that never found a slot, since the last step
+        self._num_dropped = 0
+        self._dropped_log = ThrottledLog(logger)
 
     # ---- loads ---------------------------------------------------------------------------
 
     def hit(self, state: RequestState, num_local_tokens: int) -> int | None:
         start = num_local_tokens // self.block_size
         keys = list(state.request.block_hashes[start:])
-        in_host, anywhere = self.manager.lookup(keys)
-        if anywhere > in_host:
-            if self.manager.is_promoting(keys[in_host]):
-                return None
-            if self.manager.prepare_promote(keys[in_host:anywhere]) > 0:
-                return None
-        return (start + in_host) * self.block_size
+        _, anywhere = self.manager.lookup(keys)
+        if self.manager.prepare_verify(self.manager.unverified(keys[:anywhere])):
+            return None  # files found at start-up are read back first
+        return (start + anywhere) * self.block_size
 
     def plan_load(self, state: RequestState, first_token: int, block_ids: list[int]) -> None:
         first = first_token // self.block_size
         keys = list(state.request.block_hashes[first : first + len(block_ids)])
-        slots = self.manager.prepare_load(keys)
+        planned = self.manager.prepare_load(keys)
         state.offload_loading_keys = keys
-        self._loads.append(OffloadLoadSpec(state.request_id, tuple(block_ids), tuple(slots)))
+        host = [(block, p.host_slot) for block, p in zip(block_ids, planned, strict=True)]
+        self._loads.append(
+            OffloadLoadSpec(
+                state.request_id,
+                block_ids=tuple(block for block, slot in host if slot is not None),
+                slots=tuple(slot for _, slot in host if slot is not None),
+                disk_block_ids=tuple(block for block, slot in host if slot is None),
+                disk_keys=tuple(p.key for p in planned if p.host_slot is None),
+            )
+        )
 
     def release(self, state: RequestState) -> None:
         return None  # a hit pins nothing until plan_load
@@ -88,7 +107,18 @@ class OffloadPlanner:
         self.manager.complete_load(keys)
 
     def finish(self, state: RequestState) -> None:
-        return None  # a load in flight unpins at complete_load; stores are per block
+        # a load in flight unpins at complete_load; stores are per block, but blocks never
+        # offered (no slot was free) are lost with the request's device blocks
+        dropped = self._num_full_blocks(state.request) - state.offload_offered_blocks
+        if dropped > 0:
+            self._num_dropped += dropped
+            self._dropped_log.warning(
+                "LLMDConnector offload: %d computed blocks of request %s reached no tier (every "
+                "host and staging slot was in use); raise host_offload_bytes or "
+                "offload_staging_bytes",
+                dropped,
+                state.request_id,
+            )
 
     # ---- stores --------------------------------------------------------------------------
 
@@ -100,10 +130,7 @@ class OffloadPlanner:
             return
         for state, num_scheduled in scheduled:
             request = state.request
-            computed = request.num_computed_tokens + num_scheduled
-            if not self.store_decode:
-                computed = min(computed, request.num_prompt_tokens)
-            num_full = min(computed // self.block_size, len(request.block_hashes))
+            num_full = self._num_full_blocks(request, num_scheduled)
             offered = state.offload_offered_blocks
             if num_full <= offered:
                 continue
@@ -113,9 +140,24 @@ class OffloadPlanner:
             infos = None
             if self.describe_blocks:
                 infos = [block_info(request, i, self.block_size) for i in range(offered, num_full)]
-            for key, slot in self.manager.prepare_store(keys, infos):
-                self._stores.append(StoreJob(key, block_of[key], slot))
-            state.offload_offered_blocks = num_full
+            planned, num_taken = self.manager.prepare_store(keys, infos)
+            info_of = dict(zip(keys, infos, strict=True)) if infos is not None else {}
+            for store in planned:
+                if store.to_disk:
+                    info = info_of.get(store.key, "")
+                    self._disk_stores.append(
+                        DiskStoreJob(store.key, block_of[store.key], store.slot, info)
+                    )
+                else:
+                    self._stores.append(StoreJob(store.key, block_of[store.key], store.slot))
+            state.offload_offered_blocks = offered + num_taken
+
+    def _num_full_blocks(self, request: Request, num_scheduled: int = 0) -> int:
+        """The request's full blocks once this step's tokens are computed (those to store)."""
+        computed = request.num_computed_tokens + num_scheduled
+        if not self.store_decode:
+            computed = min(computed, request.num_prompt_tokens)
+        return min(computed // self.block_size, len(request.block_hashes))
 
     # ---- every step ----------------------------------------------------------------------
 
@@ -124,17 +166,21 @@ class OffloadPlanner:
         plan = self.manager.take_plan()
         metadata.offload_step = OffloadStepSpec(
             spills=tuple(SpillJob(key, slot, info) for key, slot, info in plan.spills),
-            promotes=tuple(PromoteJob(key, slot) for key, slot in plan.promotes),
+            verifies=tuple(plan.verifies),
             stores=tuple(self._stores),
+            disk_stores=tuple(self._disk_stores),
             deletes=tuple(plan.deletes),
+            num_dropped=self._num_dropped,
         )
-        metadata.offload_loads, self._loads, self._stores = self._loads, [], []
+        metadata.offload_loads, self._loads = self._loads, []
+        self._stores, self._disk_stores, self._num_dropped = [], [], 0
 
     def on_results(self, results: JobTally) -> None:
         complete = {
             JobKind.STORE: self.manager.complete_store,
             JobKind.SPILL: self.manager.complete_spill,
-            JobKind.PROMOTE: self.manager.complete_promote,
+            JobKind.VERIFY: self.manager.complete_verify,
+            JobKind.DISK_READ: self.manager.complete_disk_read,
         }
         for kind in complete:
             self._reports.merge(results.of(kind))

@@ -1,11 +1,16 @@
 """Worker side of the offload tiers: the host pool, the disk store, and the threads moving bytes.
 
 `OffloadWorker` executes what the scheduler half planned (`OffloadStepSpec` plus loads) and
-reports which blocks completed (`JobTally`). All copies that touch the host pool run on one
-ordered thread, so a step's spills copy their slots out before that step's stores or
-promotions overwrite them; disk reads and writes run on a small pool. Stores read device
-blocks vLLM may reuse once the step ends, so the next step flushes them (`flush_stores`) before
-its forward runs.
+reports which blocks completed (`JobTally`). All copies that touch the host pool or the staging
+slots run on one ordered thread, so a step's spills copy their slots out before that step's
+stores overwrite them; disk reads and writes run on a small pool. Stores (into host slots, or
+into staging slots for a write straight to disk) read device blocks vLLM may reuse once the step
+ends, so the next step flushes them (`flush_stores`) before its forward runs.
+
+A load reads host slots on the ordered thread and disk files on the disk pool, in pieces of
+`DISK_LOAD_PIECE_BLOCKS` through a buffer per disk thread: a disk hit never needs host slots.
+Every file it reads is validated again and reported (`JobKind.DISK_READ`), so one that turned
+bad fails the load once and is then forgotten.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from vllm_llmd.hashing import BlockHash
 from vllm_llmd.job_tally import JobKind, JobTally
 from vllm_llmd.log import ThrottledLog, get_logger
 from vllm_llmd.offload.disk_store import DiskBlockStore
-from vllm_llmd.offload.jobs import OffloadStepSpec, SpillJob, StoreJob
+from vllm_llmd.offload.jobs import DiskStoreJob, OffloadLoadSpec, OffloadStepSpec, SpillJob
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
 
 logger = get_logger(__name__)
+
+# blocks a disk load reads before one scatter into the device cache (the buffer per disk thread)
+DISK_LOAD_PIECE_BLOCKS = 8
 
 
 class OffloadWorker:
@@ -35,14 +43,16 @@ class OffloadWorker:
         num_host_slots: int,
         disk: DiskBlockStore | None,
         num_disk_threads: int,
+        num_staging_slots: int = 0,
     ) -> None:
         self.kv_cache = kv_cache
         self.block_bytes = kv_cache.block_bytes
-        pin = kv_cache.device.type == "cuda"  # pinned host memory lets the kernels DMA
-        self.host = torch.empty(
-            (num_host_slots, self.block_bytes), dtype=torch.uint8, pin_memory=pin
-        )
+        self._pin = kv_cache.device.type == "cuda"  # pinned host memory lets the kernels DMA
+        self.host = self._host_buffer(num_host_slots)
+        # where stores straight to disk wait for their write (slots assigned by the scheduler)
+        self.staging = self._host_buffer(num_staging_slots if disk is not None else 0)
         self.disk = disk
+        self._disk_thread_state = threading.local()  # each disk thread's load buffer
         self._copier = ThreadPoolExecutor(1, "llmd-offload-copy")
         self._disk_pool = ThreadPoolExecutor(num_disk_threads, "llmd-offload-disk")
         self._pending_stores: Future[None] | None = None
@@ -71,26 +81,32 @@ class OffloadWorker:
         except Exception:
             logger.exception("LLMDConnector: an offload step failed")
 
+    def _host_buffer(self, num_blocks: int) -> torch.Tensor:
+        return torch.empty((num_blocks, self.block_bytes), dtype=torch.uint8, pin_memory=self._pin)
+
     def _run_step(self, step: OffloadStepSpec) -> None:
         # Every block of the plan gets a result, failed or not: the scheduler unpins on it.
         self._spill(step.spills)
-        for promote in step.promotes:
-            self._on_disk(
-                JobKind.PROMOTE, promote.key, self._read, promote.key, self.host[promote.slot]
-            )
+        for key in step.verifies:
+            self._on_disk(JobKind.VERIFY, key, self._verify, key)
         for key in step.deletes:
             self._disk_pool.submit(self._delete, key)
         if step.stores:
-            try:
-                self._store(step.stores)
-                ok = True
-            except Exception:
-                logger.exception(
-                    "LLMDConnector: offload store of %d blocks failed", len(step.stores)
-                )
-                ok = False
+            ok = self._gather(self.host, [(s.block_id, s.slot) for s in step.stores])
             for store in step.stores:
                 self._record(JobKind.STORE, store.key, ok)
+        self._store_to_disk(step.disk_stores)
+
+    def _store_to_disk(self, stores: Sequence[DiskStoreJob]) -> None:
+        if not stores:
+            return
+        ok = self._gather(self.staging, [(s.block_id, s.staging_slot) for s in stores])
+        for store in stores:
+            if not ok:
+                self._record(JobKind.SPILL, store.key, False)
+                continue
+            data = self.staging[store.staging_slot]  # not reassigned until the write reported
+            self._on_disk(JobKind.SPILL, store.key, self._write, store.key, data, store.info)
 
     def _spill(self, spills: Sequence[SpillJob]) -> None:
         if not spills:
@@ -109,19 +125,35 @@ class OffloadWorker:
                     JobKind.SPILL, spill.key, self._write, spill.key, copies[i], spill.info
                 )
 
-    def _store(self, stores: Sequence[StoreJob]) -> None:
+    def _gather(self, pool: torch.Tensor, blocks_and_slots: Sequence[tuple[int, int]]) -> bool:
+        """Copy device blocks into slots of `pool`; False (logged) if the copy failed."""
         # Slots come off the free list mostly in runs: gather each run straight into the pool.
-        blocks = [store.block_id for store in stores]
-        for first, last, slot in slot_runs([store.slot for store in stores]):
-            gather_blocks(self.kv_cache, blocks[first:last], self.host[slot : slot + last - first])
-        if self.kv_cache.device.type == "cuda":
-            torch.cuda.current_stream(self.kv_cache.device).synchronize()
+        blocks = [block for block, _ in blocks_and_slots]
+        try:
+            for first, last, slot in slot_runs([slot for _, slot in blocks_and_slots]):
+                gather_blocks(self.kv_cache, blocks[first:last], pool[slot : slot + last - first])
+            if self.kv_cache.device.type == "cuda":
+                torch.cuda.current_stream(self.kv_cache.device).synchronize()
+        except Exception:
+            logger.exception("LLMDConnector: offload store of %d blocks failed", len(blocks))
+            return False
+        return True
 
     # ---- loads ---------------------------------------------------------------------------
 
-    def load(self, block_ids: Sequence[int], slots: Sequence[int]) -> Future[None]:
-        """Copy host slots into device blocks, after every store and promotion queued before."""
-        return self._copier.submit(self._load, list(block_ids), list(slots))
+    def load(self, spec: OffloadLoadSpec) -> Future[None]:
+        """Copy a request's hit into its device blocks: host slots after every store queued
+        before, disk files on the disk pool. Done when both parts are."""
+        parts: list[Future[None]] = []
+        if spec.block_ids:
+            parts.append(self._copier.submit(self._load, list(spec.block_ids), list(spec.slots)))
+        if spec.disk_block_ids:
+            parts.append(
+                self._disk_pool.submit(
+                    self._load_from_disk, list(spec.disk_block_ids), list(spec.disk_keys)
+                )
+            )
+        return all_of(parts)
 
     def _load(self, block_ids: list[int], slots: list[int]) -> None:
         for first, last, slot in slot_runs(slots):
@@ -130,6 +162,40 @@ class OffloadWorker:
         if self.kv_cache.device.type == "cuda":
             # The kernels read the pinned pool in place: done before the slots can be reused.
             torch.cuda.current_stream(self.kv_cache.device).synchronize()
+
+    def _load_from_disk(self, block_ids: list[int], keys: list[BlockHash]) -> None:
+        assert self.disk is not None
+        buffer = self._disk_load_buffer()
+        failed: Exception | None = None
+        for start in range(0, len(keys), len(buffer)):
+            piece = keys[start : start + len(buffer)]
+            read_ok = [self._read_for_load(key, buffer[i]) for i, key in enumerate(piece)]
+            for key, ok in zip(piece, read_ok, strict=True):
+                self._record(JobKind.DISK_READ, key, ok)
+            if not all(read_ok):
+                failed = failed or RuntimeError(f"{read_ok.count(False)} disk blocks unreadable")
+                continue  # the other files are still read and reported
+            if failed is None:
+                ids = block_ids[start : start + len(piece)]
+                scatter_blocks(self.kv_cache, ids, buffer[: len(piece)])
+                if self.kv_cache.device.type == "cuda":  # before the buffer is read again
+                    torch.cuda.current_stream(self.kv_cache.device).synchronize()
+        if failed is not None:
+            raise failed
+
+    def _read_for_load(self, key: BlockHash, out: torch.Tensor) -> bool:
+        try:
+            self._read(key, out)
+        except Exception:
+            return False
+        return True
+
+    def _disk_load_buffer(self) -> torch.Tensor:
+        buffer: torch.Tensor | None = getattr(self._disk_thread_state, "buffer", None)
+        if buffer is None:
+            buffer = self._host_buffer(DISK_LOAD_PIECE_BLOCKS)
+            self._disk_thread_state.buffer = buffer
+        return buffer
 
     # ---- disk ----------------------------------------------------------------------------
 
@@ -150,6 +216,9 @@ class OffloadWorker:
                 exc,
             )
             raise
+
+    def _verify(self, key: BlockHash) -> None:
+        self._read(key, self._disk_load_buffer()[0])
 
     def _read(self, key: BlockHash, out: torch.Tensor) -> None:
         assert self.disk is not None
@@ -180,6 +249,31 @@ class OffloadWorker:
     def shutdown(self) -> None:
         self._copier.shutdown(wait=True, cancel_futures=True)
         self._disk_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def all_of(futures: Sequence[Future[None]]) -> Future[None]:
+    """A future done when every one of `futures` is: failed with the first failure, if any."""
+    combined: Future[None] = Future()
+    remaining = len(futures)
+    lock = threading.Lock()
+
+    def one_done(_: Future[None]) -> None:
+        nonlocal remaining
+        with lock:
+            remaining -= 1
+            if remaining:
+                return
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            combined.set_exception(errors[0])
+        else:
+            combined.set_result(None)
+
+    if not futures:
+        combined.set_result(None)
+    for future in futures:
+        future.add_done_callback(one_done)
+    return combined
 
 
 def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
