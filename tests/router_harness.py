@@ -23,11 +23,12 @@ from aiohttp import web
 
 from vllm_llmd.devtools.client import metric_sum
 from vllm_llmd.prometheus_text import parse_prometheus_text
+from vllm_llmd.router.app import make_app
 from vllm_llmd.router.config import parse_config
 from vllm_llmd.router.index import Index
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
-from vllm_llmd.router.proxy import Router, make_app
+from vllm_llmd.router.proxy import Router
 from vllm_llmd.router.scoring import make_policy
 from vllm_llmd.router.shared_view import SharedTierView
 from vllm_llmd.router.tokens import TokenProcessor

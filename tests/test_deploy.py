@@ -753,8 +753,10 @@ def test_router_args_parse_and_match_the_pods(rendered: list[dict]):
     # block size, hash algorithm and event topic equal the vLLM pods'
     vllm = _vllm_containers(rendered)
     for _, vllm_args in vllm.values():
-        assert _flag_values(vllm_args, "--block-size") == [str(config.block_size)]
-        assert config.hash_algorithm == "sha256"  # vLLM's default --prefix-caching-hash-algo
+        assert config.block_size is None or _flag_values(vllm_args, "--block-size") == [
+            str(config.block_size)
+        ]  # None: the router takes the pods' (vllm:cache_config_info)
+        assert config.hash_algorithm in (None, "sha256")  # vLLM's default hash algorithm
         assert not _flag_values(vllm_args, "--prefix-caching-hash-algo")
         events = json.loads(_flag_values(vllm_args, "--kv-events-config")[0])
         assert events["topic"] == config.events_topic

@@ -244,11 +244,35 @@ def test_chat_block_hashes_are_the_ones_the_pod_publishes(pod, processor):
     assert not verdict.ok and "PYTHONHASHSEED" in verdict.reason
 
 
+def test_settings_not_given_are_taken_from_the_first_pod_that_says_them(processor):
+    auto = TokenProcessor(processor.model_path, None, None)
+    ids = list(range(100, 100 + 3 * BLOCK))
+    assert not auto.settings_known and auto.hash(ids).block_hashes == []  # routed by load
+    assert auto.adopt_pod_settings(BLOCK, "sha256") == [
+        f"block size {BLOCK}",
+        "hash algorithm sha256",
+    ]
+    assert auto.settings_known and auto.block_size == BLOCK
+    assert auto.hash(ids).block_hashes == processor.hash(ids).block_hashes
+    assert auto.adopt_pod_settings(64, "xxhash") == []  # later pods are checked, not followed
+    assert auto.block_size == BLOCK and auto.hasher.algorithm == "sha256"
+    # a pod that says no algorithm (an older vLLM) hashes with vLLM's default
+    older = TokenProcessor(processor.model_path, BLOCK, None)
+    assert older.adopt_pod_settings(None, None) == ["hash algorithm sha256"]
+    # given on the command line, nothing is taken
+    assert processor.adopt_pod_settings(64, "xxhash") == [] and processor.block_size == BLOCK
+
+
 @pytest.mark.server
 def test_verify_against_pod(pod, processor, tiny_model, tmp_path):
     verdict = asyncio.run(processor.verify_against_pod(pod.url, pod.model_name))
     assert verdict.ok, verdict.reason
     assert (verdict.pod_block_size, verdict.pod_hash_algorithm) == (BLOCK, "sha256")
+    # Without --block-size and --hash-algorithm the router takes the pod's and matches.
+    auto = TokenProcessor(processor.model_path, None, None)
+    verdict = asyncio.run(auto.verify_against_pod(pod.url, pod.model_name))
+    assert verdict.ok, verdict.reason
+    assert (auto.block_size, auto.hasher.algorithm) == (BLOCK, "sha256")
 
     wrong_size = TokenProcessor(processor.model_path, 64)
     verdict = asyncio.run(wrong_size.verify_against_pod(pod.url, pod.model_name))

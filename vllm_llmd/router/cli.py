@@ -10,13 +10,14 @@ from typing import cast
 from aiohttp import web
 
 from vllm_llmd.events.transport import Transport
+from vllm_llmd.router.app import make_app
 from vllm_llmd.router.config import RouterConfig, parse_config
 from vllm_llmd.router.index import Index, InMemoryIndex
 from vllm_llmd.router.ingest import EventIngestor
 from vllm_llmd.router.k8s import K8sDiscovery, K8sDiscoveryError
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
-from vllm_llmd.router.proxy import Router, make_app
+from vllm_llmd.router.proxy import Router
 from vllm_llmd.router.scoring import make_policy
 from vllm_llmd.router.shared_view import InMemorySharedView, RedisSharedView, SharedTierView
 from vllm_llmd.router.tokens import TokenProcessor

@@ -104,8 +104,16 @@ class RouterConfig:
     tokenizer: str | None = flag(
         None, "local path of the model's tokenizer (needed by prefix-aware policies)"
     )
-    block_size: int = flag(128, "the pods' KV block size in tokens")
-    hash_algorithm: str = flag("sha256", "the pods' --prefix-caching-hash-algo")
+    block_size: int | None = flag(
+        None,
+        "the pods' KV block size in tokens; default: the first pod's (its "
+        "vllm:cache_config_info), and a pod that differs is routed by load alone",
+    )
+    hash_algorithm: str | None = flag(
+        None,
+        "the pods' --prefix-caching-hash-algo; default: the first pod's (as --block-size), "
+        "else sha256",
+    )
     hash_seed: str | None = flag(None, "the pods' PYTHONHASHSEED, if they set one")
     events_topic: str = flag("kv", "topic of the pods' KV events")
     kv_events_transport: str = flag(

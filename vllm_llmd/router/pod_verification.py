@@ -5,6 +5,7 @@ a pod that fails them (`pods.PodRegistry` routes it by load alone)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +36,9 @@ class HashVerification:
     pod_hash_algorithm: str | None = None
 
 
+logger = logging.getLogger(__name__)
+
+
 class ProbeTokenizer(Protocol):
     """What a probe needs of the router's tokenizer (`tokens.TokenProcessor`)."""
 
@@ -42,6 +46,11 @@ class ProbeTokenizer(Protocol):
 
     @property
     def block_size(self) -> int: ...
+
+    @property
+    def settings_known(self) -> bool: ...
+
+    def adopt_pod_settings(self, block_size: int | None, algorithm: str | None) -> list[str]: ...
 
     def completion_token_ids(self, prompt: str) -> list[int]: ...
 
@@ -113,6 +122,9 @@ async def verify_against_pod(
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         return HashVerification(False, f"could not probe {url}: {exc!r}")
     block_size, algorithm = _cache_config(metrics)
+    taken = processor.adopt_pod_settings(block_size, algorithm)
+    if taken:
+        logger.info("took %s from pod %s (vllm:cache_config_info)", " and ".join(taken), url)
     our_completion, our_chat = await asyncio.to_thread(_probe_tokens, processor)
     problems = [
         f"{what} tokens differ: {_first_difference(ours, theirs)}"
@@ -122,7 +134,12 @@ async def verify_against_pod(
         )
         if ours != theirs
     ]
-    if block_size is not None and block_size != processor.block_size:
+    if not processor.settings_known:
+        problems.append(
+            "the pod does not say its block size (no vllm:cache_config_info): give the router "
+            "--block-size"
+        )
+    elif block_size is not None and block_size != processor.block_size:
         problems.append(
             f"the pod's block size is {block_size}, the router's {processor.block_size}"
         )

@@ -19,6 +19,7 @@ as one JSON line.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -64,8 +65,12 @@ from vllm_llmd.router.shared_view import (
     extended,
 )
 from vllm_llmd.router.slo import Admitted, RequestClass, SLOHeaderError
-from vllm_llmd.router.tokens import TokenProcessor, UnsupportedRequestError
-from vllm_llmd.router.upstream import ClientLeft, is_redirect, upstream_session
+from vllm_llmd.router.tokens import (
+    PROVISIONAL_BLOCK_SIZE,
+    TokenProcessor,
+    UnsupportedRequestError,
+)
+from vllm_llmd.router.upstream import ClientLeft, is_redirect
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +80,11 @@ CLIENT_CLOSED_STATUS = "499"
 # up to its socket timeout)
 INDEX_WORKERS = 4
 
-__all__ = ["Route", "Router", "make_app", "upstream_session"]
+__all__ = ["Route", "Router"]
 
 
 class Router:
-    """Request handling; the aiohttp app is `make_app(router)`."""
+    """Request handling; the aiohttp app is `app.make_app(router)`."""
 
     def __init__(
         self,
@@ -122,7 +127,7 @@ class Router:
                 self.latency,
                 policy,
                 config.scoring_config(),
-                config.block_size,
+                self._block_size(),
                 self.slo_config.headroom,
             )
             self.admission = Admission(
@@ -133,8 +138,23 @@ class Router:
             )
         self.dispatch = Dispatcher(registry, self.latency, metrics)
         self.routing = RoutingPolicy(
-            policy, self.planner, self.latency, config.block_size, config.pd_threshold_tokens
+            policy, self.planner, self.latency, self._block_size(), config.pd_threshold_tokens
         )
+
+    def _block_size(self) -> int:
+        """Tokens per hashed block: the tokenizer's (given, or taken from the first pod)."""
+        if self.tokens is not None:
+            return self.tokens.block_size
+        return self.config.block_size or PROVISIONAL_BLOCK_SIZE  # no hashes: never used
+
+    def _follow_block_size(self) -> None:
+        """The routing policy converts hit blocks to tokens with the pods' block size, which
+        the tokenizer may have taken from a pod since the last request."""
+        block_size = self._block_size()
+        if block_size != self.routing.block_size:
+            self.routing = dataclasses.replace(self.routing, block_size=block_size)
+            if self.planner is not None:
+                self.planner.block_size = block_size
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -146,6 +166,7 @@ class Router:
             body = self._checked_body(await read_json(request))
             request_class = self._classify(request.headers, body)
             hashes, num_tokens = await self._hashes(request.path, body)
+            self._follow_block_size()
             caches = await self._lookup(hashes)
             admission: Admitted = "met"
             queued_s = 0.0
@@ -374,26 +395,3 @@ class Router:
             self.index.close()
         if self.shared is not None:
             self.shared.close()
-
-
-def make_app(router: Router) -> web.Application:
-    app = web.Application(client_max_size=router.config.max_body_bytes)
-    app.router.add_post("/v1/completions", router.handle_generate)
-    app.router.add_post("/v1/chat/completions", router.handle_generate)
-    app.router.add_get("/v1/models", router.handle_models)
-    app.router.add_get("/health", router.handle_health)
-    app.router.add_get("/metrics", router.handle_metrics)
-
-    async def on_startup(app: web.Application) -> None:
-        router.session = upstream_session(router.config.request_timeout_s)
-        await router.registry.start(router.session)
-
-    async def on_cleanup(app: web.Application) -> None:
-        await router.registry.stop()
-        if router.session is not None:
-            await router.session.close()
-        router.close()
-
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
-    return app

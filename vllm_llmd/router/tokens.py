@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_llmd.hashing import EventBlockHash, PrefixHasher
+from vllm_llmd.hashing import DEFAULT_HASH_ALGORITHM, EventBlockHash, PrefixHasher
 from vllm_llmd.router import pod_verification
 from vllm_llmd.router.chat_template import (
     UnsupportedRequestError,
@@ -66,6 +66,8 @@ __all__ = [
 ]
 
 # chat request fields that change the prompt (vLLM's build_chat_params / build_tok_params)
+# the hasher's block size until the pods' is known (nothing is hashed with it meanwhile)
+PROVISIONAL_BLOCK_SIZE = 16
 _CHAT_OPTIONS = (
     "add_generation_prompt",
     "continue_final_message",
@@ -96,8 +98,10 @@ class TokenProcessor:
 
     Args:
         model_path: local model folder (tokenizer.json / tokenizer_config.json); never the hub.
-        block_size: the pods' block size (tokens per hashed block).
-        hash_algorithm: the pods' `--prefix-caching-hash-algo`.
+        block_size: the pods' block size (tokens per hashed block); None: the first pod's
+            (`adopt_pod_settings`, from its `vllm:cache_config_info`), no hashes until then.
+        hash_algorithm: the pods' `--prefix-caching-hash-algo`; None: the first pod's, else
+            vLLM's default.
         hash_seed: the pods' PYTHONHASHSEED (default: ours, then vLLM's fixed sha256 seed).
         chat_template: the pods' `--chat-template` text, if they override the model's.
         chat_template_content_format: the pods' `--chat-template-content-format`.
@@ -107,8 +111,8 @@ class TokenProcessor:
     def __init__(
         self,
         model_path: str | Path,
-        block_size: int,
-        hash_algorithm: str = "sha256",
+        block_size: int | None,
+        hash_algorithm: str | None = DEFAULT_HASH_ALGORITHM,
         hash_seed: str | None = None,
         *,
         chat_template: str | None = None,
@@ -117,7 +121,15 @@ class TokenProcessor:
         trust_remote_code: bool = False,
     ) -> None:
         self.model_path = Path(model_path)
-        self.hasher = PrefixHasher(block_size, hash_algorithm, hash_seed)
+        # the settings to take from the first pod that says them (None: given on the command line)
+        self._pod_block_size = block_size is None
+        self._pod_algorithm = hash_algorithm is None
+        self._hash_seed = hash_seed
+        self.hasher = PrefixHasher(
+            block_size or PROVISIONAL_BLOCK_SIZE,
+            hash_algorithm or DEFAULT_HASH_ALGORITHM,
+            hash_seed,
+        )
         self.tokenizer = _load_tokenizer(self.model_path, trust_remote_code)
         self._chat_template = chat_template
         self._default_kwargs = dict(default_chat_template_kwargs or {})
@@ -132,6 +144,27 @@ class TokenProcessor:
     @property
     def block_size(self) -> int:
         return self.hasher.block_size
+
+    @property
+    def settings_known(self) -> bool:
+        """Block size and hash algorithm are given or taken from a pod: hashes can match."""
+        return not (self._pod_block_size or self._pod_algorithm)
+
+    def adopt_pod_settings(self, block_size: int | None, algorithm: str | None) -> list[str]:
+        """Take the settings not given on the command line from a pod's cache_config_info
+        (the first pod that says them: later pods are checked against them). What was taken."""
+        taken = []
+        size, name = self.hasher.block_size, self.hasher.algorithm
+        if self._pod_block_size and block_size is not None:
+            size, self._pod_block_size = block_size, False
+            taken.append(f"block size {block_size}")
+        if self._pod_algorithm:
+            # a pod too old to say its algorithm uses vLLM's default
+            name, self._pod_algorithm = algorithm or DEFAULT_HASH_ALGORITHM, False
+            taken.append(f"hash algorithm {name}")
+        if taken:
+            self.hasher = PrefixHasher(size, name, self._hash_seed)
+        return taken
 
     # ---- tokenization ----------------------------------------------------------------------
 
@@ -196,7 +229,10 @@ class TokenProcessor:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def hash(self, token_ids: list[int], *, cache_salt: str | None = None) -> TokenizedRequest:
-        """Hash the full blocks of token_ids as the pods do."""
+        """Hash the full blocks of token_ids as the pods do (none before the pods' block size
+        is known: such requests are routed by load)."""
+        if not self.settings_known:
+            return TokenizedRequest(token_ids, [])
         return TokenizedRequest(
             token_ids, self.hasher.event_hashes(token_ids, cache_salt=cache_salt)
         )
