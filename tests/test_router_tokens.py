@@ -259,6 +259,11 @@ def test_settings_not_given_are_taken_from_the_first_pod_that_says_them(processo
     # a pod that says no algorithm (an older vLLM) hashes with vLLM's default
     older = TokenProcessor(processor.model_path, BLOCK, None)
     assert older.adopt_pod_settings(None, None) == ["hash algorithm sha256"]
+    # an algorithm the router cannot compute: nothing is taken, the pod will fail its check
+    unknown = TokenProcessor(processor.model_path, None, None)
+    with pytest.raises(ValueError, match="hash algorithm 'md5'"):
+        unknown.adopt_pod_settings(BLOCK, "md5")
+    assert not unknown.settings_known and unknown.hash(ids).block_hashes == []
     # given on the command line, nothing is taken
     assert processor.adopt_pod_settings(64, "xxhash") == [] and processor.block_size == BLOCK
 

@@ -122,7 +122,10 @@ async def verify_against_pod(
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         return HashVerification(False, f"could not probe {url}: {exc!r}")
     block_size, algorithm = _cache_config(metrics)
-    taken = processor.adopt_pod_settings(block_size, algorithm)
+    try:
+        taken = processor.adopt_pod_settings(block_size, algorithm)
+    except ValueError as exc:  # a hash algorithm the router lacks
+        return HashVerification(False, f"cannot hash as the pod does: {exc}", block_size, algorithm)
     if taken:
         logger.info("took %s from pod %s (vllm:cache_config_info)", " and ".join(taken), url)
     our_completion, our_chat = await asyncio.to_thread(_probe_tokens, processor)

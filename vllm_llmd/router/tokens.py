@@ -152,18 +152,24 @@ class TokenProcessor:
 
     def adopt_pod_settings(self, block_size: int | None, algorithm: str | None) -> list[str]:
         """Take the settings not given on the command line from a pod's cache_config_info
-        (the first pod that says them: later pods are checked against them). What was taken."""
-        taken = []
-        size, name = self.hasher.block_size, self.hasher.algorithm
-        if self._pod_block_size and block_size is not None:
-            size, self._pod_block_size = block_size, False
-            taken.append(f"block size {block_size}")
-        if self._pod_algorithm:
-            # a pod too old to say its algorithm uses vLLM's default
-            name, self._pod_algorithm = algorithm or DEFAULT_HASH_ALGORITHM, False
-            taken.append(f"hash algorithm {name}")
-        if taken:
-            self.hasher = PrefixHasher(size, name, self._hash_seed)
+        (the first pod that says them: later pods are checked against them). What was taken;
+        ValueError (nothing taken) for an algorithm the router cannot compute."""
+        take_size = self._pod_block_size and block_size is not None
+        if not (take_size or self._pod_algorithm):
+            return []
+        size = block_size if take_size and block_size is not None else self.hasher.block_size
+        # a pod too old to say its algorithm hashes with vLLM's default
+        name = (
+            (algorithm or DEFAULT_HASH_ALGORITHM) if self._pod_algorithm else self.hasher.algorithm
+        )
+        hasher = PrefixHasher(size, name, self._hash_seed)
+        taken = [f"block size {size}"] if take_size else []
+        taken += [f"hash algorithm {name}"] if self._pod_algorithm else []
+        # the hasher first: a request tokenized meanwhile (another thread) never hashes with
+        # the provisional one once the settings count as known
+        self.hasher = hasher
+        self._pod_block_size = self._pod_block_size and not take_size
+        self._pod_algorithm = False
         return taken
 
     # ---- tokenization ----------------------------------------------------------------------
