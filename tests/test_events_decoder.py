@@ -569,6 +569,23 @@ def test_watch_prints_one_line_per_event(publishers, capsys, transport):
     assert "watching" in err and f"transport={transport}" in err and "summary:" in err
 
 
+def test_watch_says_when_nothing_answers_and_exits_1(capsys):
+    # Before, a watcher pointed at nothing printed a summary of zero batches and exited 0.
+    argv = ["watch", f"tcp://127.0.0.1:{free_port()}", "--duration", "0.5"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no events in" in err and "nothing answers at tcp://127.0.0.1:" in err
+
+
+def test_watch_says_once_when_connected_but_quiet(publishers, capsys, transport):
+    port = free_port()
+    publishers(port, None)  # up, publishing nothing
+    argv = ["watch", f"tcp://127.0.0.1:{port}", "--transport", transport]
+    assert cli.main([*argv, "--duration", "1.5", "--silence-warning-s", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("no events in 0.5 s: connected to") == 1, err
+
+
 # ---- end to end: a real vLLM server -------------------------------------------------------------
 
 # every token sequence sent to the events server (prompt + output), to explain each event

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_llmd.router.cli import main
 from vllm_llmd.router.config import RouterConfig, build_parser, parse_config
 from vllm_llmd.router.flags import flag, flag_specs
 
@@ -65,6 +66,26 @@ def test_a_malformed_environment_value_is_a_usage_error_naming_the_flag(capsys):
     with pytest.raises(SystemExit):
         parse_config(POD, environ={"VLLM_LLMD_ROUTER_MAX_QUEUE": "many"})
     assert "--max-queue: invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_a_misspelled_environment_variable_is_refused_with_a_suggestion(capsys):
+    # Before, VLLM_LLMD_ROUTER_POLICYY=slo was ignored without a word (the default policy ran).
+    with pytest.raises(SystemExit):
+        parse_config(POD, environ={"VLLM_LLMD_ROUTER_POLICYY": "slo", "OTHER_VAR": "x"})
+    err = capsys.readouterr().err
+    assert "VLLM_LLMD_ROUTER_POLICYY (did you mean VLLM_LLMD_ROUTER_POLICY?)" in err
+    assert "OTHER_VAR" not in err
+
+
+def test_a_misspelled_policy_and_a_model_id_as_tokenizer_are_clear_errors(capsys):
+    # Before, both ended in a traceback once the router was being built.
+    with pytest.raises(SystemExit):
+        parse_config([*POD, "--policy", "kvaware"], environ={})
+    err = capsys.readouterr().err
+    assert "--policy 'kvaware' is not one of" in err and "(did you mean kv_aware?)" in err
+    with pytest.raises(SystemExit) as exited:
+        main([*POD, "--tokenizer", "Qwen/Qwen2.5-1.5B"])
+    assert "vllm-llmd-router: error: Qwen/Qwen2.5-1.5B is not a model folder" in str(exited.value)
 
 
 def test_validation_messages_name_the_flag(capsys):

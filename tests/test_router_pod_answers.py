@@ -152,3 +152,36 @@ def test_the_registry_starts_with_a_bad_sources_pod_and_routes_it_by_load(source
         assert len(warnings) == 1 and "routed by load alone" in warnings[0], warnings
 
     asyncio.run(run())
+
+
+def test_a_pod_never_reached_is_named_in_health_and_logged_once(caplog):
+    """Before, a router whose pod could never be reached logged only its start line, and its
+    /health said 503 naming nothing."""
+    from vllm_llmd.devtools.server import free_port
+
+    async def run() -> None:
+        url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+        registry = PodRegistry((PodSpec(url),), None)
+        with caplog.at_level(logging.WARNING, logger="vllm_llmd.router.pods"):
+            async with aiohttp.ClientSession() as session:
+                for _ in range(3):
+                    await registry.poll_once(session)
+        logged = [r.getMessage() for r in caplog.records if url in r.getMessage()]
+        assert len(logged) == 1 and "is not in rotation" in logged[0], logged
+        [problem] = registry.problems().values()
+        assert problem["healthy"] is False and "Cannot connect" in str(problem["problem"])
+
+        app = build_app(parse_config(["--pod", url], environ={}))
+        router = web.AppRunner(app)
+        try:
+            await router.setup()
+            await web.TCPSite(router, "127.0.0.1", 0).start()
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url_of(router) + "/health") as response:
+                    assert response.status == 503
+                    body = await response.json()
+            assert body["healthy_pods"] == [] and "Cannot connect" in body["pods"][url]["problem"]
+        finally:
+            await router.cleanup()
+
+    asyncio.run(run())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import TextIO
 
 import zmq
@@ -63,8 +64,23 @@ def format_update(update: Update) -> list[str]:
     return lines
 
 
+def silence_warning(subscriber: Subscriber, endpoint: str, seconds: float) -> str:
+    """What to tell an operator whose watcher heard nothing for `seconds`."""
+    if not subscriber.subscribed:
+        return (
+            f"no events in {seconds:g} s: nothing answers at {endpoint} (is vLLM's "
+            "--kv-events-config publisher on, with this port, and is the host right?)"
+        )
+    return (
+        f"no events in {seconds:g} s: connected to {endpoint}, but nothing was published "
+        "(no request ran since, or --topic does not match the publisher's topic)"
+    )
+
+
 def watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Run `watch` until interrupted or --duration ends; print a summary on stderr."""
+    """Run `watch` until interrupted or --duration ends; print a summary on stderr.
+
+    Exit status 1 when no event came at all (said on stderr, with what to check)."""
     out = out or sys.stdout
     subscriber = Subscriber(
         args.endpoint,
@@ -79,16 +95,33 @@ def watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
+    started = time.monotonic()
+    deadline = None if args.duration is None else started + args.duration
+    heard = warned = False
     try:
-        for update in subscriber.updates(duration=args.duration):
-            for line in format_update(update):
-                print(line, file=out, flush=True)  # flush: an operator may pipe into grep
+        while deadline is None or time.monotonic() < deadline:
+            wait = 0.2 if deadline is None else min(0.2, max(0.0, deadline - time.monotonic()))
+            for update in subscriber.poll(wait):
+                heard = True
+                for line in format_update(update):
+                    print(line, file=out, flush=True)  # flush: an operator may pipe into grep
+            silent_s = time.monotonic() - started
+            if not heard and not warned and silent_s >= args.silence_warning_s:
+                print(
+                    silence_warning(subscriber, args.endpoint, args.silence_warning_s),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                warned = True
     except KeyboardInterrupt:
         pass
     finally:
+        if not heard and not warned:
+            silent_s = round(time.monotonic() - started, 1)
+            print(silence_warning(subscriber, args.endpoint, silent_s), file=sys.stderr)
         subscriber.close()
         print(f"summary: {subscriber.stats}", file=sys.stderr, flush=True)
-    return 0
+    return 0 if heard else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--topic", default="", help="topic prefix to subscribe to (default: all)")
     w.add_argument(
         "--duration", type=float, metavar="SECONDS", help="stop after this long (default: never)"
+    )
+    w.add_argument(
+        "--silence-warning-s",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="say on stderr, once, when nothing came for this long (default: 10); the exit "
+        "status is 1 when nothing came at all",
     )
     w.add_argument(
         "--replay-timeout",

@@ -257,6 +257,11 @@ class Subscriber:
         """True once `close()` released the sockets."""
         return self._live.closed
 
+    @property
+    def subscribed(self) -> bool:
+        """The live connection reached the publisher and its subscription is on its way."""
+        return self._live.subscribed
+
     def poll(self, timeout: float = 0.0) -> list[Update]:
         """Updates that arrive within `timeout` seconds (plus any replay they trigger)."""
         updates: list[Update] = []

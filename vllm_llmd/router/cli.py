@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
     try:
         app = build_app(config)
-    except (K8sDiscoveryError, ConnectionError) as exc:  # ConnectionError: Redis unreachable
+    # ConnectionError: Redis unreachable; FileNotFoundError: --tokenizer is no local model folder
+    except (K8sDiscoveryError, ConnectionError, FileNotFoundError) as exc:
         sys.exit(f"vllm-llmd-router: error: {exc}")
     logger.info(
         "vllm-llmd-router on http://%s:%d, policy %s, %d pods%s",

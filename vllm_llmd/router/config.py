@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -19,8 +20,15 @@ from dataclasses import dataclass
 from typing import Literal, TypeGuard, get_args
 
 from vllm_llmd.events.transport import TRANSPORTS
-from vllm_llmd.router.flags import ENV_PREFIX, add_flags, flag, flag_specs, parsed_values
-from vllm_llmd.router.scoring import ScoringConfig
+from vllm_llmd.router.flags import (
+    ENV_PREFIX,
+    add_flags,
+    flag,
+    flag_specs,
+    parsed_values,
+    unknown_env_vars,
+)
+from vllm_llmd.router.scoring import PolicyName, ScoringConfig
 from vllm_llmd.router.slo import SLO, SLOConfig, parse_model_slo, parse_objective
 
 __all__ = [
@@ -346,8 +354,16 @@ def parse_config(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> RouterConfig:
     """Parse flags (and environment variables) into a RouterConfig."""
-    parser = build_parser(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    parser = build_parser(environ)
     args = parser.parse_args(argv)
+    if unknown := unknown_env_vars(flag_specs(RouterConfig), environ):
+        parser.error(f"environment variables that are no flag's: {'; '.join(unknown)}")
+    policies = [name.value for name in PolicyName]
+    if args.policy not in policies:
+        close = difflib.get_close_matches(args.policy, policies, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"--policy {args.policy!r} is not one of {', '.join(policies)}{hint}")
     if not args.pod and not args.k8s_label_selector:
         parser.error(
             "give at least one --pod (or VLLM_LLMD_ROUTER_POD), or discover pods with "

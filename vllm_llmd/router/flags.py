@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Mapping
@@ -112,6 +113,17 @@ def _env_default(spec: FlagSpec, text: str) -> Any:
     if spec.repeatable:
         return text.split()
     return text  # argparse converts a string default with the flag's type, naming the flag
+
+
+def unknown_env_vars(specs: list[FlagSpec], environ: Mapping[str, str]) -> list[str]:
+    """`VLLM_LLMD_ROUTER_*` variables that are no flag's, each with a "did you mean" when one
+    is close (a misspelled variable would otherwise be ignored without a word)."""
+    known = [spec.env for spec in specs]
+    problems = []
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        problems.append(name + (f" (did you mean {close[0]}?)" if close else ""))
+    return problems
 
 
 def add_flags(

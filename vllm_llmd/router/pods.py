@@ -67,8 +67,9 @@ class PodState:
     removed: bool = False
     # /health checks in a row that timed out
     slow_checks: int = 0
-    # why its events are not followed, or its load not read (logged when it changes, so a
-    # pod that keeps answering badly does not spam)
+    # why it is out of rotation, its events not followed, or its load not read (each logged
+    # when it changes, so a pod that keeps answering badly does not spam)
+    health_problem: str = ""
     events_problem: str = ""
     load_problem: str = ""
 
@@ -124,6 +125,19 @@ class PodRegistry:
     def candidates(self, roles: tuple[str, ...]) -> list[str]:
         """Healthy pods with one of roles, in configuration order."""
         return [pid for pid, p in self.pods.items() if p.healthy and p.spec.role in roles]
+
+    def problems(self) -> dict[str, dict[str, object]]:
+        """Per pod: in rotation or not, its role, and what is wrong with it ("" if nothing)."""
+        return {
+            pid: {
+                "healthy": p.healthy,
+                "role": p.spec.role,
+                "problem": "; ".join(
+                    part for part in (p.health_problem, p.load_problem, p.events_problem) if part
+                ),
+            }
+            for pid, p in self.pods.items()
+        }
 
     def hash_verified(self) -> list[str]:
         """Pods whose block hashes match the router's: the only ones worth an index lookup."""
@@ -245,9 +259,12 @@ class PodRegistry:
                 return  # still in rotation; its load is not read this time (as slow)
             if pod.healthy:
                 logger.warning("pod %s left the rotation: %s", url, why)
-            pod.healthy = False
+            elif why != pod.health_problem:  # never in rotation yet, or failing differently
+                logger.warning("pod %s is not in rotation: %s", url, why)
+            pod.healthy, pod.health_problem = False, why
             self._forget(pod)
             return
+        pod.health_problem = ""
         try:
             pod.load = await scrape_pod_load(
                 session, url, timeout=self.health_timeout_s, num_in_flight=pod.in_flight

@@ -365,7 +365,8 @@ class Router:
 
     async def handle_health(self, request: web.Request) -> web.Response:
         healthy = self.registry.candidates(DECODE_ROLES)
-        return web.json_response({"healthy_pods": healthy}, status=200 if healthy else 503)
+        body = {"healthy_pods": healthy, "pods": self.registry.problems()}
+        return web.json_response(body, status=200 if healthy else 503)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         try:
