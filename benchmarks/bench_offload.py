@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from vllm_llmd.devtools.client import timed_stream
 from vllm_llmd.devtools.model_maker import PRESETS, cached_model, sample_text
 from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig
+from vllm_llmd.offload.jobs import OffloadLoadSpec, OffloadStepSpec, StoreJob
 from vllm_llmd.offload.worker import OffloadWorker
 from vllm_llmd.ops import PagedKVCache
 
@@ -65,11 +66,17 @@ def bench_copies(preset: str, prompt_tokens: int, repeats: int = 9) -> None:
     slots = list(range(num_blocks // 2, num_blocks // 2 + num_blocks))
     nbytes = num_blocks * cache.block_bytes
 
-    def store() -> None:  # the worker's device -> host store
-        worker._store([(b"", block, slot) for block, slot in zip(ids, slots, strict=True)])
+    stores = tuple(
+        StoreJob(i.to_bytes(8, "big"), block, slot)
+        for i, (block, slot) in enumerate(zip(ids, slots, strict=True))
+    )
 
-    def load() -> None:  # the worker's host -> device load
-        worker._load(ids, slots)
+    def store() -> None:  # a step's device -> host stores, flushed as the next step does
+        worker.submit_step(OffloadStepSpec(stores=stores))
+        worker.flush_stores()
+
+    def load() -> None:  # a request's host -> device load
+        worker.load(OffloadLoadSpec("bench", tuple(ids), tuple(slots))).result()
 
     src = torch.empty(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
