@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from vllm_llmd.events.subscriber import Subscriber, Update
+from vllm_llmd.events.subscriber import Subscriber
+from vllm_llmd.events.updates import Update
 
 
 def poll_until(

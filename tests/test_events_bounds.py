@@ -29,8 +29,9 @@ from events_harness import poll_until
 
 from vllm_llmd.events.decoder import MalformedBatchError, decode_batch
 from vllm_llmd.events.replay import ReplayClient
-from vllm_llmd.events.subscriber import Gap, ReceivedBatch, Subscriber, Update
+from vllm_llmd.events.subscriber import Subscriber
 from vllm_llmd.events.transport import TRANSPORTS
+from vllm_llmd.events.updates import Gap, ReceivedBatch, Update
 from vllm_llmd.events.wire import END_SEQ, encode_seq
 
 # msgpack: a fixarray of one element, nested far past msgspec's recursion guard

@@ -29,8 +29,9 @@ from vllm_llmd.devtools.server import VLLMServerConfig, free_port
 from vllm_llmd.events import __main__ as cli
 from vllm_llmd.events.decoder import MalformedBatchError, decode_batch
 from vllm_llmd.events.model import AllBlocksCleared, BlockRemoved, BlockStored
-from vllm_llmd.events.subscriber import Gap, ReceivedBatch, Reset, Subscriber, Update
+from vllm_llmd.events.subscriber import Subscriber
 from vllm_llmd.events.transport import TRANSPORTS
+from vllm_llmd.events.updates import Gap, ReceivedBatch, Reset, Update
 from vllm_llmd.events.wire import (
     END_SEQ,
     FrameError,

@@ -38,7 +38,8 @@ from events_raw_peers import (
 
 from vllm_llmd.devtools.server import free_port
 from vllm_llmd.events.replay import ReplayClient
-from vllm_llmd.events.subscriber import ReceivedBatch, Subscriber, Update
+from vllm_llmd.events.subscriber import Subscriber
+from vllm_llmd.events.updates import ReceivedBatch, Update
 from vllm_llmd.events.wire import END_SEQ, encode_seq
 from vllm_llmd.events.zmtp import State, ZmtpConnection, parse_tcp_endpoint
 from vllm_llmd.events.zmtp_codec import (

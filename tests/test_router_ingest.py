@@ -24,7 +24,7 @@ from vllm.distributed import kv_events as vllm_events
 from vllm_llmd.devtools.client import complete
 from vllm_llmd.devtools.model_maker import sample_text
 from vllm_llmd.devtools.server import VLLMServerConfig, free_port
-from vllm_llmd.events.subscriber import Gap, Reset
+from vllm_llmd.events.updates import Gap, Reset
 from vllm_llmd.hashing import PrefixHasher
 from vllm_llmd.router.index import InMemoryIndex, PrefixHit
 from vllm_llmd.router.ingest import EventIngestor, PodStats, apply_update

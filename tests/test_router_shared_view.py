@@ -11,7 +11,7 @@ import pytest
 from conftest import FakeClock
 
 from vllm_llmd.events.model import MEDIUM_CPU, MEDIUM_SHARED, BlockRemoved, BlockStored
-from vllm_llmd.events.subscriber import ReceivedBatch
+from vllm_llmd.events.updates import ReceivedBatch
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.ingest import PodStats, apply_update
 from vllm_llmd.router.load import PodLoad

@@ -21,7 +21,8 @@ from vllm_llmd.devtools.client import post_json
 from vllm_llmd.devtools.model_maker import sample_text
 from vllm_llmd.devtools.server import VLLMServerConfig, free_port
 from vllm_llmd.events.model import BlockStored
-from vllm_llmd.events.subscriber import ReceivedBatch, Subscriber
+from vllm_llmd.events.subscriber import Subscriber
+from vllm_llmd.events.updates import ReceivedBatch
 from vllm_llmd.router.load import PodLoad, PodLoadError, pod_load_from_metrics, scrape_pod_load
 from vllm_llmd.router.tokens import (
     PROBE_MESSAGES,

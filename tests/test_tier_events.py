@@ -23,7 +23,8 @@ from vllm_llmd.devtools.model_maker import sample_text
 from vllm_llmd.devtools.server import VLLMServerConfig, free_port
 from vllm_llmd.events.model import BlockRemoved, BlockStored
 from vllm_llmd.events.replay import ReplayClient
-from vllm_llmd.events.subscriber import ReceivedBatch, Reset, Subscriber
+from vllm_llmd.events.subscriber import Subscriber
+from vllm_llmd.events.updates import ReceivedBatch, Reset
 from vllm_llmd.hashing import PrefixHasher
 
 pytestmark = pytest.mark.server

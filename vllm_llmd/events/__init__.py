@@ -8,6 +8,7 @@ Consumer side, transport, parsing and domain kept apart (nothing here imports vL
 - `transport`: the SUB and DEALER sockets, pyzmq's ("zmq") or ours ("zmtp"), behind one interface.
 - `zmtp_codec`, `zmtp`: our ZMTP 3.x client (NULL security), every length bounded before buffering.
 - `replay`: `ReplayClient`, a DEALER on a publisher's replay socket.
+- `updates`: what a subscriber hands its owner (`ReceivedBatch`, `Reset`, `Gap`).
 - `subscriber`: `Subscriber`, one publisher followed in seq order (gaps, restarts, replay).
 - `__main__`: `python -m vllm_llmd.events watch ENDPOINT`, the stream printed one event a line.
 """

@@ -22,8 +22,9 @@ from typing import TextIO
 import zmq
 
 from vllm_llmd.events.model import AllBlocksCleared, BlockRemoved, BlockStored, Event
-from vllm_llmd.events.subscriber import Gap, ReceivedBatch, Reset, Subscriber, Update
+from vllm_llmd.events.subscriber import Subscriber
 from vllm_llmd.events.transport import TRANSPORTS
+from vllm_llmd.events.updates import Gap, ReceivedBatch, Reset, Update
 
 
 def format_event(seq: int, event: Event, replayed: bool = False) -> str:

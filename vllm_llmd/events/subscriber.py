@@ -58,13 +58,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import msgspec
 import zmq
 
 from vllm_llmd.events.decoder import MalformedBatchError, decode_batch
-from vllm_llmd.events.model import Event, EventBatch
 from vllm_llmd.events.replay import ReplayClient
 from vllm_llmd.events.transport import Transport, check_transport, open_live
+from vllm_llmd.events.updates import Gap, ReceivedBatch, Reset, Update
 from vllm_llmd.events.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     FrameError,
@@ -77,39 +76,6 @@ logger = logging.getLogger(__name__)
 
 # A source logs its malformed messages at most this often (each one is counted).
 _MALFORMED_LOG_INTERVAL_S = 10.0
-
-
-class ReceivedBatch(msgspec.Struct, frozen=True):
-    """One decoded batch of one source."""
-
-    source: str
-    seq: int
-    batch: EventBatch
-    replayed: bool = False
-
-    @property
-    def events(self) -> tuple[Event, ...]:
-        """The batch's events, in order."""
-        return self.batch.events
-
-
-class Reset(msgspec.Struct, frozen=True):
-    """The source's engine restarted (seq went back to `seq`): forget its blocks."""
-
-    source: str
-    seq: int
-    reason: str = "restart"
-
-
-class Gap(msgspec.Struct, frozen=True):
-    """Batches first_seq..last_seq (inclusive) of the source are lost."""
-
-    source: str
-    first_seq: int
-    last_seq: int
-
-
-Update = ReceivedBatch | Reset | Gap
 
 
 @dataclass

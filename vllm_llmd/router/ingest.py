@@ -47,8 +47,9 @@ from vllm_llmd.events.model import (
     BlockStored,
     Event,
 )
-from vllm_llmd.events.subscriber import Gap, ReceivedBatch, Reset, Subscriber, Update
+from vllm_llmd.events.subscriber import Subscriber
 from vllm_llmd.events.transport import Transport, check_transport
+from vllm_llmd.events.updates import Gap, ReceivedBatch, Reset, Update
 from vllm_llmd.log import ThrottledLog
 from vllm_llmd.router.index import Index
 from vllm_llmd.router.shared_view import SharedTierView
