@@ -287,18 +287,23 @@ def publish(publisher, hashes) -> None:
         publisher.publish(vllm_batch(vllm_stored(h), ts=time.time()))
 
 
+def local_subscriber(port: int, replay_port: int, transport: str) -> Subscriber:
+    """A subscriber of topic "kv" on a publisher of this process (live and replay ports)."""
+    return Subscriber(
+        f"tcp://127.0.0.1:{port}",
+        replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
+        topic="kv",
+        transport=transport,
+    )
+
+
 def test_late_subscriber_gets_history_from_replay(publishers, transport):
     port, replay_port = free_port(), free_port()
     publisher = publishers(port, replay_port)
     publish(publisher, range(100, 105))
     time.sleep(0.3)  # the publisher thread sends them
 
-    with Subscriber(
-        f"tcp://127.0.0.1:{port}",
-        replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
-        topic="kv",
-        transport=transport,
-    ) as subscriber:
+    with local_subscriber(port, replay_port, transport) as subscriber:
         history = subscriber.poll(0.2)
         assert seqs(history) == [0, 1, 2, 3, 4]
         assert all(u.replayed for u in batches(history))
@@ -348,12 +353,7 @@ def test_a_batch_published_while_the_subscription_travels_is_not_missed(publishe
     for attempt in range(3):  # the batch lands at a different moment of the handshake each time
         port, replay_port = free_port(), free_port()
         publisher = publishers(port, replay_port)
-        with Subscriber(
-            f"tcp://127.0.0.1:{port}",
-            replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
-            topic="kv",
-            transport=transport,
-        ) as subscriber:
+        with local_subscriber(port, replay_port, transport) as subscriber:
             updates = subscriber.poll(0.0)  # the first poll, as the router's ingest makes it
             time.sleep(0.05 * attempt)
             publish(publisher, [100 + attempt])

@@ -54,8 +54,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -279,13 +278,6 @@ class Subscriber:
             *args,
             self.stats.num_malformed_batches,
         )
-
-    def updates(self, duration: float | None = None, interval: float = 0.2) -> Iterator[Update]:
-        """Poll until `duration` seconds have passed (forever if None), yielding each update."""
-        deadline = None if duration is None else time.monotonic() + duration
-        while deadline is None or time.monotonic() < deadline:
-            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
-            yield from self.poll(max(0.0, wait))
 
     def close(self) -> None:
         """Release the sockets. Idempotent."""
