@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import timed_stream
 from vllm_llmd.devtools.model_maker import PRESETS, cached_model, sample_text
-from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig
+from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, llmd_connector
 from vllm_llmd.offload.jobs import OffloadLoadSpec, OffloadStepSpec, StoreJob
 from vllm_llmd.offload.worker import OffloadWorker
 from vllm_llmd.ops import PagedKVCache
@@ -155,20 +155,13 @@ def main() -> None:
     results = {}
     try:
         for k, (name, extra) in enumerate(systems.items()):
-            connector = None
-            if extra is not None:
-                connector = {
-                    "kv_connector": "LLMDConnector",
-                    "kv_role": "kv_both",
-                    "kv_connector_extra_config": extra,
-                }
             config = VLLMServerConfig(
                 model=model,
                 dtype="bfloat16",
                 cpu_cores="0",
                 kv_cache_bytes=device_bytes,
                 max_model_len=max_len,
-                kv_transfer_config=connector,
+                kv_transfer_config=None if extra is None else llmd_connector(extra=extra),
             )
             prompts = [tokens(2000 + 100 * k + i) for i in range(args.num_prompts)]
             fillers = [tokens(9000 + 100 * k + i) for i in range(2)]

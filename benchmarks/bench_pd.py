@@ -2,7 +2,7 @@
 
 Part 1 (no vLLM): bandwidth of LLMDConnector's side channel (TransferServer -> pull_blocks over
 loopback TCP, real tensors the size of one long prompt's KV) against a plain memcpy of the same
-bytes.
+bytes, and the socket with mutual TLS (side_channel_tls_*) against without, on the same bytes.
 
 Part 2 (real vLLM CPU servers, bf16): for long unique prompts,
 - recompute: TTFT of a plain vLLM that computes the whole prompt;
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import ssl
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.transfer.client import PullSpec, pull_blocks
 from vllm_llmd.transfer.registry import SendRegistry
 from vllm_llmd.transfer.server import TransferServer
+from vllm_llmd.transfer.tls import make_client_context, make_server_context
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = REPO_ROOT / "logs" / "bench_pd"
@@ -48,6 +51,16 @@ def kv_bytes_per_block_per_layer(preset: str, dtype_bytes: int = 2) -> int:
 
 
 # ---- part 1: side channel vs memcpy ----------------------------------------------------------
+
+
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts of a throwaway CA and one certificate it signed (P-256)."""
+    from vllm_llmd.devtools.certs import issue_certificate
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-pd-tls-"))
+    issue_certificate(folder, "peer", issue_certificate(folder, "ca", None))
+    files = (str(folder / "peer.crt"), str(folder / "peer.key"), str(folder / "ca.crt"))
+    return make_server_context(*files), make_client_context(*files)
 
 
 def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> None:
@@ -82,7 +95,10 @@ def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> Non
         view = data.view(-1, layers, page)
         dest[first : first + view.shape[0]] = view
 
-    def pull_time(same_host_shm: bool) -> float:
+    server_tls, client_tls = tls_contexts()
+
+    def pull_time(same_host_shm: bool, tls: bool = False) -> float:
+        """Median of repeats pulls (the first one opens the connection: TLS handshake)."""
         registry = SendRegistry(lease_s=60)
         server = TransferServer(
             "127.0.0.1",
@@ -92,6 +108,7 @@ def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> Non
             fingerprint,
             layers * page,
             same_host_shm=same_host_shm,
+            tls=server_tls if tls else None,
         )
         pulls = []
         try:
@@ -111,6 +128,7 @@ def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> Non
                     timeout_s=30,
                     unknown_transfer_grace_s=0,
                     max_chunk_bytes=64 << 20,
+                    tls=client_tls if tls else None,
                 )
                 pulls.append(time.perf_counter() - start)
                 registry.take_finished()
@@ -129,6 +147,7 @@ def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> Non
         copies.append(time.perf_counter() - start)
     copy_s = statistics.median(copies)
     socket_s, shm_s = pull_time(same_host_shm=False), pull_time(same_host_shm=True)
+    tls_s = pull_time(same_host_shm=False, tls=True)
     print(
         f"\n== side channel vs memcpy: {prompt_tokens}-token prompt of {preset} "
         f"({layers} layers, {num_blocks} blocks, {nbytes / 2**20:.1f} MiB)"
@@ -137,12 +156,17 @@ def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> Non
     for name, took, how in (
         ("socket", socket_s, "gather + TCP loopback + scatter"),
         ("same-host shm", shm_s, "gather into shared memory + scatter"),
+        ("socket + TLS 1.3", tls_s, "the socket row, mutual TLS (AES-GCM) on the same bytes"),
     ):
         print(
             f"  {name:18}  {took * 1e3:8.2f} ms  {nbytes / took / 1e9:6.2f} GB/s  "
             f"({how}; {copy_s / took:.2f}x memcpy bandwidth)"
         )
     print(f"  same-host shm vs socket: {socket_s / shm_s:.2f}x faster")
+    print(
+        f"  TLS vs plain socket: {tls_s / socket_s:.2f}x the time "
+        f"(+{(tls_s - socket_s) * 1e3:.2f} ms per pull of {nbytes / 2**20:.1f} MiB)"
+    )
 
 
 # ---- part 2: real servers --------------------------------------------------------------------

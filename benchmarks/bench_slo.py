@@ -174,9 +174,9 @@ def make_requests(tokenizer, rate: float, duration: float, seed: int, args) -> l
 
 async def one_request(session, url: str, model: str, prompt, args, slo) -> Outcome:
     headers = {
-        "x-slo-ttft-ms": str(round(slo[0] * 1000)),
-        "x-slo-tpot-ms": str(round(slo[1] * 1000, 1)),
-        "x-gateway-inference-objective": "standard",
+        "x-llm-d-slo-ttft-ms": str(round(slo[0] * 1000)),
+        "x-llm-d-slo-tpot-ms": str(round(slo[1] * 1000, 1)),
+        "x-llm-d-inference-objective": "standard",
     }
     body = {
         "model": model,

@@ -38,6 +38,7 @@ class Entry:
     default: str
     description: str
     env: str = ""
+    group: str = ""
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -91,12 +92,13 @@ def json_default(value: Any) -> str:
 
 
 def router_entries() -> list[Entry]:
-    """Every `vllm-llmd-router` flag, in the order of RouterConfig's fields."""
-    from vllm_llmd.router.config import RouterConfig
-    from vllm_llmd.router.flags import flag_specs
+    """Every `vllm-llmd-router` flag, group by group (`config.GROUPS`, as `--help` lists them),
+    in the order of RouterConfig's fields within a group."""
+    from vllm_llmd.router.config import GROUPS, RouterConfig
+    from vllm_llmd.router.flags import flag_specs, grouped
 
     entries = []
-    for spec in flag_specs(RouterConfig):
+    for spec in (s for _, specs in grouped(flag_specs(RouterConfig), GROUPS) for s in specs):
         if spec.is_switch:
             kind = "flag"
         elif spec.repeatable:
@@ -113,6 +115,7 @@ def router_entries() -> list[Entry]:
                 default="" if empty else json_default(spec.default).strip('"'),
                 description=spec.help,
                 env=spec.env,
+                group=spec.group,
             )
         )
     return entries
@@ -154,12 +157,27 @@ def render() -> str:
         "",
         "Every flag can also be set by its environment variable (the flag wins); a repeatable",
         "flag (`--pod`, ...) takes whitespace-separated values there, and a boolean flag takes",
-        "`1`, `true`, `yes` or `on`. Source: `vllm_llmd/router/config.py` (`RouterConfig`).",
+        "`1`, `true`, `yes` or `on`. `--help` lists them in these groups, each with its default",
+        "and its variable; `--version` prints the version. Source: `vllm_llmd/router/config.py`",
+        "(`RouterConfig`).",
         "",
-        "| flag | environment | type | default | meaning |",
-        "|---|---|---|---|---|",
+        "`vllm-llmd-router check --pod URL [--pod URL ...] [flags]` checks pods instead of",
+        "serving them, taking the same flags and `--check-timeout-s` (default 5): per pod, one",
+        "OK/WARN/FAIL line for whether it is reachable, its model, its block size and hash",
+        "algorithm against the router's, its tokens (with `--tokenizer`) and its KV events,",
+        "then a summary; exit status 0 without FAIL, 1 with one, 2 on a usage error.",
     ]
+    group = None
     for e in router_entries():
+        if e.group != group:
+            group = e.group
+            out += [
+                "",
+                f"### {group}",
+                "",
+                "| flag | environment | type | default | meaning |",
+                "|---|---|---|---|---|",
+            ]
         default = f"`{e.default}`" if e.default else ""
         out.append(
             f"| `{e.name}` | `{e.env}` | {_cell(e.type)} | {default} | {_cell(e.description)} |"

@@ -43,7 +43,8 @@ fi
 # lmcache: the shared KV tier (its `lmcache server` and client API) and the interop tests with
 # vLLM's LMCacheMPConnector. torch stays pinned; it downgrades numpy, protobuf, grpcio and
 # opentelemetry a little (vLLM runs fine with them: ../shared/reference/lmcache-on-cpu.md).
-"${pip[@]}" install -e ".[test,lmcache]" "torch==$TORCH_VERSION"
+# epp: grpcio + xds-protos for the router's endpoint picker (--epp-port) and its tests.
+"${pip[@]}" install -e ".[test,lmcache,epp]" "torch==$TORCH_VERSION"
 # NIXL, for the NixlConnector side of the P/D benchmark and interop tests. --no-deps: its
 # declared dependencies would pull CUDA packages; on CPU it runs UCX over host memory.
 "${pip[@]}" install --no-deps "nixl==1.5.1" "nixl-cu13==1.5.1"

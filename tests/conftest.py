@@ -17,9 +17,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +24,14 @@ import pytest
 from redis_server import start_redis
 
 from vllm_llmd.devtools.model_maker import cached_model
-from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port
+from vllm_llmd.devtools.server import (
+    VLLMServer,
+    VLLMServerConfig,
+    free_port,
+    kv_events_config,
+    llmd_connector,
+    wait_for_health,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CACHE = REPO_ROOT / ".cache" / "models"
@@ -51,32 +55,7 @@ def small_model() -> Path:
 
 def llmd_host_tier() -> dict[str, Any]:
     """--kv-transfer-config of a router test pod: LLMDConnector with a 64 MiB host tier."""
-    return {
-        "kv_connector": "LLMDConnector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"host_offload_bytes": 64 << 20},
-    }
-
-
-def kv_events_config() -> dict[str, Any]:
-    """--kv-events-config of a test pod: ZMQ KV events (topic "kv") and replay, on free ports."""
-    port, replay = free_port(), free_port()
-    return {
-        "enable_kv_cache_events": True,
-        "publisher": "zmq",
-        "topic": "kv",
-        "endpoint": f"tcp://*:{port}",
-        "replay_endpoint": f"tcp://*:{replay}",
-    }
-
-
-def event_endpoints(config: VLLMServerConfig) -> tuple[str, str]:
-    """(events, replay): where a subscriber on this host reaches a pod's KV events."""
-    events = config.kv_events_config or {}
-    return (
-        events["endpoint"].replace("*", "127.0.0.1"),
-        events["replay_endpoint"].replace("*", "127.0.0.1"),
-    )
+    return llmd_connector(extra={"host_offload_bytes": 64 << 20})
 
 
 @functools.cache
@@ -325,16 +304,9 @@ class RouterProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def wait_ready(self, timeout: float = 60) -> RouterProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.3)
+        if wait_for_health(self.url, self.process, timeout, poll_s=0.3):
+            return self
+        assert self.process.poll() is None, self.log_path.read_text()[-3000:]
         raise TimeoutError(f"router not ready: {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:

@@ -7,6 +7,8 @@
 - `remote_prefill_params(prompt)`: the kv_transfer_params a prefill instance hands a decode one.
 - `make_scheduler(...)`: the connector's scheduler half with the tiers a test asks for.
 - `make_paged_cache(...)`: random KV caches in a layout, and the `PagedKVCache` over them.
+- `vllm_block_stored(hashes)` / `vllm_stored_batch(hashes)`: vLLM's own `BlockStored` event of
+  16-token blocks (and a batch of it), as its publisher sends them.
 
 vLLM and torch are imported inside the functions that need them, so that modules using only
 the fingerprint do not pay for them.
@@ -147,3 +149,27 @@ def make_paged_cache(
         layout, shape, dtype or torch.float32, generator=generator, device=device
     )
     return allocated, PagedKVCache.from_layers(allocated.kv_caches)
+
+
+def vllm_block_stored(hashes: list[int], medium: str | None = "GPU") -> Any:
+    """vLLM's `BlockStored` of `hashes`, 16-token blocks, no parent (the first of a prompt)."""
+    from vllm.distributed import kv_events
+
+    return kv_events.BlockStored(
+        block_hashes=hashes,
+        parent_block_hash=None,
+        token_ids=list(range(16 * len(hashes))),
+        block_size=16,
+        lora_id=None,
+        medium=medium,
+        lora_name=None,
+    )
+
+
+def vllm_stored_batch(hashes: list[int], medium: str | None = "GPU") -> Any:
+    """A `KVEventBatch` of one `vllm_block_stored`, stamped now."""
+    import time
+
+    from vllm.distributed import kv_events
+
+    return kv_events.KVEventBatch(ts=time.time(), events=[vllm_block_stored(hashes, medium)])

@@ -11,6 +11,7 @@ polls a condition.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -62,6 +63,10 @@ class RecordingPod:
         self.status = 200
         self.answer: dict[str, Any] = {"choices": [{"text": "ok"}]}
         self.headers: dict[str, str] = {}
+        # seconds each generate request waits before its answer
+        self.delay_s = 0.0
+        # what its /metrics serves: its load as the router polls it
+        self.metrics_text = LOAD_METRICS
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -84,13 +89,14 @@ class RecordingPod:
         return web.Response(text="ok")
 
     async def _metrics(self, _: web.Request) -> web.Response:
-        return web.Response(text=LOAD_METRICS)
+        return web.Response(text=self.metrics_text)
 
     async def _models(self, _: web.Request) -> web.Response:
         return web.json_response({"data": [{"id": MODEL}]})
 
     async def _generate(self, request: web.Request) -> web.Response:
         self.received.append((request.path, await request.json()))
+        await asyncio.sleep(self.delay_s)
         return web.json_response(self.answer, status=self.status, headers=self.headers)
 
 

@@ -45,12 +45,17 @@ def blocks(block_ids: list[int]) -> SimpleNamespace:
 
 
 def step(
-    scheduler: LLMDConnectorScheduler, scheduled: dict[str, int] | None = None
+    scheduler: LLMDConnectorScheduler,
+    scheduled: dict[str, int] | None = None,
+    preempted: set[str] | None = None,
 ) -> LLMDConnectorMetadata:
-    """build_connector_meta for a step that runs `scheduled` (request id -> tokens)."""
+    """build_connector_meta for a step that runs `scheduled` (request id -> tokens), after
+    preempting `preempted` in the same schedule."""
     block_state = SimpleNamespace(get_block_ids=lambda request_id: (DEVICE_BLOCKS,))
     output = SimpleNamespace(
-        kv_connector_block_state=block_state, num_scheduled_tokens=scheduled or {}
+        kv_connector_block_state=block_state,
+        num_scheduled_tokens=scheduled or {},
+        preempted_req_ids=preempted,
     )
     return scheduler.build_connector_meta(output)
 
@@ -95,6 +100,7 @@ def assert_holds_nothing(scheduler: LLMDConnectorScheduler, request: Request) ->
     """No state, no pinned chunk, and nothing left to send for the request."""
     assert scheduler.state_of(request.request_id) is None
     assert scheduler.offload is not None and scheduler.offload.manager.num_pinned() == 0
+    assert scheduler.offload.stores_in_flight(request.request_id) == 0
     leftover = step(scheduler)
     assert not (leftover.recvs or leftover.offload_loads or leftover.shared_loads)
     assert not leftover.releases
@@ -309,6 +315,99 @@ def test_preempted_request_comes_back_and_finishes_once():
     metadata = step(scheduler)
     assert len(metadata.offload_loads) == 1 and not metadata.recvs  # pulled once, never again
     worker_reports(scheduler, finished_recving={"r"})
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)
+
+
+def test_stores_run_behind_the_steps_until_their_blocks_may_be_reused():
+    """A running request's stores never hold up the next forward; once a request whose stores
+    are still in flight ends, the next step waits for them before vLLM may reuse its blocks."""
+    scheduler = make_scheduler(host_slots=HOST_SLOTS)
+    request = make_request("r", PROMPT)
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
+    stored = step(scheduler, {"r": len(PROMPT)})
+    assert len(stored.offload_step.stores) == 3 and not stored.offload_step.flush_first
+    request.num_computed_tokens = len(PROMPT)
+    assert scheduler.offload.stores_in_flight("r") == 3
+    assert not step(scheduler, {"r": 1}).offload_step.flush_first  # decoding: no wait
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert step(scheduler).offload_step.flush_first  # its blocks may go to another request
+    assert not step(scheduler).offload_step.flush_first  # once
+    worker_reports(scheduler, all_done(stored))  # reported late: stored all the same
+    assert scheduler.offload.manager.num_in_host() == 3
+    assert_holds_nothing(scheduler, request)
+
+
+def test_stores_reported_before_the_end_need_no_wait():
+    scheduler = make_scheduler(host_slots=HOST_SLOTS)
+    compute_prompt(scheduler)  # stored, reported, finished
+    assert not step(scheduler).offload_step.flush_first
+
+
+def test_a_preempted_request_with_stores_in_flight_waits_in_the_same_step():
+    """vLLM frees a preempted request's blocks in the schedule that preempts it and may give
+    them to another request in that very step: its forward must wait for the stores."""
+    scheduler = make_scheduler(host_slots=HOST_SLOTS)
+    request = make_request("r", PROMPT)
+    scheduler.get_num_new_matched_tokens(request, 0)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
+    stored = step(scheduler, {"r": len(PROMPT)})
+    request.num_computed_tokens = len(PROMPT)
+    assert step(scheduler, preempted={"r"}).offload_step.flush_first
+    worker_reports(scheduler, all_done(stored))
+    request.num_computed_tokens, request.status = 0, RequestStatus.PREEMPTED
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (FULL, True)  # stored: a hit
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), FULL)
+    [_] = step(scheduler).offload_loads
+    worker_reports(scheduler, finished_recving={"r"})
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)
+
+
+def test_the_scheduler_half_reports_tier_occupancy_when_it_changes():
+    scheduler = make_scheduler(host_slots=HOST_SLOTS)
+    first = scheduler.take_stats()
+    assert first is not None and first.data["offload_host_chunks"] == 0
+    assert first.data["offload_host_capacity_chunks"] == HOST_SLOTS
+    assert scheduler.take_stats() is None  # nothing changed: nothing sent
+    compute_prompt(scheduler)
+    stats = scheduler.take_stats()
+    assert stats is not None and stats.data["offload_host_chunks"] == 3
+    assert stats.data["offload_disk_chunks"] == 0
+
+
+def test_the_scheduler_half_reports_the_chunks_copies_in_flight_hold():
+    """A leak check for operators: llmd:offload_busy_chunks is 0 whenever no copy runs."""
+    scheduler = make_scheduler(host_slots=HOST_SLOTS)
+    assert scheduler.take_stats().data["offload_busy_chunks"] == 0
+    request = make_request("r", PROMPT)
+    scheduler.get_num_new_matched_tokens(request, 0)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
+    stored = step(scheduler, {"r": len(PROMPT)})
+    stats = scheduler.take_stats()
+    in_flight = len(stored.offload_step.stores) + len(stored.offload_step.disk_stores)
+    assert in_flight > 0 and stats is not None
+    assert stats.data["offload_busy_chunks"] == in_flight
+    worker_reports(scheduler, all_done(stored))
+    stats = scheduler.take_stats()
+    assert stats is not None and stats.data["offload_busy_chunks"] == 0
+    finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
+    assert_holds_nothing(scheduler, request)
+
+
+def test_a_vllm_that_does_not_name_preempted_requests_waits_for_stores_every_step():
+    scheduler = make_scheduler(host_slots=HOST_SLOTS)
+    request = make_request("r", PROMPT)
+    scheduler.get_num_new_matched_tokens(request, 0)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
+    stored = step(scheduler, {"r": len(PROMPT)})
+    request.num_computed_tokens = len(PROMPT)
+    block_state = SimpleNamespace(get_block_ids=lambda request_id: (DEVICE_BLOCKS,))
+    output = SimpleNamespace(kv_connector_block_state=block_state, num_scheduled_tokens={"r": 1})
+    assert scheduler.build_connector_meta(output).offload_step.flush_first  # in flight: wait
+    worker_reports(scheduler, all_done(stored))
+    assert not scheduler.build_connector_meta(output).offload_step.flush_first  # none left
     finish(scheduler, request, RequestStatus.FINISHED_STOPPED)
     assert_holds_nothing(scheduler, request)
 

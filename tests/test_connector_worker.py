@@ -55,3 +55,18 @@ def test_a_load_that_cannot_start_fails_its_request_instead_of_raising(make_work
     load = OffloadLoadSpec("req-1", block_ids=(1, 2), slots=(0, 1))
     worker.start_load_kv(LLMDConnectorMetadata(offload_loads=[load]))
     assert worker.get_finished(set()) == (set(), {"req-1"}, {"req-1"})
+
+
+def test_the_prefill_worker_reports_the_blocks_it_holds_for_decodes_when_they_change():
+    config = LLMDConnectorConfig(transfer_timeout_s=0.5)
+    worker = LLMDConnectorWorker(config, FINGERPRINT, 0, is_producer=True)
+    try:
+        assert "pd_held_blocks" not in worker.take_stats().data  # 0, as it started
+        worker.registry.add("r", "t" * 32, [4, 5, 6])
+        assert worker.take_stats().data["pd_held_blocks"] == 3
+        assert "pd_held_blocks" not in worker.take_stats().data  # unchanged: not resent
+        worker.registry.release("t" * 32, success=True)
+        worker.registry.take_finished()  # vLLM frees them: nothing is held any more
+        assert worker.take_stats().data["pd_held_blocks"] == 0
+    finally:
+        worker.shutdown()

@@ -275,8 +275,16 @@ def test_router_requirements_cover_the_router_imports():
     top_level = {m.split(".")[0] for path in _router_module_files() for m in _imports(path)}
     third_party = top_level - set(sys.stdlib_module_names) - {"vllm_llmd"}
     assert not third_party & {"vllm", "torch"}
-    module_to_dist = {"zmq": "pyzmq", "prometheus_client": "prometheus-client"}
-    missing = {module_to_dist.get(m, m) for m in third_party} - names
+    module_to_dist = {
+        "zmq": "pyzmq",
+        "prometheus_client": "prometheus-client",
+        "huggingface_hub": "huggingface-hub",
+        "grpc": "grpcio",
+        "envoy": "xds-protos",
+        "google": "protobuf",
+    }
+    plot_only = {"matplotlib"}  # audit_summary --plot: the [plot] extra, not the sidecar's
+    missing = {module_to_dist.get(m, m) for m in third_party - plot_only} - names
     assert not missing, f"router-requirements.txt lacks {missing}"
 
 

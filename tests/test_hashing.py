@@ -27,8 +27,10 @@ from vllm_llmd.hashing import (
     block_extra_keys,
     event_hash_from_wire,
     get_hash_function,
+    hash_hex,
     lookahead_extra_keys,
     none_hash,
+    short_hash,
     to_event_hash,
 )
 
@@ -178,6 +180,30 @@ def test_event_int_form_matches_vllm():
         event_hash_from_wire(1 << 64)
     with pytest.raises(TypeError):
         event_hash_from_wire("12")  # type: ignore[arg-type]
+
+
+def test_one_spelling_of_a_hash_for_digests_and_event_ints():
+    for algorithm in AVAILABLE:
+        digest = PrefixHasher(16, algorithm, seed="0").block_hashes(list(range(16)))[0]
+        wire = kv_cache_utils.maybe_convert_block_hash(digest)  # what vLLM's events carry
+        assert hash_hex(digest) == digest.hex()  # the full spelling: every byte, lowercase
+        assert len(hash_hex(digest)) == 2 * len(digest)
+        assert hash_hex(wire) == f"{wire:016x}" and len(hash_hex(wire)) == 16
+        # the short spelling is the same whichever form a side has, and ends the full one
+        assert short_hash(digest) == short_hash(wire) == short_hash(to_event_hash(digest))
+        assert hash_hex(digest).endswith(short_hash(digest)) and len(short_hash(digest)) == 16
+        assert hash_hex(wire) == short_hash(wire)  # all the event int holds of the digest
+    # zero-padded to 16 digits, lowercase
+    assert hash_hex(0xAB) == short_hash(0xAB) == "00000000000000ab"
+    assert short_hash(bytes(24) + bytes.fromhex("00000000000000ab")) == "00000000000000ab"
+    assert hash_hex(b"\x00\xff") == "00ff"
+    for wrong in (-1, 1 << 64):
+        with pytest.raises(ValueError, match="64-bit"):
+            short_hash(wrong)
+        with pytest.raises(ValueError, match="64-bit"):
+            hash_hex(wrong)
+    with pytest.raises(TypeError):
+        short_hash("ab")  # type: ignore[arg-type]
 
 
 def test_lookahead_form(vllm_none_hash):

@@ -93,6 +93,13 @@ def test_each_layer_imports_only_the_layers_below_it():
         # the tiers' planners name the connector's RequestState and metadata in types only
         (("vllm_llmd.offload", "vllm_llmd.shared_tier"), ("vllm_llmd.connector",), False),
         (("vllm_llmd.transfer",), ("vllm_llmd.connector", "vllm_llmd.offload"), True),
+        # the simulator runs the router's code over simulated pods: none of the engine side
+        (
+            ("vllm_llmd.sim",),
+            ("vllm_llmd.connector", "vllm_llmd.offload", "vllm_llmd.transfer", "vllm_llmd.ops"),
+            True,
+        ),
+        (("vllm_llmd.sim",), ("vllm_llmd.shared_tier",), True),
     ]
     wrong = []
     for importers, forbidden, with_types in rules:
@@ -114,5 +121,16 @@ def test_connector_and_tiers_import_no_dev_helpers():
         if _in(module, *production) and module != "vllm_llmd.shared_tier.lmcache_server"
         for imported in imports
         if _in(imported, "vllm_llmd.devtools", "vllm_llmd.shared_tier.lmcache_server")
+    ]
+    assert wrong == [], wrong
+
+
+def test_nothing_imports_the_simulator():
+    wrong = [
+        (module, imported)
+        for module, imports in _graph(type_only=True).items()
+        if not _in(module, "vllm_llmd.sim")
+        for imported in imports
+        if _in(imported, "vllm_llmd.sim")
     ]
     assert wrong == [], wrong

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import complete, completion_token_ids, metric_sum, scrape_metrics
 from vllm_llmd.devtools.model_maker import sample_text
-from vllm_llmd.devtools.server import VLLMServerConfig
+from vllm_llmd.devtools.server import VLLMServerConfig, llmd_connector
 
 pytestmark = pytest.mark.server
 
@@ -31,19 +31,12 @@ BLOCKS_PER_ROUND = NUM_PROMPTS * (PROMPT_TOKENS // BLOCK)
 
 
 def _config(model: Path, cores: str, extra: dict | None) -> VLLMServerConfig:
-    connector = None
-    if extra is not None:
-        connector = {
-            "kv_connector": "LLMDConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": extra,
-        }
     return VLLMServerConfig(
         model=model,
         cpu_cores=cores,
         kv_cache_bytes=DEVICE_CACHE_BYTES,
         max_model_len=2048,
-        kv_transfer_config=connector,
+        kv_transfer_config=None if extra is None else llmd_connector(extra=extra),
     )
 
 
@@ -139,6 +132,10 @@ def test_second_round_loads_from_host_tier(servers, prompts, reference_outputs):
     assert moved["external_kv_transfer"] == BLOCKS_PER_ROUND * BLOCK
     assert moved["loaded"] == BLOCKS_PER_ROUND
     assert moved["local_compute"] == NUM_PROMPTS * (PROMPT_TOKENS % BLOCK)
+    # the scheduler half's occupancy gauges: the first round's blocks are held, within capacity
+    samples = scrape_metrics(server.url)
+    held = metric_sum(samples, "llmd:offload_host_chunks")
+    assert BLOCKS_PER_ROUND <= held <= metric_sum(samples, "llmd:offload_host_capacity_chunks")
 
 
 def test_tiny_host_tier_spills_to_disk_and_loads_back(

@@ -3,7 +3,6 @@ concurrent writes and reads that never expose a partial file. Real files under t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -13,8 +12,8 @@ from pathlib import Path
 
 import factories
 import pytest
-import safetensors.torch
 import torch
+from blake3 import blake3
 from disk_harness import (
     NUM_LAYERS,
     PAGE_BYTES,
@@ -27,6 +26,7 @@ from disk_harness import (
 from safetensors import safe_open
 
 from vllm_llmd.offload import disk_scan
+from vllm_llmd.offload.direct_io import ALIGN, BlockFileWriter
 from vllm_llmd.offload.disk_store import (
     CorruptBlockFileError,
     DiskBlockStore,
@@ -58,8 +58,8 @@ def test_file_layout_and_it_is_plain_safetensors(tmp_path):
         metadata = f.metadata()
         assert torch.equal(f.get_tensor("kv"), chunk)
     assert metadata["key"] == key.hex() and metadata["tp_rank"] == "1"
-    assert metadata["format_version"] == "1" and '"num_layers":4' in metadata["fingerprint"]
-    assert metadata["checksum"] == hashlib.blake2b(chunk.numpy(), digest_size=16).hexdigest()
+    assert metadata["format_version"] == "2" and '"num_layers":4' in metadata["fingerprint"]
+    assert metadata["checksum"] == blake3(chunk.numpy()).hexdigest(length=16)
 
 
 def test_read_into_out_buffer(tmp_path):
@@ -264,11 +264,11 @@ def test_scan_reads_headers_only(tmp_path, monkeypatch):
 # ---- concurrency -------------------------------------------------------------------------
 
 
-def slow_save_file(tensors: dict, filename: Path, metadata: dict) -> None:
-    """safetensors' save_file, but the file stays half-written for a moment, as on a slow
-    disk (the real one writes while holding the GIL, so no thread could see it half-done)."""
-    data = safetensors.torch.save(tensors, metadata)
-    with open(filename, "wb") as f:
+def slow_write(writer, path: Path, header: bytes, payload: torch.Tensor) -> None:
+    """The block file writer, but the file stays half-written for a moment, as on a slow disk
+    (one O_DIRECT write is hard to catch half-done)."""
+    data = header + payload.numpy().tobytes()
+    with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
         f.flush()
         time.sleep(0.001)
@@ -276,7 +276,7 @@ def slow_save_file(tensors: dict, filename: Path, metadata: dict) -> None:
 
 
 def test_concurrent_writes_and_reads_never_see_a_partial_chunk(tmp_path, monkeypatch):
-    monkeypatch.setattr("vllm_llmd.offload.disk_store.save_file", slow_save_file)
+    monkeypatch.setattr(BlockFileWriter, "write", slow_write)
     # few keys, so that writes, reads and deletes of one key collide
     block_bytes = 1 << 16
     fingerprint = make_fingerprint(num_layers=4, page_bytes=block_bytes // 4)
@@ -344,3 +344,51 @@ def test_failing_disk_writes_are_reported_failed_and_logged_once(tmp_path, caplo
         assert str(tmp_path / "tier") in failures[0].getMessage()
     finally:
         worker.shutdown()
+
+
+# ---- writing around the page cache -----------------------------------------------------------
+
+
+def test_a_block_file_is_one_aligned_safetensors_write(tmp_path):
+    """Header padded to a page (the format allows spaces), payload page-aligned: one O_DIRECT
+    write where the filesystem takes it; safetensors itself reads the file."""
+    block_bytes = 4 * ALIGN
+    store = DiskBlockStore(
+        tmp_path, make_fingerprint(num_layers=4, page_bytes=ALIGN), 0, block_bytes
+    )
+    block = make_block(block_bytes, seed=3)
+    size = store.write(make_key(0), block)
+    path = store.path_for(make_key(0))
+    assert size == path.stat().st_size and (size - block_bytes) % ALIGN == 0
+    with safe_open(path, framework="pt") as f:
+        assert torch.equal(f.get_tensor("kv"), block)
+    assert torch.equal(store.read(make_key(0)), block)
+    assert store._writer.direct in (True, False)  # decided by the filesystem at the first write
+
+
+def test_a_filesystem_that_refuses_o_direct_gets_buffered_writes(tmp_path, monkeypatch):
+    """tmpfs and some network filesystems answer O_DIRECT with EINVAL: the write goes through
+    the page cache instead, byte-exact, and later writes do not try again."""
+    import errno
+
+    real_open = os.open
+    tries = []
+
+    def refusing_open(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            tries.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    block_bytes = 4 * ALIGN
+    store = DiskBlockStore(
+        tmp_path, make_fingerprint(num_layers=4, page_bytes=ALIGN), 0, block_bytes
+    )
+    blocks = [make_block(block_bytes, seed=i) for i in range(3)]
+    for i, block in enumerate(blocks):
+        store.write(make_key(i), block)
+    assert len(tries) == (1 if hasattr(os, "O_DIRECT") else 0) and store._writer.direct is False
+    for i, block in enumerate(blocks):
+        assert torch.equal(store.read(make_key(i)), block)
+    assert not list(tmp_path.rglob("*.tmp"))

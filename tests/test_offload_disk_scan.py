@@ -78,7 +78,7 @@ _DELETE = object()
     [
         (edit("__metadata__", _DELETE), "no metadata in header"),
         (edit("__metadata__", "text"), "no metadata in header"),
-        (edit("__metadata__.format_version", "2"), "format version '2'"),
+        (edit("__metadata__.format_version", "1"), "format version '1'"),
         (edit("__metadata__.fingerprint", _DELETE), "no fingerprint in metadata"),
         (edit("__metadata__.fingerprint", "{not json"), "undecodable fingerprint"),
         (edit("__metadata__.key", make_key(1).hex()), "holds key"),

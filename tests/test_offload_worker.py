@@ -5,6 +5,7 @@ staging slots, and loads that read disk files into the device cache in pieces. R
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +95,36 @@ def test_a_load_reads_host_slots_and_disk_files_in_pieces_byte_exact(worker):
         assert torch.equal(block_bytes_of(cache, block), want), block
     reads = wait_results(worker, JobKind.DISK_READ, num_disk)
     assert all(reads[key(i)] == [1, 0] for i in range(num_disk))
+
+
+def test_a_load_never_waits_behind_a_steps_stores(worker, monkeypatch):
+    """Stores run behind the steps now (no flush each step): a re-hit's load must not queue
+    behind them. A store held up in its copy; a host load and a disk load finish meanwhile."""
+    cache = worker.kv_cache
+    worker.submit_step(OffloadStepSpec(stores=(StoreJob(key(100), block_id=3, slot=0),)))
+    worker.flush_stores()
+    wait_results(worker, JobKind.STORE, 1)  # slot 0 holds block 3's bytes
+    worker.disk.write(key(7), block_bytes_of(cache, 7))
+    release = threading.Event()
+    gather = worker._gather
+
+    def slow_gather(pool, blocks_and_slots):
+        release.wait(10)  # a store that takes its time
+        return gather(pool, blocks_and_slots)
+
+    monkeypatch.setattr(worker, "_gather", slow_gather)
+    worker.submit_step(OffloadStepSpec(stores=(StoreJob(key(101), block_id=5, slot=1),)))
+    load = OffloadLoadSpec(
+        "r", block_ids=(30,), slots=(0,), disk_block_ids=(31,), disk_keys=(key(7),)
+    )
+    try:
+        worker.load(load).result(timeout=5)  # would time out queued behind the store
+        assert torch.equal(block_bytes_of(cache, 30), block_bytes_of(cache, 3))
+        assert torch.equal(block_bytes_of(cache, 31), block_bytes_of(cache, 7))
+    finally:
+        release.set()
+    worker.flush_stores()
+    assert wait_results(worker, JobKind.STORE, 1)[key(101)] == [1, 0]
 
 
 def test_a_bad_file_fails_the_load_and_is_reported_with_the_others(worker):

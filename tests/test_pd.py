@@ -338,8 +338,10 @@ def test_router_runs_prefill_then_decode(pd, tokenizer, tiny_model, start_router
         answer = complete(router.url, pd["decode"].model_name, prompt, max_tokens=MAX_TOKENS)
         assert completion_token_ids(answer) == _reference(pd, prompt)
     [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert record["kind"] == "pd" and record["prefilled"] and record["status"] == 200
     assert record["prefill_pod"] == pd["prefill"].url
     assert record["decode_pod"] == pd["decode"].url
+    assert (record["ttft_s"] is not None) == stream
     moved = _delta(_tokens_by_source(pd["decode"]), before)
     assert moved["external_kv_transfer"] == 1000 and moved["local_compute"] == 0
     _wait_for_free_pool(pd["prefill"], timeout=LEASE_S / 2)

@@ -17,7 +17,7 @@ from vllm_llmd.devtools.client import metric_sum, scrape_metrics
 pytestmark = pytest.mark.server
 
 KEY = "s3cret"
-REQUESTS_METRIC = "llmd_router_requests_total"
+REQUESTS_METRIC = "llmd:router_requests_total"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -99,7 +99,7 @@ def test_pod_errors_pass_through(router, pod):
     assert direct[0] == 400
     assert routed == direct
     metrics = scrape_metrics(router.url)
-    assert metric_sum(metrics, "llmd_router_requests_total", status="400") >= 1
+    assert metric_sum(metrics, "llmd:router_requests_total", status="400") >= 1
 
 
 def test_models_and_hash_verification(router, pod):
@@ -107,7 +107,7 @@ def test_models_and_hash_verification(router, pod):
     assert status == 200, answer
     assert [m["id"] for m in answer["data"]] == [pod.model_name]
     metrics = scrape_metrics(router.url)
-    assert metric_sum(metrics, "llmd_router_hash_verification_ok", pod=pod.url) == 1
+    assert metric_sum(metrics, "llmd:router_hash_verification_ok", pod=pod.url) == 1
 
 
 def test_wrong_block_size_is_caught_at_start_up(pod, tiny_model, start_router, tmp_path):
@@ -120,7 +120,7 @@ def test_wrong_block_size_is_caught_at_start_up(pod, tiny_model, start_router, t
     assert pod.url in errors[0]
     assert "the pod's block size is 128, the router's 256" in errors[0]
     metrics = scrape_metrics(router.url)
-    assert metric_sum(metrics, "llmd_router_hash_verification_ok", pod=pod.url) == 0
+    assert metric_sum(metrics, "llmd:router_hash_verification_ok", pod=pod.url) == 0
 
     # It still serves, by load: the pod is not followed and never looked up in the index.
     status, answer = _call(router.url, "POST", "/v1/completions", _completion(pod.model_name))
@@ -129,9 +129,9 @@ def test_wrong_block_size_is_caught_at_start_up(pod, tiny_model, start_router, t
     status, answer = _call(router.url, "POST", "/v1/completions", _completion(pod.model_name))
     assert status == 200, answer
     records = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert [(r["decode_pod"], r["hit_tokens"]) for r in records] == [(pod.url, 0)] * 2
+    assert [(r["pod"], r["hit_tokens"]) for r in records] == [(pod.url, 0)] * 2
     metrics = scrape_metrics(router.url)
-    assert metric_sum(metrics, "llmd_router_index_entries") == 0
+    assert metric_sum(metrics, "llmd:router_index_entries") == 0
     assert "following KV events" not in router.log_path.read_text()
 
 
@@ -173,14 +173,14 @@ def test_a_client_that_leaves_cancels_its_request_at_the_pod(router, pod, stream
     for _ in range(3):  # until the client left before the answer was all written
         left_before = metric(router.url, REQUESTS_METRIC, status="499")
         served_before = metric(router.url, REQUESTS_METRIC, status="200")
-        decisions = metric(router.url, "llmd_router_decisions_total")
+        decisions = metric(router.url, "llmd:router_decisions_total")
         host, port = router.url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
         # ~30 s of generation on this box, were it not cancelled
         body = _completion(pod.model_name, max_tokens=8000, ignore_eos=True, stream=stream)
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json", **AUTH})
         deadline = time.monotonic() + 60
-        while metric(router.url, "llmd_router_decisions_total") == decisions:
+        while metric(router.url, "llmd:router_decisions_total") == decisions:
             assert time.monotonic() < deadline, "the router never sent the request on"
             time.sleep(0.05)
         if stream:  # a streaming client reads a little, then leaves

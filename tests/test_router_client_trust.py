@@ -27,7 +27,7 @@ CLIENT_PARAMS = {
     "remote_host": "attacker.example",
     "llmd_ports": [],
 }
-STRIPPED = "llmd_router_client_kv_transfer_params_stripped_total"
+STRIPPED = "llmd:router_client_kv_transfer_params_stripped_total"
 
 
 async def _post(session, url, path, body, headers=None) -> tuple[int, dict]:

@@ -7,6 +7,7 @@ what only one backend has: the in-memory LRU bound, Redis shared by two instance
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 import uuid
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from vllm_llmd.devtools.server import free_port
-from vllm_llmd.router.index import Index, InMemoryIndex, PrefixHit
+from vllm_llmd.router.index import Index, InMemoryIndex, PrefixHit, best_tier, longest_prefixes
 
 redis = pytest.importorskip("redis")
 from vllm_llmd.router.redis_index import RedisIndex  # noqa: E402 (needs the redis client)
@@ -276,3 +277,41 @@ def test_redis_arguments_are_checked(redis_url):
         RedisIndex(redis_url, namespace="a b")
     with pytest.raises(ValueError, match="ttl_s"):
         RedisIndex(redis_url, ttl_s=0)
+
+
+def test_in_memory_lookup_agrees_with_longest_prefixes_and_touches_the_hit():
+    # InMemoryIndex walks each pod's run on its own dicts (its hot path); the answer must be
+    # longest_prefixes' over every block's {pod: best tier}, for random contents and filters
+    rng = random.Random(7)
+    index = InMemoryIndex(max_entries=10_000)
+    held: dict[int, dict[str, dict[str, int]]] = {}  # the same refcounts, kept by the test
+    pods = ["a", "b", "c", "d"]
+    chain = list(range(100, 130))
+    for _ in range(400):
+        pod, tier = rng.choice(pods), rng.choice([GPU, CPU, STORAGE])
+        hashes = chain[rng.randrange(3) : rng.randrange(3, len(chain))]
+        if rng.random() < 0.7:
+            index.add(pod, tier, hashes)
+            for h in hashes:
+                tiers = held.setdefault(h, {}).setdefault(pod, {})
+                tiers[tier] = tiers.get(tier, 0) + 1
+        else:
+            index.remove(pod, tier, hashes)
+            for h in hashes:
+                tiers = held.get(h, {}).get(pod, {})
+                if tiers.get(tier):
+                    tiers[tier] -= 1
+                    if not tiers[tier]:
+                        del tiers[tier]
+                    if not tiers:  # as the index does: a pod added again comes last
+                        del held[h][pod]
+        query = chain[: rng.randrange(len(chain) + 1)]
+        only = None if rng.random() < 0.5 else set(rng.sample(pods, rng.randrange(len(pods))))
+        blocks = ({p: best_tier(t) for p, t in held.get(h, {}).items()} for h in query)
+        expected = longest_prefixes(blocks, only)
+        got = index.lookup_prefix(query, only)
+        assert got == expected
+        assert list(got) == list(expected)  # the same pod order, too
+        longest = max((hit.num_blocks for hit in got.values()), default=0)
+        if longest:  # a hit is a use: its blocks are now the most recently used
+            assert list(index._blocks)[-longest:] == query[:longest]

@@ -16,14 +16,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
-from conftest import event_endpoints, kv_events_config, llmd_host_tier
+from conftest import llmd_host_tier
+from factories import vllm_block_stored
 from router_harness import wait_for
 from tokenizers import Tokenizer
 from vllm.distributed import kv_events as vllm_events
 
 from vllm_llmd.devtools.client import complete
 from vllm_llmd.devtools.model_maker import sample_text
-from vllm_llmd.devtools.server import VLLMServerConfig, free_port
+from vllm_llmd.devtools.server import VLLMServerConfig, event_endpoints, free_port, kv_events_config
 from vllm_llmd.events.updates import Gap, Reset
 from vllm_llmd.hashing import PrefixHasher
 from vllm_llmd.router.index import InMemoryIndex, PrefixHit
@@ -33,15 +34,7 @@ GPU, CPU, STORAGE = "GPU", "CPU", "STORAGE"
 
 
 def stored(hashes: list[int], medium: str | None = GPU) -> vllm_events.BlockStored:
-    return vllm_events.BlockStored(
-        block_hashes=hashes,
-        parent_block_hash=None,
-        token_ids=list(range(16 * len(hashes))),
-        block_size=16,
-        lora_id=None,
-        medium=medium,
-        lora_name=None,
-    )
+    return vllm_block_stored(hashes, medium)
 
 
 def removed(hashes: list[int], medium: str = GPU) -> vllm_events.BlockRemoved:

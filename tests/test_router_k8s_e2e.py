@@ -67,14 +67,14 @@ def test_router_routes_to_discovered_pods_and_drops_deleted_ones(
         assert status == 200, answer
         assert headers["X-Routed-To"] == pod.url
     # The router found the pod's KV events by itself and follows them.
-    _wait(lambda: metric_sum(scrape_metrics(router.url), "llmd_router_index_entries") > 0)
+    _wait(lambda: metric_sum(scrape_metrics(router.url), "llmd:router_index_entries") > 0)
 
     kube_api.delete("vllm-0")
     _wait(lambda: _router_health(router.url) == 503)
     status, _, answer = _post(router.url, body)
     assert status == 503, answer
     assert answer["error"]["message"] == "no healthy pod can serve this request"
-    _wait(lambda: metric_sum(scrape_metrics(router.url), "llmd_router_index_entries") == 0)
+    _wait(lambda: metric_sum(scrape_metrics(router.url), "llmd:router_index_entries") == 0)
 
     kube_api.put(vllm_pod)  # back (a new pod at the same address)
     _wait(lambda: _router_health(router.url) == 200)

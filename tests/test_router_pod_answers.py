@@ -16,12 +16,12 @@ import pytest
 from aiohttp import web
 from router_harness import serve_on_loopback, url_of
 
+from vllm_llmd.events.sources import BadEventSources, discover_event_endpoints
 from vllm_llmd.router.cli import build_app
 from vllm_llmd.router.config import PodSpec, parse_config
-from vllm_llmd.router.event_sources import BadEventSources, discover_event_endpoints
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.ingest import EventIngestor
-from vllm_llmd.router.pods import PodRegistry
+from vllm_llmd.router.pods import PodRegistry, PodState
 
 GOOD_METRICS = (
     "vllm:num_requests_waiting 0\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.5\n"
@@ -121,37 +121,55 @@ def test_a_pod_without_events_says_so(sources):
     asyncio.run(run())
 
 
-@pytest.mark.parametrize(
-    "sources",
-    [[1, 2], "events", {"0": 5}, {"0": {"enable_kv_cache_events": True, "endpoint": "tcp://*:x*"}}],
-)
-def test_the_registry_starts_with_a_bad_sources_pod_and_routes_it_by_load(sources, caplog):
-    """At start (one poll), through the registry and a real ingestor: the pod joins the
-    rotation, is not followed, the problem is logged once naming the pod."""
+def poll_verified_pod(sources: object, caplog) -> tuple[PodState, list[logging.LogRecord]]:
+    """A pod answering `sources` at /kv_event_sources, through the registry and a real
+    ingestor: started (one poll) and polled once more. Hash verification needs a tokenizer and
+    a vLLM to compare with; these tests are about the event sources, so the pod counts as
+    verified (what verification would decide). (its state, the log records naming it)"""
 
-    async def run() -> None:
+    async def run() -> PodState:
         pod = await start_pod(sources=sources)
         url = url_of(pod)
         with EventIngestor(InMemoryIndex(max_entries=100)) as ingestor:
             registry = PodRegistry((PodSpec(url),), ingestor)
             state = registry.state(url)
-            # Hash verification needs a tokenizer and a vLLM to compare with; this test is about
-            # the event sources, so the pod counts as verified (what verification would decide).
             state.hashes_ok = True
             async with aiohttp.ClientSession() as session:
                 try:
                     with caplog.at_level(logging.WARNING, logger="vllm_llmd.router.pods"):
                         await registry.start(session)
-                        await registry.poll_once(session)  # a second poll: no second warning
-                    assert state.healthy and not state.subscribed
+                        await registry.poll_once(session)  # a second poll: no second line
                     assert ingestor.pods() == []
                 finally:
                     await registry.stop()
                     await pod.cleanup()
-        warnings = [r.getMessage() for r in caplog.records if url in r.getMessage()]
-        assert len(warnings) == 1 and "routed by load alone" in warnings[0], warnings
+        return state
 
-    asyncio.run(run())
+    state = asyncio.run(run())
+    return state, [r for r in caplog.records if state.spec.url in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "sources",
+    [[1, 2], "events", {"0": 5}, {"0": {"enable_kv_cache_events": True, "endpoint": "tcp://*:x*"}}],
+)
+def test_the_registry_starts_with_a_bad_sources_pod_and_routes_it_by_load(sources, caplog):
+    """The pod joins the rotation, is not followed, the problem is logged once naming it."""
+    state, records = poll_verified_pod(sources, caplog)
+    assert state.healthy and not state.subscribed
+    warnings = [r.getMessage() for r in records]
+    assert len(warnings) == 1 and "routed by load alone" in warnings[0], warnings
+
+
+@pytest.mark.parametrize("sources", [{}, {"0": {"enable_kv_cache_events": False}}])
+def test_a_verified_pod_with_events_off_is_an_error_naming_the_fix_once(sources, caplog):
+    """Before, a pod with KV events off passed verification and was quietly routed by load
+    alone: nothing said why the router never saw its cache."""
+    state, records = poll_verified_pod(sources, caplog)
+    assert state.healthy and not state.subscribed
+    assert len(records) == 1 and records[0].levelno == logging.ERROR, caplog.text
+    message = records[0].getMessage()
+    assert "publishes no KV events" in message and "--kv-events-config" in message
 
 
 def test_a_pod_never_reached_is_named_in_health_and_logged_once(caplog):

@@ -68,7 +68,7 @@ def test_replicas_sharing_redis_make_the_same_decision(
         tokenizer.encode(sample_text(5 * BLOCK, seed=1600 + i)).ids[: 4 * BLOCK] for i in range(2)
     ]
     complete(ingesting.url, model, [*prefixes[0], 11, 12, 13], max_tokens=2)
-    holders = [read_audit(audits[0])[0]["decode_pod"]]
+    holders = [read_audit(audits[0])[0]["pod"]]
     holders.append(next(p.url for p in router_pods if p.url != holders[0]))
     complete(holders[1], model, [*prefixes[1], 11, 12, 13], max_tokens=2)
     hashes = [list(hasher.hash(prefix).block_hashes) for prefix in prefixes]
@@ -84,7 +84,7 @@ def test_replicas_sharing_redis_make_the_same_decision(
 
     first = read_audit(audits[0])[1:]
     second = read_audit(audits[1])
-    decided = [[(r["decode_pod"], r["hit_tokens"]) for r in records] for records in (first, second)]
+    decided = [[(r["pod"], r["hit_tokens"]) for r in records] for records in (first, second)]
     expected = [(holder, 4 * BLOCK) for holder in holders]
     assert decided == [expected, expected]
     assert "following KV events" not in reading.log_path.read_text()

@@ -25,8 +25,8 @@ from router_harness import MODEL, RecordingPod, metric, running_router
 from vllm_llmd.router.tokens import TokenProcessor
 
 BLOCK = 16
-FALLBACKS = "llmd_router_routing_fallbacks_total"
-AUDIT_FAILURES = "llmd_router_audit_write_failures_total"
+FALLBACKS = "llmd:router_routing_fallbacks_total"
+AUDIT_FAILURES = "llmd:router_audit_write_failures_total"
 # about 5e7 loop steps: seconds of rendering on this box (measured: 1e7 in ~0.5 s)
 SLOW_TEMPLATE = (
     "{% for i in range(100000) %}{% for j in range(500) %}{% if i * j == -1 %}x{% endif %}"
@@ -102,7 +102,7 @@ def test_a_redis_outage_routes_by_load(tiny_model, redis_server):
             ):
                 async with aiohttp.ClientSession() as s:
                     assert (await _post(s, url, body))[0] == 200
-                    hit_tokens = "llmd_router_prefix_hit_tokens_sum"
+                    hit_tokens = "llmd:router_prefix_hit_tokens_total"
                     assert await metric(s, url, hit_tokens) == 4 * BLOCK  # Redis answered
 
                     redis_server.pause()  # hangs: every call waits for its socket timeout

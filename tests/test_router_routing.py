@@ -52,3 +52,79 @@ def test_a_prefill_named_upstream_is_honoured():
     route = _decide(1, {}, [], chosen="http://gateway-chosen:8000")
     assert route.prefill is not None and route.prefill.pod == "http://gateway-chosen:8000"
     assert route.prefill_shape is None  # not one of ours: no load known
+
+
+def _pull(caches: dict, loads: dict, latency: LatencyModels | None = None):
+    """A request of 8 blocks routed with --pull-from-holders over pods A and B (both roles)."""
+    how = RoutingPolicy(
+        make_policy("kv_aware"),
+        None,
+        latency or LatencyModels(8),
+        BLOCK,
+        64,
+        pull_from_holders=True,
+        holder_max_waiting=16,
+    )
+    return decide_route(
+        how, "req-1", 8, 8 * BLOCK, RequestClass(SLO()), [A, B], [], caches, loads, None, [A, B]
+    )
+
+
+def test_a_busy_holder_of_the_prefix_becomes_the_kv_source_of_the_pod_chosen_for_load():
+    caches = {A: PodCache(8, ("GPU",) * 8)}
+    busy_a = {A: PodLoad(num_waiting=9, num_running=8), B: PodLoad()}
+    route = _pull(caches, busy_a)
+    assert route.decode.pod == B  # A is saturated for the policy (8 waiting or more)
+    assert route.prefill is not None and route.prefill.pod == A
+    assert route.prefill.reason.startswith(f"KV source: holds 8 more blocks of the prompt than {B}")
+    # too little to gain (4 blocks = 64 tokens, not more than the threshold): B computes it
+    few = _pull({A: PodCache(4, ("GPU",) * 4)}, busy_a)
+    assert few.decode.pod == B and few.prefill is None
+    # a holder with a queue too long (16) is no source
+    saturated = {A: PodLoad(num_waiting=16, num_running=8), B: PodLoad()}
+    assert _pull(caches, saturated).prefill is None
+    # when the pod holding it is also the one chosen, nothing moves
+    assert _pull(caches, LOADS).decode.pod == A and _pull(caches, LOADS).prefill is None
+
+
+def test_warm_latency_models_keep_the_work_on_the_decode_pod_when_a_pull_is_slower():
+    latency = LatencyModels(1)
+    caches = {A: PodCache(8, ("GPU",) * 8)}
+    busy_a = {A: PodLoad(num_waiting=9, num_running=8), B: PodLoad()}
+    route = _pull(caches, busy_a, latency)
+    assert route.prefill is not None
+    # teach the models: A's prefill and B's decode after a pull take 2 s, B alone 0.1 s
+    for _ in range(20):
+        latency.observe(A, "prefill", route.prefill_shape, 1.0, None)
+        latency.observe(B, "decode", route.shape, 1.0, None)
+        latency.observe(B, "direct", route.shape, 0.1, None)
+    assert _pull(caches, busy_a, latency).prefill is None
+
+
+def test_warm_models_decide_pd_by_predicted_cost_instead_of_the_threshold():
+    latency = LatencyModels(1)
+    how = RoutingPolicy(make_policy("kv_aware"), None, latency, BLOCK, 64)
+
+    def route(num_blocks: int):
+        return decide_route(
+            how, "r", num_blocks, num_blocks * BLOCK, RequestClass(SLO()), [A], [P], {}, LOADS
+        )
+
+    cold_long, cold_short = route(8), route(2)  # 128 uncached tokens > 64; 32 < 64
+    assert cold_long.prefill is not None and cold_short.prefill is None
+    # teach: computing here costs 0.5 s per 1k tokens; the P/D step and the decode after the
+    # transfer 5 ms each, whatever the prompt
+    for blocks in range(1, 40):
+        shape = route(blocks).shape
+        latency.observe(A, "direct", shape, 0.5 * blocks * BLOCK / 1000, None)
+        latency.observe(A, "decode", shape, 0.005, None)
+        latency.observe(P, "prefill", shape, 0.005, None)
+    short = route(2)  # 32 tokens: 16 ms here against 10 ms through P/D
+    assert short.prefill is not None and short.prefill.pod == P
+    assert "P/D predicted" in short.prefill.reason
+    # P/D that is slow to come back loses to a short local prefill
+    for blocks in range(1, 40):
+        latency.observe(P, "prefill", route(blocks).shape, 2.0, None)
+    assert route(2).prefill is None
+    # a prompt longer than any seen (39 blocks) is an extrapolation: the threshold decides
+    assert route(60).prefill is not None and "predicted" not in route(60).prefill.reason

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from vllm_llmd.router.load import PodLoad
@@ -237,3 +239,63 @@ def test_kv_aware_with_an_empty_request_is_pure_load():
     )
     assert decision.pod == "b"
     assert decision.reason.startswith("kv_aware: 0/0 blocks cached, load 0.25")
+
+
+def test_candidate_loads_are_each_candidates_in_order_idle_when_unscraped():
+    busy = PodLoad(num_waiting=2)
+    request = ScoreInput(4, ["b", "a", "c"], loads={"a": busy, "zz": busy})
+    loads = request.candidate_loads()
+    assert list(loads) == ["b", "a", "c"]
+    assert loads == {"b": PodLoad(), "a": busy, "c": PodLoad()}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kv_aware_decides_as_its_definition_says(seed):
+    # the policy is written for speed at 256 pods; this is its rule written plainly, checked
+    # on random clusters (cached or not, saturated or not, unscraped pods)
+    rng = random.Random(seed)
+    config = ScoringConfig(w_load=rng.choice([0.0, 0.5, 2.0]), max_waiting=rng.choice([1, 8]))
+    policy = KVAwarePolicy(config)
+    for _ in range(50):
+        pods = [f"pod-{i:02d}" for i in rng.sample(range(40), rng.randint(1, 40))]
+        num_blocks = rng.randint(0, 12)
+        caches = {
+            p: cached(*rng.choices(["GPU", "CPU", "STORAGE", "SHARED"], k=rng.randint(0, 14)))
+            for p in rng.sample(pods, rng.randint(0, len(pods)))
+        }
+        loads = {
+            p: PodLoad(rng.randint(0, 9), rng.randint(0, 9), rng.choice([0.2, 0.96, rng.random()]))
+            for p in pods
+            if rng.random() < 0.9
+        }
+        request = ScoreInput(num_blocks, pods, caches, loads)
+        decision = policy.choose(request)
+
+        load = policy.load_scores(request)
+        pressure = {p: sum(_counts(request.load(p))) for p in pods}
+        scale = max(config.pressure_floor, *pressure.values())
+        assert load == {p: max(request.load(p).kv_usage, pressure[p] / scale) for p in pods}
+        scores = {
+            p: config.w_prefix * prefix_score(request.cache(p), num_blocks, config.tier_weights)
+            - config.w_load * load[p]
+            for p in pods
+        }
+        assert decision.scores == scores
+        assert list(decision.scores) == pods
+        free = [p for p in pods if not policy.is_saturated(request.load(p))]
+        by_load = {p: (load_key(request.load(p)), p) for p in pods}
+        if not free:  # all saturated: the least loaded
+            assert decision.pod == min(pods, key=by_load.__getitem__)
+            continue
+        best = max(scores[p] for p in free)
+        tied = [p for p in free if scores[p] == best]
+        assert decision.pod == min(tied, key=by_load.__getitem__)
+        skipped = sorted(p for p in pods if p not in free and scores[p] > best)
+        assert decision.reason.endswith(f"; skipped saturated {', '.join(skipped)}") == bool(
+            skipped
+        )
+        assert decision.hit_blocks == request.cache(decision.pod).num_blocks
+
+
+def _counts(load: PodLoad) -> tuple[int, int, int]:
+    return (load.num_waiting, load.num_running, load.num_in_flight)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vllm_llmd.router.config import parse_config
-from vllm_llmd.router.latency import LatencyModels, OnlineLeastSquares, RequestShape
+from vllm_llmd.router.latency import ForgettingRidge, LatencyModels, RequestShape
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.predictive import SLOPlanner, estimated_waiting, is_saturated
 from vllm_llmd.router.scoring import PodCache, ScoreInput, ScoringConfig, make_policy
@@ -50,6 +50,29 @@ def test_headers_win_over_model_and_router_defaults():
     assert cls.slo == SLO(0.25, 0.02)
     assert (cls.priority, cls.sheddable, cls.fairness_id) == (-1, True, "tenant-a")
     assert config.classify({"x-gateway-inference-objective": "unknown"}, "m").priority == 0
+
+
+def test_llm_d_current_header_names_win_over_the_earlier_ones():
+    config = SLOConfig(objectives={"batch": -1, "premium": 5})
+    current = {
+        "x-llm-d-slo-ttft-ms": "300",
+        "x-llm-d-slo-tpot-ms": "30",
+        "x-llm-d-inference-objective": "premium",
+        "x-llm-d-inference-fairness-id": "tenant-b",
+    }
+    earlier = {
+        "x-slo-ttft-ms": "250",
+        "x-slo-tpot-ms": "20",
+        "x-gateway-inference-objective": "batch",
+        "x-gateway-inference-fairness-id": "tenant-a",
+    }
+    both = config.classify({**earlier, **current}, "m")
+    assert (both.slo.ttft_s, both.slo.tpot_s) == (0.3, 0.03)
+    assert (both.priority, both.fairness_id) == (5, "tenant-b")
+    only_earlier = config.classify(earlier, "m")
+    assert (only_earlier.priority, only_earlier.fairness_id) == (-1, "tenant-a")
+    with pytest.raises(SLOHeaderError, match="x-llm-d-slo-tpot-ms"):
+        config.classify({"x-llm-d-slo-tpot-ms": "fast"}, "m")
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "inf", "nan"])
@@ -165,14 +188,49 @@ def test_fair_share_under_a_random_flood():
 # ---- the latency model ----------------------------------------------------------------------
 
 
-def test_online_least_squares_recovers_a_linear_law():
+def test_the_fit_recovers_a_linear_law():
     rng = np.random.default_rng(0)
     true = np.array([0.02, 0.15, 0.01, 0.03, 0.004])
-    fit = OnlineLeastSquares(5, forget=1.0, ridge=1e-3)
+    fit = ForgettingRidge(5, forget=1.0, strength=1e-3)
     for _ in range(200):
         x = np.array([1.0, *rng.uniform(0, 4, 1), *rng.uniform(0, 2, 1), *rng.integers(0, 5, 2)])
         fit.update(x, float(true @ x + rng.normal(0, 0.002)))
     assert np.allclose(fit.weights, true, atol=0.01), fit.weights
+
+
+def test_one_prompt_length_leaves_the_split_at_the_prior_and_no_cost_negative():
+    """Every prompt 2000 tokens long, hits varying: uncached + cached is constant, so the data
+    cannot tell a per-token compute cost from a per-token cached cost (recursive least squares
+    wandered there, once to -0.36 s per 1k uncached tokens). The fit predicts what it saw, and
+    the costs stay >= 0 however long it runs."""
+    rng = np.random.default_rng(1)
+    fit = ForgettingRidge(5, forget=0.98)
+    for _ in range(2000):
+        uncached = int(rng.integers(0, 2001))
+        shape = RequestShape(uncached, 2000 - uncached, int(rng.integers(0, 3)), 0)
+        ttft = 0.02 + 0.3 * uncached / 1000 + 0.005 * shape.waiting + rng.normal(0, 0.003)
+        fit.update(shape.ttft_features(), float(ttft))
+        assert (fit.weights[1:] >= 0).all(), fit.weights
+    for uncached in (0, 1000, 2000):
+        shape = RequestShape(uncached, 2000 - uncached, 1, 0)
+        expected = 0.02 + 0.3 * uncached / 1000 + 0.005
+        assert fit.predict(shape.ttft_features()) == pytest.approx(expected, abs=0.02)
+
+
+def test_a_new_pod_predicts_from_the_clusters_fit_then_from_its_own():
+    models = LatencyModels(min_samples=4)
+    shape = RequestShape(1000, 0, 0, 1)
+    for _ in range(10):
+        models.observe("a", "direct", shape, 0.3, 0.02)
+    # "b" never answered: the cluster's fit (all "a" so far) is its prior
+    warm = models.predict("b", "direct", shape)
+    assert warm.ttft_s == pytest.approx(0.3, rel=0.05)
+    assert warm.tpot_s == pytest.approx(0.02, rel=0.05)
+    # "b" is twice as fast: its own observations move it away from the cluster
+    for _ in range(40):
+        models.observe("b", "direct", shape, 0.15, 0.01)
+    assert models.predict("b", "direct", shape).ttft_s == pytest.approx(0.15, rel=0.1)
+    assert models.predict("a", "direct", shape).ttft_s == pytest.approx(0.3, rel=0.1)
 
 
 def test_forgetting_follows_a_pod_that_got_slower():
@@ -189,8 +247,10 @@ def test_forgetting_follows_a_pod_that_got_slower():
 def test_cold_model_predicts_nothing_and_modes_are_separate():
     models = LatencyModels(min_samples=3)
     shape = RequestShape(500, 0, 0, 0)
-    for _ in range(3):
+    for _ in range(2):
         models.observe("p", "prefill", shape, 0.2, None)
+    assert models.predict("p", "prefill", shape).ttft_s is None  # the cluster saw 2 of 3
+    models.observe("p", "prefill", shape, 0.2, None)
     assert models.predict("p", "prefill", shape).ttft_s == pytest.approx(0.2, rel=0.05)
     assert models.predict("p", "prefill", shape).tpot_s is None  # no streamed answer seen
     assert models.predict("p", "direct", shape).ttft_s is None
@@ -263,3 +323,21 @@ def test_in_flight_beyond_the_running_batch_counts_as_queued():
     assert estimated_waiting(load) == 3
     assert is_saturated(load, ScoringConfig(max_waiting=3))
     assert not is_saturated(PodLoad(num_running=4, num_in_flight=4), ScoringConfig(max_waiting=1))
+
+
+def test_the_heuristics_pod_is_left_only_for_one_surely_on_time():
+    """`slo` routes as kv_aware (affinity keeps the next requests on time) unless that pod is
+    predicted late and another is predicted well within the SLO (DIVERT_RATIO)."""
+    models = LatencyModels()
+    _warm(models, "slow", per_ktoken=0.1, base=1.0)  # its cache hits still take 1 s
+    _warm(models, "fast", per_ktoken=0.1)
+    planner = _planner(models)
+    request = ScoreInput(16, ["fast", "slow"], {"slow": PodCache(16, ("GPU",) * 16)})
+    # fast computes 2048 tokens in ~0.21 s: 0.42 of a 0.5 s SLO, surely on time
+    diverted = planner.choose(request, 2048, SLO(0.5))
+    assert diverted.decision.pod == "fast" and diverted.meets
+    # 0.7 of a 0.3 s SLO is on time, but not surely: the prefix's pod keeps it (late)
+    kept = planner.choose(request, 2048, SLO(0.3))
+    assert kept.decision.pod == "slow" and not kept.meets
+    # and with time to spare on both, affinity decides
+    assert planner.choose(request, 2048, SLO(5.0)).decision.pod == "slow"

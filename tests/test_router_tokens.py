@@ -15,11 +15,10 @@ import time
 
 import aiohttp
 import pytest
-from conftest import event_endpoints, kv_events_config
 
 from vllm_llmd.devtools.client import post_json
 from vllm_llmd.devtools.model_maker import sample_text
-from vllm_llmd.devtools.server import VLLMServerConfig, free_port
+from vllm_llmd.devtools.server import VLLMServerConfig, event_endpoints, free_port, kv_events_config
 from vllm_llmd.events.model import BlockStored
 from vllm_llmd.events.subscriber import Subscriber
 from vllm_llmd.events.updates import ReceivedBatch
@@ -111,6 +110,31 @@ def test_requests_it_cannot_reproduce_are_refused(processor, tmp_path):
         processor.tokenize_request("/v1/embeddings", {"input": "x"})
     with pytest.raises(FileNotFoundError, match="no hub access"):
         TokenProcessor(tmp_path / "nothing", BLOCK)
+
+
+def test_a_model_id_resolves_to_its_copy_in_the_hugging_face_cache(
+    tiny_model, tmp_path, monkeypatch
+):
+    """Users pass `--tokenizer` what they pass `vllm serve`: a hub id. Resolved to the local
+    cache's snapshot (HF_HUB_CACHE layout), never downloaded."""
+    from huggingface_hub import constants
+
+    revision = "0" * 40
+    snapshot = tmp_path / "models--acme--tiny" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for path in tiny_model.iterdir():
+        shutil.copy(path, snapshot / path.name)
+    (tmp_path / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny" / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    from_id = TokenProcessor("acme/tiny", BLOCK)
+    from_folder = TokenProcessor(tiny_model, BLOCK)
+    text = sample_text(30, seed=5)
+    assert from_id.tokenize_request("/v1/completions", {"prompt": text}) == (
+        from_folder.tokenize_request("/v1/completions", {"prompt": text})
+    )
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download acme/other"):
+        TokenProcessor("acme/other", BLOCK)  # not in the cache: no download
 
 
 def test_request_bodies_are_dispatched_by_endpoint(processor):
@@ -373,3 +397,30 @@ def test_scrape_pod_load_failures_are_pod_load_errors():
     assert "not a vLLM /metrics page" in garbage.reason or "invalid" in garbage.reason
     assert "Connect" in refused.reason
     assert str(refused).startswith("cannot read the load of http://127.0.0.1:")
+
+
+def test_chat_template_flag_renders_chat_requests_with_the_given_template(bos_model, tmp_path):
+    # Pods started with `vllm serve --chat-template FILE` render with that file; the router
+    # must too (--chat-template), or its prefix hashes name blocks no pod holds.
+    from vllm_llmd.router.cli import build_router
+    from vllm_llmd.router.config import parse_config
+
+    template = tmp_path / "custom.jinja"
+    template.write_text(
+        "{% for m in messages %}<<{{ m['role'] }}|{{ m['content'] }}>>{% endfor %}"
+        "{% if add_generation_prompt %}<<assistant|{% endif %}"
+    )
+    flags = ["--pod", "http://127.0.0.1:1", "--tokenizer", str(bos_model), "--block-size", "4"]
+    body = {"messages": [{"role": "user", "content": "hello there"}]}
+    ids = {}
+    for name, extra in (("model's", []), ("custom", ["--chat-template", str(template)])):
+        router = build_router(parse_config([*flags, *extra], environ={}))
+        try:
+            assert router.tokens is not None
+            ids[name] = router.tokens.tokenize_request("/v1/chat/completions", body).token_ids
+            tokenizer = router.tokens.tokenizer
+        finally:
+            router.close()
+    rendered = "<<user|hello there>><<assistant|"
+    assert ids["custom"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert ids["custom"] != ids["model's"]

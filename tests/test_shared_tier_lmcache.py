@@ -269,3 +269,26 @@ def test_hung_server_costs_one_timeout_then_fails_fast_and_comes_back(lmcache_se
             server.process.send_signal(signal.SIGCONT)
         planner.close()
         worker.shutdown()
+
+
+@needs_lmcache
+def test_a_url_where_no_server_answers_is_said_once(caplog):
+    """Before, shared_tier_url pointing at nothing logged nothing at all, even at DEBUG."""
+    import logging
+
+    from vllm_llmd.devtools.server import free_port
+
+    url = f"tcp://127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING, logger="vllm_llmd"):
+        client = SharedTierClient(url, 0.3, 0.2, name="nowhere")
+        try:
+            deadline = time.monotonic() + 10
+            while "no LMCache server answers" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # several more missed heartbeats: still one line
+        finally:
+            client.close()
+    lines = [r.getMessage() for r in caplog.records if url in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "shared_tier_url" in lines[0] and "lmcache server" in lines[0]
+    assert not client.is_up

@@ -218,8 +218,8 @@ def test_the_router_counts_the_shared_tier_on_every_pod(instances, prompts, smal
             time.sleep(0.3)
         _poke(a)  # the step that turns the last report into events
         while (
-            _router_metric(router, "llmd_router_shared_tier_pods") < 2
-            or _router_metric(router, "llmd_router_shared_tier_blocks") < 2 * SHARED_TOKENS / 128
+            _router_metric(router, "llmd:router_shared_tier_pods") < 2
+            or _router_metric(router, "llmd:router_shared_tier_blocks") < 2 * SHARED_TOKENS / 128
         ):
             assert time.monotonic() < deadline, "the router never saw the shared tier's events"
             time.sleep(0.3)
@@ -232,6 +232,7 @@ def test_the_router_counts_the_shared_tier_on_every_pod(instances, prompts, smal
         )
         with urllib.request.urlopen(request, timeout=120) as response:
             assert response.status == 200
+            response.read()  # the audit line is written before the answer's last byte
         record = json.loads(audit.read_text().splitlines()[-1])
         blocks = SHARED_TOKENS // 128  # vLLM's CPU block size
         pod_a, pod_b = a.url, b.url  # a pod's id is its URL

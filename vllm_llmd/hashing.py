@@ -10,6 +10,22 @@ where H is the engine's `--prefix-caching-hash-algo` and `extra_keys_i` is a tup
 or None. KV events publish each digest in its int form, `to_event_hash(h)` (the last 8 bytes),
 but the chain itself always runs on full digests.
 
+One spelling of a block hash everywhere we print one (logs, the debug state file, the events
+watcher, the router), so that one can be searched for in the others:
+
+- `hash_hex(h)`, the full spelling: lowercase hex of every byte of a digest; an event int
+  (all that is left of a digest on the wire) in 16 hex digits.
+- `short_hash(h)`, the short spelling: the event int in 16 hex digits, i.e. the LAST 16 hex
+  digits of `hash_hex`. Not the first 16: a KV event carries only the last 8 bytes of a digest
+  (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1, vLLM's default), so the tail is the part every side
+  can print. A short hash is therefore always a suffix of the full one: grep the debug state
+  file for the watcher's `first_hash=…`, or the watcher's output for a log line's hash.
+
+    hash_hex(digest)          2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881
+    to_event_hash(digest)     154678297519343745 (what the event carries)
+    hash_hex(event int)       02258717921a4881
+    short_hash(either)        02258717921a4881
+
 Pure Python on purpose: the router image has no vLLM or torch, so nothing here imports them.
 cbor2 and xxhash are imported only when an algorithm needs them.
 """
@@ -188,6 +204,23 @@ def event_hash_from_wire(value: int | bytes) -> EventBlockHash:
     if not 0 <= value <= _EVENT_HASH_MASK:
         raise ValueError(f"event block hash {value} is not an unsigned 64-bit int")
     return EventBlockHash(value)
+
+
+def hash_hex(block_hash: int | bytes) -> str:
+    """The full spelling of a block hash: a digest's bytes in lowercase hex; an event int
+    (the last 8 bytes of its digest) in 16 hex digits, which end every digest's full spelling."""
+    if isinstance(block_hash, bytes):
+        return block_hash.hex()
+    return f"{event_hash_from_wire(block_hash):016x}"
+
+
+def short_hash(block_hash: int | bytes) -> str:
+    """The short spelling of a block hash: its event int in 16 lowercase hex digits.
+
+    The same for a digest and for the int an event carries for it, and the last 16 digits of
+    `hash_hex` (for digests of 8 bytes or more): see the module docstring.
+    """
+    return f"{event_hash_from_wire(block_hash):016x}"
 
 
 @dataclass(frozen=True)

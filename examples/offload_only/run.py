@@ -67,7 +67,7 @@ class Watcher:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             line = line.rstrip("\n")
-            match = EVENT_LINE.match(line)
+            match = EVENT_LINE.search(line)
             if match and match["medium"]:
                 self.blocks[(match["kind"], match["medium"])] += int(match["n"])
             self.lines.put(line)
@@ -185,7 +185,7 @@ def tally(lines: list[str]) -> str:
     """`GPU +6 -2 | CPU +6 | STORAGE -1`: blocks stored (+) and removed (-) per medium."""
     counts: Counter[tuple[str, str]] = Counter()
     for line in lines:
-        match = EVENT_LINE.match(line)
+        match = EVENT_LINE.search(line)
         if match and match["medium"]:
             counts[(match["kind"], match["medium"])] += int(match["n"])
     parts = []

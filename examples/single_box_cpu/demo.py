@@ -134,8 +134,9 @@ def main() -> None:
             print(f"user:      {question}")
             print(f"assistant: {answer['choices'][0]['message']['content']!r}")
             print(
-                f"  route:   prefill={record['prefill_pod'] or '-'} -> "
-                f"decode={headers.get('X-Routed-To')}  ({record['decode_reason']})"
+                f"  route:   prefill={record.get('prefill_pod') or '-'} -> "
+                f"decode={headers.get('X-Routed-To')}  "
+                f"({record.get('decode_reason') or record.get('reason')})"
             )
             print(
                 f"  prompt:  {answer['usage']['prompt_tokens']} tokens; on the decode pod "

@@ -212,7 +212,7 @@ Serving. Try:
     -d '{"model":"$MODEL","messages":[{"role":"user","content":"Hello"}]}'
   $PYTHON $HERE/../workload/shared_prefix_chat.py --url $ROUTER
   $PYTHON -m vllm_llmd.events watch tcp://127.0.0.1:$DECODE_EVENTS_PORT --topic kv
-  curl -s $ROUTER/metrics | grep llmd_router_
+  curl -s $ROUTER/metrics | grep llmd:router_
 Ctrl-C stops all three.
 EOF
 wait -n

@@ -13,6 +13,8 @@
   `worker_tiers.py` builds its tier workers and counts their reports.
 - `metadata.py`: the typed step metadata the scheduler half sends the worker half, and the
   workers' answer.
-- `tier_events.py`: our tiers' changes as vLLM KV events; `stats.py`: the counters;
-  `config.py`: the typed config; `fingerprint.py`: the KV layout fingerprint.
+- `tier_events.py`: our tiers' changes as vLLM KV events; `curve_publisher.py`: vLLM's
+  KV-event publisher with CURVE, when the environment asks (installed by the plugin);
+  `stats.py`: the counters; `config.py`: the typed config; `fingerprint.py`: the KV layout
+  fingerprint.
 """

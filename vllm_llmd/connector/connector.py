@@ -129,7 +129,8 @@ class LLMDConnector(KVConnectorBase_V1):
         return None
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        self.worker.handle_preemptions()
+        assert isinstance(kv_connector_metadata, LLMDConnectorMetadata)
+        self.worker.handle_preemptions(kv_connector_metadata)
 
     def wait_for_save(self) -> None:
         metadata = self._get_connector_metadata()
@@ -154,8 +155,8 @@ class LLMDConnector(KVConnectorBase_V1):
         )
 
     def get_kv_connector_stats(self) -> LLMDConnectorStats | None:
-        if self._worker is None:
-            return None
+        if self._worker is None:  # the scheduler half: its tiers' occupancy
+            return self._scheduler.take_stats() if self._scheduler is not None else None
         stats = self._worker.take_stats()
         return None if stats.is_empty() else stats
 

@@ -39,6 +39,7 @@ from vllm_llmd.connector.metadata import (
 )
 from vllm_llmd.connector.remote_prefill import RemotePrefillPlanner
 from vllm_llmd.connector.request_state import LoadPhase, RequestState
+from vllm_llmd.connector.stats import LLMDConnectorStats
 from vllm_llmd.connector.tier_events import all_cleared, shared_tier_events, to_kv_events
 from vllm_llmd.job_tally import JobTally
 from vllm_llmd.kv_layout import KVLayoutFingerprint
@@ -93,6 +94,7 @@ class LLMDConnectorScheduler:
         self.publish_events = publish_events
         self._events: list[KVCacheEvent] = []
         self._state_version = -1
+        self._reported_gauges: dict[str, int] = {}  # the tier gauges last reported in stats
         self.engine_id = engine_id
         self.fingerprint = fingerprint
         self.block_size = fingerprint.block_size
@@ -227,6 +229,27 @@ class LLMDConnectorScheduler:
         if self.config.debug_state_path and self.offload.manager.version != self._state_version:
             self._state_version = self.offload.manager.version
             write_json_atomic(self.config.debug_state_path, self.offload.tier_state())
+
+    def take_stats(self) -> LLMDConnectorStats | None:
+        """The offload tiers' gauges (occupancy, and chunks the copies in flight hold), when
+        they changed since the last report."""
+        if self.offload is None:
+            return None
+        manager = self.offload.manager
+        gauges = {
+            "offload_host_chunks": manager.num_in_host(),
+            "offload_host_capacity_chunks": manager.num_host_slots,
+            "offload_disk_chunks": manager.num_on_disk(),
+            "offload_disk_capacity_chunks": manager.num_disk_blocks,
+            "offload_busy_chunks": manager.num_pins() + manager.num_staging_in_use(),
+        }
+        if gauges == self._reported_gauges:
+            return None
+        self._reported_gauges = gauges
+        stats = LLMDConnectorStats()
+        for key, value in gauges.items():
+            stats.set(key, value)
+        return stats
 
     def take_events(self) -> list[KVCacheEvent]:
         if self.shared is not None:

@@ -1,8 +1,11 @@
-"""LLMDConnector's counters, carried by vLLM's connector-stats path to its /metrics.
+"""LLMDConnector's counters and histograms, carried by vLLM's connector-stats path to its
+/metrics.
 
-Each worker reports what happened since its last report (`LLMDConnectorStats`, plain counters
-that add up across workers and steps); vLLM aggregates them, ships `to_dict()` to the API
-server, and `LLMDPromMetrics.observe` adds them to Prometheus counters there.
+Each worker reports what happened since its last report (`LLMDConnectorStats`: counter
+increments, which add up across workers and steps, and histogram observations, lists that
+concatenate); vLLM aggregates them, ships `to_dict()` to the API server, and
+`LLMDPromMetrics.observe` adds them to Prometheus counters and histograms there (as vLLM's
+NixlConnector does with its `vllm:nixl_xfer_time_seconds`).
 """
 
 from __future__ import annotations
@@ -101,9 +104,63 @@ COUNTERS: dict[str, tuple[str, str]] = {
 }
 
 
+# Seconds: a same-host pull or a host-tier load takes milliseconds, a cross-host pull or a
+# disk load of a long prompt seconds.
+_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# histogram key -> (Prometheus name, help, buckets): observations, one per event
+HISTOGRAMS: dict[str, tuple[str, str, tuple[float, ...]]] = {
+    "pd_pull_seconds": (
+        "llmd:pd_pull_seconds",
+        "Decode side: duration of each successful P/D pull (one per worker and request), from "
+        "its start to the last block in the device cache.",
+        _SECONDS_BUCKETS,
+    ),
+    "offload_load_seconds": (
+        "llmd:offload_load_seconds",
+        "Offload: duration of each successful load of a request's hit from the host and disk "
+        "tiers into the device cache (one per worker and request), from its submission.",
+        _SECONDS_BUCKETS,
+    ),
+}
+
+
+# gauge key -> (Prometheus name, help): the scheduler half reports them when they change; the
+# latest value wins
+GAUGES: dict[str, tuple[str, str]] = {
+    "offload_host_chunks": (
+        "llmd:offload_host_chunks",
+        "Offload: chunks (a block of every layer) the host tier holds now.",
+    ),
+    "offload_host_capacity_chunks": (
+        "llmd:offload_host_capacity_chunks",
+        "Offload: chunks the host tier can hold (host_offload_bytes).",
+    ),
+    "offload_disk_chunks": (
+        "llmd:offload_disk_chunks",
+        "Offload: chunks the disk tier holds now.",
+    ),
+    "offload_disk_capacity_chunks": (
+        "llmd:offload_disk_capacity_chunks",
+        "Offload: chunks the disk tier can hold (disk_offload_bytes); 0 without a disk tier.",
+    ),
+    "offload_busy_chunks": (
+        "llmd:offload_busy_chunks",
+        "Offload: chunk slots the copies in flight hold (pinned host slots, disk staging "
+        "slots); 0 when no load or store is running, so one left above 0 is a leak.",
+    ),
+    "pd_held_blocks": (
+        "llmd:pd_held_blocks",
+        "Prefill side: device blocks held for decodes that have not released them yet (until "
+        "their release or lease expiry); 0 when no hand-off is pending.",
+    ),
+}
+
+
 @dataclass
 class LLMDConnectorStats(KVConnectorStats):
-    """Counter increments since the last report; missing keys count as 0."""
+    """Counter increments and histogram observations since the last report; missing keys
+    count as 0 (counters) or no observation (histograms)."""
 
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -111,24 +168,46 @@ class LLMDConnectorStats(KVConnectorStats):
         assert key in COUNTERS, key
         self.data[key] = self.data.get(key, 0) + amount
 
+    def observe(self, key: str, value: float) -> None:
+        assert key in HISTOGRAMS, key
+        self.data.setdefault(key, []).append(value)
+
+    def set(self, key: str, value: int) -> None:
+        assert key in GAUGES, key
+        self.data[key] = value
+
     def reset(self) -> None:
         self.data = {}
 
     def aggregate(self, other: KVConnectorStats) -> LLMDConnectorStats:
         for key, value in other.data.items():
-            if key in COUNTERS:  # tolerate keys from a newer or older peer
+            # tolerate keys from a newer or older peer
+            if key in COUNTERS:
                 self.data[key] = self.data.get(key, 0) + value
+            elif key in HISTOGRAMS and isinstance(value, list):
+                self.data.setdefault(key, []).extend(value)
+            elif key in GAUGES:
+                self.data[key] = value  # the later report
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        return {key: self.data.get(key, 0) for key in COUNTERS}
+        reduced: dict[str, int | float] = {key: self.data.get(key, 0) for key in COUNTERS}
+        for key in HISTOGRAMS:  # the logged summary: how many, and their mean
+            values = self.data.get(key) or []
+            reduced[f"{key}_count"] = len(values)
+            reduced[f"{key}_mean"] = sum(values) / len(values) if values else 0.0
+        reduced.update({key: self.data[key] for key in GAUGES if key in self.data})
+        return reduced
 
     def is_empty(self) -> bool:
-        return not any(self.data.values())
+        # a gauge of 0 is news (the tier emptied); a counter of 0 or no observation is not
+        return not any(v for k, v in self.data.items() if k not in GAUGES) and not any(
+            k in GAUGES for k in self.data
+        )
 
 
 class LLMDPromMetrics(KVConnectorPromMetrics):
-    """Prometheus counters for `LLMDConnectorStats`, one child per engine."""
+    """Prometheus counters and histograms for `LLMDConnectorStats`, one child per engine."""
 
     def __init__(
         self,
@@ -145,8 +224,35 @@ class LLMDPromMetrics(KVConnectorPromMetrics):
             )
             for key, (name, doc) in COUNTERS.items()
         }
+        self._histograms = {
+            key: create_metric_per_engine(
+                self._histogram_cls(
+                    name=name, documentation=doc, buckets=list(buckets), labelnames=labelnames
+                ),
+                per_engine_labelvalues,
+            )
+            for key, (name, doc, buckets) in HISTOGRAMS.items()
+        }
+        self._gauges = {
+            key: create_metric_per_engine(
+                self._gauge_cls(
+                    name=name,
+                    documentation=doc,
+                    labelnames=labelnames,
+                    multiprocess_mode="mostrecent",
+                ),
+                per_engine_labelvalues,
+            )
+            for key, (name, doc) in GAUGES.items()
+        }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for key, value in transfer_stats_data.items():
             if key in self._counters and value:
                 self._counters[key][engine_idx].inc(value)
+            elif key in self._histograms and isinstance(value, list):
+                histogram = self._histograms[key][engine_idx]
+                for observation in value:
+                    histogram.observe(observation)
+            elif key in self._gauges:
+                self._gauges[key][engine_idx].set(value)

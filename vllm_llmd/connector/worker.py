@@ -10,10 +10,11 @@ reports a request in `finished_sending` once its transfer was released or its le
 decode worker pulls on a thread pool and reports `finished_recving` (plus `failed_recving`
 when the pull failed, so vLLM recomputes or fails the request per kv_load_failure_policy).
 
-Offload: an `OffloadWorker` runs each step's tier plan after the forward (`wait_for_save`),
-flushes its device → host copies before the next forward (`handle_preemptions`), and loads
-host slots into a request's blocks; a request's load (tiers and pull alike) finishes when all
-its parts did.
+Offload: an `OffloadWorker` runs each step's tier plan after the forward (`wait_for_save`) on
+a thread of its own, behind the steps; only a step whose plan says so (a request with stores in
+flight ended or was preempted) waits for them before its forward (`handle_preemptions`). It
+loads host slots and disk files into a request's blocks on other threads; a request's load
+(tiers and pull alike) finishes when all its parts did.
 
 Shared tier: a `SharedTierWorker` (vllm_llmd/shared_tier/worker.py) gathers the step's new prompt
 chunks after the forward and sends them to the LMCache server off the step; the next step waits
@@ -23,6 +24,7 @@ only for the gather. Its loads are one more part of a request's load.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -101,6 +103,7 @@ class LLMDConnectorWorker:
         # counter increments since the last get_kv_connector_stats (pull threads add too)
         self._stats = LLMDConnectorStats()
         self.registry = SendRegistry(config.lease_s)
+        self._reported_held = 0  # pd_held_blocks as last reported
         self.server: TransferServer | None = None
         # decode side, CUDA: our cache's IPC description, sent with each same-host pull
         self._ipc_cache: CudaIpcCache | None = None
@@ -168,6 +171,7 @@ class LLMDConnectorWorker:
                 self.kv_cache.block_bytes,
                 ipc_write=self._ipc_writer.write if self._ipc_writer else None,
                 max_chunk_bytes=self.config.max_chunk_bytes,
+                tls=self.config.side_channel_tls(server_side=True),
             )
         # Tests and operators read this line to know the worker half is live.
         logger.info(
@@ -187,9 +191,11 @@ class LLMDConnectorWorker:
 
     # ---- every step ----------------------------------------------------------------------
 
-    def handle_preemptions(self) -> None:
-        """Start of a step, before its forward: last step's stores must have read their blocks."""
-        if self.offload is not None:
+    def handle_preemptions(self, metadata: LLMDConnectorMetadata) -> None:
+        """Start of a step, before its forward: stores still reading device blocks that vLLM
+        may now give to another request finish first (offload: only when the scheduler half
+        says so; shared tier: its gathers, always)."""
+        if self.offload is not None and metadata.offload_step.flush_first:
             self.offload.flush_stores()
         if self.shared is not None:
             self.shared.flush_stores()
@@ -215,6 +221,7 @@ class LLMDConnectorWorker:
                     release.transfer_id,
                     release.reason,
                     self.config.transfer_timeout_s,
+                    tls=self.config.side_channel_tls(server_side=False),
                 )
 
     def _start_load(self, request_id: str, start: Callable[[T], Future], spec: T) -> None:
@@ -228,8 +235,15 @@ class LLMDConnectorWorker:
 
     def _load_offloaded(self, load: OffloadLoadSpec) -> Future:
         assert self.offload is not None
+        started = time.monotonic()
         future = self.offload.load(load)
         self._count("offload_loaded_chunks", len(load.block_ids))  # disk reads: when reported
+
+        def loaded(done: Future[None]) -> None:
+            if done.exception() is None:
+                self._observe("offload_load_seconds", time.monotonic() - started)
+
+        future.add_done_callback(loaded)
         return future
 
     def _load_shared(self, load: SharedLoadSpec) -> Future:
@@ -326,6 +340,7 @@ class LLMDConnectorWorker:
             else:
                 scatter_blocks(kv_cache, list(local_ids[first_index : first_index + count]), data)
 
+        started = time.monotonic()
         try:
             if not recv.remote_block_ids:
                 raise TransferFailed("no blocks to pull (block count mismatch)")
@@ -343,6 +358,7 @@ class LLMDConnectorWorker:
                 timeout_s=self.config.transfer_timeout_s,
                 unknown_transfer_grace_s=self.config.unknown_transfer_grace_s,
                 max_chunk_bytes=self.config.max_chunk_bytes,
+                tls=self.config.side_channel_tls(server_side=False),
             )
         except Exception as exc:
             self._count("pulls_failed")
@@ -356,16 +372,25 @@ class LLMDConnectorWorker:
         self._count("pulls_done")
         self._count("pulled_bytes", received)
         self._count("pulled_tokens", recv.num_tokens)
+        self._observe("pd_pull_seconds", time.monotonic() - started)
         return received
 
     def _count(self, key: str, amount: int = 1) -> None:
         with self._lock:
             self._stats.add(key, amount)
 
+    def _observe(self, key: str, seconds: float) -> None:
+        with self._lock:
+            self._stats.observe(key, seconds)
+
     def take_stats(self) -> LLMDConnectorStats:
-        """Counter increments since the last call."""
+        """Counter increments since the last call, and the held-blocks gauge when it moved."""
+        held = self.registry.num_blocks_held() if self.is_producer else 0
         with self._lock:
             stats, self._stats = self._stats, LLMDConnectorStats()
+        if held != self._reported_held:
+            self._reported_held = held
+            stats.set("pd_held_blocks", held)
         return stats
 
     def shutdown(self) -> None:

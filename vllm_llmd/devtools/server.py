@@ -38,6 +38,53 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def llmd_connector(
+    role: str = "kv_both", extra: dict[str, Any] | None = None, **config: Any
+) -> dict[str, Any]:
+    """A `--kv-transfer-config` selecting LLMDConnector: role, its extra config, other keys."""
+    transfer: dict[str, Any] = {"kv_connector": "LLMDConnector", "kv_role": role, **config}
+    if extra is not None:
+        transfer["kv_connector_extra_config"] = extra
+    return transfer
+
+
+def kv_events_config(topic: str = "kv") -> dict[str, Any]:
+    """A `--kv-events-config`: vLLM's ZMQ publisher on a free port, with a replay socket."""
+    return {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "topic": topic,
+        "endpoint": f"tcp://*:{free_port()}",
+        "replay_endpoint": f"tcp://*:{free_port()}",
+    }
+
+
+def event_endpoints(config: VLLMServerConfig) -> tuple[str, str]:
+    """(events, replay): where a subscriber on this host reaches a server's KV events."""
+    events = config.kv_events_config or {}
+    return (
+        events["endpoint"].replace("*", "127.0.0.1"),
+        events["replay_endpoint"].replace("*", "127.0.0.1"),
+    )
+
+
+def wait_for_health(
+    url: str, process: subprocess.Popen[bytes], timeout: float, poll_s: float = 0.5
+) -> bool:
+    """Poll GET url/health until it answers 200 (True), or the process exits or time runs
+    out (False: the caller tells which by `process.poll()`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(poll_s)
+    return False
+
+
 class ServerStartError(RuntimeError):
     """The server exited or did not become ready in time; the message has its log tail."""
 
@@ -161,20 +208,13 @@ class VLLMServer:
     def wait_ready(self, timeout: float = 240.0) -> VLLMServer:
         """Block until GET /health answers 200; raise ServerStartError on exit or timeout."""
         assert self.process is not None, "start() first"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerStartError(
-                    f"vLLM server exited with code {self.process.returncode} before it was "
-                    f"ready; log {self.log_path}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
+        if wait_for_health(self.url, self.process, timeout):
+            return self
+        if self.process.poll() is not None:
+            raise ServerStartError(
+                f"vLLM server exited with code {self.process.returncode} before it was "
+                f"ready; log {self.log_path}:\n{self.log_tail()}"
+            )
         self.stop()
         raise ServerStartError(
             f"vLLM server not ready after {timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}"
@@ -197,6 +237,17 @@ class VLLMServer:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # start_new_session: pgid == leader pid
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+    def kill(self) -> None:
+        """kill -9 of the server and every child it made: a crash, no shutdown. Idempotent."""
+        if self.process is None:
+            return
+        process, self.process = self.process, None
         try:
             os.killpg(process.pid, signal.SIGKILL)  # start_new_session: pgid == leader pid
         except ProcessLookupError:

@@ -7,6 +7,7 @@ Consumer side, transport, parsing and domain kept apart (nothing here imports vL
 - `decoder`: payload -> `EventBatch`, for the map and the older array form, leniently.
 - `transport`: the SUB and DEALER sockets, pyzmq's ("zmq") or ours ("zmtp"), behind one interface.
 - `zmtp_codec`, `zmtp`: our ZMTP 3.x client (NULL security), every length bounded before buffering.
+- `curve`: CURVE keys (authenticated encryption of the streams) and the sockets' options.
 - `replay`: `ReplayClient`, a DEALER on a publisher's replay socket.
 - `updates`: what a subscriber hands its owner (`ReceivedBatch`, `Reset`, `Gap`).
 - `subscriber`: `Subscriber`, one publisher followed in seq order (gaps, restarts, replay).

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from vllm_llmd.events.curve import CurveClientKeys
 from vllm_llmd.events.transport import RequestSocket, Transport, check_transport, open_request
 from vllm_llmd.events.wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -56,8 +57,9 @@ class ReplayClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         transport: Transport = "zmq",
         on_cut: Callable[[], None] | None = None,
+        curve: CurveClientKeys | None = None,
     ) -> None:
-        check_transport(transport)
+        check_transport(transport, curve)
         if min(max_messages, max_bytes, max_message_bytes) <= 0:
             raise ValueError("max_messages, max_bytes and max_message_bytes must be > 0")
         self.endpoint = endpoint
@@ -69,6 +71,7 @@ class ReplayClient:
         self.transport = transport
         self._context = context
         self._on_cut = on_cut
+        self._curve = curve
         self._socket: RequestSocket | None = None
 
     def fetch(self, start_seq: int) -> ReplayResult:
@@ -125,6 +128,7 @@ class ReplayClient:
                 max_message_bytes=self.max_message_bytes,
                 context=self._context,
                 on_cut=self._on_cut,
+                curve=self._curve,
             )
         return self._socket
 

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from vllm_llmd.events.curve import CurveClientKeys
 from vllm_llmd.events.decoder import MalformedBatchError, decode_batch
 from vllm_llmd.events.replay import ReplayClient
 from vllm_llmd.events.transport import Transport, check_transport, open_live
@@ -114,6 +115,7 @@ class Subscriber:
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         defer_replay: bool = False,
         transport: Transport = "zmq",
+        curve: CurveClientKeys | None = None,
     ) -> None:
         for name, value in (("endpoint", endpoint), ("replay_endpoint", replay_endpoint)):
             if value is not None and "*" in value:
@@ -121,7 +123,7 @@ class Subscriber:
                     f"{name} {value!r} is a bind address; a subscriber connects: give the "
                     "publisher's host, e.g. tcp://127.0.0.1:5557 for vLLM's tcp://*:5557"
                 )
-        check_transport(transport)
+        check_transport(transport, curve)
         self.endpoint = endpoint
         self.transport = transport
         self.source = source or endpoint
@@ -142,6 +144,7 @@ class Subscriber:
             context=context,
             name=self.source,
             on_cut=self._count_cut,
+            curve=curve,
         )
         self._replay = (
             ReplayClient(
@@ -151,6 +154,7 @@ class Subscriber:
                 max_message_bytes=max_message_bytes,
                 transport=transport,
                 on_cut=self._count_cut,
+                curve=curve,
             )
             if replay_endpoint
             else None

@@ -9,6 +9,11 @@ Both hand over whole messages as lists of frames, each message within `max_frame
   the process until it dies.
 - "zmtp" (`zmtp.ZmtpConnection`, our own client): every bound is checked before a byte is kept;
   a peer that breaks one is cut (counted through `on_cut`, logged), then reconnected with backoff.
+  It speaks ZMTP's NULL security only.
+
+With `curve` keys (`curve.CurveClientKeys`), pyzmq's sockets are CURVE clients: the stream is
+encrypted and only a publisher holding the pods' secret key is heard, so the one risk of the
+"zmq" transport (a publisher that never ends a message) comes from trusted peers only.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Literal, Protocol
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from vllm_llmd.events.curve import CurveClientKeys
 from vllm_llmd.events.wire import (
     LIVE_FRAMES,
     REPLAY_FRAMES,
@@ -74,9 +80,14 @@ class RequestSocket(Protocol):
     def close(self) -> None: ...
 
 
-def check_transport(transport: str) -> None:
+def check_transport(transport: str, curve: CurveClientKeys | None = None) -> None:
     if transport not in TRANSPORTS:
         raise ValueError(f"transport {transport!r}: one of {', '.join(TRANSPORTS)}")
+    if curve is not None and transport != "zmq":
+        raise ValueError(
+            f"transport {transport!r} speaks ZMTP's NULL security only: CURVE keys need "
+            "transport 'zmq'"
+        )
 
 
 def open_live(
@@ -88,15 +99,16 @@ def open_live(
     context: zmq.Context[zmq.Socket[bytes]] | None = None,
     name: str | None = None,
     on_cut: Callable[[], None] | None = None,
+    curve: CurveClientKeys | None = None,
 ) -> LiveSocket:
     """A SUB on `endpoint` subscribed to the `topic` prefix (ValueError for a bad endpoint)."""
-    check_transport(transport)
+    check_transport(transport, curve)
     if transport == "zmtp":
         bounds = MessageBounds(LIVE_FRAMES, max_message_bytes)
         return ZmtpLive(
             ZmtpConnection(endpoint, "SUB", bounds, subscribe=topic, name=name, on_cut=on_cut)
         )
-    return ZmqLive(endpoint, topic, max_message_bytes, context or zmq.Context.instance())
+    return ZmqLive(endpoint, topic, max_message_bytes, context or zmq.Context.instance(), curve)
 
 
 def open_request(
@@ -107,16 +119,17 @@ def open_request(
     context: zmq.Context[zmq.Socket[bytes]] | None = None,
     name: str | None = None,
     on_cut: Callable[[], None] | None = None,
+    curve: CurveClientKeys | None = None,
 ) -> RequestSocket:
     """A DEALER on a replay endpoint."""
-    check_transport(transport)
+    check_transport(transport, curve)
     if transport == "zmtp":
         bounds = MessageBounds(REPLAY_FRAMES, max_message_bytes)
         connection = ZmtpConnection(
             endpoint, "DEALER", bounds, auto_reconnect=False, name=name, on_cut=on_cut
         )
         return ZmtpRequest(connection)
-    return ZmqRequest(endpoint, max_message_bytes, context or zmq.Context.instance())
+    return ZmqRequest(endpoint, max_message_bytes, context or zmq.Context.instance(), curve)
 
 
 # ---- pyzmq ---------------------------------------------------------------------------------------
@@ -129,8 +142,10 @@ class ZmqLive:
         topic: bytes,
         max_message_bytes: int,
         context: zmq.Context[zmq.Socket[bytes]],
+        curve: CurveClientKeys | None = None,
     ) -> None:
         self._endpoint = endpoint
+        self._curve = curve
         self._topic = topic
         self._max_message_bytes = max_message_bytes
         self._context = context
@@ -146,6 +161,8 @@ class ZmqLive:
         sub.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         limit_frame_size(sub, self._max_message_bytes)
+        if self._curve is not None:
+            self._curve.apply(sub)
         # Watch the connection: libzmq's SUB reconnects to a restarted publisher but then
         # receives nothing (seen with pyzmq 27 / libzmq 4.3), so a disconnect means a new socket;
         # a finished handshake means the subscription is on its way (libzmq sends it next).
@@ -202,12 +219,18 @@ class ZmqLive:
 
 class ZmqRequest:
     def __init__(
-        self, endpoint: str, max_message_bytes: int, context: zmq.Context[zmq.Socket[bytes]]
+        self,
+        endpoint: str,
+        max_message_bytes: int,
+        context: zmq.Context[zmq.Socket[bytes]],
+        curve: CurveClientKeys | None = None,
     ) -> None:
         self._max_message_bytes = max_message_bytes
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         limit_frame_size(self._socket, max_message_bytes)
+        if curve is not None:
+            curve.apply(self._socket)
         self._socket.connect(endpoint)
 
     def send(self, frames: list[bytes]) -> bool:

@@ -16,7 +16,7 @@ with one tensor, "kv" (dtype U8, shape [block_bytes]), and string metadata:
     fingerprint      msgspec JSON of the writer's KVLayoutFingerprint
     key              the key (vLLM block hash) in hex
     tp_rank          the writer's tensor-parallel rank
-    checksum         blake2b of the payload, 16-byte digest, hex
+    checksum         BLAKE3 of the payload, 16-byte digest, hex
     info             the caller's description of the block (opaque text; e.g. the tokens and
                      parent hash a KV event needs), returned by `scan`
 
@@ -34,23 +34,26 @@ Concurrency. A write goes to a uniquely named temp file in the target's folder, 
 `os.replace` renames it over the target: readers see the old file, no file, or the new file,
 never a partial one. A reader reads header and payload from one open file descriptor, so a
 concurrent replace or delete does not mix two files. Writes are not fsync'ed: the cache is
-best-effort, and a file torn by a power loss fails the size or checksum check.
+best-effort, and a file torn by a power loss fails the size or checksum check. The header is
+padded with spaces to a page, so a file is one O_DIRECT write where the filesystem allows
+(`direct_io`: a buffered write cost ~10 ms of kernel CPU per 3 MiB block here).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import struct
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import msgspec
 import torch
-from safetensors.torch import save_file
+from blake3 import blake3
 
 from vllm_llmd.hashing import BlockHash
 from vllm_llmd.kv_layout import KVLayoutFingerprint
+from vllm_llmd.offload.direct_io import ALIGN, BlockFileWriter
 from vllm_llmd.offload.disk_scan import (
     SUFFIX,
     InvalidBlockFile,
@@ -69,7 +72,9 @@ __all__ = [
 
 # Version history:
 #   1: first version (one U8 tensor "kv"; fingerprint, key, tp_rank, blake2b-128 checksum).
-FORMAT_VERSION = 1
+#   2: the checksum is BLAKE3-128 (SIMD, ~7x blake2b here: it ran on every block written, on
+#      the engine's cores); version-1 files are refused at the scan like any foreign file.
+FORMAT_VERSION = 2
 _FORMAT_VERSION_TEXT = str(FORMAT_VERSION)
 TENSOR_NAME = "kv"
 _CHECKSUM_BYTES = 16
@@ -119,6 +124,7 @@ class DiskBlockStore:
             "data_offsets": [0, block_bytes],
         }
         self.root.mkdir(parents=True, exist_ok=True)
+        self._writer = BlockFileWriter()
 
     def path_for(self, key: BlockHash) -> Path:
         if not key:
@@ -143,11 +149,12 @@ class DiskBlockStore:
             "checksum": _checksum(block),
             "info": info,
         }
+        header = _padded_header({"__metadata__": metadata, TENSOR_NAME: self._tensor_entry})
         path.parent.mkdir(exist_ok=True)
         temp = path.parent / f".{path.name[: -len(SUFFIX)]}.{uuid.uuid4().hex}.tmp"
         try:
-            save_file({TENSOR_NAME: block}, temp, metadata=metadata)
-            size = temp.stat().st_size
+            self._writer.write(temp, header, block)
+            size = len(header) + self.block_bytes
             os.replace(temp, path)
         except BaseException:
             temp.unlink(missing_ok=True)
@@ -270,9 +277,18 @@ def _read_exactly(f: BinaryIO, view: memoryview) -> None:
         done += n
 
 
+def _padded_header(header: dict[str, Any]) -> bytes:
+    """The safetensors header (u64 length, then JSON) padded with spaces, as the format allows,
+    to a multiple of `ALIGN`: the payload then starts aligned and the file is one O_DIRECT
+    write."""
+    text = msgspec.json.encode(header)
+    padded = -(-(8 + len(text)) // ALIGN) * ALIGN - 8
+    return struct.pack("<Q", padded) + text.ljust(padded, b" ")
+
+
 def _checksum(block: torch.Tensor) -> str:
     data = memoryview(block.view(-1).numpy())
-    return hashlib.blake2b(data, digest_size=_CHECKSUM_BYTES).hexdigest()
+    return blake3(data, max_threads=1).hexdigest(length=_CHECKSUM_BYTES)
 
 
 def _discard(path: Path, opened: os.stat_result) -> None:

@@ -77,6 +77,10 @@ class OffloadStepSpec:
     # computed blocks of requests that ended before any slot could take them (counted by the
     # first worker: the scheduler half has no metrics of its own)
     num_dropped: int = 0
+    # the stores still in flight must finish before this step's forward: a request with stores
+    # in flight ended or was preempted, so vLLM may hand its device blocks to another request.
+    # Otherwise stores run on behind the steps (a request's own blocks stay until it ends).
+    flush_first: bool = False
 
     def is_empty(self) -> bool:
         return not (self.spills or self.verifies or self.stores or self.disk_stores or self.deletes)

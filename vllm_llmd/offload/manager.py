@@ -130,6 +130,8 @@ class OffloadManager:
         self._events: list[TierEvent] = []
         self._plan = StepPlan()
         self._num_spilling = 0
+        # the sum of every entry's pins (num_pins)
+        self._num_pins = 0
         # bumped by every change of what the tiers hold
         self.version = 0
 
@@ -167,6 +169,7 @@ class OffloadManager:
         for key in keys:
             entry = self._entries[key]
             entry.pins += 1
+            self._num_pins += 1
             if entry.in_host and entry.host_slot is not None:
                 self._host_policy.touch(key)
                 planned.append(PlannedLoad(key, entry.host_slot))
@@ -180,6 +183,7 @@ class OffloadManager:
         for key in keys:
             entry = self._entries[key]
             entry.pins -= 1
+            self._num_pins -= 1
             self._forget_if_gone(entry)
 
     def prepare_verify(self, keys: Sequence[BlockHash]) -> int:
@@ -191,6 +195,7 @@ class OffloadManager:
                 continue
             if not entry.verifying:
                 entry.verifying, entry.pins = True, entry.pins + 1  # not deleted meanwhile
+                self._num_pins += 1
                 self._plan.verifies.append(key)
             verifying += 1
         return verifying
@@ -200,6 +205,7 @@ class OffloadManager:
         for key in keys:
             entry = self._entries[key]
             entry.verifying, entry.pins = False, entry.pins - 1
+            self._num_pins -= 1
             if success:
                 entry.verified = True
             elif entry.on_disk:
@@ -257,6 +263,7 @@ class OffloadManager:
                 entry.staging_slot, entry.spilling = slot, True
             else:
                 entry.host_slot, entry.pins = slot, entry.pins + 1
+                self._num_pins += 1
             if infos is not None:
                 entry.info = infos[i]
             planned.append(PlannedStore(key, slot, to_disk))
@@ -272,6 +279,7 @@ class OffloadManager:
         for key in keys:
             entry = self._entries[key]
             entry.pins -= 1
+            self._num_pins -= 1
             if success:
                 entry.in_host = True
                 self._host_policy.insert(key)
@@ -384,6 +392,11 @@ class OffloadManager:
     def num_pinned(self) -> int:
         """Blocks a copy (load, store or verification) still uses: 0 when none is running."""
         return sum(1 for entry in self._entries.values() if entry.pins)
+
+    def num_pins(self) -> int:
+        """Pins the copies in flight hold (a block loaded by two requests counts twice): 0 when
+        none is running; kept as a count, cheap enough to report every step."""
+        return self._num_pins
 
     def num_staging_in_use(self) -> int:
         """Staging slots held by stores straight to disk: 0 when none is running."""

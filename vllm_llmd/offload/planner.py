@@ -17,6 +17,11 @@ of each request lives in `RequestState` (`offload_*` fields).
   logged.
 - `on_results`: completions the workers reported; a block completes once every worker (TP
   rank) reported it, and fails if any did.
+
+Stores run behind the steps, off their critical path: a request's device blocks stay its own
+until it ends, so its stores need not be done before the next forward. Only when a request
+whose stores are still in flight ends or is preempted (vLLM may then give its blocks to
+another request) does the next step wait for them first (`OffloadStepSpec.flush_first`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from vllm_llmd.hashing import BlockHash, hash_hex
 from vllm_llmd.job_tally import JobKind, JobTally
 from vllm_llmd.log import ThrottledLog, get_logger
 from vllm_llmd.offload.block_info import block_info
@@ -72,6 +78,11 @@ class OffloadPlanner:
         # computed blocks of finished requests that never found a slot, since the last step
         self._num_dropped = 0
         self._dropped_log = ThrottledLog(logger)
+        # request id -> its planned stores no worker has reported yet (host or straight to disk)
+        self._storing: dict[str, set[BlockHash]] = {}
+        self._owner_of: dict[BlockHash, str] = {}
+        # a request with stores in flight ended or was preempted since the last step
+        self._flush_needed = False
 
     # ---- loads ---------------------------------------------------------------------------
 
@@ -107,6 +118,8 @@ class OffloadPlanner:
         self.manager.complete_load(keys)
 
     def finish(self, state: RequestState) -> None:
+        # its device blocks may go to another request next step: its stores finish first
+        self._blocks_leave(state.request_id)
         # a load in flight unpins at complete_load; stores are per block, but blocks never
         # offered (no slot was free) are lost with the request's device blocks
         dropped = self._num_full_blocks(state.request) - state.offload_offered_blocks
@@ -125,6 +138,12 @@ class OffloadPlanner:
     def plan_stores(
         self, scheduled: Sequence[tuple[RequestState, int]], scheduler_output: SchedulerOutput
     ) -> None:
+        if not hasattr(scheduler_output, "preempted_req_ids"):
+            # a vLLM that does not say whom it preempted: wait for stores every step, as
+            # before, rather than let a freed block be overwritten under a store
+            self._flush_needed = self._flush_needed or bool(self._storing)
+        for request_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            self._blocks_leave(request_id)  # freed in this very schedule
         block_state = scheduler_output.kv_connector_block_state
         if block_state is None:
             return
@@ -143,6 +162,8 @@ class OffloadPlanner:
             planned, num_taken = self.manager.prepare_store(keys, infos)
             info_of = dict(zip(keys, infos, strict=True)) if infos is not None else {}
             for store in planned:
+                self._storing.setdefault(state.request_id, set()).add(store.key)
+                self._owner_of[store.key] = state.request_id
                 if store.to_disk:
                     info = info_of.get(store.key, "")
                     self._disk_stores.append(
@@ -151,6 +172,27 @@ class OffloadPlanner:
                 else:
                     self._stores.append(StoreJob(store.key, block_of[store.key], store.slot))
             state.offload_offered_blocks = offered + num_taken
+
+    def _blocks_leave(self, request_id: str) -> None:
+        """The request's device blocks are freed: any store of them still in flight must end
+        before the next forward may overwrite them."""
+        keys = self._storing.pop(request_id, None)
+        if keys:
+            self._flush_needed = True
+            for key in keys:
+                self._owner_of.pop(key, None)
+
+    def stores_in_flight(self, request_id: str) -> int:
+        """The request's planned stores no worker has reported yet."""
+        return len(self._storing.get(request_id, ()))
+
+    def _stored(self, key: BlockHash) -> None:
+        request_id = self._owner_of.pop(key, None)
+        if request_id is not None:
+            keys = self._storing[request_id]
+            keys.discard(key)
+            if not keys:
+                del self._storing[request_id]
 
     def _num_full_blocks(self, request: Request, num_scheduled: int = 0) -> int:
         """The request's full blocks once this step's tokens are computed (those to store)."""
@@ -171,7 +213,9 @@ class OffloadPlanner:
             disk_stores=tuple(self._disk_stores),
             deletes=tuple(plan.deletes),
             num_dropped=self._num_dropped,
+            flush_first=self._flush_needed,
         )
+        self._flush_needed = False
         metadata.offload_loads, self._loads = self._loads, []
         self._stores, self._disk_stores, self._num_dropped = [], [], 0
 
@@ -186,6 +230,8 @@ class OffloadPlanner:
             self._reports.merge(results.of(kind))
         for kind, key, ok in self._reports.take_settled(self.num_workers):
             complete[kind]([key], ok)
+            if kind in (JobKind.STORE, JobKind.SPILL):  # a store to disk reports as a spill
+                self._stored(key)
 
     def take_events(self) -> list[TierEvent]:
         return self.manager.take_events()
@@ -197,6 +243,6 @@ class OffloadPlanner:
     def tier_state(self) -> dict[str, list[str]]:
         """Hex keys held per tier (for the debug state file)."""
         return {
-            OffloadTier.HOST.value: sorted(k.hex() for k in self.manager.host_keys()),
-            OffloadTier.DISK.value: sorted(k.hex() for k in self.manager.disk_keys()),
+            OffloadTier.HOST.value: sorted(hash_hex(k) for k in self.manager.host_keys()),
+            OffloadTier.DISK.value: sorted(hash_hex(k) for k in self.manager.disk_keys()),
         }

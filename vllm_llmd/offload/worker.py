@@ -1,27 +1,30 @@
 """Worker side of the offload tiers: the host pool, the disk store, and the threads moving bytes.
 
 `OffloadWorker` executes what the scheduler half planned (`OffloadStepSpec` plus loads) and
-reports which blocks completed (`JobTally`). All copies that touch the host pool or the staging
-slots run on one ordered thread, so a step's spills copy their slots out before that step's
-stores overwrite them; disk reads and writes run on a small pool. Stores (into host slots, or
-into staging slots for a write straight to disk) read device blocks vLLM may reuse once the step
-ends, so the next step flushes them (`flush_stores`) before its forward runs.
+reports which blocks completed (`JobTally`). Each step's plan runs in order on one thread, so a
+step's spills copy their slots out before that step's stores overwrite them; its disk writes run
+on a small pool. Stores (into host slots, or into staging slots for a write straight to disk)
+read device blocks, which stay the request's own until it ends: they run behind the steps, and
+a step waits for them (`flush_stores`) only when the scheduler half says that blocks with stores
+in flight may be handed to another request (`OffloadStepSpec.flush_first`).
 
-A load reads host slots on the ordered thread and disk files on the disk pool, in pieces of
-`DISK_LOAD_PIECE_BLOCKS` through a buffer per disk thread: a disk hit never needs host slots.
-Every file it reads is validated again and reported (`JobKind.DISK_READ`), so one that turned
-bad fails the load once and is then forgotten.
+Loads run on threads of their own, so a re-hit never queues behind a step's stores: host slots
+on one thread (a load's slots hold stored blocks, pinned: no store or spill touches them), disk
+files on a read pool, in pieces of `DISK_LOAD_PIECE_BLOCKS` through a buffer per thread: a disk
+hit never needs host slots. Every file a load reads is validated again and reported
+(`JobKind.DISK_READ`), so one that turned bad fails the load once and is then forgotten.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from vllm_llmd.hashing import BlockHash
+from vllm_llmd.hashing import BlockHash, short_hash
 from vllm_llmd.job_tally import JobKind, JobTally
 from vllm_llmd.log import ThrottledLog, get_logger
 from vllm_llmd.offload.disk_store import DiskBlockStore
@@ -32,6 +35,8 @@ logger = get_logger(__name__)
 
 # blocks a disk load reads before one scatter into the device cache (the buffer per disk thread)
 DISK_LOAD_PIECE_BLOCKS = 8
+# the niceness of the threads that write the disk tier (Linux: per thread)
+BACKGROUND_NICE = 10
 
 
 class OffloadWorker:
@@ -52,9 +57,15 @@ class OffloadWorker:
         # where stores straight to disk wait for their write (slots assigned by the scheduler)
         self.staging = self._host_buffer(num_staging_slots if disk is not None else 0)
         self.disk = disk
-        self._disk_thread_state = threading.local()  # each disk thread's load buffer
+        self._disk_thread_state = threading.local()  # each disk thread's read buffer
+        # a step's plan (spills, stores, deletes), in order; and its disk writes and verifies
         self._copier = ThreadPoolExecutor(1, "llmd-offload-copy")
-        self._disk_pool = ThreadPoolExecutor(num_disk_threads, "llmd-offload-disk")
+        self._disk_pool = ThreadPoolExecutor(
+            num_disk_threads, "llmd-offload-disk", initializer=background_priority
+        )
+        # loads: host slots, and disk files
+        self._loader = ThreadPoolExecutor(1, "llmd-offload-load")
+        self._disk_reads = ThreadPoolExecutor(num_disk_threads, "llmd-offload-disk-read")
         self._pending_stores: Future[None] | None = None
         self._lock = threading.Lock()
         # this worker's completions since the last take_results
@@ -142,14 +153,14 @@ class OffloadWorker:
     # ---- loads ---------------------------------------------------------------------------
 
     def load(self, spec: OffloadLoadSpec) -> Future[None]:
-        """Copy a request's hit into its device blocks: host slots after every store queued
-        before, disk files on the disk pool. Done when both parts are."""
+        """Copy a request's hit into its device blocks: host slots on the load thread, disk
+        files on the read pool. Done when both parts are."""
         parts: list[Future[None]] = []
         if spec.block_ids:
-            parts.append(self._copier.submit(self._load, list(spec.block_ids), list(spec.slots)))
+            parts.append(self._loader.submit(self._load, list(spec.block_ids), list(spec.slots)))
         if spec.disk_block_ids:
             parts.append(
-                self._disk_pool.submit(
+                self._disk_reads.submit(
                     self._load_from_disk, list(spec.disk_block_ids), list(spec.disk_keys)
                 )
             )
@@ -226,7 +237,7 @@ class OffloadWorker:
             self.disk.read(key, out=out)
         except Exception as exc:
             logger.warning(
-                "LLMDConnector: disk tier file of block %s rejected: %s", key.hex()[:16], exc
+                "LLMDConnector: disk tier file of block %s rejected: %s", short_hash(key), exc
             )
             raise
 
@@ -247,8 +258,19 @@ class OffloadWorker:
         return results
 
     def shutdown(self) -> None:
-        self._copier.shutdown(wait=True, cancel_futures=True)
-        self._disk_pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._loader, self._disk_reads, self._copier, self._disk_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def background_priority() -> None:
+    """Thread initializer: this thread yields the CPU to the engine's own (nice +10).
+
+    No step ever waits for a disk write, spill or delete, yet each costs CPU (serializing,
+    checksumming, the kernel's copy into the page cache) on the cores the engine computes on."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (OSError, AttributeError):  # not Linux, or not allowed: run at normal priority
+        pass
 
 
 def all_of(futures: Sequence[Future[None]]) -> Future[None]:

@@ -55,7 +55,7 @@ class Admission:
         if not len(self.queue) and admissible():
             return "met", 0.0
         if request_class.sheddable:
-            self._count("shed")
+            self._count("shed", request_class)
             raise error(
                 web.HTTPTooManyRequests,
                 "no pod can serve this request within its SLO now; retry later",
@@ -73,7 +73,7 @@ class Admission:
         try:
             self.queue.push(entry)
         except QueueFullError as exc:
-            self._count("rejected")
+            self._count("rejected", request_class)
             raise error(web.HTTPServiceUnavailable, str(exc)) from None
         self._ensure_ticker()
         self.pump()
@@ -82,11 +82,11 @@ class Admission:
         finally:
             self.queue.remove(entry)  # no-op unless the client left while queued
         admission: Admitted = "queued" if admitted else "late"
-        self._count(admission)
+        self._count(admission, request_class)
         return admission, time.monotonic() - arrival
 
-    def _count(self, outcome: AdmissionOutcome) -> None:
-        self.metrics.admissions.labels(outcome).inc()
+    def _count(self, outcome: AdmissionOutcome, request_class: RequestClass) -> None:
+        self.metrics.admissions.labels(str(request_class.priority), outcome).inc()
 
     def pump(self) -> None:
         """Admit queued requests in queue order while the head is admissible; expire the rest."""

@@ -8,6 +8,7 @@ told to trust request templates (`client_body`), and always off its event loop (
 
 from __future__ import annotations
 
+import codecs
 import inspect
 import json
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,39 @@ _CLAUDE_CODE_BILLING_HEADER = "x-anthropic-billing-header"
 
 class UnsupportedRequestError(ValueError):
     """The request cannot be tokenized as the pod would (multimodal, batch, embeds, ...)."""
+
+
+def load_chat_template(value: str) -> str:
+    """The template of a `--chat-template` value, read and compiled as vLLM's
+    `load_chat_template` does: a file's text, or the value itself when it cannot be opened and
+    looks like a template (it has `{`, `}` or a newline; its backslash escapes decoded).
+
+    Raises:
+        ValueError: one line saying why (unreadable file, a template that does not compile).
+    """
+    literal = any(c in value for c in "{}\n")  # not a file name, if it cannot be opened
+    shown = repr(value if len(value) <= 60 else value[:57] + "...") if literal else value
+    try:
+        with open(value, encoding="utf-8") as file:
+            template = file.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"{shown}: not a UTF-8 text file") from None
+    except OSError as exc:
+        if not literal:
+            raise ValueError(f"{shown}: cannot read it ({exc.strerror or exc})") from None
+        template = codecs.decode(value, "unicode_escape")
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(
+            f"{shown}: the template does not compile (line {exc.lineno}: {exc.message})"
+        ) from None
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"{shown}: the template does not compile ({exc})") from None
+    return template
 
 
 def apply_chat_template_params(tokenizer: Any) -> frozenset[str]:

@@ -30,9 +30,10 @@ KV_TRANSFER_PARAMS = "kv_transfer_params"
 
 def api_key_ok(authorization: str | None, api_key: str) -> bool:
     """Whether an Authorization header carries the key, compared in constant time."""
-    # aiohttp keeps a header's non-UTF-8 bytes as surrogates: bytes again, never an error
+    # aiohttp keeps a header's non-UTF-8 bytes as surrogates, and Python a command line's or
+    # environment's: bytes again on both sides, never an error
     given = (authorization or "").encode("utf-8", "surrogateescape")
-    return hmac.compare_digest(given, f"Bearer {api_key}".encode())
+    return hmac.compare_digest(given, f"Bearer {api_key}".encode("utf-8", "surrogateescape"))
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

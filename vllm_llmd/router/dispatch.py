@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -30,6 +31,21 @@ from vllm_llmd.router.upstream import (
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class Served:
+    """What became of a routed request, filled in as it is dispatched."""
+
+    # the pod whose answer was relayed (the next-best after a failed connect), its status, and
+    # when its first byte came (time.monotonic())
+    pod: str | None = None
+    status: int | None = None
+    first_byte: float | None = None
+    # the P/D prefill ran and the decode pod got its KV params (False: decoded alone)
+    prefilled: bool = False
+    # its audit line is written (once: at the answer's end, or at its failure)
+    recorded: bool = False
+
+
 class Dispatcher:
     """Runs a `Route` against the pods through the router's client session."""
 
@@ -41,10 +57,16 @@ class Dispatcher:
         self.metrics = metrics
 
     async def run_prefill(
-        self, session: aiohttp.ClientSession, path: str, body: dict[str, Any], route: Route
+        self,
+        session: aiohttp.ClientSession,
+        path: str,
+        body: dict[str, Any],
+        route: Route,
+        served: Served | None = None,
     ) -> dict[str, Any]:
         """Run the prompt on the prefill pod; the decode request carries its KV params (the
-        only kv_transfer_params a decode pod gets from this router, unless it trusts clients)."""
+        only kv_transfer_params a decode pod gets from this router, unless it trusts clients).
+        `served.prefilled` says whether it does."""
         assert route.prefill is not None
         prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         prefill_body.update(
@@ -74,7 +96,11 @@ class Dispatcher:
             logger.warning("prefill on %s failed (%s): decoding alone", pod, exc)
             return body
         params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
-        return {**body, "kv_transfer_params": params} if params else body
+        if not params:
+            return body
+        if served is not None:
+            served.prefilled = True
+        return {**body, "kv_transfer_params": params}
 
     async def forward(
         self,
@@ -82,15 +108,23 @@ class Dispatcher:
         request: web.Request,
         body: dict[str, Any],
         route: Route,
+        served: Served | None = None,
+        on_answer: Callable[[], None] | None = None,
     ) -> web.StreamResponse:
-        """The decode pod's answer, streamed; the next-best pod when one cannot be reached."""
+        """The decode pod's answer, streamed; the next-best pod when one cannot be reached.
+
+        `served` gets the answering pod, its status and first byte; `on_answer()` runs then,
+        before the answer's end reaches the client (see upstream.relay)."""
+        served = served if served is not None else Served()
         order = sorted(route.decode.scores, key=lambda p: -route.decode.scores[p])
         order.remove(route.decode.pod)
         last_error: Exception | None = None
         for pod in [route.decode.pod, *order]:
             try:
                 with self.registry.sending(pod):
-                    return await self._stream_from(session, pod, request, body, route)
+                    return await self._stream_from(
+                        session, pod, request, body, route, served, on_answer
+                    )
             except NotStarted as exc:  # nothing reached the client yet: try the next pod
                 last_error = exc.cause
                 self.registry.mark_unhealthy(pod, str(exc.cause))
@@ -104,6 +138,8 @@ class Dispatcher:
         request: web.Request,
         body: dict[str, Any],
         route: Route,
+        served: Served,
+        on_answer: Callable[[], None] | None,
     ) -> web.StreamResponse:
         headers = {"X-Request-Id": route.request_id}
         sent = time.monotonic()
@@ -114,46 +150,72 @@ class Dispatcher:
         async with upstream:
             if is_redirect(upstream.status):
                 raise redirect_error(pod, upstream.status)
-            response, first_byte, num_events = await relay(upstream, request, pod, route.request_id)
+            status = upstream.status
+
+            def answered(first_byte: float | None) -> None:
+                served.pod, served.status, served.first_byte = pod, status, first_byte
+                if on_answer is not None:
+                    on_answer()
+
+            prefilled_by = route.prefill.pod if route.prefill and served.prefilled else None
+            response, first_byte, num_events = await relay(
+                upstream,
+                request,
+                pod,
+                route.request_id,
+                prefilled_by=prefilled_by,
+                before_eof=answered,
+            )
         if upstream.status == 200 and first_byte is not None and pod == route.decode.pod:
-            mode: ServeMode = "decode" if route.prefill is not None else "direct"
-            self._observe(pod, mode, route, body, sent, first_byte, num_events)
+            answer = AnswerTiming(sent, first_byte, time.monotonic(), num_events)
+            learn_from_answer(self.latency, self.metrics, route, body, answer)
         return response
 
-    def _observe(
-        self,
-        pod: str,
-        mode: ServeMode,
-        route: Route,
-        body: Mapping[str, Any],
-        sent: float,
-        first_byte: float,
-        num_events: int,
-    ) -> None:
-        """Teach the pod's latency model what this answer took.
 
-        A streamed answer gives TTFT (its first chunk) and TPOT (the rest over the tokens: one
-        SSE event per token, less the final [DONE]); an unstreamed one with one output token
-        gives TTFT; other unstreamed answers say nothing separable and are not used.
-        """
-        end = time.monotonic()
-        ttft = tpot = None
-        if body.get("stream"):
-            ttft = first_byte - sent
-            num_tokens = num_events - 1
-            if num_tokens >= 2:
-                tpot = (end - first_byte) / (num_tokens - 1)
-        elif _max_tokens(body) == 1:
-            ttft = end - sent
-        if ttft is None:
-            return
-        if route.prediction is not None and route.prediction.ttft_s is not None and ttft > 0:
-            relative_error = abs(route.prediction.ttft_s - ttft) / ttft
-            self.metrics.ttft_error.labels(pod, mode).observe(relative_error)
-        self.latency.observe(pod, mode, route.shape, ttft, tpot)
-        model = self.latency.model(pod, mode)
-        self.metrics.model_samples.labels(pod, mode).set(model.ttft.num_samples)
-        self.metrics.observed_ttft.labels(pod, mode).observe(ttft)
+@dataclass(frozen=True)
+class AnswerTiming:
+    """When a pod's 200 answer was asked for, began and ended (time.monotonic()), and its SSE
+    events (`data:` lines)."""
+
+    sent: float
+    first_byte: float
+    end: float
+    num_events: int
+
+
+def learn_from_answer(
+    latency: LatencyModels,
+    metrics: RouterMetrics,
+    route: Route,
+    body: Mapping[str, Any],
+    answer: AnswerTiming,
+) -> None:
+    """Teach the decode pod's latency model what its answer took (the proxy's relay and the
+    endpoint picker's view of a gateway's answer both call this).
+
+    A streamed answer gives TTFT (its first chunk) and TPOT (the rest over the tokens: one SSE
+    event per token, less the final [DONE]); an unstreamed one with one output token gives
+    TTFT; other unstreamed answers say nothing separable and are not used.
+    """
+    pod = route.decode.pod
+    mode: ServeMode = "decode" if route.prefill is not None else "direct"
+    ttft = tpot = None
+    if body.get("stream"):
+        ttft = answer.first_byte - answer.sent
+        num_tokens = answer.num_events - 1
+        if num_tokens >= 2:
+            tpot = (answer.end - answer.first_byte) / (num_tokens - 1)
+    elif _max_tokens(body) == 1:
+        ttft = answer.end - answer.sent
+    if ttft is None:
+        return
+    if route.prediction is not None and route.prediction.ttft_s is not None and ttft > 0:
+        relative_error = abs(route.prediction.ttft_s - ttft) / ttft
+        metrics.ttft_error.labels(pod, mode).observe(relative_error)
+    latency.observe(pod, mode, route.shape, ttft, tpot)
+    model = latency.model(pod, mode)
+    metrics.model_samples.labels(pod, mode).set(model.ttft.num_samples)
+    metrics.observed_ttft.labels(pod, mode).observe(ttft)
 
 
 def _max_tokens(body: Mapping[str, Any]) -> int | None:

@@ -1,7 +1,8 @@
 """Command-line flags generated from a config dataclass: each field is declared once.
 
-A field made with `flag(default, help)` becomes `--field-name` (type, default and help from
-the field), settable as `VLLM_LLMD_ROUTER_FIELD_NAME` too (the flag wins). The field's type
+A field made with `flag(default, help, group=...)` becomes `--field-name` (type, default and help
+from the field), settable as `VLLM_LLMD_ROUTER_FIELD_NAME` too (the flag wins); `--help` lists
+the flags by group, each with its default and its variable (`help_text`). The field's type
 says how: `bool` is a switch, `int`/`float`/`str` (or `X | None`) take a value, and
 `tuple[X, ...]` is repeatable (whitespace-separated in the environment). `config.RouterConfig`
 declares the router's flags this way; `build_parser` there and docs/configuration.md
@@ -15,12 +16,13 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 ENV_PREFIX = "VLLM_LLMD_ROUTER_"
 TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("", "0", "false", "no", "off")
 _VALUE_TYPES: dict[Any, type] = {int: int, float: float, str: str}
 _METADATA_KEY = "vllm_llmd.flag"
 
@@ -30,16 +32,26 @@ class Flag:
     """What a field's flag adds to the field: its help, and where needed a metavar or a name."""
 
     help: str
+    # the section of --help and of the reference that lists it ("serving", "health", ...)
+    group: str
     metavar: str | None = None
     # the flag's name when it is not the field's (`pods` is set with the repeatable `--pod`)
     name: str | None = None
 
 
-def flag(default: Any, help: str, *, metavar: str | None = None, name: str | None = None) -> Any:
-    """A dataclass field that is also a command-line flag (see the module docstring)."""
-    return dataclasses.field(
-        default=default, metadata={_METADATA_KEY: Flag(help, metavar=metavar, name=name)}
-    )
+def flag(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    metavar: str | None = None,
+    name: str | None = None,
+    secret: bool = False,
+) -> Any:
+    """A dataclass field that is also a command-line flag (see the module docstring); a
+    `secret` one is left out of the config's repr, so a logged config never shows it."""
+    meta = Flag(help, group, metavar=metavar, name=name)
+    return dataclasses.field(default=default, metadata={_METADATA_KEY: meta}, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -54,11 +66,24 @@ class FlagSpec:
     repeatable: bool
     default: Any  # the field's default
     help: str
+    group: str
     metavar: str | None
 
     @property
     def is_switch(self) -> bool:
         return self.value_type is bool
+
+    @property
+    def shown_default(self) -> str:
+        """The default as a user would write it ("" when there is none: unset, or empty)."""
+        if self.default is None or self.default == () or self.default is False:
+            return ""  # a switch is off unless given
+        return "on" if self.default is True else str(self.default)
+
+    def help_text(self) -> str:
+        """The help of `--help`: the field's, its default and its environment variable."""
+        default = f"default: {self.shown_default}; " if self.shown_default else ""
+        return f"{self.help} [{default}env: {self.env}]"
 
 
 def _value_type(annotation: Any, field: str) -> tuple[type, bool]:
@@ -100,19 +125,46 @@ def flag_specs(config_class: type) -> list[FlagSpec]:
                 repeatable=repeatable,
                 default=f.default,
                 help=meta.help,
+                group=meta.group,
                 metavar=meta.metavar,
             )
         )
     return specs
 
 
+def grouped(specs: list[FlagSpec], groups: Sequence[str]) -> list[tuple[str, list[FlagSpec]]]:
+    """(group, its specs in field order) in the order of `groups`, which must name every
+    spec's group (ValueError: a field in a group that is not listed would not be shown)."""
+    unknown = sorted({spec.group for spec in specs} - set(groups))
+    if unknown:
+        raise ValueError(f"flag groups not in the list of groups: {', '.join(unknown)}")
+    by_group = [(group, [spec for spec in specs if spec.group == group]) for group in groups]
+    return [(group, members) for group, members in by_group if members]
+
+
 def _env_default(spec: FlagSpec, text: str) -> Any:
-    """The parser default that an environment variable's text sets."""
+    """The parser default that an environment variable's text sets.
+
+    Raises:
+        ValueError: the text is not a value of the flag's type (the message names both).
+    """
     if spec.is_switch:
-        return text.lower() in TRUE_WORDS
-    if spec.repeatable:
-        return text.split()
-    return text  # argparse converts a string default with the flag's type, naming the flag
+        if text.strip().lower() not in TRUE_WORDS + FALSE_WORDS:
+            raise ValueError(
+                f"{spec.env}={text!r} is neither on ({'/'.join(TRUE_WORDS)}) nor off "
+                f"({'/'.join(FALSE_WORDS)})"
+            )
+        return text.strip().lower() in TRUE_WORDS
+    values = text.split() if spec.repeatable else [text]
+    for value in values:
+        try:
+            spec.value_type(value)
+        except ValueError:
+            raise ValueError(
+                f"{spec.env}={text!r}: {spec.option} takes {spec.value_type.__name__} values, "
+                f"and {value!r} is none"
+            ) from None
+    return values if spec.repeatable else text  # argparse converts it with the flag's type
 
 
 def unknown_env_vars(specs: list[FlagSpec], environ: Mapping[str, str]) -> list[str]:
@@ -127,24 +179,40 @@ def unknown_env_vars(specs: list[FlagSpec], environ: Mapping[str, str]) -> list[
 
 
 def add_flags(
-    parser: argparse.ArgumentParser, specs: list[FlagSpec], environ: Mapping[str, str]
+    parser: argparse.ArgumentParser,
+    specs: list[FlagSpec],
+    environ: Mapping[str, str],
+    groups: Sequence[str],
 ) -> None:
-    """Add one argument per spec; a spec's environment variable, if set, is its default."""
-    for spec in specs:
-        default = None if spec.repeatable else spec.default
-        if spec.env in environ:
-            default = _env_default(spec, environ[spec.env])
-        if spec.is_switch:
-            parser.add_argument(spec.option, action="store_true", default=default, help=spec.help)
-        else:
-            parser.add_argument(
-                spec.option,
-                action="append" if spec.repeatable else "store",
-                type=spec.value_type,
-                default=default,
-                metavar=spec.metavar,
-                help=spec.help,
-            )
+    """Add one argument per spec, in one argument group per flag group (in the order of
+    `groups`); a spec's environment variable, if set, is its default."""
+    for group, members in grouped(specs, groups):
+        section = parser.add_argument_group(group)
+        for spec in members:
+            try:
+                _add_flag(section, spec, environ)
+            except ValueError as exc:  # a bad environment variable: a usage error naming it
+                parser.error(str(exc))
+
+
+def _add_flag(
+    parser: argparse._ActionsContainer, spec: FlagSpec, environ: Mapping[str, str]
+) -> None:
+    default = None if spec.repeatable else spec.default
+    if spec.env in environ:
+        default = _env_default(spec, environ[spec.env])
+    help = spec.help_text().replace("%", "%%")  # argparse formats help with %
+    if spec.is_switch:
+        parser.add_argument(spec.option, action="store_true", default=default, help=help)
+    else:
+        parser.add_argument(
+            spec.option,
+            action="append" if spec.repeatable else "store",
+            type=spec.value_type,
+            default=default,
+            metavar=spec.metavar,
+            help=help,
+        )
 
 
 def parsed_values(specs: list[FlagSpec], args: argparse.Namespace) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 from vllm_llmd.events.model import MEDIUM_CPU, MEDIUM_GPU, MEDIUM_STORAGE
 
@@ -76,6 +77,13 @@ def check_tier(tier: str) -> str:
 def best_tier(tiers: Iterable[str]) -> str:
     """The fastest of the tiers a pod holds a block in."""
     return min(tiers, key=TIER_RANK.__getitem__)
+
+
+def _best_tier(tiers: Mapping[str, int]) -> str:
+    """`best_tier` of a pod's {tier: references}; most blocks are in one tier, so no min()."""
+    if len(tiers) == 1:
+        return next(iter(tiers))
+    return best_tier(tiers)
 
 
 def longest_prefixes(
@@ -133,6 +141,12 @@ class Index(ABC):
     @abstractmethod
     def stats(self) -> IndexStats:
         """Current sizes and counters."""
+
+    def epoch(self) -> str:
+        """What names the index's content: it changes when that content was lost behind its
+        writers' backs (a Redis restarted empty), so that they replay their pods into it. In
+        this process it never changes. Raises what the index raises when it is down."""
+        return ""
 
     def close(self) -> None:  # noqa: B027 (optional hook: nothing to release in memory)
         """Release connections. Idempotent."""
@@ -196,7 +210,7 @@ class InMemoryIndex(Index):
         self, hashes: Sequence[int], pods: Collection[str] | None = None
     ) -> dict[str, PrefixHit]:
         with self._lock:
-            hits = longest_prefixes(self._holders(hashes), pods)
+            hits = self._runs(hashes, pods)
             longest = max((hit.num_blocks for hit in hits.values()), default=0)
             for block_hash in hashes[:longest]:  # a lookup hit is a use
                 if block_hash in self._blocks:
@@ -215,12 +229,27 @@ class InMemoryIndex(Index):
 
     # ---- under self._lock ------------------------------------------------------------------
 
-    def _holders(self, hashes: Sequence[int]) -> Iterable[dict[str, str]]:
-        for block_hash in hashes:
-            pods = self._blocks.get(block_hash)
-            if not pods:
-                return  # no pod's run can go past a block nobody holds
-            yield {pod: best_tier(tiers) for pod, tiers in pods.items()}
+    def _runs(self, hashes: Sequence[int], pods: Collection[str] | None) -> dict[str, PrefixHit]:
+        """`longest_prefixes` of `hashes`, read straight from the blocks: each pod holding the
+        first block walks its own run, so a block's best tier is found only for the pods whose
+        run reaches it (every request looks up, so this is the router's hot path)."""
+        first = self._blocks.get(hashes[0]) if hashes else None
+        if not first:
+            return {}
+        blocks = self._blocks
+        hits = {}
+        for pod, tiers in first.items():
+            if pods is not None and pod not in pods:
+                continue
+            run = [_best_tier(tiers)]
+            for block_hash in islice(hashes, 1, None):
+                holders = blocks.get(block_hash)
+                held = holders.get(pod) if holders else None
+                if held is None:
+                    break
+                run.append(_best_tier(held))
+            hits[pod] = PrefixHit(len(run), tuple(run))
+        return hits
 
     def _forget(self, block_hash: int, pod: str) -> None:
         """Drop the (block, pod) entry in every tier, and the block once no pod holds it."""

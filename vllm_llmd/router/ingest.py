@@ -10,7 +10,8 @@ what arrives:
     BlockRemoved      -> index.remove(pod, tier, hashes)
     AllBlocksCleared  -> index.clear_pod(pod)
     Reset             -> index.clear_pod(pod), then what follows (the engine restarted)
-    Gap               -> counted and logged (the pod's view may be stale until it evicts)
+    Gap               -> counted, logged (the pod's view may be stale until it evicts), and
+                         passed to `on_gap(pod)` when set (the router's event-gap counter)
 
 An event's tier is its `medium`; None (older engines) means "GPU", the engine's own cache.
 Medium SHARED (our connector's shared LMCache tier) is pod-independent: those events go to the
@@ -20,14 +21,19 @@ counted per pod and logged (at most every 10 s per pod), never fatal to the thre
 failing subscriber: a poll that raises is counted, logged with the pod and its traceback, and
 the pod is polled again after a backoff (doubling up to `_MAX_BACKOFF_S`) while the others go on.
 
+The index can lose entries behind the ingestor's back: a Redis that restarted empty (its epoch
+key changed), or failed to apply some events. The polling thread asks it every `index_check_s`
+and, once it answers, rebuilds each affected pod that has a replay endpoint: its entries are
+cleared and its publisher's buffer replayed from the start (`num_resyncs`).
+
 Replays (a subscriber's first sync, a gap, a reconnect) wait on the pod's replay socket, up to
 2 s per message when its publisher is gone; they run on a thread of their own per pod (at most
 one at a time), so a dead pod never holds up the others' events.
 
-Calls from the owner (any thread): `add_pod`, `remove_pod`, `stats`, `close`. `add_pod` clears
-the pod's entries first: its subscriber replays the publisher's buffer from seq 0, which would
-otherwise count blocks a previous ingestor (a shared Redis index) already counted. So each pod
-must have one ingestor per index.
+Calls from the owner (any thread): `add_pod`, `remove_pod`, `stats`, `live_pods`, `close`.
+`add_pod` clears the pod's entries first: its subscriber replays the publisher's buffer from seq
+0, which would otherwise count blocks a previous ingestor (a shared Redis index) already
+counted. So each pod must have one ingestor per index.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vllm_llmd.events.curve import CurveClientKeys
 from vllm_llmd.events.model import (
     MEDIUM_GPU,
     MEDIUM_SHARED,
@@ -74,6 +81,9 @@ class PodStats:
     num_lost_batches: int = 0
     # engine restarts seen (seq went back): the pod's entries were cleared
     num_resets: int = 0
+    # the pod's entries were rebuilt from its replay buffer: the index had lost events (it
+    # failed to apply some) or all its content (a Redis restarted empty)
+    num_resyncs: int = 0
     # events the index refused (unknown medium), and events lost to index failures
     num_bad_events: int = 0
     num_index_errors: int = 0
@@ -158,13 +168,27 @@ def _apply_event(
         stats.error_log.warning("%s: the index failed to apply an event: %r", pod_id, exc)
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where a pod's events come from (`EventIngestor.add_pod`'s arguments)."""
+
+    endpoint: str
+    replay_endpoint: str | None
+    topic: str
+
+
 class _Pod:
     """One followed pod. `lock` serialises its subscriber: ZMQ sockets are not thread-safe."""
 
-    def __init__(self, pod_id: str, subscriber: Subscriber) -> None:
+    def __init__(self, pod_id: str, source: _Source, subscriber: Subscriber) -> None:
         self.pod_id = pod_id
+        self.source = source
         self.subscriber = subscriber
         self.stats = PodStats()
+        # the index lost some of this pod's events: rebuild its entries from the replay buffer
+        self.needs_resync = False
+        # stats.num_index_errors when the entries were last (re)built
+        self.synced_errors = 0
         self.lock = threading.Lock()
         self.removed = False
         # a replay thread has the subscriber: the polling thread skips the pod, never waits
@@ -195,13 +219,23 @@ class EventIngestor:
         shared: SharedTierView | None = None,
         idle_wait_s: float = 0.01,
         transport: Transport = "zmq",
+        curve: CurveClientKeys | None = None,
+        index_check_s: float = 1.0,
     ) -> None:
         self.index = index
         self.shared = shared
-        check_transport(transport)
+        check_transport(transport, curve)
         # how each pod's event sockets are spoken: pyzmq, or our bounded ZMTP client
         self.transport: Transport = transport
+        # the router's CURVE keys and the pods' public key (events/curve.py); None: in clear
+        self.curve = curve
+        # how often the index is asked whether it lost content (`_check_index`)
+        self.index_check_s = index_check_s
+        self._epoch: str | None = None  # the index's epoch as last seen
+        self._index_log = ThrottledLog(logger, _ERROR_LOG_INTERVAL_S)
         self.idle_wait_s = idle_wait_s
+        # called on the polling (or a replay) thread with the pod's id for each gap seen
+        self.on_gap: Callable[[str], None] | None = None
         self._pods: dict[str, _Pod] = {}
         self._pods_lock = threading.Lock()  # guards _pods only; never held while polling
         self._stop = threading.Event()
@@ -230,14 +264,8 @@ class EventIngestor:
                 raise ValueError(f"pod {pod_id!r} is already followed; remove_pod it first")
         # Built here so a bad endpoint raises to the caller; the lock hands the sockets over
         # to the polling thread (ZMQ allows moving a socket across a full memory barrier).
-        subscriber = Subscriber(
-            endpoint,
-            replay_endpoint=replay_endpoint,
-            topic=topic,
-            source=pod_id,
-            defer_replay=True,
-            transport=self.transport,
-        )
+        source = _Source(endpoint, replay_endpoint, topic)
+        subscriber = self._subscribe(pod_id, source)
         try:
             self.index.clear_pod(pod_id)
         except BaseException:  # the index is down (IndexUnavailable): the caller tries again
@@ -247,7 +275,19 @@ class EventIngestor:
             if pod_id in self._pods:  # added concurrently
                 subscriber.close()
                 raise ValueError(f"pod {pod_id!r} is already followed; remove_pod it first")
-            self._pods[pod_id] = _Pod(pod_id, subscriber)
+            self._pods[pod_id] = _Pod(pod_id, source, subscriber)
+
+    def _subscribe(self, pod_id: str, source: _Source) -> Subscriber:
+        """A subscriber that replays the pod's buffer from its start once polled."""
+        return Subscriber(
+            source.endpoint,
+            replay_endpoint=source.replay_endpoint,
+            topic=source.topic,
+            source=pod_id,
+            defer_replay=True,
+            transport=self.transport,
+            curve=self.curve,
+        )
 
     def remove_pod(self, pod_id: str) -> None:
         """Stop following a pod and forget its entries. Unknown pods are a no-op."""
@@ -289,6 +329,17 @@ class EventIngestor:
             result[pod.pod_id] = counters
         return result
 
+    def live_pods(self) -> set[str]:
+        """The followed pods whose stream is live: it has delivered at least one batch (live or
+        replayed) since the pod was added, and its last poll did not fail."""
+        with self._pods_lock:
+            pods = list(self._pods.values())
+        return {
+            pod.pod_id
+            for pod in pods
+            if pod.stats.num_batches > 0 and pod.backoff_s == 0.0 and not pod.removed
+        }
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread and the subscribers. Index entries stay (others may share them)."""
         self._stop.set()
@@ -309,7 +360,11 @@ class EventIngestor:
     # ---- the polling thread --------------------------------------------------------------
 
     def _run(self) -> None:
+        next_index_check = 0.0
         while not self._stop.is_set():
+            if time.monotonic() >= next_index_check:
+                next_index_check = time.monotonic() + self.index_check_s
+                self._check_index()
             with self._pods_lock:
                 pods = list(self._pods.values())
             busy = False
@@ -325,6 +380,46 @@ class EventIngestor:
                     )
             if not busy:
                 self._stop.wait(self.idle_wait_s)
+
+    def _check_index(self) -> None:
+        """Rebuild the entries the index lost: every pod's when its content went (its epoch
+        changed), a pod's when applying its events failed; once the index answers again."""
+        try:
+            epoch = self.index.epoch()
+        except Exception as exc:  # down: its pods are rebuilt once it answers
+            self._index_log.warning("the index does not answer (%r); retrying", exc)
+            return
+        lost = self._epoch is not None and epoch != self._epoch
+        if lost:
+            logger.warning("the index lost its content: replaying every pod's events into it")
+        self._epoch = epoch
+        with self._pods_lock:
+            pods = list(self._pods.values())
+        for pod in pods:
+            if pod.source.replay_endpoint is None:  # nothing to rebuild from: clearing
+                continue  # would lose what the index still holds
+            pod.needs_resync |= lost or pod.stats.num_index_errors > pod.synced_errors
+            if pod.needs_resync and not pod.replaying:
+                self._resync(pod)
+
+    def _resync(self, pod: _Pod) -> None:
+        """Rebuild a pod's entries: clear them, and replay its publisher's buffer from the
+        start through a new subscriber (the polling loop runs the replay)."""
+        with pod.lock:
+            if pod.removed:
+                return
+            errors = pod.stats.num_index_errors
+            try:
+                self.index.clear_pod(pod.pod_id)
+                subscriber = self._subscribe(pod.pod_id, pod.source)
+            except Exception as exc:  # tried again at the next check
+                self._index_log.warning("%s: cannot rebuild its entries yet: %r", pod.pod_id, exc)
+                return
+            pod.subscriber.close()
+            pod.subscriber = subscriber
+            pod.needs_resync, pod.synced_errors = False, errors
+            pod.stats.num_resyncs += 1
+        logger.info("%s: rebuilding its index entries from its replay buffer", pod.pod_id)
 
     def _poll(self, pod: _Pod) -> bool:
         """Poll one pod once and apply what came; True if anything came."""
@@ -371,4 +466,9 @@ class EventIngestor:
         pod.backoff_s = 0.0
         for update in updates:
             apply_update(self.index, pod.pod_id, update, pod.stats, self.shared)
+            if isinstance(update, Gap) and self.on_gap is not None:
+                try:
+                    self.on_gap(pod.pod_id)
+                except Exception:  # a metrics hook must never stop the pod's events
+                    logger.exception("%s: the gap hook failed", pod.pod_id)
         return updates

@@ -14,10 +14,13 @@ linear in uncached tokens, queueing adds roughly one step per queued request, an
 slows with the batch: a line per term is enough to rank pods and to tell whether an SLO can be
 met, and every coefficient reads as "seconds per unit", so an operator can check it.
 
-Fitting is recursive least squares with a forgetting factor: O(features²) per observation, no
-history kept, and old behaviour fades (a pod that got slower is believed within ~1/(1-forget)
-requests). Until a model has `min_samples` observations it predicts nothing and the router falls
-back to its heuristic policy.
+Fitting is least squares with a forgetting factor (old behaviour fades: a pod that got slower
+is believed within ~1/(1-forget) requests), pulled toward a prior (`ForgettingRidge`): no
+history is kept, a direction the observations do not tell apart stays at the prior, and no cost
+comes out negative. The prior of a pod is the cluster's fit (every pod's observations in that
+mode), so a new pod predicts from its first request on, and pods of one hardware and model
+teach each other. Until the cluster has `min_samples` observations of a mode, nothing is
+predicted in it and the router falls back to its heuristic policy.
 """
 
 from __future__ import annotations
@@ -60,27 +63,74 @@ class RequestShape:
         return np.array([1.0, float(self.active)])
 
 
-class OnlineLeastSquares:
-    """Recursive least squares with exponential forgetting (and a ridge start)."""
+class ForgettingRidge:
+    """Exponentially weighted least squares pulled toward prior weights.
 
-    def __init__(self, num_features: int, forget: float = 0.98, ridge: float = 1e-3) -> None:
+    The fit minimises  sum_i forget^(n-i) * (y_i - w.x_i)^2 + strength * |w - prior|^2, solved
+    afresh (a k x k system, k <= 5) when first used after an observation. Unlike recursive
+    least squares it cannot wind up: a direction the data does not excite (one prompt length,
+    so uncached + cached tokens is constant; a queue that is always empty) stays at the prior
+    instead of drifting to any value that fits, and the fit is well posed from the first
+    observation. The prior is another fit's weights (a pod's prior is the cluster's), read
+    when this fit is solved. Coefficients past the first (costs per token, per queued or
+    running request) are kept >= 0: a cost is never negative. `strength` is worth a tenth of
+    one observation: it decides only what the data leaves open.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        forget: float = 0.98,
+        strength: float = 0.1,
+        prior: ForgettingRidge | None = None,
+    ) -> None:
         if not 0.5 < forget <= 1.0:
             raise ValueError(f"forget must be in (0.5, 1], got {forget}")
+        if strength <= 0:
+            raise ValueError(f"strength must be > 0, got {strength}")
         self.forget = forget
-        self.weights: Vector = np.zeros(num_features)
-        # inverse of the (ridge-started) information matrix
-        self._p: Vector = np.eye(num_features) / ridge
+        self.strength = strength
+        self._r: Vector = np.zeros((num_features, num_features))
+        self._b: Vector = np.zeros(num_features)
+        # the fit whose weights are the prior (read when this one is solved); None: zeros
+        self.prior = prior
+        self._weights: Vector | None = np.zeros(num_features)  # None: solve before use
         self.num_samples = 0
+
+    @property
+    def weights(self) -> Vector:
+        """The fitted weights (solved when first asked for after a change)."""
+        if self._weights is None:
+            self._weights = self._solve()
+        return self._weights
 
     def predict(self, x: Vector) -> float:
         return float(self.weights @ x)
 
     def update(self, x: Vector, y: float) -> None:
-        px = self._p @ x
-        gain = px / (self.forget + x @ px)
-        self.weights = self.weights + gain * (y - self.weights @ x)
-        self._p = (self._p - np.outer(gain, px)) / self.forget
+        self._r = self.forget * self._r + np.outer(x, x)
+        self._b = self.forget * self._b + x * y
         self.num_samples += 1
+        self._weights = None
+
+    def _solve(self) -> Vector:
+        """The regularised fit with every cost >= 0: a cost that comes out negative is held at
+        0 and the others fitted again without it (an active set; at most k rounds)."""
+        k = len(self._b)
+        prior = self.prior.weights if self.prior is not None else np.zeros(k)
+        r = self._r + self.strength * np.eye(k)
+        rhs = self._b + self.strength * prior
+        weights: Vector = np.asarray(np.linalg.solve(r, rhs), dtype=np.float64)
+        free = np.ones(k, dtype=bool)
+        for _ in range(k - 1):  # rarely: only when a cost came out negative
+            negative = np.flatnonzero(weights[1:] < 0) + 1
+            if not len(negative):
+                break
+            free[negative] = False
+            weights = np.zeros(k)
+            weights[free] = np.linalg.solve(r[np.ix_(free, free)], rhs[free])
+        weights[1:] = np.maximum(weights[1:], 0.0)
+        return weights
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,47 +142,68 @@ class Prediction:
 
 
 class PodLatencyModel:
-    """The TTFT and TPOT models of one pod serving in one mode."""
+    """The TTFT and TPOT fits of one pod serving in one mode (or of every pod: the prior)."""
 
-    def __init__(self, min_samples: int = 8, forget: float = 0.98) -> None:
-        self.min_samples = min_samples
-        self.ttft = OnlineLeastSquares(5, forget)
-        self.tpot = OnlineLeastSquares(2, forget)
-
-    def predict(self, shape: RequestShape) -> Prediction:
-        ttft = tpot = None
-        if self.ttft.num_samples >= self.min_samples:
-            # a latency is never below zero; a young fit can extrapolate there
-            ttft = max(0.0, self.ttft.predict(shape.ttft_features()))
-        if self.tpot.num_samples >= self.min_samples:
-            tpot = max(0.0, self.tpot.predict(shape.tpot_features()))
-        return Prediction(ttft, tpot)
+    def __init__(self, forget: float = 0.98, prior: PodLatencyModel | None = None) -> None:
+        # the most uncached prompt tokens a TTFT observation had: a prediction for more is an
+        # extrapolation (a fit of short prompts says little of long ones)
+        self.max_uncached_tokens = 0
+        self.ttft: ForgettingRidge = ForgettingRidge(5, forget, prior=prior.ttft if prior else None)
+        self.tpot: ForgettingRidge = ForgettingRidge(2, forget, prior=prior.tpot if prior else None)
 
     def observe(self, shape: RequestShape, ttft_s: float | None, tpot_s: float | None) -> None:
         if ttft_s is not None:
             self.ttft.update(shape.ttft_features(), ttft_s)
+            self.max_uncached_tokens = max(self.max_uncached_tokens, shape.uncached_tokens)
         if tpot_s is not None:
             self.tpot.update(shape.tpot_features(), tpot_s)
 
 
 class LatencyModels:
-    """Every pod's models, by (pod, mode); created on first use."""
+    """Every pod's models, by (pod, mode), and per mode the cluster's: one fit of every pod's
+    observations, each pod's prior. A pod predicts from its first request on (with the
+    cluster's fit until its own observations move it); nothing is predicted in a mode until
+    the cluster has `min_samples` observations of it."""
 
     def __init__(self, min_samples: int = 8, forget: float = 0.98) -> None:
         self.min_samples = min_samples
         self.forget = forget
         self._models: dict[tuple[str, str], PodLatencyModel] = {}
+        self._cluster: dict[str, PodLatencyModel] = {}
 
     def model(self, pod: str, mode: ServeMode) -> PodLatencyModel:
-        if mode not in SERVE_MODES:
-            raise ValueError(f"unknown serve mode {mode!r}; one of {SERVE_MODES}")
-        key = (pod, mode)
+        key = (pod, self._checked(mode))
         if key not in self._models:
-            self._models[key] = PodLatencyModel(self.min_samples, self.forget)
+            self._models[key] = PodLatencyModel(self.forget, prior=self.cluster(mode))
         return self._models[key]
 
+    def cluster(self, mode: ServeMode) -> PodLatencyModel:
+        """The fit of every pod's observations in `mode`: each pod's prior."""
+        mode = self._checked(mode)
+        if mode not in self._cluster:
+            self._cluster[mode] = PodLatencyModel(self.forget)
+        return self._cluster[mode]
+
+    @staticmethod
+    def _checked(mode: str) -> ServeMode:
+        if mode not in SERVE_MODES:
+            raise ValueError(f"unknown serve mode {mode!r}; one of {SERVE_MODES}")
+        return mode
+
     def predict(self, pod: str, mode: ServeMode, shape: RequestShape) -> Prediction:
-        return self.model(pod, mode).predict(shape)
+        cluster = self._cluster.get(self._checked(mode))
+        if cluster is None:
+            return Prediction(None, None)
+        own = self._models.get((pod, mode))
+        ttft = tpot = None
+        if cluster.ttft.num_samples >= self.min_samples:
+            fit = own.ttft if own is not None and own.ttft.num_samples else cluster.ttft
+            # a latency is never below zero; a young fit can extrapolate there
+            ttft = max(0.0, fit.predict(shape.ttft_features()))
+        if cluster.tpot.num_samples >= self.min_samples:
+            fit = own.tpot if own is not None and own.tpot.num_samples else cluster.tpot
+            tpot = max(0.0, fit.predict(shape.tpot_features()))
+        return Prediction(ttft, tpot)
 
     def observe(
         self,
@@ -142,7 +213,14 @@ class LatencyModels:
         ttft_s: float | None,
         tpot_s: float | None,
     ) -> None:
+        self.cluster(mode).observe(shape, ttft_s, tpot_s)
         self.model(pod, mode).observe(shape, ttft_s, tpot_s)
+
+    def has_seen(self, mode: ServeMode, uncached_tokens: int) -> bool:
+        """The cluster observed a TTFT in `mode` with at least this many uncached tokens: a
+        prediction for the request interpolates rather than extrapolates."""
+        cluster = self._cluster.get(self._checked(mode))
+        return cluster is not None and cluster.max_uncached_tokens >= uncached_tokens
 
     def forget_pod(self, pod: str) -> None:
         """Drop a pod's models (it left: a new pod at that URL may be another machine)."""

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vllm_llmd.hashing import PrefixHasher
+from vllm_llmd.hashing import PrefixHasher, short_hash
 from vllm_llmd.prometheus_text import parse_prometheus_text
 from vllm_llmd.router.chat_template import UnsupportedRequestError
 
@@ -69,7 +69,8 @@ def verify_stored_event(
     if list(block_hashes) != ours:
         return HashVerification(
             False,
-            f"block hashes differ (pod {list(block_hashes)[:2]}..., router {ours[:2]}...): "
+            f"block hashes differ (pod {' '.join(map(short_hash, list(block_hashes)[:2]))}..., "
+            f"router {' '.join(map(short_hash, ours[:2]))}...): "
             f"the pods' --prefix-caching-hash-algo or PYTHONHASHSEED differs from "
             f"the router's ({hasher.algorithm})",
         )
@@ -121,7 +122,7 @@ async def verify_against_pod(
             metrics = await response.text()
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         return HashVerification(False, f"could not probe {url}: {exc!r}")
-    block_size, algorithm = _cache_config(metrics)
+    block_size, algorithm = cache_config_info(metrics)
     try:
         taken = processor.adopt_pod_settings(block_size, algorithm)
     except ValueError as exc:  # a hash algorithm the router lacks
@@ -178,7 +179,8 @@ async def _post_tokenize(session: Any, url: str, body: dict[str, Any], timeout: 
         return list((await response.json())["tokens"])
 
 
-def _cache_config(metrics_text: str) -> tuple[int | None, str | None]:
+def cache_config_info(metrics_text: str) -> tuple[int | None, str | None]:
+    """(block size, prefix-caching hash algorithm) from a pod's `vllm:cache_config_info`."""
     only = ("vllm:cache_config_info",)
     for (name, labels), _ in parse_prometheus_text(metrics_text, only=only).items():
         if name == "vllm:cache_config_info":

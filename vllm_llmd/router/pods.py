@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from vllm_llmd.events.sources import BadEventSources, discover_event_endpoints
 from vllm_llmd.router.config import PodSpec
-from vllm_llmd.router.event_sources import BadEventSources, discover_event_endpoints
 from vllm_llmd.router.ingest import EventIngestor
 from vllm_llmd.router.load import PodLoad, PodLoadError, scrape_pod_load
 from vllm_llmd.router.tokens import TokenProcessor
@@ -71,6 +71,8 @@ class PodState:
     # when it changes, so a pod that keeps answering badly does not spam)
     health_problem: str = ""
     events_problem: str = ""
+    # the pod was found to publish no KV events (logged once per pod)
+    events_off_logged: bool = False
     load_problem: str = ""
 
 
@@ -328,8 +330,19 @@ class PodRegistry:
             except BadEventSources as exc:
                 self._events_problem(pod, str(exc))
                 return
-        if events is None:
-            return  # the pod publishes no events: it is routed by load alone
+        if events is None:  # the pod publishes no events: it is routed by load alone
+            if not pod.events_off_logged:
+                pod.events_off_logged = True
+                logger.error(
+                    "pod %s passed hash verification but publishes no KV events, so the "
+                    "router cannot see its prefix cache: it is routed by load alone "
+                    "(llmd:router_events_subscribed 0). Start its vLLM with --kv-events-config "
+                    '\'{"enable_kv_cache_events": true, "publisher": "zmq", '
+                    '"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\' '
+                    "or give the router its endpoint (--pod URL,events=tcp://HOST:5557).",
+                    pod.spec.url,
+                )
+            return
         assert self.ingestor is not None
         if pod.removal is not None:
             removal = pod.removal

@@ -3,12 +3,20 @@
 For each candidate the router builds the request's shape on that pod (uncached and cached
 prompt tokens from the index, the pod's queue and batch) and asks the pod's latency model
 (`latency.py`) for TTFT and TPOT. A pod's *SLO ratio* is the larger of predicted/target over
-the request's SLOs; the pod with the smallest ratio wins, and the request *meets* its SLO when
-that ratio is at most `1 - headroom`. A cache hit lowers the predicted TTFT by what the model
-learned a cached token saves, instead of carrying a fixed weight. Without SLOs the smallest
-predicted TTFT + TPOT * expected output tokens wins.
+the request's SLOs, and the request *meets* its SLO on a pod when that ratio is at most
+`1-headroom`. With SLOs, the heuristic policy (kv_aware: cache affinity against load) chooses,
+and its pod is left only when it is predicted late (ratio > 1) for a pod predicted surely on
+time (ratio <= DIVERT_RATIO; the heuristic chooses among those). Keeping each prefix where it
+is cached is what keeps the next requests on time. In the simulator (16 pods, 7 requests/s
+each, kv_aware 97.5% on time), choosing the fastest pod whenever none was predicted on time
+spread prefixes and spiralled down to 2% on time; choosing among the pods predicted on time
+(else as kv_aware) reached 91%, diversions on predictions within the model's error. What `slo`
+adds is knowing who will be late: the admission queue holds or sheds them (`admission.py`). A
+cache hit lowers the predicted TTFT by what the model learned a cached token saves. Without
+SLOs the smallest predicted TTFT + TPOT * expected output tokens wins.
 
-Until every candidate's TTFT model is warm, the heuristic policy (kv_aware) decides and the
+Until the cluster's TTFT model of the mode has `min_samples` observations (a pod's own model
+starts from the cluster's: `latency.py`), the heuristic policy (kv_aware) decides and the
 request counts as meeting its SLO (nothing better is known). A request that would miss even on
 an idle pod (a long cold prompt against a tight TTFT SLO) is not held back: waiting cannot help
 it, and serving it warms the cache for the requests that share its prefix. Saturated pods (see
@@ -24,6 +32,8 @@ from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.scoring import Decision, ScoreInput, ScoringConfig, ScoringPolicy
 from vllm_llmd.router.slo import SLO
 
+# the heuristic's pod predicted late is left for one predicted within this share of the SLO
+DIVERT_RATIO = 0.5
 # output tokens assumed when a request sets no max_tokens (only ranks pods without SLOs)
 DEFAULT_OUTPUT_TOKENS = 128
 
@@ -116,10 +126,20 @@ class SLOPlanner:
         ratios = {p: _slo_ratio(predictions[p], slo, outputs) for p in request.candidates}
         free = [p for p in request.candidates if not is_saturated(request.load(p), self.scoring)]
         pool = free or list(request.candidates)
-        pod = min(pool, key=lambda p: (ratios[p], shapes[p].active, p))
-        prediction = predictions[pod]
         has_slo = slo.ttft_s is not None or slo.tpot_s is not None
         limit = 1.0 - self.headroom
+        if has_slo:
+            # affinity decides among the pods on time, or among all when none is: a request
+            # late everywhere keeps its prefix's pod (the admission queue may hold it back)
+            pod = self.fallback.choose(request).pod
+            if ratios[pod] > 1.0:
+                sure = [p for p in request.candidates if ratios[p] <= DIVERT_RATIO]
+                if sure:
+                    among = ScoreInput(request.num_blocks, sure, request.caches, request.loads)
+                    pod = self.fallback.choose(among).pod
+        else:
+            pod = min(pool, key=lambda p: (ratios[p], shapes[p].active, p))
+        prediction = predictions[pod]
         meets = not has_slo or ratios[pod] <= limit
         meets_when_idle = meets or any(
             _slo_ratio(self.models.predict(p, mode, _idle(shapes[p])), slo, outputs) <= limit

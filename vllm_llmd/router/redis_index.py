@@ -6,6 +6,8 @@ Schema, every key under `{ns}:` (one namespace per cluster of engines):
     {ns}:pod:{pod}    set    the hashes the pod holds in any tier     (for clear_pod)
     {ns}:pods         set    pod ids that added something since their last clear_pod
     {ns}:stats        hash   shared counters: unknown_removals
+    {ns}:epoch        string a random name of this content, set by the first writer: gone
+                             when Redis lost its data (restarted without persistence, flushed)
 
 Round trips: `add` is one MULTI/EXEC pipeline; `remove` one Lua script (decrement, delete at
 <= 0 and drop the pod-set member must be atomic, or a concurrent add could be lost);
@@ -40,6 +42,7 @@ reached), never a redis-py exception.
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Collection, Iterable, Sequence
 
 try:
@@ -139,6 +142,16 @@ class RedisIndex(Index):
         self._remove = self._client.register_script(_REMOVE_SCRIPT)
         self._pods_key = f"{namespace}:pods"
         self._stats_key = f"{namespace}:stats"
+        self._epoch_key = f"{namespace}:epoch"
+
+    def epoch(self) -> str:
+        """The content's name (`{ns}:epoch`), set now when missing (see `Index.epoch`)."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.set(self._epoch_key, secrets.token_hex(8), nx=True)
+        pipe.get(self._epoch_key)
+        with unavailable_on_failure(self._client, "RedisIndex.epoch"):
+            _, value = pipe.execute()
+        return str(value)
 
     def _block_key(self, block_hash: int) -> str:
         return f"{self.namespace}:blk:{block_hash}"

@@ -3,11 +3,22 @@
 `decide_route` takes the candidates, their cached prefixes and loads, and the policy (or the
 SLO planner), and returns a `Route`; it does no I/O and changes nothing, so it is tested
 without a server. The proxy gathers its inputs and acts on its answer.
+
+A P/D route's first step runs on a prefill pod: one of the prefill pods when P/D is predicted
+faster than the decode pod computing alone (while the latency models are cold: when more than
+`pd_threshold_tokens` of the prompt is uncached), one an upstream gateway named, or
+(`pull_from_holders`) a KV source: another pod that holds more of the prompt than the chosen
+decode pod (its device cache or host or disk tier). It runs the prompt computing only what it
+lacks, and the decode pod pulls the prompt's KV from it over the side channel instead of
+computing it: a hot prefix that one busy pod holds reaches an idle pod for the cost of a copy.
+Chosen when the source holds at least `pd_threshold_tokens` more, has fewer than
+`holder_max_waiting` requests waiting, and, once both latency models are warm, the pull is
+predicted faster than computing on the decode pod.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vllm_llmd.router.config import Role
@@ -58,6 +69,11 @@ class RoutingPolicy:
     block_size: int
     # prompts with more uncached tokens go prefill -> decode when prefill pods exist
     pd_threshold_tokens: int
+    # a pod that holds more of the prompt may be the decode pod's KV source (module docstring)
+    pull_from_holders: bool = False
+    # a KV source with this many requests waiting is too busy to be one (a policy avoids a
+    # pod from fewer: a saturated holder's one short step may still beat a recompute)
+    holder_max_waiting: int = 16
 
 
 def decide_route(
@@ -71,9 +87,11 @@ def decide_route(
     caches: Mapping[str, PodCache],
     loads: Mapping[str, PodLoad],
     chosen_prefill: str | None = None,
+    holder_pods: Sequence[str] = (),
 ) -> Route:
     """Choose the decode pod (one of decode_pods, not empty) and, for a long uncached prompt
-    with prefill pods (or one chosen upstream), the prefill pod."""
+    with prefill pods (or one chosen upstream), the prefill pod; else, with
+    `how.pull_from_holders`, perhaps one of holder_pods as its KV source."""
     assert decode_pods, "the caller answers 503 when no decode pod is healthy"
     request = ScoreInput(num_blocks, decode_pods, caches, loads)
     prediction = None
@@ -88,15 +106,22 @@ def decide_route(
     prefill = None
     hit_tokens = decode.hit_blocks * how.block_size
     uncached = (num_tokens or 0) - hit_tokens
-    if chosen_prefill is not None:  # chosen upstream (llm-d's gateway): honour it
+    if chosen_prefill == decode.pod:  # a KV source named upstream that serves it anyway
+        pass
+    elif chosen_prefill is not None:  # chosen upstream (llm-d's gateway): honour it
         prefill = Decision(chosen_prefill, "prefill chosen upstream (header)", {}, 0)
-    elif prefill_pods and num_tokens is not None and uncached > how.pd_threshold_tokens:
+    elif prefill_pods and num_tokens is not None and uncached > 0:
         prefill_request = ScoreInput(num_blocks, prefill_pods, caches, loads)
         if how.planner is not None:
             slo = request_class.slo
             prefill = how.planner.choose(prefill_request, num_tokens, slo, mode="prefill").decision
         else:
             prefill = how.policy.choose(prefill_request)
+        prefill = worth_a_remote_prefill(
+            how, prefill, decode, shape, prediction, prefill_request, num_tokens, uncached
+        )
+    if prefill is None and chosen_prefill is None and how.pull_from_holders and num_tokens:
+        prefill = kv_source(how, decode, shape, prediction, holder_pods, caches, loads, num_tokens)
     prefill_shape = None
     if prefill is not None and prefill.pod in loads:
         prefill_shape = request_shape(
@@ -118,3 +143,81 @@ def decide_route(
         prefill_shape=prefill_shape,
         caches=caches,
     )
+
+
+def worth_a_remote_prefill(
+    how: RoutingPolicy,
+    prefill: Decision,
+    decode: Decision,
+    decode_shape: RequestShape,
+    direct: Prediction,
+    prefill_request: ScoreInput,
+    num_tokens: int,
+    uncached: int,
+) -> Decision | None:
+    """The prefill pod's step, if P/D is worth it for this request (else None: the decode pod
+    computes the prompt itself). Once the latency models are warm, by predicted cost: the
+    prefill pod's step (its queue and the prompt it lacks) plus the decode pod's TTFT after the
+    transfer, against the decode pod computing alone. While they are cold, or have not seen
+    a prompt this long both ways (P/D and alone: one way is then an extrapolation, and the way
+    the threshold never takes would never be learnt), by the fixed `pd_threshold_tokens` of
+    uncached prompt tokens."""
+    prefill_shape = request_shape(prefill_request, prefill.pod, num_tokens, how.block_size)
+    remote_prefill = how.latency.predict(prefill.pod, "prefill", prefill_shape).ttft_s
+    remote_decode = how.latency.predict(decode.pod, "decode", decode_shape).ttft_s
+    known = all(how.latency.has_seen(mode, uncached) for mode in ("prefill", "direct"))
+    if remote_prefill is None or remote_decode is None or direct.ttft_s is None or not known:
+        return prefill if uncached > how.pd_threshold_tokens else None
+    remote = remote_prefill + remote_decode
+    if remote >= direct.ttft_s:
+        return None
+    reason = f"{prefill.reason}; P/D predicted {remote:.3f} s against {direct.ttft_s:.3f} s alone"
+    return Decision(prefill.pod, reason, prefill.scores, prefill.hit_blocks)
+
+
+def kv_source(
+    how: RoutingPolicy,
+    decode: Decision,
+    decode_shape: RequestShape,
+    direct: Prediction,
+    holder_pods: Sequence[str],
+    caches: Mapping[str, PodCache],
+    loads: Mapping[str, PodLoad],
+    num_tokens: int,
+) -> Decision | None:
+    """The pod the decode pod should pull the prompt's KV from, or None (module docstring):
+    the holder of the longest cached run that beats the decode pod's by `pd_threshold_tokens`
+    and is not saturated; when the latency models can tell, only if the source's prefill and
+    the decode after the pull are predicted faster than the decode pod alone."""
+    own_blocks = decode.hit_blocks
+    best: tuple[int, str] | None = None
+    for pod in holder_pods:
+        cache = caches.get(pod)
+        if pod == decode.pod or cache is None:
+            continue
+        gain_tokens = min(num_tokens, cache.num_blocks * how.block_size) - min(
+            num_tokens, own_blocks * how.block_size
+        )
+        load = loads.get(pod)
+        if gain_tokens <= how.pd_threshold_tokens:
+            continue
+        if load is not None and load.num_waiting >= how.holder_max_waiting:
+            continue
+        if best is None or cache.num_blocks > best[0]:
+            best = (cache.num_blocks, pod)
+    if best is None:
+        return None
+    blocks, pod = best
+    candidates = [decode.pod, pod]
+    request = ScoreInput(blocks, candidates, caches, loads)
+    source_shape = request_shape(request, pod, num_tokens, how.block_size)
+    prefill_ttft = how.latency.predict(pod, "prefill", source_shape).ttft_s
+    # the decode model learns P/D decodes by the decode pod's own view (Route.shape)
+    decode_ttft = how.latency.predict(decode.pod, "decode", decode_shape).ttft_s
+    reason = f"KV source: holds {blocks - own_blocks} more blocks of the prompt than {decode.pod}"
+    if None not in (prefill_ttft, decode_ttft, direct.ttft_s):
+        assert prefill_ttft is not None and decode_ttft is not None and direct.ttft_s is not None
+        if prefill_ttft + decode_ttft >= direct.ttft_s:
+            return None  # computing on the decode pod is predicted faster
+        reason += f" (predicted {prefill_ttft + decode_ttft:.3f} s against {direct.ttft_s:.3f} s)"
+    return Decision(pod, reason, {}, blocks)

@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from bisect import bisect_right
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from types import MappingProxyType
 
 from vllm_llmd.router.load import PodLoad
@@ -72,6 +75,9 @@ class PodCache:
             raise ValueError(f"{self.num_blocks} cached blocks but {len(self.tiers)} tiers")
 
 
+_NO_CACHE = PodCache()  # what a pod without a hit holds (one instance: made per request before)
+
+
 @dataclass(frozen=True, slots=True)
 class ScoreInput:
     """Everything a policy may look at for one request."""
@@ -92,10 +98,15 @@ class ScoreInput:
             raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}")
 
     def cache(self, pod: str) -> PodCache:
-        return self.caches.get(pod) or PodCache()
+        return self.caches.get(pod) or _NO_CACHE
 
     def load(self, pod: str) -> PodLoad:
         return self.loads.get(pod) or _NO_LOAD
+
+    def candidate_loads(self) -> dict[str, PodLoad]:
+        """`load(pod)` of every candidate, in candidate order (one dict look-up each)."""
+        loads = self.loads
+        return {p: loads.get(p) or _NO_LOAD for p in self.candidates}
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +167,11 @@ def load_key(load: PodLoad) -> tuple[int, int, float]:
 
 def prefix_score(cache: PodCache, num_blocks: int, tier_weights: Mapping[str, float]) -> float:
     """The tier-weighted share of the request's blocks the pod has cached, 0..1."""
-    if num_blocks == 0:
+    if num_blocks == 0 or cache.num_blocks == 0:  # most pods, at scale: nothing cached
         return 0.0
     hit = min(cache.num_blocks, num_blocks)
-    return sum(tier_weights.get(tier, 0.0) for tier in cache.tiers[:hit]) / num_blocks
+    weights = map(tier_weights.get, cache.tiers[:hit], repeat(0.0))  # tier_weights.get(tier, 0.0)
+    return sum(weights) / num_blocks
 
 
 def _least_loaded(request: ScoreInput, pods: Sequence[str]) -> list[str]:
@@ -174,9 +186,7 @@ def _describe_load(load: PodLoad) -> str:
 
 
 def _describe_cache(cache: PodCache, num_blocks: int) -> str:
-    counts: dict[str, int] = {}
-    for tier in cache.tiers:
-        counts[tier] = counts.get(tier, 0) + 1
+    counts = Counter(cache.tiers)  # counted in C: a hit is ~100 blocks, on every decision
     order = list(DEFAULT_TIER_WEIGHTS)  # fastest first, then unknown tiers by name
     ranked = sorted(counts, key=lambda t: (order.index(t) if t in order else len(order), t))
     tiers = ", ".join(f"{tier} {counts[tier]}" for tier in ranked)
@@ -196,9 +206,12 @@ class RoundRobinPolicy(ScoringPolicy):
 
     def choose(self, request: ScoreInput) -> Decision:
         pods = sorted(request.candidates)
-        pod = next((p for p in pods if self._last is not None and p > self._last), pods[0])
+        # the first pod id after the last one chosen (a binary search: 256 pods add up)
+        after = bisect_right(pods, self._last) if self._last is not None else len(pods)
+        pod = pods[after] if after < len(pods) else pods[0]
         self._last = pod
-        scores = {p: float(p == pod) for p in request.candidates}
+        scores = dict.fromkeys(request.candidates, 0.0)
+        scores[pod] = 1.0
         return Decision(pod, "round robin", scores, request.cache(pod).num_blocks)
 
 
@@ -225,10 +238,11 @@ class PrefixPolicy(ScoringPolicy):
 
     def choose(self, request: ScoreInput) -> Decision:
         weights = self.config.tier_weights
-        scores = {
-            p: prefix_score(request.cache(p), request.num_blocks, weights)
-            for p in request.candidates
-        }
+        # prefix_score is 0.0 without a hit: only the pods with one (a few, at scale) need it
+        scores = dict.fromkeys(request.candidates, 0.0)
+        for pod, cache in request.caches.items():
+            if pod in scores:
+                scores[pod] = prefix_score(cache, request.num_blocks, weights)
         best = max(scores.values())
         pod = _least_loaded(request, [p for p, s in scores.items() if s == best])[0]
         cache = request.cache(pod)
@@ -249,39 +263,62 @@ class KVAwarePolicy(ScoringPolicy):
         config = self.config
         return load.num_waiting >= config.max_waiting or load.kv_usage >= config.max_kv_usage
 
-    def load_scores(self, request: ScoreInput) -> dict[str, float]:
+    def load_scores(
+        self, request: ScoreInput, pod_loads: Mapping[str, PodLoad] | None = None
+    ) -> dict[str, float]:
         """Each candidate's load in 0..1: max(KV usage, requests / busiest candidate's)."""
-        pressure = {p: _pressure(request.load(p)) for p in request.candidates}
-        scale = max(self.config.pressure_floor, *pressure.values())
-        return {p: max(request.load(p).kv_usage, pressure[p] / scale) for p in pressure}
+        if pod_loads is None:
+            pod_loads = request.candidate_loads()
+        pressures = [_pressure(load) for load in pod_loads.values()]
+        scale = max(self.config.pressure_floor, *pressures)
+        scores = {}
+        for (pod, load), pressure in zip(pod_loads.items(), pressures, strict=True):
+            kv, share = load.kv_usage, pressure / scale
+            scores[pod] = kv if kv >= share else share  # max(kv, share), without a call
+        return scores
 
     def choose(self, request: ScoreInput) -> Decision:
+        # Every candidate gets a score (the decision reports them all), so this is O(pods) per
+        # request, and at 256 pods it is most of the router's decision time: one pass per
+        # measure, no method call per pod, and prefix_score only for pods with a hit (a few,
+        # at scale). Candidates are taken once each, in order (a repeated one scores alike).
         config = self.config
-        loads = self.load_scores(request)
-        scores = {
-            p: config.w_prefix
-            * prefix_score(request.cache(p), request.num_blocks, config.tier_weights)
-            - config.w_load * loads[p]
-            for p in request.candidates
+        pod_loads = request.candidate_loads()
+        loads = self.load_scores(request, pod_loads)
+        w_prefix, w_load = config.w_prefix, config.w_load
+        no_hit = w_prefix * 0.0  # the prefix term of a pod without a hit (prefix_score's 0.0)
+        scores = {pod: no_hit - w_load * load for pod, load in loads.items()}
+        for pod, cache in request.caches.items():
+            if pod in scores:
+                prefix = prefix_score(cache, request.num_blocks, config.tier_weights)
+                scores[pod] = w_prefix * prefix - w_load * loads[pod]
+        max_waiting, max_kv_usage = config.max_waiting, config.max_kv_usage
+        saturated = {  # is_saturated, inline
+            pod
+            for pod, load in pod_loads.items()
+            if load.num_waiting >= max_waiting or load.kv_usage >= max_kv_usage
         }
-        free = [p for p in request.candidates if not self.is_saturated(request.load(p))]
-        if not free:
+        if len(saturated) == len(pod_loads):
             pod = _least_loaded(request, request.candidates)[0]
             reason = (
                 f"all {len(scores)} candidates saturated; least loaded: "
                 f"{_describe_load(request.load(pod))}"
             )
             return Decision(pod, reason, scores, request.cache(pod).num_blocks)
-        best = max(scores[p] for p in free)
-        pod = _least_loaded(request, [p for p in free if scores[p] == best])[0]
+        free = scores  # the scores of the pods that are not saturated
+        if saturated:
+            free = {pod: score for pod, score in scores.items() if pod not in saturated}
+        best = max(free.values())
+        pod = _least_loaded(request, [p for p, score in free.items() if score == best])[0]
         cache = request.cache(pod)
         reason = (
             f"kv_aware: {_describe_cache(cache, request.num_blocks)}, load {loads[pod]:.2f}, "
             f"score {best:.3f}"
         )
-        skipped = sorted(p for p in request.candidates if p not in free and scores[p] > best)
-        if skipped:
-            reason += f"; skipped saturated {', '.join(skipped)}"
+        if saturated:
+            skipped = sorted(p for p in request.candidates if p in saturated and scores[p] > best)
+            if skipped:
+                reason += f"; skipped saturated {', '.join(skipped)}"
         return Decision(pod, reason, scores, cache.num_blocks)
 
 

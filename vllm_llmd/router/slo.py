@@ -1,10 +1,13 @@
 """Service-level objectives of a request, its priority class, and the router's admission queue.
 
-A request's SLOs come from llm-d's headers, so clients need no change: `x-slo-ttft-ms` (time to
-first token) and `x-slo-tpot-ms` (time per output token), else the model's defaults, else the
-router's. Its priority comes from the objective it names (`x-gateway-inference-objective`,
-mapped to an integer priority by the router's config; unknown or absent: priority 0) and its
-fairness id from `x-gateway-inference-fairness-id` (absent: "default"). As in the Gateway API
+A request's SLOs come from llm-d's headers, so clients need no change: `x-llm-d-slo-ttft-ms`
+(time to first token) and `x-llm-d-slo-tpot-ms` (time per output token), else the model's
+defaults, else the router's. Its priority comes from the objective it names
+(`x-llm-d-inference-objective`, mapped to an integer priority by the router's config; unknown or
+absent: priority 0) and its fairness id from `x-llm-d-inference-fairness-id` (absent:
+"default"). llm-d's earlier names (`x-slo-ttft-ms`, `x-slo-tpot-ms`,
+`x-gateway-inference-objective`, `x-gateway-inference-fairness-id`) are read too, where the
+current one is absent. As in the Gateway API
 Inference Extension, a negative priority is *sheddable*: when no pod can serve it within its
 SLO, it is refused with 429 and `Retry-After` instead of waiting.
 
@@ -25,10 +28,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-TTFT_HEADER = "x-slo-ttft-ms"
-TPOT_HEADER = "x-slo-tpot-ms"
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
-FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
+# llm-d's current header names, and the earlier ones it keeps as aliases (read when the
+# current one is absent)
+TTFT_HEADER = "x-llm-d-slo-ttft-ms"
+TPOT_HEADER = "x-llm-d-slo-tpot-ms"
+OBJECTIVE_HEADER = "x-llm-d-inference-objective"
+FAIRNESS_HEADER = "x-llm-d-inference-fairness-id"
+HEADER_ALIASES: dict[str, str] = {
+    TTFT_HEADER: "x-slo-ttft-ms",
+    TPOT_HEADER: "x-slo-tpot-ms",
+    OBJECTIVE_HEADER: "x-gateway-inference-objective",
+    FAIRNESS_HEADER: "x-gateway-inference-fairness-id",
+}
 DEFAULT_FAIRNESS_ID = "default"
 
 # How a request was let through: "met" at once; "queued" after waiting for a pod with room;
@@ -106,15 +117,24 @@ class SLOConfig:
             ttft if ttft is not None else base.ttft_s or self.default_slo.ttft_s,
             tpot if tpot is not None else base.tpot_s or self.default_slo.tpot_s,
         )
-        objective = headers.get(OBJECTIVE_HEADER) or None
+        objective = _header(headers, OBJECTIVE_HEADER)[1] or None
         priority = self.objectives.get(objective, 0) if objective else 0
-        fairness_id = headers.get(FAIRNESS_HEADER) or DEFAULT_FAIRNESS_ID
+        fairness_id = _header(headers, FAIRNESS_HEADER)[1] or DEFAULT_FAIRNESS_ID
         return RequestClass(slo, priority, fairness_id, objective)
 
 
-def _header_ms(headers: Mapping[str, str], name: str) -> float | None:
+def _header(headers: Mapping[str, str], name: str) -> tuple[str, str | None]:
+    """(the name it came under, its value): llm-d's current name, else its earlier one."""
     value = headers.get(name)
-    return None if value is None else _positive_ms(value, f"header {name}")
+    if value is None and name in HEADER_ALIASES:
+        alias = HEADER_ALIASES[name]
+        return alias, headers.get(alias)
+    return name, value
+
+
+def _header_ms(headers: Mapping[str, str], name: str) -> float | None:
+    found, value = _header(headers, name)
+    return None if value is None else _positive_ms(value, f"header {found}")
 
 
 def _positive_ms(value: str, what: str) -> float:
@@ -122,9 +142,10 @@ def _positive_ms(value: str, what: str) -> float:
         ms = float(value)
     except ValueError:
         raise SLOHeaderError(f"{what}: {value!r} is not a number of milliseconds") from None
-    if not ms > 0 or ms == float("inf"):
+    seconds = ms / 1000.0  # a subnormal ms > 0 is 0 s: refused too
+    if not seconds > 0 or ms == float("inf"):
         raise SLOHeaderError(f"{what}: milliseconds must be > 0 and finite, got {value!r}")
-    return ms / 1000.0
+    return seconds
 
 
 def parse_objective(text: str) -> tuple[str, int]:

@@ -328,14 +328,31 @@ class TokenProcessor:
 def _load_tokenizer(model_path: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
-    if not model_path.is_dir():
+    folder = model_path if model_path.is_dir() else _cached_model_folder(str(model_path))
+    if folder is None:
         raise FileNotFoundError(
-            f"{model_path} is not a model folder; the router loads the tokenizer from a local "
-            "copy of the served model (no hub access)"
+            f"{model_path} is not a model folder, nor a model id with a copy in this machine's "
+            "Hugging Face cache; the router loads the tokenizer from a local copy of the served "
+            f"model (no hub access): `huggingface-cli download {model_path}` first, or pass "
+            "the folder vLLM serves from"
         )
     return AutoTokenizer.from_pretrained(
-        model_path, trust_remote_code=trust_remote_code, local_files_only=True
+        folder, trust_remote_code=trust_remote_code, local_files_only=True
     )
+
+
+def _cached_model_folder(model_id: str) -> Path | None:
+    """The local snapshot of a hub model id (`org/name`, as `vllm serve` takes it) in the
+    Hugging Face cache (HF_HOME / HF_HUB_CACHE), or None: never a download."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:
+        return None
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except (HFValidationError, LocalEntryNotFoundError, OSError, ValueError):
+        return None
 
 
 def _reused_prompt_token_ids(body: Mapping[str, Any]) -> list[int] | None:

@@ -8,6 +8,7 @@ upstream error (502) naming the pod.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -78,10 +79,20 @@ def upstream_error(status: int, answer: Any) -> web.HTTPException:
 
 
 async def relay(
-    upstream: aiohttp.ClientResponse, request: web.Request, pod: str, request_id: str
+    upstream: aiohttp.ClientResponse,
+    request: web.Request,
+    pod: str,
+    request_id: str,
+    *,
+    prefilled_by: str | None = None,
+    before_eof: Callable[[float | None], None] | None = None,
 ) -> tuple[web.StreamResponse, float | None, int]:
     """Stream the pod's answer to our client: (our response, when its first byte came, the
-    number of SSE events in it). ClientLeft when our client went away meanwhile."""
+    number of SSE events in it). ClientLeft when our client went away meanwhile.
+
+    The answer names the pod that served it (`X-Routed-To`) and, for a P/D answer, the pod whose
+    prefill it used (`X-Prefilled-By`). `before_eof(first_byte)` runs once the whole answer is
+    relayed, before its end is sent: what it records is there when the client has the answer."""
     first_byte = None
     num_events = 0
     response = web.StreamResponse(status=upstream.status)
@@ -90,6 +101,8 @@ async def relay(
             response.headers[name] = value
     response.headers["X-Request-Id"] = request_id
     response.headers["X-Routed-To"] = pod
+    if prefilled_by is not None:
+        response.headers["X-Prefilled-By"] = prefilled_by
     try:
         await response.prepare(request)
         async for chunk in upstream.content.iter_any():
@@ -97,6 +110,8 @@ async def relay(
                 first_byte = time.monotonic()
             num_events += chunk.count(b"data:")
             await response.write(chunk)
+        if before_eof is not None:
+            before_eof(first_byte)
         await response.write_eof()
     except ConnectionResetError as exc:  # our client's connection: a pod's comes as a
         raise ClientLeft() from exc  # ClientPayloadError from upstream.content

@@ -85,8 +85,10 @@ class SharedTierClient:
         self._client = self.lmcache.RequestClientFactory.create(url, context=zmq.Context.instance())
         self._up = threading.Event()
         self._stop = threading.Event()
-        # False until the first answer: the first "down" is logged only once it was ever up
+        # False until the first answer; a server that never answered is said once, at its
+        # first miss, so a shared_tier_url pointing at nothing is never silent
         self._ever_up = False
+        self._said_never_reached = False
         self._thread = threading.Thread(
             target=self._heartbeat, name=f"llmd-shared-{name}", daemon=True
         )
@@ -131,6 +133,16 @@ class SharedTierClient:
 
     def mark_down(self, reason: str) -> None:
         if not self._up.is_set():
+            if not (self._ever_up or self._said_never_reached):
+                self._said_never_reached = True
+                logger.warning(
+                    "LLMDConnector shared tier: no LMCache server answers at shared_tier_url "
+                    "%s (%s); serving without it (recompute) and retrying every %gs. Start "
+                    "`lmcache server` there, or fix shared_tier_url",
+                    self.url,
+                    reason,
+                    self.retry_s,
+                )
             return
         self._up.clear()
         logger.warning(

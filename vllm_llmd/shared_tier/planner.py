@@ -127,14 +127,19 @@ class SharedTierPlanner:
         try:
             answer = self.client.wait(lookup.future, "lookup", 0)
             if not lookup.querying or answer is None:
+                # "not done yet" is asked again each step, but not past the call timeout
+                if lookup.querying and time.monotonic() - lookup.sent_at > self.client.timeout_s:
+                    raise SharedTierError(f"lookup not done in {self.client.timeout_s:g}s")
                 lookup.querying = True
                 lookup.future = self.client.submit("query_prefetch_status", rid)
                 return None
-        except SharedTierError as exc:
+            if isinstance(answer, bool) or not isinstance(answer, int):
+                raise SharedTierError(f"query_prefetch_status answered {answer!r}, not a count")
+        except SharedTierError as exc:  # any locks it took expire with the server's lock TTL
             logger.warning("LLMDConnector shared tier: lookup of %s failed: %s", rid, exc)
             lookup.hit = 0
             return 0
-        lookup.hit = min(int(answer) * self.chunk_tokens, lookup.end)
+        lookup.hit = max(0, min(answer * self.chunk_tokens, lookup.end))
         lookup.locked = lookup.hit > 0
         state.shared_offered = max(state.shared_offered, lookup.hit)
         self._note_lookup(state.request, lookup.hit, lookup.end)

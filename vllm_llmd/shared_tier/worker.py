@@ -268,7 +268,13 @@ class SharedTierWorker:
         if not slots:
             return 0
         chunk_bytes = self.layout.chunk_bytes
+        num_chunks = staging.numel() // chunk_bytes
         for slot, index in zip(slots, answer.context["chunk_indices"], strict=True):
+            # a negative or past-the-end index would slice another chunk, or none, silently
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise SharedTierError(f"prepare_store asked for chunk {index!r}, not an index")
+            if not 0 <= index < num_chunks:
+                raise SharedTierError(f"prepare_store asked for chunk {index} of {num_chunks}")
             chunk = staging[index * chunk_bytes : (index + 1) * chunk_bytes]
             self.layout.to_chunk(chunk, self._slot(pool, slot))
         if not self.client.call("commit_store", key, self.instance_id, b""):

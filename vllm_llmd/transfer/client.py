@@ -18,11 +18,17 @@ the prefill worker may instead write the read's blocks into ours itself, device 
 (`cuda_ipc.py`): nothing is left to scatter. An endpoint that cannot is read as above from then
 on. Each such switch drops a transport this read offered, so one read is asked at most three
 times that way; an answer through a transport the read did not offer fails the pull.
+
+With a TLS context (`tls.py`, `tls=`) every connection is mutual TLS and the prefill worker's
+certificate is verified against the CA before a request is sent; requests, replies and the
+socket's data parts are encrypted. Shared memory and CUDA IPC are still used on the same host:
+their bytes never leave it (the host is the trust boundary there).
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -73,9 +79,10 @@ class PullSpec:
 class _Channel:
     """A TCP connection to one prefill worker: one request, one reply, every wait bounded."""
 
-    def __init__(self, endpoint: str, timeout_s: float) -> None:
+    def __init__(self, endpoint: str, timeout_s: float, tls: ssl.SSLContext | None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.tls = tls
         self.address = _address(endpoint)
         self.sock: socket.socket | None = None
 
@@ -142,6 +149,9 @@ class _Channel:
             except TimeoutError:
                 raise self._no_answer("") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:  # the handshake, by the same deadline (closes sock if it fails)
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock = self.tls.wrap_socket(sock, server_hostname=self.address[0])
         self.sock = sock
 
     def _no_answer(self, why: str) -> TransferFailed:
@@ -180,14 +190,14 @@ def _shm_state() -> tuple[ShmReader, set[str], set[str]]:
     return local["shm_reader"], local["no_shm"], local["no_ipc"]
 
 
-def _channel_for(endpoint: str, timeout_s: float) -> _Channel:
+def _channel_for(endpoint: str, timeout_s: float, tls: ssl.SSLContext | None) -> _Channel:
     cache: dict[tuple, _Channel] = _channels.__dict__.setdefault("by_key", {})
-    key = (endpoint, timeout_s)
+    key = (endpoint, timeout_s, tls)
     channel = cache.get(key)
     if channel is None:
         if len(cache) >= _MAX_CHANNELS_PER_THREAD:  # endpoints come and go: drop the oldest
             cache.pop(next(iter(cache))).close()
-        channel = cache[key] = _Channel(endpoint, timeout_s)
+        channel = cache[key] = _Channel(endpoint, timeout_s, tls)
     return channel
 
 
@@ -212,11 +222,13 @@ def pull_blocks(
     unknown_transfer_grace_s: float,
     max_chunk_bytes: int,
     same_host_shm: bool = True,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
-    """Read every block of spec into the local cache via scatter; returns bytes received."""
+    """Read every block of spec into the local cache via scatter; returns bytes received.
+    tls: the client context of a side channel with TLS (`tls.make_client_context`)."""
     bytes_per_block = spec.block_bytes
     per_read = max(1, max_chunk_bytes // bytes_per_block)
-    channel = _channel_for(spec.endpoint, timeout_s)
+    channel = _channel_for(spec.endpoint, timeout_s, tls)
     received, reason = 0, ""
     try:
         for start, end in _read_ranges(len(spec.remote_block_ids), per_read):
@@ -347,8 +359,14 @@ def _release(channel: _Channel, transfer_id: str, success: bool, reason: str) ->
     return isinstance(reply, wire.Ack) and reply.transfer_id == transfer_id
 
 
-def release_transfer(endpoint: str, transfer_id: str, reason: str, timeout_s: float) -> None:
+def release_transfer(
+    endpoint: str,
+    transfer_id: str,
+    reason: str,
+    timeout_s: float,
+    tls: ssl.SSLContext | None = None,
+) -> None:
     """Free a prefill's blocks without reading them (the decode side will not load them)."""
-    channel = _channel_for(endpoint, timeout_s)
+    channel = _channel_for(endpoint, timeout_s, tls)
     if not _release(channel, transfer_id, success=False, reason=reason):
         _discard(channel)

@@ -11,6 +11,12 @@ Whatever a peer sends, what the loop holds for it is bounded before it is read:
   the protocol goes), and a reply that makes no progress for `send_timeout_s` closes it;
 - at most `max_connections` are open: a new one replaces the least recently active idle one.
 
+With TLS (`tls.py`: a server context given), every accepted socket first completes a mutual
+TLS handshake, driven by the same loop and bounded by `request_timeout_s`; a peer that fails it
+(no certificate, another CA, plain TCP) is closed and logged (throttled) before a byte of a
+request is read. An `SSLSocket` may hold decrypted bytes that no select reports (`pending()`):
+the loop reads those before it waits again.
+
 A peer that breaks a rule gets an error frame (when it can be named) and is disconnected. An
 exception answering one request answers that peer with an error; anything else that goes wrong
 with one connection closes it. Should the loop itself fail, it is logged with its traceback and
@@ -23,12 +29,13 @@ from __future__ import annotations
 import select
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from vllm_llmd.log import get_logger
+from vllm_llmd.log import ThrottledLog, get_logger
 from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.framing import HEADER, frame, parse_header
 
@@ -41,18 +48,31 @@ Handler = Callable[[bytes, bytes], list]
 Forget = Callable[[bytes], None]
 
 _RECV_BYTES = 1 << 16
+# a non-blocking socket that cannot make progress now (plain TCP, or TLS wanting either way)
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class _Connection:
-    __slots__ = ("frame_bytes", "inbox", "outbox", "peer", "progress_at", "sock", "started_at")
+    __slots__ = (
+        "frame_bytes",
+        "handshaking",
+        "inbox",
+        "outbox",
+        "peer",
+        "progress_at",
+        "sock",
+        "started_at",
+    )
 
-    def __init__(self, sock: socket.socket, peer: bytes, now: float) -> None:
+    def __init__(self, sock: socket.socket, peer: bytes, now: float, handshaking: bool) -> None:
         self.sock = sock
         self.peer = peer
+        # TLS: the handshake is not done yet (nothing is read until it is)
+        self.handshaking = handshaking
         self.inbox = bytearray()
         # header + control bytes of the request being read, once its header is in
         self.frame_bytes = 0
-        self.started_at = now  # of the request being read
+        self.started_at = now  # of the request being read (or of the TLS handshake)
         # reply parts still to send (memoryviews), and when a byte of them last went out
         self.outbox: list[memoryview] = []
         self.progress_at = now
@@ -72,6 +92,7 @@ class FrameServer:
         max_buffered_bytes: int = 16 << 20,
         request_timeout_s: float = 10.0,
         send_timeout_s: float = 60.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._handle = handle
         self._forget = forget
@@ -79,6 +100,10 @@ class FrameServer:
         self.max_buffered_bytes = max_buffered_bytes
         self.request_timeout_s = request_timeout_s
         self.send_timeout_s = send_timeout_s
+        self._tls = tls
+        self._refused_log = ThrottledLog(logger)
+        # peers refused at the TLS handshake (for tests and logs)
+        self.tls_refused = 0
         bind_host = "" if host in ("*", "0.0.0.0") else host
         family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
         self._listener = socket.create_server((bind_host, port), family=family, backlog=128)
@@ -143,23 +168,32 @@ class FrameServer:
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is not None:
+            sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         self._next_peer += 1
-        connection = _Connection(sock, b"peer-%d" % self._next_peer, time.monotonic())
+        peer = b"peer-%d" % self._next_peer
+        connection = _Connection(sock, peer, time.monotonic(), self._tls is not None)
         self._connections[connection.peer] = connection
         self._selector.register(sock, selectors.EVENT_READ, connection)
 
     def _evict_idle(self) -> bool:
-        for connection in self._connections.values():
-            if not connection.inbox and not connection.outbox:
-                self._close(connection)
-                return True
+        """Close the least recently active idle connection, one still in its TLS handshake
+        first (not yet a peer); False if none is idle."""
+        idle = [c for c in self._connections.values() if not c.inbox and not c.outbox]
+        for connection in sorted(idle, key=lambda c: not c.handshaking):
+            self._close(connection)
+            return True
         return False
 
     def _service(self, connection: _Connection, events: int) -> None:
         try:
-            if events & selectors.EVENT_WRITE:
+            if connection.handshaking:
+                self._handshake(connection)
+            elif events & selectors.EVENT_WRITE:
                 self._flush(connection)
             elif events & selectors.EVENT_READ:
+                self._read(connection)
+            while self._pending(connection):
                 self._read(connection)
         except OSError:  # reset by the peer, and the like: it is gone
             self._close(connection)
@@ -175,6 +209,8 @@ class FrameServer:
                     self.send_timeout_s,
                 )
                 self._close(connection)
+            elif connection.handshaking and now - connection.started_at > self.request_timeout_s:
+                self._refuse_tls(connection, f"no TLS handshake in {self.request_timeout_s:g}s")
             elif connection.inbox and now - connection.started_at > self.request_timeout_s:
                 logger.warning(
                     "LLMD side channel: a peer sent %d bytes of a request in %.0fs: closed",
@@ -185,10 +221,52 @@ class FrameServer:
 
     # ---- one connection ----------------------------------------------------------------------
 
+    def _handshake(self, connection: _Connection) -> None:
+        """One step of the TLS handshake; a peer that fails it is closed before any read."""
+        sock = connection.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._selector.modify(sock, selectors.EVENT_READ, connection)
+            return
+        except ssl.SSLWantWriteError:
+            self._selector.modify(sock, selectors.EVENT_WRITE, connection)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._refuse_tls(connection, getattr(exc, "reason", None) or str(exc))
+            return
+        connection.handshaking = False
+        self._selector.modify(sock, selectors.EVENT_READ, connection)
+
+    def _refuse_tls(self, connection: _Connection, reason: str) -> None:
+        self.tls_refused += 1
+        self._refused_log.warning(
+            "LLMD side channel: refused a peer at the TLS handshake (%s); only peers with a "
+            "certificate signed by side_channel_tls_ca may pull",
+            reason,
+        )
+        self._close(connection)
+
+    def _pending(self, connection: _Connection) -> bool:
+        """TLS: decrypted request bytes wait inside the SSL object, where select cannot see
+        them, and this connection is reading (no reply of its own pending)."""
+        sock = connection.sock
+        return (
+            isinstance(sock, ssl.SSLSocket)
+            and not connection.handshaking
+            and not connection.outbox
+            and connection.peer in self._connections
+            and sock.pending() > 0
+        )
+
     def _read(self, connection: _Connection) -> None:
         inbox = connection.inbox
         want = (connection.frame_bytes or HEADER.size) - len(inbox)
-        chunk = connection.sock.recv(min(want, _RECV_BYTES))
+        try:
+            chunk = connection.sock.recv(min(want, _RECV_BYTES))
+        except _WOULD_BLOCK:  # TLS: a partial record, or a post-handshake message
+            return
         if not chunk:
             self._close(connection)
             return
@@ -244,7 +322,7 @@ class FrameServer:
         while outbox:
             try:
                 sent = connection.sock.send(outbox[0])
-            except BlockingIOError:
+            except _WOULD_BLOCK:  # TLS retries the same bytes: outbox[0] stays as it is
                 return
             connection.progress_at = time.monotonic()
             if sent == len(outbox[0]):
@@ -293,12 +371,15 @@ class FrameServer:
                     sock, _ = self._listener.accept()
                 except BlockingIOError:
                     continue
-                with sock:
-                    try:
-                        sock.settimeout(0.5)
-                        sock.recv(_RECV_BYTES)  # its request: closing then resets nothing
-                        sock.sendall(refusal)
-                    except OSError:
-                        pass
+                try:
+                    sock.settimeout(0.5)
+                    if self._tls is not None:
+                        sock = self._tls.wrap_socket(sock, server_side=True)
+                    sock.recv(_RECV_BYTES)  # its request: closing then resets nothing
+                    sock.sendall(refusal)
+                except OSError:
+                    pass
+                finally:
+                    sock.close()
         except Exception:
             logger.exception("LLMD side channel: refusing peers failed too; the port closes")

@@ -10,10 +10,17 @@ for a decode worker on the same host, into a shared-memory segment whose name go
 device to device (`cuda_ipc.py`). The transfer stays pinned in the registry (READING) only while
 the gather (or the device copy) runs; the send itself reads the staging buffer, not the KV
 cache.
+
+With a TLS context (`tls.py`) the listener talks mutual TLS only: the requests, the replies and
+the socket's data parts are encrypted, and a peer without a certificate of the CA is refused
+before its first request. The same-host paths stay: shared memory and CUDA IPC move the bytes
+inside this host (its boot and IPC namespace: `shm.host_id`), where the host is the trust
+boundary; only their control messages cross the (encrypted) socket.
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 import torch
@@ -53,6 +60,7 @@ class TransferServer:
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         same_host_shm: bool = True,
         ipc_write: IpcWriteFn | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.registry = registry
         self.host_id = host_id() if same_host_shm else ""
@@ -68,7 +76,8 @@ class TransferServer:
         self.bytes_shared = 0  # sent through shared memory
         self.bytes_ipc = 0  # written into same-host peers' GPU caches
         self.host = host
-        self.connections = FrameServer(host, port, self._answer, self._shm.forget)
+        self.tls = tls is not None
+        self.connections = FrameServer(host, port, self._answer, self._shm.forget, tls=tls)
         self.port = self.connections.port
 
     @property

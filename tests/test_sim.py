@@ -1,0 +1,254 @@
+"""The cluster simulator (vllm_llmd.sim): its pods' caches and events, the router's real code
+in the loop, the workloads, and (server) calibration against a real vLLM."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import pytest
+import simpy
+
+from vllm_llmd.devtools.server import VLLMServerConfig
+from vllm_llmd.events.model import MEDIUM_GPU, BlockRemoved, BlockStored, EventBatch
+from vllm_llmd.hashing import PrefixHasher
+from vllm_llmd.router import routing
+from vllm_llmd.sim import cli, workloads
+from vllm_llmd.sim.cache import Hit, PrefixCache
+from vllm_llmd.sim.pod import Outcome, PodConfig, SimPod
+from vllm_llmd.sim.profile import H100_LLAMA_8B, LatencyProfile, load_profile, save_profile
+from vllm_llmd.sim.router import RouterSettings, SimRouter
+from vllm_llmd.sim.run import SimConfig, simulate
+from vllm_llmd.sim.workloads import (
+    Chain,
+    ChatShape,
+    SharedPrefixShape,
+    SimRequest,
+    mooncake_trace,
+    shared_prefix,
+    synthetic_tokens,
+)
+
+BLOCK = 64
+
+
+def _stored(events) -> list[int]:
+    return [h for e in events if isinstance(e, BlockStored) for h in e.block_hashes]
+
+
+def _removed(events) -> list[int]:
+    return [h for e in events if isinstance(e, BlockRemoved) for h in e.block_hashes]
+
+
+def test_cache_evicts_the_least_recently_freed_blocks_tail_first_and_says_so():
+    cache = PrefixCache(capacity_blocks=4, block_size=4)
+    for hashes in ([1, 2], [3, 4]):
+        holding = cache.allocate(hashes, 2, cache.hit(hashes))
+        cache.cache(holding, hashes)
+        cache.free(holding)
+    assert _stored(cache.take_events()) == [1, 2, 3, 4]
+    assert cache.hit([3, 4]) == Hit(2, 0)
+    # [3, 4] used again: [1, 2] is now the least recently freed, and goes first, tail first
+    held = cache.allocate([3, 4], 2, cache.hit([3, 4]))
+    new = cache.allocate([5], 1, cache.hit([5]))
+    assert _removed(cache.take_events()) == [2]
+    cache.cache(new, [5])
+    cache.free(new)
+    cache.free(held)
+    assert cache.hit([1, 2]) == Hit(1, 0)
+    assert cache.usage == 0.0
+
+
+def test_an_evicted_block_lives_on_in_the_host_tier():
+    cache = PrefixCache(capacity_blocks=2, block_size=4, host_capacity_blocks=8)
+    first = cache.allocate([1, 2], 2, cache.hit([1, 2]))
+    cache.cache(first, [1, 2])
+    cache.free(first)
+    cache.free(cache.allocate([3, 4], 2, cache.hit([3, 4])))  # evicts 1 and 2 to the host
+    events = cache.take_events()
+    assert [(type(e).__name__, e.medium) for e in events] == [
+        ("BlockStored", "GPU"),
+        ("BlockRemoved", "GPU"),
+        ("BlockStored", "CPU"),
+    ]
+    assert cache.hit([1, 2]) == Hit(0, 2)
+
+
+def test_a_pod_publishes_its_blocks_and_the_router_index_follows_with_the_delay():
+    env = simpy.Environment()
+    hasher = PrefixHasher(BLOCK)
+    config = PodConfig(capacity_blocks=6, block_size=BLOCK)
+    router = SimRouter(RouterSettings(), ["pod-a"], BLOCK, lambda: env.now)
+    batches: list[EventBatch] = []
+    outcomes: list[Outcome] = []
+
+    def publish(pod: str, batch: EventBatch) -> None:
+        batches.append(batch)
+        env.timeout(0.05).callbacks.append(lambda _: router.ingest(pod, batch))
+
+    pod = SimPod(env, "pod-a", config, H100_LLAMA_8B, publish, outcomes.append)
+    requests = []
+    for i in range(3):  # three prompts of 4 blocks (and a token) in a 6-block pod: evictions
+        chain = Chain(hasher)
+        chain.extend(synthetic_tokens(i, 4 * BLOCK + 1))
+        requests.append(SimRequest(i, i * 2.0, chain.num_tokens, 4, chain.hashes))
+        env.process(_submit_at(env, pod, requests[-1]))
+    env.run(until=1.0)
+    first = requests[0].prompt_hashes[:4]
+    assert router.index.lookup_prefix(first)["pod-a"].num_blocks == 4
+    env.run()
+    assert len(outcomes) == 3 and all(o.ttft_s > 0 for o in outcomes)
+    events = [e for b in batches for e in b.events]
+    assert set(first) <= set(_removed(events))
+    assert "pod-a" not in router.index.lookup_prefix(first)
+    last = requests[2].prompt_hashes
+    assert router.index.lookup_prefix(last)["pod-a"].num_blocks == len(last)
+    assert router.event_stats["pod-a"].num_batches == len(batches)  # via ingest.apply_update
+    assert all(e.medium == MEDIUM_GPU for e in events)
+
+
+def _submit_at(env, pod, request):
+    yield env.timeout(request.arrival_s)
+    pod.submit(request)
+
+
+def _llmd(num_requests: int, rate: float, seed: int = 0):
+    shape = SharedPrefixShape(num_groups=50)
+    return list(shared_prefix(PrefixHasher(BLOCK), num_requests, rate, shape, seed))
+
+
+def test_prefix_aware_policies_beat_round_robin_on_the_llmd_shaped_workload():
+    requests = _llmd(2000, rate=8 * 4.0)
+    # each pod holds ~16 of the 50 prefixes: round robin thrashes, affinity does not
+    pod = PodConfig(capacity_blocks=1500)
+    summaries = {
+        policy: simulate(
+            SimConfig(8, pod, router=RouterSettings(policy=policy)), iter(requests)
+        ).summary
+        for policy in ("round_robin", "prefix", "kv_aware")
+    }
+    baseline = summaries["round_robin"]
+    assert baseline.num_requests == 2000
+    for policy in ("prefix", "kv_aware"):
+        mine = summaries[policy]
+        assert mine.ttft_s[1] * 3 < baseline.ttft_s[1], (policy, mine, baseline)
+        assert mine.hit_rate > baseline.hit_rate + 0.3, (policy, mine, baseline)
+        assert mine.good_share >= baseline.good_share
+
+
+def test_the_simulator_routes_through_the_routers_own_decide_route(monkeypatch):
+    calls = []
+    real = routing.decide_route
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(routing, "decide_route", counted)
+    result = simulate(SimConfig(4), iter(_llmd(100, rate=20.0)))
+    assert sorted(map(int, calls)) == list(range(100))
+    assert result.summary.num_requests == 100
+    assert result.router.index.stats().num_blocks > 0
+
+
+def test_a_run_collects_garbage_rarely_and_restores_the_collectors_thresholds(monkeypatch):
+    # a large run's heap is rescanned by the collector at the default thresholds: a run raises
+    # the young generation's, and leaves the process's settings as it found them
+    seen = []
+    real = routing.decide_route
+
+    def spy(*args, **kwargs):
+        seen.append(gc.get_threshold()[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(routing, "decide_route", spy)
+    before = gc.get_threshold()
+    simulate(SimConfig(2), iter(_llmd(20, rate=10.0)))
+    assert gc.get_threshold() == before
+    assert seen and all(threshold >= 100_000 for threshold in seen)
+
+
+def test_a_mooncake_trace_is_read_and_simulated(tmp_path: Path):
+    trace = tmp_path / "trace.jsonl"
+    lines = []
+    for i in range(120):
+        shared = [0, 1, 2] if i % 2 else [10, 11]  # two families of shared prefixes
+        lines.append(
+            {
+                "timestamp": i * 50,
+                "input_length": 512 * (len(shared) + 1) - 100,
+                "output_length": 20,
+                "hash_ids": [*shared, 1000 + i],
+            }
+        )
+    trace.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    hasher = PrefixHasher(BLOCK)
+    requests = list(mooncake_trace(trace, hasher))
+    assert [r.arrival_s for r in requests[:3]] == [0.0, 0.05, 0.1]
+    one, three = requests[1], requests[3]
+    # hash ids 0, 1, 2 are 24 blocks of 64; the unique fourth id adds 6 full blocks
+    assert one.prompt_hashes[:24] == three.prompt_hashes[:24]
+    assert one.prompt_hashes[24] != three.prompt_hashes[24]
+    assert len(one.prompt_hashes) == 24 + (512 - 100) // BLOCK
+    result = simulate(SimConfig(4, router=RouterSettings(policy="kv_aware")), iter(requests))
+    assert result.summary.num_requests == 120
+    assert result.summary.hit_rate > 0.5
+
+
+def test_chat_turns_extend_the_conversation_and_reuse_the_answers_blocks():
+    hasher = PrefixHasher(BLOCK)
+    shape = ChatShape(turns=3, num_system_prompts=2, think_s=5.0)
+    requests = list(workloads.multi_turn(hasher, 60, rate=6.0, shape=shape, seed=2))
+    assert [r.arrival_s for r in requests] == sorted(r.arrival_s for r in requests)
+    by_prompt = {tuple(r.prompt_hashes): r for r in requests}
+    extended = 0
+    for request in requests:
+        before = tuple(request.prompt_hashes + request.output_hashes)
+        later = [r for p, r in by_prompt.items() if p[: len(before)] == before and r is not request]
+        extended += bool(later)
+    assert extended >= 30  # every turn but the last of each conversation
+    summaries = {
+        policy: simulate(SimConfig(4, router=RouterSettings(policy=policy)), iter(requests)).summary
+        for policy in ("round_robin", "kv_aware")
+    }
+    assert summaries["kv_aware"].hit_rate > summaries["round_robin"].hit_rate
+
+
+def test_profiles_round_trip_as_json(tmp_path: Path):
+    path = tmp_path / "profile.json"
+    save_profile(H100_LLAMA_8B, path)
+    assert load_profile(path) == H100_LLAMA_8B
+    path.write_text(json.dumps({**json.loads(path.read_text()), "bogus": 1}))
+    with pytest.raises(ValueError, match="bogus"):
+        load_profile(path)
+    with pytest.raises(ValueError):
+        LatencyProfile(-1.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_the_cli_prints_a_table_and_writes_the_plot(tmp_path: Path, capsys):
+    plot = tmp_path / "sim.png"
+    argv = ["run", "--pods", "2,4", "--policies", "round_robin,kv_aware", "--requests", "60"]
+    assert cli.main([*argv, "--rate", "2", "--groups", "5", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| round_robin |") == 2 and out.count("| kv_aware |") == 2
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.server
+def test_calibrate_fits_a_profile_from_a_real_server(vllm_servers, tiny_model, tmp_path):
+    server = vllm_servers.launch(VLLMServerConfig(model=tiny_model, cpu_cores="0"), "sim-calibrate")
+    out = tmp_path / "profile.json"
+    argv = ["calibrate", server.url, "--out", str(out), "--lengths", "256,1024,4096"]
+    assert cli.main([*argv, "--batches", "1,2", "--output-tokens", "8"]) == 0
+    profile = load_profile(out)
+    assert profile.prefill_s_per_token > 0
+    assert profile.step_s(4096, 0, 0, 0) > profile.step_s(256, 0, 0, 0)
+    assert server.url in profile.source
+
+
+def test_requests_keep_their_order_and_ids():
+    requests: list[SimRequest] = _llmd(50, rate=10.0)
+    assert [r.request_id for r in requests] == list(range(50))
+    arrivals = [r.arrival_s for r in requests]
+    assert arrivals == sorted(arrivals)

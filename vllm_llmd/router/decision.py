@@ -1,0 +1,363 @@
+"""Where a request goes, decided once for both of the router's faces: its OpenAI proxy
+(`proxy.Router`) and its Gateway API endpoint picker (`epp.EndpointPicker`).
+
+`Decider.decide` takes a request's headers and (checked) body and returns its `Route`:
+
+    classify (SLO headers, model) -> tokenize + block hashes (off the event loop) -> index
+    lookup per pod (off the event loop) -> admission (policy slo) -> `routing.decide_route`
+    picks the decode pod (and, for a long uncached prompt with prefill pods, the prefill pod)
+
+A refusal is an OpenAI-style `web.HTTPException` (400 bad header or body, 403 prefill target
+not allowed, 429 shed, 503 no pod or queue full), which the proxy answers as is and the EPP
+turns into an immediate response. A tokenization or index lookup that fails or takes too long
+routes the request by load alone (counted in llmd:router_routing_fallbacks_total), never an
+error. Each decision is counted in /metrics as it is taken (`RequestRecorder.decided`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import Collection, Mapping
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+
+from vllm_llmd.events.model import MEDIUM_GPU
+from vllm_llmd.log import ThrottledLog
+from vllm_llmd.router.admission import Admission
+from vllm_llmd.router.audit import AuditLog
+from vllm_llmd.router.client_body import (
+    api_key_ok,
+    refuse_request_template,
+    strip_kv_transfer_params,
+)
+from vllm_llmd.router.config import Role, RouterConfig
+from vllm_llmd.router.errors import error
+from vllm_llmd.router.index import Index
+from vllm_llmd.router.latency import LatencyModels
+from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.off_loop import OffLoop
+from vllm_llmd.router.pods import PodRegistry
+from vllm_llmd.router.predictive import SLOPlanner
+from vllm_llmd.router.recent import RecentRoutes
+from vllm_llmd.router.request_record import RequestRecord, RequestRecorder
+from vllm_llmd.router.routing import (
+    DECODE_ROLES,
+    PREFILL_ROLES,
+    Route,
+    RoutingPolicy,
+    decide_route,
+)
+from vllm_llmd.router.scoring import PodCache, PolicyName, ScoreInput, ScoringPolicy
+from vllm_llmd.router.shared_view import SharedTierView, extend_with_shared, extended
+from vllm_llmd.router.slo import Admitted, RequestClass, SLOHeaderError
+from vllm_llmd.router.tokens import (
+    PROVISIONAL_BLOCK_SIZE,
+    TokenProcessor,
+    UnsupportedRequestError,
+)
+
+logger = logging.getLogger(__name__)
+
+# threads for index and shared-tier calls (Redis round trips; a stalled Redis holds each for
+# up to its socket timeout)
+INDEX_WORKERS = 4
+# llm-d's header naming a pod that holds the prompt's KV (HOST:PORT): --pull-from-holders
+KV_SOURCE_HEADER = "x-kv-cache-source-host-port"
+
+
+class Decider:
+    """The routing state (index, loads, latency models, admission queue) and the decision."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        registry: PodRegistry,
+        index: Index | None,
+        tokens: TokenProcessor | None,
+        policy: ScoringPolicy,
+        metrics: RouterMetrics,
+        shared: SharedTierView | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.index = index
+        self.shared = shared
+        ttl = config.recent_route_ttl_s
+        self.recent = RecentRoutes(ttl) if ttl > 0 else None
+        self.tokens = tokens
+        self.policy = policy
+        self.metrics = metrics
+        audit = (
+            AuditLog(config.audit_log, on_failure=metrics.audit_failures.inc)
+            if config.audit_log
+            else None
+        )
+        self.recorder = RequestRecorder(metrics, audit, config.policy, config.audit_prompts)
+        self._tokenize = OffLoop(
+            "llmd-tokenize", config.tokenize_workers, config.tokenize_timeout_s
+        )
+        self._index_calls = OffLoop("llmd-index", INDEX_WORKERS, config.index_timeout_s)
+        # a tokenizer or index that keeps failing must not log once per request
+        self._tokenize_log, self._index_log = ThrottledLog(logger), ThrottledLog(logger)
+        # Every policy learns the pods' latency (exported as metrics); `slo` also routes on it.
+        self.slo_config = config.slo_config()
+        self.latency = LatencyModels(config.latency_min_samples)
+        self.planner: SLOPlanner | None = None
+        self.admission: Admission | None = None
+        if config.policy == PolicyName.SLO.value:
+            self.planner = SLOPlanner(
+                self.latency,
+                policy,
+                config.scoring_config(),
+                self._block_size(),
+                self.slo_config.headroom,
+            )
+            self.admission = Admission(
+                self.slo_config.max_queue,
+                self.slo_config.queue_timeout_s,
+                max(1, round(config.poll_interval_s)),
+                metrics,
+            )
+        self.routing = RoutingPolicy(
+            policy,
+            self.planner,
+            self.latency,
+            self._block_size(),
+            config.pd_threshold_tokens,
+            pull_from_holders=config.pull_from_holders,
+            holder_max_waiting=2 * config.max_waiting,
+        )
+
+    def _block_size(self) -> int:
+        """Tokens per hashed block: the tokenizer's (given, or taken from the first pod)."""
+        if self.tokens is not None:
+            return self.tokens.block_size
+        return self.config.block_size or PROVISIONAL_BLOCK_SIZE  # no hashes: never used
+
+    def _follow_block_size(self) -> None:
+        """The routing policy converts hit blocks to tokens with the pods' block size, which
+        the tokenizer may have taken from a pod since the last request."""
+        block_size = self._block_size()
+        if block_size != self.routing.block_size:
+            self.routing = dataclasses.replace(self.routing, block_size=block_size)
+            if self.planner is not None:
+                self.planner.block_size = block_size
+
+    # ---- checks of what a client sent ------------------------------------------------------
+
+    def check_api_key(self, headers: Mapping[str, str]) -> None:
+        """401 unless the request carries the router's --api-key (when it has one)."""
+        key = self.config.api_key
+        if key and not api_key_ok(headers.get("Authorization"), key):
+            raise error(web.HTTPUnauthorized, "missing or wrong API key")
+
+    def checked_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body as the router may pass it on (see client_body)."""
+        if not self.config.trust_client_kv_transfer_params:
+            body, stripped = strip_kv_transfer_params(body)
+            if stripped:
+                self.metrics.stripped_kv_params.inc()
+                logger.debug("removed a client's kv_transfer_params")
+        if not self.config.trust_request_chat_template:
+            refuse_request_template(body)
+        return body
+
+    def count(self, record: RequestRecord, status: int | str) -> None:
+        """One request in llmd:router_requests_total, by route and answer status."""
+        self.metrics.requests.labels(record.path, str(status)).inc()
+
+    # ---- the decision ----------------------------------------------------------------------
+
+    async def decide(
+        self,
+        record: RequestRecord,
+        headers: Mapping[str, str],
+        body: dict[str, Any] | None,
+        allowed: Collection[str] | None = None,
+    ) -> Route:
+        """The request's route, counted as decided. `body` is the checked body (None: a
+        request without one, routed by load); `allowed` limits the pods it may go to (the
+        gateway's endpoint subset; None: any). Waits in the admission queue (policy slo);
+        raises an OpenAI-style web.HTTPException when the request is refused."""
+        request_class = self._classify(headers, body)
+        hashes, num_tokens = (
+            await self._hashes(record.path, body) if body is not None else ([], None)
+        )
+        self._follow_block_size()
+        caches = await self._lookup(hashes)
+        admission: Admitted = "met"
+        queued_s = 0.0
+        if self.admission is not None:
+            admissible = partial(
+                self._admissible, hashes, caches, num_tokens, request_class, allowed
+            )
+            admission, queued_s = await self.admission.admit(request_class, admissible)
+            if admission != "met":  # it waited: the pods' caches moved on
+                caches = await self._lookup(hashes)
+        route = self._route(headers, hashes, caches, num_tokens, request_class, allowed)
+        route.queued_s, route.admission = queued_s, admission
+        self.recorder.decided(record, route)
+        return route
+
+    def finished(self) -> None:
+        """A routed request ended: a queued one may fit now (policy slo)."""
+        if self.admission is not None:
+            self.admission.pump()
+
+    def _classify(self, headers: Mapping[str, str], body: dict[str, Any] | None) -> RequestClass:
+        model = None
+        if body is not None:
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                raise error(web.HTTPBadRequest, "the request has no 'model'")
+        try:
+            return self.slo_config.classify(headers, model)
+        except SLOHeaderError as exc:
+            raise error(web.HTTPBadRequest, str(exc)) from None
+
+    def _candidates(self, roles: tuple[Role, ...], allowed: Collection[str] | None) -> list[str]:
+        pods = self.registry.candidates(roles)
+        return pods if allowed is None else [pod for pod in pods if pod in allowed]
+
+    def _admissible(
+        self,
+        hashes: list[int],
+        caches: Mapping[str, PodCache],
+        num_tokens: int | None,
+        request_class: RequestClass,
+        allowed: Collection[str] | None,
+    ) -> bool:
+        """A pod can take the request now: not all saturated, one predicted to meet its SLO."""
+        assert self.planner is not None
+        decode_pods = self._candidates(DECODE_ROLES, allowed)
+        if not decode_pods:
+            return True  # _route answers 503
+        request = ScoreInput(len(hashes), decode_pods, caches, self.registry.loads())
+        if self.planner.all_saturated(request):
+            return False
+        # Only a miss that load causes is worth waiting for (see SLOChoice.meets_when_idle).
+        return not self.planner.choose(request, num_tokens, request_class.slo).load_bound
+
+    def _route(
+        self,
+        headers: Mapping[str, str],
+        hashes: list[int],
+        caches: Mapping[str, PodCache],
+        num_tokens: int | None,
+        request_class: RequestClass,
+        allowed: Collection[str] | None = None,
+    ) -> Route:
+        chosen_prefill = self._prefill_from_headers(headers)
+        decode_pods = self._candidates(DECODE_ROLES, allowed)
+        if not decode_pods:
+            raise error(web.HTTPServiceUnavailable, "no healthy pod can serve this request")
+        loads = self.registry.loads()
+        route = decide_route(
+            self.routing,
+            headers.get("X-Request-Id") or str(uuid.uuid4()),
+            len(hashes),
+            num_tokens,
+            request_class,
+            decode_pods,
+            self._candidates(PREFILL_ROLES, allowed),
+            caches,
+            loads,
+            chosen_prefill,
+            self._candidates(("both",), allowed) if self.config.pull_from_holders else (),
+        )
+        if self.recent is not None and hashes:
+            for chosen in (route.decode, route.prefill):
+                if chosen is not None and chosen.pod in loads:  # ours, not a header's
+                    self.recent.record(chosen.pod, hashes)
+        return route
+
+    def _prefill_from_headers(self, headers: Mapping[str, str]) -> str | None:
+        """The prefill target an upstream gateway named, if allowed (else 403): llm-d's
+        prefiller headers, or (with --pull-from-holders) its KV-source header, which names a
+        pod of any role to pull the prompt's KV from."""
+        roles: tuple[Role, ...] = PREFILL_ROLES
+        host_port = headers.get("x-prefiller-host-port")
+        url = f"http://{host_port.strip()}" if host_port else headers.get("x-prefiller-url")
+        source = headers.get(KV_SOURCE_HEADER)
+        if not url and source and self.config.pull_from_holders:
+            url, roles = f"http://{source.strip()}", ("prefill", "both")
+        if not url:
+            return None
+        url = url.strip().rstrip("/")
+        allowed = {pid for pid, pod in self.registry.pods.items() if pod.spec.role in roles}
+        allowed |= {
+            f"http://{target.strip()}"
+            for target in (self.config.prefill_allowlist or "").split(",")
+            if target.strip()
+        }
+        if url not in allowed:
+            message = f"prefill target {url} is not in this router's allowlist"
+            raise error(web.HTTPForbidden, message)
+        return url
+
+    # ---- what each pod holds of the prompt -------------------------------------------------
+
+    async def _hashes(self, path: str, body: Mapping[str, Any]) -> tuple[list[int], int | None]:
+        """The prompt's block hashes and token count, tokenized off the event loop; none (the
+        request is routed by load) when it cannot be tokenized here or takes too long."""
+        if self.tokens is None:
+            return [], None
+        try:
+            tokenized = await self._tokenize.run(self.tokens.tokenize_request, path, body)
+        except UnsupportedRequestError as exc:
+            logger.debug("routing by load alone: %s", exc)
+            return [], None
+        except TimeoutError:
+            self.metrics.routing_fallbacks.labels("tokenize_timeout").inc()
+            self._tokenize_log.warning(
+                "tokenizing a request took over %g s: routed by load alone",
+                self._tokenize.timeout_s,
+            )
+            return [], None
+        return list(tokenized.block_hashes), len(tokenized.token_ids)
+
+    async def _lookup(self, hashes: list[int]) -> dict[str, PodCache]:
+        """`_caches` off the event loop; none (route by load) when the index fails or stalls."""
+        if self.index is None or not hashes:
+            return {}
+        try:
+            caches = await self._index_calls.run(self._caches, hashes)
+        except Exception as exc:  # Redis down or stalled, or a bug: never a failed request
+            reason = "index_timeout" if isinstance(exc, TimeoutError) else "index_error"
+            self.metrics.routing_fallbacks.labels(reason).inc()
+            self._index_log.warning("index lookup failed (%r): routed by load alone", exc)
+            return {}
+        return caches
+
+    def _caches(self, hashes: list[int]) -> dict[str, PodCache]:
+        """Each verified pod's cached run of the prompt: the index, prefixes just routed there,
+        then the shared tier. Blocking (Redis): call it through `_lookup`."""
+        verified = self.registry.hash_verified()  # a pod whose hashes differ has no prefix here
+        if self.index is None or not hashes or not verified:
+            return {}
+        hits = self.index.lookup_prefix(hashes, pods=verified)
+        caches = {pod: PodCache(hit.num_blocks, hit.tiers) for pod, hit in hits.items()}
+        if self.recent is not None:  # sent there, its events not in yet
+            for pod in verified:
+                run = self.recent.run_length(pod, hashes)
+                if run:
+                    caches[pod] = extended(caches.get(pod) or PodCache(), run, MEDIUM_GPU)
+        if self.shared is None or not (members := self.shared.members().intersection(verified)):
+            return caches
+        return extend_with_shared(caches, members, self.shared.run_length(hashes))
+
+    def close(self) -> None:
+        if self.admission is not None:
+            self.admission.stop()
+        self._tokenize.close()
+        self._index_calls.close()
+        if self.recorder.audit is not None:
+            self.recorder.audit.close()
+        if self.index is not None:
+            self.index.close()
+        if self.shared is not None:
+            self.shared.close()

@@ -1,0 +1,133 @@
+"""`vllm-llmd-sim calibrate URL`: measure a real vLLM server and fit a LatencyProfile.
+
+Three sweeps of streamed /v1/completions, every prompt a list of fresh random token ids (so
+nothing is cached unless a sweep means it to be):
+
+- prefill: `batch` concurrent one-token requests of `length` tokens; the slowest one's time
+  (for one token, its time to first token) against the batch's total prompt tokens gives
+  `prefill_s_per_token` (slope);
+- cached: each prompt sent again, its TTFT now over a cached prefix, gives
+  `prefill_s_per_cached_token`;
+- decode: the shortest and the longest prompt shape again, `batch` concurrent requests of
+  `output_tokens` each; their time past the one-token requests of the same shape, per output
+  token, against batch size and context gives `base_s` (the step floor), `decode_s_per_seq`
+  and `decode_s_per_ktoken`.
+
+Fits are least squares, clipped at 0 (a coefficient the noise makes negative means "too small
+to see here"). The client's HTTP time lands in the intercepts, which the step floor does not
+use. Token ids are drawn below `max_token_id` (any vocabulary has that many).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from vllm_llmd.devtools.client import StreamTiming, get_text, timed_stream
+from vllm_llmd.sim.profile import LatencyProfile
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """What to send."""
+
+    lengths: Sequence[int] = (256, 1024, 2048, 4096)
+    batches: Sequence[int] = (1, 2, 4, 8)
+    output_tokens: int = 32
+    max_token_id: int = 1000
+    seed: int = 0
+
+
+def served_model(url: str) -> str:
+    """The first model the server lists (GET /v1/models)."""
+    models = json.loads(get_text(url.rstrip("/") + "/v1/models"))["data"]
+    if not models:
+        raise RuntimeError(f"{url} serves no model")
+    return str(models[0]["id"])
+
+
+class _Client:
+    def __init__(self, url: str, model: str, plan: CalibrationPlan) -> None:
+        self.url, self.model, self.plan = url.rstrip("/"), model, plan
+        self.rng = random.Random(plan.seed)
+
+    def prompt(self, num_tokens: int) -> list[int]:
+        return [self.rng.randrange(1, self.plan.max_token_id) for _ in range(num_tokens)]
+
+    def together(self, prompts: Sequence[list[int]], max_tokens: int) -> list[StreamTiming]:
+        """The prompts sent at once, each on its own connection."""
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [
+                pool.submit(timed_stream, self.url, self.model, p, max_tokens) for p in prompts
+            ]
+            return [f.result() for f in futures]
+
+
+def _fit(features: list[list[float]], seconds: list[float]) -> list[float]:
+    """Least-squares coefficients, each clipped at 0."""
+    solution = np.linalg.lstsq(np.asarray(features), np.asarray(seconds), rcond=None)[0]
+    return [max(0.0, float(c)) for c in solution]
+
+
+def calibrate(
+    url: str, model: str | None = None, plan: CalibrationPlan | None = None, log: bool = True
+) -> LatencyProfile:
+    """Measure the server at `url` and fit a profile (see the module docstring)."""
+    plan = plan or CalibrationPlan()
+    model = model or served_model(url)
+    client = _Client(url, model, plan)
+    say = print if log else (lambda *_: None)
+    client.together([client.prompt(64)], 4)  # warm up (first-request compilation, caches)
+
+    prefill_x, prefill_y, prompts = [], [], []
+    one_token: dict[tuple[int, int], float] = {}  # (length, batch) -> mean request time
+    for length in plan.lengths:
+        for batch in plan.batches:
+            batch_prompts = [client.prompt(length) for _ in range(batch)]
+            timings = client.together(batch_prompts, 1)
+            # one token: the whole request is its time to first token (a stream's first
+            # chunk may carry no text, so the stream's own TTFT can come late)
+            ttft = max(t.total_s for t in timings)
+            one_token[length, batch] = sum(t.total_s for t in timings) / batch
+            prefill_x.append([1.0, batch * length])
+            prefill_y.append(ttft)
+            prompts.append(batch_prompts[0])
+            say(f"prefill {batch} x {length} tokens: TTFT {ttft * 1000:.1f} ms")
+    prefill_fixed, per_token = _fit(prefill_x, prefill_y)
+
+    cached_x, cached_y = [], []
+    for prompt in prompts[:: len(plan.batches)]:  # one prompt of each length, sent again
+        ttft = client.together([prompt], 1)[0].total_s
+        cached_x.append([float(len(prompt))])
+        cached_y.append(max(0.0, ttft - prefill_fixed))
+        say(f"cached {len(prompt)} tokens: TTFT {ttft * 1000:.1f} ms")
+    (per_cached,) = _fit(cached_x, cached_y)
+
+    decode_x, decode_y = [], []
+    contexts = (min(plan.lengths), max(plan.lengths))
+    outputs = max(2, plan.output_tokens)
+    for context in contexts:
+        for batch in plan.batches:
+            timings = client.together([client.prompt(context) for _ in range(batch)], outputs)
+            # the same requests with one output token took one_token: the rest is decode
+            total = sum(t.total_s for t in timings) / batch
+            tpot = max(0.0, (total - one_token[context, batch]) / (outputs - 1))
+            decode_x.append([1.0, float(batch), batch * (context + outputs / 2) / 1000.0])
+            decode_y.append(tpot)
+            say(f"decode {batch} x {context} context: TPOT {tpot * 1000:.2f} ms")
+    base, per_seq, per_ktoken = _fit(decode_x, decode_y)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    return LatencyProfile(
+        base_s=base,
+        prefill_s_per_token=per_token,
+        prefill_s_per_cached_token=per_cached,
+        decode_s_per_seq=per_seq,
+        decode_s_per_ktoken=per_ktoken,
+        source=f"calibrated against {url} ({model}) at {stamp}",
+    )

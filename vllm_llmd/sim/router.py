@@ -1,0 +1,156 @@
+"""The router inside the simulation: its real index, ingest path and routing policy, no I/O.
+
+What the proxy does for a request, with the same objects (`router/proxy.py`):
+
+    index.lookup_prefix(hashes)            the InMemoryIndex, fed by KV events
+      + RecentRoutes.run_length(pod, ...)  prefixes routed in the last ttl, events not in yet
+    routing.decide_route(...)              the policy (or the SLO planner) over caches and loads
+    RecentRoutes.record(pod, hashes)
+
+and what its ingestor does with a pod's event batch: `ingest.apply_update` of a ReceivedBatch
+(BlockStored -> index.add, BlockRemoved -> index.remove), after the publishing delay.
+
+Loads are the router's view: the pods' gauges as last scraped (every `scrape_interval_s`, as
+the pod registry polls /metrics) plus the router's exact in-flight count per pod. The
+`round_robin` and `load` policies never read caches, so for them the lookup is skipped (it
+changes no decision; it only costs the simulation time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from vllm_llmd.events.model import MEDIUM_GPU, EventBatch
+from vllm_llmd.events.updates import ReceivedBatch
+from vllm_llmd.router import routing
+from vllm_llmd.router.index import InMemoryIndex
+from vllm_llmd.router.ingest import PodStats, apply_update
+from vllm_llmd.router.latency import LatencyModels
+from vllm_llmd.router.load import PodLoad
+from vllm_llmd.router.predictive import SLOPlanner
+from vllm_llmd.router.recent import RecentRoutes
+from vllm_llmd.router.scoring import PodCache, PolicyName, ScoringConfig, make_policy
+from vllm_llmd.router.shared_view import extended
+from vllm_llmd.router.slo import SLO, RequestClass
+
+# policies whose choice never depends on the caches
+_CACHE_BLIND = frozenset({PolicyName.ROUND_ROBIN.value, PolicyName.LOAD.value})
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """The router's flags that matter here (defaults: the router's own)."""
+
+    policy: str = PolicyName.KV_AWARE.value
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    recent_route_ttl_s: float = 5.0
+    index_max_entries: int = 1_000_000
+    latency_min_samples: int = 8
+    # the SLO every request carries (policy slo routes on it)
+    slo: SLO = field(default_factory=SLO)
+    slo_headroom: float = 0.1
+    # seconds from a pod's engine step to its events in the index (publish, ZMQ, poll)
+    event_delay_s: float = 0.02
+    scrape_interval_s: float = 1.0
+
+
+class SimRouter:
+    """One router over `pods`; the caller tells it what it sent, what ended and when to scrape."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        pods: Sequence[str],
+        block_size: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.pods = sorted(pods)
+        self.index = InMemoryIndex(settings.index_max_entries)
+        policy = make_policy(settings.policy, settings.scoring)
+        self.latency = LatencyModels(settings.latency_min_samples)
+        planner = None
+        if settings.policy == PolicyName.SLO.value:
+            planner = SLOPlanner(
+                self.latency, policy, settings.scoring, block_size, settings.slo_headroom
+            )
+        # P/D is not simulated: every pod serves both halves, none is a prefill pod
+        self.routing = routing.RoutingPolicy(policy, planner, self.latency, block_size, 1 << 62)
+        self.request_class = RequestClass(settings.slo)
+        ttl = settings.recent_route_ttl_s
+        self.recent = RecentRoutes(ttl, clock=clock) if ttl > 0 else None
+        # first block hash -> pods it was routed to: only they can have a recent run (a
+        # shortcut around asking RecentRoutes about every pod; same answers)
+        self._routed_first: dict[int, set[str]] = {}
+        self.uses_caches = settings.policy not in _CACHE_BLIND
+        self.event_stats = {pod: PodStats() for pod in self.pods}
+        self._seq = dict.fromkeys(self.pods, 0)
+        self._scraped = {pod: PodLoad() for pod in self.pods}
+        self._in_flight = dict.fromkeys(self.pods, 0)
+        self.loads: dict[str, PodLoad] = dict(self._scraped)
+
+    # ---- a request ------------------------------------------------------------------------
+
+    def route(self, request_id: int, hashes: list[int], num_tokens: int) -> routing.Route:
+        """The proxy's lookup, decide_route and recent-route record for one request."""
+        caches = self.caches(hashes) if self.uses_caches else {}
+        route = routing.decide_route(
+            self.routing,
+            str(request_id),
+            len(hashes),
+            num_tokens,
+            self.request_class,
+            self.pods,
+            [],
+            caches,
+            self.loads,
+        )
+        pod = route.decode.pod
+        if self.recent is not None and hashes and self.uses_caches:
+            self.recent.record(pod, hashes)
+            self._routed_first.setdefault(hashes[0], set()).add(pod)
+        self._set_in_flight(pod, +1)
+        return route
+
+    def caches(self, hashes: list[int]) -> dict[str, PodCache]:
+        """Each pod's cached run (the proxy's `_caches`, without a shared tier)."""
+        if not hashes:
+            return {}
+        hits = self.index.lookup_prefix(hashes)
+        caches = {pod: PodCache(hit.num_blocks, hit.tiers) for pod, hit in hits.items()}
+        if self.recent is not None:
+            for pod in self._routed_first.get(hashes[0], ()):
+                run = self.recent.run_length(pod, hashes)
+                if run:
+                    caches[pod] = extended(caches.get(pod) or PodCache(), run, MEDIUM_GPU)
+        return caches
+
+    def finished(self, route: routing.Route, ttft_s: float, tpot_s: float | None) -> None:
+        """The request ended: in-flight down; the latency models learn (as the dispatcher's)."""
+        pod = route.decode.pod
+        self._set_in_flight(pod, -1)
+        if self.routing.planner is not None:
+            self.latency.observe(pod, "direct", route.shape, ttft_s, tpot_s)
+
+    # ---- what the pods tell it ------------------------------------------------------------
+
+    def ingest(self, pod: str, batch: EventBatch) -> None:
+        """One event batch of `pod`, through the ingestor's own apply_update."""
+        if not self.uses_caches:
+            return
+        self._seq[pod] += 1
+        update = ReceivedBatch(pod, self._seq[pod], batch)
+        apply_update(self.index, pod, update, self.event_stats[pod])
+
+    def scraped(self, pod: str, load: PodLoad) -> None:
+        """A /metrics poll of `pod` read `load` (its in-flight count is the router's)."""
+        self._scraped[pod] = load
+        self._set_in_flight(pod, 0)
+
+    def _set_in_flight(self, pod: str, change: int) -> None:
+        self._in_flight[pod] += change
+        scraped = self._scraped[pod]
+        self.loads[pod] = PodLoad(
+            scraped.num_waiting, scraped.num_running, scraped.kv_usage, self._in_flight[pod]
+        )

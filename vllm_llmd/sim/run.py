@@ -1,0 +1,173 @@
+"""One simulation: N simulated pods behind the router's real code, on a SimPy clock.
+
+A request's life: it arrives (the workload's time) -> the router looks its block hashes up and
+decides (`SimRouter.route`: index, recent routes, decide_route) -> the chosen pod queues it ->
+the pod's engine prefills it (first token) and decodes it (done) -> the router's in-flight
+count drops and, for policy slo, its latency model learns. Meanwhile each pod publishes KV
+events that reach the router's index `event_delay_s` later, and the router scrapes every pod's
+gauges every `scrape_interval_s`.
+
+`sweep` runs every policy at every pod count on the same requests (same seed) and returns one
+`Summary` each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import simpy
+
+from vllm_llmd.events.model import EventBatch
+from vllm_llmd.router.routing import Route
+from vllm_llmd.router.slo import SLO
+from vllm_llmd.sim.metrics import Summary, summarize
+from vllm_llmd.sim.pod import Outcome, PodConfig, Process, SimPod
+from vllm_llmd.sim.profile import H100_LLAMA_8B, LatencyProfile
+from vllm_llmd.sim.router import RouterSettings, SimRouter
+from vllm_llmd.sim.workloads import SimRequest
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything but the workload and the policy."""
+
+    num_pods: int
+    pod: PodConfig = field(default_factory=PodConfig)
+    profile: LatencyProfile = H100_LLAMA_8B
+    router: RouterSettings = field(default_factory=RouterSettings)
+    # the targets goodput counts against (TTFT and TPOT, seconds)
+    goodput_slo: SLO = field(default_factory=lambda: SLO(ttft_s=0.5, tpot_s=0.05))
+
+
+@dataclass
+class RunResult:
+    summary: Summary
+    outcomes: list[Outcome]
+    router: SimRouter
+    pods: dict[str, SimPod]
+
+
+def pod_ids(num_pods: int) -> list[str]:
+    return [f"pod-{i:03d}" for i in range(num_pods)]
+
+
+# young-generation threshold of the collector during a run (CPython's default is 700)
+_RUN_GC_THRESHOLD = 100_000
+
+
+@contextmanager
+def _rare_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector rarely, then restore its thresholds.
+
+    A run keeps a large heap alive (the workload's requests, an index of up to a million
+    blocks: millions of dicts and lists) and makes few reference cycles. At CPython's default
+    thresholds the collector scans that heap again and again: a tenth of a 256-pod run's time.
+    Reference counting frees almost everything anyway; the collector only changes when cycles
+    are freed, never what the simulation computes.
+    """
+    thresholds = gc.get_threshold()
+    gc.set_threshold(_RUN_GC_THRESHOLD, *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+def simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
+    """Run the requests through the router and the pods until every one has ended."""
+    with _rare_collections():
+        return _simulate(config, requests)
+
+
+def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
+    started = time.perf_counter()
+    env = simpy.Environment()
+    settings = config.router
+    router = SimRouter(settings, pod_ids(config.num_pods), config.pod.block_size, lambda: env.now)
+    routes: dict[int, Route] = {}
+    outcomes: list[Outcome] = []
+    last_done = [0.0]  # when the last request ended (the scraper may tick on past it)
+
+    def publish(pod: str, batch: EventBatch) -> None:
+        arrival = env.timeout(settings.event_delay_s)
+        arrival.callbacks.append(lambda _: router.ingest(pod, batch))
+
+    def done(outcome: Outcome) -> None:
+        route = routes.pop(outcome.request_id)
+        router.finished(route, outcome.ttft_s, outcome.tpot_s or None)
+        outcomes.append(outcome)
+        last_done[0] = float(env.now)
+
+    pods = {pod: SimPod(env, pod, config.pod, config.profile, publish, done) for pod in router.pods}
+    arriving = [True]
+
+    def arrivals() -> Process:
+        for request in requests:
+            wait = request.arrival_s - env.now
+            if wait > 0:
+                yield env.timeout(wait)
+            route = router.route(
+                request.request_id, request.prompt_hashes, request.num_prompt_tokens
+            )
+            routes[request.request_id] = route
+            pods[route.decode.pod].submit(request)
+        arriving[0] = False
+
+    def scrapes() -> Process:
+        while arriving[0] or routes:
+            yield env.timeout(settings.scrape_interval_s)
+            for pod_id, pod in pods.items():
+                router.scraped(pod_id, pod.load())
+
+    env.process(arrivals())
+    env.process(scrapes())
+    env.run()
+    summary = summarize(
+        settings.policy,
+        outcomes,
+        [pod.num_requests for pod in pods.values()],
+        config.goodput_slo,
+        sim_s=last_done[0],
+        wall_s=time.perf_counter() - started,
+    )
+    return RunResult(summary, outcomes, router, pods)
+
+
+# a workload for a pod count: (num_pods) -> requests (a fresh iterator, same seed each call)
+Workload = Callable[[int], Iterator[SimRequest]]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One run of a sweep: its figures and every request's TTFT (for the CDF plot)."""
+
+    summary: Summary
+    ttft_s: list[float]
+
+
+def sweep(
+    workload: Workload,
+    pod_counts: Sequence[int],
+    policies: Sequence[str],
+    base: SimConfig,
+    on_point: Callable[[SweepPoint], None] | None = None,
+) -> list[SweepPoint]:
+    """Every policy at every pod count, on the same requests (each run's index and pods are
+    dropped once summarized: a 256-pod index is large)."""
+    points = []
+    for num_pods in pod_counts:
+        for policy in policies:
+            router = dataclasses.replace(base.router, policy=policy)
+            config = dataclasses.replace(base, num_pods=num_pods, router=router)
+            result = simulate(config, workload(num_pods))
+            point = SweepPoint(result.summary, [o.ttft_s for o in result.outcomes])
+            del result
+            if on_point is not None:
+                on_point(point)
+            points.append(point)
+    return points
