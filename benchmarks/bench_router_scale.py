@@ -33,8 +33,8 @@ from typing import cast
 from vllm_llmd.events.model import BlockRemoved, BlockStored, Event, EventBatch
 from vllm_llmd.events.updates import ReceivedBatch
 from vllm_llmd.hashing import EventBlockHash
+from vllm_llmd.router.event_apply import PodStats, apply_update
 from vllm_llmd.router.index import InMemoryIndex
-from vllm_llmd.router.ingest import PodStats, apply_update
 from vllm_llmd.router.latency import LatencyModels
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.recent import RecentRoutes

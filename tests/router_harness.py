@@ -25,7 +25,7 @@ from aiohttp import web
 from vllm_llmd.devtools.client import metric_sum
 from vllm_llmd.prometheus_text import parse_prometheus_text
 from vllm_llmd.router.app import make_app
-from vllm_llmd.router.config import parse_config
+from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.index import Index
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from factories import BLOCK, make_request, make_scheduler, remote_prefill_params
@@ -130,6 +131,30 @@ def load_from_host(scheduler: LLMDConnectorScheduler, request: Request) -> Offlo
     return load
 
 
+def storing(scheduler: LLMDConnectorScheduler) -> tuple[Request, LLMDConnectorMetadata]:
+    """Request "r", which hit nothing, computed in one step: its stores planned, unreported."""
+    request = make_request("r", PROMPT)
+    scheduler.get_num_new_matched_tokens(request, 0)
+    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
+    return request, step(scheduler, {"r": len(PROMPT)})
+
+
+def loading_from_host() -> tuple[LLMDConnectorScheduler, Request, OffloadLoadSpec]:
+    """A scheduler whose host tier holds the prompt, and request "r" loading it from there."""
+    scheduler = make_scheduler(host_slots=HOST_SLOTS)
+    compute_prompt(scheduler)
+    request = make_request("r", PROMPT)
+    return scheduler, request, load_from_host(scheduler, request)
+
+
+def remote_hit(scheduler: LLMDConnectorScheduler, **changes: Any) -> Request:
+    """Request "r" with a prefill's kv_transfer_params (`changes` applied to them), matched:
+    every prompt token is to be loaded from the host tier and the prefill."""
+    request = make_request("r", PROMPT, remote_prefill_params(PROMPT, **changes))
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+    return request
+
+
 # ---- lifecycles ----------------------------------------------------------------------------
 
 
@@ -148,10 +173,7 @@ def test_device_cache_hit_only():
 
 
 def test_host_tier_hit_and_load():
-    scheduler = make_scheduler(host_slots=HOST_SLOTS)
-    compute_prompt(scheduler)
-    request = make_request("r", PROMPT)
-    load = load_from_host(scheduler, request)
+    scheduler, request, load = loading_from_host()
     assert load.request_id == "r" and load.block_ids == tuple(DEVICE_BLOCKS[:3])
     worker_reports(scheduler, finished_recving={"r"})
     assert scheduler.state_of("r").phase == LoadPhase.COMPUTING
@@ -259,8 +281,7 @@ def test_remote_pull_after_the_local_tiers():
 def test_host_tier_first_then_remote_pull_for_the_rest():
     scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
     compute_prompt(scheduler)
-    request = make_request("r", PROMPT, remote_prefill_params(PROMPT))
-    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+    request = remote_hit(scheduler)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), len(PROMPT))
     metadata = step(scheduler)
     [load], [recv] = metadata.offload_loads, metadata.recvs
@@ -275,8 +296,7 @@ def test_host_tier_first_then_remote_pull_for_the_rest():
 def test_abort_before_alloc_releases_the_prefill_and_pins_nothing():
     scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
     compute_prompt(scheduler)
-    request = make_request("r", PROMPT, remote_prefill_params(PROMPT))
-    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+    request = remote_hit(scheduler)
     assert scheduler.state_of("r").phase == LoadPhase.MATCHED
     request.status = RequestStatus.FINISHED_ABORTED
     assert scheduler.request_finished(request, []) == (False, None)
@@ -286,10 +306,7 @@ def test_abort_before_alloc_releases_the_prefill_and_pins_nothing():
 
 
 def test_abort_while_loading_keeps_the_pins_until_the_load_ends():
-    scheduler = make_scheduler(host_slots=HOST_SLOTS)
-    compute_prompt(scheduler)
-    request = make_request("r", PROMPT)
-    load_from_host(scheduler, request)
+    scheduler, request, _ = loading_from_host()
     request.status = RequestStatus.FINISHED_ABORTED
     assert scheduler.request_finished(request, DEVICE_BLOCKS) == (False, None)
     # the worker still copies from those host slots: nothing is unpinned yet
@@ -302,8 +319,7 @@ def test_abort_while_loading_keeps_the_pins_until_the_load_ends():
 def test_preempted_request_comes_back_and_finishes_once():
     scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
     compute_prompt(scheduler)
-    request = make_request("r", PROMPT, remote_prefill_params(PROMPT))
-    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+    request = remote_hit(scheduler)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), len(PROMPT))
     assert len(step(scheduler).recvs) == 1
     worker_reports(scheduler, finished_recving={"r"})
@@ -349,10 +365,7 @@ def test_a_preempted_request_with_stores_in_flight_waits_in_the_same_step():
     """vLLM frees a preempted request's blocks in the schedule that preempts it and may give
     them to another request in that very step: its forward must wait for the stores."""
     scheduler = make_scheduler(host_slots=HOST_SLOTS)
-    request = make_request("r", PROMPT)
-    scheduler.get_num_new_matched_tokens(request, 0)
-    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
-    stored = step(scheduler, {"r": len(PROMPT)})
+    request, stored = storing(scheduler)
     request.num_computed_tokens = len(PROMPT)
     assert step(scheduler, preempted={"r"}).offload_step.flush_first
     worker_reports(scheduler, all_done(stored))
@@ -381,10 +394,7 @@ def test_the_scheduler_half_reports_the_chunks_copies_in_flight_hold():
     """A leak check for operators: llmd:offload_busy_chunks is 0 whenever no copy runs."""
     scheduler = make_scheduler(host_slots=HOST_SLOTS)
     assert scheduler.take_stats().data["offload_busy_chunks"] == 0
-    request = make_request("r", PROMPT)
-    scheduler.get_num_new_matched_tokens(request, 0)
-    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
-    stored = step(scheduler, {"r": len(PROMPT)})
+    request, stored = storing(scheduler)
     stats = scheduler.take_stats()
     in_flight = len(stored.offload_step.stores) + len(stored.offload_step.disk_stores)
     assert in_flight > 0 and stats is not None
@@ -398,10 +408,7 @@ def test_the_scheduler_half_reports_the_chunks_copies_in_flight_hold():
 
 def test_a_vllm_that_does_not_name_preempted_requests_waits_for_stores_every_step():
     scheduler = make_scheduler(host_slots=HOST_SLOTS)
-    request = make_request("r", PROMPT)
-    scheduler.get_num_new_matched_tokens(request, 0)
-    scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
-    stored = step(scheduler, {"r": len(PROMPT)})
+    request, stored = storing(scheduler)
     request.num_computed_tokens = len(PROMPT)
     block_state = SimpleNamespace(get_block_ids=lambda request_id: (DEVICE_BLOCKS,))
     output = SimpleNamespace(kv_connector_block_state=block_state, num_scheduled_tokens={"r": 1})
@@ -413,10 +420,7 @@ def test_a_vllm_that_does_not_name_preempted_requests_waits_for_stores_every_ste
 
 
 def test_failed_load_unpins_and_the_request_recomputes():
-    scheduler = make_scheduler(host_slots=HOST_SLOTS)
-    compute_prompt(scheduler)
-    request = make_request("r", PROMPT)
-    load_from_host(scheduler, request)
+    scheduler, request, _ = loading_from_host()
     worker_reports(scheduler, finished_recving={"r"}, failed_recving={"r"})
     assert scheduler.state_of("r").phase == LoadPhase.COMPUTING
     assert scheduler.offload.manager.num_pinned() == 0
@@ -426,8 +430,7 @@ def test_failed_load_unpins_and_the_request_recomputes():
 
 def test_failed_pull_ends_like_any_load():
     scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
-    request = make_request("r", PROMPT, remote_prefill_params(PROMPT))
-    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+    request = remote_hit(scheduler)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), len(PROMPT))
     assert len(step(scheduler).recvs) == 1
     worker_reports(scheduler, finished_recving={"r"}, failed_recving={"r"})
@@ -458,8 +461,7 @@ def test_a_remote_hit_vllm_does_not_load_releases_the_prefill_at_once():
     # vLLM may load nothing (num_external_tokens 0) after a hit; the prefill's blocks used to
     # stay held until its lease expired: the release went out without its parsed params.
     scheduler = make_scheduler(host_slots=HOST_SLOTS, consumer=True)
-    request = make_request("r", PROMPT, remote_prefill_params(PROMPT))
-    assert scheduler.get_num_new_matched_tokens(request, 0) == (len(PROMPT), True)
+    request = remote_hit(scheduler)
     scheduler.update_state_after_alloc(request, blocks(DEVICE_BLOCKS), 0)
     metadata = step(scheduler)
     assert not metadata.recvs

@@ -302,7 +302,7 @@ ROUTER_IMPORT_CHECK = textwrap.dedent(
     import vllm_llmd.router
     for info in pkgutil.iter_modules(vllm_llmd.router.__path__):
         importlib.import_module("vllm_llmd.router." + info.name)
-    from vllm_llmd.router.config import parse_config
+    from vllm_llmd.router.config_parse import parse_config
     parse_config(["--pod", "http://127.0.0.1:8000"], environ={})
     assert not {"vllm", "torch"} & set(sys.modules), sorted(sys.modules)
     print("ok")
@@ -331,7 +331,7 @@ VENV_CHECK = textwrap.dedent(
     import json, sys
     argv, tokenizer = json.loads(sys.argv[1]), sys.argv[2]
     from vllm_llmd.router.cli import build_router
-    from vllm_llmd.router.config import parse_config
+    from vllm_llmd.router.config_parse import parse_config
     argv = [a if not a.startswith("--tokenizer=") else "--tokenizer=" + tokenizer for a in argv]
     router = build_router(parse_config(argv, environ={}))
     assert router.tokens is not None
@@ -731,7 +731,8 @@ def _bytes(quantity: str) -> int:
 
 
 def test_router_args_parse_and_match_the_pods(rendered: list[dict]):
-    from vllm_llmd.router.config import ENV_PREFIX, build_parser, parse_config
+    from vllm_llmd.router.config import ENV_PREFIX
+    from vllm_llmd.router.config_parse import build_parser, parse_config
 
     routers = [
         (deployment, container)

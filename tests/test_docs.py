@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
-from vllm_llmd.router.config import build_parser
+from vllm_llmd.router.config_parse import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "gen_config_reference.py"

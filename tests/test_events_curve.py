@@ -37,7 +37,7 @@ from vllm_llmd.events.curve import (
     CurveServerKeys,
 )
 from vllm_llmd.events.subscriber import Subscriber
-from vllm_llmd.router.config import parse_config
+from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.ingest import EventIngestor
 

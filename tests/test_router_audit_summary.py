@@ -25,7 +25,7 @@ from router_harness import MODEL, RecordingPod, metric, read_audit, running_rout
 
 from vllm_llmd.router.audit import AUDIT_VERSION
 from vllm_llmd.router.audit_summary import main, percentile, read_records, summarize
-from vllm_llmd.router.config import parse_config
+from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
 

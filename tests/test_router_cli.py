@@ -19,7 +19,7 @@ from aiohttp import web
 from router_harness import RecordingPod, url_of
 
 from vllm_llmd.router.cli import access_log_options, build_app
-from vllm_llmd.router.config import parse_config
+from vllm_llmd.router.config_parse import parse_config
 
 POD = ["--pod", "http://127.0.0.1:1"]
 

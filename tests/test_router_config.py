@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from vllm_llmd.router.cli import main
-from vllm_llmd.router.config import GROUPS, RouterConfig, build_parser, parse_config
+from vllm_llmd.router.config import GROUPS, RouterConfig
+from vllm_llmd.router.config_parse import build_parser, parse_config
 from vllm_llmd.router.flags import flag, flag_specs, grouped
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vllm_llmd"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from test_deploy import K8S, _model_for, _pod_containers, render, validate_model
 
-from vllm_llmd.router.config import parse_config
+from vllm_llmd.router.config_parse import parse_config
 
 OVERLAY = K8S / "overlays/gateway"
 CRDS = K8S / "gateway-api-inference-extension"

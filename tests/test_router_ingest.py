@@ -27,8 +27,9 @@ from vllm_llmd.devtools.model_maker import sample_text
 from vllm_llmd.devtools.server import VLLMServerConfig, event_endpoints, free_port, kv_events_config
 from vllm_llmd.events.updates import Gap, Reset
 from vllm_llmd.hashing import PrefixHasher
+from vllm_llmd.router.event_apply import PodStats, apply_update
 from vllm_llmd.router.index import InMemoryIndex, PrefixHit
-from vllm_llmd.router.ingest import EventIngestor, PodStats, apply_update
+from vllm_llmd.router.ingest import EventIngestor
 
 GPU, CPU, STORAGE = "GPU", "CPU", "STORAGE"
 

@@ -32,7 +32,7 @@ import pytest
 from fake_kube_api import NS, FakeKubeAPI, make_pod
 
 from vllm_llmd.devtools.server import free_port
-from vllm_llmd.router.config import parse_config
+from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.k8s import K8sDiscovery, K8sDiscoveryError, import_kubernetes
 from vllm_llmd.router.pods import PodRegistry
 

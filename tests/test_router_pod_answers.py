@@ -18,7 +18,8 @@ from router_harness import serve_on_loopback, url_of
 
 from vllm_llmd.events.sources import BadEventSources, discover_event_endpoints
 from vllm_llmd.router.cli import build_app
-from vllm_llmd.router.config import PodSpec, parse_config
+from vllm_llmd.router.config import PodSpec
+from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.ingest import EventIngestor
 from vllm_llmd.router.pods import PodRegistry, PodState

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import FakeClock
 
-from vllm_llmd.router.config import parse_config
+from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import complete
 from vllm_llmd.devtools.model_maker import sample_text
-from vllm_llmd.router.config import parse_config
+from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.tokens import TokenProcessor
 
 redis = pytest.importorskip("redis")

@@ -23,7 +23,7 @@ from router_harness import MODEL, RecordingPod, read_audit, running_router
 
 from vllm_llmd.router.cli import RequestsAccessLogger, access_log_options
 from vllm_llmd.router.client_body import api_key_ok
-from vllm_llmd.router.config import build_parser, parse_config
+from vllm_llmd.router.config_parse import build_parser, parse_config
 
 API_KEY = "sk-llmd-5ecret-9f27c1d4"  # unlike anything else a log line holds
 BEARER = f"Bearer {API_KEY}"
@@ -134,7 +134,7 @@ def test_api_key_ok_only_for_the_exact_bearer_token(key, authorization):
 
 
 def test_the_api_key_is_not_in_the_configs_repr():
-    from vllm_llmd.router.config import parse_config
+    from vllm_llmd.router.config_parse import parse_config
 
     config = parse_config(["--pod", "http://127.0.0.1:1", "--api-key", "s3cr3t-k3y"], environ={})
     assert config.api_key == "s3cr3t-k3y" and "s3cr3t-k3y" not in repr(config)

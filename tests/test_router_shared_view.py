@@ -12,8 +12,8 @@ from conftest import FakeClock
 
 from vllm_llmd.events.model import MEDIUM_CPU, MEDIUM_SHARED, BlockRemoved, BlockStored
 from vllm_llmd.events.updates import ReceivedBatch
+from vllm_llmd.router.event_apply import PodStats, apply_update
 from vllm_llmd.router.index import InMemoryIndex
-from vllm_llmd.router.ingest import PodStats, apply_update
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.scoring import PodCache, ScoreInput, ScoringConfig, make_policy
 from vllm_llmd.router.shared_view import InMemorySharedView, RedisSharedView, extend_with_shared

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from vllm_llmd.router.config import parse_config
+from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.latency import ForgettingRidge, LatencyModels, RequestShape
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.predictive import SLOPlanner, estimated_waiting, is_saturated

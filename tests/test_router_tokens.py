@@ -403,7 +403,7 @@ def test_chat_template_flag_renders_chat_requests_with_the_given_template(bos_mo
     # Pods started with `vllm serve --chat-template FILE` render with that file; the router
     # must too (--chat-template), or its prefix hashes name blocks no pod holds.
     from vllm_llmd.router.cli import build_router
-    from vllm_llmd.router.config import parse_config
+    from vllm_llmd.router.config_parse import parse_config
 
     template = tmp_path / "custom.jinja"
     template.write_text(

@@ -18,7 +18,7 @@ from aiohttp import web
 from router_harness import serve_on_loopback, url_of
 
 from vllm_llmd.devtools.server import free_port
-from vllm_llmd.router.config import parse_config
+from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.proxy import Router

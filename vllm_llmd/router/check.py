@@ -39,7 +39,8 @@ from vllm_llmd.events.subscriber import Subscriber
 from vllm_llmd.events.transport import Transport
 from vllm_llmd.hashing import DEFAULT_HASH_ALGORITHM
 from vllm_llmd.router.cli import LOG_FORMAT, token_processor
-from vllm_llmd.router.config import PROG, PodSpec, RouterConfig, build_parser, config_from_args
+from vllm_llmd.router.config import PROG, PodSpec, RouterConfig
+from vllm_llmd.router.config_parse import build_parser, config_from_args
 from vllm_llmd.router.pod_verification import cache_config_info
 from vllm_llmd.router.tokens import TokenProcessor
 

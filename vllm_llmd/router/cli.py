@@ -17,7 +17,8 @@ from aiohttp.web_response import StreamResponse
 from vllm_llmd.events.transport import Transport
 from vllm_llmd.router.app import make_app
 from vllm_llmd.router.chat_template import load_chat_template
-from vllm_llmd.router.config import RouterConfig, parse_config
+from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.index import Index, InMemoryIndex
 from vllm_llmd.router.ingest import EventIngestor
 from vllm_llmd.router.k8s import K8sDiscovery, K8sDiscoveryError

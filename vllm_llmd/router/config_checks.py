@@ -1,6 +1,6 @@
 """What is wrong with the router's parsed flags, said in one line naming the flag.
 
-`config.config_from_args` turns the first problem into a usage error (exit status 2).
+`config_parse.config_from_args` turns the first problem into a usage error (exit status 2).
 """
 
 from __future__ import annotations

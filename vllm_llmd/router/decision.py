@@ -91,6 +91,8 @@ class Decider:
         self.tokens = tokens
         self.policy = policy
         self.metrics = metrics
+        if registry.ingestor is not None:
+            registry.ingestor.on_gap = metrics.event_gap
         audit = (
             AuditLog(config.audit_log, on_failure=metrics.audit_failures.inc)
             if config.audit_log

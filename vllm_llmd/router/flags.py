@@ -5,7 +5,7 @@ from the field), settable as `VLLM_LLMD_ROUTER_FIELD_NAME` too (the flag wins); 
 the flags by group, each with its default and its variable (`help_text`). The field's type
 says how: `bool` is a switch, `int`/`float`/`str` (or `X | None`) take a value, and
 `tuple[X, ...]` is repeatable (whitespace-separated in the environment). `config.RouterConfig`
-declares the router's flags this way; `build_parser` there and docs/configuration.md
+declares the router's flags this way; `config_parse.build_parser` and docs/configuration.md
 (scripts/gen_config_reference.py) are generated from `flag_specs`.
 """
 

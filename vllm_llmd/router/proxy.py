@@ -20,24 +20,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from functools import partial
+from functools import cached_property, partial
 
 import aiohttp
 from aiohttp import web
 
 from vllm_llmd.router.client_body import read_json
-from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.decision import Decider
 from vllm_llmd.router.dispatch import Dispatcher
 from vllm_llmd.router.errors import error
-from vllm_llmd.router.index import Index, IndexStats
-from vllm_llmd.router.metrics import RouterMetrics
-from vllm_llmd.router.pods import PodRegistry
+from vllm_llmd.router.index import IndexStats
 from vllm_llmd.router.request_record import CLIENT_CLOSED_STATUS, RequestRecord
 from vllm_llmd.router.routing import DECODE_ROLES, PREFILL_ROLES, Route
-from vllm_llmd.router.scoring import ScoringPolicy
-from vllm_llmd.router.shared_view import SharedTierView, SharedViewStats
-from vllm_llmd.router.tokens import TokenProcessor
+from vllm_llmd.router.shared_view import SharedViewStats
 from vllm_llmd.router.upstream import ClientLeft, is_redirect
 
 logger = logging.getLogger(__name__)
@@ -49,21 +44,12 @@ class Router(Decider):
     """Request handling; the aiohttp app is `app.make_app(router)`. The routing state and
     decision are the `Decider`'s, shared with the endpoint picker."""
 
-    def __init__(
-        self,
-        config: RouterConfig,
-        registry: PodRegistry,
-        index: Index | None,
-        tokens: TokenProcessor | None,
-        policy: ScoringPolicy,
-        metrics: RouterMetrics,
-        shared: SharedTierView | None = None,
-    ) -> None:
-        super().__init__(config, registry, index, tokens, policy, metrics, shared)
-        self.session: aiohttp.ClientSession | None = None
-        self.dispatch = Dispatcher(registry, self.latency, metrics)
-        if registry.ingestor is not None:
-            registry.ingestor.on_gap = metrics.event_gap
+    # the client session is the app's (opened and closed with it: `app.make_app`)
+    session: aiohttp.ClientSession | None = None
+
+    @cached_property
+    def dispatch(self) -> Dispatcher:
+        return Dispatcher(self.registry, self.latency, self.metrics)
 
     # ---- requests ------------------------------------------------------------------------
 

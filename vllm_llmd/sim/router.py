@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from vllm_llmd.events.model import MEDIUM_GPU, EventBatch
 from vllm_llmd.events.updates import ReceivedBatch
 from vllm_llmd.router import routing
+from vllm_llmd.router.event_apply import PodStats, apply_update
 from vllm_llmd.router.index import InMemoryIndex
-from vllm_llmd.router.ingest import PodStats, apply_update
 from vllm_llmd.router.latency import LatencyModels
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.predictive import SLOPlanner
