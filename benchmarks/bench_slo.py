@@ -16,12 +16,16 @@ policy's latency models learn there, as they would in a long-running router).
 
 The TTFT SLO is set from a calibration on an idle pod: 60% of a cold long-prompt TTFT, so a cold
 prefill of a shared prefix misses it and a cached one meets it; the TPOT SLO is 3x the idle
-TPOT. Goodput = requests per second that met both SLOs (a shed request counts as missed).
-Requests carry the `standard` objective, sheddable for the slo policy (`--objective
-standard=-1`): a request that cannot be served in time is refused at once instead of making
-others late.
+TPOT (or `--slo-ttft-ms` / `--slo-tpot-ms`). Goodput = requests per second that met both SLOs
+(a refused request counts as missed). By default requests carry the SLO headers and no
+objective, the router's default class for them (refused with 429 when their SLO passes in the
+queue); `--objective standard=-1` makes them name a sheddable objective instead.
 
-Usage: `.venv/bin/python benchmarks/bench_slo.py [--rates 1,2,3,4] [--duration 30]`.
+The rates should reach at least 3x the saturation rate: it prints the goodput table, each
+router's peak against round robin's and how much of its peak it holds at the highest rate, and
+writes a PNG of goodput and p90 TTFT against offered rate (`logs/bench_slo/`).
+
+Usage: `.venv/bin/python benchmarks/bench_slo.py [--rates 1,2,4,8,12] [--duration 30]`.
 """
 
 from __future__ import annotations
@@ -176,8 +180,10 @@ async def one_request(session, url: str, model: str, prompt, args, slo) -> Outco
     headers = {
         "x-llm-d-slo-ttft-ms": str(round(slo[0] * 1000)),
         "x-llm-d-slo-tpot-ms": str(round(slo[1] * 1000, 1)),
-        "x-llm-d-inference-objective": "standard",
     }
+    objective = getattr(args, "objective", "")  # bench_router sends none
+    if objective:
+        headers["x-llm-d-inference-objective"] = objective.partition("=")[0]
     body = {
         "model": model,
         "prompt": prompt,
@@ -239,10 +245,37 @@ def calibrate(pod: VLLMServer, tokenizer, args) -> tuple[float, float]:
     return 0.6 * statistics.median(cold), 3 * statistics.median(tpots)
 
 
+def plot(path: Path, rates: list[float], goodput, ttft_p90, slo_ttft_s: float) -> bool:
+    """Goodput and p90 TTFT against offered rate, one line per router; False without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    for name in goodput:
+        top.plot(rates, [goodput[name][r] for r in rates], marker="o", label=name)
+        bottom.plot(rates, [ttft_p90[name][r] * 1000 for r in rates], marker="o", label=name)
+    top.set_ylabel("goodput (requests/s meeting both SLOs)")
+    top.legend(fontsize="small")
+    bottom.axhline(slo_ttft_s * 1000, color="grey", linestyle="--", label="TTFT SLO")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("p90 TTFT (ms, log)")
+    bottom.set_xlabel("offered rate (requests/s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--rates", default="1,2,3,4", help="arrival rates, requests/s")
+    parser.add_argument(
+        "--rates", default="1,2,4,8,12", help="arrival rates, requests/s: past 3x saturation"
+    )
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per run")
     parser.add_argument("--prefix-tokens", type=int, default=1536)
     parser.add_argument("--num-prefixes", type=int, default=4)
@@ -251,22 +284,42 @@ def main() -> None:
         "--warmup", type=float, default=15.0, help="unmeasured seconds of load before each run"
     )
     parser.add_argument("--vllm-router", default=shutil.which("vllm-router"))
+    parser.add_argument(
+        "--policies",
+        default="round_robin,kv_aware,slo",
+        help="our router's policies to run (comma-separated)",
+    )
+    parser.add_argument(
+        "--objective",
+        default="",
+        help="NAME=PRIORITY: requests name objective NAME, our routers map it to PRIORITY "
+        "(default: no objective, SLO headers only)",
+    )
+    parser.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO (default: calibrated)")
+    parser.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO (default: calibrated)")
     args = parser.parse_args()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
     pods = start_pods(model)
     try:
-        slo = calibrate(pods[0][0], tokenizer, args)
-        print(f"SLOs: TTFT {slo[0] * 1000:.0f} ms, TPOT {slo[1] * 1000:.1f} ms")
-        routers = [("ours", "round_robin"), ("ours", "kv_aware"), ("ours", "slo")]
+        ttft_slo, tpot_slo = calibrate(pods[0][0], tokenizer, args)
+        if args.slo_ttft_ms:
+            ttft_slo = args.slo_ttft_ms / 1000
+        if args.slo_tpot_ms:
+            tpot_slo = args.slo_tpot_ms / 1000
+        slo = (ttft_slo, tpot_slo)
+        objective = f"objective {args.objective.partition('=')[0]}" if args.objective else "none"
+        print(f"SLOs: TTFT {slo[0] * 1000:.0f} ms, TPOT {slo[1] * 1000:.1f} ms; {objective}")
+        routers = [("ours", policy) for policy in args.policies.split(",")]
         if args.vllm_router:
             routers += [("vllm-router", "cache_aware"), ("vllm-router", "kv_aware")]
         else:
             print("vllm-router not found (--vllm-router PATH): its policies are left out")
-        slo_flags = ["--objective", "standard=-1"]
+        flags = ["--objective", args.objective] if args.objective else []
         rates = [float(r) for r in args.rates.split(",")]
         goodput: dict[str, dict[float, float]] = {}
+        ttft_p90: dict[str, dict[float, float]] = {}
         header = f"{'router':28} {'rate':>5} {'good/s':>7} {'attain':>7} {'shed':>5} "
         print(header + f"{'TTFT p50':>9} {'TTFT p90':>9} {'TPOT p50':>9}")
         for run, rate in enumerate(rates):
@@ -274,7 +327,7 @@ def main() -> None:
                 name = f"{kind} {policy}"
                 requests = make_requests(tokenizer, rate, args.duration, 1 + run * 10, args)
                 if kind == "ours":
-                    router = ours(policy, pods, model, slo_flags if policy == "slo" else [])
+                    router = ours(policy, pods, model, flags)
                 else:
                     router = vllm_router(args.vllm_router, policy, pods, model)
                 try:
@@ -290,6 +343,7 @@ def main() -> None:
                 goodput.setdefault(name, {})[rate] = good / args.duration
                 ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
                 tpots = [o.tpot_s for o in outcomes if o.tpot_s is not None] or [0.0]
+                ttft_p90.setdefault(name, {})[rate] = percentile(ttfts, 90)
                 print(
                     f"{name:28} {rate:5.1f} {good / args.duration:7.2f} "
                     f"{good / len(outcomes):7.1%} {sum(o.shed for o in outcomes):5d} "
@@ -298,11 +352,20 @@ def main() -> None:
                     f"{percentile(tpots, 50) * 1000:8.1f}ms",
                     flush=True,
                 )
-        base = max(goodput["ours round_robin"].values()) or 1e-9
-        print("\npeak goodput over the rates, and its ratio to round_robin's:")
+        print("\ngoodput (requests/s meeting both SLOs) by offered rate:")
+        print(f"  {'router':28}" + "".join(f"{r:>7g}/s" for r in rates))
+        for name, by_rate in goodput.items():
+            print(f"  {name:28}" + "".join(f"{by_rate[r]:9.2f}" for r in rates))
+        base = max(goodput.get("ours round_robin", {0: 0.0}).values()) or 1e-9
+        top = rates[-1]
+        print(f"\npeak goodput, its ratio to round_robin's, and goodput at {top:g}/s / peak:")
         for name, by_rate in goodput.items():
             peak = max(by_rate.values())
-            print(f"  {name:28} {peak:6.2f} req/s  {peak / base:5.2f}x")
+            held = by_rate[top] / peak if peak else 0.0
+            print(f"  {name:28} {peak:6.2f} req/s  {peak / base:5.2f}x  held {held:6.1%}")
+        png = LOG_DIR / "goodput_by_rate.png"
+        if plot(png, rates, goodput, ttft_p90, slo[0]):
+            print(f"plot: {png}")
     finally:
         for pod, _ in pods:
             pod.stop()

@@ -9,9 +9,11 @@ import random
 import numpy as np
 import pytest
 
+from vllm_llmd.router.admission import Admission
 from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.latency import ForgettingRidge, LatencyModels, RequestShape
 from vllm_llmd.router.load import PodLoad
+from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.predictive import SLOPlanner, estimated_waiting, is_saturated
 from vllm_llmd.router.scoring import PodCache, ScoreInput, ScoringConfig, make_policy
 from vllm_llmd.router.slo import (
@@ -128,7 +130,7 @@ def _entry(priority: int, fairness_id: str, deadline: float) -> QueuedRequest:
     finally:
         loop.close()
     cls = RequestClass(SLO(), priority, fairness_id)
-    return QueuedRequest(cls, 0.0, deadline, lambda: True, future)
+    return QueuedRequest(cls, 0.0, deadline, lambda waited_s: True, future)
 
 
 def _drain(queue: AdmissionQueue) -> list[QueuedRequest]:
@@ -183,6 +185,53 @@ def test_fair_share_under_a_random_flood():
     quiet_total = served.count("quiet")
     head = served[: 2 * quiet_total]
     assert head.count("quiet") == quiet_total  # every quiet request served in the first 2n
+
+
+def _admit(cls: RequestClass, admissible) -> tuple[str, float] | int:
+    """(admission, seconds queued), or the refusal's HTTP status."""
+    from aiohttp import web
+
+    admission = Admission(10, queue_timeout_s=0.3, retry_after_s=1, metrics=RouterMetrics())
+
+    async def run() -> tuple[str, float] | int:
+        try:
+            return await admission.admit(cls, admissible)
+        except web.HTTPException as exc:
+            return exc.status
+        finally:
+            admission.stop()
+
+    return asyncio.run(run())
+
+
+def test_a_request_with_a_ttft_slo_and_no_objective_is_refused_when_its_deadline_passes():
+    """Past saturation, serving it late would make the requests behind it late too."""
+    never = SLO(ttft_s=0.2)
+    assert _admit(RequestClass(never), lambda waited_s: False) == 429
+    # critical traffic (an objective of priority >= 0) is served late instead, never dropped
+    admission, queued_s = _admit(RequestClass(never, 0, objective="critical"), lambda w: False)
+    assert admission == "late" and queued_s >= 0.2
+    # ... and so is a request without a TTFT SLO, after --queue-timeout-s
+    admission, queued_s = _admit(RequestClass(SLO()), lambda waited_s: False)
+    assert admission == "late" and 0.3 <= queued_s < 2
+
+
+def test_a_queued_request_is_judged_on_what_is_left_of_its_slo():
+    asked: list[float] = []
+
+    def admissible(waited_s: float) -> bool:
+        asked.append(waited_s)
+        return waited_s >= 0.1  # a pod frees up after 0.1 s
+
+    admission, queued_s = _admit(RequestClass(SLO(ttft_s=5.0)), admissible)
+    assert admission == "queued" and queued_s >= 0.1
+    assert asked[0] == 0.0 and asked[-1] >= 0.1 and asked == sorted(asked)
+    cls = RequestClass(SLO(0.5, 0.05), 3, "tenant", "premium")
+    left = cls.within(0.2)
+    assert left.slo.ttft_s == pytest.approx(0.3) and left.slo.tpot_s == 0.05
+    assert (left.priority, left.fairness_id, left.objective) == (3, "tenant", "premium")
+    assert cls.within(0.9).slo.ttft_s > 0  # past its deadline: nothing left, still a target
+    assert RequestClass(SLO()).within(5.0) == RequestClass(SLO())
 
 
 # ---- the latency model ----------------------------------------------------------------------

@@ -200,8 +200,10 @@ class Decider:
             admission, queued_s = await self.admission.admit(request_class, admissible)
             if admission != "met":  # it waited: the pods' caches moved on
                 caches = await self._lookup(hashes)
-        route = self._route(headers, hashes, caches, num_tokens, request_class, allowed)
-        route.queued_s, route.admission = queued_s, admission
+        # chosen for what is left of its SLO; counted against its whole SLO from arrival
+        left = request_class.within(queued_s)
+        route = self._route(headers, hashes, caches, num_tokens, left, allowed)
+        route.request_class, route.queued_s, route.admission = request_class, queued_s, admission
         self.recorder.decided(record, route)
         return route
 
@@ -232,9 +234,12 @@ class Decider:
         num_tokens: int | None,
         request_class: RequestClass,
         allowed: Collection[str] | None,
+        waited_s: float,
     ) -> bool:
-        """A pod can take the request now: not all saturated, one predicted to meet its SLO."""
+        """A pod can take the request now: not all saturated, one predicted to meet what is
+        left of its SLO after `waited_s` in the queue."""
         assert self.planner is not None
+        request_class = request_class.within(waited_s)
         decode_pods = self._candidates(DECODE_ROLES, allowed)
         if not decode_pods:
             return True  # _route answers 503

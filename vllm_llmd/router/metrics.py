@@ -184,8 +184,8 @@ class RouterMetrics:
         self.admissions = Counter(
             "llmd:router_admissions",
             "Requests the slo policy did not admit at once, by priority and outcome: queued "
-            "(waited, then admitted), late (dispatched at its deadline), shed (429), rejected "
-            "(queue full).",
+            "(waited, then admitted), late (dispatched at its deadline), shed (429 at once), "
+            "expired (429: its TTFT SLO passed in the queue), rejected (queue full).",
             ["priority", "outcome"],
             registry=r,
         )

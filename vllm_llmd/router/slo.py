@@ -9,7 +9,10 @@ absent: priority 0) and its fairness id from `x-llm-d-inference-fairness-id` (ab
 `x-gateway-inference-objective`, `x-gateway-inference-fairness-id`) are read too, where the
 current one is absent. As in the Gateway API
 Inference Extension, a negative priority is *sheddable*: when no pod can serve it within its
-SLO, it is refused with 429 and `Retry-After` instead of waiting.
+SLO, it is refused with 429 and `Retry-After` instead of waiting. A request with a TTFT SLO
+and no objective waits for a pod that can still meet what is left of its SLO and is refused
+(429) if its deadline passes first; one that named an objective of priority >= 0 (critical) is
+dispatched late then instead, never dropped (`RequestClass.served_late`).
 
 `AdmissionQueue` holds the requests that may not be dispatched yet (the pool is saturated, or
 no pod is predicted to meet the SLO). Its order: higher priority first; within a priority, the
@@ -45,8 +48,9 @@ DEFAULT_FAIRNESS_ID = "default"
 # How a request was let through: "met" at once; "queued" after waiting for a pod with room;
 # "late" when its deadline passed without one (dispatched anyway).
 Admitted = Literal["met", "queued", "late"]
-# ... or refused: "shed" (sheddable, 429) or "rejected" (the queue is full, 503).
-AdmissionOutcome = Literal[Admitted, "shed", "rejected"]
+# ... or refused: "shed" (sheddable, 429 at once), "expired" (its TTFT SLO passed in the
+# queue, 429) or "rejected" (the queue is full, 503).
+AdmissionOutcome = Literal[Admitted, "shed", "expired", "rejected"]
 
 
 class SLOHeaderError(ValueError):
@@ -83,7 +87,26 @@ class RequestClass:
 
     @property
     def sheddable(self) -> bool:
+        """Refused at once (429) when no pod can serve it in time: a negative priority."""
         return self.priority < 0
+
+    @property
+    def served_late(self) -> bool:
+        """Dispatched when its deadline passes in the queue, late rather than never: a request
+        that named an objective of priority >= 0 (critical traffic), or one without a TTFT SLO.
+        The rest, a TTFT SLO and no objective, are refused then (429): a first token after
+        the SLO is worth nothing to its client, and serving it makes the requests behind it
+        late too, which is how goodput collapses past saturation."""
+        if self.sheddable:
+            return False
+        return self.objective is not None or self.slo.ttft_s is None
+
+    def within(self, waited_s: float) -> RequestClass:
+        """This class after `waited_s` in the queue: its TTFT SLO is what is left of it."""
+        if self.slo.ttft_s is None or waited_s <= 0:
+            return self
+        left = SLO(max(self.slo.ttft_s - waited_s, 1e-6), self.slo.tpot_s)
+        return RequestClass(left, self.priority, self.fairness_id, self.objective)
 
 
 @dataclass(frozen=True)
@@ -182,8 +205,8 @@ class QueuedRequest:
     request_class: RequestClass
     arrival: float
     deadline: float
-    # the router's test: may this request be dispatched now?
-    admissible: Callable[[], bool]
+    # the router's test: may this request, queued this many seconds, be dispatched now?
+    admissible: Callable[[float], bool]
     # set True when admitted, False when its deadline passed first
     admitted: asyncio.Future[bool]
     seq: int = 0
