@@ -3,7 +3,10 @@
 Two real vLLM CPU pods (small model, one core each, LLMDConnector with a host tier, KV events on)
 with device caches too small to hold every shared prefix (`--kv-cache-mib`), behind, in turn:
 vllm-llmd-router `round_robin`, `kv_aware` and `slo`, and vllm-router `cache_aware` and
-`kv_aware` (fed by the pods' KV events) when its binary is found (`--vllm-router PATH`).
+`kv_aware` (fed by the pods' KV events) when its binary is found (`--vllm-router PATH`). With
+`--epp`, also ours `kv_aware` as a Gateway API Inference Extension endpoint picker
+(`--epp-port`) behind the Envoy stand-in (vllm_llmd.devtools.gateway, a process of its own),
+the workload sent to the stand-in.
 
 Workload (closed loop): `--users` users, each with one of `--num-prefixes` long system prompts
 ("documents"), hold `--turns`-turn conversations: every turn resends the whole conversation so
@@ -13,16 +16,18 @@ TTFT, requests per second, prefix hit rate on the pods (prompt tokens served fro
 or tiers over all prompt tokens, from vLLM's own counters), and the router's own added latency
 (median TTFT of a one-token request through the router minus straight to a pod, idle).
 
-Usage: `.venv/bin/python benchmarks/bench_router.py [--users 8] [--turns 4]`.
+Usage: `.venv/bin/python benchmarks/bench_router.py [--users 8] [--turns 4] [--epp]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import shutil
 import statistics
+import sys
 import time
 
 import aiohttp
@@ -30,6 +35,7 @@ from bench_slo import (
     LOG_DIR,
     REPO_ROOT,
     Outcome,
+    RouterRun,
     one_request,
     ours,
     percentile,
@@ -40,6 +46,7 @@ from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import metric_sum, scrape_metrics, timed_stream
 from vllm_llmd.devtools.model_maker import cached_model, sample_text
+from vllm_llmd.devtools.server import free_port
 
 NO_SLO = (3600.0, 3600.0)  # the SLO headers bench_slo's client sends: none that binds here
 
@@ -90,6 +97,15 @@ def added_latency(router_url: str, pod, repeats: int = 30) -> float:
     return statistics.median(via) - statistics.median(direct)
 
 
+def envoy_stand_in(epp_port: int) -> RouterRun:
+    """The Envoy stand-in before the endpoint picker on epp_port, a process of its own (as
+    Envoy is); ready once a request through it reaches a pod (GET /health)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm_llmd.devtools.gateway", "--port", str(port)]
+    argv += ["--epp", f"127.0.0.1:{epp_port}"]
+    return RouterRun("envoy-stand-in", argv, port).wait_ready("/health")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -112,6 +128,11 @@ def main() -> None:
     parser.add_argument(
         "--only-kv-aware", action="store_true", help="skip round_robin and slo (tuning runs)"
     )
+    parser.add_argument(
+        "--epp",
+        action="store_true",
+        help="also run ours kv_aware as an endpoint picker behind the Envoy stand-in",
+    )
     args = parser.parse_args()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
@@ -121,6 +142,8 @@ def main() -> None:
     if not args.only_kv_aware:
         routers = [("ours", "round_robin", []), *routers, ("ours", "slo", [])]
     routers += [("ours", "kv_aware", ["--w-load", str(w)]) for w in args.w_load]
+    if args.epp:
+        routers.append(("epp", "kv_aware", []))
     if args.vllm_router:
         routers += [("vllm-router", "cache_aware", []), ("vllm-router", "kv_aware", [])]
     else:
@@ -135,11 +158,17 @@ def main() -> None:
     try:
         for run, (kind, policy, flags) in enumerate(routers):
             name = " ".join([kind, policy, *flags]).replace("--", "")
-            if kind == "ours":
-                router = ours(policy, pods, model, flags)
-            else:
-                router = vllm_router(args.vllm_router, policy, pods, model)
-            try:
+            with contextlib.ExitStack() as running:
+                if kind == "vllm-router":
+                    router = vllm_router(args.vllm_router, policy, pods, model)
+                else:
+                    epp_port = free_port()
+                    epp = ["--epp-port", str(epp_port)] if kind == "epp" else []
+                    router = ours(policy, pods, model, [*flags, *epp])
+                running.callback(router.stop)
+                if kind == "epp":  # the clients go to the stand-in, which asks the picker
+                    name, router = f"ours {policy} via EPP", envoy_stand_in(epp_port)
+                    running.callback(router.stop)
                 hit_before, total_before = hit_counts(pods)
                 start = time.perf_counter()
                 outcomes = asyncio.run(
@@ -149,8 +178,6 @@ def main() -> None:
                 time.sleep(1.5)  # the pods' counters reach /metrics
                 hit_after, total_after = hit_counts(pods)
                 added = added_latency(router.url, pods[0][0])
-            finally:
-                router.stop()
             ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
             failed = sum(o.ttft_s is None for o in outcomes)
             hit_rate = (hit_after - hit_before) / max(1.0, total_after - total_before)

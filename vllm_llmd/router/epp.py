@@ -209,9 +209,11 @@ class EndpointPicker:
         prefill = endpoint_of(route.prefill.pod) if route.prefill is not None else None
         destination = endpoint_of(route.decode.pod)
         if exchange.request_mode == FULL_DUPLEX:  # we own the body: send it on after
-            answers = [picked(destination, prefill, "request_headers")]
-            if raw is not None:
-                answers += streamed(changed if changed is not None else raw, True, on)
+            sent = changed if changed is not None else raw
+            length = len(sent) if sent is not None else None
+            answers = [picked(destination, prefill, "request_headers", content_length=length)]
+            if sent is not None:
+                answers += streamed(sent, True, on)
             return answers
         return [picked(destination, prefill, on, changed)]
 

@@ -129,11 +129,14 @@ def picked(
     prefill_endpoint: str | None,
     on: str,
     body: bytes | None = None,
+    content_length: int | None = None,
 ) -> ProcessingResponse:
     """The answer that routes the request to `endpoint`, as the response to its
     `request_headers` or `request_body` message (`on`). A P/D route names its prefill pod for
     the decode pod's sidecar; without one, a client's prefiller header is removed. `body`
-    replaces the request body (BUFFERED mode only: a body the router changed)."""
+    replaces the request body (BUFFERED mode only: a body the router changed);
+    `content_length` is that of the body the picker sends on itself (FULL_DUPLEX_STREAMED:
+    the client's header would be wrong when the router changed the body)."""
     set_headers = [_set(DESTINATION_KEY, endpoint)]
     remove = [PREFILLER_URL_HEADER]
     if prefill_endpoint is not None:
@@ -143,7 +146,9 @@ def picked(
     mutation = None
     if body is not None:
         mutation = BodyMutation(body=body)
-        set_headers.append(_set("content-length", str(len(body))))
+        content_length = len(body)
+    if content_length is not None:
+        set_headers.append(_set("content-length", str(content_length)))
     common = CommonResponse(
         header_mutation=HeaderMutation(set_headers=set_headers, remove_headers=remove),
         body_mutation=mutation,
