@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,12 +31,42 @@ from pathlib import Path
 from typing import Any
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Ports are picked below the ephemeral range: a server binds its port seconds after it was
+# picked (vLLM's side channels once the model is loaded), and meanwhile any outgoing
+# connection on the box may take a port from that range (a CI run lost a NIXL pod so).
+_PICK_FROM = (20000, _ephemeral_ports()[0] - 1)
+_handed_out: set[int] = set()
+_pick = random.Random()  # not the tests' seeded global generator
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on host a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port that was free on host a moment ago, outside the kernel's ephemeral range,
+    and not handed out before by this process."""
+    low, high = _PICK_FROM
+    for _ in range(200 if high - low >= 1000 else 0):
+        port = _pick.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # no room below: any
+        sock.bind((host, 0))
+        picked: int = sock.getsockname()[1]
+        return picked
 
 
 def llmd_connector(
