@@ -45,7 +45,7 @@ from pathlib import Path
 import aiohttp
 from tokenizers import Tokenizer
 
-from vllm_llmd.devtools.client import timed_stream
+from vllm_llmd.devtools.client import scrape_metrics, timed_stream
 from vllm_llmd.devtools.model_maker import cached_model, sample_text
 from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port
 
@@ -245,6 +245,29 @@ def calibrate(pod: VLLMServer, tokenizer, args) -> tuple[float, float]:
     return 0.6 * statistics.median(cold), 3 * statistics.median(tpots)
 
 
+def median_prediction_error(router_url: str) -> float | None:
+    """The median |predicted - observed| / observed TTFT of our router's warm predictions so
+    far, read off its histogram (interpolated within a bucket); None when it made none."""
+    name = "llmd:router_ttft_prediction_relative_error_bucket"
+    buckets: dict[float, float] = {}
+    for (sample, labels), value in scrape_metrics(router_url).items():
+        if sample == name:
+            le = float(dict(labels)["le"])
+            buckets[le] = buckets.get(le, 0.0) + value
+    total = buckets.get(float("inf"), 0.0)
+    if not total:
+        return None
+    below, lower = 0.0, 0.0
+    for le in sorted(buckets):
+        if buckets[le] >= total / 2:
+            if le == float("inf"):
+                return lower
+            share = (total / 2 - below) / max(buckets[le] - below, 1e-9)
+            return lower + share * (le - lower)
+        below, lower = buckets[le], le
+    return None
+
+
 def plot(path: Path, rates: list[float], goodput, ttft_p90, slo_ttft_s: float) -> bool:
     """Goodput and p90 TTFT against offered rate, one line per router; False without
     matplotlib."""
@@ -295,6 +318,9 @@ def main() -> None:
         help="NAME=PRIORITY: requests name objective NAME, our routers map it to PRIORITY "
         "(default: no objective, SLO headers only)",
     )
+    parser.add_argument(
+        "--router-flags", default="", help="more flags for our routers (one string, e.g. tuning)"
+    )
     parser.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO (default: calibrated)")
     parser.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO (default: calibrated)")
     args = parser.parse_args()
@@ -311,17 +337,18 @@ def main() -> None:
         slo = (ttft_slo, tpot_slo)
         objective = f"objective {args.objective.partition('=')[0]}" if args.objective else "none"
         print(f"SLOs: TTFT {slo[0] * 1000:.0f} ms, TPOT {slo[1] * 1000:.1f} ms; {objective}")
-        routers = [("ours", policy) for policy in args.policies.split(",")]
+        routers = [("ours", policy) for policy in args.policies.split(",") if policy]
         if args.vllm_router:
             routers += [("vllm-router", "cache_aware"), ("vllm-router", "kv_aware")]
         else:
             print("vllm-router not found (--vllm-router PATH): its policies are left out")
         flags = ["--objective", args.objective] if args.objective else []
+        flags += args.router_flags.split()
         rates = [float(r) for r in args.rates.split(",")]
         goodput: dict[str, dict[float, float]] = {}
         ttft_p90: dict[str, dict[float, float]] = {}
         header = f"{'router':28} {'rate':>5} {'good/s':>7} {'attain':>7} {'shed':>5} "
-        print(header + f"{'TTFT p50':>9} {'TTFT p90':>9} {'TPOT p50':>9}")
+        print(header + f"{'TTFT p50':>9} {'TTFT p90':>9} {'TPOT p50':>9}  predicted TTFT error")
         for run, rate in enumerate(rates):
             for kind, policy in routers:
                 name = f"{kind} {policy}"
@@ -337,6 +364,7 @@ def main() -> None:
                     outcomes = asyncio.run(
                         run_load(router.url, pods[0][0].model_name, requests, args, slo)
                     )
+                    error = median_prediction_error(router.url) if kind == "ours" else None
                 finally:
                     router.stop()
                 good = sum(o.ok for o in outcomes)
@@ -349,7 +377,8 @@ def main() -> None:
                     f"{good / len(outcomes):7.1%} {sum(o.shed for o in outcomes):5d} "
                     f"{percentile(ttfts, 50) * 1000:8.0f}ms "
                     f"{percentile(ttfts, 90) * 1000:8.0f}ms "
-                    f"{percentile(tpots, 50) * 1000:8.1f}ms",
+                    f"{percentile(tpots, 50) * 1000:8.1f}ms"
+                    + ("" if error is None else f"  median {error:.0%} (warmup and run)"),
                     flush=True,
                 )
         print("\ngoodput (requests/s meeting both SLOs) by offered rate:")
