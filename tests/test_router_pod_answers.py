@@ -22,7 +22,8 @@ from vllm_llmd.router.config import PodSpec
 from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.ingest import EventIngestor
-from vllm_llmd.router.pods import PodRegistry, PodState
+from vllm_llmd.router.pod_state import PodState
+from vllm_llmd.router.pods import PodRegistry
 
 GOOD_METRICS = (
     "vllm:num_requests_waiting 0\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.5\n"

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from vllm_llmd.router.admission import Admission
+from vllm_llmd.router.config import PodSpec
 from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.latency import ForgettingRidge, LatencyModels, RequestShape
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
-from vllm_llmd.router.predictive import SLOPlanner, estimated_waiting, is_saturated
+from vllm_llmd.router.pod_state import PodState, Sending
+from vllm_llmd.router.predictive import SLOPlanner, estimated_waiting, is_saturated, request_shape
 from vllm_llmd.router.scoring import PodCache, ScoreInput, ScoringConfig, make_policy
 from vllm_llmd.router.slo import (
     SLO,
@@ -256,13 +258,14 @@ def test_one_prompt_length_leaves_the_split_at_the_prior_and_no_cost_negative():
     fit = ForgettingRidge(5, forget=0.98)
     for _ in range(2000):
         uncached = int(rng.integers(0, 2001))
-        shape = RequestShape(uncached, 2000 - uncached, int(rng.integers(0, 3)), 0)
-        ttft = 0.02 + 0.3 * uncached / 1000 + 0.005 * shape.waiting + rng.normal(0, 0.003)
+        ahead = 500 * int(rng.integers(0, 3))
+        shape = RequestShape(uncached, 2000 - uncached, ahead, 0)
+        ttft = 0.02 + 0.3 * uncached / 1000 + 0.2 * ahead / 1000 + rng.normal(0, 0.003)
         fit.update(shape.ttft_features(), float(ttft))
         assert (fit.weights[1:] >= 0).all(), fit.weights
     for uncached in (0, 1000, 2000):
-        shape = RequestShape(uncached, 2000 - uncached, 1, 0)
-        expected = 0.02 + 0.3 * uncached / 1000 + 0.005
+        shape = RequestShape(uncached, 2000 - uncached, 500, 0)
+        expected = 0.02 + 0.3 * uncached / 1000 + 0.1
         assert fit.predict(shape.ttft_features()) == pytest.approx(expected, abs=0.02)
 
 
@@ -313,11 +316,12 @@ def test_cold_model_predicts_nothing_and_modes_are_separate():
 
 
 def _warm(models: LatencyModels, pod: str, per_ktoken: float, base: float = 0.01) -> None:
-    """Teach `pod` TTFT = base + per_ktoken * uncached ktokens (+ 5 ms per queued request)."""
+    """Teach `pod` TTFT = base + per_ktoken * (uncached + queued ahead) ktokens."""
     rng = random.Random(pod)
     for _ in range(40):
-        shape = RequestShape(rng.randrange(0, 4000), rng.randrange(0, 2000), rng.randrange(3), 0)
-        ttft = base + per_ktoken * shape.uncached_tokens / 1000 + 0.005 * shape.waiting
+        ahead = 500 * rng.randrange(3)
+        shape = RequestShape(rng.randrange(0, 4000), rng.randrange(0, 2000), ahead, 0)
+        ttft = base + per_ktoken * (shape.uncached_tokens + ahead) / 1000
         models.observe(pod, "direct", shape, ttft, 0.01)
 
 
@@ -372,6 +376,26 @@ def test_in_flight_beyond_the_running_batch_counts_as_queued():
     assert estimated_waiting(load) == 3
     assert is_saturated(load, ScoringConfig(max_waiting=3))
     assert not is_saturated(PodLoad(num_running=4, num_in_flight=4), ScoringConfig(max_waiting=1))
+
+
+def test_requests_not_answering_yet_are_the_prefill_work_ahead_of_a_new_one():
+    """The router counts what it sent a pod that has not begun answering, with its uncached
+    tokens, at once (the pod's gauges lag a scrape): a new request's TTFT features."""
+    pod = PodState(PodSpec.parse("http://pod-a"))
+    cold, _ = Sending(pod, 1500), Sending(pod, 40)
+    assert (pod.in_flight, pod.prefilling, pod.prefill_tokens) == (2, 2, 1540)
+    cold.answering()
+    cold.answering()  # once only
+    assert (pod.in_flight, pod.prefilling, pod.prefill_tokens) == (2, 1, 40)
+    load = PodLoad(num_running=0, num_in_flight=2, num_prefilling=1, prefill_tokens=40)
+    shape = request_shape(ScoreInput(4, ["pod-a"], loads={"pod-a": load}), "pod-a", 600, 128)
+    assert (shape.uncached_tokens, shape.ahead_tokens, shape.active) == (600, 40, 1)
+    # a scrape that saw more running than the router knows answering wins
+    load = PodLoad(num_running=3, num_in_flight=2, num_prefilling=1, prefill_tokens=40)
+    assert (
+        request_shape(ScoreInput(4, ["pod-a"], loads={"pod-a": load}), "pod-a", 600, 128).active
+        == 3
+    )
 
 
 def test_the_heuristics_pod_is_left_only_for_one_surely_on_time():

@@ -119,11 +119,14 @@ class Dispatcher:
         order = sorted(route.decode.scores, key=lambda p: -route.decode.scores[p])
         order.remove(route.decode.pod)
         last_error: Exception | None = None
+        # the prefill work this request puts ahead of the pod's next ones (a P/D decode's
+        # prompt comes by transfer)
+        prefill_tokens = route.shape.uncached_tokens if route.prefill is None else 0
         for pod in [route.decode.pod, *order]:
             try:
-                with self.registry.sending(pod):
+                with self.registry.sending(pod, prefill_tokens) as sending:
                     return await self._stream_from(
-                        session, pod, request, body, route, served, on_answer
+                        session, pod, request, body, route, served, on_answer, sending.answering
                     )
             except NotStarted as exc:  # nothing reached the client yet: try the next pod
                 last_error = exc.cause
@@ -140,6 +143,7 @@ class Dispatcher:
         route: Route,
         served: Served,
         on_answer: Callable[[], None] | None,
+        on_first_byte: Callable[[], None],
     ) -> web.StreamResponse:
         headers = {"X-Request-Id": route.request_id}
         sent = time.monotonic()
@@ -164,6 +168,7 @@ class Dispatcher:
                 pod,
                 route.request_id,
                 prefilled_by=prefilled_by,
+                on_first_byte=on_first_byte,
                 before_eof=answered,
             )
         if upstream.status == 200 and first_byte is not None and pod == route.decode.pod:

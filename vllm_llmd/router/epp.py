@@ -59,6 +59,7 @@ from vllm_llmd.router.epp_wire import (
     streamed,
 )
 from vllm_llmd.router.errors import error
+from vllm_llmd.router.pod_state import Sending
 from vllm_llmd.router.request_record import CLIENT_CLOSED_STATUS, RequestRecord
 from vllm_llmd.router.routing import Route
 
@@ -89,6 +90,8 @@ class _Exchange:
     # events so far: what the latency models learn from, as from the proxy's answers
     picked_at: float | None = None
     num_events: int = 0
+    # the request counted in flight to its pod (prefilling until the answer's first byte)
+    sending: Sending | None = None
 
 
 class EndpointPicker:
@@ -163,6 +166,8 @@ class EndpointPicker:
         if kind == "response_body":
             if record is not None and record.served.first_byte is None:
                 record.served.first_byte = time.monotonic()
+            if exchange.sending is not None:
+                exchange.sending.answering()
             exchange.num_events += message.response_body.body.count(b"data:")
             if message.response_body.end_of_stream:
                 self._end(exchange)
@@ -205,7 +210,10 @@ class EndpointPicker:
         except web.HTTPException as exc:
             return [self._refused(exchange, exc)]
         exchange.route, exchange.picked_at = route, time.monotonic()
-        in_flight.enter_context(decider.registry.sending(route.decode.pod))
+        prefill_tokens = route.shape.uncached_tokens if route.prefill is None else 0
+        exchange.sending = in_flight.enter_context(
+            decider.registry.sending(route.decode.pod, prefill_tokens)
+        )
         prefill = endpoint_of(route.prefill.pod) if route.prefill is not None else None
         destination = endpoint_of(route.decode.pod)
         if exchange.request_mode == FULL_DUPLEX:  # we own the body: send it on after

@@ -4,15 +4,19 @@ For every pod and every way it serves (`direct`: prompt and decode on one pod, `
 prompt half of a P/D pair, `decode`: the decode half, whose prompt arrives by transfer), the
 router keeps two small linear models:
 
-    TTFT  ~ a + b * uncached_ktokens + c * cached_ktokens + d * waiting + e * active
+    TTFT  ~ a + b * uncached_ktokens + c * cached_ktokens + d * ahead_ktokens + e * active
     TPOT  ~ a + b * active
 
 `uncached_ktokens` are the prompt tokens the pod must compute (thousands), `cached_ktokens` the
-ones its cache (or a transfer) provides, `waiting` its queue and `active` its running batch plus
-the router's in-flight requests, all as the router saw them at dispatch. Prefill cost is close to
-linear in uncached tokens, queueing adds roughly one step per queued request, and a decode step
-slows with the batch: a line per term is enough to rank pods and to tell whether an SLO can be
-met, and every coefficient reads as "seconds per unit", so an operator can check it.
+ones its cache (or a transfer) provides, `ahead_ktokens` the uncached prompt tokens of the
+requests the router sent it that have not begun answering (the prefill work queued ahead: the
+router knows it at once, where the pod's gauges lag a scrape and a queued request's cost ranges
+from a cached prompt's milliseconds to a cold one's seconds), and `active` its decode batch (the
+router's requests that are answering, or the pod's running gauge if larger), all as the router
+saw them at dispatch. Prefill cost is close to linear in uncached tokens, its own and those
+ahead of it, and a decode step slows with the batch: a line per term is enough to rank pods and
+to tell whether an SLO can be met, and every coefficient reads as "seconds per unit", so an
+operator can check it.
 
 Fitting is least squares with a forgetting factor (old behaviour fades: a pod that got slower
 is believed within ~1/(1-forget) requests), pulled toward a prior (`ForgettingRidge`): no
@@ -45,7 +49,9 @@ class RequestShape:
 
     uncached_tokens: int
     cached_tokens: int
-    waiting: int
+    # uncached prompt tokens of the requests ahead of it at the pod (not answering yet)
+    ahead_tokens: int
+    # the pod's decode batch
     active: int
 
     def ttft_features(self) -> Vector:
@@ -54,7 +60,7 @@ class RequestShape:
                 1.0,
                 self.uncached_tokens / 1000.0,
                 self.cached_tokens / 1000.0,
-                float(self.waiting),
+                self.ahead_tokens / 1000.0,
                 float(self.active),
             ]
         )

@@ -49,9 +49,15 @@ class PodLoad:
     kv_usage: float = 0.0
     # requests this router sent to the pod that have not finished yet
     num_in_flight: int = 0
+    # ... of which no answer byte came yet (queued or prefilling in the pod), and their
+    # uncached prompt tokens: the prefill work ahead of a new request, known at once (the
+    # pod's gauges lag by a scrape)
+    num_prefilling: int = 0
+    prefill_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.num_waiting, self.num_running, self.num_in_flight) < 0:
+        counts = (self.num_waiting, self.num_running, self.num_in_flight, self.num_prefilling)
+        if min(*counts, self.prefill_tokens) < 0:
             raise ValueError(f"request counts must be >= 0: {self}")
         if not 0.0 <= self.kv_usage <= 1.0:
             raise ValueError(f"kv_usage must be in 0..1, got {self.kv_usage}")

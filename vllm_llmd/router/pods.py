@@ -28,7 +28,6 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -36,6 +35,7 @@ from vllm_llmd.events.sources import BadEventSources, discover_event_endpoints
 from vllm_llmd.router.config import PodSpec
 from vllm_llmd.router.ingest import EventIngestor
 from vllm_llmd.router.load import PodLoad, PodLoadError, scrape_pod_load
+from vllm_llmd.router.pod_state import PodState, Sending
 from vllm_llmd.router.tokens import TokenProcessor
 
 logger = logging.getLogger(__name__)
@@ -47,33 +47,6 @@ HEALTH_TIMEOUT_S = 5.0
 # or an error status takes it out at once; a timeout alone may be a busy API server (leaving
 # would also drop its index entries, the router's knowledge of its cache).
 SLOW_CHECKS_TO_EVICT = 3
-
-
-@dataclass
-class PodState:
-    spec: PodSpec
-    healthy: bool = False
-    load: PodLoad = field(default_factory=PodLoad)
-    # requests this router has sent to the pod and not yet finished
-    in_flight: int = 0
-    subscribed: bool = False
-    # the pod's tokens and block hashes match the router's; None: not checked since it joined
-    hashes_ok: bool | None = None
-    # the ingestor's remove_pod, running off the event loop; awaited before following again
-    removal: asyncio.Future[None] | None = None
-    # a poll of this pod is running (a new pod's first poll may overlap the periodic one)
-    polling: bool = False
-    # discovery removed it; a poll still running must not bring it back
-    removed: bool = False
-    # /health checks in a row that timed out
-    slow_checks: int = 0
-    # why it is out of rotation, its events not followed, or its load not read (each logged
-    # when it changes, so a pod that keeps answering badly does not spam)
-    health_problem: str = ""
-    events_problem: str = ""
-    # the pod was found to publish no KV events (logged once per pod)
-    events_off_logged: bool = False
-    load_problem: str = ""
 
 
 class PodRegistry:
@@ -113,16 +86,18 @@ class PodRegistry:
         return pod if pod is not None else PodState(PodSpec(pod_id), removed=True)
 
     @contextmanager
-    def sending(self, pod_id: str) -> Iterator[None]:
-        """Count a request in flight to the pod while the block runs. The state is held across
-        the block's awaits, so a pod removed meanwhile keeps the count (and has it again if it
-        comes back before the request ends)."""
-        pod = self.state(pod_id)
-        pod.in_flight += 1
+    def sending(self, pod_id: str, prefill_tokens: int = 0) -> Iterator[Sending]:
+        """Count a request in flight to the pod while the block runs, and as prefilling (with
+        its `prefill_tokens` uncached prompt tokens) until `answering()` is called on what it
+        yields (the answer's first byte). The state is held across the block's awaits, so a pod
+        removed meanwhile keeps the count (and has it again if it comes back before the request
+        ends)."""
+        sending = Sending(self.state(pod_id), max(0, prefill_tokens))
         try:
-            yield
+            yield sending
         finally:
-            pod.in_flight -= 1
+            sending.answering()
+            sending.pod.in_flight -= 1
 
     def candidates(self, roles: tuple[str, ...]) -> list[str]:
         """Healthy pods with one of roles, in configuration order."""
@@ -147,7 +122,14 @@ class PodRegistry:
 
     def loads(self) -> dict[str, PodLoad]:
         return {
-            pid: PodLoad(p.load.num_waiting, p.load.num_running, p.load.kv_usage, p.in_flight)
+            pid: PodLoad(
+                p.load.num_waiting,
+                p.load.num_running,
+                p.load.kv_usage,
+                p.in_flight,
+                p.prefilling,
+                p.prefill_tokens,
+            )
             for pid, p in self.pods.items()
         }
 

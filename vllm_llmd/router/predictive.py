@@ -56,8 +56,8 @@ def request_shape(request: ScoreInput, pod: str, num_tokens: int, block_size: in
     return RequestShape(
         uncached_tokens=num_tokens - cached,
         cached_tokens=cached,
-        waiting=estimated_waiting(load),
-        active=load.num_running + load.num_in_flight,
+        ahead_tokens=load.prefill_tokens,
+        active=max(load.num_running, load.num_in_flight - load.num_prefilling),
     )
 
 
@@ -159,7 +159,7 @@ class SLOPlanner:
 
 
 def _idle(shape: RequestShape) -> RequestShape:
-    return RequestShape(shape.uncached_tokens, shape.cached_tokens, waiting=0, active=0)
+    return RequestShape(shape.uncached_tokens, shape.cached_tokens, ahead_tokens=0, active=0)
 
 
 def _slo_ratio(prediction: Prediction, slo: SLO, output_tokens: int) -> float:

@@ -85,14 +85,16 @@ async def relay(
     request_id: str,
     *,
     prefilled_by: str | None = None,
+    on_first_byte: Callable[[], None] | None = None,
     before_eof: Callable[[float | None], None] | None = None,
 ) -> tuple[web.StreamResponse, float | None, int]:
     """Stream the pod's answer to our client: (our response, when its first byte came, the
     number of SSE events in it). ClientLeft when our client went away meanwhile.
 
     The answer names the pod that served it (`X-Routed-To`) and, for a P/D answer, the pod whose
-    prefill it used (`X-Prefilled-By`). `before_eof(first_byte)` runs once the whole answer is
-    relayed, before its end is sent: what it records is there when the client has the answer."""
+    prefill it used (`X-Prefilled-By`). `on_first_byte()` runs when the answer's first byte
+    comes; `before_eof(first_byte)` once the whole answer is relayed, before its end is sent:
+    what it records is there when the client has the answer."""
     first_byte = None
     num_events = 0
     response = web.StreamResponse(status=upstream.status)
@@ -108,6 +110,8 @@ async def relay(
         async for chunk in upstream.content.iter_any():
             if first_byte is None:
                 first_byte = time.monotonic()
+                if on_first_byte is not None:
+                    on_first_byte()
             num_events += chunk.count(b"data:")
             await response.write(chunk)
         if before_eof is not None:

@@ -98,8 +98,11 @@ class SimPod:
         profile: LatencyProfile,
         publish: EventSink,
         done: OutcomeSink,
+        first_token: Callable[[int], None] | None = None,
     ) -> None:
         self.env = env
+        # told a request's id when its first token is out (the router's answer begins)
+        self.first_token = first_token
         self.pod_id = pod_id
         self.config = config
         self.profile = profile
@@ -230,6 +233,8 @@ class SimPod:
     def _first_token(self, running: _Running) -> None:
         self._prefilling.remove(running)
         running.first_s = self.env.now
+        if self.first_token is not None:
+            self.first_token(running.request.request_id)
         running.start_step = self._steps
         request = running.request
         finish_step = self._steps + request.num_output_tokens - 1

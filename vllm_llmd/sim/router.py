@@ -88,6 +88,11 @@ class SimRouter:
         self._seq = dict.fromkeys(self.pods, 0)
         self._scraped = {pod: PodLoad() for pod in self.pods}
         self._in_flight = dict.fromkeys(self.pods, 0)
+        # the router's requests not answering yet, per pod, and their uncached prompt tokens
+        # (as `PodRegistry.sending` counts them)
+        self._prefilling = dict.fromkeys(self.pods, 0)
+        self._prefill_tokens = dict.fromkeys(self.pods, 0)
+        self._not_answering: dict[str, int] = {}  # request id -> its prefill tokens
         self.loads: dict[str, PodLoad] = dict(self._scraped)
 
     # ---- a request ------------------------------------------------------------------------
@@ -110,8 +115,21 @@ class SimRouter:
         if self.recent is not None and hashes and self.uses_caches:
             self.recent.record(pod, hashes)
             self._routed_first.setdefault(hashes[0], set()).add(pod)
+        tokens = route.shape.uncached_tokens
+        self._not_answering[route.request_id] = tokens
+        self._prefilling[pod] += 1
+        self._prefill_tokens[pod] += tokens
         self._set_in_flight(pod, +1)
         return route
+
+    def answering(self, route: routing.Route) -> None:
+        """The request's first token is out: its prefill is no longer ahead of others."""
+        tokens = self._not_answering.pop(route.request_id, None)
+        if tokens is not None:
+            pod = route.decode.pod
+            self._prefilling[pod] -= 1
+            self._prefill_tokens[pod] -= tokens
+            self._set_in_flight(pod, 0)
 
     def caches(self, hashes: list[int]) -> dict[str, PodCache]:
         """Each pod's cached run (the proxy's `_caches`, without a shared tier)."""
@@ -129,6 +147,7 @@ class SimRouter:
     def finished(self, route: routing.Route, ttft_s: float, tpot_s: float | None) -> None:
         """The request ended: in-flight down; the latency models learn (as the dispatcher's)."""
         pod = route.decode.pod
+        self.answering(route)
         self._set_in_flight(pod, -1)
         if self.routing.planner is not None:
             self.latency.observe(pod, "direct", route.shape, ttft_s, tpot_s)
@@ -152,5 +171,10 @@ class SimRouter:
         self._in_flight[pod] += change
         scraped = self._scraped[pod]
         self.loads[pod] = PodLoad(
-            scraped.num_waiting, scraped.num_running, scraped.kv_usage, self._in_flight[pod]
+            scraped.num_waiting,
+            scraped.num_running,
+            scraped.kv_usage,
+            self._in_flight[pod],
+            self._prefilling[pod],
+            self._prefill_tokens[pod],
         )

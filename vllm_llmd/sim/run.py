@@ -103,7 +103,13 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
         outcomes.append(outcome)
         last_done[0] = float(env.now)
 
-    pods = {pod: SimPod(env, pod, config.pod, config.profile, publish, done) for pod in router.pods}
+    def first_token(request_id: int) -> None:
+        router.answering(routes[request_id])
+
+    pods = {
+        pod: SimPod(env, pod, config.pod, config.profile, publish, done, first_token)
+        for pod in router.pods
+    }
     arriving = [True]
 
     def arrivals() -> Process:

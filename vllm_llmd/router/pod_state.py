@@ -1,0 +1,60 @@
+"""What the router knows of one pod (`PodState`, kept by `pods.PodRegistry`), and one request
+in flight to it (`Sending`): the counts a decision reads as the pod's load."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from vllm_llmd.router.config import PodSpec
+from vllm_llmd.router.load import PodLoad
+
+__all__ = ["PodState", "Sending"]
+
+
+@dataclass
+class PodState:
+    spec: PodSpec
+    healthy: bool = False
+    load: PodLoad = field(default_factory=PodLoad)
+    # requests this router has sent to the pod and not yet finished; of those, the ones no
+    # answer byte came from yet, and their uncached prompt tokens (see `sending`)
+    in_flight: int = 0
+    prefilling: int = 0
+    prefill_tokens: int = 0
+    subscribed: bool = False
+    # the pod's tokens and block hashes match the router's; None: not checked since it joined
+    hashes_ok: bool | None = None
+    # the ingestor's remove_pod, running off the event loop; awaited before following again
+    removal: asyncio.Future[None] | None = None
+    # a poll of this pod is running (a new pod's first poll may overlap the periodic one)
+    polling: bool = False
+    # discovery removed it; a poll still running must not bring it back
+    removed: bool = False
+    # /health checks in a row that timed out
+    slow_checks: int = 0
+    # why it is out of rotation, its events not followed, or its load not read (each logged
+    # when it changes, so a pod that keeps answering badly does not spam)
+    health_problem: str = ""
+    events_problem: str = ""
+    # the pod was found to publish no KV events (logged once per pod)
+    events_off_logged: bool = False
+    load_problem: str = ""
+
+
+class Sending:
+    """One request in flight to a pod (`PodRegistry.sending`)."""
+
+    def __init__(self, pod: PodState, prefill_tokens: int) -> None:
+        self.pod, self.prefill_tokens = pod, prefill_tokens
+        self._prefilling = True
+        pod.in_flight += 1
+        pod.prefilling += 1
+        pod.prefill_tokens += prefill_tokens
+
+    def answering(self) -> None:
+        """The pod began answering: its prefill is no longer ahead of new requests (once)."""
+        if self._prefilling:
+            self._prefilling = False
+            self.pod.prefilling -= 1
+            self.pod.prefill_tokens -= self.prefill_tokens
