@@ -12,10 +12,13 @@ import pytest
 from vllm_llmd.router.admission import Admission
 from vllm_llmd.router.config import PodSpec
 from vllm_llmd.router.config_parse import parse_config
+from vllm_llmd.router.decision import Decider
+from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.latency import ForgettingRidge, LatencyModels, RequestShape
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pod_state import PodState, Sending
+from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.predictive import SLOPlanner, estimated_waiting, is_saturated, request_shape
 from vllm_llmd.router.scoring import PodCache, ScoreInput, ScoringConfig, make_policy
 from vllm_llmd.router.slo import (
@@ -396,6 +399,29 @@ def test_requests_not_answering_yet_are_the_prefill_work_ahead_of_a_new_one():
         request_shape(ScoreInput(4, ["pod-a"], loads={"pod-a": load}), "pod-a", 600, 128).active
         == 3
     )
+
+
+def test_a_queued_request_its_slo_can_no_longer_cover_expires_unless_served_late():
+    """Past saturation a request that waited until not even an idle pod can make what is left
+    of its SLO must not be dispatched (it would only make others late): it expires (429)."""
+    config = parse_config(["--pod", "http://a:1", "--policy", "slo"], environ={})
+    registry = PodRegistry(config.pods, None)
+    for pod in registry.pods.values():
+        pod.healthy, pod.hashes_ok = True, True
+    policy = make_policy("slo", config.scoring_config())
+    decider = Decider(config, registry, InMemoryIndex(), None, policy, RouterMetrics())
+    _warm(decider.latency, "http://a:1", per_ktoken=0.3)  # 1000 cold tokens: ~0.31 s
+
+    def admissible(request_class: RequestClass, waited_s: float) -> bool:
+        return decider._admissible([], {}, 1000, request_class, None, waited_s)
+
+    plain = RequestClass(SLO(ttft_s=0.5))
+    critical = RequestClass(SLO(ttft_s=0.5), 5, objective="critical")
+    assert admissible(plain, 0.0) and admissible(critical, 0.0)  # 0.31 s of 0.5: on time
+    assert not admissible(plain, 0.3)  # 0.2 s left: no pod, however idle, makes it
+    assert admissible(critical, 0.3)  # critical traffic is served, late
+    hopeless = RequestClass(SLO(ttft_s=0.1))  # its own miss: served best effort on arrival
+    assert admissible(hopeless, 0.0)
 
 
 def test_the_heuristics_pod_is_left_only_for_one_surely_on_time():

@@ -239,15 +239,21 @@ class Decider:
         """A pod can take the request now: not all saturated, one predicted to meet what is
         left of its SLO after `waited_s` in the queue."""
         assert self.planner is not None
-        request_class = request_class.within(waited_s)
+        left = request_class.within(waited_s)
         decode_pods = self._candidates(DECODE_ROLES, allowed)
         if not decode_pods:
             return True  # _route answers 503
         request = ScoreInput(len(hashes), decode_pods, caches, self.registry.loads())
         if self.planner.all_saturated(request):
             return False
+        choice = self.planner.choose(request, num_tokens, left.slo)
         # Only a miss that load causes is worth waiting for (see SLOChoice.meets_when_idle).
-        return not self.planner.choose(request, num_tokens, request_class.slo).load_bound
+        if choice.load_bound:
+            return False
+        # A miss of its own is served best effort when it arrives (it also warms the cache);
+        # one that waited until not even an idle pod could make what is left of its SLO goes
+        # only if its class is served late, else it expires (429).
+        return choice.meets or waited_s == 0 or request_class.served_late
 
     def _route(
         self,
