@@ -41,6 +41,18 @@ class PodState:
     events_off_logged: bool = False
     load_problem: str = ""
 
+    def current_load(self) -> PodLoad:
+        """Its last scraped load, with this router's own counts (in flight, prefilling)."""
+        load = self.load
+        return PodLoad(
+            load.num_waiting,
+            load.num_running,
+            load.kv_usage,
+            self.in_flight,
+            self.prefilling,
+            self.prefill_tokens,
+        )
+
 
 class Sending:
     """One request in flight to a pod (`PodRegistry.sending`)."""
@@ -58,3 +70,8 @@ class Sending:
             self._prefilling = False
             self.pod.prefilling -= 1
             self.pod.prefill_tokens -= self.prefill_tokens
+
+    def ended(self) -> None:
+        """The request is over (answered or not): no longer in flight."""
+        self.answering()
+        self.pod.in_flight -= 1

@@ -96,8 +96,7 @@ class PodRegistry:
         try:
             yield sending
         finally:
-            sending.answering()
-            sending.pod.in_flight -= 1
+            sending.ended()
 
     def candidates(self, roles: tuple[str, ...]) -> list[str]:
         """Healthy pods with one of roles, in configuration order."""
@@ -121,17 +120,7 @@ class PodRegistry:
         return [pid for pid, p in self.pods.items() if p.hashes_ok]
 
     def loads(self) -> dict[str, PodLoad]:
-        return {
-            pid: PodLoad(
-                p.load.num_waiting,
-                p.load.num_running,
-                p.load.kv_usage,
-                p.in_flight,
-                p.prefilling,
-                p.prefill_tokens,
-            )
-            for pid, p in self.pods.items()
-        }
+        return {pid: p.current_load() for pid, p in self.pods.items()}
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session

@@ -28,6 +28,8 @@ from vllm_llmd.router.event_apply import PodStats, apply_update
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.latency import LatencyModels
 from vllm_llmd.router.load import PodLoad
+from vllm_llmd.router.pod_spec import PodSpec
+from vllm_llmd.router.pod_state import PodState, Sending
 from vllm_llmd.router.predictive import SLOPlanner
 from vllm_llmd.router.recent import RecentRoutes
 from vllm_llmd.router.scoring import PodCache, PolicyName, ScoringConfig, make_policy
@@ -86,14 +88,10 @@ class SimRouter:
         self.uses_caches = settings.policy not in _CACHE_BLIND
         self.event_stats = {pod: PodStats() for pod in self.pods}
         self._seq = dict.fromkeys(self.pods, 0)
-        self._scraped = {pod: PodLoad() for pod in self.pods}
-        self._in_flight = dict.fromkeys(self.pods, 0)
-        # the router's requests not answering yet, per pod, and their uncached prompt tokens
-        # (as `PodRegistry.sending` counts them)
-        self._prefilling = dict.fromkeys(self.pods, 0)
-        self._prefill_tokens = dict.fromkeys(self.pods, 0)
-        self._not_answering: dict[str, int] = {}  # request id -> its prefill tokens
-        self.loads: dict[str, PodLoad] = dict(self._scraped)
+        # each pod's scraped load and the router's own counts, kept as the registry keeps them
+        self._states = {pod: PodState(PodSpec(pod)) for pod in self.pods}
+        self._sending: dict[str, Sending] = {}  # request id -> its count at its pod
+        self.loads: dict[str, PodLoad] = {pod: PodLoad() for pod in self.pods}
 
     # ---- a request ------------------------------------------------------------------------
 
@@ -115,21 +113,15 @@ class SimRouter:
         if self.recent is not None and hashes and self.uses_caches:
             self.recent.record(pod, hashes)
             self._routed_first.setdefault(hashes[0], set()).add(pod)
-        tokens = route.shape.uncached_tokens
-        self._not_answering[route.request_id] = tokens
-        self._prefilling[pod] += 1
-        self._prefill_tokens[pod] += tokens
-        self._set_in_flight(pod, +1)
+        sending = Sending(self._states[pod], route.shape.uncached_tokens)
+        self._sending[route.request_id] = sending
+        self._refresh(pod)
         return route
 
     def answering(self, route: routing.Route) -> None:
         """The request's first token is out: its prefill is no longer ahead of others."""
-        tokens = self._not_answering.pop(route.request_id, None)
-        if tokens is not None:
-            pod = route.decode.pod
-            self._prefilling[pod] -= 1
-            self._prefill_tokens[pod] -= tokens
-            self._set_in_flight(pod, 0)
+        self._sending[route.request_id].answering()
+        self._refresh(route.decode.pod)
 
     def caches(self, hashes: list[int]) -> dict[str, PodCache]:
         """Each pod's cached run (the proxy's `_caches`, without a shared tier)."""
@@ -147,8 +139,8 @@ class SimRouter:
     def finished(self, route: routing.Route, ttft_s: float, tpot_s: float | None) -> None:
         """The request ended: in-flight down; the latency models learn (as the dispatcher's)."""
         pod = route.decode.pod
-        self.answering(route)
-        self._set_in_flight(pod, -1)
+        self._sending.pop(route.request_id).ended()
+        self._refresh(pod)
         if self.routing.planner is not None:
             self.latency.observe(pod, "direct", route.shape, ttft_s, tpot_s)
 
@@ -164,17 +156,8 @@ class SimRouter:
 
     def scraped(self, pod: str, load: PodLoad) -> None:
         """A /metrics poll of `pod` read `load` (its in-flight count is the router's)."""
-        self._scraped[pod] = load
-        self._set_in_flight(pod, 0)
+        self._states[pod].load = load
+        self._refresh(pod)
 
-    def _set_in_flight(self, pod: str, change: int) -> None:
-        self._in_flight[pod] += change
-        scraped = self._scraped[pod]
-        self.loads[pod] = PodLoad(
-            scraped.num_waiting,
-            scraped.num_running,
-            scraped.kv_usage,
-            self._in_flight[pod],
-            self._prefilling[pod],
-            self._prefill_tokens[pod],
-        )
+    def _refresh(self, pod: str) -> None:
+        self.loads[pod] = self._states[pod].current_load()
