@@ -8,7 +8,11 @@ Part 2 (real vLLM CPU servers, bf16): for long unique prompts,
 - recompute: TTFT of a plain vLLM that computes the whole prompt;
 - LLMDConnector: a prefill instance runs the prompt, then the decode instance's TTFT with the
   prompt's KV pulled from it;
-- NixlConnector (vLLM's own, UCX over host memory), same prompts, when `nixl` is installed.
+- NixlConnector (vLLM's own, UCX over host memory), same prompts, when `nixl` is installed;
+- with `--tls`, a second LLMDConnector pair with mutual TLS on the side channel, its prompts
+  interleaved with the plain pair's (the cost of encryption on decode TTFT). On one host the
+  pull goes through shared memory, which TLS leaves as is; `--decode-apart` makes it cross
+  TCP as between hosts.
 
 Each server gets one core (the prefill core 0, the others core 1), so TTFTs compare like for
 like. Usage: `.venv/bin/python benchmarks/bench_pd.py [--preset medium] [--prompt-tokens 2000]`.
@@ -29,7 +33,7 @@ from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import complete, timed_stream
 from vllm_llmd.devtools.model_maker import PRESETS, cached_model, sample_text
-from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port
+from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port, llmd_connector
 from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.transfer.client import PullSpec, pull_blocks
 from vllm_llmd.transfer.registry import SendRegistry
@@ -53,13 +57,18 @@ def kv_bytes_per_block_per_layer(preset: str, dtype_bytes: int = 2) -> int:
 # ---- part 1: side channel vs memcpy ----------------------------------------------------------
 
 
-def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server, client) contexts of a throwaway CA and one certificate it signed (P-256)."""
+def tls_files() -> tuple[str, str, str]:
+    """(certificate, key, CA) files of a throwaway CA and one certificate it signed (P-256)."""
     from vllm_llmd.devtools.certs import issue_certificate
 
     folder = Path(tempfile.mkdtemp(prefix="bench-pd-tls-"))
     issue_certificate(folder, "peer", issue_certificate(folder, "ca", None))
-    files = (str(folder / "peer.crt"), str(folder / "peer.key"), str(folder / "ca.crt"))
+    return str(folder / "peer.crt"), str(folder / "peer.key"), str(folder / "ca.crt")
+
+
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts of tls_files()."""
+    files = tls_files()
     return make_server_context(*files), make_client_context(*files)
 
 
@@ -172,6 +181,15 @@ def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> Non
 # ---- part 2: real servers --------------------------------------------------------------------
 
 
+class ApartServer(VLLMServer):
+    """A server in an IPC namespace of its own (`unshare --ipc`): its connector's host id
+    differs from its peers', so the side channel crosses TCP as between two hosts (shared
+    memory, the same-host path, is not offered)."""
+
+    def command(self) -> list[str]:
+        return ["unshare", "--ipc", *super().command()]
+
+
 def start_all(servers: list[VLLMServer]) -> None:
     for server in servers:
         server.start()
@@ -234,10 +252,23 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--no-nixl", action="store_true")
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run a second LLMDConnector pair with mutual TLS on the side channel "
+        "(side_channel_tls_*), its prompts interleaved with the plain pair's",
+    )
+    parser.add_argument(
         "--nixl-nobind",
         action="store_true",
         help="run the NixlConnector servers unbound (one OpenMP thread each, the OS places "
         "them): UCX's progress thread then does not compete with the compute thread's core",
+    )
+    parser.add_argument(
+        "--decode-apart",
+        action="store_true",
+        help="run the LLMDConnector decode servers under `unshare --ipc` (root or user "
+        "namespaces): the KV crosses the side channel's TCP socket as between hosts, not "
+        "shared memory",
     )
     args = parser.parse_args()
 
@@ -252,40 +283,53 @@ def main() -> None:
     # Each system sees fresh prompts (no prefix cache carry-over between systems).
     offset_prompts = {
         name: [[(t + k) % 4000 for t in p] for p in prompts]
-        for k, name in enumerate(("recompute", "llmd", "nixl"))
+        for k, name in enumerate(("recompute", "llmd", "nixl", "tls"))
     }
 
-    def server(name: str, cores: str, connector: dict | None) -> VLLMServer:
-        return VLLMServer(
+    def server(name: str, cores: str, connector: dict | None, apart: bool = False) -> VLLMServer:
+        return (ApartServer if apart else VLLMServer)(
             VLLMServerConfig(
                 model=model, dtype="bfloat16", cpu_cores=cores, kv_transfer_config=connector
             ),
             LOG_DIR / f"{name}.log",
         )
 
+    def llmd_pair(name: str, extra: dict | None) -> tuple[VLLMServer, VLLMServer]:
+        producer = llmd_connector("kv_producer", extra)
+        consumer = llmd_connector("kv_consumer", extra, kv_load_failure_policy="recompute")
+        decode = server(f"{name}-decode", "1", consumer, apart=args.decode_apart)
+        return server(f"{name}-prefill", "0", producer), decode
+
     results: dict[str, tuple[list[float], list[float]]] = {}
     plain = server("plain", "1", None)
-    prefill = server(
-        "llmd-prefill", "0", {"kv_connector": "LLMDConnector", "kv_role": "kv_producer"}
-    )
-    decode = server(
-        "llmd-decode",
-        "1",
-        {
-            "kv_connector": "LLMDConnector",
-            "kv_role": "kv_consumer",
-            "kv_load_failure_policy": "recompute",
-        },
-    )
+    prefill, decode = llmd_pair("llmd", None)
     group = [plain, prefill, decode]
+    tls_pair = None
+    if args.tls:
+        cert, key, ca = tls_files()
+        tls_pair = llmd_pair(
+            "llmd-tls",
+            {"side_channel_tls_cert": cert, "side_channel_tls_key": key, "side_channel_tls_ca": ca},
+        )
+        group.extend(tls_pair)
+    remote = {"do_remote_decode": True}
     try:
         start_all(group)
         measure_recompute(plain, [prompts[0][:64]])  # warm-up
         results["recompute"] = ([], measure_recompute(plain, offset_prompts["recompute"]))
-        measure_pd(prefill, decode, [prompts[0][:64]], {"do_remote_decode": True})
-        results["LLMDConnector"] = measure_pd(
-            prefill, decode, offset_prompts["llmd"], {"do_remote_decode": True}
-        )
+        pairs = {"LLMDConnector": ((prefill, decode), offset_prompts["llmd"])}
+        if tls_pair is not None:
+            pairs["LLMDConnector+TLS"] = (tls_pair, offset_prompts["tls"])
+        for (p, d), _ in pairs.values():
+            measure_pd(p, d, [prompts[0][:64]], remote)  # warm-up (and the TLS handshake)
+        # Interleaved prompt by prompt, so this box's drift falls on both pairs alike.
+        for name in pairs:
+            results[name] = ([], [])
+        for i in range(args.num_prompts):
+            for name, ((p, d), pair_prompts) in pairs.items():
+                prefill_s, ttft = measure_pd(p, d, [pair_prompts[i]], remote)
+                results[name][0].extend(prefill_s)
+                results[name][1].extend(ttft)
     finally:
         for s in group:
             s.stop()

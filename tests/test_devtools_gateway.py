@@ -7,6 +7,8 @@ and real HTTP, without vLLM: recording pods (router_harness) answer, the picker 
   latency model (TTFT and TPOT samples);
 - a refusal (bad JSON: 400) reaches the client as the picker's immediate response;
 - with a busy pod and an idle one, requests go to the idle one;
+- a picked pod that is down (its port refuses connections): the request goes to the first
+  fallback the picker named, which serves it and is counted as the pod that did;
 - a client that leaves mid-answer cancels the stream: the picker counts a 499;
 - the CLI serves the same gateway as a process of its own, and `running_gateway` on a thread
   of its own (for sync code) before a router process's picker.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,8 +29,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
-from router_harness import MODEL, RecordingPod, running_router
-from test_router_epp import BUSY_METRICS, _completion, _requests_by_status, _until
+from router_harness import LOAD_METRICS, MODEL, RecordingPod, running_router
+from test_router_epp import BUSY_METRICS, _completion, _endpoint, _requests_by_status, _until
 
 from vllm_llmd.devtools.client import post_json
 from vllm_llmd.devtools.gateway import EnvoyStandIn, running_gateway
@@ -156,6 +159,37 @@ async def test_a_busy_pod_is_avoided_through_the_gateway() -> None:
             for _ in range(3):
                 assert (await _post(url, _completion()))[0] == 200
             assert (len(idle.received), len(busy.received)) == (3, 0)
+
+
+@pytest.mark.parametrize("full_duplex", [False, True], ids=["buffered", "full_duplex"])
+async def test_a_picked_pod_that_is_down_is_served_by_the_fallback(full_duplex: bool) -> None:
+    async with pods(2) as (first, second):
+        # the picker prefers `first` (idle); polled once, at the start: it still counts as
+        # healthy when it goes down, as in the moments before a poll would notice
+        second.metrics_text = LOAD_METRICS.replace("waiting 0", "waiting 2")
+        flags = ("--policy", "load", "--poll-interval-s", "3600")
+        async with gateway(first, second, flags=flags, full_duplex=full_duplex) as (
+            router,
+            url,
+            _,
+        ):
+            await first.stop()
+            status, answer, headers = await _post(url, _completion())
+            assert (status, answer) == (200, second.answer)
+            assert headers["x-routed-to"] == second.url  # who served it, as the gateway said
+            assert len(second.received) == 1 and not first.received
+            (seen,) = second.headers_seen
+            named = [_endpoint(first.url), _endpoint(second.url)]
+            assert seen["x-gateway-destination-endpoint"] == ",".join(named)
+            await _until(lambda: _requests_by_status(router) == {"200": 1})
+            assert router.metrics.routed.labels(second.url, "both")._value.get() == 1
+            assert router.metrics.routed.labels(first.url, "both")._value.get() == 0
+            # without fallbacks named, the same failure is the gateway's 503
+            router.config = dataclasses.replace(router.config, epp_fallbacks=0)
+            async with aiohttp.ClientSession() as session:
+                async with session.post(url + "/v1/completions", data=_completion()) as failed:
+                    assert failed.status == 503  # Envoy's local reply (text)
+            assert len(second.received) == 1
 
 
 async def test_a_client_that_leaves_mid_answer_is_counted_499() -> None:

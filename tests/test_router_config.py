@@ -106,6 +106,10 @@ def test_validation_messages_name_the_flag(capsys):
         (["--tokenize-workers", "0"], "--tokenize-workers must be >= 1, got 0"),
         (["--health-timeout-s", "0"], "--health-timeout-s must be > 0, got 0.0"),
         (["--health-timeouts-to-evict", "0"], "--health-timeouts-to-evict must be >= 1, got 0"),
+        (["--epp-fallbacks", "-1"], "--epp-fallbacks must be >= 0 (0: off), got -1"),
+        (["--replicate-hot-prefixes", "-2"], "--replicate-hot-prefixes must be >= 0 (0: off)"),
+        (["--replicate-hot-prefixes", "3"], "--replicate-hot-prefixes needs --tokenizer"),
+        (["--replicate-per-minute", "0"], "--replicate-per-minute must be >= 1, got 0"),
     ):
         with pytest.raises(SystemExit):
             parse_config([*POD, *argv], environ={})

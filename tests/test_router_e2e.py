@@ -2,7 +2,8 @@
 LLMDConnector with a host tier, KV events on). Requests with a cached prefix go to the pod that
 holds it (by the router's audit log and the pods' own prefix-hit metrics); a busy pod loses
 requests to an idle one; a killed pod's traffic moves to the other without a failed request;
-with --pull-from-holders a pod without a prefix pulls its KV from the pod that holds it."""
+with --pull-from-holders a pod without a prefix pulls its KV from the pod that holds it, and a
+hot prefix copied ahead of demand is pulled and then hit."""
 
 from __future__ import annotations
 
@@ -176,3 +177,51 @@ def test_a_pod_without_the_prefix_pulls_its_kv_from_the_pod_that_holds_it(
     assert pulled >= 4 * BLOCK
     [direct] = [r for r in records if r["kind"] == "direct"]
     assert direct["pod"] == holder.url and direct["hit_tokens"] == 4 * BLOCK
+
+
+def test_a_hot_prefix_copied_ahead_of_demand_is_pulled_and_then_hit_on_the_other_pod(
+    router_pods, tiny_model, tokenizer
+):
+    """The copy `--replicate-hot-prefixes` starts (its trigger is tested against a real router
+    in test_router_replication.py), between real pods: the pod lacking the prefix pulls it
+    from the holder over the side channel, and the next request of the prompt there hits it
+    in its own cache, with the holder's output."""
+    import asyncio
+
+    import aiohttp
+    from prometheus_client import generate_latest
+
+    from vllm_llmd.prometheus_text import parse_prometheus_text
+    from vllm_llmd.router.metrics import RouterMetrics
+    from vllm_llmd.router.off_loop import OffLoop
+    from vllm_llmd.router.replication import HotPrefixes, Replication, Replicator
+    from vllm_llmd.router.tokens import TokenProcessor
+
+    holder, other = sorted(router_pods, key=lambda pod: pod.url)
+    model = holder.model_name
+    prompt = tokenizer.encode(sample_text(6 * BLOCK, seed=92_500)).ids[: 4 * BLOCK + 20]
+    expected = completion_token_ids(complete(holder.url, model, prompt, max_tokens=4))
+    pulled_before = metric_sum(scrape_metrics(other.url), "llmd:pd_pulled_tokens_total")
+    tokens = TokenProcessor(tiny_model, BLOCK)
+    hashes = tokens.tokenize_request("/v1/completions", {"prompt": prompt}).block_hashes
+
+    async def copy() -> None:
+        metrics, tokenize = RouterMetrics(), OffLoop("test-copy", 1, 10.0)
+        replicator = Replicator(HotPrefixes(1, 1, BLOCK), tokens, tokenize, metrics, None)
+        planned = Replication(holder.url, other.url, 4, hashes[3])
+        try:
+            async with aiohttp.ClientSession() as session:
+                await replicator._run(
+                    session, planned, hashes, "/v1/completions", {"model": model, "prompt": prompt}
+                )
+        finally:
+            tokenize.close()
+        counts = parse_prometheus_text(generate_latest(metrics.registry).decode())
+        assert metric_sum(counts, "llmd:router_prefix_copies_total", outcome="done") == 1
+
+    asyncio.run(copy())
+    pulled = metric_sum(scrape_metrics(other.url), "llmd:pd_pulled_tokens_total") - pulled_before
+    assert pulled >= 4 * BLOCK
+    hits_before = _cache_hits(other)
+    assert completion_token_ids(complete(other.url, model, prompt, max_tokens=4)) == expected
+    assert _cache_hits(other) - hits_before >= 4 * BLOCK

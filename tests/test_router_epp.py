@@ -13,6 +13,10 @@ picker only names them, the gateway would forward.
   subset), 429 with Retry-After (shed), all OpenAI-style JSON;
 - P/D: the decode pod is named and the prefill pod goes in `x-prefiller-host-port`; a
   client's own prefiller header is removed;
+- fallbacks: after the picked pod, up to --epp-fallbacks next-best healthy decode pods by the
+  policy's scores (`IP:PORT,IP:PORT,...`, header and metadata alike), within the subset;
+  served by one (the gateway says so), it is counted as the pod that served;
+- --epp-target-port: decode pods named (and read in subsets) on their sidecar's port;
 - the decision is the proxy's: counted in llmd:router_* and audited;
 - it routes on the loads the router polls: a pod reporting a long queue is avoided;
 - a stream the gateway cancels mid-way (its client left) releases the pod's in-flight count,
@@ -48,6 +52,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from google.protobuf.json_format import MessageToDict
 from router_harness import (
+    LOAD_METRICS,
     MODEL,
     RecordingPod,
     read_audit,
@@ -194,14 +199,24 @@ def _set_headers(common: Any) -> dict[str, str]:
     }
 
 
-def _destination(answer: ProcessingResponse) -> tuple[dict[str, str], str]:
-    """(headers the answer sets, the envoy.lb destination of its dynamic metadata)."""
+def _destinations(answer: ProcessingResponse) -> tuple[dict[str, str], list[str]]:
+    """(headers the answer sets, the endpoints of its envoy.lb destination: the picked one,
+    then the fallbacks), the header's value checked to be the metadata's."""
     kind = answer.WhichOneof("response")
     assert kind in ("request_headers", "request_body"), answer
     common = getattr(answer, kind).response
     assert common.clear_route_cache
     metadata = MessageToDict(answer.dynamic_metadata)
-    return _set_headers(common), metadata["envoy.lb"]["x-gateway-destination-endpoint"]
+    value = metadata["envoy.lb"]["x-gateway-destination-endpoint"]
+    headers = _set_headers(common)
+    assert headers["x-gateway-destination-endpoint"] == value  # the protocol: never two values
+    return headers, value.split(",")
+
+
+def _destination(answer: ProcessingResponse) -> tuple[dict[str, str], str]:
+    """(headers the answer sets, the picked endpoint: the first of its envoy.lb destination)."""
+    headers, endpoints = _destinations(answer)
+    return headers, endpoints[0]
 
 
 def _immediate(answer: ProcessingResponse) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -540,6 +555,71 @@ async def test_a_busy_pod_is_avoided() -> None:
     finally:
         await busy.stop()
         await idle.stop()
+
+
+async def test_fallbacks_follow_the_picked_pod_by_the_policys_scores() -> None:
+    """`x-gateway-destination-endpoint: PICKED,NEXT,...` (header and envoy.lb alike): the
+    policy's next best healthy decode pods, up to --epp-fallbacks, in the gateway's subset;
+    never a pod that is down, a prefill pod, or one twice."""
+    pods = [await RecordingPod().start() for _ in range(5)]
+    idle, waiting_2, waiting_5, down, prefill = pods
+    waiting_2.metrics_text = LOAD_METRICS.replace("waiting 0", "waiting 2")
+    waiting_5.metrics_text = LOAD_METRICS.replace("waiting 0", "waiting 5")
+    await down.stop()  # the router's first poll finds it down
+    flags = ["--policy", "load", "--pod", f"{prefill.url},role=prefill"]
+    flags += [arg for pod in (down, waiting_5, idle, waiting_2) for arg in ("--pod", pod.url)]
+    try:
+        for fallbacks, subset, expected in (
+            (None, None, [idle, waiting_2, waiting_5]),  # the default: 2
+            ("1", None, [idle, waiting_2]),
+            ("0", None, [idle]),
+            ("5", None, [idle, waiting_2, waiting_5]),
+            ("2", [waiting_5, idle, down], [idle, waiting_5]),
+        ):
+            more = [] if fallbacks is None else ["--epp-fallbacks", fallbacks]
+            async with picker([*flags, *more]) as (_, open_):
+                envoy = open_()
+                limit = None if subset is None else [_endpoint(pod.url) for pod in subset]
+                await envoy.ask(_headers(subset=limit))
+                _, endpoints = _destinations(await envoy.ask(_body(_completion(), True)))
+                assert endpoints == [_endpoint(pod.url) for pod in expected], fallbacks
+                # served by a fallback (the gateway reports it): counted and named as such
+                answer = await envoy.ask(_response_headers(200, endpoints[-1]))
+                routed_to = _set_headers(answer.response_headers.response)["x-routed-to"]
+                assert routed_to == expected[-1].url
+                await envoy.ask(_body(b"{}", True, response=True))
+                await envoy.call.done_writing()
+                assert await envoy.ended()
+    finally:
+        for pod in pods:
+            await pod.stop()
+
+
+async def test_the_pools_target_port_names_the_decode_pods_sidecar(tiny_model: Path) -> None:
+    """--epp-target-port (overlays/gateway-pd): the decode pod is named on its routing
+    sidecar's port, the gateway's subset and served reports are read on it too; the prefill
+    pod (no pool member, never in a subset) is still chosen, on its own port (the sidecar
+    calls its vLLM)."""
+    decode, prefill = await RecordingPod().start(), await RecordingPod().start()
+    flags = ["--pod", f"{decode.url},role=decode", "--pod", f"{prefill.url},role=prefill"]
+    flags += ["--epp-target-port", "18080", "--pd-threshold-tokens", "8"]
+    try:
+        async with picker(flags, tokens=TokenProcessor(tiny_model, BLOCK)) as (router, open_):
+            sidecar = _endpoint(decode.url).rsplit(":", 1)[0] + ":18080"
+            envoy = open_()
+            await envoy.ask(_headers(subset=[sidecar]))
+            long_prompt = _completion(prompt="a long uncached prompt " * 20)
+            headers, endpoints = _destinations(await envoy.ask(_body(long_prompt, True)))
+            assert endpoints == [sidecar]
+            assert headers["x-prefiller-host-port"] == _endpoint(prefill.url)
+            await _finish(envoy, served=sidecar)
+            assert router.metrics.routed.labels(decode.url, "decode")._value.get() == 1
+            envoy = open_()  # the vLLM port is not in the pool: nothing to pick
+            await envoy.ask(_headers(subset=[_endpoint(decode.url)]))
+            assert _immediate(await envoy.ask(_body(_completion(), True)))[0] == 503
+    finally:
+        await decode.stop()
+        await prefill.stop()
 
 
 async def test_a_gateway_stream_cancelled_mid_way_releases_the_pod_and_counts_499() -> None:

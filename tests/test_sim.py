@@ -252,3 +252,37 @@ def test_requests_keep_their_order_and_ids():
     assert [r.request_id for r in requests] == list(range(50))
     arrivals = [r.arrival_s for r in requests]
     assert arrivals == sorted(arrivals)
+
+
+def test_received_blocks_are_cached_free_and_published_as_room_allows():
+    cache = PrefixCache(capacity_blocks=4, block_size=4)
+    held = cache.allocate([9], 1, cache.hit([9]))  # one block a running request holds
+    cache.cache(held, [9])
+    cache.take_events()
+    assert cache.receive([1, 2, 3, 4]) == 3  # room for three: the tail does not fit
+    assert _stored(cache.take_events()) == [1, 2, 3]
+    assert cache.hit([1, 2, 3, 4]) == Hit(3, 0)
+    assert cache.usage == 0.25  # received blocks are cached, held by no request
+    assert cache.receive([1, 2]) == 0 and cache.take_events() == []
+
+
+def test_hot_prefix_copies_spread_a_hot_group_that_kv_aware_piles_on_one_pod():
+    """Half the traffic on one group at a time (a new one every 500 requests): kv_aware keeps
+    sending it to the pod its first request landed on until that pod saturates; with copies
+    (the router's own HotPrefixes) the group reaches other pods early and TTFT falls."""
+    hasher = PrefixHasher(BLOCK)
+    shape = SharedPrefixShape(num_groups=50, hot_share=0.5, hot_every=500)
+    requests = list(shared_prefix(hasher, 2000, 8 * 9.0, shape))
+    results = {
+        copies: simulate(
+            SimConfig(8, router=RouterSettings(policy="kv_aware", replicate_after=copies)),
+            iter(requests),
+        )
+        for copies in (0, 3)
+    }
+    plain, copied = results[0], results[3]
+    assert plain.router.num_copies == 0 and copied.router.num_copies >= 4
+    assert copied.summary.policy == "kv_aware+copy"
+    assert copied.summary.ttft_s[1] * 1.5 < plain.summary.ttft_s[1], (copied.summary, plain.summary)
+    # the copies cost no prefix hits
+    assert copied.summary.hit_rate >= plain.summary.hit_rate - 0.01

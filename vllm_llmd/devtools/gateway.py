@@ -9,16 +9,18 @@ benchmarks and tests drive real traffic through this. Per client request, one ex
   FULL_DUPLEX_STREAMED (`full_duplex`, the extension's gateways): all is sent at once, the
   routing answer comes to the headers, then the picker sends the body back in chunks;
 - the picker's header (set / remove, Envoy's default rules) and body mutations are applied;
-  an immediate_response is the client's answer; otherwise the request goes to the endpoint
-  named (`envoy.lb` metadata, else the header): `http://IP:PORT` + path;
+  an immediate_response is the client's answer; else the request goes to `http://IP:PORT` +
+  path, the first endpoint named (`envoy.lb` metadata, else the header; `IP:PORT,...`),
+  then the next when connecting fails (Envoy with a `connect-failure` retry policy);
 - the pod's answer: its headers (`:status`, ...; `envoy.lb` says who served it), then each
   body chunk as it comes and an empty one with end_of_stream: STREAMED (each chunk waits for
   its answer) with BUFFERED requests, else FULL_DUPLEX_STREAMED (the picker's chunks go on);
 - a client that goes away cancels the stream (the picker counts a 499).
 
-It does NOT do: retries or fallback endpoints, TLS (plain HTTP to pods, plain gRPC to the
-picker), load balancing of its own (no destination: 503), trailers, `mode_override`, message
-timeouts. CLI: `python -m vllm_llmd.devtools.gateway --epp HOST:PORT [--port N] [--full-duplex]`.
+It does NOT do: retries once a pod took the request (a reset, a 5xx), TLS (plain HTTP to
+pods, plain gRPC to the picker), load balancing of its own (no destination: 503), trailers,
+`mode_override`, message timeouts.
+CLI: `python -m vllm_llmd.devtools.gateway --epp HOST:PORT [--port N] [--full-duplex]`.
 """
 
 from __future__ import annotations
@@ -30,110 +32,25 @@ import logging
 import signal
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import grpc
 from aiohttp import web
-from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, HeaderValueOption
-from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
-from envoy.service.ext_proc.v3.external_processor_pb2 import (
-    HttpBody,
-    HttpHeaders,
-    ProcessingRequest,
-)
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
-from google.protobuf.json_format import MessageToDict
 from multidict import CIMultiDict
 from yarl import URL
 
+from vllm_llmd.devtools import gateway_wire as wire
 from vllm_llmd.devtools.server import free_port
-from vllm_llmd.router.epp_wire import DESTINATION_KEY, DESTINATION_NAMESPACE, SERVED_KEY
-from vllm_llmd.router.epp_wire import header_value as _value
+from vllm_llmd.router.epp_wire import DESTINATION_NAMESPACE, SERVED_KEY
 
 logger = logging.getLogger(__name__)
-
-BUFFERED = ProcessingMode.BodySendMode.BUFFERED
-STREAMED = ProcessingMode.BodySendMode.STREAMED
-FULL_DUPLEX = ProcessingMode.BodySendMode.FULL_DUPLEX_STREAMED
-# HTTP/1.1 connection headers, not passed on (`host` travels as `:authority`)
-HOP_BY_HOP = frozenset("connection keep-alive proxy-connection transfer-encoding upgrade".split())
-HOP_BY_HOP |= {"te", "trailer", "host"}
-# what is forwarded gets its length anew (the picker may have changed the body)
-NOT_FORWARDED = HOP_BY_HOP | {"content-length"}
-# Envoy's default HeaderMutationRules: an ext_proc server cannot change these
-PROTECTED = frozenset([":method", ":authority", ":scheme", "host"])
-Headers = CIMultiDict[str]
-
-
-class _BadMutation(Exception):
-    """The picker's mutations would make Envoy send a broken request."""
 
 
 class _Refused(Exception):
     """The picker answered with an immediate_response (the exception's argument)."""
-
-
-def _raw(value: str) -> bytes:
-    """A header value's bytes as the client sent them (aiohttp keeps non-UTF-8 ones escaped)."""
-    return value.encode("utf-8", "surrogateescape")
-
-
-def _message(kind: str, **fields: Any) -> Any:
-    """A ProcessingRequest: `<kind>_headers` with `items` (name, value) or `<kind>_body`."""
-    if kind.endswith("_headers"):
-        headers = HeaderMap(
-            headers=[HeaderValue(key=k, raw_value=_raw(v)) for k, v in fields.pop("items")]
-        )
-        return ProcessingRequest(**{kind: HttpHeaders(headers=headers, **fields)})
-    return ProcessingRequest(**{kind: HttpBody(**fields)})
-
-
-def _mutate(headers: Headers, mutation: Any) -> None:
-    """Apply a HeaderMutation as Envoy does (`append` defaults to false in ext_proc)."""
-    for option in mutation.set_headers:
-        name, value = option.header.key.lower(), _value(option.header)
-        if name in PROTECTED or name.startswith("x-envoy-"):
-            continue
-        if option.append.value:
-            headers.add(name, value)
-        elif option.append_action == HeaderValueOption.ADD_IF_ABSENT:
-            headers.setdefault(name, value)
-        elif option.append_action != HeaderValueOption.OVERWRITE_IF_EXISTS or name in headers:
-            headers[name] = value
-    for name in mutation.remove_headers:
-        if not name.startswith(":") and name.lower() not in PROTECTED:
-            headers.popall(name, None)
-
-
-def _drop(headers: Headers, names: Iterable[str]) -> None:
-    for name in names:
-        headers.popall(name, None)
-
-
-def _common(answer: Any) -> Any:
-    """The CommonResponse of a headers or body answer."""
-    return getattr(answer, answer.WhichOneof("response")).response
-
-
-def _mutated(body: bytes, common: Any) -> bytes:
-    """A (non-streamed) body after the answer's body mutation."""
-    mutation = common.body_mutation
-    kind = mutation.WhichOneof("mutation")
-    if kind == "body":
-        return bytes(mutation.body)
-    return b"" if kind == "clear_body" and mutation.clear_body else body
-
-
-def _destination(answers: Iterable[Any], headers: Headers) -> str | None:
-    """The endpoint the picker named: the `envoy.lb` metadata, else the header (the first of a
-    comma-separated list: the others are fallbacks, and this gateway does not retry)."""
-    named = headers.get(DESTINATION_KEY)
-    for answer in answers:
-        metadata = MessageToDict(answer.dynamic_metadata).get(DESTINATION_NAMESPACE, {})
-        named = metadata.get(DESTINATION_KEY, named)
-    return named.split(",")[0].strip() if named else None
 
 
 class _Stream:
@@ -166,8 +83,8 @@ class _Stream:
         """FULL_DUPLEX_STREAMED: the answer's chunks go as they come, not waiting."""
         try:
             async for chunk in chunks:
-                await self.call.write(_message("response_body", body=chunk))
-            await self.call.write(_message("response_body", body=b"", end_of_stream=True))
+                await self.call.write(wire.message("response_body", body=chunk))
+            await self.call.write(wire.message("response_body", body=b"", end_of_stream=True))
         except BaseException:  # the pod failed mid-answer: so does the stream (and its reader)
             self.call.cancel()
             raise
@@ -225,38 +142,46 @@ class EnvoyStandIn:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        headers: Headers = CIMultiDict([(":method", request.method), (":path", request.raw_path)])
+        headers: wire.Headers = CIMultiDict(
+            [(":method", request.method), (":path", request.raw_path)]
+        )
         headers.extend([(":authority", request.host), (":scheme", request.scheme)])
         headers.extend((k.lower(), v) for k, v in request.headers.items())
-        _drop(headers, HOP_BY_HOP)
+        wire.drop(headers, wire.HOP_BY_HOP)
         headers.setdefault("x-request-id", str(uuid.uuid4()))  # as Envoy makes one
         stream = _Stream(self._stub.Process())
         try:
-            destination, body = await self._route(stream, headers, body)
-            return await self._forward(request, stream, headers, destination, body)
-        except _BadMutation as bad:
+            destinations, body = await self._route(stream, headers, body)
+            return await self._forward(request, stream, headers, destinations, body)
+        except wire.BadMutation as bad:
             stream.call.cancel()
             logger.error("%s", bad)
             return web.Response(status=502, text=f"Envoy stand-in: {bad}")
         except _Refused as refused:  # the picker ended the stream itself
             reply, reply_headers = refused.args[0], CIMultiDict[str]()
-            _mutate(reply_headers, reply.headers)
+            wire.mutate(reply_headers, reply.headers)
             return web.Response(status=reply.status.code, body=reply.body, headers=reply_headers)
         except BaseException:  # the client left (cancelled), or the picker or pod failed
             stream.call.cancel()
             raise
 
-    async def _route(self, stream: _Stream, headers: Headers, body: bytes) -> tuple[str, bytes]:
-        """Send the request to the picker: (the destination it names, the body to forward)."""
-        first = _message("request_headers", items=headers.items(), end_of_stream=not body)
-        first.protocol_config.request_body_mode = FULL_DUPLEX if self.full_duplex else BUFFERED
-        first.protocol_config.response_body_mode = FULL_DUPLEX if self.full_duplex else STREAMED
-        chunk = _message("request_body", body=body, end_of_stream=True)
+    async def _route(
+        self, stream: _Stream, headers: wire.Headers, body: bytes
+    ) -> tuple[list[str], bytes]:
+        """Send the request to the picker: (the destinations it names, the body to forward)."""
+        first = wire.message("request_headers", items=headers.items(), end_of_stream=not body)
+        first.protocol_config.request_body_mode = (
+            wire.FULL_DUPLEX if self.full_duplex else wire.BUFFERED
+        )
+        first.protocol_config.response_body_mode = (
+            wire.FULL_DUPLEX if self.full_duplex else wire.STREAMED
+        )
+        chunk = wire.message("request_body", body=body, end_of_stream=True)
         if not self.full_duplex:
             answers = [await stream.ask(first)]
             if body:
                 answers.append(await stream.ask(chunk))
-                body = _mutated(body, _common(answers[-1]))
+                body = wire.mutated(body, wire.common(answers[-1]))
         else:
             for message in (first, chunk) if body else (first,):
                 await stream.call.write(message)
@@ -264,33 +189,47 @@ class EnvoyStandIn:
             if body:
                 body = b"".join([piece async for piece in stream.sent_back("request_body")])
         for answer in answers:
-            _mutate(headers, _common(answer).header_mutation)
+            wire.mutate(headers, wire.common(answer).header_mutation)
         if headers.get("content-length", str(len(body))) != str(len(body)):
             # Envoy would send this: the pod would wait for bytes that never come
             length = headers["content-length"]
-            raise _BadMutation(f"the picker left content-length {length} on {len(body)} bytes")
-        return _destination(answers, headers) or "", body
+            raise wire.BadMutation(f"the picker left content-length {length} on {len(body)} bytes")
+        return wire.destinations(answers, headers), body
 
     async def _forward(
-        self, request: web.Request, stream: _Stream, headers: Headers, destination: str, body: bytes
+        self,
+        request: web.Request,
+        stream: _Stream,
+        headers: wire.Headers,
+        destinations: list[str],
+        body: bytes,
     ) -> web.StreamResponse:
         """Send the request to its pod and relay the answer, through the picker."""
-        if not destination:  # Envoy's local replies pass the filter too
+        if not destinations:  # Envoy's local replies pass the filter too
             return await self._answer(request, stream, None, 503, {}, b"no healthy upstream")
-        url = URL(f"http://{destination}{headers[':path']}", encoded=True)
-        upstream = [(k, v) for k, v in headers.items() if k[0] != ":" and k not in NOT_FORWARDED]
-        try:
-            pod = await self._session.request(
-                request.method, url, headers=upstream, data=body or None, allow_redirects=False
-            )
-        except aiohttp.ClientError as exc:
-            logger.warning("%s: %s", url, exc)
-            failed = b"upstream connect error or disconnect/reset before headers"
-            return await self._answer(request, stream, None, 503, {}, failed)
-        async with pod:
-            empty = pod.status in (204, 304) or request.method == "HEAD" or pod.content_length == 0
-            chunks = None if empty else pod.content.iter_any()
-            return await self._answer(request, stream, destination, pod.status, pod.headers, chunks)
+        upstream = [
+            (k, v) for k, v in headers.items() if k[0] != ":" and k not in wire.NOT_FORWARDED
+        ]
+        for destination in destinations:
+            url = URL(f"http://{destination}{headers[':path']}", encoded=True)
+            try:
+                pod = await self._session.request(
+                    request.method, url, headers=upstream, data=body or None, allow_redirects=False
+                )
+            except aiohttp.ClientConnectorError as exc:  # the pod never saw it: the next one
+                logger.warning("%s: %s", url, exc)
+                continue
+            except aiohttp.ClientError as exc:  # it may have seen it: not retried
+                logger.warning("%s: %s", url, exc)
+                break
+            async with pod:
+                empty = pod.status in (204, 304) or request.method == "HEAD"
+                chunks = None if empty or pod.content_length == 0 else pod.content.iter_any()
+                return await self._answer(
+                    request, stream, destination, pod.status, pod.headers, chunks
+                )
+        failed = b"upstream connect error or disconnect/reset before headers"
+        return await self._answer(request, stream, None, 503, {}, failed)
 
     async def _answer(
         self,
@@ -303,13 +242,15 @@ class EnvoyStandIn:
     ) -> web.StreamResponse:
         """Relay the answer (its chunks; bytes: a local reply; None: no body) through the
         picker to the client."""
-        headers: Headers = CIMultiDict([(":status", str(status))])
+        headers: wire.Headers = CIMultiDict([(":status", str(status))])
         headers.extend((k.lower(), v) for k, v in pod_headers.items())
-        _drop(headers, HOP_BY_HOP)
+        wire.drop(headers, wire.HOP_BY_HOP)
         if isinstance(chunks, bytes):
             headers.add("content-type", "text/plain")
             chunks = _once(chunks)
-        message = _message("response_headers", items=headers.items(), end_of_stream=chunks is None)
+        message = wire.message(
+            "response_headers", items=headers.items(), end_of_stream=chunks is None
+        )
         if served is not None:
             metadata = message.metadata_context.filter_metadata[DESTINATION_NAMESPACE]
             metadata.update({SERVED_KEY: served})
@@ -318,9 +259,9 @@ class EnvoyStandIn:
         if self.full_duplex and chunks is not None:
             sender = asyncio.create_task(stream.send_all(chunks))
         try:
-            _mutate(headers, (await stream.read()).response_headers.response.header_mutation)
+            wire.mutate(headers, (await stream.read()).response_headers.response.header_mutation)
             client = web.StreamResponse(status=int(headers.popone(":status")))
-            client.headers.extend((k, v) for k, v in headers.items() if k not in NOT_FORWARDED)
+            client.headers.extend((k, v) for k, v in headers.items() if k not in wire.NOT_FORWARDED)
             await client.prepare(request)
             if sender is not None:  # the picker owns the body: what it sends goes on
                 async for piece in stream.sent_back("response_body"):
@@ -328,10 +269,10 @@ class EnvoyStandIn:
                 await sender
             elif chunks is not None:
                 async for chunk in chunks:
-                    answer = await stream.ask(_message("response_body", body=chunk))
-                    await client.write(_mutated(chunk, _common(answer)))
-                end = _message("response_body", body=b"", end_of_stream=True)
-                await client.write(_mutated(b"", _common(await stream.ask(end))))
+                    answer = await stream.ask(wire.message("response_body", body=chunk))
+                    await client.write(wire.mutated(chunk, wire.common(answer)))
+                end = wire.message("response_body", body=b"", end_of_stream=True)
+                await client.write(wire.mutated(b"", wire.common(await stream.ask(end))))
         finally:
             if sender is not None:
                 sender.cancel()

@@ -23,6 +23,8 @@ def make_app(router: Router) -> web.Application:
         await router.registry.start(router.session)
 
     async def on_cleanup(app: web.Application) -> None:
+        if router.replicator is not None:
+            await router.replicator.stop()
         await router.registry.stop()
         if router.session is not None:
             await router.session.close()

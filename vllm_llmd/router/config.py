@@ -66,6 +66,23 @@ class RouterConfig:
         metavar="PORT",
         group=SERVING,
     )
+    epp_fallbacks: int = flag(
+        2,
+        "the endpoint picker also names up to this many fallback pods after the picked one "
+        "(the next best healthy decode pods by the policy's scores, in order, in "
+        "x-gateway-destination-endpoint): a gateway with retries tries them when the first "
+        "fails; 0: the picked pod alone",
+        metavar="N",
+        group=SERVING,
+    )
+    epp_target_port: int | None = flag(
+        None,
+        "the InferencePool's targetPort when it is not the port the router polls the decode "
+        "pods on (a routing sidecar's: overlays/gateway-pd): the endpoint picker names a "
+        "decode pod as its IP and this port, and reads the gateway's endpoints so",
+        metavar="PORT",
+        group=SERVING,
+    )
     policy: str = flag(
         "kv_aware",
         "routing policy: round_robin, load, prefix, kv_aware (prefix hit and load), "
@@ -181,6 +198,16 @@ class RouterConfig:
         "computing only what it lacks, and the chosen pod pulls the KV from it instead of "
         "computing it; also honours llm-d's x-kv-cache-source-host-port header",
         group=PD,
+    )
+    replicate_hot_prefixes: int = flag(
+        0,
+        "copy a prefix to the least-loaded pod lacking it once this many requests within 2 s "
+        "were routed past its holder or queued behind others there: the pod pulls it from the "
+        "holder (as --pull-from-holders does) off the request path; 0 turns it off",
+        group=PD,
+    )
+    replicate_per_minute: int = flag(
+        60, "at most this many hot-prefix copies a minute (--replicate-hot-prefixes)", group=PD
     )
     prefill_allowlist: str | None = flag(
         None,

@@ -27,7 +27,8 @@ K8S_DISCOVERY_FLAGS = (
     "k8s_kubeconfig",
     "k8s_api_url",
 )
-_AT_LEAST_ONE = ("tokenize_workers", "health_timeouts_to_evict")
+_AT_LEAST_ONE = ("tokenize_workers", "health_timeouts_to_evict", "replicate_per_minute")
+_AT_LEAST_ZERO = ("replicate_hot_prefixes", "epp_fallbacks")
 _POSITIVE = (
     "tokenize_timeout_s",
     "index_timeout_s",
@@ -75,6 +76,11 @@ def args_error(args: argparse.Namespace, defaults: Mapping[str, Any]) -> str | N
     for dest in _POSITIVE:
         if getattr(args, dest) <= 0:
             return f"{_option(dest)} must be > 0, got {getattr(args, dest)}"
+    for dest in _AT_LEAST_ZERO:
+        if getattr(args, dest) < 0:
+            return f"{_option(dest)} must be >= 0 (0: off), got {getattr(args, dest)}"
+    if args.replicate_hot_prefixes and not args.tokenizer:
+        return "--replicate-hot-prefixes needs --tokenizer (a prefix is known by its tokens)"
     return _chat_template_error(args)
 
 

@@ -23,6 +23,7 @@ from collections.abc import Collection, Mapping
 from functools import partial
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from vllm_llmd.events.model import MEDIUM_GPU
@@ -43,6 +44,7 @@ from vllm_llmd.router.off_loop import OffLoop
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.predictive import SLOPlanner
 from vllm_llmd.router.recent import RecentRoutes
+from vllm_llmd.router.replication import HotPrefixes, Replicator
 from vllm_llmd.router.request_record import RequestRecord, RequestRecorder
 from vllm_llmd.router.routing import (
     DECODE_ROLES,
@@ -71,6 +73,10 @@ KV_SOURCE_HEADER = "x-kv-cache-source-host-port"
 
 class Decider:
     """The routing state (index, loads, latency models, admission queue) and the decision."""
+
+    # the router's one client session to its pods, the app's (opened and closed with it:
+    # `app.make_app`); also what hot-prefix copies are sent through
+    session: aiohttp.ClientSession | None = None
 
     def __init__(
         self,
@@ -133,6 +139,14 @@ class Decider:
             pull_from_holders=config.pull_from_holders,
             holder_max_waiting=2 * config.max_waiting,
         )
+        self.replicator: Replicator | None = None
+        if config.replicate_hot_prefixes and tokens is not None:
+            hot = HotPrefixes(
+                config.replicate_hot_prefixes,
+                config.replicate_per_minute,
+                config.pd_threshold_tokens,
+            )
+            self.replicator = Replicator(hot, tokens, self._tokenize, metrics, self.recent)
 
     def _block_size(self) -> int:
         """Tokens per hashed block: the tokenizer's (given, or taken from the first pod)."""
@@ -205,7 +219,14 @@ class Decider:
         route = self._route(headers, hashes, caches, num_tokens, left, allowed)
         route.request_class, route.queued_s, route.admission = request_class, queued_s, admission
         self.recorder.decided(record, route)
+        if self.replicator is not None and hashes and body is not None and self.session:
+            self.replicator.observe(self.session, route, hashes, record.path, body)
         return route
+
+    def serving_pods(self) -> list[str]:
+        """The healthy decode pods: the router is ready (its /health, the picker's gRPC
+        health) while there is one."""
+        return self.registry.candidates(DECODE_ROLES)
 
     def finished(self) -> None:
         """A routed request ended: a queued one may fit now (policy slo)."""

@@ -16,10 +16,17 @@ first message):
   STREAMED mode each chunk is passed on as it comes.
 - A request without a body (end_of_stream on its headers): routed by load on its headers.
 
-No pod: 503; shed (policy slo, sheddable): 429 with Retry-After; a bad body: 400; all
-OpenAI-style JSON in an immediate response. The decode pod's in-flight count holds until the
+The routing answer names the picked decode pod first, then up to `--epp-fallbacks` others
+(`fallback_pods`) that a gateway with retries tries in order when the first fails; each as
+`IP:PORT`, the port `--epp-target-port` when the pool targets a routing sidecar there. No pod:
+503; shed (policy slo, sheddable): 429 with Retry-After; a bad body: 400; all OpenAI-style
+JSON in an immediate response. The decode pod's in-flight count holds until the
 answer's end (the stream's), as the proxy's does while it relays, and the decision and answer
-are counted and audited as the proxy's are.
+are counted and audited as the proxy's are (served by a fallback: counted to the pod the
+gateway reports, while the in-flight count stays on the picked one).
+
+The same gRPC server serves `grpc.health.v1.Health` (`epp_health`): ready as the proxy's
+/health is, while a decode pod is healthy.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +51,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from vllm_llmd.router.client_body import MAX_JSON_DEPTH, json_depth
 from vllm_llmd.router.decision import KV_SOURCE_HEADER, Decider
 from vllm_llmd.router.dispatch import AnswerTiming, learn_from_answer
+from vllm_llmd.router.epp_health import HealthService, add_health_service
 from vllm_llmd.router.epp_wire import (
     PREFILLER_HEADER,
     PREFILLER_URL_HEADER,
@@ -59,9 +67,11 @@ from vllm_llmd.router.epp_wire import (
     streamed,
 )
 from vllm_llmd.router.errors import error
+from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.pod_state import Sending
 from vllm_llmd.router.request_record import CLIENT_CLOSED_STATUS, RequestRecord
-from vllm_llmd.router.routing import Route
+from vllm_llmd.router.routing import DECODE_ROLES, Route
+from vllm_llmd.router.scoring import Decision, load_key
 
 logger = logging.getLogger(__name__)
 
@@ -215,15 +225,17 @@ class EndpointPicker:
             decider.registry.sending(route.decode.pod, prefill_tokens)
         )
         prefill = endpoint_of(route.prefill.pod) if route.prefill is not None else None
-        destination = endpoint_of(route.decode.pod)
+        fallbacks = fallback_pods(route.decode, route.loads, decider.config.epp_fallbacks)
+        # each endpoint once: pod ids may share one (http and https, or --epp-target-port)
+        destinations = list(dict.fromkeys(map(self._endpoint, [route.decode.pod, *fallbacks])))
         if exchange.request_mode == FULL_DUPLEX:  # we own the body: send it on after
             sent = changed if changed is not None else raw
             length = len(sent) if sent is not None else None
-            answers = [picked(destination, prefill, "request_headers", content_length=length)]
+            answers = [picked(destinations, prefill, "request_headers", content_length=length)]
             if sent is not None:
                 answers += streamed(sent, True, on)
             return answers
-        return [picked(destination, prefill, on, changed)]
+        return [picked(destinations, prefill, on, changed)]
 
     def _refused(self, exchange: _Exchange, exc: web.HTTPException) -> ProcessingResponse:
         assert exchange.record is not None
@@ -231,28 +243,44 @@ class EndpointPicker:
         exchange.status, exchange.ended = exc.status, True
         return immediate(exc.status, exc.text or "", {**exc.headers})
 
+    def _endpoint(self, pod: str) -> str:
+        """A decode pod's endpoint in the InferencePool: its `IP:PORT`, the port
+        --epp-target-port when it has a routing sidecar there."""
+        return endpoint_of(pod, self.decider.config.epp_target_port)
+
+    def _pool(self) -> dict[str, str]:
+        """The InferencePool's endpoints: the decode pods' (a prefill pod is no member: it
+        gets no client request)."""
+        pods = self.decider.registry.pods.items()
+        return {self._endpoint(pod): pod for pod, state in pods if state.spec.role in DECODE_ROLES}
+
     def _allowed(self, subset: set[str] | None) -> set[str] | None:
-        """The pod ids the gateway's endpoint subset (`IP:PORT`s) allows (None: all)."""
+        """The pod ids the gateway's endpoint subset (`IP:PORT`s of the pool) allows (None:
+        all): the decode pods it names, and every prefill pod (outside the pool, so never
+        named: a subset must not turn P/D off)."""
         if subset is None:
             return None
-        return {pod for pod in self.decider.registry.pods if endpoint_of(pod) in subset}
+        decode = {pod for endpoint, pod in self._pool().items() if endpoint in subset}
+        pods = self.decider.registry.pods.items()
+        return decode | {pod for pod, state in pods if state.spec.role not in DECODE_ROLES}
 
     def _served(self, exchange: _Exchange, endpoint: str | None) -> None:
         """Record who answered: the gateway's report, else the picked decode pod."""
         record, route = exchange.record, exchange.route
         if record is None or route is None:
             return
-        pods = {endpoint_of(pod): pod for pod in self.decider.registry.pods}
-        record.served.pod = pods.get(endpoint or "", route.decode.pod)
+        record.served.pod = self._pool().get(endpoint or "", route.decode.pod)
         record.served.status = exchange.status
         record.served.prefilled = route.prefill is not None  # named to the pod's sidecar
 
     def _answer_headers(self, exchange: _Exchange) -> dict[str, str]:
-        """What the proxy adds to an answer: the pods that served it."""
-        route = exchange.route
+        """What the proxy adds to an answer: the pods that served it (a fallback, when the
+        gateway reports one served it)."""
+        route, record = exchange.route, exchange.record
         if route is None:
             return {}
-        headers = {"x-routed-to": route.decode.pod}
+        served = record.served.pod if record is not None else None
+        headers = {"x-routed-to": served or route.decode.pod}
         if route.prefill is not None:
             headers["x-prefilled-by"] = route.prefill.pod
         return headers
@@ -309,6 +337,15 @@ class EndpointPicker:
             self.decider.finished()
 
 
+def fallback_pods(decision: Decision, loads: Mapping[str, PodLoad], limit: int) -> list[str]:
+    """Up to `limit` pods to try after the chosen one, best first: the policy's other
+    candidates (healthy decode pods in the gateway's subset: those it scored) by its score,
+    ties to the less loaded (the policies' own tie rule), then by id."""
+    others = [pod for pod in decision.scores if pod != decision.pod]
+    others.sort(key=lambda pod: (-decision.scores[pod], load_key(loads.get(pod) or PodLoad()), pod))
+    return others[: max(0, limit)]
+
+
 def _parse_json(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object; 400 naming what is wrong (as client_body.read_json)."""
     too_deep = f"the body nests JSON deeper than {MAX_JSON_DEPTH} levels"
@@ -331,6 +368,10 @@ async def serve_epp(decider: Decider, host: str, port: int) -> tuple[grpc.aio.Se
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
         EndpointPicker(decider), server
     )
+    # ready as the proxy's /health is; Watch looks again at the pods' poll interval, when
+    # their health can change
+    ready = HealthService(lambda: bool(decider.serving_pods()), decider.config.poll_interval_s)
+    add_health_service(server, ready)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"the endpoint picker cannot listen on {host}:{port}")

@@ -4,7 +4,10 @@ Gateway API Inference Extension's endpoint-picker protocol defines them
 (gateway-api-inference-extension, docs/proposals/004-endpoint-picker-protocol):
 
 - the picked pod goes in the request header `x-gateway-destination-endpoint` AND in the
-  dynamic metadata `envoy.lb` / `x-gateway-destination-endpoint`, with the same `IP:PORT`;
+  dynamic metadata `envoy.lb` / `x-gateway-destination-endpoint`, with the same value: its
+  `IP:PORT`, then the fallbacks' (`IP:PORT,IP:PORT,...`, protocol v0.4.0 on: "the proxy will
+  go sequentially down the list" when retries are configured; the older single
+  `x-gateway-destination-endpoint-fallback` key is not used);
 - the gateway may limit the candidates in the request's filter metadata
   `envoy.lb.subset_hint` / `x-gateway-destination-endpoint-subset`;
 - it reports the endpoint that served the request in `envoy.lb` /
@@ -14,7 +17,7 @@ Gateway API Inference Extension's endpoint-picker protocol defines them
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -111,10 +114,10 @@ def served_endpoint(request: ProcessingRequest) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def endpoint_of(pod_id: str) -> str:
-    """A pod's `IP:PORT` (its URL's host and port; `[v6]:PORT` for IPv6)."""
+def endpoint_of(pod_id: str, port: int | None = None) -> str:
+    """A pod's `IP:PORT` (its URL's host and port, or `port`; `[v6]:PORT` for IPv6)."""
     parts = urlsplit(pod_id)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = port or parts.port or (443 if parts.scheme == "https" else 80)
     host = parts.hostname or ""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -125,18 +128,21 @@ def _set(name: str, value: str | bytes) -> HeaderValueOption:
 
 
 def picked(
-    endpoint: str,
+    endpoints: Sequence[str],
     prefill_endpoint: str | None,
     on: str,
     body: bytes | None = None,
     content_length: int | None = None,
 ) -> ProcessingResponse:
-    """The answer that routes the request to `endpoint`, as the response to its
-    `request_headers` or `request_body` message (`on`). A P/D route names its prefill pod for
+    """The answer that routes the request to `endpoints[0]` (then, should it fail, to the
+    others in order), as the response to its `request_headers` or `request_body` message
+    (`on`). A P/D route names its prefill pod for
     the decode pod's sidecar; without one, a client's prefiller header is removed. `body`
     replaces the request body (BUFFERED mode only: a body the router changed);
     `content_length` is that of the body the picker sends on itself (FULL_DUPLEX_STREAMED:
     the client's header would be wrong when the router changed the body)."""
+    assert endpoints, "the picker answers 503 when it has no pod"
+    endpoint = ",".join(endpoints)  # the header's value and the metadata's: the same
     set_headers = [_set(DESTINATION_KEY, endpoint)]
     remove = [PREFILLER_URL_HEADER]
     if prefill_endpoint is not None:

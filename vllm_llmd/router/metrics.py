@@ -84,6 +84,12 @@ class RouterMetrics:
             "Requests retried on another pod after a connection failure.",
             registry=r,
         )
+        self.prefix_copies = Counter(
+            "llmd:router_prefix_copies",
+            "Hot prefixes copied to another pod ahead of demand, by outcome (done, failed).",
+            ["outcome"],
+            registry=r,
+        )
         self.routing_fallbacks = Counter(
             "llmd:router_routing_fallbacks",
             "Requests routed by load alone because a routing input failed: tokenize_timeout "

@@ -44,9 +44,6 @@ class Router(Decider):
     """Request handling; the aiohttp app is `app.make_app(router)`. The routing state and
     decision are the `Decider`'s, shared with the endpoint picker."""
 
-    # the client session is the app's (opened and closed with it: `app.make_app`)
-    session: aiohttp.ClientSession | None = None
-
     @cached_property
     def dispatch(self) -> Dispatcher:
         return Dispatcher(self.registry, self.latency, self.metrics)
@@ -108,7 +105,7 @@ class Router(Decider):
         raise error(web.HTTPServiceUnavailable, "no healthy pod")
 
     async def handle_health(self, request: web.Request) -> web.Response:
-        healthy = self.registry.candidates(DECODE_ROLES)
+        healthy = self.serving_pods()
         body = {"healthy_pods": healthy, "pods": self.registry.problems()}
         return web.json_response(body, status=200 if healthy else 503)
 

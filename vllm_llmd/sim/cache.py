@@ -140,6 +140,19 @@ class PrefixCache:
         self.num_used -= holding.num_private
         holding.shared, holding.num_private = [], 0
 
+    def receive(self, hashes: list[int]) -> int:
+        """Blocks pulled from another pod (a hot-prefix copy), in prompt order: each not on the
+        device becomes a cached block no request holds, the most recently freed (the tail
+        first, as `free` leaves a prompt), as far as room can be made. How many it took."""
+        new = [block_hash for block_hash in hashes if block_hash not in self._refs]
+        self._make_room(len(new))
+        new = new[: max(0, self.capacity_blocks - self.num_used - len(self._free))]
+        for block_hash in reversed(new):
+            self._refs[block_hash] = 0
+            self._free[block_hash] = None
+        self._queue(True, MEDIUM_GPU, new)
+        return len(new)
+
     def take_events(self) -> list[Event]:
         """The KV events queued since the last call, in order."""
         events, self._events = self._events, []

@@ -23,7 +23,7 @@ from vllm_llmd.sim.metrics import HEADER, table
 from vllm_llmd.sim.pod import PodConfig
 from vllm_llmd.sim.profile import H100_LLAMA_8B, load_profile, save_profile
 from vllm_llmd.sim.router import RouterSettings
-from vllm_llmd.sim.run import SimConfig, SweepPoint, Workload, sweep
+from vllm_llmd.sim.run import COPYING, SimConfig, SweepPoint, Workload, sweep
 from vllm_llmd.sim.workloads import (
     ChatShape,
     SharedPrefixShape,
@@ -43,7 +43,8 @@ def _ints(text: str) -> list[int]:
 def _policies(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     known = {p.value for p in PolicyName}
-    unknown = [n for n in names if n not in known]
+    # NAME+copy: the policy with hot-prefix copies (--replicate-hot-prefixes, else 3)
+    unknown = [n for n in names if n.removesuffix(COPYING) not in known]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown policies {unknown}; known: {sorted(known)}")
     return names
@@ -81,6 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prefix-tokens", type=int, default=shape.prefix_tokens)
     run.add_argument("--suffix-tokens", type=int, default=shape.suffix_tokens)
     run.add_argument("--output-tokens", type=int, default=shape.output_tokens)
+    run.add_argument(
+        "--hot-share",
+        type=float,
+        default=shape.hot_share,
+        help="llmd workload: share of requests on the hot group of the moment (0: none)",
+    )
+    run.add_argument(
+        "--hot-every", type=int, default=shape.hot_every, help="a new hot group every N requests"
+    )
+    run.add_argument(
+        "--replicate-hot-prefixes",
+        type=int,
+        default=0,
+        help="the router's --replicate-hot-prefixes for policies named NAME+copy (default 3)",
+    )
+    run.add_argument(
+        "--replicate-per-minute",
+        type=int,
+        default=RouterSettings().replicate_per_minute,
+        help="the router's --replicate-per-minute",
+    )
     calibrate = commands.add_parser("calibrate", help="measure a vLLM server, write a profile")
     calibrate.add_argument("url")
     calibrate.add_argument("--out", required=True)
@@ -107,7 +129,12 @@ def _workload(args: argparse.Namespace) -> Workload:
             hasher, args.requests, args.rate * num_pods, chat, args.seed
         )
     shape = SharedPrefixShape(
-        args.groups, args.prefix_tokens, args.suffix_tokens, args.output_tokens
+        args.groups,
+        args.prefix_tokens,
+        args.suffix_tokens,
+        args.output_tokens,
+        hot_share=args.hot_share,
+        hot_every=args.hot_every,
     )
     requests = list(shared_prefix(hasher, args.requests, 1.0, shape, args.seed))
     return lambda num_pods: _at_rate(requests, args.rate * num_pods)
@@ -135,6 +162,8 @@ def run(args: argparse.Namespace) -> list[SweepPoint]:
             slo=args.slo,
             event_delay_s=args.event_delay_ms / 1000.0,
             recent_route_ttl_s=args.recent_ttl_s,
+            replicate_after=args.replicate_hot_prefixes,
+            replicate_per_minute=args.replicate_per_minute,
         ),
         goodput_slo=args.slo,
     )

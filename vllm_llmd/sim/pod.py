@@ -46,6 +46,9 @@ class PodConfig:
     # 64 tokens x 128 KiB at ~25 GB/s of PCIe: ~0.34 ms a block (assumed)
     host_capacity_blocks: int = 0
     host_load_s_per_block: float = 0.00034
+    # a hot-prefix copy from another pod: seconds a block, 64 tokens x 128 KiB over a
+    # ~25 GB/s RDMA link (assumed, as the host tier's)
+    copy_s_per_block: float = 0.00034
 
 
 @dataclass(slots=True)
@@ -130,6 +133,12 @@ class SimPod:
         elif self._sleeping:
             self._sleeping = False
             self._process.interrupt()
+
+    def receive(self, hashes: list[int]) -> None:
+        """A hot prefix's blocks arrive from another pod (the router's copy): cached here,
+        published at once."""
+        self.cache.receive(hashes)
+        self._flush_events()
 
     def load(self, num_in_flight: int = 0) -> PodLoad:
         """What the pod's /metrics would say now (vllm:num_requests_* and KV usage)."""

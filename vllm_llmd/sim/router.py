@@ -7,7 +7,11 @@ What the proxy does for a request, with the same objects (`router/proxy.py`):
     routing.decide_route(...)              the policy (or the SLO planner) over caches and loads
     RecentRoutes.record(pod, hashes)
 
-and what its ingestor does with a pod's event batch: `ingest.apply_update` of a ReceivedBatch
+With `replicate_after`, each decision also goes to the router's `HotPrefixes`
+(router/replication.py), as the proxy's does; a copy it plans is run by the simulation
+(`take_copies`, then `copied` when the blocks are in).
+
+And what its ingestor does with a pod's event batch: `ingest.apply_update` of a ReceivedBatch
 (BlockStored -> index.add, BlockRemoved -> index.remove), after the publishing delay.
 
 Loads are the router's view: the pods' gauges as last scraped (every `scrape_interval_s`, as
@@ -32,6 +36,7 @@ from vllm_llmd.router.pod_spec import PodSpec
 from vllm_llmd.router.pod_state import PodState, Sending
 from vllm_llmd.router.predictive import SLOPlanner
 from vllm_llmd.router.recent import RecentRoutes
+from vllm_llmd.router.replication import HotPrefixes, Replication
 from vllm_llmd.router.scoring import PodCache, PolicyName, ScoringConfig, make_policy
 from vllm_llmd.router.shared_view import extended
 from vllm_llmd.router.slo import SLO, RequestClass
@@ -55,6 +60,11 @@ class RouterSettings:
     # seconds from a pod's engine step to its events in the index (publish, ZMQ, poll)
     event_delay_s: float = 0.02
     scrape_interval_s: float = 1.0
+    # --replicate-hot-prefixes (0: off), --replicate-per-minute, and the prefix length worth a
+    # copy (the router's --pd-threshold-tokens)
+    replicate_after: int = 0
+    replicate_per_minute: int = 60
+    replicate_min_tokens: int = 256
 
 
 class SimRouter:
@@ -92,6 +102,18 @@ class SimRouter:
         self._states = {pod: PodState(PodSpec(pod)) for pod in self.pods}
         self._sending: dict[str, Sending] = {}  # request id -> its count at its pod
         self.loads: dict[str, PodLoad] = {pod: PodLoad() for pod in self.pods}
+        self.block_size = block_size
+        self.hot: HotPrefixes | None = None
+        if settings.replicate_after and self.uses_caches:
+            self.hot = HotPrefixes(
+                settings.replicate_after,
+                settings.replicate_per_minute,
+                settings.replicate_min_tokens,
+                clock=clock,
+            )
+        # copies planned and not yet taken by the simulation, with their prompts' hashes
+        self._copies: list[tuple[Replication, list[int]]] = []
+        self.num_copies = 0
 
     # ---- a request ------------------------------------------------------------------------
 
@@ -116,7 +138,24 @@ class SimRouter:
         sending = Sending(self._states[pod], route.shape.uncached_tokens)
         self._sending[route.request_id] = sending
         self._refresh(pod)
+        if self.hot is not None and hashes:
+            for copy in self.hot.observe(route, hashes, self.block_size):
+                self._copies.append((copy, hashes))
         return route
+
+    def take_copies(self) -> list[tuple[Replication, list[int]]]:
+        """The hot-prefix copies planned since the last call (the simulation runs them)."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    def copied(self, copy: Replication, hashes: list[int]) -> None:
+        """A copy's blocks are in its target (as the Replicator's success)."""
+        assert self.hot is not None
+        self.hot.done(copy)
+        self.num_copies += 1
+        if self.recent is not None:
+            self.recent.record(copy.target, hashes[: copy.num_blocks])
+            self._routed_first.setdefault(hashes[0], set()).add(copy.target)
 
     def answering(self, route: routing.Route) -> None:
         """The request's first token is out: its prefill is no longer ahead of others."""

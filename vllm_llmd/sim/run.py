@@ -3,7 +3,10 @@
 A request's life: it arrives (the workload's time) -> the router looks its block hashes up and
 decides (`SimRouter.route`: index, recent routes, decide_route) -> the chosen pod queues it ->
 the pod's engine prefills it (first token) and decodes it (done) -> the router's in-flight
-count drops and, for policy slo, its latency model learns. Meanwhile each pod publishes KV
+count drops and, for policy slo, its latency model learns. A hot-prefix copy the router plans
+(`RouterSettings.replicate_after`) lands in its target `PodConfig.copy_s_per_block` per block
+later (the transfer; the two one-token steps of the copy are not modelled). Meanwhile each pod
+publishes KV
 events that reach the router's index `event_delay_s` later, and the router scrapes every pod's
 gauges every `scrape_interval_s`.
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 import simpy
 
 from vllm_llmd.events.model import EventBatch
+from vllm_llmd.router.replication import Replication
 from vllm_llmd.router.routing import Route
 from vllm_llmd.router.slo import SLO
 from vllm_llmd.sim.metrics import Summary, summarize
@@ -122,7 +126,14 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
             )
             routes[request.request_id] = route
             pods[route.decode.pod].submit(request)
+            for copy, hashes in router.take_copies():
+                env.process(copying(copy, hashes))
         arriving[0] = False
+
+    def copying(copy: Replication, hashes: list[int]) -> Process:
+        yield env.timeout(config.pod.copy_s_per_block * copy.num_blocks)
+        pods[copy.target].receive(hashes[: copy.num_blocks])
+        router.copied(copy, hashes)
 
     def scrapes() -> Process:
         while arriving[0] or routes:
@@ -134,7 +145,7 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
     env.process(scrapes())
     env.run()
     summary = summarize(
-        settings.policy,
+        settings.policy + (COPYING if settings.replicate_after else ""),
         outcomes,
         [pod.num_requests for pod in pods.values()],
         config.goodput_slo,
@@ -143,6 +154,9 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
     )
     return RunResult(summary, outcomes, router, pods)
 
+
+# the suffix of a policy name that turns hot-prefix copies on (`sweep`, the CLI)
+COPYING = "+copy"
 
 # a workload for a pod count: (num_pods) -> requests (a fresh iterator, same seed each call)
 Workload = Callable[[int], Iterator[SimRequest]]
@@ -167,8 +181,11 @@ def sweep(
     dropped once summarized: a 256-pod index is large)."""
     points = []
     for num_pods in pod_counts:
-        for policy in policies:
-            router = dataclasses.replace(base.router, policy=policy)
+        for name in policies:
+            # NAME+copy: the policy with hot-prefix copies (base's replicate_after, else 3)
+            policy = name.removesuffix(COPYING)
+            copies = (base.router.replicate_after or 3) if policy != name else 0
+            router = dataclasses.replace(base.router, policy=policy, replicate_after=copies)
             config = dataclasses.replace(base, num_pods=num_pods, router=router)
             result = simulate(config, workload(num_pods))
             point = SweepPoint(result.summary, [o.ttft_s for o in result.outcomes])

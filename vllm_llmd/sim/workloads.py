@@ -7,7 +7,9 @@ memory at once.
 
 - `shared_prefix`: llm-d's prefix-cache benchmark shape: `num_groups` groups (150), each with a
   shared prefix (6,000 tokens); a request is its group's prefix plus a unique suffix (a few
-  hundred tokens). Groups are drawn uniformly; arrivals are Poisson.
+  hundred tokens). Groups are drawn uniformly; arrivals are Poisson. With `hot_share`, that
+  share of the requests goes to the hot group of the moment instead, a new one every
+  `hot_every` requests (a prefix that turns hot on the pod its first request lands on).
 - `multi_turn`: conversations of `turns` turns; each turn resends the conversation so far (a
   system prompt shared by a group of users, the earlier questions and answers) plus a new
   question, so each prompt extends the last one and the answer's blocks are reused.
@@ -109,6 +111,10 @@ class SharedPrefixShape:
     # each suffix is uniform in suffix_tokens * [0.5, 1.5]
     suffix_tokens: int = 300
     output_tokens: int = 100
+    # share of the requests on the hot group of the moment (0: none), a new one every
+    # hot_every requests
+    hot_share: float = 0.0
+    hot_every: int = 1000
 
 
 def shared_prefix(
@@ -120,7 +126,12 @@ def shared_prefix(
     arrivals = poisson_arrivals(rate, rng)
     for request_id in range(num_requests):
         group = rng.randrange(shape.num_groups)
+        if shape.hot_share and rng.random() < shape.hot_share:
+            group = -1 - request_id // shape.hot_every  # hot groups: markers of their own
         if group not in groups:
+            if group < 0:  # the last hot group is cold now: forget it
+                for cold in [g for g in groups if g < 0]:
+                    del groups[cold]
             groups[group] = Chain(hasher)
             groups[group].extend(synthetic_tokens(group, shape.prefix_tokens))
         chain = groups[group].copy()

@@ -1,0 +1,293 @@
+"""Hot prefixes copied to another pod ahead of demand, off the request path.
+
+When one pod holds a prefix that much of the traffic wants, a prefix-aware policy must choose,
+request by request, between queueing behind that pod and recomputing the prefix elsewhere (or,
+with --pull-from-holders, pulling it on the request's own path). The router sees the pressure
+as it decides. A request presses its prefix when it:
+
+- was routed past the prefix's best holder: its pod lacks `min_tokens` or more of what the
+  holder has (it recomputes them, or pulls them before its first token); or
+- went to a holder that cannot serve it within its TTFT SLO: predicted later than the SLO by
+  the holder's latency model, or, without an SLO or a warm model, with `QUEUED_AHEAD` of the
+  router's requests already waiting to start there.
+
+When `after` requests press one prefix within `WINDOW_S`, `HotPrefixes` plans copies: the
+least-loaded pods lacking the prefix (and with room in their KV caches) pull it from the pods
+holding it, as many as hold it, one from each: while the pressure lasts, the number of
+holders doubles every `WINDOW_S` (a prefix half of a 64-pod cluster wants must not wait for
+copies one at a time).
+`Replicator` runs it as a P/D pair of one-token requests through the pods' own API (the same
+protocol, leases and checks as every P/D transfer; vLLM's scheduler allocates the blocks,
+which no call beside it could): the holder runs the prefix as a first step (all but its last
+token a cache hit), the target runs it with the KV pulled over the side channel. The target
+then holds the prefix (its device cache, and its tiers as it evicts), its KV events tell the
+index, and the policy spreads the prefix's traffic over both pods. No request waits for a
+copy.
+
+Bounded: one copy in flight per target pod, `per_minute` copies a minute, and a prefix is not
+copied again for `WINDOW_S` (its next copies go out only if the pressure persists).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from vllm_llmd.log import ThrottledLog
+from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.off_loop import OffLoop
+from vllm_llmd.router.recent import RecentRoutes
+from vllm_llmd.router.routing import Route
+from vllm_llmd.router.scoring import PodCache
+from vllm_llmd.router.tokens import TokenProcessor
+from vllm_llmd.router.upstream import post, upstream_error
+
+logger = logging.getLogger(__name__)
+
+# a request pressing a prefix counts for this long, and a copied prefix waits this long before
+# another copy (the simulator's llm-d-shaped runs at 16 pods: 10 s left the holders too few)
+WINDOW_S = 2.0
+# router's requests not yet answering on a holder that make the next one there wait
+QUEUED_AHEAD = 2
+# a pod whose KV cache is fuller than this receives no copy: the copy's blocks would evict
+# (or preempt) what it is serving, a cost its own requests pay at once
+MAX_TARGET_KV_USAGE = 0.8
+# prefixes tracked at once (the least recently pressed are forgotten past this)
+MAX_TRACKED = 4096
+_NO_CACHE = PodCache()
+
+
+@dataclass(frozen=True)
+class Replication:
+    """One planned copy: `num_blocks` leading blocks of a prompt, from source to target."""
+
+    source: str
+    target: str
+    num_blocks: int
+    # the hash of the prefix's last block (what identifies the prefix)
+    key: int
+
+
+class HotPrefixes:
+    """Counts the requests that press each prefix and plans a copy when one is hot. Pure: no
+    I/O, a clock it is given (tested, and usable by the simulator, without a server)."""
+
+    def __init__(
+        self,
+        after: int,
+        per_minute: int,
+        min_tokens: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if after < 1 or per_minute < 1 or min_tokens < 1:
+            raise ValueError(
+                f"need after, per_minute and min_tokens >= 1, got {after}, {per_minute}, "
+                f"{min_tokens}"
+            )
+        self.after, self.per_minute, self.min_tokens = after, per_minute, min_tokens
+        self._clock = clock
+        # prefix key -> times it was pressed (within WINDOW_S), least recently pressed first
+        self._pressed: OrderedDict[int, deque[float]] = OrderedDict()
+        # prefix key -> when it may be copied again
+        self._cooling: dict[int, float] = {}
+        # start times of the copies of the last minute, and the pods receiving one now
+        self._started: deque[float] = deque()
+        self._receiving: set[str] = set()
+
+    def observe(self, route: Route, hashes: Sequence[int], block_size: int) -> list[Replication]:
+        """The copies to start now, if this routed request makes its prefix hot: as many as
+        pods hold it (so the holders double while the pressure lasts), each from one of them.
+        `block_size`: the pods' tokens per block (the tokenizer may take it from a pod after
+        start)."""
+        min_blocks = max(1, self.min_tokens // block_size)
+        caches = route.caches
+        candidates = list(route.decode.scores) or [route.decode.pod]
+        holder = max(candidates, key=lambda pod: caches.get(pod, _NO_CACHE).num_blocks)
+        held = caches.get(holder, _NO_CACHE).num_blocks
+        if held < min_blocks or held > len(hashes):
+            return []
+        chosen = route.decode.pod
+        passed_over = held - caches.get(chosen, _NO_CACHE).num_blocks >= min_blocks
+        if not passed_over and not _late(route):
+            return []
+        now = self._clock()
+        key = hashes[held - 1]
+        times = self._pressed.pop(key, None) or deque()
+        times.append(now)
+        while times and times[0] <= now - WINDOW_S:
+            times.popleft()
+        self._pressed[key] = times  # most recently pressed last
+        while len(self._pressed) > MAX_TRACKED:
+            self._pressed.popitem(last=False)
+        if len(times) < self.after or self._cooling.get(key, 0.0) > now:
+            return []
+        while self._started and self._started[0] <= now - 60.0:
+            self._started.popleft()
+        budget = self.per_minute - len(self._started)
+        holders = [p for p in candidates if held - caches.get(p, _NO_CACHE).num_blocks < min_blocks]
+        # not the pod this request takes the prefix to, nor one that holds most of it already
+        lacking = [
+            pod
+            for pod in candidates
+            if pod != chosen
+            and pod not in holders
+            and pod not in self._receiving
+            and _kv_usage(route, pod) <= MAX_TARGET_KV_USAGE
+        ]
+        lacking.sort(key=lambda pod: (_queue_then_batch(route, pod), pod))
+        targets = lacking[: min(len(holders), budget)]
+        if not targets:
+            return []
+        self._started.extend([now] * len(targets))
+        self._receiving.update(targets)
+        self._cooling[key] = now + WINDOW_S
+        for stale in [k for k, until in self._cooling.items() if until <= now]:
+            del self._cooling[stale]
+        del self._pressed[key]
+        # each holder sends at most one copy, the best holder first (targets may be fewer)
+        sources = [holder, *(p for p in holders if p != holder)]
+        pairs = zip(sources, targets, strict=False)
+        return [Replication(source, target, held, key) for source, target in pairs]
+
+    def done(self, copy: Replication) -> None:
+        """The copy ended (either way): its target may receive another."""
+        self._receiving.discard(copy.target)
+
+
+def _late(route: Route) -> bool:
+    """The request's pod is predicted to miss its TTFT SLO (or, with no SLO or no prediction,
+    has QUEUED_AHEAD of the router's requests waiting to start)."""
+    slo = route.request_class.slo.ttft_s
+    if slo is not None and route.prediction is not None and route.prediction.ttft_s is not None:
+        return route.prediction.ttft_s > slo
+    load = route.loads.get(route.decode.pod)
+    return load is not None and load.num_prefilling >= QUEUED_AHEAD
+
+
+def _kv_usage(route: Route, pod: str) -> float:
+    load = route.loads.get(pod)
+    return 0.0 if load is None else load.kv_usage
+
+
+def _queue_then_batch(route: Route, pod: str) -> tuple[int, int]:
+    load = route.loads.get(pod)
+    return (0, 0) if load is None else (load.num_waiting + load.num_prefilling, load.num_active)
+
+
+class Replicator:
+    """Runs the copies `HotPrefixes` plans, each in a task of its own."""
+
+    def __init__(
+        self,
+        hot: HotPrefixes,
+        tokens: TokenProcessor,
+        tokenize: OffLoop,
+        metrics: RouterMetrics,
+        recent: RecentRoutes | None,
+    ) -> None:
+        self.hot = hot
+        self.tokens = tokens
+        self.tokenize = tokenize
+        self.metrics = metrics
+        self.recent = recent
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._log = ThrottledLog(logger)
+
+    def observe(
+        self,
+        session: aiohttp.ClientSession,
+        route: Route,
+        hashes: Sequence[int],
+        path: str,
+        body: Mapping[str, Any],
+    ) -> None:
+        """Start the copies this request makes due, if any (call on the event loop)."""
+        for copy in self.hot.observe(route, hashes, self.tokens.block_size):
+            task = asyncio.create_task(self._run(session, copy, list(hashes), path, body))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(
+        self,
+        session: aiohttp.ClientSession,
+        copy: Replication,
+        hashes: list[int],
+        path: str,
+        body: Mapping[str, Any],
+    ) -> None:
+        started = time.monotonic()
+        try:
+            tokenized = await self.tokenize.run(self.tokens.tokenize_request, path, body)
+            # one token past the prefix: every block of it is then full, and pulled
+            prompt = tokenized.token_ids[: copy.num_blocks * self.tokens.block_size + 1]
+            model = body["model"]
+            request_id = f"llmd-copy-{uuid.uuid4().hex}"
+            first = {"do_remote_decode": True}
+            answer = await _one_token(session, copy.source, model, prompt, first, request_id)
+            params = answer.get("kv_transfer_params")
+            if not isinstance(params, dict) or not params:
+                raise RuntimeError(f"{copy.source} returned no kv_transfer_params")
+            await _one_token(session, copy.target, model, prompt, params, request_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a failed copy costs nothing but the copy
+            self.metrics.prefix_copies.labels("failed").inc()
+            self._log.warning(
+                "copying a hot prefix (%d blocks) from %s to %s failed: %r",
+                copy.num_blocks,
+                copy.source,
+                copy.target,
+                exc,
+            )
+        else:
+            self.metrics.prefix_copies.labels("done").inc()
+            if self.recent is not None:  # the target holds it now, before its events say so
+                self.recent.record(copy.target, hashes[: copy.num_blocks])
+            logger.info(
+                "copied a hot prefix (%d blocks) from %s to %s in %.2f s",
+                copy.num_blocks,
+                copy.source,
+                copy.target,
+                time.monotonic() - started,
+            )
+        finally:
+            self.hot.done(copy)
+
+
+async def _one_token(
+    session: aiohttp.ClientSession,
+    pod: str,
+    model: str,
+    prompt: list[int],
+    kv_transfer_params: dict[str, Any],
+    request_id: str,
+) -> dict[str, Any]:
+    """A one-token completion of `prompt` (token ids) on `pod`; its answer, or an error."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": 1,
+        "stream": False,
+        "kv_transfer_params": kv_transfer_params,
+    }
+    headers = {"X-Request-Id": request_id}
+    async with await post(session, pod + "/v1/completions", body, headers) as resp:
+        answer = await resp.json(content_type=None)
+        if resp.status != 200:
+            raise upstream_error(resp.status, answer)
+    if not isinstance(answer, dict):
+        raise RuntimeError(f"{pod} answered {type(answer).__name__}, not a JSON object")
+    return answer
