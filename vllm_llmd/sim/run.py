@@ -6,9 +6,8 @@ the pod's engine prefills it (first token) and decodes it (done) -> the router's
 count drops and, for policy slo, its latency model learns. A hot-prefix copy the router plans
 (`RouterSettings.replicate_after`) lands in its target `PodConfig.copy_s_per_block` per block
 later (the transfer; the two one-token steps of the copy are not modelled). Meanwhile each pod
-publishes KV
-events that reach the router's index `event_delay_s` later, and the router scrapes every pod's
-gauges every `scrape_interval_s`.
+publishes KV events that reach the router's index `event_delay_s` later, and the router
+scrapes every pod's gauges every `scrape_interval_s`.
 
 `sweep` runs every policy at every pod count on the same requests (same seed) and returns one
 `Summary` each.
