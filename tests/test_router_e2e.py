@@ -212,7 +212,11 @@ def test_a_hot_prefix_copied_ahead_of_demand_is_pulled_and_then_hit_on_the_other
         try:
             async with aiohttp.ClientSession() as session:
                 await replicator._run(
-                    session, planned, hashes, "/v1/completions", {"model": model, "prompt": prompt}
+                    session,
+                    [planned],
+                    hashes,
+                    "/v1/completions",
+                    {"model": model, "prompt": prompt},
                 )
         finally:
             tokenize.close()

@@ -210,8 +210,9 @@ class Replicator:
         body: Mapping[str, Any],
     ) -> None:
         """Start the copies this request makes due, if any (call on the event loop)."""
-        for copy in self.hot.observe(route, hashes, self.tokens.block_size):
-            task = asyncio.create_task(self._run(session, copy, list(hashes), path, body))
+        copies = self.hot.observe(route, hashes, self.tokens.block_size)
+        if copies:
+            task = asyncio.create_task(self._run(session, copies, list(hashes), path, body))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -223,17 +224,43 @@ class Replicator:
     async def _run(
         self,
         session: aiohttp.ClientSession,
-        copy: Replication,
+        copies: list[Replication],
         hashes: list[int],
         path: str,
         body: Mapping[str, Any],
     ) -> None:
-        started = time.monotonic()
+        """The prompt tokenized once for all of this request's copies, then each copy."""
         try:
             tokenized = await self.tokenize.run(self.tokens.tokenize_request, path, body)
-            # one token past the prefix: every block of it is then full, and pulled
-            prompt = tokenized.token_ids[: copy.num_blocks * self.tokens.block_size + 1]
             model = body["model"]
+        except asyncio.CancelledError:
+            for copy in copies:
+                self.hot.done(copy)
+            raise
+        except Exception as exc:
+            for copy in copies:
+                self._failed(copy, exc)
+                self.hot.done(copy)
+            return
+        # one token past the prefix: every block of it is then full, and pulled
+        prompts = [tokenized.token_ids[: c.num_blocks * self.tokens.block_size + 1] for c in copies]
+        await asyncio.gather(
+            *(
+                self._copy(session, copy, prompt, model, hashes)
+                for copy, prompt in zip(copies, prompts, strict=True)
+            )
+        )
+
+    async def _copy(
+        self,
+        session: aiohttp.ClientSession,
+        copy: Replication,
+        prompt: list[int],
+        model: str,
+        hashes: list[int],
+    ) -> None:
+        started = time.monotonic()
+        try:
             request_id = f"llmd-copy-{uuid.uuid4().hex}"
             first = {"do_remote_decode": True}
             answer = await _one_token(session, copy.source, model, prompt, first, request_id)
@@ -244,14 +271,7 @@ class Replicator:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a failed copy costs nothing but the copy
-            self.metrics.prefix_copies.labels("failed").inc()
-            self._log.warning(
-                "copying a hot prefix (%d blocks) from %s to %s failed: %r",
-                copy.num_blocks,
-                copy.source,
-                copy.target,
-                exc,
-            )
+            self._failed(copy, exc)
         else:
             self.metrics.prefix_copies.labels("done").inc()
             if self.recent is not None:  # the target holds it now, before its events say so
@@ -265,6 +285,16 @@ class Replicator:
             )
         finally:
             self.hot.done(copy)
+
+    def _failed(self, copy: Replication, exc: Exception) -> None:
+        self.metrics.prefix_copies.labels("failed").inc()
+        self._log.warning(
+            "copying a hot prefix (%d blocks) from %s to %s failed: %r",
+            copy.num_blocks,
+            copy.source,
+            copy.target,
+            exc,
+        )
 
 
 async def _one_token(
