@@ -35,4 +35,5 @@ def kv_layout_fingerprint(
         layout=str(layout),
         tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size,
         page_bytes=int(spec.page_size_bytes),
+        total_num_kv_heads=int(vllm_config.model_config.get_total_num_kv_heads()),
     )

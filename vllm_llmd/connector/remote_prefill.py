@@ -3,12 +3,14 @@
 A request sent with the `kv_transfer_params` our prefill answered (`RemotePrefillParams`)
 covers its prompt from token 0; it adds what the device cache and our other tiers lack, and
 `plan_load` maps the remote blocks onto the blocks vLLM allocated (`RecvSpec`: the worker half
-pulls them). The params come from the decode instance's API client: `_check_remote` stands
-between a crafted request and a connection, a pinned block or a cached block; anything wrong
-is recomputed. When the request will not load (whole prompt cached locally, another prompt,
-bad params, vLLM loads nothing, finished first), the prefill's blocks are released at once
-(`ReleaseSpec`) — but only for params that parsed and passed the host allowlist: with
-anything else there is nowhere safe to send it, and the prefill's lease frees the blocks.
+pulls them; from a prefill of another TP size too, head slice by head slice, when the model's
+whole KV agrees: `KVLayoutFingerprint.tp_differences`). The params come from the decode
+instance's API client: `_check_remote` stands between a crafted request and a connection, a
+pinned block or a cached block; anything wrong is recomputed. When the request will not load
+(whole prompt cached locally, another prompt, bad params, vLLM loads nothing, finished
+first), the prefill's blocks are released at once (`ReleaseSpec`) — but only for params that
+parsed and passed the host allowlist: with anything else there is nowhere safe to send it,
+and the prefill's lease frees the blocks.
 """
 
 from __future__ import annotations
@@ -150,15 +152,14 @@ class RemotePrefillPlanner:
                 remote.host,
             )
             return None, "prefill host not allowed"  # and no release: no connection to it
-        if len(remote.ports) != self.fingerprint.tensor_parallel_size:
+        differences = remote.fingerprint.tp_differences(self.fingerprint)
+        if len(remote.ports) != remote.fingerprint.tensor_parallel_size:
             problem = (
-                f"prefill has tensor-parallel size {len(remote.ports)}, this decode instance "
-                f"{self.fingerprint.tensor_parallel_size}; unequal TP sizes are not supported"
+                f"params name {len(remote.ports)} side-channel ports for a prefill of "
+                f"tensor-parallel size {remote.fingerprint.tensor_parallel_size}"
             )
-        elif remote.fingerprint != self.fingerprint:
-            problem = "KV layouts differ (prefill vs decode): " + "; ".join(
-                remote.fingerprint.differences(self.fingerprint)
-            )
+        elif differences:
+            problem = "KV layouts differ (prefill vs decode): " + "; ".join(differences)
         elif remote.num_tokens > num_prompt:
             problem = f"params cover {remote.num_tokens} tokens, the prompt has {num_prompt}"
         elif prompt_digest(list(request.prompt_token_ids or ())) != remote.prompt_digest:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
+from vllm_llmd.connector.kv_pull import KVPuller, release_endpoints
 from vllm_llmd.connector.metadata import (
     LLMDConnectorMetadata,
     LLMDHandshake,
@@ -52,9 +53,10 @@ from vllm_llmd.job_tally import JobTally
 from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.log import get_logger
 from vllm_llmd.offload.worker import OffloadWorker
-from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
-from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
+from vllm_llmd.ops import PagedKVCache, gather_blocks
+from vllm_llmd.transfer.client import release_transfer
 from vllm_llmd.transfer.cuda_ipc import CudaIpcWriter, IpcUnavailable, export_cache
+from vllm_llmd.transfer.head_slices import HeadSlicer, HeadSliceUnsupported
 from vllm_llmd.transfer.messages import CudaIpcCache
 from vllm_llmd.transfer.registry import SendOutcome, SendRegistry
 from vllm_llmd.transfer.server import TransferServer
@@ -100,6 +102,8 @@ class LLMDConnectorWorker:
         self.is_producer = is_producer
         self.registration: KVCacheRegistration | None = None
         self.kv_cache: PagedKVCache | None = None
+        # decode side: pulls recvs (made with the KV cache)
+        self.puller: KVPuller | None = None
         # counter increments since the last get_kv_connector_stats (pull threads add too)
         self._stats = LLMDConnectorStats()
         self.registry = SendRegistry(config.lease_s)
@@ -159,6 +163,10 @@ class LLMDConnectorWorker:
                 self._ipc_cache = export_cache(self.kv_cache)
             except IpcUnavailable as exc:
                 logger.info("LLMDConnector: no same-host CUDA IPC pulls: %s", exc)
+        head_slicer = self._head_slicer(self.kv_cache)
+        self.puller = KVPuller(
+            self.config, self.fingerprint, self.tp_rank, self.kv_cache, head_slicer, self._ipc_cache
+        )
         if self.is_producer:
             self._ipc_writer = CudaIpcWriter(self.kv_cache) if use_ipc else None
             port = self.config.side_channel_port
@@ -172,6 +180,7 @@ class LLMDConnectorWorker:
                 ipc_write=self._ipc_writer.write if self._ipc_writer else None,
                 max_chunk_bytes=self.config.max_chunk_bytes,
                 tls=self.config.side_channel_tls(server_side=True),
+                head_slicer=head_slicer,
             )
         # Tests and operators read this line to know the worker half is live.
         logger.info(
@@ -185,6 +194,14 @@ class LLMDConnectorWorker:
             f"{self.server.host}:{self.server.port}" if self.server else "off",
         )
         return self.registration
+
+    def _head_slicer(self, kv_cache: PagedKVCache) -> HeadSlicer | None:
+        """Head-sliced reads of this cache (unequal TP sizes), if its layout allows them."""
+        try:
+            return HeadSlicer(kv_cache, self.fingerprint)
+        except HeadSliceUnsupported as exc:
+            logger.info("LLMDConnector: no P/D with unequal TP sizes: %s", exc)
+            return None
 
     def get_handshake_metadata(self) -> LLMDHandshake:
         return LLMDHandshake(self.tp_rank, self.server.port if self.server else None)
@@ -251,10 +268,7 @@ class LLMDConnectorWorker:
         return self.shared.load(load)
 
     def _release_endpoints(self, release: ReleaseSpec) -> list[str]:
-        """The prefill ranks this worker releases: ports[r], ports[r + tp], ... so that every
-        prefill rank gets one release whatever the two instances' TP sizes are."""
-        step = self.fingerprint.tensor_parallel_size
-        return [f"tcp://{release.host}:{port}" for port in release.ports[self.tp_rank :: step]]
+        return release_endpoints(release, self.tp_rank, self.fingerprint.tensor_parallel_size)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         """(finished_sending, finished_recving, failed_recving) request ids of this step."""
@@ -326,40 +340,10 @@ class LLMDConnectorWorker:
         return staging
 
     def _pull(self, recv: RecvSpec) -> int:
-        assert self.kv_cache is not None
-        kv_cache = self.kv_cache
-        local_ids = recv.local_block_ids
-        bytes_per_block = kv_cache.block_bytes
-
-        def scatter(first_index: int, data: torch.Tensor) -> None:
-            count = data.numel() // bytes_per_block
-            if kv_cache.device.type == "cuda":
-                data = data.to(kv_cache.device)
-                scatter_blocks(kv_cache, list(local_ids[first_index : first_index + count]), data)
-                torch.cuda.current_stream(kv_cache.device).synchronize()
-            else:
-                scatter_blocks(kv_cache, list(local_ids[first_index : first_index + count]), data)
-
+        assert self.puller is not None
         started = time.monotonic()
         try:
-            if not recv.remote_block_ids:
-                raise TransferFailed("no blocks to pull (block count mismatch)")
-            received = pull_blocks(
-                PullSpec(
-                    endpoint=f"tcp://{recv.host}:{recv.ports[self.tp_rank]}",
-                    transfer_id=recv.transfer_id,
-                    fingerprint=recv.fingerprint,
-                    remote_block_ids=recv.remote_block_ids,
-                    block_bytes=bytes_per_block,
-                    ipc=self._ipc_cache,
-                    local_block_ids=local_ids,
-                ),
-                scatter,
-                timeout_s=self.config.transfer_timeout_s,
-                unknown_transfer_grace_s=self.config.unknown_transfer_grace_s,
-                max_chunk_bytes=self.config.max_chunk_bytes,
-                tls=self.config.side_channel_tls(server_side=False),
-            )
+            received = self.puller.pull(recv)
         except Exception as exc:
             self._count("pulls_failed")
             logger.error(

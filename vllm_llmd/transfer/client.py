@@ -19,6 +19,10 @@ the prefill worker may instead write the read's blocks into ours itself, device 
 on. Each such switch drops a transport this read offered, so one read is asked at most three
 times that way; an answer through a transport the read did not offer fails the pull.
 
+Unequal TP sizes (`tp_mapping.py`): `PullSpec.heads` reads only that range of the prefill
+worker's heads (a ReadHeads; `block_bytes` is then the slice's bytes per block and no CUDA IPC
+is offered), and the release says how many decode workers read that prefill worker.
+
 With a TLS context (`tls.py`, `tls=`) every connection is mutual TLS and the prefill worker's
 certificate is verified against the CA before a request is sent; requests, replies and the
 socket's data parts are encrypted. Shared memory and CUDA IPC are still used on the same host:
@@ -54,6 +58,10 @@ ScatterFn = Callable[[int, torch.Tensor], None]
 _RETRY_SLEEP_S = 0.05
 # transport switches (CUDA IPC -> shared memory -> socket) one read may take
 _MAX_SWITCHES = 2
+_NO_HEAD_READS = (
+    " (a prefill worker without head-sliced reads: unequal TP sizes need this vllm-llmd "
+    "version on the prefill side too)"
+)
 
 
 class TransferFailed(RuntimeError):
@@ -74,6 +82,10 @@ class PullSpec:
     # same-host CUDA path: our cache's IPC description, and where each remote block goes
     ipc: wire.CudaIpcCache | None = None
     local_block_ids: tuple[int, ...] = ()
+    # unequal TP sizes: [start, end) of the prefill worker's heads to read (None: whole blocks)
+    heads: tuple[int, int] | None = None
+    # decode workers that read this prefill worker (each releases it once)
+    num_consumers: int = 1
 
 
 class _Channel:
@@ -227,10 +239,12 @@ def pull_blocks(
     """Read every block of spec into the local cache via scatter; returns bytes received.
     tls: the client context of a side channel with TLS (`tls.make_client_context`)."""
     bytes_per_block = spec.block_bytes
-    per_read = max(1, max_chunk_bytes // bytes_per_block)
     channel = _channel_for(spec.endpoint, timeout_s, tls)
     received, reason = 0, ""
     try:
+        if bytes_per_block <= 0 or (spec.heads is not None and spec.heads[0] >= spec.heads[1]):
+            raise TransferFailed(f"a pull of {bytes_per_block} bytes per block, heads {spec.heads}")
+        per_read = max(1, max_chunk_bytes // bytes_per_block)
         for start, end in _read_ranges(len(spec.remote_block_ids), per_read):
             data = _read(
                 channel,
@@ -249,7 +263,9 @@ def pull_blocks(
         reason = str(exc) or type(exc).__name__
         raise
     finally:
-        released = _release(channel, spec.transfer_id, success=not reason, reason=reason)
+        released = _release(
+            channel, spec.transfer_id, not reason, reason, num_consumers=spec.num_consumers
+        )
         if reason or not released:
             _discard(channel)
 
@@ -269,12 +285,12 @@ def _read(
     max_asks = 1 + _MAX_SWITCHES + int(grace_s / _RETRY_SLEEP_S) + 1
     for _ in range(max_asks):
         offered = use_ipc, use_shm = _offered(spec, same_host, no_ipc, no_shm)
-        request = wire.ReadBlocks(
-            version=wire.PROTOCOL_VERSION,
-            transfer_id=spec.transfer_id,
-            fingerprint=spec.fingerprint,
-            block_ids=list(spec.remote_block_ids[start:end]),
+        request = wire.read_request(
+            spec.transfer_id,
+            spec.fingerprint,
+            list(spec.remote_block_ids[start:end]),
             host_id=_HOST_ID if use_shm or use_ipc else "",
+            heads=spec.heads,
             ipc_cache=spec.ipc if use_ipc else None,
             ipc_block_ids=list(spec.local_block_ids[start:end]) if use_ipc else [],
         )
@@ -311,7 +327,14 @@ def _read(
             if reply.code == wire.UNKNOWN_TRANSFER and time.monotonic() < deadline:
                 time.sleep(_RETRY_SLEEP_S)
                 continue
-            raise TransferFailed(f"prefill worker refused the read ({reply.code}): {reply.message}")
+            # no transfer id in a bad_request: it could not even decode a ReadHeads
+            old = (
+                spec.heads is not None and reply.code == wire.BAD_REQUEST and not reply.transfer_id
+            )
+            hint = _NO_HEAD_READS if old else ""
+            raise TransferFailed(
+                f"prefill worker refused the read ({reply.code}): {reply.message}{hint}"
+            )
         else:
             raise TransferFailed(
                 f"unexpected reply {type(reply).__name__} to a read that offered "
@@ -333,6 +356,7 @@ def _offered(
 ) -> tuple[bool, bool]:
     """(CUDA IPC, shared memory): the transports a read of spec may offer now."""
     use_ipc = same_host and spec.ipc is not None and spec.endpoint not in no_ipc
+    use_ipc = use_ipc and spec.heads is None  # CUDA IPC writes whole blocks
     return use_ipc, same_host and spec.endpoint not in no_shm
 
 
@@ -342,7 +366,9 @@ def _transports(offered: tuple[bool, bool]) -> str:
     return ", ".join(names)
 
 
-def _release(channel: _Channel, transfer_id: str, success: bool, reason: str) -> bool:
+def _release(
+    channel: _Channel, transfer_id: str, success: bool, reason: str, num_consumers: int = 1
+) -> bool:
     """Best effort: if it is lost, the prefill side frees the blocks at lease expiry.
     Returns whether the prefill worker acknowledged it."""
     try:
@@ -352,6 +378,7 @@ def _release(channel: _Channel, transfer_id: str, success: bool, reason: str) ->
                 transfer_id=transfer_id,
                 success=success,
                 reason=reason[:500],
+                num_consumers=num_consumers,
             )
         )
     except TransferFailed:
@@ -365,8 +392,12 @@ def release_transfer(
     reason: str,
     timeout_s: float,
     tls: ssl.SSLContext | None = None,
+    *,
+    success: bool = False,
+    num_consumers: int = 1,
 ) -> None:
-    """Free a prefill's blocks without reading them (the decode side will not load them)."""
+    """Free a prefill's blocks without reading them (the decode side will not load them, or
+    read its heads from another prefill worker: success)."""
     channel = _channel_for(endpoint, timeout_s, tls)
-    if not _release(channel, transfer_id, success=False, reason=reason):
+    if not _release(channel, transfer_id, success, reason, num_consumers):
         _discard(channel)

@@ -7,10 +7,18 @@ BlocksHeader the data part):
     ReadBlocks(transfer_id, fingerprint, block_ids)  ->  BlocksHeader + data
                                                      |   ShmBlocksHeader (same host, below)
                                                      |   TransferError
-    ReleaseTransfer(transfer_id, success, reason)    ->  Ack | TransferError
+    ReadHeads(... as ReadBlocks, head_start, head_end)   (the same replies)
+    ReleaseTransfer(transfer_id, success, reason, num_consumers)  ->  Ack | TransferError
 
 The data part holds the pages of the requested blocks, block-major: for each block id in the
 order asked, every layer's page, in layer order (the order of `vllm_llmd.ops`' gather).
+
+Unequal TP sizes (`tp_mapping.py`): a ReadHeads reads only heads [head_start, head_end) of
+the prefill worker's own heads of each block (the data part as `head_slices.py` lays it out;
+`block_bytes` in the reply is then the bytes of that slice of one block). It is a message of
+its own so that a prefill worker without it refuses it (an unknown tag: `bad_request`) instead
+of answering whole blocks. A prefill worker read by several decode workers frees the blocks
+once `num_consumers` releases came (each decode worker states how many read it).
 
 Same host: a ReadBlocks whose `host_id` equals the prefill worker's own (see `shm.py`) may be
 answered with ShmBlocksHeader instead: the same bytes, in the named shared-memory segment, and
@@ -25,7 +33,7 @@ without); one without the path ignores the fields and answers as above.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
 
@@ -36,7 +44,8 @@ from vllm_llmd.kv_layout import KVLayoutFingerprint
 #      compatible additions: ReadBlocks.host_id and the ShmBlocksHeader reply (same host);
 #      ReadBlocks.ipc_cache/ipc_block_ids and the IpcBlocksWritten reply (same host, CUDA).
 #   2: plain TCP with our own bounded framing (`framing.py`) instead of ZMQ multipart messages,
-#      whose total size nothing bounds; error codes `too_large` and `unavailable`.
+#      whose total size nothing bounds; error codes `too_large` and `unavailable`;
+#      compatible additions: ReadHeads and ReleaseTransfer.num_consumers (unequal TP sizes).
 PROTOCOL_VERSION = 2
 # No control message is anywhere near this; a larger frame is refused before decoding.
 MAX_CONTROL_BYTES = 1 << 20
@@ -89,12 +98,27 @@ class ReadBlocks(msgspec.Struct, tag="read", kw_only=True):
     ipc_block_ids: list[int] = []
 
 
+# Bounds of the head and consumer counts a peer may name (no model has more KV heads).
+MAX_HEADS = 1 << 12
+MAX_CONSUMERS = 256
+_HeadIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_HEADS)]
+
+
+class ReadHeads(ReadBlocks, tag="read_heads", kw_only=True):
+    """A ReadBlocks of only heads [head_start, head_end) of the prefill worker's own heads."""
+
+    head_start: _HeadIndex
+    head_end: _HeadIndex
+
+
 class ReleaseTransfer(msgspec.Struct, tag="release", kw_only=True):
     version: int
     transfer_id: str
     # False: the decode side gave up (its reason says why); the blocks are freed either way
     success: bool
     reason: str = ""
+    # decode workers that read this prefill worker: the blocks are freed at the last release
+    num_consumers: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONSUMERS)] = 1
 
 
 class BlocksHeader(msgspec.Struct, tag="blocks", kw_only=True):
@@ -144,7 +168,7 @@ TOO_LARGE = "too_large"  # a read of more bytes than the prefill's max_chunk_byt
 UNAVAILABLE = "unavailable"  # the prefill worker's side channel failed: do not retry
 ERROR_CODES = (UNKNOWN_TRANSFER, BAD_REQUEST, INCOMPATIBLE, IPC_UNAVAILABLE, TOO_LARGE, UNAVAILABLE)
 
-Request = ReadBlocks | ReleaseTransfer
+Request = ReadBlocks | ReadHeads | ReleaseTransfer
 Reply = BlocksHeader | ShmBlocksHeader | IpcBlocksWritten | Ack | TransferError
 
 _encoder = msgspec.msgpack.Encoder()
@@ -159,6 +183,38 @@ class WireError(ValueError):
 
 def encode(message: Request | Reply) -> bytes:
     return _encoder.encode(message)
+
+
+def read_request(
+    transfer_id: str,
+    fingerprint: KVLayoutFingerprint,
+    block_ids: list[int],
+    *,
+    host_id: str = "",
+    heads: tuple[int, int] | None = None,
+    ipc_cache: CudaIpcCache | None = None,
+    ipc_block_ids: list[int] | None = None,
+) -> ReadBlocks:
+    """A ReadBlocks, or a ReadHeads of heads [start, end) (never with CUDA IPC: whole blocks)."""
+    if heads is not None:
+        return ReadHeads(
+            version=PROTOCOL_VERSION,
+            transfer_id=transfer_id,
+            fingerprint=fingerprint,
+            block_ids=block_ids,
+            host_id=host_id,
+            head_start=heads[0],
+            head_end=heads[1],
+        )
+    return ReadBlocks(
+        version=PROTOCOL_VERSION,
+        transfer_id=transfer_id,
+        fingerprint=fingerprint,
+        block_ids=block_ids,
+        host_id=host_id,
+        ipc_cache=ipc_cache,
+        ipc_block_ids=ipc_block_ids or [],
+    )
 
 
 def error(transfer_id: str, code: str, message: str) -> TransferError:

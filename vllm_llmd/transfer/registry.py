@@ -6,6 +6,10 @@ One `PendingSend` per transfer, a small state machine:
        |                                        |
        +------------- lease expired ------------+--> EXPIRED
 
+A transfer that several decode workers read (unequal TP sizes) is RELEASED at the last of
+their releases: the first release states how many there are (`num_consumers`), and the lease
+still bounds a consumer that never comes.
+
 The engine frees a transfer's blocks only after `take_finished` returned its request id, and a
 transfer in READING is never finished: no block is freed while a read copies it. Every read
 renews the lease. The side-channel thread and the engine's worker thread share it under a lock.
@@ -47,6 +51,8 @@ class PendingSend:
     # how the transfer ended (None until it did), and why a failed one failed
     outcome: SendOutcome | None = None
     reason: str = ""
+    # releases still to come before the blocks may be freed (None: none came yet)
+    releases_left: int | None = None
 
 
 class SendRegistry:
@@ -89,15 +95,23 @@ class SendRegistry:
             send.state = SendState.WAITING
             send.expires_at = max(send.expires_at, self._clock() + self.lease_s)
 
-    def release(self, transfer_id: str, success: bool, reason: str = "") -> bool:
-        """The decode side is done with the blocks. False if the id is unknown or finished."""
+    def release(
+        self, transfer_id: str, success: bool, reason: str = "", num_consumers: int = 1
+    ) -> bool:
+        """A decode worker is done with the blocks (one of num_consumers, as the first release
+        says). False if the id is unknown or finished."""
         with self._lock:
             send = self._by_transfer.get(transfer_id)
             if send is None or send.state != SendState.WAITING:
                 return False
-            send.state = SendState.RELEASED
-            send.outcome = SendOutcome.DONE if success else SendOutcome.FAILED
-            send.reason = "" if success else reason
+            if send.releases_left is None:
+                send.releases_left = max(1, num_consumers)
+            send.releases_left -= 1
+            if not success and send.outcome is None:  # the first failure says why
+                send.outcome, send.reason = SendOutcome.FAILED, reason
+            if send.releases_left == 0:
+                send.state = SendState.RELEASED
+                send.outcome = send.outcome or SendOutcome.DONE
             return True
 
     def take_finished(self) -> list[PendingSend]:

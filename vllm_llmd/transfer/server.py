@@ -9,7 +9,9 @@ for a decode worker on the same host, into a shared-memory segment whose name go
 (`shm.py`), or, when that worker sent CUDA IPC handles of its cache, straight into its blocks,
 device to device (`cuda_ipc.py`). The transfer stays pinned in the registry (READING) only while
 the gather (or the device copy) runs; the send itself reads the staging buffer, not the KV
-cache.
+cache. A ReadHeads (a decode worker of another TP size) gathers only its head range of each
+block (`head_slices.py`), checked against this worker's heads after the transfer id and the
+fingerprint; a server without a `HeadSlicer` refuses it.
 
 With a TLS context (`tls.py`) the listener talks mutual TLS only: the requests, the replies and
 the socket's data parts are encrypted, and a peer without a certificate of the CA is refused
@@ -29,6 +31,7 @@ from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.log import get_logger
 from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.framing import frame
+from vllm_llmd.transfer.head_slices import HeadSlicer
 from vllm_llmd.transfer.listener import FrameServer
 from vllm_llmd.transfer.registry import SendRegistry
 from vllm_llmd.transfer.shm import ShmStaging, host_id
@@ -61,8 +64,10 @@ class TransferServer:
         same_host_shm: bool = True,
         ipc_write: IpcWriteFn | None = None,
         tls: ssl.SSLContext | None = None,
+        head_slicer: HeadSlicer | None = None,
     ) -> None:
         self.registry = registry
+        self._head_slicer = head_slicer
         self.host_id = host_id() if same_host_shm else ""
         self._ipc_write = ipc_write
         self._shm = ShmStaging()
@@ -97,7 +102,9 @@ class TransferServer:
             logger.warning("LLMD side channel: refused a malformed request: %s", exc)
             return [frame(wire.error("", wire.BAD_REQUEST, str(exc)))]
         if isinstance(request, wire.ReleaseTransfer):
-            self.registry.release(request.transfer_id, request.success, request.reason)
+            self.registry.release(
+                request.transfer_id, request.success, request.reason, request.num_consumers
+            )
             return [frame(wire.Ack(version=wire.PROTOCOL_VERSION, transfer_id=request.transfer_id))]
         reply, *data = self._read(peer, request)
         return [frame(reply, sum(part.nbytes for part in data)), *data]
@@ -106,13 +113,22 @@ class TransferServer:
         def error(code: str, message: str) -> list:
             return [wire.error(request.transfer_id, code, message)]
 
+        heads = None
+        block_bytes = self._block_bytes
+        if isinstance(request, wire.ReadHeads):
+            if self._head_slicer is None:
+                return error(wire.BAD_REQUEST, "this prefill worker serves whole blocks only")
+            if request.ipc_cache is not None:
+                return error(wire.BAD_REQUEST, "CUDA IPC writes whole blocks, not head slices")
+            heads = (request.head_start, request.head_end)
+            block_bytes = self._head_slicer.block_bytes(max(1, heads[1] - heads[0]))
         block_ids = request.block_ids
         if not block_ids:
             return error(wire.BAD_REQUEST, "a read of no blocks")
-        if len(block_ids) > self.max_read_blocks:
+        if len(block_ids) > max(1, self.max_chunk_bytes // block_bytes):
             return error(
                 wire.TOO_LARGE,
-                f"a read of {len(block_ids)} blocks ({len(block_ids) * self._block_bytes} bytes) "
+                f"a read of {len(block_ids)} blocks ({len(block_ids) * block_bytes} bytes) "
                 f"exceeds this prefill worker's max_chunk_bytes ({self.max_chunk_bytes}): "
                 "set the decode side's max_chunk_bytes no larger",
             )
@@ -127,17 +143,22 @@ class TransferServer:
                 wire.INCOMPATIBLE,
                 "KV layouts differ (prefill vs decode) in: " + ", ".join(differing),
             )
+        if heads is not None and self._head_slicer is not None:
+            bad_heads = self._head_slicer.check_heads(heads)
+            if bad_heads:
+                self.registry.end_read(request.transfer_id)
+                return error(wire.BAD_REQUEST, bad_heads)
         same_host = bool(self.host_id) and request.host_id == self.host_id
         if same_host and request.ipc_cache is not None and self._ipc_write is not None:
             return self._write_ipc(request, error)
+        nbytes = len(block_ids) * block_bytes
         try:
             if same_host:
-                nbytes = len(block_ids) * self._block_bytes
                 shm_name, out = self._shm.buffer_for(peer, nbytes)
-                self._gather(block_ids, out)
+                self._gather_into(block_ids, heads, out)
                 del out  # the segment may be resized or unlinked later: no view outlives this
             else:
-                staging = self._gather(block_ids, None)
+                staging = self._gather_into(block_ids, heads, None)
         finally:
             self.registry.end_read(request.transfer_id)
         if same_host:
@@ -146,22 +167,29 @@ class TransferServer:
                 version=wire.PROTOCOL_VERSION,
                 transfer_id=request.transfer_id,
                 num_blocks=len(block_ids),
-                block_bytes=self._block_bytes,
+                block_bytes=block_bytes,
                 shm_name=shm_name,
             )
             return [shm_header]
-        expected = len(block_ids) * self._block_bytes
-        if staging.numel() != expected:
-            raise RuntimeError(f"gather returned {staging.numel()} bytes, expected {expected}")
+        if staging.numel() != nbytes:
+            raise RuntimeError(f"gather returned {staging.numel()} bytes, expected {nbytes}")
         self.bytes_sent += staging.numel()
         header = wire.BlocksHeader(
             version=wire.PROTOCOL_VERSION,
             transfer_id=request.transfer_id,
             num_blocks=len(block_ids),
-            block_bytes=self._block_bytes,
+            block_bytes=block_bytes,
         )
         # the view keeps the staging buffer alive until the loop has sent it
         return [header, memoryview(staging.numpy()).cast("B")]
+
+    def _gather_into(
+        self, block_ids: list[int], heads: tuple[int, int] | None, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        if heads is None:
+            return self._gather(block_ids, out)
+        assert self._head_slicer is not None
+        return self._head_slicer.gather(block_ids, heads, out)
 
     def _write_ipc(self, request: wire.ReadBlocks, error: Callable[[str, str], list]) -> list:
         """The blocks straight into the peer's cache (the read is already begun)."""
