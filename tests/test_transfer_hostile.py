@@ -423,3 +423,28 @@ def test_a_failed_loop_is_logged_and_later_pulls_fail_fast(side_channel, caplog)
             max_chunk_bytes=1 << 20,
         )
     assert time.monotonic() - started < 1  # answered, not timed out
+
+
+def test_a_prefill_trickling_a_reply_is_cut_at_the_deadline():
+    """The client refreshes its socket timeout only every few ms (not per 16 KiB TLS record):
+    a peer sending a byte each millisecond still cannot hold a read past its deadline."""
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.is_set():
+            theirs.send(b"x")
+            time.sleep(0.001)
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            recv_exactly(ours, 1 << 20, start + 0.3)
+        assert time.monotonic() - start < 0.3 + 0.1
+    finally:
+        stop.set()
+        sender.join()
+        ours.close()
+        theirs.close()

@@ -29,6 +29,9 @@ from vllm_llmd.transfer.messages import (
 
 HEADER = struct.Struct("!4sHIQ")
 MAGIC = b"LLMD"
+# recv_into sets the socket's timeout to what is left before the deadline at most this often:
+# a wait may end this much past the deadline
+_TIMEOUT_REFRESH_S = 0.005
 # what a ZMQ peer (protocol v1) sends first: the ZMTP signature starts 0xFF and ends 0x7F
 _ZMTP_FIRST_BYTE = 0xFF
 
@@ -67,11 +70,17 @@ def parse_header(header: bytes | bytearray | memoryview, max_data_bytes: int) ->
 
 
 def recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
-    """Fill view from a blocking socket by time.monotonic() `deadline` (TimeoutError after);
-    ConnectionClosed if the peer closes first."""
+    """Fill view from a blocking socket by time.monotonic() `deadline` (TimeoutError after,
+    within _TIMEOUT_REFRESH_S); ConnectionClosed if the peer closes first."""
     received = 0
+    refresh_at = 0.0
     while received < len(view):
-        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        # Each settimeout is a syscall that also releases the GIL, and a TLS socket returns one
+        # 16 KiB record per call (640 per 10 MiB): refresh the timeout only now and then.
+        now = time.monotonic()
+        if now >= refresh_at:
+            sock.settimeout(max(0.001, deadline - now))
+            refresh_at = now + _TIMEOUT_REFRESH_S
         count = sock.recv_into(view[received:])
         if count == 0:
             raise ConnectionClosed(received)
