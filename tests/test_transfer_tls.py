@@ -336,3 +336,26 @@ def test_a_failed_loop_answers_tls_peers_unavailable_at_once(tls_channel, pki):
     with pytest.raises(TransferFailed, match=r"unavailable.*side channel failed: RuntimeError"):
         _pull(server, "tid", [1], make_client_context(*_files(pki, "decode")), timeout_s=5)
     assert time.monotonic() - started < 1  # answered through TLS, not timed out
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_reply_with_data_leaves_the_connection_uncorked(pki, tls):
+    """The listener corks a reply's data part (full segments, not one per TLS record) and
+    uncorks when it is sent: its tail and the next small reply (the release's Ack) go at once,
+    not after the kernel's 200 ms cork timer."""
+    server, registry, cache, _ = _byte_cache_server(
+        same_host_shm=False, tls=make_server_context(*_files(pki, "prefill")) if tls else None
+    )
+    decode = make_client_context(*_files(pki, "decode")) if tls else None
+    try:
+        for i in range(3):
+            registry.add(f"req{i}", f"t{i}", [3, 1, 4])
+            start = time.monotonic()
+            _, data = _pull(server, f"t{i}", [3, 1, 4], decode, read_bytes=2 * BLOCK_BYTES)
+            assert time.monotonic() - start < 0.15
+            assert torch.equal(data, cache[torch.tensor([3, 1, 4])])
+        [connection] = server.connections._connections.values()
+        assert not connection.corked
+        assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+    finally:
+        server.close()

@@ -48,12 +48,15 @@ Handler = Callable[[bytes, bytes], list]
 Forget = Callable[[bytes], None]
 
 _RECV_BYTES = 1 << 16
+# Linux only (elsewhere replies go out as written)
+_CORK: int | None = getattr(socket, "TCP_CORK", None)
 # a non-blocking socket that cannot make progress now (plain TCP, or TLS wanting either way)
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class _Connection:
     __slots__ = (
+        "corked",
         "frame_bytes",
         "handshaking",
         "inbox",
@@ -76,6 +79,7 @@ class _Connection:
         # reply parts still to send (memoryviews), and when a byte of them last went out
         self.outbox: list[memoryview] = []
         self.progress_at = now
+        self.corked = False  # TCP_CORK on while a reply with a data part goes out
 
 
 class FrameServer:
@@ -314,6 +318,12 @@ class FrameServer:
     def _reply(self, connection: _Connection, parts: list) -> None:
         connection.outbox = [memoryview(part).cast("B") for part in parts]
         connection.progress_at = time.monotonic()
+        if len(parts) > 1 and _CORK is not None:
+            # A data part goes out in full segments: TLS writes it one 16 KiB record per
+            # syscall, each pushed alone under TCP_NODELAY (on loopback 4x the segments, and
+            # the peer's wakeups); the flush that ends the reply uncorks: the tail goes at once.
+            connection.sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
+            connection.corked = True
         self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
         self._flush(connection)
 
@@ -329,6 +339,10 @@ class FrameServer:
                 outbox.pop(0).release()
             else:
                 outbox[0] = outbox[0][sent:]
+        if connection.corked:
+            assert _CORK is not None
+            connection.sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)
+            connection.corked = False
         self._connections.move_to_end(connection.peer)
         self._selector.modify(connection.sock, selectors.EVENT_READ, connection)
 
