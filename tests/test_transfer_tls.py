@@ -359,3 +359,55 @@ def test_a_reply_with_data_leaves_the_connection_uncorked(pki, tls):
         assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
     finally:
         server.close()
+
+
+def test_tls_pulls_reuse_one_connection_and_read_many_records_per_socket_read(pki):
+    """The decode side's TlsStream: one handshake for every pull of a thread, and a reply of
+    many TLS records (5 MiB: 320 of them) byte-exact through reads of up to 256 KiB."""
+    layers, page, num_blocks = 2, 64 << 10, 40
+    cache = torch.randint(0, 256, (num_blocks, layers, page), dtype=torch.uint8)
+
+    def gather(block_ids, out):
+        return cache[torch.tensor(block_ids)].reshape(-1)
+
+    registry = SendRegistry(lease_s=30)
+    server = TransferServer(
+        "127.0.0.1",
+        0,
+        registry,
+        gather,
+        FINGERPRINT,
+        layers * page,
+        same_host_shm=False,
+        tls=make_server_context(*_files(pki, "prefill")),
+    )
+    decode = make_client_context(*_files(pki, "decode"))
+    try:
+        for i in range(3):
+            received = torch.zeros_like(cache)
+
+            def scatter(first, data, received=received):
+                view = data.view(-1, layers, page)
+                received[first : first + view.shape[0]] = view
+
+            registry.add(f"req{i}", f"t{i}", list(range(num_blocks)))
+            spec = PullSpec(
+                f"tcp://127.0.0.1:{server.port}",
+                f"t{i}",
+                FINGERPRINT,
+                tuple(range(num_blocks)),
+                layers * page,
+            )
+            nbytes = pull_blocks(
+                spec,
+                scatter,
+                timeout_s=10,
+                unknown_transfer_grace_s=0,
+                max_chunk_bytes=8 << 20,
+                tls=decode,
+            )
+            assert nbytes == cache.numel() and torch.equal(received, cache)
+        assert server.connections._next_peer == 1  # one connection, one handshake
+        assert [s.outcome for s in registry.take_finished()] == [SendOutcome.DONE] * 3
+    finally:
+        server.close()

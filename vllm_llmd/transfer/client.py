@@ -51,6 +51,7 @@ from vllm_llmd.transfer.framing import (
     recv_into,
 )
 from vllm_llmd.transfer.shm import ShmReader, host_id
+from vllm_llmd.transfer.tls import TlsStream
 
 # scatter(first_index, data): data holds blocks first_index.. of the pull, block-major
 ScatterFn = Callable[[int, torch.Tensor], None]
@@ -96,7 +97,7 @@ class _Channel:
         self.timeout_s = timeout_s
         self.tls = tls
         self.address = _address(endpoint)
-        self.sock: socket.socket | None = None
+        self.sock: socket.socket | TlsStream | None = None
 
     def ask(
         self, request: wire.Request, max_data_bytes: int = 0
@@ -163,7 +164,8 @@ class _Channel:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:  # the handshake, by the same deadline (closes sock if it fails)
             sock.settimeout(max(0.001, deadline - time.monotonic()))
-            sock = self.tls.wrap_socket(sock, server_hostname=self.address[0])
+            self.sock = TlsStream(sock, self.tls, server_hostname=self.address[0])
+            return
         self.sock = sock
 
     def _no_answer(self, why: str) -> TransferFailed:

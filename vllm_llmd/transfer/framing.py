@@ -14,9 +14,9 @@ goes straight into a buffer of exactly the announced size.
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
+from typing import Protocol
 
 from vllm_llmd.transfer.messages import (
     MAX_CONTROL_BYTES,
@@ -34,6 +34,14 @@ MAGIC = b"LLMD"
 _TIMEOUT_REFRESH_S = 0.005
 # what a ZMQ peer (protocol v1) sends first: the ZMTP signature starts 0xFF and ends 0x7F
 _ZMTP_FIRST_BYTE = 0xFF
+
+
+class Stream(Protocol):
+    """What the receiving helpers use of a blocking socket (or a `tls.TlsStream`)."""
+
+    def settimeout(self, timeout: float | None) -> None: ...
+
+    def recv_into(self, buffer: memoryview) -> int: ...
 
 
 class ConnectionClosed(ConnectionError):
@@ -69,7 +77,7 @@ def parse_header(header: bytes | bytearray | memoryview, max_data_bytes: int) ->
     return control_bytes, data_bytes
 
 
-def recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
+def recv_into(sock: Stream, view: memoryview, deadline: float) -> None:
     """Fill view from a blocking socket by time.monotonic() `deadline` (TimeoutError after,
     within _TIMEOUT_REFRESH_S); ConnectionClosed if the peer closes first."""
     received = 0
@@ -87,7 +95,7 @@ def recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
         received += count
 
 
-def recv_exactly(sock: socket.socket, nbytes: int, deadline: float) -> bytearray:
+def recv_exactly(sock: Stream, nbytes: int, deadline: float) -> bytearray:
     buffer = bytearray(nbytes)
     recv_into(sock, memoryview(buffer), deadline)
     return buffer
