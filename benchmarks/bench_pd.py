@@ -15,7 +15,12 @@ Part 2 (real vLLM CPU servers, bf16): for long unique prompts,
   TCP as between hosts.
 
 Each server gets one core (the prefill core 0, the others core 1), so TTFTs compare like for
-like. Usage: `.venv/bin/python benchmarks/bench_pd.py [--preset medium] [--prompt-tokens 2000]`.
+like. With `--prefill-tp P --decode-tp D` (issue #25) every prefill instance runs TP size P and
+every decode instance (and the recompute one) TP size D, one thread per rank, all unpinned:
+pinned, two instances would share a core, and one that busy-loops while it holds P/D blocks
+starves the other (README, "Running vLLM on CPU"). NixlConnector pairs unequal TP sizes too
+(its `tp_mapping.py`), so the same pairing runs through both connectors.
+Usage: `.venv/bin/python benchmarks/bench_pd.py [--preset medium] [--prompt-tokens 2000]`.
 """
 
 from __future__ import annotations
@@ -222,7 +227,21 @@ def measure_pd(
     return prefill_s, decode_ttft
 
 
-def nixl_servers(model: Path, cores_by_role: dict[str, str]) -> list[VLLMServer]:
+def tp_args(tp: int) -> list[str]:
+    return ["--tensor-parallel-size", str(tp)] if tp > 1 else []
+
+
+def warm_up_pd(prefill: VLLMServer, decode: VLLMServer, prompt: list[int], params: dict) -> None:
+    """Two P/D requests of different lengths: a TP>1 vLLM compiles its vocabulary-parallel
+    embedding lookup at its first forward and again when a second shape makes it dynamic
+    (tens of seconds on CPU), which must not land in a timed request."""
+    measure_pd(prefill, decode, [prompt[:64]], params)
+    measure_pd(prefill, decode, [prompt[64:364]], params)
+
+
+def nixl_servers(
+    model: Path, cores_by_role: dict[str, str], tp_by_role: dict[str, int] | None = None
+) -> list[VLLMServer]:
     servers = []
     for role, cores in cores_by_role.items():
         env = {
@@ -240,6 +259,7 @@ def nixl_servers(model: Path, cores_by_role: dict[str, str]) -> list[VLLMServer]
                 "kv_role": role,
                 "kv_buffer_device": "cpu",
             },
+            extra_args=tp_args((tp_by_role or {}).get(role, 1)),
         )
         servers.append(VLLMServer(config, LOG_DIR / f"nixl-{role}.log"))
     return servers
@@ -270,7 +290,14 @@ def main() -> None:
         "namespaces): the KV crosses the side channel's TCP socket as between hosts, not "
         "shared memory",
     )
+    parser.add_argument("--prefill-tp", type=int, default=1, help="TP size of prefill servers")
+    parser.add_argument(
+        "--decode-tp", type=int, default=1, help="TP size of decode and recompute servers"
+    )
     args = parser.parse_args()
+    # module doc: TP > 1 on two cores shares them, so nothing is pinned
+    unpinned = max(args.prefill_tp, args.decode_tp) > 1
+    tp_by_role = {"kv_producer": args.prefill_tp, "kv_consumer": args.decode_tp}
 
     bench_side_channel(args.preset, args.prompt_tokens)
 
@@ -286,10 +313,16 @@ def main() -> None:
         for k, name in enumerate(("recompute", "llmd", "nixl", "tls"))
     }
 
-    def server(name: str, cores: str, connector: dict | None, apart: bool = False) -> VLLMServer:
+    def server(
+        name: str, cores: str, connector: dict | None, tp: int, apart: bool = False
+    ) -> VLLMServer:
         return (ApartServer if apart else VLLMServer)(
             VLLMServerConfig(
-                model=model, dtype="bfloat16", cpu_cores=cores, kv_transfer_config=connector
+                model=model,
+                dtype="bfloat16",
+                cpu_cores="nobind" if unpinned else cores,
+                kv_transfer_config=connector,
+                extra_args=tp_args(tp),
             ),
             LOG_DIR / f"{name}.log",
         )
@@ -297,11 +330,11 @@ def main() -> None:
     def llmd_pair(name: str, extra: dict | None) -> tuple[VLLMServer, VLLMServer]:
         producer = llmd_connector("kv_producer", extra)
         consumer = llmd_connector("kv_consumer", extra, kv_load_failure_policy="recompute")
-        decode = server(f"{name}-decode", "1", consumer, apart=args.decode_apart)
-        return server(f"{name}-prefill", "0", producer), decode
+        decode = server(f"{name}-decode", "1", consumer, args.decode_tp, apart=args.decode_apart)
+        return server(f"{name}-prefill", "0", producer, args.prefill_tp), decode
 
     results: dict[str, tuple[list[float], list[float]]] = {}
-    plain = server("plain", "1", None)
+    plain = server("plain", "1", None, args.decode_tp)
     prefill, decode = llmd_pair("llmd", None)
     group = [plain, prefill, decode]
     tls_pair = None
@@ -315,13 +348,13 @@ def main() -> None:
     remote = {"do_remote_decode": True}
     try:
         start_all(group)
-        measure_recompute(plain, [prompts[0][:64]])  # warm-up
+        measure_recompute(plain, [prompts[0][:64], prompts[0][64:364]])  # warm-up (compiles)
         results["recompute"] = ([], measure_recompute(plain, offset_prompts["recompute"]))
         pairs = {"LLMDConnector": ((prefill, decode), offset_prompts["llmd"])}
         if tls_pair is not None:
             pairs["LLMDConnector+TLS"] = (tls_pair, offset_prompts["tls"])
         for (p, d), _ in pairs.values():
-            measure_pd(p, d, [prompts[0][:64]], remote)  # warm-up (and the TLS handshake)
+            warm_up_pd(p, d, prompts[0], remote)  # and the TLS handshake
         # Interleaved prompt by prompt, so this box's drift falls on both pairs alike.
         for name in pairs:
             results[name] = ([], [])
@@ -335,8 +368,10 @@ def main() -> None:
             s.stop()
 
     if not args.no_nixl and importlib.util.find_spec("nixl") is not None:
-        cores = "nobind" if args.nixl_nobind else None
-        group = nixl_servers(model, {"kv_producer": cores or "0", "kv_consumer": cores or "1"})
+        cores = "nobind" if args.nixl_nobind or unpinned else None
+        group = nixl_servers(
+            model, {"kv_producer": cores or "0", "kv_consumer": cores or "1"}, tp_by_role
+        )
         nixl_params = {
             "do_remote_decode": True,
             "do_remote_prefill": False,
@@ -347,7 +382,7 @@ def main() -> None:
         }
         try:
             start_all(group)
-            measure_pd(group[0], group[1], [prompts[0][:64]], nixl_params)
+            warm_up_pd(group[0], group[1], prompts[0], nixl_params)
             results["NixlConnector"] = measure_pd(
                 group[0], group[1], offset_prompts["nixl"], nixl_params
             )
@@ -360,7 +395,8 @@ def main() -> None:
     recompute = statistics.median(results["recompute"][1])
     print(
         f"\n== decode TTFT, {args.num_prompts} prompts of {args.prompt_tokens} tokens, "
-        f"{args.preset} model, bf16, one core per server (median)"
+        f"{args.preset} model, bf16, prefill TP {args.prefill_tp}, decode TP {args.decode_tp}, "
+        f"{'unpinned' if unpinned else 'one core per server'} (median)"
     )
     print(f"  {'system':<15}{'prefill s':>10}{'decode TTFT s':>15}{'vs recompute':>14}")
     for name, (prefill_s, ttft) in results.items():
