@@ -78,14 +78,18 @@ class Dispatcher:
             prefill_body.pop(key, None)
         pod = route.prefill.pod
         headers = {"X-Request-Id": route.request_id}
+        # the prompt is work queued on the prefill pod until it answers: counted there at once,
+        # as a decode pod's requests are, for the next request's features and load score
+        shape = route.prefill_shape
         sent = time.monotonic()
         try:
-            async with await post(session, pod + path, prefill_body, headers) as resp:
-                if is_redirect(resp.status):
-                    raise redirect_error(pod, resp.status)
-                answer = await resp.json(content_type=None)
-                if resp.status != 200:
-                    raise upstream_error(resp.status, answer)
+            with self.registry.sending(pod, shape.uncached_tokens if shape else 0):
+                async with await post(session, pod + path, prefill_body, headers) as resp:
+                    if is_redirect(resp.status):
+                        raise redirect_error(pod, resp.status)
+                    answer = await resp.json(content_type=None)
+                    if resp.status != 200:
+                        raise upstream_error(resp.status, answer)
             if route.prefill_shape is not None:  # one output token: its time is the TTFT
                 ttft = time.monotonic() - sent
                 self.latency.observe(pod, "prefill", route.prefill_shape, ttft, None)
@@ -214,8 +218,11 @@ def learn_from_answer(
         ttft = answer.end - answer.sent
     if ttft is None:
         return
-    if route.prediction is not None and route.prediction.ttft_s is not None and ttft > 0:
-        relative_error = abs(route.prediction.ttft_s - ttft) / ttft
+    # route.prediction is the decode pod computing alone: a P/D decode's TTFT (its prompt came
+    # by transfer) is no observation of it
+    prediction = route.prediction if mode == "direct" else None
+    if prediction is not None and prediction.ttft_s is not None and ttft > 0:
+        relative_error = abs(prediction.ttft_s - ttft) / ttft
         metrics.ttft_error.labels(pod, mode).observe(relative_error)
     latency.observe(pod, mode, route.shape, ttft, tpot)
     model = latency.model(pod, mode)
