@@ -13,8 +13,11 @@ import torch
 from factories import BLOCK, make_fingerprint, make_request, make_scheduler, remote_prefill_params
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
+from vllm_llmd.connector.connector import make_offload_planner
 from vllm_llmd.connector.kv_pull import KVPuller
 from vllm_llmd.connector.metadata import RecvSpec
+from vllm_llmd.offload.disk_store import DiskBlockStore
+from vllm_llmd.offload.paths import disk_tier_folder
 from vllm_llmd.ops import PagedKVCache, gather_blocks
 from vllm_llmd.transfer.head_slices import HeadSlicer
 from vllm_llmd.transfer.registry import SendOutcome, SendRegistry
@@ -142,6 +145,33 @@ def test_the_stored_fingerprint_is_byte_for_byte_the_one_before_the_total():
     assert b"total_num_kv_heads" not in before
     assert msgspec.json.encode(_share(2).for_storage()) == before
     assert b'"total_num_kv_heads":8' in msgspec.json.encode(_share(2))  # P/D params carry it
+
+
+def test_the_scheduler_finds_on_disk_what_a_worker_of_its_instance_wrote(tmp_path):
+    """Both halves key the disk tier on the same fingerprint (for_storage() inside
+    disk_tier_folder and DiskBlockStore): before, the worker wrote under the stored one and the
+    scheduler's start-up scan looked in the full one's folder, and found nothing on restart."""
+    fingerprint = _share(1, total=2)
+    block_bytes = fingerprint.num_layers * fingerprint.page_bytes
+    config = LLMDConnectorConfig(
+        host_offload_bytes=4 * block_bytes,
+        disk_offload_path=str(tmp_path),
+        disk_offload_bytes=8 * block_bytes,
+    )
+    # the worker half's store (worker_tiers.make_offload_worker builds it so)
+    worker_store = DiskBlockStore(
+        disk_tier_folder(config.disk_offload_path, fingerprint), fingerprint, 0, block_bytes
+    )
+    keys = [bytes([k]) * 32 for k in range(3)]
+    for key in keys:
+        worker_store.write(key, torch.full((block_bytes,), 7, dtype=torch.uint8))
+    # an earlier version's instance (no total in its fingerprint) keys the same folder
+    older = msgspec.structs.replace(fingerprint, total_num_kv_heads=0)
+    assert disk_tier_folder(tmp_path, older) == worker_store.root
+    planner = make_offload_planner(config, fingerprint, publish_events=False)
+    assert planner is not None
+    assert planner.manager.num_on_disk() == len(keys)
+    assert planner.manager.lookup(keys) == (0, len(keys))
 
 
 # ---- the decode's scheduler half ---------------------------------------------------------

@@ -223,10 +223,11 @@ def _flood_and_quiet(router, pod, audit) -> list[dict]:
     return records
 
 
-def _contended_window(records: list[dict]) -> list[str] | None:
-    """The ids dispatched while both ids had requests queued, or None when the run did not
-    set that up (a quiet request found the router idle, or too few floods were queued when
-    the last quiet one arrived for first-come-first-served to serve them all first)."""
+def _contended_window(records: list[dict]) -> tuple[list[str], int] | None:
+    """The ids dispatched while both ids had requests queued, and how many floods were queued
+    ahead of the last quiet one; or None when the run did not set that up (a quiet request
+    found the router idle, or too few floods were queued when the last quiet one arrived for
+    first-come-first-served to serve them all first)."""
     quiet_records = [r for r in records if r["fairness_id"] == "quiet"]
     if not quiet_records or not all(r["admission"] == "queued" for r in quiet_records):
         return None
@@ -239,7 +240,8 @@ def _contended_window(records: list[dict]) -> list[str] | None:
     ]
     if len(flood_waiting) < 7:
         return None
-    return [r["fairness_id"] for r in records if all_queued < _dispatched_at(r) <= last_quiet]
+    window = [r["fairness_id"] for r in records if all_queued < _dispatched_at(r) <= last_quiet]
+    return window, len(flood_waiting)
 
 
 def test_a_flooding_fairness_id_does_not_starve_another(
@@ -251,13 +253,23 @@ def test_a_flooding_fairness_id_does_not_starve_another(
     for attempt in range(3):
         audit = tmp_path / f"audit-{attempt}.jsonl"
         router = _slo_router(start_router, pod, tiny_model, audit, "--max-waiting", "1")
-        window = _contended_window(_flood_and_quiet(router, pod, audit))
-        if window is not None:
+        contended = _contended_window(_flood_and_quiet(router, pod, audit))
+        if contended is not None:
             break
     else:
         pytest.fail("three runs in a row never queued both ids together: the test proves nothing")
-    # Fair turns give the quiet id about every other dispatch (4 of ~7); first come, first
-    # served would give it 4 of 11 or fewer.
-    share = window.count("quiet") / len(window)
-    print(f"quiet share of the dispatches while both were queued: {share:.2f} ({window})")
+    window, floods_ahead = contended
+    # First come, first served would dispatch every flood queued ahead of the quiet requests
+    # (at least 7) before the first quiet one, then the 4 quiet ones in a row. Fair turns
+    # start the quiet id early and then give it about every other dispatch. A few floods may
+    # still go first: ones the router had already taken for the pod's free slots when the
+    # last quiet request joined (seen on CI: 4 of them, then strict alternation).
+    first_quiet = window.index("quiet")
+    served = window[first_quiet:]
+    share = served.count("quiet") / len(served)
+    print(
+        f"{first_quiet} of {floods_ahead} queued floods went first; then quiet share {share:.2f} "
+        f"({window})"
+    )
+    assert first_quiet < floods_ahead, window
     assert share >= 0.45, window

@@ -48,10 +48,9 @@ def make_offload_worker(
     )
     disk = None
     if disk_blocks:
-        stored = fingerprint.for_storage()  # the folder and headers of earlier versions
         disk = DiskBlockStore(
-            disk_tier_folder(config.disk_offload_path, stored),
-            stored,
+            disk_tier_folder(config.disk_offload_path, fingerprint),
+            fingerprint,
             tp_rank,
             kv_cache.block_bytes,
         )

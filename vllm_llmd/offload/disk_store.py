@@ -113,6 +113,9 @@ class DiskBlockStore:
                 f"{fingerprint.tensor_parallel_size}"
             )
         self.root = Path(root)
+        # what files record and are checked against: without the fields of later versions
+        # that only P/D reads, so the files of earlier versions still match
+        fingerprint = fingerprint.for_storage()
         self.fingerprint = fingerprint
         self.tp_rank = tp_rank
         self.block_bytes = block_bytes
