@@ -131,10 +131,12 @@ def test_a_tls_pull_is_byte_exact(pki, transport):
         server.close()
 
 
-def test_a_large_tls_pull_is_byte_exact(pki):
-    """MiBs per reply: many TLS records, partial non-blocking writes, buffered reads."""
-    layers, page, num_blocks = 2, 64 << 10, 48
-    cache = torch.randint(0, 256, (num_blocks, layers, page), dtype=torch.uint8)
+BIG_LAYERS, BIG_PAGE = 2, 64 << 10  # a large reply's blocks: many TLS records each pull
+
+
+def _served_cache(pki, num_blocks: int) -> tuple[torch.Tensor, SendRegistry, TransferServer]:
+    """A random cache of num_blocks blocks behind a TLS TransferServer (caller closes it)."""
+    cache = torch.randint(0, 256, (num_blocks, BIG_LAYERS, BIG_PAGE), dtype=torch.uint8)
 
     def gather(block_ids, out):
         return cache[torch.tensor(block_ids)].reshape(-1)
@@ -146,34 +148,49 @@ def test_a_large_tls_pull_is_byte_exact(pki):
         registry,
         gather,
         FINGERPRINT,  # compared as a whole: its page size need not be this cache's
-        layers * page,
+        BIG_LAYERS * BIG_PAGE,
         same_host_shm=False,
         tls=make_server_context(*_files(pki, "prefill")),
     )
-    received = torch.empty_like(cache)
+    return cache, registry, server
+
+
+def _pull_all(server, registry, cache, transfer_id, max_chunk_bytes, tls) -> torch.Tensor:
+    """Every block of cache, registered as transfer_id, pulled over TLS: what arrived."""
+    received = torch.zeros_like(cache)
 
     def scatter(first, data):
-        view = data.view(-1, layers, page)
+        view = data.view(-1, BIG_LAYERS, BIG_PAGE)
         received[first : first + view.shape[0]] = view
 
+    num_blocks = cache.shape[0]
+    registry.add(f"req-{transfer_id}", transfer_id, list(range(num_blocks)))
+    spec = PullSpec(
+        f"tcp://127.0.0.1:{server.port}",
+        transfer_id,
+        FINGERPRINT,
+        tuple(range(num_blocks)),
+        BIG_LAYERS * BIG_PAGE,
+    )
+    nbytes = pull_blocks(
+        spec,
+        scatter,
+        timeout_s=10,
+        unknown_transfer_grace_s=0,
+        max_chunk_bytes=max_chunk_bytes,
+        tls=tls,
+    )
+    assert nbytes == cache.numel()
+    return received
+
+
+def test_a_large_tls_pull_is_byte_exact(pki):
+    """MiBs per reply: many TLS records, partial non-blocking writes, buffered reads."""
+    cache, registry, server = _served_cache(pki, 48)
     try:
-        registry.add("req", "big", list(range(num_blocks)))
-        spec = PullSpec(
-            f"tcp://127.0.0.1:{server.port}",
-            "big",
-            FINGERPRINT,
-            tuple(range(num_blocks)),
-            layers * page,
-        )
-        nbytes = pull_blocks(
-            spec,
-            scatter,
-            timeout_s=10,
-            unknown_transfer_grace_s=0,
-            max_chunk_bytes=2 << 20,
-            tls=make_client_context(*_files(pki, "decode")),
-        )
-        assert nbytes == cache.numel() and torch.equal(received, cache)
+        decode = make_client_context(*_files(pki, "decode"))
+        received = _pull_all(server, registry, cache, "big", 2 << 20, decode)
+        assert torch.equal(received, cache)
     finally:
         server.close()
 
@@ -364,49 +381,12 @@ def test_a_reply_with_data_leaves_the_connection_uncorked(pki, tls):
 def test_tls_pulls_reuse_one_connection_and_read_many_records_per_socket_read(pki):
     """The decode side's TlsStream: one handshake for every pull of a thread, and a reply of
     many TLS records (5 MiB: 320 of them) byte-exact through reads of up to 256 KiB."""
-    layers, page, num_blocks = 2, 64 << 10, 40
-    cache = torch.randint(0, 256, (num_blocks, layers, page), dtype=torch.uint8)
-
-    def gather(block_ids, out):
-        return cache[torch.tensor(block_ids)].reshape(-1)
-
-    registry = SendRegistry(lease_s=30)
-    server = TransferServer(
-        "127.0.0.1",
-        0,
-        registry,
-        gather,
-        FINGERPRINT,
-        layers * page,
-        same_host_shm=False,
-        tls=make_server_context(*_files(pki, "prefill")),
-    )
+    cache, registry, server = _served_cache(pki, 40)
     decode = make_client_context(*_files(pki, "decode"))
     try:
         for i in range(3):
-            received = torch.zeros_like(cache)
-
-            def scatter(first, data, received=received):
-                view = data.view(-1, layers, page)
-                received[first : first + view.shape[0]] = view
-
-            registry.add(f"req{i}", f"t{i}", list(range(num_blocks)))
-            spec = PullSpec(
-                f"tcp://127.0.0.1:{server.port}",
-                f"t{i}",
-                FINGERPRINT,
-                tuple(range(num_blocks)),
-                layers * page,
-            )
-            nbytes = pull_blocks(
-                spec,
-                scatter,
-                timeout_s=10,
-                unknown_transfer_grace_s=0,
-                max_chunk_bytes=8 << 20,
-                tls=decode,
-            )
-            assert nbytes == cache.numel() and torch.equal(received, cache)
+            received = _pull_all(server, registry, cache, f"t{i}", 8 << 20, decode)
+            assert torch.equal(received, cache)
         assert server.connections._next_peer == 1  # one connection, one handshake
         assert [s.outcome for s in registry.take_finished()] == [SendOutcome.DONE] * 3
     finally:
