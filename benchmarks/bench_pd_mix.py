@@ -9,6 +9,11 @@ pods given as role=prefill and role=decode), started once per system:
   every prompt while the prefill pod idles;
 - always: `--pd-threshold-tokens 0`. Every prompt goes prefill -> decode; the direct model never
   sees a prompt, so `has_seen` keeps the threshold in charge;
+- threshold: the old fixed rule, `--pd-threshold-tokens` between the short and the long prompts
+  (`--threshold-tokens`). No long prompt is ever served direct, so the cost model never sees
+  one both ways and the threshold sends every long prompt P/D; short ones go by predicted cost
+  (almost always direct). Not a rule a user can tune for every mix, but on this one it is what
+  a rule that knew the lengths would do;
 - by cost: the router's own rule (`worth_a_remote_prefill`): P/D when the prefill pod's step
   (its queue and the prompt) plus the decode pod's TTFT after the transfer is predicted below
   the decode pod computing alone (its queue and the prompt). Its fallback threshold is also
@@ -52,13 +57,13 @@ from bench_pd import start_all
 from bench_slo import RouterRun, median_prediction_error, percentile
 from tokenizers import Tokenizer
 
-from vllm_llmd.devtools.client import HTTPStatusError, timed_stream
+from vllm_llmd.devtools.client import HTTPStatusError, metric_sum, scrape_metrics, timed_stream
 from vllm_llmd.devtools.model_maker import PRESETS, cached_model, sample_text
 from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, free_port, llmd_connector
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = REPO_ROOT / "logs" / "bench_pd_mix"
-SYSTEMS = ("never", "always", "by_cost")
+SYSTEMS = ("never", "always", "threshold", "by_cost")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Result:
     long: bool
     ttft_s: float | None  # None: the request failed
     pd: bool = False  # the router ran it prefill -> decode (from its audit log)
+    prefill_s: float | None = None  # its prefill step's time, for P/D (the audit's prefill_s)
 
 
 # ---- processes ------------------------------------------------------------------------------
@@ -182,11 +188,39 @@ def run_load(
 
 def with_routes(results: list[Result], audit: Path) -> list[Result]:
     """Each result marked with whether the router took P/D for it (and the prefill answered)."""
-    pd: dict[str, bool] = {}
+    pd: dict[str, tuple[bool, float | None]] = {}
     for line in audit.read_text().splitlines():
         record = json.loads(line)
-        pd[record["request_id"]] = record["kind"] == "pd" and bool(record.get("prefilled"))
-    return [Result(r.request_id, r.long, r.ttft_s, pd.get(r.request_id, False)) for r in results]
+        prefilled = record["kind"] == "pd" and bool(record.get("prefilled"))
+        pd[record["request_id"]] = (prefilled, record.get("prefill_s"))
+    return [
+        Result(r.request_id, r.long, r.ttft_s, *pd.get(r.request_id, (False, None)))
+        for r in results
+    ]
+
+
+def pull_totals(decode: VLLMServer) -> tuple[float, float]:
+    """(seconds, count) of the decode pod's P/D pulls so far (llmd:pd_pull_seconds)."""
+    samples = scrape_metrics(decode.url)
+    name = "llmd:pd_pull_seconds"
+    return metric_sum(samples, f"{name}_sum"), metric_sum(samples, f"{name}_count")
+
+
+def pd_split(name: str, results: list[Result], pull_ms: float | None = None) -> str | None:
+    """Where a P/D route's TTFT went, per prompt kind: the prefill step, then the rest (the
+    decode pod's pull and first token, and the hops between)."""
+    parts = []
+    for long in (False, True):
+        pd = [r for r in results if r.pd and r.long == long and r.ttft_s and r.prefill_s]
+        if pd:
+            prefill = statistics.mean(r.prefill_s or 0.0 for r in pd) * 1000
+            after = statistics.mean((r.ttft_s or 0.0) - (r.prefill_s or 0.0) for r in pd) * 1000
+            kind = "long" if long else "short"
+            parts.append(f"{kind} {prefill:.0f} + {after:.0f} ms ({len(pd)})")
+    if not parts:
+        return None
+    pulls = "" if pull_ms is None else f"; pulls took {pull_ms:.0f} ms on average"
+    return f"  {name:<9}P/D TTFT = prefill step + the rest: {'; '.join(parts)}{pulls}"
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -230,6 +264,12 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=8)
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="which, in this order")
     parser.add_argument(
+        "--threshold-tokens",
+        type=int,
+        default=1000,
+        help="the threshold system's --pd-threshold-tokens (between short and long prompts)",
+    )
+    parser.add_argument(
         "--by-cost-threshold",
         type=int,
         help="by cost's fallback --pd-threshold-tokens while its models are cold (default: "
@@ -243,11 +283,17 @@ def main() -> None:
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
     longest = args.long_tokens[1]
     never = longest + 1  # the threshold counts uncached tokens strictly above it
-    thresholds = {"never": never, "always": 0, "by_cost": args.by_cost_threshold or never}
+    thresholds = {
+        "never": never,
+        "always": 0,
+        "threshold": args.threshold_tokens,
+        "by_cost": args.by_cost_threshold or never,
+    }
 
     prefill, decode = start_pods(model)
     results: dict[str, list[Result]] = {}
     errors: dict[str, float | None] = {}
+    pull_ms: dict[str, float | None] = {}
     try:
         for k, name in enumerate(systems, start=1):
             # the same arrivals, kinds and lengths for every system; its own token ids
@@ -260,7 +306,11 @@ def main() -> None:
                     warm = longest_both_ways(warm, longest)
                     prefiller = prefill.url.removeprefix("http://")
                 run_load(router.url, decode.model_name, warm, args.output_tokens, "warm", prefiller)
+                pulls_before = pull_totals(decode)
                 run = run_load(router.url, decode.model_name, measured, args.output_tokens, "run")
+                pulled_s, pulls = pull_totals(decode)
+                pulled_s, pulls = pulled_s - pulls_before[0], pulls - pulls_before[1]
+                pull_ms[name] = pulled_s / pulls * 1000 if pulls else None
                 results[name] = with_routes(run, audit)
                 errors[name] = median_prediction_error(router.url)
             finally:
@@ -282,6 +332,10 @@ def main() -> None:
     )
     for name, system_results in results.items():
         print(summary_row(name, system_results, errors[name]))
+    for name, system_results in results.items():
+        split = pd_split(name, system_results, pull_ms[name])
+        if split:
+            print(split)
     if "by_cost" in results:
         by_cost = statistics.mean(r.ttft_s for r in results["by_cost"] if r.ttft_s is not None)
         for other in ("always", "never"):

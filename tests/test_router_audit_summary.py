@@ -115,9 +115,10 @@ def test_a_pd_answer_names_both_pods(tmp_path: Path) -> None:
     assert (record["prefill_pod"], record["decode_pod"]) == (prefill_url, decode_url)
     assert "pod" not in record and record["status"] == 200
     assert record["served_pod"] == decode_url
+    assert 0 < record["prefill_s"] <= record["latency_s"]  # the prefill step's share
     # failed before any pod's answer was relayed: audited all the same, with its status
     assert (failed["kind"], failed["status"], failed["ttft_s"]) == ("pd", 503, None)
-    assert (failed["served_pod"], failed["prefilled"]) == (None, False)
+    assert (failed["served_pod"], failed["prefilled"], failed["prefill_s"]) == (None, False, None)
 
 
 class _FakeIngestor:

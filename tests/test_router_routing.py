@@ -128,3 +128,52 @@ def test_warm_models_decide_pd_by_predicted_cost_instead_of_the_threshold():
     assert route(2).prefill is None
     # a prompt longer than any seen (39 blocks) is an extrapolation: the threshold decides
     assert route(60).prefill is not None and "predicted" not in route(60).prefill.reason
+
+
+def test_a_long_prompt_goes_pd_when_requests_arriving_would_wait_behind_it():
+    """P/D that is no faster for the request itself (0.1 s more) is taken when the decode pod
+    is busy with arrivals: the short prompts that would queue behind a 1.5 s local prefill
+    would wait out most of it, and on the prefill pod nobody queues behind it."""
+    latency = LatencyModels(1)
+    how = RoutingPolicy(make_policy("kv_aware"), None, latency, BLOCK, 1 << 30)
+
+    def route(num_blocks: int, decode_rate: float):
+        loads = {A: PodLoad(arrival_rate=decode_rate), P: PodLoad()}
+        return decide_route(
+            how, "r", num_blocks, num_blocks * BLOCK, RequestClass(SLO()), [A], [P], {}, loads
+        )
+
+    # teach: 1 s per 1k uncached tokens on either pod; the decode after the transfer 0.1 s
+    for blocks in range(1, 100):
+        shape = route(blocks, 0.0).shape
+        latency.observe(A, "direct", shape, blocks * BLOCK / 1000, None)
+        latency.observe(P, "prefill", shape, blocks * BLOCK / 1000, None)
+        latency.observe(A, "decode", shape, 0.1, None)
+    assert route(94, 0.0).prefill is None  # 1.5 s here against 1.6 s through P/D
+    busy = route(94, 2.0)  # two requests a second reach the decode pod
+    assert busy.prefill is not None and busy.prefill.pod == P
+    assert "P/D predicted to cost" in busy.prefill.reason
+    # a short prompt holds back little: it stays however busy the pod is
+    assert route(4, 2.0).prefill is None
+
+
+def test_a_prompt_shorter_than_any_seen_is_left_to_the_threshold():
+    """A fit of long prompts only says little of short ones (their fixed costs hide in its
+    per-token term): below the shortest prompt seen, as above the longest, the threshold
+    decides."""
+    latency = LatencyModels(1)
+    how = RoutingPolicy(make_policy("kv_aware"), None, latency, BLOCK, 64)
+
+    def route(num_blocks: int):
+        return decide_route(
+            how, "r", num_blocks, num_blocks * BLOCK, RequestClass(SLO()), [A], [P], {}, LOADS
+        )
+
+    for blocks in range(50, 100):  # P/D 2 ms, alone 1 s per 1k tokens
+        shape = route(blocks).shape
+        latency.observe(A, "direct", shape, blocks * BLOCK / 1000, None)
+        latency.observe(A, "decode", shape, 0.001, None)
+        latency.observe(P, "prefill", shape, 0.001, None)
+    seen = route(60).prefill
+    assert seen is not None and "P/D predicted to cost" in seen.reason
+    assert route(2).prefill is None  # 32 tokens, not above the threshold of 64

@@ -15,7 +15,7 @@ from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.decision import Decider
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.latency import ForgettingRidge, LatencyModels, RequestShape
-from vllm_llmd.router.load import PodLoad
+from vllm_llmd.router.load import ArrivalRate, PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pod_state import PodState, Sending
 from vllm_llmd.router.pods import PodRegistry
@@ -272,6 +272,35 @@ def test_one_prompt_length_leaves_the_split_at_the_prior_and_no_cost_negative():
         assert fit.predict(shape.ttft_features()) == pytest.approx(expected, abs=0.02)
 
 
+def test_a_prompts_own_work_is_the_fits_per_token_terms_not_the_queue_or_batch():
+    models = LatencyModels(min_samples=4, forget=1.0)
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        shape = RequestShape(*(int(v) for v in rng.integers(0, 2000, 3)), int(rng.integers(0, 8)))
+        ttft = 0.01 + 0.3 * shape.uncached_tokens / 1000 + 0.05 * shape.cached_tokens / 1000
+        ttft += 0.2 * shape.ahead_tokens / 1000 + 0.004 * shape.active
+        models.observe("p", "direct", shape, ttft, None)
+    busy = RequestShape(1000, 2000, ahead_tokens=3000, active=6)
+    assert models.prompt_work_s("p", "direct", busy) == pytest.approx(0.3 + 0.1, rel=0.05)
+    assert models.prompt_work_s("p", "prefill", busy) is None  # a cold mode
+
+
+def test_arrival_rate_reads_a_steady_rate_and_fades_when_sends_stop():
+    now = [0.0]
+    rate = ArrivalRate(window_s=5.0, clock=lambda: now[0])
+    assert rate.per_second() == 0.0
+    for _ in range(200):  # 2 per second for 100 s
+        now[0] += 0.5
+        rate.add()
+    assert rate.per_second() == pytest.approx(2.0, rel=0.1)
+    now[0] += 20.0  # four windows without a send
+    assert rate.per_second() < 0.05
+    with pytest.raises(ValueError, match="window_s"):
+        ArrivalRate(window_s=0)
+    with pytest.raises(ValueError, match="arrival_rate"):
+        PodLoad(arrival_rate=float("nan"))
+
+
 def test_a_new_pod_predicts_from_the_clusters_fit_then_from_its_own():
     models = LatencyModels(min_samples=4)
     shape = RequestShape(1000, 0, 0, 1)
@@ -387,12 +416,18 @@ def test_requests_not_answering_yet_are_the_prefill_work_ahead_of_a_new_one():
     pod = PodState(PodSpec.parse("http://pod-a"))
     cold, _ = Sending(pod, 1500), Sending(pod, 40)
     assert (pod.in_flight, pod.prefilling, pod.prefill_tokens) == (2, 2, 1540)
+    # each send counts as an arrival: the pod's load carries its recent rate
+    assert pod.current_load().arrival_rate == pytest.approx(2 / pod.arrivals.window_s, rel=0.01)
     cold.answering()
     cold.answering()  # once only
     assert (pod.in_flight, pod.prefilling, pod.prefill_tokens) == (2, 1, 40)
     load = PodLoad(num_running=0, num_in_flight=2, num_prefilling=1, prefill_tokens=40)
     shape = request_shape(ScoreInput(4, ["pod-a"], loads={"pod-a": load}), "pod-a", 600, 128)
     assert (shape.uncached_tokens, shape.ahead_tokens, shape.active) == (600, 40, 1)
+    assert shape.arrival_rate == 0.0
+    load = PodLoad(arrival_rate=1.5)
+    shape = request_shape(ScoreInput(4, ["pod-a"], loads={"pod-a": load}), "pod-a", 600, 128)
+    assert shape.arrival_rate == 1.5
     # a scrape that saw more running than the router knows answering wins
     load = PodLoad(num_running=3, num_in_flight=2, num_prefilling=1, prefill_tokens=40)
     assert (

@@ -15,7 +15,8 @@ Format version 2 (`"v": 2`):
     latency_s, kind ("direct" or "pd"),
     direct: pod, reason, scores
     pd:     prefill_pod, prefill_reason, prefill_scores, decode_pod, decode_reason,
-            decode_scores, prefilled (false: the prefill failed and the decode pod ran alone)
+            decode_scores, prefilled (false: the prefill failed and the decode pod ran alone),
+            prefill_s (sending the prefill step to its answer; null when none came)
     served_pod (whose answer was relayed: differs from the chosen pod after a failed connect;
     null when none answered), prompt_tokens, hit_tokens, cached_blocks, shared_blocks,
     priority, fairness_id, slo_ttft_s, slo_tpot_s, admission, queued_s (the wait in the
@@ -149,6 +150,8 @@ class Outcome:
     served_pod: str | None
     # a P/D route's prefill ran and its KV went to the decode pod (False: decoded alone)
     prefilled: bool
+    # seconds the prefill step took to answer (None: none answered, or no P/D)
+    prefill_s: float | None = None
 
 
 def audit_record(
@@ -179,6 +182,7 @@ def audit_record(
         record["decode_reason"] = route.decode.reason
         record["decode_scores"] = route.decode.scores
         record["prefilled"] = outcome.prefilled
+        record["prefill_s"] = outcome.prefill_s
     record.update(
         {
             "served_pod": outcome.served_pod,

@@ -40,8 +40,10 @@ class Served:
     pod: str | None = None
     status: int | None = None
     first_byte: float | None = None
-    # the P/D prefill ran and the decode pod got its KV params (False: decoded alone)
+    # the P/D prefill ran and the decode pod got its KV params (False: decoded alone), and
+    # seconds from sending it to its answer (None: no prefill step answered)
     prefilled: bool = False
+    prefill_s: float | None = None
     # its audit line is written (once: at the answer's end, or at its failure)
     recorded: bool = False
 
@@ -90,8 +92,10 @@ class Dispatcher:
                     answer = await resp.json(content_type=None)
                     if resp.status != 200:
                         raise upstream_error(resp.status, answer)
+            ttft = time.monotonic() - sent
+            if served is not None:
+                served.prefill_s = ttft
             if route.prefill_shape is not None:  # one output token: its time is the TTFT
-                ttft = time.monotonic() - sent
                 self.latency.observe(pod, "prefill", route.prefill_shape, ttft, None)
                 self.metrics.observed_ttft.labels(pod, "prefill").observe(ttft)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:

@@ -53,6 +53,9 @@ class RequestShape:
     ahead_tokens: int
     # the pod's decode batch
     active: int
+    # requests per second reaching the pod lately (PodLoad.arrival_rate): not a latency
+    # feature, but who waits behind this request's prompt (routing.delay_to_others)
+    arrival_rate: float = 0.0
 
     def ttft_features(self) -> Vector:
         return np.array(
@@ -151,8 +154,10 @@ class PodLatencyModel:
     """The TTFT and TPOT fits of one pod serving in one mode (or of every pod: the prior)."""
 
     def __init__(self, forget: float = 0.98, prior: PodLatencyModel | None = None) -> None:
-        # the most uncached prompt tokens a TTFT observation had: a prediction for more is an
-        # extrapolation (a fit of short prompts says little of long ones)
+        # the fewest and most uncached prompt tokens a TTFT observation had: a prediction
+        # outside is an extrapolation (a fit of short prompts says little of long ones, and one
+        # of long prompts little of short ones: their fixed costs hide in the per-token term)
+        self.min_uncached_tokens: int | None = None
         self.max_uncached_tokens = 0
         self.ttft: ForgettingRidge = ForgettingRidge(5, forget, prior=prior.ttft if prior else None)
         self.tpot: ForgettingRidge = ForgettingRidge(2, forget, prior=prior.tpot if prior else None)
@@ -161,6 +166,9 @@ class PodLatencyModel:
         if ttft_s is not None:
             self.ttft.update(shape.ttft_features(), ttft_s)
             self.max_uncached_tokens = max(self.max_uncached_tokens, shape.uncached_tokens)
+            least = self.min_uncached_tokens
+            if least is None or shape.uncached_tokens < least:
+                self.min_uncached_tokens = shape.uncached_tokens
         if tpot_s is not None:
             self.tpot.update(shape.tpot_features(), tpot_s)
 
@@ -202,14 +210,33 @@ class LatencyModels:
             return Prediction(None, None)
         own = self._models.get((pod, mode))
         ttft = tpot = None
-        if cluster.ttft.num_samples >= self.min_samples:
-            fit = own.ttft if own is not None and own.ttft.num_samples else cluster.ttft
+        fit = self._ttft_fit(pod, mode)
+        if fit is not None:
             # a latency is never below zero; a young fit can extrapolate there
             ttft = max(0.0, fit.predict(shape.ttft_features()))
         if cluster.tpot.num_samples >= self.min_samples:
             fit = own.tpot if own is not None and own.tpot.num_samples else cluster.tpot
             tpot = max(0.0, fit.predict(shape.tpot_features()))
         return Prediction(ttft, tpot)
+
+    def prompt_work_s(self, pod: str, mode: ServeMode, shape: RequestShape) -> float | None:
+        """Seconds of the pod's time that the request's own prompt takes (the TTFT fit's
+        per-token terms: its uncached and cached tokens, not the queue ahead or the batch):
+        how long it holds back what comes after it. None while the mode is cold."""
+        fit = self._ttft_fit(pod, mode)
+        if fit is None:
+            return None
+        own = RequestShape(shape.uncached_tokens, shape.cached_tokens, 0, 0).ttft_features()
+        return float(fit.weights[1:] @ own[1:])
+
+    def _ttft_fit(self, pod: str, mode: ServeMode) -> ForgettingRidge | None:
+        """The pod's TTFT fit in `mode` (the cluster's until it has its own observations);
+        None until the cluster has `min_samples` of the mode."""
+        cluster = self._cluster.get(self._checked(mode))
+        if cluster is None or cluster.ttft.num_samples < self.min_samples:
+            return None
+        own = self._models.get((pod, mode))
+        return own.ttft if own is not None and own.ttft.num_samples else cluster.ttft
 
     def observe(
         self,
@@ -223,10 +250,12 @@ class LatencyModels:
         self.model(pod, mode).observe(shape, ttft_s, tpot_s)
 
     def has_seen(self, mode: ServeMode, uncached_tokens: int) -> bool:
-        """The cluster observed a TTFT in `mode` with at least this many uncached tokens: a
+        """The cluster observed TTFTs in `mode` with as few and as many uncached tokens: a
         prediction for the request interpolates rather than extrapolates."""
         cluster = self._cluster.get(self._checked(mode))
-        return cluster is not None and cluster.max_uncached_tokens >= uncached_tokens
+        if cluster is None or cluster.min_uncached_tokens is None:
+            return False
+        return cluster.min_uncached_tokens <= uncached_tokens <= cluster.max_uncached_tokens
 
     def forget_pod(self, pod: str) -> None:
         """Drop a pod's models (it left: a new pod at that URL may be another machine)."""

@@ -9,13 +9,16 @@
 A pod with several engines (data parallel) publishes one sample per engine: the counts are
 summed and the KV usage is the highest (the fullest engine is the one a request may hit).
 Scrapes lag by one interval, so the router adds `num_in_flight`, the requests it sent that have
-not finished, which it knows at once.
+not finished, which it knows at once, and `arrival_rate`, how fast it has been sending them
+(`ArrivalRate`): what a request's prefill would delay on that pod is the requests still to come.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -54,11 +57,15 @@ class PodLoad:
     # pod's gauges lag by a scrape)
     num_prefilling: int = 0
     prefill_tokens: int = 0
+    # requests per second this router has sent the pod lately (ArrivalRate)
+    arrival_rate: float = 0.0
 
     def __post_init__(self) -> None:
         counts = (self.num_waiting, self.num_running, self.num_in_flight, self.num_prefilling)
         if min(*counts, self.prefill_tokens) < 0:
             raise ValueError(f"request counts must be >= 0: {self}")
+        if not (math.isfinite(self.arrival_rate) and self.arrival_rate >= 0):
+            raise ValueError(f"arrival_rate must be a finite rate >= 0, got {self.arrival_rate}")
         if not 0.0 <= self.kv_usage <= 1.0:
             raise ValueError(f"kv_usage must be in 0..1, got {self.kv_usage}")
 
@@ -66,6 +73,32 @@ class PodLoad:
     def num_active(self) -> int:
         """Running plus the router's in-flight requests (the second key of least-loaded)."""
         return self.num_running + self.num_in_flight
+
+
+class ArrivalRate:
+    """Requests per second sent to one pod lately: a count of sends that decays with time
+    constant `window_s`. A steady rate r reads as r once a few windows have passed; a burst
+    shows at once and fades within a few windows. No history is kept."""
+
+    def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        self.window_s = window_s
+        self._clock = clock
+        self._count = 0.0
+        self._at = clock()
+
+    def add(self) -> None:
+        """One request sent now."""
+        now = self._clock()
+        self._count = self._decayed(now) + 1.0
+        self._at = now
+
+    def per_second(self) -> float:
+        return self._decayed(self._clock()) / self.window_s
+
+    def _decayed(self, now: float) -> float:
+        return self._count * math.exp(-max(0.0, now - self._at) / self.window_s)
 
 
 def pod_load_from_metrics(text: str, num_in_flight: int = 0) -> PodLoad:

@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from vllm_llmd.router.config import PodSpec
-from vllm_llmd.router.load import PodLoad
+from vllm_llmd.router.load import ArrivalRate, PodLoad
 
 __all__ = ["PodState", "Sending"]
 
@@ -22,6 +22,8 @@ class PodState:
     in_flight: int = 0
     prefilling: int = 0
     prefill_tokens: int = 0
+    # how fast this router has been sending it requests (each `Sending` counts one)
+    arrivals: ArrivalRate = field(default_factory=ArrivalRate)
     subscribed: bool = False
     # the pod's tokens and block hashes match the router's; None: not checked since it joined
     hashes_ok: bool | None = None
@@ -42,7 +44,8 @@ class PodState:
     load_problem: str = ""
 
     def current_load(self) -> PodLoad:
-        """Its last scraped load, with this router's own counts (in flight, prefilling)."""
+        """Its last scraped load, with this router's own counts (in flight, prefilling, sent
+        lately)."""
         load = self.load
         return PodLoad(
             load.num_waiting,
@@ -51,6 +54,7 @@ class PodState:
             self.in_flight,
             self.prefilling,
             self.prefill_tokens,
+            self.arrivals.per_second(),
         )
 
 
@@ -60,6 +64,7 @@ class Sending:
     def __init__(self, pod: PodState, prefill_tokens: int) -> None:
         self.pod, self.prefill_tokens = pod, prefill_tokens
         self._prefilling = True
+        pod.arrivals.add()
         pod.in_flight += 1
         pod.prefilling += 1
         pod.prefill_tokens += prefill_tokens

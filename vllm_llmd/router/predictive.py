@@ -58,6 +58,7 @@ def request_shape(request: ScoreInput, pod: str, num_tokens: int, block_size: in
         cached_tokens=cached,
         ahead_tokens=load.prefill_tokens,
         active=max(load.num_running, load.num_in_flight - load.num_prefilling),
+        arrival_rate=load.arrival_rate,
     )
 
 

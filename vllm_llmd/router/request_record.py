@@ -101,5 +101,6 @@ class RequestRecorder:
             routed_s=record.routed_s,
             served_pod=record.served.pod,
             prefilled=record.served.prefilled,
+            prefill_s=record.served.prefill_s,
         )
         self.audit.write(audit_record(record.route, record.body, self.audit_prompts, outcome))

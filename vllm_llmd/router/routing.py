@@ -5,15 +5,22 @@ SLO planner), and returns a `Route`; it does no I/O and changes nothing, so it i
 without a server. The proxy gathers its inputs and acts on its answer.
 
 A P/D route's first step runs on a prefill pod: one of the prefill pods when P/D is predicted
-faster than the decode pod computing alone (while the latency models are cold: when more than
-`pd_threshold_tokens` of the prompt is uncached), one an upstream gateway named, or
+to cost less than the decode pod computing alone (while the latency models are cold: when more
+than `pd_threshold_tokens` of the prompt is uncached), one an upstream gateway named, or
 (`pull_from_holders`) a KV source: another pod that holds more of the prompt than the chosen
 decode pod (its device cache or host or disk tier). It runs the prompt computing only what it
 lacks, and the decode pod pulls the prompt's KV from it over the side channel instead of
 computing it: a hot prefix that one busy pod holds reaches an idle pod for the cost of a copy.
 Chosen when the source holds at least `pd_threshold_tokens` more, has fewer than
 `holder_max_waiting` requests waiting, and, once both latency models are warm, the pull is
-predicted faster than computing on the decode pod.
+predicted to cost less than computing on the decode pod.
+
+What a way costs is the request's own predicted TTFT plus the delay its prompt adds to the
+requests that will reach each pod it runs on while that prompt is still ahead of them
+(`delay_to_others`): the sum of every request's TTFT, which the mean TTFT is, not this one's
+alone. Without that term a long prompt stays on the decode pod whenever P/D does not make it
+faster itself, and every short prompt behind it waits out its prefill; with it, the long
+prompt goes where few requests queue behind it.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vllm_llmd.router.config import Role
-from vllm_llmd.router.latency import LatencyModels, Prediction, RequestShape
+from vllm_llmd.router.latency import LatencyModels, Prediction, RequestShape, ServeMode
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.predictive import SLOPlanner, request_shape
 from vllm_llmd.router.scoring import Decision, PodCache, ScoreInput, ScoringPolicy
@@ -163,16 +170,56 @@ def worth_a_remote_prefill(
     the threshold never takes would never be learnt), by the fixed `pd_threshold_tokens` of
     uncached prompt tokens."""
     prefill_shape = request_shape(prefill_request, prefill.pod, num_tokens, how.block_size)
-    remote_prefill = how.latency.predict(prefill.pod, "prefill", prefill_shape).ttft_s
-    remote_decode = how.latency.predict(decode.pod, "decode", decode_shape).ttft_s
     known = all(how.latency.has_seen(mode, uncached) for mode in ("prefill", "direct"))
-    if remote_prefill is None or remote_decode is None or direct.ttft_s is None or not known:
+    costs = pd_costs(how, prefill.pod, prefill_shape, decode.pod, decode_shape, direct)
+    if costs is None or not known:
         return prefill if uncached > how.pd_threshold_tokens else None
-    remote = remote_prefill + remote_decode
-    if remote >= direct.ttft_s:
+    remote, alone = costs
+    if remote >= alone:
         return None
-    reason = f"{prefill.reason}; P/D predicted {remote:.3f} s against {direct.ttft_s:.3f} s alone"
+    reason = f"{prefill.reason}; P/D predicted to cost {remote:.3f} s against {alone:.3f} s alone"
     return Decision(prefill.pod, reason, prefill.scores, prefill.hit_blocks)
+
+
+def pd_costs(
+    how: RoutingPolicy,
+    source: str,
+    source_shape: RequestShape,
+    decode: str,
+    decode_shape: RequestShape,
+    direct: Prediction,
+) -> tuple[float, float] | None:
+    """(P/D, alone): what the request costs served by `source`'s prefill step then `decode`
+    after the transfer, and by `decode` alone: its predicted TTFT plus what it delays of the
+    requests behind it on each pod it runs on (module docstring). None while a model is cold."""
+    prefill_ttft = how.latency.predict(source, "prefill", source_shape).ttft_s
+    decode_ttft = how.latency.predict(decode, "decode", decode_shape).ttft_s
+    if prefill_ttft is None or decode_ttft is None or direct.ttft_s is None:
+        return None
+    remote = (
+        prefill_ttft
+        + decode_ttft
+        + delay_to_others(how, source, "prefill", source_shape, prefill_ttft)
+        + delay_to_others(how, decode, "decode", decode_shape, decode_ttft)
+    )
+    alone = direct.ttft_s + delay_to_others(how, decode, "direct", decode_shape, direct.ttft_s)
+    return remote, alone
+
+
+def delay_to_others(
+    how: RoutingPolicy, pod: str, mode: ServeMode, shape: RequestShape, ttft_s: float
+) -> float:
+    """Seconds of TTFT the request's prompt adds, summed over the requests that will reach
+    `pod` while it is ahead of them: at the pod's arrival rate r, those that come while it
+    waits (ttft - work) are held back its whole `work`, those that come during its own prefill
+    half of it on average, so r * work * (wait + work / 2). The first-order cost: the knock-on
+    on requests behind those is left out, so a loaded pod's is an underestimate."""
+    work = how.latency.prompt_work_s(pod, mode, shape)
+    rate = shape.arrival_rate
+    if work is None or rate <= 0:
+        return 0.0
+    wait = max(0.0, ttft_s - work)
+    return rate * work * (wait + work / 2)
 
 
 def kv_source(
@@ -211,13 +258,12 @@ def kv_source(
     candidates = [decode.pod, pod]
     request = ScoreInput(blocks, candidates, caches, loads)
     source_shape = request_shape(request, pod, num_tokens, how.block_size)
-    prefill_ttft = how.latency.predict(pod, "prefill", source_shape).ttft_s
     # the decode model learns P/D decodes by the decode pod's own view (Route.shape)
-    decode_ttft = how.latency.predict(decode.pod, "decode", decode_shape).ttft_s
+    costs = pd_costs(how, pod, source_shape, decode.pod, decode_shape, direct)
     reason = f"KV source: holds {blocks - own_blocks} more blocks of the prompt than {decode.pod}"
-    if None not in (prefill_ttft, decode_ttft, direct.ttft_s):
-        assert prefill_ttft is not None and decode_ttft is not None and direct.ttft_s is not None
-        if prefill_ttft + decode_ttft >= direct.ttft_s:
-            return None  # computing on the decode pod is predicted faster
-        reason += f" (predicted {prefill_ttft + decode_ttft:.3f} s against {direct.ttft_s:.3f} s)"
+    if costs is not None:
+        remote, alone = costs
+        if remote >= alone:
+            return None  # computing on the decode pod is predicted to cost less
+        reason += f" (predicted to cost {remote:.3f} s against {alone:.3f} s)"
     return Decision(pod, reason, {}, blocks)

@@ -31,7 +31,7 @@ from vllm_llmd.router import routing
 from vllm_llmd.router.event_apply import PodStats, apply_update
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.latency import LatencyModels
-from vllm_llmd.router.load import PodLoad
+from vllm_llmd.router.load import ArrivalRate, PodLoad
 from vllm_llmd.router.pod_spec import PodSpec
 from vllm_llmd.router.pod_state import PodState, Sending
 from vllm_llmd.router.predictive import SLOPlanner
@@ -99,7 +99,9 @@ class SimRouter:
         self.event_stats = {pod: PodStats() for pod in self.pods}
         self._seq = dict.fromkeys(self.pods, 0)
         # each pod's scraped load and the router's own counts, kept as the registry keeps them
-        self._states = {pod: PodState(PodSpec(pod)) for pod in self.pods}
+        self._states = {
+            pod: PodState(PodSpec(pod), arrivals=ArrivalRate(clock=clock)) for pod in self.pods
+        }
         self._sending: dict[str, Sending] = {}  # request id -> its count at its pod
         self.loads: dict[str, PodLoad] = {pod: PodLoad() for pod in self.pods}
         self.block_size = block_size
