@@ -350,16 +350,19 @@ def main() -> None:
         header = f"{'router':28} {'rate':>5} {'good/s':>7} {'attain':>7} {'shed':>5} "
         print(header + f"{'TTFT p50':>9} {'TTFT p90':>9} {'TPOT p50':>9}  predicted TTFT error")
         for run, rate in enumerate(rates):
-            for kind, policy in routers:
+            for k, (kind, policy) in enumerate(routers):
                 name = f"{kind} {policy}"
-                requests = make_requests(tokenizer, rate, args.duration, 1 + run * 10, args)
+                # prefixes of its own for each (rate, router): the pods' caches keep what
+                # an earlier router's run computed (seeds 10 apart: distinct texts)
+                seed = 1 + (run * len(routers) + k) * 10
+                requests = make_requests(tokenizer, rate, args.duration, seed, args)
                 if kind == "ours":
                     router = ours(policy, pods, model, flags)
                 else:
                     router = vllm_router(args.vllm_router, policy, pods, model)
                 try:
                     if args.warmup > 0:  # unmeasured, own prefixes: latency models learn
-                        warm = make_requests(tokenizer, rate, args.warmup, 5000 + run * 10, args)
+                        warm = make_requests(tokenizer, rate, args.warmup, 5000 + seed, args)
                         asyncio.run(run_load(router.url, pods[0][0].model_name, warm, args, slo))
                     outcomes = asyncio.run(
                         run_load(router.url, pods[0][0].model_name, requests, args, slo)

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import simpy
 
+from vllm_llmd.devtools.client import StreamTiming, timed_stream
 from vllm_llmd.devtools.server import VLLMServerConfig
 from vllm_llmd.events.model import MEDIUM_GPU, BlockRemoved, BlockStored, EventBatch
 from vllm_llmd.hashing import PrefixHasher
 from vllm_llmd.router import routing
 from vllm_llmd.sim import cli, workloads
 from vllm_llmd.sim.cache import Hit, PrefixCache
+from vllm_llmd.sim.calibrate import decoding_tpot
 from vllm_llmd.sim.pod import Outcome, PodConfig, SimPod
 from vllm_llmd.sim.profile import H100_LLAMA_8B, LatencyProfile, load_profile, save_profile
 from vllm_llmd.sim.router import RouterSettings, SimRouter
@@ -226,6 +228,28 @@ def test_profiles_round_trip_as_json(tmp_path: Path):
         LatencyProfile(-1.0, 0.0, 0.0, 0.0, 0.0)
 
 
+def test_time_outside_the_engine_adds_to_ttft_and_delays_no_other_request():
+    hasher = PrefixHasher(BLOCK)
+    requests = [
+        SimRequest(i, 0.0, 640, 4, Chain(hasher).extend(synthetic_tokens(i, 640))) for i in range(3)
+    ]
+    ttfts = {}
+    for request_s in (0.0, 0.05):
+        profile = LatencyProfile(0.01, 1e-4, 0.0, 1e-3, 0.0, request_s=request_s)
+        result = simulate(SimConfig(1, profile=profile), iter(requests))
+        ttfts[request_s] = sorted(o.ttft_s for o in result.outcomes)
+    assert ttfts[0.05] == pytest.approx([t + 0.05 for t in ttfts[0.0]])
+
+
+def test_decode_tpot_is_timed_once_the_whole_batch_decodes():
+    """The second request's prefill ran in the first's early decode steps (slower, 50 ms):
+    only the chunks after its first one count, 10 ms apart for both."""
+    first = StreamTiming(0.1, 0.3, "", sent_at=100.0, chunk_s=(0.1, 0.15, 0.2, 0.21, 0.22))
+    second = StreamTiming(0.2, 0.23, "", sent_at=100.0, chunk_s=(0.2, 0.21, 0.22, 0.23))
+    assert decoding_tpot([first, second]) == pytest.approx(0.01)
+    assert decoding_tpot([StreamTiming(0.1, 0.1, "", chunk_s=(0.1,))]) is None
+
+
 def test_the_cli_prints_a_table_and_writes_the_plot(tmp_path: Path, capsys):
     plot = tmp_path / "sim.png"
     argv = ["run", "--pods", "2,4", "--policies", "round_robin,kv_aware", "--requests", "60"]
@@ -245,6 +269,13 @@ def test_calibrate_fits_a_profile_from_a_real_server(vllm_servers, tiny_model, t
     assert profile.prefill_s_per_token > 0
     assert profile.step_s(4096, 0, 0, 0) > profile.step_s(256, 0, 0, 0)
     assert server.url in profile.source
+    # the decode fit predicts what a client measures between chunks, within a factor 3
+    timing = timed_stream(server.url, server.model_name, list(range(5, 261)), 32)
+    # (a chunk may carry two tokens, the detokenizer waiting for a whole character)
+    assert 24 <= len(timing.chunk_s) <= 32 and timing.chunk_s[0] == pytest.approx(timing.ttft_s)
+    measured = (timing.chunk_s[-1] - timing.chunk_s[0]) / (len(timing.chunk_s) - 1)
+    predicted = profile.step_s(0, 0, 1, 256)
+    assert measured / 3 < predicted < measured * 3, (measured, predicted)
 
 
 def test_requests_keep_their_order_and_ids():

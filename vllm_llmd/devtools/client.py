@@ -86,6 +86,9 @@ class StreamTiming:
     ttft_s: float  # request sent -> first content chunk
     total_s: float  # request sent -> end of stream
     text: str
+    # time.perf_counter() when it was sent, and each content chunk's arrival after that
+    sent_at: float = 0.0
+    chunk_s: tuple[float, ...] = ()
 
 
 def timed_stream(
@@ -115,6 +118,7 @@ def timed_stream(
     started = time.perf_counter()
     first: float | None = None
     parts: list[str] = []
+    chunk_s: list[float] = []
     try:
         conn.request(
             "POST", "/v1/completions", body, {"Content-Type": "application/json", **(headers or {})}
@@ -127,10 +131,14 @@ def timed_stream(
                 continue
             chunk = json.loads(line[6:])
             text = "".join(c.get("text") or "" for c in chunk.get("choices", []))
-            if text and first is None:
-                first = time.perf_counter()
+            if text:
+                now = time.perf_counter()
+                first = now if first is None else first
+                chunk_s.append(now - started)
             parts.append(text)
     finally:
         conn.close()
     end = time.perf_counter()
-    return StreamTiming((first or end) - started, end - started, "".join(parts))
+    return StreamTiming(
+        (first or end) - started, end - started, "".join(parts), started, tuple(chunk_s)
+    )

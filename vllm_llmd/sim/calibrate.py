@@ -9,13 +9,15 @@ nothing is cached unless a sweep means it to be):
 - cached: each prompt sent again, its TTFT now over a cached prefix, gives
   `prefill_s_per_cached_token`;
 - decode: the shortest and the longest prompt shape again, `batch` concurrent requests of
-  `output_tokens` each; their time past the one-token requests of the same shape, per output
-  token, against batch size and context gives `base_s` (the step floor), `decode_s_per_seq`
-  and `decode_s_per_ktoken`.
+  `output_tokens` each; the time between their answers' chunks once every one of them is
+  decoding (so no other request's prefill chunk is in those steps: the simulator adds those
+  itself), against batch size and context, gives `base_s` (the step floor),
+  `decode_s_per_seq` and `decode_s_per_ktoken`.
 
 Fits are least squares, clipped at 0 (a coefficient the noise makes negative means "too small
-to see here"). The client's HTTP time lands in the intercepts, which the step floor does not
-use. Token ids are drawn below `max_token_id` (any vocabulary has that many).
+to see here"). The prefill fit's intercept, less the step floor, is `request_s`: what a
+request spends outside the engine (the client's HTTP, tokenizing, the way back). Token ids are
+drawn below `max_token_id` (any vocabulary has that many).
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ class _Client:
             return [f.result() for f in futures]
 
 
+def decoding_tpot(timings: Sequence[StreamTiming]) -> float | None:
+    """Mean seconds between answer chunks once every request of the batch is decoding (its
+    first chunk came), over the requests with two chunks past that; None if none has."""
+    all_decoding = max(t.sent_at + t.ttft_s for t in timings)
+    tpots = []
+    for timing in timings:
+        times = [timing.sent_at + c for c in timing.chunk_s if timing.sent_at + c >= all_decoding]
+        if len(times) >= 2:
+            tpots.append((times[-1] - times[0]) / (len(times) - 1))
+    return sum(tpots) / len(tpots) if tpots else None
+
+
 def _fit(features: list[list[float]], seconds: list[float]) -> list[float]:
     """Least-squares coefficients, each clipped at 0."""
     solution = np.linalg.lstsq(np.asarray(features), np.asarray(seconds), rcond=None)[0]
@@ -115,9 +129,10 @@ def calibrate(
     for context in contexts:
         for batch in plan.batches:
             timings = client.together([client.prompt(context) for _ in range(batch)], outputs)
-            # the same requests with one output token took one_token: the rest is decode
-            total = sum(t.total_s for t in timings) / batch
-            tpot = max(0.0, (total - one_token[context, batch]) / (outputs - 1))
+            tpot = decoding_tpot(timings)
+            if tpot is None:  # too few tokens past the batch's prefills: time past one token
+                total = sum(t.total_s for t in timings) / batch
+                tpot = max(0.0, (total - one_token[context, batch]) / (outputs - 1))
             decode_x.append([1.0, float(batch), batch * (context + outputs / 2) / 1000.0])
             decode_y.append(tpot)
             say(f"decode {batch} x {context} context: TPOT {tpot * 1000:.2f} ms")
@@ -130,4 +145,5 @@ def calibrate(
         decode_s_per_seq=per_seq,
         decode_s_per_ktoken=per_ktoken,
         source=f"calibrated against {url} ({model}) at {stamp}",
+        request_s=max(0.0, prefill_fixed - base),
     )

@@ -263,7 +263,7 @@ class SimPod:
                     request.request_id,
                     self.pod_id,
                     request.arrival_s,
-                    running.first_s - request.arrival_s,
+                    running.first_s - request.arrival_s + self.profile.request_s,
                     (self.env.now - running.first_s) / (outputs - 1) if outputs > 1 else 0.0,
                     request.num_prompt_tokens,
                     running.device_hit_tokens,

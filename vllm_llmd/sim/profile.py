@@ -9,6 +9,9 @@ with chunked prefill), so its time is a sum of what it carries:
            + decode_s_per_seq * requests decoding this step
            + decode_s_per_ktoken * thousands of context tokens the decodes attend to
 
+A request's TTFT also carries `request_s` outside the engine (HTTP, tokenizing, the answer's
+way back): latency, not engine time, so it delays no other request.
+
 Each coefficient reads as "seconds per unit" and is fitted by `calibrate.py` from a real server
 (TTFT against uncached tokens and batch, TPOT against batch). Profiles are made by that command
 and saved as JSON (`load_profile`/`save_profile`); none is committed.
@@ -33,6 +36,8 @@ class LatencyProfile:
     decode_s_per_ktoken: float
     # where the numbers come from (a URL and date, or "assumed: ...")
     source: str = ""
+    # seconds a request's TTFT spends outside the engine (a profile without it: none)
+    request_s: float = 0.0
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
