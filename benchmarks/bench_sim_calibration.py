@@ -183,9 +183,10 @@ def main() -> None:
         )
         for run, rate in enumerate(rates):
             for k, policy in enumerate(policies):
-                # prefixes of its own per run: the pods keep what earlier runs computed
-                seed = 1 + (run * len(policies) + k) * 10
-                requests = make_requests(tokenizer, rate, args.duration, seed, args)
+                # the rate's arrivals, texts of its own per run: the pods keep what earlier
+                # runs computed
+                texts = 1 + (run * len(policies) + k) * 10
+                requests = make_requests(tokenizer, rate, args.duration, 1 + run * 10, args, texts)
                 router = ours(policy, pods, model, [])
                 try:
                     outcomes = asyncio.run(

@@ -156,11 +156,16 @@ def vllm_router(binary: str, policy: str, pods, model: Path) -> RouterRun:
 # ---- workload -------------------------------------------------------------------------------
 
 
-def make_requests(tokenizer, rate: float, duration: float, seed: int, args) -> list[tuple]:
-    """(send time, prompt token ids) for one run: Poisson arrivals, shared and unique prompts."""
+def make_requests(
+    tokenizer, rate: float, duration: float, seed: int, args, texts: int | None = None
+) -> list[tuple]:
+    """(send time, prompt token ids) for one run: Poisson arrivals, shared and unique prompts.
+    `seed` draws the arrivals, kinds and lengths, `texts` (default: seed) the prompts' texts:
+    routers compared at one rate get the same arrivals and texts of their own."""
     rng = random.Random(seed)
+    texts = seed if texts is None else texts
     prefixes = [
-        tokenizer.encode(sample_text(args.prefix_tokens, seed * 100 + i)).ids[: args.prefix_tokens]
+        tokenizer.encode(sample_text(args.prefix_tokens, texts * 100 + i)).ids[: args.prefix_tokens]
         for i in range(args.num_prefixes)
     ]
     requests, t = [], 0.0
@@ -168,7 +173,7 @@ def make_requests(tokenizer, rate: float, duration: float, seed: int, args) -> l
         t += rng.expovariate(rate)
         if t >= duration:
             return requests
-        suffix = tokenizer.encode(sample_text(200, seed * 100_000 + len(requests))).ids
+        suffix = tokenizer.encode(sample_text(200, texts * 100_000 + len(requests))).ids
         if rng.random() < 0.8:
             prompt = rng.choice(prefixes) + suffix[: rng.randrange(16, 96)]
         else:
@@ -300,6 +305,12 @@ def main() -> None:
         "--rates", default="1,2,4,8,12", help="arrival rates, requests/s: past 3x saturation"
     )
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per run")
+    parser.add_argument(
+        "--kv-cache-mib",
+        type=int,
+        help="each pod's device KV cache (default: vLLM's; small enough and round robin "
+        "evicts what kv_aware keeps, e.g. 48 with --preset medium, as issue #18 measured)",
+    )
     parser.add_argument("--prefix-tokens", type=int, default=1536)
     parser.add_argument("--num-prefixes", type=int, default=4)
     parser.add_argument("--output-tokens", type=int, default=16)
@@ -327,7 +338,7 @@ def main() -> None:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
-    pods = start_pods(model)
+    pods = start_pods(model, args.kv_cache_mib << 20 if args.kv_cache_mib else None)
     try:
         ttft_slo, tpot_slo = calibrate(pods[0][0], tokenizer, args)
         if args.slo_ttft_ms:
@@ -352,17 +363,18 @@ def main() -> None:
         for run, rate in enumerate(rates):
             for k, (kind, policy) in enumerate(routers):
                 name = f"{kind} {policy}"
-                # prefixes of its own for each (rate, router): the pods' caches keep what
-                # an earlier router's run computed (seeds 10 apart: distinct texts)
-                seed = 1 + (run * len(routers) + k) * 10
-                requests = make_requests(tokenizer, rate, args.duration, seed, args)
+                # the rate's arrivals, texts of its own for each (rate, router): the pods'
+                # caches keep what an earlier router's run computed (10 apart: distinct)
+                texts = 1 + (run * len(routers) + k) * 10
+                requests = make_requests(tokenizer, rate, args.duration, 1 + run * 10, args, texts)
                 if kind == "ours":
                     router = ours(policy, pods, model, flags)
                 else:
                     router = vllm_router(args.vllm_router, policy, pods, model)
                 try:
                     if args.warmup > 0:  # unmeasured, own prefixes: latency models learn
-                        warm = make_requests(tokenizer, rate, args.warmup, 5000 + seed, args)
+                        warm_texts = 5000 + texts
+                        warm = make_requests(tokenizer, rate, args.warmup, 5000, args, warm_texts)
                         asyncio.run(run_load(router.url, pods[0][0].model_name, warm, args, slo))
                     outcomes = asyncio.run(
                         run_load(router.url, pods[0][0].model_name, requests, args, slo)
