@@ -39,19 +39,21 @@ def document(tokenizer, tokens: int, seed: int) -> list[int]:
     return tokenizer.encode(sample_text(tokens, seed)).ids[:tokens]
 
 
-def make_requests(tokenizer, seed: int, args) -> list[tuple[float, list[int]]]:
-    """(send time, prompt) for one run: the hot document or a cold one, plus a question."""
+def make_requests(tokenizer, seed: int, args, texts: int) -> list[tuple[float, list[int]]]:
+    """(send time, prompt) for one run: the hot document or a cold one, plus a question.
+    `seed` draws the arrivals and which document each request names, `texts` the documents'
+    and questions' texts: every router gets the same arrivals and documents of its own."""
     rng = random.Random(seed)
-    cold = [document(tokenizer, args.prefix_tokens, seed * 100 + i) for i in range(args.num_cold)]
+    cold = [document(tokenizer, args.prefix_tokens, texts * 100 + i) for i in range(args.num_cold)]
     num_hot = int(args.duration // args.hot_period) + 1
-    hot = [document(tokenizer, args.prefix_tokens, seed * 100 + 50 + i) for i in range(num_hot)]
+    hot = [document(tokenizer, args.prefix_tokens, texts * 100 + 50 + i) for i in range(num_hot)]
     requests: list[tuple[float, list[int]]] = []
     t = 0.0
     while True:
         t += rng.expovariate(args.rate)
         if t >= args.duration:
             return requests
-        question = tokenizer.encode(sample_text(80, seed * 100_000 + len(requests))).ids[:48]
+        question = tokenizer.encode(sample_text(80, texts * 100_000 + len(requests))).ids[:48]
         now_hot = hot[int(t // args.hot_period)]
         prefix = now_hot if rng.random() < args.hot_share else rng.choice(cold)
         requests.append((t, prefix + question))
@@ -106,7 +108,7 @@ def main() -> None:
             name = " ".join([policy, *flags]).replace("--", "")
             router = ours(policy, pods, model, flags)
             try:
-                requests = make_requests(tokenizer, 31 + run, args)
+                requests = make_requests(tokenizer, 31, args, texts=31 + run)
                 hit_before, total_before = hit_counts(pods)
                 outcomes = asyncio.run(run_load(router.url, model_name, requests, args, slo))
                 time.sleep(1.5)  # the pods' counters reach /metrics

@@ -69,9 +69,12 @@ class Outcome:
 # ---- processes ------------------------------------------------------------------------------
 
 
-def start_pods(model: Path, kv_cache_bytes: int | None = None) -> list[tuple[VLLMServer, int]]:
+def start_pods(
+    model: Path, kv_cache_bytes: int | None = None, max_model_len: int | None = None
+) -> list[tuple[VLLMServer, int]]:
     """Two pods, one core each, LLMDConnector with a host tier, KV events on: (server, port of
-    its event publisher). `kv_cache_bytes`: a device cache that small (None: vLLM's default)."""
+    its event publisher). `kv_cache_bytes`: a device cache that small (None: vLLM's default),
+    which must hold one request of `max_model_len` (default 2048 with a small cache)."""
     pods = []
     for core in ("0", "1"):
         events = free_port()
@@ -80,7 +83,7 @@ def start_pods(model: Path, kv_cache_bytes: int | None = None) -> list[tuple[VLL
             cpu_cores=core,
             dtype="bfloat16",
             kv_cache_bytes=kv_cache_bytes,
-            max_model_len=2048 if kv_cache_bytes else 8192,
+            max_model_len=max_model_len or (2048 if kv_cache_bytes else 8192),
             kv_transfer_config={
                 "kv_connector": "LLMDConnector",
                 "kv_role": "kv_both",
@@ -338,7 +341,10 @@ def main() -> None:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
-    pods = start_pods(model, args.kv_cache_mib << 20 if args.kv_cache_mib else None)
+    # the longest prompt (prefix, suffix) and answer, rounded up: a small cache must hold it
+    longest = args.prefix_tokens + 96 + args.output_tokens
+    max_model_len = -(-longest // 256) * 256 if args.kv_cache_mib else None
+    pods = start_pods(model, args.kv_cache_mib << 20 if args.kv_cache_mib else None, max_model_len)
     try:
         ttft_slo, tpot_slo = calibrate(pods[0][0], tokenizer, args)
         if args.slo_ttft_ms:
