@@ -180,55 +180,6 @@ def test_queue_is_bounded_and_removal_and_expiry_work():
         queue.pop()
 
 
-def test_the_first_band_lists_the_top_priority_in_turn_order_and_take_uses_a_turn():
-    queue = AdmissionQueue(100)
-    a1, a2, b1, low = (
-        _entry(0, "a", 1.0),
-        _entry(0, "a", 2.0),
-        _entry(0, "b", 3.0),
-        _entry(-1, "c", 0.5),
-    )
-    for entry in (a2, low, a1, b1):
-        queue.push(entry)
-    assert queue.first_band(8) == [a1, b1, a2]  # a lower priority is never listed with it
-    assert queue.first_band(2) == [a1, b1]
-    queue.take(b1)  # b went ahead of a1: b's turn is used, a's is next
-    assert _drain(queue) == [a1, a2, low]
-    with pytest.raises(ValueError, match="not queued"):
-        queue.take(b1)
-
-
-def test_a_request_a_pod_can_take_is_not_held_behind_one_whose_pod_is_busy():
-    """Head-of-line blocking: the head's pod is busy (it is not admissible), the request behind
-    it could go now; it goes, and the head keeps its place. A lower priority does not pass."""
-
-    async def run() -> None:
-        admission = Admission(10, queue_timeout_s=5.0, retry_after_s=1, metrics=RouterMetrics())
-        busy = {"head": True}
-        try:
-            head = asyncio.ensure_future(
-                admission.admit(RequestClass(SLO(), 1, "a"), lambda waited_s: not busy["head"])
-            )
-            await asyncio.sleep(0.01)
-            low = asyncio.ensure_future(
-                admission.admit(RequestClass(SLO(), 0, "low"), lambda waited_s: waited_s > 0)
-            )
-            behind = asyncio.ensure_future(
-                admission.admit(RequestClass(SLO(), 1, "b"), lambda waited_s: waited_s > 0)
-            )
-            admitted, _ = await asyncio.wait_for(behind, 1.0)
-            assert admitted == "queued" and not head.done()
-            await asyncio.sleep(0.2)
-            assert not low.done()  # a higher priority is still waiting
-            busy["head"] = False
-            assert (await asyncio.wait_for(head, 1.0))[0] == "queued"
-            assert (await asyncio.wait_for(low, 1.0))[0] == "queued"
-        finally:
-            admission.stop()
-
-    asyncio.run(run())
-
-
 def test_fair_share_under_a_random_flood():
     """One id with 10x the requests of another still gets only every other turn."""
     rng = random.Random(7)

@@ -2,14 +2,10 @@
 
 A request is admitted at once when no request is queued and `admissible()` says a pod can take
 it now; a sheddable one is refused (429) otherwise; the rest wait in the `AdmissionQueue`
-(priority, then fairness id) and are admitted by `pump` (after every finished request and every
-`QUEUE_TICK_S` while the queue holds any), judged on what is left of their TTFT SLO: the first
-of the highest priority's `SCAN_LIMIT` next requests, in queue order, that a pod can take now.
-A request whose pod is busy does not hold back one behind it that another pod (or its own
-cached prefix) can serve now: that head-of-line blocking left pods idle while the queue
-expired. A lower priority never goes while a higher one waits. At its deadline a request is
-dispatched "late" when its class is served late (critical, or no TTFT SLO), else refused (429,
-counted "expired").
+(priority, then fairness id) and are admitted in queue order by `pump` (after every finished
+request and every `QUEUE_TICK_S` while the queue holds any), judged on what is left of their
+TTFT SLO. At its deadline a request is dispatched "late" when its class is served late
+(critical, or no TTFT SLO), else refused (429, counted "expired").
 """
 
 from __future__ import annotations
@@ -33,8 +29,6 @@ from vllm_llmd.router.slo import (
 
 # how often the admission queue is re-judged while it holds requests
 QUEUE_TICK_S = 0.05
-# queued requests judged per pump: each judgement predicts every candidate pod's latency
-SCAN_LIMIT = 8
 
 
 class Admission:
@@ -60,7 +54,7 @@ class Admission:
         """Wait until the request may go; (admission, seconds queued). 429/503 when refused.
 
         `admissible(waited_s)` judges it after `waited_s` in the queue."""
-        # Never ahead of queued requests: they are judged first, in queue order (by pump).
+        # Never ahead of queued requests: they go first, in queue order (by pump).
         if not len(self.queue) and admissible(0.0):
             return "met", 0.0
         if request_class.sheddable:
@@ -104,23 +98,20 @@ class Admission:
         )
 
     def pump(self) -> None:
-        """Admit the first of the next queued requests a pod can take now (module docstring);
-        expire those past their deadline."""
+        """Admit queued requests in queue order while the head is admissible; expire the rest."""
         if not len(self.queue):
             return
-        now = time.monotonic()
-        for entry in self.queue.expired(now):
+        for entry in self.queue.expired(time.monotonic()):
             self.queue.remove(entry)
             if not entry.admitted.done():
                 entry.admitted.set_result(False)
         # One at a time: an admitted request is counted in flight only once its coroutine
         # runs, so the next is judged on the next tick, against the updated counts.
-        for entry in self.queue.first_band(SCAN_LIMIT):
-            if entry.admissible(now - entry.arrival):
-                self.queue.take(entry)
-                if not entry.admitted.done():
-                    entry.admitted.set_result(True)
-                return
+        head = self.queue.peek()
+        if head is not None and head.admissible(time.monotonic() - head.arrival):
+            self.queue.pop()
+            if not head.admitted.done():
+                head.admitted.set_result(True)
 
     def stop(self) -> None:
         if self._ticker is not None:

@@ -260,34 +260,6 @@ class AdmissionQueue:
         self._size -= 1
         return request
 
-    def first_band(self, limit: int) -> list[QueuedRequest]:
-        """Up to `limit` requests of the highest priority queued, in the order they would go:
-        fair turns between its fairness ids, earliest deadline first within one."""
-        if not self._size:
-            return []
-        priority = max(self._queues)
-        by_id = self._queues[priority]
-        lanes = [heapq.nsmallest(limit, by_id[fid]) for fid in self._turns[priority]]
-        out: list[QueuedRequest] = []
-        for rank in range(max(len(lane) for lane in lanes)):
-            for lane in lanes:
-                if rank < len(lane):
-                    out.append(lane[rank][2])
-                    if len(out) == limit:
-                        return out
-        return out
-
-    def take(self, request: QueuedRequest) -> None:
-        """Take a request that goes now from wherever it is: its fairness id has had its turn
-        (it moves to the back of its priority's turns, as `pop` moves the head's)."""
-        if not self.remove(request):
-            raise ValueError("the request is not queued")
-        cls = request.request_class
-        turns = self._turns.get(cls.priority)
-        if turns is not None and cls.fairness_id in turns:
-            turns.remove(cls.fairness_id)
-            turns.append(cls.fairness_id)
-
     def remove(self, request: QueuedRequest) -> bool:
         """Take a request out wherever it is (it expired, or its client left)."""
         cls = request.request_class
