@@ -63,28 +63,44 @@ def hit_counts(pods) -> tuple[float, float]:
     return hit, total
 
 
-async def conversations(url: str, model: str, tokenizer, seed: int, args) -> list[Outcome]:
-    """Every user's conversation, users concurrent, turns in sequence."""
+def chat_scripts(tokenizer, seed: int, args) -> list[list[list[int]]]:
+    """Every user's prompts, turn by turn: the conversation so far plus a new question. After
+    each turn the client appends a fixed "answer" (not the model's), so the scripts are known
+    before any request is sent (bench_sim_calibration replays them in the simulator)."""
     rng = random.Random(seed)
     documents = [
         tokenizer.encode(sample_text(args.prefix_tokens, seed * 100 + i)).ids[: args.prefix_tokens]
         for i in range(args.num_prefixes)
     ]
+    scripts = []
+    for u in range(args.users):
+        prompt = list(rng.choice(documents))
+        turns = []
+        for turn in range(args.turns):
+            question = tokenizer.encode(sample_text(60, seed * 10_000 + u * 100 + turn)).ids
+            prompt += question[:48]
+            turns.append(list(prompt))
+            prompt += question[48:64]  # the "answer", as the client would append it
+        scripts.append(turns)
+    return scripts
+
+
+async def conversations(
+    url: str, model: str, scripts: list[list[list[int]]], args
+) -> tuple[list[Outcome], float]:
+    """Every user's conversation, users concurrent, turns in sequence (closed loop): the
+    outcomes and the seconds until the last answer ended."""
     timeout = aiohttp.ClientTimeout(total=600)
+    start = time.perf_counter()
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
-        async def user(u: int) -> list[Outcome]:
-            prompt = list(rng.choice(documents))
-            outcomes = []
-            for turn in range(args.turns):
-                question = tokenizer.encode(sample_text(60, seed * 10_000 + u * 100 + turn)).ids
-                prompt += question[:48]
-                outcomes.append(await one_request(session, url, model, prompt, args, NO_SLO))
-                prompt += question[48:64]  # the "answer", as the client would append it
-            return outcomes
+        async def user(turns: list[list[int]]) -> list[Outcome]:
+            return [
+                await one_request(session, url, model, prompt, args, NO_SLO) for prompt in turns
+            ]
 
-        results = await asyncio.gather(*(user(u) for u in range(args.users)))
-    return [o for per_user in results for o in per_user]
+        results = await asyncio.gather(*(user(turns) for turns in scripts))
+    return [o for per_user in results for o in per_user], time.perf_counter() - start
 
 
 def added_latency(router_url: str, pod, repeats: int = 30) -> float:
@@ -170,11 +186,10 @@ def main() -> None:
                     name, router = f"ours {policy} via EPP", envoy_stand_in(epp_port)
                     running.callback(router.stop)
                 hit_before, total_before = hit_counts(pods)
-                start = time.perf_counter()
-                outcomes = asyncio.run(
-                    conversations(router.url, pods[0][0].model_name, tokenizer, 7 + run, args)
+                scripts = chat_scripts(tokenizer, 7 + run, args)
+                outcomes, took = asyncio.run(
+                    conversations(router.url, pods[0][0].model_name, scripts, args)
                 )
-                took = time.perf_counter() - start
                 time.sleep(1.5)  # the pods' counters reach /metrics
                 hit_after, total_after = hit_counts(pods)
                 added = added_latency(router.url, pods[0][0])

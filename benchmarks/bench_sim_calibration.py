@@ -1,5 +1,6 @@
-"""Simulator against the real thing: bench_slo's two-pod workload, measured on real vLLM pods and
-simulated on a profile calibrated from the same pods, the ratios between policies side by side.
+"""Simulator against the real thing: bench_slo's and bench_router's two-pod workloads, measured on
+real vLLM pods and simulated on a profile calibrated from the same pods, the ratios between
+policies side by side.
 
 1. Two real vLLM CPU pods, as `bench_slo.py` starts them (small model, bf16, one core each,
    LLMDConnector with a host tier, KV events on).
@@ -16,11 +17,21 @@ simulated on a profile calibrated from the same pods, the ratios between policie
    ratio to `--baseline` (round robin) measured and simulated, and how far apart they are: the
    issue's goal is within 25%.
 
+`--workload chat` compares `bench_router.py`'s closed-loop chat instead (pods with
+`--kv-cache-mib` device caches and their 256 MiB host tiers): `--users` users, each resending
+its conversation over one of `--num-prefixes` documents for `--turns` turns, a turn sent when
+the last one's answer ended. The simulator replays the very same prompts as closed-loop
+requests (`SimRequest.after`), its pods with the real pods' block count and a host tier of the
+same bytes (loads at `--host-gbps`). Printed: mean and p90 TTFT, requests per second and prefix
+hit rate, real and simulated, then the ratios to the baseline.
+
 Not modelled by the simulator, and so part of what the comparison measures: the router and the
 client sharing this box's two cores with the pods, the host tier (the device caches here hold
 every prefix of a run), and HTTP hops.
 
-Usage: `.venv/bin/python benchmarks/bench_sim_calibration.py [--rates 2,4] [--duration 30]`.
+Usage: `.venv/bin/python benchmarks/bench_sim_calibration.py [--rates 2,4] [--duration 30]`, or
+`... --workload chat [--users 8] [--turns 4] [--profile-lengths 128,512,1024,1536]
+[--profile-batches 1,2,3]` (calibration batches that fit the small device cache).
 """
 
 from __future__ import annotations
@@ -29,10 +40,13 @@ import argparse
 import asyncio
 import dataclasses
 import statistics
+import time
 from dataclasses import dataclass
 
+from bench_router import NO_SLO, chat_scripts, conversations, hit_counts
 from bench_slo import (
     BLOCK,
+    HOST_OFFLOAD_BYTES,
     REPO_ROOT,
     Outcome,
     make_requests,
@@ -123,32 +137,204 @@ def ratio_row(name: str, real: float, sim: float) -> str:
     return f"  {name:34} measured {real:6.2f}x  simulated {sim:6.2f}x  apart {gap:5.0%}  {verdict}"
 
 
+def chat_as_sim_requests(scripts: list[list[list[int]]], block_size: int, output_tokens: int):
+    """bench_router's conversations as closed-loop requests: each user's first turn at 0, each
+    later turn sent when the turn before it ended (no think time, as its clients do)."""
+    hasher = PrefixHasher(block_size)
+    out: list[SimRequest] = []
+    for turns in scripts:
+        before: int | None = None
+        for prompt in turns:
+            chain = Chain(hasher)
+            chain.extend(list(prompt))
+            request_id = len(out)
+            out.append(
+                SimRequest(request_id, 0.0, len(prompt), output_tokens, chain.hashes, after=before)
+            )
+            before = request_id
+    return out
+
+
+def compare_slo(pods, model, tokenizer, config: SimConfig, slo, args) -> None:
+    """bench_slo's open-loop workload at each rate, real then simulated."""
+    pod = pods[0][0]
+    policies = args.policy_list
+    rates = [float(r) for r in args.rates.split(",")]
+    real: dict[tuple[float, str], Figures] = {}
+    sim: dict[tuple[float, str], Figures] = {}
+    print(
+        f"\n{'rate':>5} {'policy':12} {'TTFT mean':>21} {'TTFT p90':>21} {'goodput/s':>17}"
+        f"\n{'':18}{'real':>10} {'sim':>10} {'real':>10} {'sim':>10} {'real':>8} {'sim':>8}"
+    )
+    for run, rate in enumerate(rates):
+        for k, policy in enumerate(policies):
+            # the rate's arrivals, texts of its own per run: the pods keep what earlier runs
+            # computed
+            texts = 1 + (run * len(policies) + k) * 10
+            requests = make_requests(tokenizer, rate, args.duration, 1 + run * 10, args, texts)
+            router = ours(policy, pods, model, args.router_flags.split())
+            try:
+                outcomes = asyncio.run(run_load(router.url, pod.model_name, requests, args, slo))
+            finally:
+                router.stop()
+            real[rate, policy] = measured(outcomes, args.duration)
+            sim_requests = as_sim_requests(requests, config.pod.block_size, args.output_tokens)
+            sim[rate, policy] = simulated(sim_requests, policy, config, args.duration)
+            r, s = real[rate, policy], sim[rate, policy]
+            print(
+                f"{rate:5g} {policy:12} {r.mean_ttft_s * 1000:8.0f} ms"
+                f" {s.mean_ttft_s * 1000:7.0f} ms {r.p90_ttft_s * 1000:7.0f} ms"
+                f" {s.p90_ttft_s * 1000:7.0f} ms"
+                f" {r.goodput_rps:8.2f} {s.goodput_rps:8.2f}",
+                flush=True,
+            )
+    print(f"\nratios to {args.baseline} (mean TTFT: baseline / policy, higher is better;")
+    print("goodput: policy / baseline), measured and simulated:")
+    for rate in rates:
+        base_real, base_sim = real[rate, args.baseline], sim[rate, args.baseline]
+        for policy in policies:
+            if policy == args.baseline:
+                continue
+            r, s = real[rate, policy], sim[rate, policy]
+            print(
+                ratio_row(
+                    f"{rate:g}/s {policy} mean TTFT",
+                    base_real.mean_ttft_s / r.mean_ttft_s,
+                    base_sim.mean_ttft_s / s.mean_ttft_s,
+                )
+            )
+            if base_real.goodput_rps and base_sim.goodput_rps:
+                print(
+                    ratio_row(
+                        f"{rate:g}/s {policy} goodput",
+                        r.goodput_rps / base_real.goodput_rps,
+                        s.goodput_rps / base_sim.goodput_rps,
+                    )
+                )
+
+
+@dataclass(frozen=True)
+class ChatFigures:
+    """What one policy's closed-loop chat run gave."""
+
+    mean_ttft_s: float
+    p90_ttft_s: float
+    requests_per_s: float
+    hit_rate: float
+
+
+def compare_chat(pods, model, tokenizer, config: SimConfig, args) -> None:
+    """bench_router's closed-loop chat per policy, real then simulated."""
+    pod = pods[0][0]
+    real: dict[str, ChatFigures] = {}
+    sim: dict[str, ChatFigures] = {}
+    print(
+        f"\n{'policy':12} {'TTFT mean':>21} {'TTFT p90':>21} {'req/s':>15} {'hit rate':>15}"
+        f"\n{'':12}{'real':>10} {'sim':>10} {'real':>10} {'sim':>10} {'real':>7} {'sim':>7}"
+        f" {'real':>7} {'sim':>7}"
+    )
+    for run, policy in enumerate(args.policy_list):
+        scripts = chat_scripts(tokenizer, 7 + run, args)  # documents of its own per policy
+        router = ours(policy, pods, model, args.router_flags.split())
+        try:
+            hit_before, total_before = hit_counts(pods)
+            outcomes, took = asyncio.run(conversations(router.url, pod.model_name, scripts, args))
+            time.sleep(1.5)  # the pods' counters reach /metrics
+            hit_after, total_after = hit_counts(pods)
+        finally:
+            router.stop()
+        ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
+        real[policy] = ChatFigures(
+            statistics.mean(ttfts),
+            percentile(ttfts, 90),
+            len(outcomes) / took,
+            (hit_after - hit_before) / max(1.0, total_after - total_before),
+        )
+        requests = chat_as_sim_requests(scripts, config.pod.block_size, args.output_tokens)
+        router_settings = dataclasses.replace(config.router, policy=policy)
+        result = simulate(dataclasses.replace(config, router=router_settings), requests)
+        sim_ttfts = [o.ttft_s for o in result.outcomes]
+        sim[policy] = ChatFigures(
+            statistics.mean(sim_ttfts),
+            percentile(sim_ttfts, 90),
+            len(result.outcomes) / result.summary.sim_s,
+            result.summary.hit_rate,
+        )
+        r, s = real[policy], sim[policy]
+        print(
+            f"{policy:12} {r.mean_ttft_s * 1000:8.0f} ms {s.mean_ttft_s * 1000:7.0f} ms"
+            f" {r.p90_ttft_s * 1000:7.0f} ms {s.p90_ttft_s * 1000:7.0f} ms"
+            f" {r.requests_per_s:7.2f} {s.requests_per_s:7.2f}"
+            f" {r.hit_rate:7.1%} {s.hit_rate:7.1%}",
+            flush=True,
+        )
+    print(f"\nratios to {args.baseline} (TTFT: baseline / policy, higher is better;")
+    print("req/s and hit rate: policy / baseline), measured and simulated:")
+    base_real, base_sim = real[args.baseline], sim[args.baseline]
+    for policy in args.policy_list:
+        if policy == args.baseline:
+            continue
+        r, s = real[policy], sim[policy]
+        for name, real_ratio, sim_ratio in (
+            (
+                "mean TTFT",
+                base_real.mean_ttft_s / r.mean_ttft_s,
+                base_sim.mean_ttft_s / s.mean_ttft_s,
+            ),
+            ("p90 TTFT", base_real.p90_ttft_s / r.p90_ttft_s, base_sim.p90_ttft_s / s.p90_ttft_s),
+            (
+                "req/s",
+                r.requests_per_s / base_real.requests_per_s,
+                s.requests_per_s / base_sim.requests_per_s,
+            ),
+            ("hit rate", r.hit_rate / base_real.hit_rate, s.hit_rate / base_sim.hit_rate),
+        ):
+            print(ratio_row(f"chat {policy} {name}", real_ratio, sim_ratio))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=("slo", "chat"), default="slo")
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--rates", default="2,4", help="arrival rates, requests/s")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds per run")
+    parser.add_argument("--rates", default="2,4", help="slo: arrival rates, requests/s")
+    parser.add_argument("--duration", type=float, default=30.0, help="slo: seconds per run")
     parser.add_argument("--policies", default="round_robin,kv_aware")
     parser.add_argument("--baseline", default="round_robin")
-    parser.add_argument("--prefix-tokens", type=int, default=1536)
-    parser.add_argument("--num-prefixes", type=int, default=4)
+    parser.add_argument(
+        "--router-flags", default="", help="more flags for our routers (one string)"
+    )
+    parser.add_argument("--prefix-tokens", type=int, default=None, help="slo 1536, chat 1280")
+    parser.add_argument("--num-prefixes", type=int, default=None, help="slo 4, chat 6")
     parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument("--users", type=int, default=8, help="chat: concurrent users")
+    parser.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
+    parser.add_argument(
+        "--kv-cache-mib", type=int, default=24, help="chat: device KV cache per pod"
+    )
+    parser.add_argument(
+        "--host-gbps", type=float, default=5.0, help="chat: simulated host-tier load GB/s"
+    )
     parser.add_argument(
         "--profile-lengths", default="128,512,1024,2048", help="calibration prompt lengths"
     )
     parser.add_argument("--profile-batches", default="1,2,4", help="calibration batch sizes")
     args = parser.parse_args()
+    chat = args.workload == "chat"
+    if args.prefix_tokens is None:
+        args.prefix_tokens = 1280 if chat else 1536
+    if args.num_prefixes is None:
+        args.num_prefixes = 6 if chat else 4
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
-    policies = [p for p in args.policies.split(",") if p]
-    assert args.baseline in policies, "--baseline must be one of --policies"
-    rates = [float(r) for r in args.rates.split(",")]
+    args.policy_list = [p for p in args.policies.split(",") if p]
+    assert args.baseline in args.policy_list, "--baseline must be one of --policies"
 
-    pods = start_pods(model)
+    kv_cache_bytes = args.kv_cache_mib << 20 if chat else None
+    pods = start_pods(model, kv_cache_bytes=kv_cache_bytes)
     try:
         pod = pods[0][0]
-        slo = calibrate_slos(pod, tokenizer, args)
+        slo = NO_SLO if chat else calibrate_slos(pod, tokenizer, args)
         print(f"SLOs: TTFT {slo[0] * 1000:.0f} ms, TPOT {slo[1] * 1000:.1f} ms", flush=True)
         plan = CalibrationPlan(
             lengths=tuple(int(x) for x in args.profile_lengths.split(",")),
@@ -162,6 +348,14 @@ def main() -> None:
         capacity = device_blocks(metrics_text)
         print(f"profile: {profile}", flush=True)
         print(f"pods: {capacity} blocks of {block_size} tokens each", flush=True)
+        host = {}
+        if chat:  # the pods' 256 MiB host tier (start_pods), in blocks of the device's bytes
+            block_bytes = kv_cache_bytes / capacity
+            host = {
+                "host_capacity_blocks": int(HOST_OFFLOAD_BYTES // block_bytes),
+                "host_load_s_per_block": block_bytes / (args.host_gbps * 1e9),
+            }
+            print(f"host tier: {host['host_capacity_blocks']} blocks", flush=True)
         config = SimConfig(
             num_pods=2,
             pod=PodConfig(
@@ -169,65 +363,17 @@ def main() -> None:
                 block_size=block_size,
                 max_num_seqs=CPU_MAX_NUM_SEQS,
                 max_batched_tokens=CPU_MAX_BATCHED_TOKENS,
+                **host,
             ),
             profile=profile,
             # the router as bench_slo runs it: scrapes every 0.25 s
             router=RouterSettings(slo=SLO(*slo), scrape_interval_s=0.25),
             goodput_slo=SLO(*slo),
         )
-        real: dict[tuple[float, str], Figures] = {}
-        sim: dict[tuple[float, str], Figures] = {}
-        print(
-            f"\n{'rate':>5} {'policy':12} {'TTFT mean':>21} {'TTFT p90':>21} {'goodput/s':>17}"
-            f"\n{'':18}{'real':>10} {'sim':>10} {'real':>10} {'sim':>10} {'real':>8} {'sim':>8}"
-        )
-        for run, rate in enumerate(rates):
-            for k, policy in enumerate(policies):
-                # the rate's arrivals, texts of its own per run: the pods keep what earlier
-                # runs computed
-                texts = 1 + (run * len(policies) + k) * 10
-                requests = make_requests(tokenizer, rate, args.duration, 1 + run * 10, args, texts)
-                router = ours(policy, pods, model, [])
-                try:
-                    outcomes = asyncio.run(
-                        run_load(router.url, pod.model_name, requests, args, slo)
-                    )
-                finally:
-                    router.stop()
-                real[rate, policy] = measured(outcomes, args.duration)
-                sim_requests = as_sim_requests(requests, block_size, args.output_tokens)
-                sim[rate, policy] = simulated(sim_requests, policy, config, args.duration)
-                r, s = real[rate, policy], sim[rate, policy]
-                print(
-                    f"{rate:5g} {policy:12} {r.mean_ttft_s * 1000:8.0f} ms"
-                    f" {s.mean_ttft_s * 1000:7.0f} ms {r.p90_ttft_s * 1000:7.0f} ms"
-                    f" {s.p90_ttft_s * 1000:7.0f} ms"
-                    f" {r.goodput_rps:8.2f} {s.goodput_rps:8.2f}",
-                    flush=True,
-                )
-        print(f"\nratios to {args.baseline} (mean TTFT: baseline / policy, higher is better;")
-        print("goodput: policy / baseline), measured and simulated:")
-        for rate in rates:
-            base_real, base_sim = real[rate, args.baseline], sim[rate, args.baseline]
-            for policy in policies:
-                if policy == args.baseline:
-                    continue
-                r, s = real[rate, policy], sim[rate, policy]
-                print(
-                    ratio_row(
-                        f"{rate:g}/s {policy} mean TTFT",
-                        base_real.mean_ttft_s / r.mean_ttft_s,
-                        base_sim.mean_ttft_s / s.mean_ttft_s,
-                    )
-                )
-                if base_real.goodput_rps and base_sim.goodput_rps:
-                    print(
-                        ratio_row(
-                            f"{rate:g}/s {policy} goodput",
-                            r.goodput_rps / base_real.goodput_rps,
-                            s.goodput_rps / base_sim.goodput_rps,
-                        )
-                    )
+        if chat:
+            compare_chat(pods, model, tokenizer, config, args)
+        else:
+            compare_slo(pods, model, tokenizer, config, slo, args)
     finally:
         for server, _ in pods:
             server.stop()

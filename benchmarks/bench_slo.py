@@ -69,6 +69,10 @@ class Outcome:
 # ---- processes ------------------------------------------------------------------------------
 
 
+# each pod's host tier (LLMDConnector host_offload_bytes)
+HOST_OFFLOAD_BYTES = 256 << 20
+
+
 def start_pods(
     model: Path, kv_cache_bytes: int | None = None, max_model_len: int | None = None
 ) -> list[tuple[VLLMServer, int]]:
@@ -87,7 +91,7 @@ def start_pods(
             kv_transfer_config={
                 "kv_connector": "LLMDConnector",
                 "kv_role": "kv_both",
-                "kv_connector_extra_config": {"host_offload_bytes": 256 << 20},
+                "kv_connector_extra_config": {"host_offload_bytes": HOST_OFFLOAD_BYTES},
             },
             kv_events_config={
                 "enable_kv_cache_events": True,

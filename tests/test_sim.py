@@ -3,6 +3,7 @@ in the loop, the workloads, and (server) calibration against a real vLLM."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 from pathlib import Path
@@ -215,6 +216,68 @@ def test_chat_turns_extend_the_conversation_and_reuse_the_answers_blocks():
         for policy in ("round_robin", "kv_aware")
     }
     assert summaries["kv_aware"].hit_rate > summaries["round_robin"].hit_rate
+
+
+def test_a_closed_loop_turn_is_sent_its_think_time_after_the_answer_it_follows():
+    hasher = PrefixHasher(BLOCK)
+    shape = ChatShape(turns=3, num_system_prompts=2, think_s=2.0, closed_loop=True)
+    requests = list(workloads.multi_turn(hasher, 30, rate=3.0, shape=shape, seed=4))
+    followed = {r.after: r for r in requests if r.after is not None}
+    assert len(followed) == 20  # every turn but a conversation's first
+    assert all(1.0 <= r.think_s <= 3.0 for r in followed.values())
+    # a slow pod (one, a 50 ms step floor) makes the answers end late: the next turns wait
+    slow = LatencyProfile(0.05, 1e-4, 0.0, 1e-3, 0.0)
+    result = simulate(SimConfig(1, profile=slow), iter(requests))
+    assert len(result.outcomes) == 30
+    by_id = {o.request_id: o for o in result.outcomes}
+    for before_id, request in followed.items():
+        before, turn = by_id[before_id], by_id[request.request_id]
+        ended = before.arrival_s + before.ttft_s + before.tpot_s * (shape.output_tokens - 1)
+        assert turn.arrival_s == pytest.approx(ended + request.think_s, abs=1e-6)
+    # open loop, the same turns come at their fixed times however slow the pod
+    open_loop = dataclasses.replace(shape, closed_loop=False)
+    fixed = list(workloads.multi_turn(hasher, 30, rate=3.0, shape=open_loop, seed=4))
+    assert all(r.after is None for r in fixed)
+    result = simulate(SimConfig(1, profile=slow), iter(fixed))
+    assert sorted(o.arrival_s for o in result.outcomes) == [r.arrival_s for r in fixed]
+
+
+def test_a_closed_loop_request_must_follow_one_in_flight_or_waiting():
+    hasher = PrefixHasher(BLOCK)
+    tokens = Chain(hasher).extend(synthetic_tokens(1, 128))
+    first = SimRequest(0, 0.0, 128, 4, tokens)
+    stray = SimRequest(1, 0.0, 128, 4, tokens, after=7)
+    with pytest.raises(ValueError, match="request 1 follows request 7"):
+        simulate(SimConfig(1), iter([first, stray]))
+    twice = [first, SimRequest(1, 0.0, 128, 4, tokens, after=0)]
+    twice.append(SimRequest(2, 0.0, 128, 4, tokens, after=0))
+    with pytest.raises(ValueError, match="followed twice"):
+        simulate(SimConfig(1), iter(twice))
+
+
+def test_a_host_tier_hit_waits_out_the_step_its_load_runs_in():
+    """vLLM loads a connector's KV asynchronously: the request sits out the step its blocks
+    load in and prefills its last token in the next one, so a host hit costs two steps where
+    a device hit costs one."""
+    hasher = PrefixHasher(BLOCK)
+    prompt = Chain(hasher).extend(synthetic_tokens(1, 640))
+    other = Chain(hasher).extend(synthetic_tokens(2, 640))
+    requests = [
+        SimRequest(0, 0.0, 640, 1, prompt),
+        SimRequest(1, 10.0, 640, 1, prompt),  # a device hit
+        SimRequest(2, 20.0, 640, 1, other),  # evicts the first prompt to the host tier
+        SimRequest(3, 30.0, 640, 1, prompt),  # a host hit
+    ]
+    floor = 0.05  # each step's fixed cost, far above the rest
+    profile = LatencyProfile(floor, 1e-6, 0.0, 0.0, 0.0)
+    pod = PodConfig(capacity_blocks=12, block_size=BLOCK, host_capacity_blocks=40)
+    result = simulate(SimConfig(1, pod=pod, profile=profile), iter(requests))
+    by_id = {o.request_id: o for o in result.outcomes}
+    assert by_id[1].device_hit_tokens == 639
+    assert by_id[3].host_hit_tokens > 0
+    assert by_id[3].host_hit_tokens + by_id[3].device_hit_tokens == 639
+    assert by_id[1].ttft_s == pytest.approx(floor, rel=0.05)
+    assert by_id[3].ttft_s == pytest.approx(2 * floor, rel=0.05)
 
 
 def test_profiles_round_trip_as_json(tmp_path: Path):

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--hot-every", type=int, default=shape.hot_every, help="a new hot group every N requests"
     )
     run.add_argument(
+        "--closed-loop",
+        action="store_true",
+        help="chat workload: each turn a think time after the previous answer ends",
+    )
+    run.add_argument(
         "--replicate-hot-prefixes",
         type=int,
         default=0,
@@ -124,7 +129,7 @@ def _workload(args: argparse.Namespace) -> Workload:
         trace = list(mooncake_trace(args.trace, hasher, args.time_scale, args.requests))
         return lambda num_pods: iter(trace)
     if args.workload == "chat":
-        chat = ChatShape(output_tokens=args.output_tokens)
+        chat = ChatShape(output_tokens=args.output_tokens, closed_loop=args.closed_loop)
         return lambda num_pods: multi_turn(
             hasher, args.requests, args.rate * num_pods, chat, args.seed
         )

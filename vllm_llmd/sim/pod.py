@@ -6,7 +6,8 @@ Each engine step (vLLM V1's scheduler, simplified):
    vLLM's preemption, which this model does not have);
 2. run one token of every decoding request plus prompt chunks, oldest first, up to the token
    budget (`max_batched_tokens`, chunked prefill), for `profile.step_s(...)` seconds (plus the
-   host tier's loads);
+   host tier's loads: a request with host-tier blocks waits out the step they load in and
+   prefills from the next, as vLLM's asynchronous connector loads do);
 3. cache the prompt blocks the chunks completed, give a finished prompt its first token, end
    the requests whose answer is complete (their answer's blocks are cached), and publish the
    step's KV events.
@@ -78,7 +79,7 @@ class _Running:
     # prompt tokens found cached at admission, and of those on the device
     cached_tokens: int
     device_hit_tokens: int
-    # host blocks still to load (in its first chunk)
+    # host blocks still to load (in the next step, before its first chunk)
     host_blocks: int
     first_s: float = 0.0
     start_step: int = 0
@@ -189,14 +190,18 @@ class SimPod:
         chunks: list[tuple[_Running, int]] = []
         prefill_tokens = attended = loads = 0
         for running in self._prefilling:
+            if running.host_blocks:
+                # vLLM loads external KV asynchronously: the request waits out the step its
+                # load runs in (WAITING_FOR_REMOTE_KVS) and prefills from the next one
+                loads += running.host_blocks
+                running.host_blocks = 0
+                continue
             if budget <= 0:
                 break
             take = min(budget, running.request.num_prompt_tokens - running.computed)
             chunks.append((running, take))
             prefill_tokens += take
             attended += running.computed
-            loads += running.host_blocks
-            running.host_blocks = 0
             budget -= take
         seconds = self.profile.step_s(
             prefill_tokens, attended, len(self._decoding), self._decode_context

@@ -1,6 +1,7 @@
 """One simulation: N simulated pods behind the router's real code, on a SimPy clock.
 
-A request's life: it arrives (the workload's time) -> the router looks its block hashes up and
+A request's life: it arrives (the workload's time; for a closed-loop request,
+`SimRequest.think_s` after the answer it follows ends) -> the router looks its block hashes up and
 decides (`SimRouter.route`: index, recent routes, decide_route) -> the chosen pod queues it ->
 the pod's engine prefills it (first token) and decodes it (done) -> the router's in-flight
 count drops and, for policy slo, its latency model learns. A hot-prefix copy the router plans
@@ -100,11 +101,17 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
         arrival = env.timeout(settings.event_delay_s)
         arrival.callbacks.append(lambda _: router.ingest(pod, batch))
 
+    # closed-loop requests by the id of the request whose answer they wait for, and their ids
+    followers: dict[int, SimRequest] = {}
+    following_ids: set[int] = set()
+
     def done(outcome: Outcome) -> None:
         route = routes.pop(outcome.request_id)
         router.finished(route, outcome.ttft_s, outcome.tpot_s or None)
         outcomes.append(outcome)
         last_done[0] = float(env.now)
+        if outcome.request_id in followers:
+            env.process(following(outcome.request_id))
 
     def first_token(request_id: int) -> None:
         router.answering(routes[request_id])
@@ -115,19 +122,41 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
     }
     arriving = [True]
 
+    def dispatch(request: SimRequest) -> None:
+        route = router.route(request.request_id, request.prompt_hashes, request.num_prompt_tokens)
+        routes[request.request_id] = route
+        pods[route.decode.pod].submit(request)
+        for copy, hashes in router.take_copies():
+            env.process(copying(copy, hashes))
+
     def arrivals() -> Process:
         for request in requests:
+            if request.after is not None:
+                if request.after not in routes and request.after not in following_ids:
+                    raise ValueError(
+                        f"request {request.request_id} follows request {request.after}, which "
+                        "is neither in flight nor waiting: a closed-loop request must come "
+                        "right after the one it follows"
+                    )
+                if request.after in followers:
+                    raise ValueError(f"request {request.after} is followed twice")
+                followers[request.after] = request
+                following_ids.add(request.request_id)
+                continue
             wait = request.arrival_s - env.now
             if wait > 0:
                 yield env.timeout(wait)
-            route = router.route(
-                request.request_id, request.prompt_hashes, request.num_prompt_tokens
-            )
-            routes[request.request_id] = route
-            pods[route.decode.pod].submit(request)
-            for copy, hashes in router.take_copies():
-                env.process(copying(copy, hashes))
+            dispatch(request)
         arriving[0] = False
+
+    def following(after: int) -> Process:
+        """A closed-loop request: sent its think time after the answer it waited for."""
+        request = followers[after]
+        if request.think_s > 0:
+            yield env.timeout(request.think_s)
+        del followers[after]  # only now: the scraper runs while any request is to come
+        following_ids.discard(request.request_id)
+        dispatch(dataclasses.replace(request, arrival_s=float(env.now)))
 
     def copying(copy: Replication, hashes: list[int]) -> Process:
         yield env.timeout(config.pod.copy_s_per_block * copy.num_blocks)
@@ -135,7 +164,7 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
         router.copied(copy, hashes)
 
     def scrapes() -> Process:
-        while arriving[0] or routes:
+        while arriving[0] or routes or followers:
             yield env.timeout(settings.scrape_interval_s)
             for pod_id, pod in pods.items():
                 router.scraped(pod_id, pod.load())

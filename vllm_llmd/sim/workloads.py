@@ -12,7 +12,10 @@ memory at once.
   `hot_every` requests (a prefix that turns hot on the pod its first request lands on).
 - `multi_turn`: conversations of `turns` turns; each turn resends the conversation so far (a
   system prompt shared by a group of users, the earlier questions and answers) plus a new
-  question, so each prompt extends the last one and the answer's blocks are reused.
+  question, so each prompt extends the last one and the answer's blocks are reused. Open loop
+  by default (each turn at a time fixed in advance); with `ChatShape.closed_loop`, a turn
+  comes a think time after the previous turn's answer ends, as a user would send it
+  (`SimRequest.after`), so a slow pod slows its users' next turns.
 - `mooncake_trace`: a trace in the public Mooncake format, one JSON object a line:
   `{"timestamp": ms, "input_length": n, "output_length": m, "hash_ids": [...]}`, one hash id
   per 512-token block. Equal hash ids in equal positions give equal block hashes here.
@@ -49,6 +52,11 @@ class SimRequest:
     # event hashes of the full blocks the answer completes (cached when it ends; the next
     # turn of a conversation starts with them)
     output_hashes: list[int] = field(default_factory=list)
+    # closed loop: the id of the request whose answer this one waits for (its arrival_s is
+    # then ignored: it arrives think_s after that answer ends). A workload yields it after
+    # that request and before any request that arrives later than that request.
+    after: int | None = None
+    think_s: float = 0.0
 
 
 def synthetic_tokens(marker: int, num_tokens: int) -> list[int]:
@@ -154,12 +162,15 @@ class ChatShape:
     output_tokens: int = 200
     # seconds between a conversation's turns (a user reading and typing)
     think_s: float = 10.0
+    # a turn waits for the previous turn's answer (plus the think time), not a fixed time
+    closed_loop: bool = False
 
 
 def multi_turn(
     hasher: PrefixHasher, num_requests: int, rate: float, shape: ChatShape, seed: int = 0
 ) -> Iterator[SimRequest]:
-    """Chat turns in arrival order; conversations start at rate / turns per second."""
+    """Chat turns; conversations start at rate / turns per second. Open loop: in arrival order.
+    Closed loop: conversation by conversation, each turn after the one it follows."""
     rng = random.Random(seed)
     starts = poisson_arrivals(rate / shape.turns, rng)
     num_conversations = -(-num_requests // shape.turns)
@@ -169,11 +180,18 @@ def multi_turn(
         for turn in range(shape.turns):
             pending.append((arrival, conversation, turn))
             arrival += shape.think_s * rng.uniform(0.5, 1.5)
-    heapq.heapify(pending)
+    if shape.closed_loop:
+        pending.sort(key=lambda at: (at[1], at[2]))  # a conversation's turns one after another
+    else:
+        heapq.heapify(pending)
     chats: dict[int, Chain] = {}
+    previous: dict[int, tuple[int, float]] = {}  # conversation -> (last turn's id, its time)
     marker = shape.num_system_prompts
     for request_id in range(num_requests):
-        arrival, conversation, turn = heapq.heappop(pending)
+        if shape.closed_loop:
+            arrival, conversation, turn = pending[request_id]
+        else:
+            arrival, conversation, turn = heapq.heappop(pending)
         if turn == 0:
             chats[conversation] = Chain(hasher)
             system = conversation % shape.num_system_prompts
@@ -186,9 +204,17 @@ def multi_turn(
         output_hashes = chain.extend(synthetic_tokens(marker, shape.output_tokens))
         if turn == shape.turns - 1:
             del chats[conversation]
-        yield SimRequest(
+        request = SimRequest(
             request_id, arrival, num_prompt, shape.output_tokens, prompt_hashes, output_hashes
         )
+        if shape.closed_loop:
+            if turn > 0:  # the user thinks as long as the open loop's gap between turns
+                request.after, before_s = previous[conversation]
+                request.think_s = arrival - before_s
+            previous[conversation] = (request_id, arrival)
+            if turn == shape.turns - 1:
+                del previous[conversation]
+        yield request
 
 
 def mooncake_trace(
