@@ -410,13 +410,15 @@ def main() -> None:
         print(f"  {'router':28}" + "".join(f"{r:>7g}/s" for r in rates))
         for name, by_rate in goodput.items():
             print(f"  {name:28}" + "".join(f"{by_rate[r]:9.2f}" for r in rates))
-        base = max(goodput.get("ours round_robin", {0: 0.0}).values()) or 1e-9
+        # round robin's peak, when it ran and served anything on time
+        base = max(goodput.get("ours round_robin", {0: 0.0}).values())
         top = rates[-1]
         print(f"\npeak goodput, its ratio to round_robin's, and goodput at {top:g}/s / peak:")
         for name, by_rate in goodput.items():
             peak = max(by_rate.values())
             held = by_rate[top] / peak if peak else 0.0
-            print(f"  {name:28} {peak:6.2f} req/s  {peak / base:5.2f}x  held {held:6.1%}")
+            ratio = f"{peak / base:5.2f}x" if base else "  n/a "
+            print(f"  {name:28} {peak:6.2f} req/s  {ratio}  held {held:6.1%}")
         png = LOG_DIR / "goodput_by_rate.png"
         if plot(png, rates, goodput, ttft_p90, slo[0]):
             print(f"plot: {png}")
