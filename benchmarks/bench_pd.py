@@ -12,7 +12,11 @@ Part 2 (real vLLM CPU servers, bf16): for long unique prompts,
 - with `--tls`, a second LLMDConnector pair with mutual TLS on the side channel, its prompts
   interleaved with the plain pair's (the cost of encryption on decode TTFT). On one host the
   pull goes through shared memory, which TLS leaves as is; `--decode-apart` makes it cross
-  TCP as between hosts.
+  TCP as between hosts;
+- with `--variant NAME=JSON` (repeatable), one more LLMDConnector pair per variant with those
+  `kv_connector_extra_config` keys (`"tls": true` adds the TLS keys), interleaved with the
+  rest: an A/B of a connector setting on the same prompts, e.g.
+  `--variant no-idle-wait='{"idle_wait_ms": 0}'`.
 
 Each server gets one core (the prefill core 0, the others core 1), so TTFTs compare like for
 like. With `--prefill-tp P --decode-tp D` (issue #25) every prefill instance runs TP size P and
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import ssl
 import statistics
 import tempfile
@@ -290,6 +295,14 @@ def main() -> None:
         "namespaces): the KV crosses the side channel's TCP socket as between hosts, not "
         "shared memory",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="one more LLMDConnector pair with these kv_connector_extra_config keys "
+        '("tls": true adds the TLS keys), interleaved with the rest',
+    )
     parser.add_argument("--prefill-tp", type=int, default=1, help="TP size of prefill servers")
     parser.add_argument(
         "--decode-tp", type=int, default=1, help="TP size of decode and recompute servers"
@@ -338,13 +351,25 @@ def main() -> None:
     prefill, decode = llmd_pair("llmd", None)
     group = [plain, prefill, decode]
     tls_pair = None
-    if args.tls:
+    tls_keys: dict = {}
+    if args.tls or args.variant:
         cert, key, ca = tls_files()
-        tls_pair = llmd_pair(
-            "llmd-tls",
-            {"side_channel_tls_cert": cert, "side_channel_tls_key": key, "side_channel_tls_ca": ca},
-        )
+        tls_keys = {
+            "side_channel_tls_cert": cert,
+            "side_channel_tls_key": key,
+            "side_channel_tls_ca": ca,
+        }
+    if args.tls:
+        tls_pair = llmd_pair("llmd-tls", tls_keys)
         group.extend(tls_pair)
+    variants = {}
+    for variant in args.variant:
+        name, _, keys = variant.partition("=")
+        extra = json.loads(keys)
+        if extra.pop("tls", False):
+            extra.update(tls_keys)
+        variants[name] = llmd_pair(f"llmd-{name}", extra)
+        group.extend(variants[name])
     remote = {"do_remote_decode": True}
     try:
         start_all(group)
@@ -353,6 +378,9 @@ def main() -> None:
         pairs = {"LLMDConnector": ((prefill, decode), offset_prompts["llmd"])}
         if tls_pair is not None:
             pairs["LLMDConnector+TLS"] = (tls_pair, offset_prompts["tls"])
+        for k, (name, pair) in enumerate(variants.items()):
+            shifted = [[(t + 5 + k) % 4000 for t in p] for p in prompts]  # fresh: no cache hits
+            pairs[name] = (pair, shifted)
         for (p, d), _ in pairs.values():
             warm_up_pd(p, d, prompts[0], remote)  # and the TLS handshake
         # Interleaved prompt by prompt, so this box's drift falls on both pairs alike.

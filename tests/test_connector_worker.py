@@ -4,12 +4,22 @@ real worker class; no KV cache is needed for these paths."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Future
+from types import SimpleNamespace
+
 import msgspec
 import pytest
-from factories import make_fingerprint
+from factories import make_fingerprint, make_scheduler
 
 from vllm_llmd.connector.config import LLMDConnectorConfig
-from vllm_llmd.connector.metadata import LLMDConnectorMetadata, OffloadLoadSpec, ReleaseSpec
+from vllm_llmd.connector.metadata import (
+    LLMDConnectorMetadata,
+    OffloadLoadSpec,
+    ReleaseSpec,
+    SendSpec,
+)
 from vllm_llmd.connector.worker import LLMDConnectorWorker
 from vllm_llmd.devtools.server import free_port
 
@@ -20,10 +30,12 @@ FINGERPRINT = make_fingerprint(tensor_parallel_size=2)
 def make_worker():
     workers = []
 
-    def make(tp_rank: int, tp_size: int = 2) -> LLMDConnectorWorker:
+    def make(
+        tp_rank: int, tp_size: int = 2, is_producer: bool = False, **config_keys
+    ) -> LLMDConnectorWorker:
         fingerprint = msgspec.structs.replace(FINGERPRINT, tensor_parallel_size=tp_size)
-        config = LLMDConnectorConfig(transfer_timeout_s=0.5)
-        worker = LLMDConnectorWorker(config, fingerprint, tp_rank, is_producer=False)
+        config = LLMDConnectorConfig(transfer_timeout_s=0.5, **config_keys)
+        worker = LLMDConnectorWorker(config, fingerprint, tp_rank, is_producer=is_producer)
         workers.append(worker)
         return worker
 
@@ -70,3 +82,68 @@ def test_the_prefill_worker_reports_the_blocks_it_holds_for_decodes_when_they_ch
         assert worker.take_stats().data["pd_held_blocks"] == 0
     finally:
         worker.shutdown()
+
+
+IDLE = LLMDConnectorMetadata(idle_step=True)
+
+
+def _timed(call):
+    start = time.monotonic()
+    result = call()
+    return result, time.monotonic() - start
+
+
+def _loading(worker: LLMDConnectorWorker, request_id: str = "req") -> Future:
+    """A load in flight (it stands in for a pull: no KV cache here)."""
+    load: Future = Future()
+    worker._track_load(request_id, load)
+    return load
+
+
+def test_an_idle_step_waits_for_a_load_and_reports_it_the_moment_it_ends(make_worker):
+    """vLLM busy-loops while a request waits only for its KV: a step that computed nothing
+    waits (up to idle_wait_ms) for the load instead, and reports it the moment it ends."""
+    worker = make_worker(0, 1, idle_wait_ms=5000)
+    load = _loading(worker)
+    worker.start_load_kv(IDLE)
+    threading.Timer(0.2, load.set_result, args=(None,)).start()
+    finished, took = _timed(lambda: worker.get_finished(set()))
+    assert finished == (set(), {"req"}, set())
+    assert 0.15 < took < 2.0  # woken by the load, not the 5 s timeout
+    worker.start_load_kv(IDLE)  # nothing in flight: no wait
+    assert _timed(lambda: worker.get_finished(set()))[1] < 0.1
+
+
+def test_an_idle_wait_ends_after_idle_wait_ms_and_never_without_an_idle_step(make_worker):
+    worker = make_worker(0, 1, idle_wait_ms=300)
+    load = _loading(worker)
+    worker.start_load_kv(LLMDConnectorMetadata())  # a step that computed tokens
+    finished, took = _timed(lambda: worker.get_finished(set()))
+    assert finished == (set(), set(), set()) and took < 0.1
+    worker.start_load_kv(IDLE)
+    finished, took = _timed(lambda: worker.get_finished(set()))
+    assert finished == (set(), set(), set()) and 0.25 < took < 2.0
+    load.set_result(None)
+    off = make_worker(0, 1, idle_wait_ms=0)
+    _loading(off)
+    off.start_load_kv(IDLE)
+    assert _timed(lambda: off.get_finished(set()))[1] < 0.1
+
+
+def test_a_prefill_holding_blocks_for_a_pull_does_not_wait_for_the_release(make_worker):
+    """Waking the prefill's engine on a release delayed the release's answer over TLS
+    (benchmarks/README.md): an idle prefill step returns at once."""
+    worker = make_worker(0, 1, is_producer=True, idle_wait_ms=5000)
+    worker.start_load_kv(LLMDConnectorMetadata(sends=[SendSpec("req", "t" * 32, (1, 2))]))
+    assert worker.get_finished({"req"}) == (set(), set(), set())
+    worker.start_load_kv(IDLE)
+    finished, took = _timed(lambda: worker.get_finished(set()))
+    assert finished == (set(), set(), set()) and took < 0.1
+
+
+def test_a_step_is_idle_when_vllm_scheduled_no_tokens():
+    scheduler = make_scheduler()
+    scheduled = SimpleNamespace(kv_connector_block_state=None, num_scheduled_tokens={"r": 1})
+    nothing = SimpleNamespace(kv_connector_block_state=None, num_scheduled_tokens={})
+    assert not scheduler.build_connector_meta(scheduled).idle_step
+    assert scheduler.build_connector_meta(nothing).idle_step

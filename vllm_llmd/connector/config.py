@@ -157,6 +157,12 @@ class LLMDConnectorConfig:
     max_chunk_bytes: int = 64 << 20
     # Concurrent transfers per decode worker.
     num_transfer_threads: int = 4
+    # Milliseconds an engine step that computed nothing may wait for a load of this worker (a
+    # P/D pull, a tier load) to end, instead of vLLM stepping again at once. vLLM busy-loops
+    # while requests wait only for KV; the wait gives the loading threads the core and the
+    # GIL and reports the load the moment it ends. A request arriving meanwhile waits at most
+    # this long to be scheduled. 0: never wait.
+    idle_wait_ms: float = 2.0
     # Same host, KV on CUDA: the prefill worker writes the blocks straight into the decode
     # worker's GPU cache through CUDA IPC (no host staging). Falls back by itself to shared
     # memory or the socket where the handles cannot be used. Off: never tried.
@@ -291,8 +297,9 @@ class LLMDConnectorConfig:
         self.prefill_host_allowlist()  # refuses a malformed entry at start-up
         for server_side in (True, False):  # a missing key or a bad file: at start-up
             self.side_channel_tls(server_side)
-        if self.unknown_transfer_grace_s < 0:
-            raise ValueError("LLMDConnector: unknown_transfer_grace_s must be >= 0")
+        for name in ("unknown_transfer_grace_s", "idle_wait_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LLMDConnector: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("host_offload_bytes", "disk_offload_bytes", "offload_staging_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LLMDConnector: {name} must be >= 0, got {getattr(self, name)}")

@@ -70,6 +70,8 @@ class LLMDConnectorMetadata(KVConnectorMetadata):
     offload_step: OffloadStepSpec = field(default_factory=OffloadStepSpec)
     shared_loads: list[SharedLoadSpec] = field(default_factory=list)
     shared_stores: list[SharedStoreSpec] = field(default_factory=list)
+    # vLLM scheduled no tokens this step: the worker may wait for its transfers to end
+    idle_step: bool = False
 
     def is_empty(self) -> bool:
         return not (

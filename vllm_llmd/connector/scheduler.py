@@ -173,7 +173,10 @@ class LLMDConnectorScheduler:
     # ---- every step ----------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LLMDConnectorMetadata:
-        metadata = LLMDConnectorMetadata(sends=self._sends)
+        idle = scheduler_output is not None and not any(
+            scheduler_output.num_scheduled_tokens.values()
+        )
+        metadata = LLMDConnectorMetadata(sends=self._sends, idle_step=idle)
         self._sends = []
         scheduled = self._scheduled(scheduler_output)
         for tier in self.tiers:

@@ -106,7 +106,10 @@ class LLMDConnectorWorker:
         self.puller: KVPuller | None = None
         # counter increments since the last get_kv_connector_stats (pull threads add too)
         self._stats = LLMDConnectorStats()
+        # set whenever a load of this worker ends: an idle step waits on it (get_finished)
+        self._progress = threading.Event()
         self.registry = SendRegistry(config.lease_s)
+        self._idle_step = False  # this step computes nothing (its metadata says)
         self._reported_held = 0  # pd_held_blocks as last reported
         self.server: TransferServer | None = None
         # decode side, CUDA: our cache's IPC description, sent with each same-host pull
@@ -220,6 +223,7 @@ class LLMDConnectorWorker:
     def start_load_kv(self, metadata: LLMDConnectorMetadata) -> None:
         # vLLM does not guard this hook: an exception here kills the engine core. Each job is
         # started on its own; one that cannot start fails its request's load (recompute).
+        self._idle_step = metadata.idle_step
         for send in metadata.sends:
             self.registry.add(send.request_id, send.transfer_id, list(send.block_ids))
             self._held_requests.add(send.request_id)
@@ -228,8 +232,7 @@ class LLMDConnectorWorker:
         for shared_load in metadata.shared_loads:
             self._start_load(shared_load.request_id, self._load_shared, shared_load)
         for recv in metadata.recvs:
-            future = self._pool.submit(self._pull, recv)
-            self._loads.setdefault(recv.request_id, []).append(future)
+            self._track_load(recv.request_id, self._pool.submit(self._pull, recv))
         for release in metadata.releases:
             for endpoint in self._release_endpoints(release):
                 self._pool.submit(
@@ -248,7 +251,12 @@ class LLMDConnectorWorker:
             logger.exception("LLMDConnector: request %s: load could not start", request_id)
             future = Future()
             future.set_exception(exc)
+        self._track_load(request_id, future)
+
+    def _track_load(self, request_id: str, future: Future) -> None:
+        """One part of a request's load; its end wakes an idle step's wait."""
         self._loads.setdefault(request_id, []).append(future)
+        future.add_done_callback(lambda _: self._progress.set())
 
     def _load_offloaded(self, load: OffloadLoadSpec) -> Future:
         assert self.offload is not None
@@ -271,7 +279,27 @@ class LLMDConnectorWorker:
         return release_endpoints(release, self.tp_rank, self.fingerprint.tensor_parallel_size)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
-        """(finished_sending, finished_recving, failed_recving) request ids of this step."""
+        """(finished_sending, finished_recving, failed_recving) request ids of this step.
+
+        A step that computed nothing, with nothing to report and loads still running (pulls,
+        tier loads), first waits up to idle_wait_ms for one of them to end: vLLM would
+        otherwise step again at once, over and over, its threads taking the core and the GIL
+        from the very threads that move the KV. A prefill worker holding blocks for pulls does
+        not wait for their releases: measured, waking its engine on a release delayed the
+        release's answer over TLS (benchmarks/README.md, "Idle steps")."""
+        self._progress.clear()  # ends from here on wake the wait below
+        finished = self._collect_finished(finished_req_ids)
+        if (
+            self._idle_step
+            and self.config.idle_wait_ms > 0
+            and not any(finished)
+            and self._loads
+            and self._progress.wait(self.config.idle_wait_ms / 1000)
+        ):
+            finished = self._collect_finished(set())
+        return finished
+
+    def _collect_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         self._finished_requests |= finished_req_ids & self._held_requests
         for send in self.registry.take_finished():
             if send.outcome == SendOutcome.DONE:
