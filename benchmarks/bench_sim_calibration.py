@@ -137,7 +137,9 @@ def ratio_row(name: str, real: float, sim: float) -> str:
     return f"  {name:34} measured {real:6.2f}x  simulated {sim:6.2f}x  apart {gap:5.0%}  {verdict}"
 
 
-def chat_as_sim_requests(scripts: list[list[list[int]]], block_size: int, output_tokens: int):
+def chat_as_sim_requests(
+    scripts: list[list[list[int]]], block_size: int, output_tokens: int
+) -> list[SimRequest]:
     """bench_router's conversations as closed-loop requests: each user's first turn at 0, each
     later turn sent when the turn before it ended (no think time, as its clients do)."""
     hasher = PrefixHasher(block_size)
