@@ -68,7 +68,7 @@ from vllm_llmd.sim.calibrate import CalibrationPlan, calibrate
 from vllm_llmd.sim.pod import PodConfig
 from vllm_llmd.sim.profile import LatencyProfile, save_profile
 from vllm_llmd.sim.router import RouterSettings
-from vllm_llmd.sim.run import SimConfig, simulate
+from vllm_llmd.sim.run import RunResult, SimConfig, simulate
 from vllm_llmd.sim.workloads import Chain, SimRequest
 
 LOG_DIR = REPO_ROOT / "logs" / "bench_sim_calibration"
@@ -110,11 +110,15 @@ def as_sim_requests(
     return out
 
 
+def simulate_policy(requests: list[SimRequest], policy: str, config: SimConfig) -> RunResult:
+    router = dataclasses.replace(config.router, policy=policy)
+    return simulate(dataclasses.replace(config, router=router), requests)
+
+
 def simulated(
     requests: list[SimRequest], policy: str, config: SimConfig, duration_s: float
 ) -> Figures:
-    router = dataclasses.replace(config.router, policy=policy)
-    result = simulate(dataclasses.replace(config, router=router), requests)
+    result = simulate_policy(requests, policy, config)
     slo = config.goodput_slo
     assert slo.ttft_s is not None and slo.tpot_s is not None
     good = sum(1 for o in result.outcomes if o.ttft_s <= slo.ttft_s and o.tpot_s <= slo.tpot_s)
@@ -142,19 +146,14 @@ def chat_as_sim_requests(
 ) -> list[SimRequest]:
     """bench_router's conversations as closed-loop requests: each user's first turn at 0, each
     later turn sent when the turn before it ended (no think time, as its clients do)."""
-    hasher = PrefixHasher(block_size)
-    out: list[SimRequest] = []
+    prompts = [(0.0, prompt) for turns in scripts for prompt in turns]
+    requests = as_sim_requests(prompts, block_size, output_tokens)
+    first = 0
     for turns in scripts:
-        before: int | None = None
-        for prompt in turns:
-            chain = Chain(hasher)
-            chain.extend(list(prompt))
-            request_id = len(out)
-            out.append(
-                SimRequest(request_id, 0.0, len(prompt), output_tokens, chain.hashes, after=before)
-            )
-            before = request_id
-    return out
+        for turn in range(1, len(turns)):
+            requests[first + turn].after = first + turn - 1
+        first += len(turns)
+    return requests
 
 
 def compare_slo(pods, model, tokenizer, config: SimConfig, slo, args) -> None:
@@ -253,8 +252,7 @@ def compare_chat(pods, model, tokenizer, config: SimConfig, args) -> None:
             (hit_after - hit_before) / max(1.0, total_after - total_before),
         )
         requests = chat_as_sim_requests(scripts, config.pod.block_size, args.output_tokens)
-        router_settings = dataclasses.replace(config.router, policy=policy)
-        result = simulate(dataclasses.replace(config, router=router_settings), requests)
+        result = simulate_policy(requests, policy, config)
         sim_ttfts = [o.ttft_s for o in result.outcomes]
         sim[policy] = ChatFigures(
             statistics.mean(sim_ttfts),
@@ -337,7 +335,8 @@ def main() -> None:
     try:
         pod = pods[0][0]
         slo = NO_SLO if chat else calibrate_slos(pod, tokenizer, args)
-        print(f"SLOs: TTFT {slo[0] * 1000:.0f} ms, TPOT {slo[1] * 1000:.1f} ms", flush=True)
+        if not chat:
+            print(f"SLOs: TTFT {slo[0] * 1000:.0f} ms, TPOT {slo[1] * 1000:.1f} ms", flush=True)
         plan = CalibrationPlan(
             lengths=tuple(int(x) for x in args.profile_lengths.split(",")),
             batches=tuple(int(x) for x in args.profile_batches.split(",")),
