@@ -22,8 +22,10 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
+from report_rows import Row, append_rows
 
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
 from vllm_llmd.ops.layouts import LAYOUTS, KVCacheShape, allocate_kv_caches
@@ -69,7 +71,7 @@ def per_block_copies(cache_layers, ids, buffer, gather):
     return run
 
 
-def bench_block_size(args, block_size: int, device: torch.device) -> None:
+def bench_block_size(args, block_size: int, device: torch.device) -> list[Row]:
     num_ids = args.tokens // block_size
     shape = KVCacheShape(
         args.layers, num_ids + num_ids // 4, args.heads, block_size, 2 * args.head_dim
@@ -96,10 +98,12 @@ def bench_block_size(args, block_size: int, device: torch.device) -> None:
             "gather, copy_ per block per layer": per_block_copies(layers, ids, buffer, True),
         }
         print(f"  {'plain copy_ of the same bytes':36s} {limit:7.2f} GB/s")
+        results = []
         for name, fn in rows.items():
             rate = gib / timed(fn, device, args.reps)
             print(f"  {name:36s} {rate:7.2f} GB/s  {rate / limit:5.2f}x plain copy_")
-        return
+            results.append(Row(f"{name}, block {block_size}", rate, "plain copy_", limit))
+        return results
 
     directions = {
         "d2d": torch.empty(nbytes, dtype=torch.uint8, device=device),
@@ -107,6 +111,7 @@ def bench_block_size(args, block_size: int, device: torch.device) -> None:
         "h2d": torch.empty(nbytes, dtype=torch.uint8, pin_memory=True),
     }
     contiguous = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    results = []
     for direction, buffer in directions.items():
         gather = direction != "h2d"
         copy = gather_blocks if gather else scatter_blocks
@@ -125,6 +130,15 @@ def bench_block_size(args, block_size: int, device: torch.device) -> None:
                 f"    {name:28s} {rate:7.1f} GB/s  {rate / limit:5.2f}x link  "
                 f"kernels {rates['kernels'] / rate:5.2f}x this"
             )
+        # #17's goals: kernels >= 90% of the link with 16-token blocks, >= 2x per-block copies
+        kernels = rates["kernels"]
+        check = f"kernels {direction}, block {block_size}"
+        link_goal = 0.9 if block_size == 16 else None
+        results.append(Row(check, kernels, "one large copy_", limit, link_goal))
+        results.append(Row(check, kernels, "torch batched", rates["torch batched"]))
+        per_block = rates["copy_ per block per layer"]
+        results.append(Row(check, kernels, "copy_ per block per layer", per_block, 2.0))
+    return results
 
 
 def new_buffer(nbytes: int, direction: str, device: torch.device) -> torch.Tensor:
@@ -179,6 +193,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32, 128])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="append one JSON line per figure here")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.layers, args.reps = 1024, 8, 3
@@ -197,8 +212,10 @@ def main() -> None:
         f"torch {torch.__version__}, {args.tokens} tokens, {args.layers} layers, "
         f"{args.heads} KV heads, head dim {args.head_dim}, bf16, LBHNC"
     )
+    rows = []
     for block_size in args.block_sizes:
-        bench_block_size(args, block_size, device)
+        rows += bench_block_size(args, block_size, device)
+    append_rows(args.json, rows, device.type)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,72 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of this repo in one run, for a lent GPU machine (Python 3.12,
-# torch with CUDA, no vLLM, no network). Prepare here, then run there with the wheels carried:
+# torch with CUDA, no vLLM, no network), ending in one table (benchmarks/gpu_report.py).
+# Prepare here, then run there with the wheels carried:
 #
-#   bash scripts/gpu_checks.sh --fetch-wheels       # here: msgspec, pyzmq, pytest for py3.12
+#   bash scripts/gpu_checks.sh --fetch-wheels       # here: msgspec, pyzmq, blake3 for py3.12
 #   run(command="bash scripts/gpu_checks.sh", carry=[".cache/gpu-wheels"])   # there
+#   bash scripts/gpu_checks.sh --cpu                # here: the same run on the CPU, small sizes
 #
-# What it runs: every CUDA test (copy kernels against plain indexing, the ops' CUDA paths, the
-# P/D side channel's CUDA IPC path between two processes), the kernels' correctness sweep, and
-# the copy benchmark (kernels vs torch on the same buffers, ratios printed).
+# What it runs:
+# - every CUDA test: the copy kernels against plain indexing, the ops' CUDA paths, CUDA IPC
+#   between two processes, and the worker half's byte paths through the GPU harness
+#   (vllm_llmd/devtools/worker_harness.py: P/D pulls by CUDA IPC, shared memory and socket,
+#   offload stores, spills and loads through pinned host memory and disk, the shared tier's
+#   chunk staging) in the attention backends' layouts, bf16/fp16/fp8, blocks of 16 and 64;
+# - the kernels' correctness sweep over every layout;
+# - the benchmarks, each against a baseline of the same run: the kernels against the link,
+#   one copy_ per block and torch's batched path; pulls against a device copy; offload
+#   store and load against the pinned link.
+# Results go to $OUT (the device tool brings it back) or a temporary folder; exit 1 if a test
+# failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.cache/gpu-wheels
 
+# What the GPU image lacks (it has torch, pytest and NVRTC; none of these need others).
+PACKAGES=(msgspec pyzmq blake3)
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
-  python3 -m pip download --only-binary=:all: --python-version 3.12 \
-    --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
-    msgspec pyzmq pytest -d "$WHEELS"
+  platforms=()
+  for tag in manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1; do
+    platforms+=(--platform "${tag}_x86_64")
+  done
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp "${platforms[@]}" -d "$WHEELS" "${PACKAGES[@]}"
   exit 0
 fi
+QUICK=()
+PYTHON=python3
+OUT=${OUT:-$(mktemp -d)}
+if [[ "${1:-}" == "--cpu" ]]; then  # a dry run of the whole pipeline where no GPU is
+  QUICK=(--quick --device cpu)
+  PYTHON=${PYTHON_FOR_CHECKS:-.venv/bin/python}
+  # as on the GPU machines: no vLLM (a test module that needs it fails here too)
+  PYTHONPATH=. "$PYTHON" -m vllm_llmd.devtools.vllm_stand_in --hide-in "$OUT/no-vllm"
+  export PYTHONPATH="$OUT/no-vllm${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
-python3 -c "import msgspec, zmq, pytest" 2>/dev/null ||
-  python3 -m pip install -q --no-index --find-links "$WHEELS" msgspec pyzmq pytest
+SITE=/tmp/llmd-gpu-site  # --target: the image's Python is not ours to install into
+if ! "$PYTHON" -c "import msgspec, zmq, blake3" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi -L
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+rm -f "$OUT/tests.xml" "$OUT/rows.jsonl"
+[[ -n "${QUICK[*]}" ]] || nvidia-smi -L
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 status=0
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_copy_kernels.py tests/test_ops.py \
-  tests/test_cuda_ipc.py tests/test_cuda_ipc_checks.py || status=$?
-python3 benchmarks/bench_copy_kernels.py --check || status=$?
-python3 benchmarks/bench_copy_kernels.py || status=$?
+"$PYTHON" -m pytest -q -p no:cacheprovider -rs --junitxml "$OUT/tests.xml" \
+  tests/test_copy_kernels.py tests/test_ops.py tests/test_cuda_ipc.py \
+  tests/test_cuda_ipc_checks.py tests/test_worker_byte_paths.py || status=$?
+if [[ -z "${QUICK[*]}" ]]; then
+  "$PYTHON" benchmarks/bench_copy_kernels.py --check || status=$?
+fi
+"$PYTHON" benchmarks/bench_copy_kernels.py --block-sizes 16 64 --json "$OUT/rows.jsonl" \
+  "${QUICK[@]}" || status=$?
+"$PYTHON" benchmarks/bench_gpu_paths.py --json "$OUT/rows.jsonl" "${QUICK[@]}" || status=$?
+title="GPU checks: $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU dry run)")')"
+"$PYTHON" benchmarks/gpu_report.py "$OUT/tests.xml" "$OUT/rows.jsonl" --title "$title" |
+  tee "$OUT/report.md" || status=$?
 exit "$status"
