@@ -1,5 +1,5 @@
-// Block copies between a paged KV cache and one contiguous buffer, for many blocks of many
-// layers in one launch. Compiled at run time by vllm_llmd/ops/nvrtc.py; built as host C++ by
+// Block copies between a paged KV cache and one contiguous buffer, or between two paged caches
+// of one layout, for many blocks of many layers in one launch. Compiled at run time by vllm_llmd/ops/nvrtc.py; built as host C++ by
 // the tests (through host_shim.h) and by nvcc for sm_80/sm_90 with warnings as errors.
 //
 // A "segment" is one layer's pages (or, for layouts where a block of a layer is not one
@@ -30,4 +30,14 @@ extern "C" __global__ void llmd_scatter_pages(const unsigned long long* segment_
                                               unsigned char* buffer) {
   llmd::copy_pages<false>(segment_bases, num_segments, block_stride, page_bytes, block_ids,
                           num_ids, chunk_bytes, buffer);
+}
+
+// cache to cache: page of segment s for dst_ids[i] in the destination = page of segment s for
+// src_ids[i] in the source (e.g. a peer's cache opened through CUDA IPC); dst_ids distinct
+extern "C" __global__ void llmd_copy_pages_between(
+    const unsigned long long* src_bases, long long src_stride, const long long* src_ids,
+    const unsigned long long* dst_bases, long long dst_stride, const long long* dst_ids,
+    int num_segments, long long page_bytes, int num_ids, long long chunk_bytes) {
+  llmd::copy_pages_between(src_bases, src_stride, src_ids, dst_bases, dst_stride, dst_ids,
+                           num_segments, page_bytes, num_ids, chunk_bytes);
 }

@@ -86,4 +86,26 @@ __device__ __forceinline__ void copy_pages(const u64* __restrict__ segment_bases
   }
 }
 
+// Cache to cache, page to page (one pass, no buffer): the page of segment s of dst_ids[i] in
+// the destination becomes that of src_ids[i] in the source. Both caches have one layout (the
+// same segments and page size); their block strides may differ. Grid as copy_pages.
+__device__ __forceinline__ void copy_pages_between(
+    const u64* __restrict__ src_bases, i64 src_stride, const i64* __restrict__ src_ids,
+    const u64* __restrict__ dst_bases, i64 dst_stride, const i64* __restrict__ dst_ids,
+    int num_segments, i64 page_bytes, int num_ids, i64 chunk_bytes) {
+  const i64 chunk_step = (i64)gridDim.x * chunk_bytes;
+  for (i64 i = blockIdx.z; i < num_ids; i += gridDim.z) {
+    const i64 src_block = src_ids[i];
+    const i64 dst_block = dst_ids[i];
+    for (i64 s = blockIdx.y; s < num_segments; s += gridDim.y) {
+      const u8* src = (const u8*)src_bases[s] + src_block * src_stride;
+      u8* dst = (u8*)dst_bases[s] + dst_block * dst_stride;
+      for (i64 c = (i64)blockIdx.x * chunk_bytes; c < page_bytes; c += chunk_step) {
+        const i64 n = page_bytes - c < chunk_bytes ? page_bytes - c : chunk_bytes;
+        copy_span(dst + c, src + c, n, threadIdx.x, blockDim.x);
+      }
+    }
+  }
+}
+
 }  // namespace llmd

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ import torch
 from vllm_llmd.ops import PagedKVCache, cuda_copy, libcuda
 from vllm_llmd.ops.cuda_copy import (
     LaunchGeometry,
+    between_args,
     kernel_args,
     kernel_params,
     launch_geometry,
@@ -46,6 +48,15 @@ extern "C" void host_launch(int gather, unsigned gx, unsigned gy, unsigned gz, u
                    *(long long*)params[2], *(long long*)params[3],
                    *(const long long**)params[4], *(int*)params[5], *(long long*)params[6],
                    *(unsigned char**)params[7]);
+}
+
+extern "C" void host_launch_between(unsigned gx, unsigned gy, unsigned gz, unsigned threads,
+                                    void** params) {
+  llmd_host_launch(llmd_copy_pages_between, dim3(gx, gy, gz), dim3(threads),
+                   *(const unsigned long long**)params[0], *(long long*)params[1],
+                   *(const long long**)params[2], *(const unsigned long long**)params[3],
+                   *(long long*)params[4], *(const long long**)params[5], *(int*)params[6],
+                   *(long long*)params[7], *(int*)params[8], *(long long*)params[9]);
 }
 
 // -fsanitize=alignment calls these on a misaligned access; counting them here (instead of
@@ -104,6 +115,21 @@ class HostKernels:
         grid = (ctypes.c_uint(n) for n in geometry.grid)
         threads = ctypes.c_uint(geometry.block[0])
         self.lib.host_launch(int(gather), *grid, threads, kernel_params(args))
+        self.assert_aligned()
+
+    def launch_between(self, src, src_ids, dst, dst_ids, geometry=None):
+        src_ids = torch.as_tensor(src_ids, dtype=torch.int64)
+        dst_ids = torch.as_tensor(dst_ids, dtype=torch.int64)
+        geometry = geometry or launch_geometry(src, len(src_ids))
+        args = between_args(
+            src, src_ids.data_ptr(), dst, dst_ids.data_ptr(), len(src_ids), geometry.chunk_bytes
+        )
+        grid = (ctypes.c_uint(n) for n in geometry.grid)
+        threads = ctypes.c_uint(geometry.block[0])
+        self.lib.host_launch_between(*grid, threads, kernel_params(args))
+        self.assert_aligned()
+
+    def assert_aligned(self):
         misaligned = self.lib.take_misaligned_accesses()
         assert misaligned == 0, f"{misaligned} misaligned word accesses"
 
@@ -170,6 +196,37 @@ def test_host_scatter_matches_plain_indexing(host_kernels, layout, case, geometr
         for layer in range(len(reference.kv_caches)):
             reference.write_block(layer, block, pages[i, layer])
     assert torch.equal(allocated.storage_bytes(), reference.storage_bytes())
+
+
+@pytest.mark.parametrize("geometry", [None, TINY], ids=["runtime-grid", "tiny-grid"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[2]}-{c[3]}")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_host_copy_between_caches_matches_plain_indexing(host_kernels, layout, case, geometry):
+    # Cache to cache, page to page (a peer's cache through CUDA IPC): the destination has more
+    # blocks and another byte offset; only its named blocks change.
+    dtype, shape, cache_offset, other_offset = case
+    source = allocate_kv_caches(
+        layout, shape, dtype, offset_bytes=cache_offset, generator=rng(layout, case, "src")
+    )
+    bigger = dataclasses.replace(shape, num_blocks=shape.num_blocks + 3)
+    target, reference = (
+        allocate_kv_caches(
+            layout, bigger, dtype, offset_bytes=other_offset, generator=rng(layout, case, "dst")
+        )
+        for _ in range(2)
+    )
+    generator = rng(layout, case, "ids")
+    src_ids = torch.randint(0, shape.num_blocks, (5,), generator=generator)  # repeats allowed
+    dst_ids = torch.randperm(bigger.num_blocks, generator=generator)[:5]
+    src_cache = PagedKVCache.from_layers(source.kv_caches)
+    dst_cache = PagedKVCache.from_layers(target.kv_caches)
+
+    host_kernels.launch_between(src_cache, src_ids, dst_cache, dst_ids, geometry=geometry)
+
+    for s, d in zip(src_ids.tolist(), dst_ids.tolist(), strict=True):
+        for layer in range(shape.num_layers):
+            reference.write_block(layer, d, source.block_bytes(layer, s))
+    assert torch.equal(target.storage_bytes(), reference.storage_bytes())
 
 
 @pytest.mark.parametrize("cache_offset,buffer_offset", [(3, 3), (8, 0), (4, 12), (2, 6), (1, 0)])
@@ -242,9 +299,13 @@ class FakeDriver:
 
     def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
         assert self.depth == 1 and (by, bz, shared, extra) == (1, 1, 0, None)
-        gather = self.functions[function.value] == "llmd_gather_pages"
+        name = self.functions[function.value]
         grid = (ctypes.c_uint(n) for n in (gx, gy, gz))
-        self.host.lib.host_launch(int(gather), *grid, ctypes.c_uint(bx), params)
+        if name == "llmd_copy_pages_between":
+            self.host.lib.host_launch_between(*grid, ctypes.c_uint(bx), params)
+        else:
+            gather = int(name == "llmd_gather_pages")
+            self.host.lib.host_launch(gather, *grid, ctypes.c_uint(bx), params)
         self.launches += 1
         return 0
 
@@ -268,7 +329,12 @@ def test_cuda_path_compiles_loads_and_launches_as_the_kernels_expect(host_kernel
 
     assert torch.equal(out, expected_buffer(allocated, ids))
     assert torch.equal(expected_buffer(allocated, [0, 2, 3]), out)
-    assert (driver.launches, driver.depth) == (2, 0)
+    other = allocate_kv_caches("BHLNC", SHAPE, generator=rng("driver", "other"))
+    kernels.copy_between(
+        cache, torch.tensor([5, 5]), PagedKVCache.from_layers(other.kv_caches), torch.tensor([1, 7])
+    )
+    assert torch.equal(expected_buffer(other, [1, 7]), expected_buffer(allocated, [5, 5]))
+    assert (driver.launches, driver.depth) == (3, 0)
     assert kernels.compiled.arch == "90" and kernels.compiled.log == ""
 
 

@@ -64,6 +64,71 @@ def test_prefill_writes_the_blocks_into_the_decode_cache(fake):
     assert fake.mapped == []  # closed with the writer
 
 
+def recorded_writes(channel: SideChannel) -> list[int]:
+    """Block counts of each CUDA IPC write the prefill side runs from now on."""
+    writes: list[int] = []
+    write = channel.writer.write
+
+    def recording(block_ids, target, target_ids):
+        writes.append(len(block_ids))
+        write(block_ids, target, target_ids)
+
+    channel.server._ipc_write = recording
+    return writes
+
+
+def test_a_pull_written_in_place_takes_one_read_whatever_max_chunk_bytes(fake):
+    """Byte reads stay within max_chunk_bytes (a buffer on each side); a read written in place
+    moves no bytes and needs no buffer (page to page), so all blocks go in one read: each read
+    costs a round trip on the side channel."""
+    prefill, decode = make_cache(7), make_cache(8)
+    channel = SideChannel(prefill, fake)
+    channel.server.max_chunk_bytes = 2 * prefill.block_bytes  # bounds its byte reads only
+    writes = recorded_writes(channel)
+    try:
+        remote, local = [7, 1, 4, 9, 0, 2], [3, 11, 5, 6, 2, 10]
+        received, scattered = pull_from(channel, decode, fake.export(decode), remote, local, "t-1")
+        assert writes == [6] and scattered == [] and received == 6 * decode.block_bytes
+        for ours, theirs in zip(local, remote, strict=True):
+            assert torch.equal(block_of(decode, ours), block_of(prefill, theirs))
+        _, scattered = pull_from(channel, decode, None, remote, local, "t-bytes")
+        assert writes == [6] and scattered == local  # shared memory: 3 reads of 2 blocks
+        assert_released(channel, SendOutcome.DONE, count=2)
+    finally:
+        channel.close()
+
+
+def test_a_prefill_that_bounds_in_place_reads_is_read_in_chunks_from_then_on(fake):
+    """A prefill of an older version refuses an in-place read over its max_chunk_bytes
+    (too_large): the pull goes on in reads of max_chunk_bytes, and later pulls from that
+    endpoint start so."""
+    prefill, decode = make_cache(9), make_cache(10)
+    channel = SideChannel(prefill, fake)
+    writes = recorded_writes(channel)
+    served = channel.server._read
+    refused = []
+
+    def older_server(peer, request):
+        if len(request.block_ids) > 2:
+            refused.append(len(request.block_ids))
+            return [wire.error(request.transfer_id, wire.TOO_LARGE, "over max_chunk_bytes")]
+        return served(peer, request)
+
+    channel.server._read = older_server
+    try:
+        remote, local = [7, 1, 4, 9, 0], [3, 11, 5, 6, 2]
+        target = fake.export(decode)
+        pull_from(channel, decode, target, remote, local, "t-old")
+        assert refused == [5] and writes == [2, 2, 1]
+        for ours, theirs in zip(local, remote, strict=True):
+            assert torch.equal(block_of(decode, ours), block_of(prefill, theirs))
+        pull_from(channel, decode, target, remote, local, "t-old-2")
+        assert refused == [5] and writes == [2, 2, 1, 2, 2, 1]
+        assert_released(channel, SendOutcome.DONE, count=2)
+    finally:
+        channel.close()
+
+
 def test_unopenable_handles_fall_back_to_bytes_and_are_not_sent_again(fake):
     prefill, decode = make_cache(3), make_cache(4)
     fake.fail_open = True

@@ -17,6 +17,7 @@ from vllm_llmd.ops import (
     COPY_MODE_ENV,
     PagedKVCache,
     block_copy,
+    copy_blocks,
     cuda_copy,
     gather_blocks,
     resolve_mode,
@@ -317,6 +318,58 @@ def test_a_failed_kernel_build_is_tried_once_per_device(monkeypatch):
         with pytest.raises(RuntimeError, match="no NVRTC"):
             cuda_copy.kernels_for(torch.device("cuda", 0))
     assert attempts == [torch.device("cuda", 0)]
+
+
+# --- cache to cache ----------------------------------------------------------------------
+
+
+def copied_storage(source, target, src_ids, dst_ids):
+    """target's allocation after block dst_ids[i] became block src_ids[i] of source."""
+    for s, d in zip(src_ids, dst_ids, strict=True):
+        for layer in range(len(source.kv_caches)):
+            target.write_block(layer, d, source.block_bytes(layer, s))
+    return target.storage_bytes()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[2]}-{c[3]}")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_copy_blocks_between_caches_matches_plain_indexing(layout, case, device):
+    dtype, shape, src_offset, dst_offset = case
+    source = allocate_kv_caches(
+        layout, shape, dtype, device=device, offset_bytes=src_offset, generator=rng(case, "s")
+    )
+    target, reference = (
+        allocate_kv_caches(
+            layout, shape, dtype, device=device, offset_bytes=dst_offset, generator=rng(case, "d")
+        )
+        for _ in range(2)
+    )
+    src_ids, dst_ids = [4, 0, 4, 6], [1, 5, 2, 0]
+    copy_blocks(source.kv_caches, src_ids, target.kv_caches, dst_ids)  # kernels on CUDA
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(target.storage_bytes(), copied_storage(source, reference, src_ids, dst_ids))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda s, d: (s, [1, 2], d, [3]), "2 source blocks but 1 destination"),
+        (lambda s, d: (s, [1, 2], d, [3, 3]), "repeat"),
+        (lambda s, d: (s, [9], d, [0]), "out of range"),
+        (lambda s, d: (s, [1], {"layers.0": d["layers.0"]}, [0]), "differ in layout"),
+        (lambda s, d: (s, [1], {k: v.float() for k, v in d.items()}, [0]), "differ in layout"),
+    ],
+    ids=["lengths", "repeated-destination", "range", "segments", "dtype"],
+)
+def test_copy_blocks_refuses_what_it_cannot_copy_before_any_byte_moves(change, message):
+    source = allocate_kv_caches("LBHNC", SHAPE, generator=rng("refuse", "s"))
+    target = allocate_kv_caches("LBHNC", SHAPE, generator=rng("refuse", "d"))
+    before = target.storage_bytes()
+    with pytest.raises(ValueError, match=message):
+        copy_blocks(*change(source.kv_caches, target.kv_caches))
+    assert torch.equal(target.storage_bytes(), before)
 
 
 # --- on a GPU: the kernels against the torch path ---------------------------------------

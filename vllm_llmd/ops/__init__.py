@@ -4,7 +4,8 @@
   lives, built once from the dict vLLM hands register_kv_caches; also the input checks.
 - `gather_blocks(cache, block_ids, out)` / `scatter_blocks(cache, block_ids, src)`
   (block_copy.py): all layers' blocks into / out of one contiguous buffer, in the order
-  [block id][layer][bytes of that block of that layer], and the choice of path.
+  [block id][layer][bytes of that block of that layer], and the choice of path;
+  `copy_blocks(src, src_ids, dst, dst_ids)`: page to page between two caches of one layout.
 - cuda_copy.py: the kernels of kernels/copy_pages.cu (compiled by nvrtc.py at first use).
 - torch_copy.py: the same copies with index_select / index_copy_ (CPU, or no kernels).
 """
@@ -12,6 +13,7 @@
 from vllm_llmd.ops.block_copy import (
     COPY_MODE_ENV,
     CopyMode,
+    copy_blocks,
     gather_blocks,
     resolve_mode,
     scatter_blocks,
@@ -22,6 +24,7 @@ __all__ = [
     "COPY_MODE_ENV",
     "CopyMode",
     "PagedKVCache",
+    "copy_blocks",
     "gather_blocks",
     "resolve_mode",
     "scatter_blocks",

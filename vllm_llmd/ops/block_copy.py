@@ -1,4 +1,5 @@
-"""gather_blocks / scatter_blocks: the one entry point for block copies, and the path choice.
+"""gather_blocks / scatter_blocks / copy_blocks: the one entry point for block copies, and the
+path choice.
 
 Both check their inputs before any byte moves, then run either the CUDA kernels (one launch
 for all blocks of all layers) or the torch path, with the same semantics and buffer order
@@ -17,7 +18,13 @@ import torch
 
 from vllm_llmd.log import get_logger
 from vllm_llmd.ops import cuda_copy, torch_copy
-from vllm_llmd.ops.paged_cache import PagedKVCache, as_paged_cache, check_block_ids, check_buffer
+from vllm_llmd.ops.paged_cache import (
+    PagedKVCache,
+    as_paged_cache,
+    check_block_ids,
+    check_buffer,
+    check_same_pages,
+)
 
 logger = get_logger(__name__)
 
@@ -77,6 +84,42 @@ def scatter_blocks(
         torch_copy.scatter(cache, ids, src)
 
 
+def copy_blocks(
+    src: Cache,
+    src_ids: BlockIds,
+    dst: Cache,
+    dst_ids: BlockIds,
+    *,
+    mode: CopyMode | None = None,
+) -> None:
+    """Copy blocks of every layer from one cache into another of the same layout, page to
+    page: block dst_ids[i] of dst becomes block src_ids[i] of src.
+
+    With the kernels one pass over the bytes and no buffer (a peer's cache opened through
+    CUDA IPC, another cache of this worker); the torch path goes through a buffer on src's
+    device. dst_ids must be distinct, src_ids may repeat. On CUDA the copy is enqueued on the
+    current stream.
+    """
+    src, dst = as_paged_cache(src), as_paged_cache(dst)
+    check_same_pages(src, dst)
+    source_ids = check_block_ids(src, src_ids, distinct=False)
+    target_ids = check_block_ids(dst, dst_ids, distinct=True)
+    if len(source_ids) != len(target_ids):
+        raise ValueError(
+            f"{len(source_ids)} source blocks but {len(target_ids)} destination blocks: "
+            "pass one destination per source block"
+        )
+    if len(source_ids) == 0:
+        return
+    if _use_kernels(src, dst, mode):
+        cuda_copy.kernels_for(src.device).copy_between(src, source_ids, dst, target_ids)
+    else:
+        nbytes = src.buffer_bytes(len(source_ids))
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=src.device)
+        torch_copy.gather(src, source_ids, buffer)
+        torch_copy.scatter(dst, target_ids, buffer)
+
+
 def resolve_mode(mode: CopyMode | None = None) -> CopyMode:
     """The mode argument, else $VLLM_LLMD_COPY_MODE, else "auto"; ValueError if unknown."""
     chosen = mode if mode is not None else os.environ.get(COPY_MODE_ENV, "auto")
@@ -86,12 +129,15 @@ def resolve_mode(mode: CopyMode | None = None) -> CopyMode:
     return chosen  # type: ignore[return-value]
 
 
-def _use_kernels(cache: PagedKVCache, buffer: torch.Tensor, mode: CopyMode | None) -> bool:
+def _use_kernels(
+    cache: PagedKVCache, other: torch.Tensor | PagedKVCache, mode: CopyMode | None
+) -> bool:
+    """Whether a copy between cache and `other` (a buffer, or a second cache) runs the kernels."""
     chosen = resolve_mode(mode)
     if chosen == "torch":
         _log_once(f"block copies use the torch path ({COPY_MODE_ENV} or mode='torch')")
         return False
-    reason = _why_not_kernels(cache, buffer)
+    reason = _why_not_kernels(cache, other)
     if reason is None:
         _log_once(f"block copies use the CUDA kernels on {cache.device}")
         return True
@@ -101,10 +147,13 @@ def _use_kernels(cache: PagedKVCache, buffer: torch.Tensor, mode: CopyMode | Non
     return False
 
 
-def _why_not_kernels(cache: PagedKVCache, buffer: torch.Tensor) -> str | None:
+def _why_not_kernels(cache: PagedKVCache, other: torch.Tensor | PagedKVCache) -> str | None:
     if cache.device.type != "cuda":
         return f"the cache is on {cache.device}"
-    if buffer.device.type == "cpu" and not buffer.is_pinned():
+    if isinstance(other, PagedKVCache):
+        if other.device != cache.device:
+            return f"the caches are on {cache.device} and {other.device}"
+    elif other.device.type == "cpu" and not other.is_pinned():
         return "the buffer is in pageable host memory (allocate it with pin_memory=True)"
     try:
         cuda_copy.kernels_for(cache.device)

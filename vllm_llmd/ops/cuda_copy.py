@@ -1,4 +1,5 @@
-"""The CUDA path of block copies: the kernels of kernels/copy_pages.cu, one launch per copy.
+"""The CUDA path of block copies: the kernels of kernels/copy_pages.cu, one launch per copy
+(cache to buffer, buffer to cache, or cache to cache).
 
 At first use on a device the kernels are compiled with NVRTC (nvrtc.compile_cubin, for that
 device's sm_XY), loaded into the device's primary context (the one torch uses) and cached;
@@ -60,6 +61,29 @@ def kernel_args(
     )
 
 
+def between_args(
+    src: PagedKVCache,
+    src_ids_address: int,
+    dst: PagedKVCache,
+    dst_ids_address: int,
+    num_ids: int,
+    chunk_bytes: int,
+) -> tuple[ctypes._SimpleCData, ...]:
+    """llmd_copy_pages_between's arguments, in order and in the C types of its signature."""
+    return (
+        ctypes.c_void_p(src.base_table.data_ptr()),  # const unsigned long long*
+        ctypes.c_longlong(src.block_stride),
+        ctypes.c_void_p(src_ids_address),  # const long long*
+        ctypes.c_void_p(dst.base_table.data_ptr()),
+        ctypes.c_longlong(dst.block_stride),
+        ctypes.c_void_p(dst_ids_address),
+        ctypes.c_int(src.num_segments),
+        ctypes.c_longlong(src.page_bytes),
+        ctypes.c_int(num_ids),
+        ctypes.c_longlong(chunk_bytes),
+    )
+
+
 def kernel_params(args: tuple[ctypes._SimpleCData, ...]) -> ctypes.Array:
     """cuLaunchKernel's kernelParams: the address of each argument (keep `args` alive)."""
     return (ctypes.c_void_p * len(args))(*(ctypes.addressof(arg) for arg in args))
@@ -90,24 +114,41 @@ class CudaKernels:
         """Enqueue one gather (cache -> buffer) or scatter on the current stream."""
         ids = ids.to(self.device, non_blocking=True)
         geometry = launch_geometry(cache, len(ids))
-        stream = torch.cuda.current_stream(self.device).cuda_stream
         name = KERNEL_NAMES[0] if gather else KERNEL_NAMES[1]
         with self._in_context():
             address = self._address(buffer)
             args = kernel_args(cache, ids.data_ptr(), len(ids), geometry.chunk_bytes, address)
-            params = kernel_params(args)
-            self._call(
-                "cuLaunchKernel",
-                self._functions[name],
-                *geometry.grid,
-                *geometry.block,
-                0,  # dynamic shared memory
-                ctypes.c_void_p(stream),
-                params,
-                None,
-            )
+            self._launch(name, geometry, args)
         # `ids` lives until the kernel has read it: freed on this stream, the caching
         # allocator reuses its memory only for work queued after the kernel.
+
+    def copy_between(
+        self, src: PagedKVCache, src_ids: torch.Tensor, dst: PagedKVCache, dst_ids: torch.Tensor
+    ) -> None:
+        """Enqueue one cache-to-cache copy (page to page) on the current stream."""
+        src_ids = src_ids.to(self.device, non_blocking=True)
+        dst_ids = dst_ids.to(self.device, non_blocking=True)
+        geometry = launch_geometry(src, len(src_ids))
+        args = between_args(
+            src, src_ids.data_ptr(), dst, dst_ids.data_ptr(), len(src_ids), geometry.chunk_bytes
+        )
+        with self._in_context():
+            self._launch(KERNEL_NAMES[2], geometry, args)
+
+    def _launch(
+        self, name: str, geometry: LaunchGeometry, args: tuple[ctypes._SimpleCData, ...]
+    ) -> None:
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        self._call(
+            "cuLaunchKernel",
+            self._functions[name],
+            *geometry.grid,
+            *geometry.block,
+            0,  # dynamic shared memory
+            ctypes.c_void_p(stream),
+            kernel_params(args),
+            None,
+        )
 
     def _in_context(self) -> contextlib.AbstractContextManager[None]:
         return pushed_context(self._cuda, self._context)

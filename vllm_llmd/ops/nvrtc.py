@@ -24,7 +24,7 @@ from dataclasses import dataclass
 KERNEL_PACKAGE = "vllm_llmd.kernels"
 MAIN_SOURCE = "copy_pages.cu"
 HEADERS = ("copy_pages.cuh",)  # the ones MAIN_SOURCE includes, handed to NVRTC by name
-KERNEL_NAMES = ("llmd_gather_pages", "llmd_scatter_pages")
+KERNEL_NAMES = ("llmd_gather_pages", "llmd_scatter_pages", "llmd_copy_pages_between")
 
 _NVRTC_SUCCESS = 0
 

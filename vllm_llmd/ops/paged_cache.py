@@ -191,6 +191,18 @@ def check_block_ids(
     return ids
 
 
+def check_same_pages(src: PagedKVCache, dst: PagedKVCache) -> None:
+    """Raise ValueError unless a block of src can be copied page by page into one of dst."""
+    mine = (src.num_segments, src.page_bytes, src.dtype)
+    theirs = (dst.num_segments, dst.page_bytes, dst.dtype)
+    if mine != theirs:
+        raise ValueError(
+            f"the caches differ in layout: (segments, page bytes, dtype) {mine} != {theirs}"
+        )
+    if src.device != dst.device:
+        raise ValueError(f"the caches are on {src.device} and {dst.device}: copy through a buffer")
+
+
 def check_buffer(cache: PagedKVCache, buffer: torch.Tensor, num_ids: int, name: str) -> None:
     """Raise ValueError unless `buffer` can hold num_ids blocks of `cache` in buffer order."""
     if not isinstance(buffer, torch.Tensor):

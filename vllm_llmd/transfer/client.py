@@ -36,7 +36,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,6 +59,10 @@ ScatterFn = Callable[[int, torch.Tensor], None]
 _RETRY_SLEEP_S = 0.05
 # transport switches (CUDA IPC -> shared memory -> socket) one read may take
 _MAX_SWITCHES = 2
+# A read written in place (CUDA IPC) moves no bytes over the socket and needs no buffer on
+# either side (the prefill copies page to page): it takes every block left, up to this many
+# (their ids, twice, must fit one control message).
+_MAX_IN_PLACE_BLOCKS = 1 << 14
 _NO_HEAD_READS = (
     " (a prefill worker without head-sliced reads: unequal TP sizes need this vllm-llmd "
     "version on the prefill side too)"
@@ -195,13 +199,23 @@ _MAX_CHANNELS_PER_THREAD = 64
 _HOST_ID = host_id()
 
 
-def _shm_state() -> tuple[ShmReader, set[str], set[str]]:
-    """This thread's segment mappings, the endpoints whose segments it could not open, and
-    those that cannot write into our cache through CUDA IPC."""
+@dataclass
+class _PathState:
+    """What this thread learned of each endpoint's same-host paths."""
+
+    reader: ShmReader = field(default_factory=ShmReader)
+    no_shm: set[str] = field(default_factory=set)  # its segments could not be opened here
+    no_ipc: set[str] = field(default_factory=set)  # it cannot write into our cache (CUDA IPC)
+    # it bounds in-place reads by its max_chunk_bytes as it bounds byte reads (older versions)
+    chunked_ipc: set[str] = field(default_factory=set)
+
+
+def _path_state() -> _PathState:
     local = _channels.__dict__
-    if "shm_reader" not in local:
-        local["shm_reader"], local["no_shm"], local["no_ipc"] = ShmReader(), set(), set()
-    return local["shm_reader"], local["no_shm"], local["no_ipc"]
+    if "paths" not in local:
+        local["paths"] = _PathState()
+    state: _PathState = local["paths"]
+    return state
 
 
 def _channel_for(endpoint: str, timeout_s: float, tls: ssl.SSLContext | None) -> _Channel:
@@ -223,11 +237,6 @@ def _discard(channel: _Channel) -> None:
     channel.close()
 
 
-def _read_ranges(count: int, per_read: int) -> list[tuple[int, int]]:
-    """[start, end) of each read of a pull of count blocks, per_read blocks at most."""
-    return [(start, min(start + per_read, count)) for start in range(0, count, per_read)]
-
-
 def pull_blocks(
     spec: PullSpec,
     scatter: ScatterFn,
@@ -247,19 +256,17 @@ def pull_blocks(
         if bytes_per_block <= 0 or (spec.heads is not None and spec.heads[0] >= spec.heads[1]):
             raise TransferFailed(f"a pull of {bytes_per_block} bytes per block, heads {spec.heads}")
         per_read = max(1, max_chunk_bytes // bytes_per_block)
-        for start, end in _read_ranges(len(spec.remote_block_ids), per_read):
-            data = _read(
-                channel,
-                spec,
-                (start, end),
-                unknown_transfer_grace_s,
-                same_host_shm,
+        start, count = 0, len(spec.remote_block_ids)
+        while start < count:
+            data, end = _read(
+                channel, spec, start, per_read, unknown_transfer_grace_s, same_host_shm
             )
             if data is None:  # written into our blocks by the prefill worker (CUDA IPC)
                 received += (end - start) * bytes_per_block
-                continue
-            scatter(start, data)
-            received += data.numel()
+            else:
+                scatter(start, data)
+                received += data.numel()
+            start = end
         return received
     except Exception as exc:  # a scatter that failed too: the prefill must not hear "done"
         reason = str(exc) or type(exc).__name__
@@ -273,20 +280,25 @@ def pull_blocks(
 
 
 def _read(
-    channel: _Channel, spec: PullSpec, blocks: tuple[int, int], grace_s: float, shm: bool
-) -> torch.Tensor | None:
-    """Blocks blocks[0]..blocks[1] of the pull as bytes, or None if they were written in place.
+    channel: _Channel, spec: PullSpec, start: int, per_read: int, grace_s: float, shm: bool
+) -> tuple[torch.Tensor | None, int]:
+    """The next blocks of the pull from `start`: (their bytes, or None if they were written in
+    place; the index past the last). Bytes come per_read blocks at a time at most; a read
+    written in place takes every block left (_MAX_IN_PLACE_BLOCKS at most).
 
     Bounded: a transport switch must drop a transport this read offered (at most
     _MAX_SWITCHES), and an unknown transfer is asked again only within grace_s."""
-    reader, no_shm, no_ipc = _shm_state()
+    paths = _path_state()
+    reader, no_shm, no_ipc = paths.reader, paths.no_shm, paths.no_ipc
     same_host = shm and bool(_HOST_ID)
-    start, end = blocks
-    expected = (end - start) * spec.block_bytes
+    count = len(spec.remote_block_ids)
     deadline = time.monotonic() + grace_s
-    max_asks = 1 + _MAX_SWITCHES + int(grace_s / _RETRY_SLEEP_S) + 1
+    max_asks = 1 + _MAX_SWITCHES + int(grace_s / _RETRY_SLEEP_S) + 2
     for _ in range(max_asks):
         offered = use_ipc, use_shm = _offered(spec, same_host, no_ipc, no_shm)
+        whole = use_ipc and spec.endpoint not in paths.chunked_ipc
+        end = min(count, start + (_MAX_IN_PLACE_BLOCKS if whole else per_read))
+        expected = (end - start) * spec.block_bytes
         request = wire.read_request(
             spec.transfer_id,
             spec.fingerprint,
@@ -300,7 +312,7 @@ def _read(
         if isinstance(reply, wire.IpcBlocksWritten) and use_ipc:
             if reply.num_blocks != end - start:
                 raise TransferFailed(f"short write: {reply.num_blocks} of {end - start} blocks")
-            return None
+            return None, end
         if use_ipc and not isinstance(reply, wire.TransferError):
             no_ipc.add(spec.endpoint)  # a prefill without the path answered otherwise
         if isinstance(reply, wire.BlocksHeader):
@@ -309,7 +321,7 @@ def _read(
                 raise TransferFailed(
                     f"short read: {got} bytes for {end - start} blocks of {spec.block_bytes} bytes"
                 )
-            return data
+            return data, end
         if isinstance(reply, wire.ShmBlocksHeader) and (use_shm or use_ipc):
             if reply.num_blocks * reply.block_bytes != expected:
                 raise TransferFailed(
@@ -318,12 +330,20 @@ def _read(
                 )
             try:
                 if use_shm:
-                    return reader.view(reply.shm_name, expected)
+                    return reader.view(reply.shm_name, expected), end
             except OSError:  # same boot and IPC namespace, yet not openable: use the socket
                 pass
             no_shm.add(spec.endpoint)
         elif isinstance(reply, wire.TransferError) and reply.code == wire.IPC_UNAVAILABLE:
             no_ipc.add(spec.endpoint)
+        elif (
+            isinstance(reply, wire.TransferError)
+            and reply.code == wire.TOO_LARGE
+            and whole
+            and end - start > per_read
+        ):
+            paths.chunked_ipc.add(spec.endpoint)  # asked again, in reads of per_read blocks
+            continue
         elif isinstance(reply, wire.TransferError):
             # The prefill engine registers a transfer one step after it answered: retry briefly.
             if reply.code == wire.UNKNOWN_TRANSFER and time.monotonic() < deadline:

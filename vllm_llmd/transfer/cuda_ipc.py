@@ -5,8 +5,8 @@ host (`shm.host_id` equal), the decode worker sends, with each ReadBlocks, a `Cu
 CUDA IPC handles of its cache's storages (exported once, `export_cache`) and where each segment
 sits in them, plus the block ids to fill. The prefill worker opens the handles (once per peer,
 `CudaIpcWriter`), and copies the blocks device to device with the copy kernels of
-`vllm_llmd.ops`: gather from its own cache into a device staging buffer, scatter from there
-into the peer's pages (over NVLink or PCIe peer access), on a side stream that it synchronises
+`vllm_llmd.ops`: page to page from its own cache into the peer's (`copy_blocks`: one pass,
+no staging buffer; over NVLink or PCIe peer access), on a side stream that it synchronises
 before answering `IpcBlocksWritten`.
 
 Why the prefill side writes, rather than the decode side reading: the blocks are pinned in the
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_llmd.log import get_logger
-from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
+from vllm_llmd.ops import PagedKVCache, copy_blocks
 from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.cuda_driver import CudaDriver, IpcDriver
 from vllm_llmd.transfer.ipc_checks import check_description, check_mapped
@@ -132,8 +132,9 @@ class CudaIpcWriter:
     """Prefill side: writes blocks of its cache into same-host peers' caches.
 
     Opened peers are kept (at most `max_peers`, least recently used dropped); each peer
-    allocation is opened once, and closed when no kept peer uses it. One device staging buffer
-    is reused and grown as needed. Thread-safe.
+    allocation is opened once, and closed when no kept peer uses it. Blocks go page to page
+    (`ops.copy_blocks`: one pass over the bytes, no staging buffer), on a stream of its own.
+    Thread-safe.
     """
 
     def __init__(
@@ -148,7 +149,6 @@ class CudaIpcWriter:
         self._driver = driver
         self._mappings: dict[bytes, _Mapping] = {}
         self._peers: OrderedDict[tuple, _Peer] = OrderedDict()
-        self._staging = torch.empty(0, dtype=torch.uint8, device=cache.device)
         self._stream = torch.cuda.Stream(cache.device) if cache.device.type == "cuda" else None
         self._lock = threading.Lock()
         self.bytes_written = 0
@@ -164,19 +164,13 @@ class CudaIpcWriter:
         check_description(target, self.cache, target_ids, len(block_ids))
         with self._lock:
             peer = self._peer(target)
-            nbytes = self.cache.buffer_bytes(len(block_ids))
-            if self._staging.numel() < nbytes:
-                self._staging = torch.empty(nbytes, dtype=torch.uint8, device=self.cache.device)
-            staging = self._staging[:nbytes]
             if self._stream is None:
-                gather_blocks(self.cache, block_ids, staging)
-                scatter_blocks(peer, target_ids, staging)
+                copy_blocks(self.cache, block_ids, peer, target_ids)
             else:
                 with torch.cuda.stream(self._stream):
-                    gather_blocks(self.cache, block_ids, staging)
-                    scatter_blocks(peer, target_ids, staging)
+                    copy_blocks(self.cache, block_ids, peer, target_ids)
                 self._stream.synchronize()
-            self.bytes_written += nbytes
+            self.bytes_written += self.cache.buffer_bytes(len(block_ids))
 
     def close(self) -> None:
         with self._lock:

@@ -2,16 +2,16 @@
 
 `listener.py` runs the connections (TCP, bounded frames, one thread); this module answers each
 request. A read is checked before a byte is copied: protocol version, its size (block ids
-unique, at most `max_chunk_bytes` of them), transfer id and the blocks that transfer holds,
-then the fingerprint (a peer is told which fields differ, never our values). The blocks are
-gathered once into a staging buffer that goes out as the reply's data part without a copy, or,
-for a decode worker on the same host, into a shared-memory segment whose name goes out instead
-(`shm.py`), or, when that worker sent CUDA IPC handles of its cache, straight into its blocks,
-device to device (`cuda_ipc.py`). The transfer stays pinned in the registry (READING) only while
-the gather (or the device copy) runs; the send itself reads the staging buffer, not the KV
-cache. A ReadHeads (a decode worker of another TP size) gathers only its head range of each
-block (`head_slices.py`), checked against this worker's heads after the transfer id and the
-fingerprint; a server without a `HeadSlicer` refuses it.
+unique, at most `max_chunk_bytes` of them unless written in place), transfer id and the blocks
+that transfer holds, then the fingerprint (a peer is told which fields differ, never our
+values). The blocks are gathered once into a staging buffer that goes out as the reply's data
+part without a copy, or, for a decode worker on the same host, into a shared-memory segment
+whose name goes out instead (`shm.py`), or, when that worker sent CUDA IPC handles of its
+cache, straight into its blocks, device to device (`cuda_ipc.py`). The transfer stays pinned in
+the registry (READING) only while the gather (or the device copy) runs; the send itself reads
+the staging buffer, not the KV cache. A ReadHeads (a decode worker of another TP size) gathers
+only its head range of each block (`head_slices.py`), checked against this worker's heads after
+the transfer id and the fingerprint; a server without a `HeadSlicer` refuses it.
 
 With a TLS context (`tls.py`) the listener talks mutual TLS only: the requests, the replies and
 the socket's data parts are encrypted, and a peer without a certificate of the CA is refused
@@ -125,7 +125,10 @@ class TransferServer:
         block_ids = request.block_ids
         if not block_ids:
             return error(wire.BAD_REQUEST, "a read of no blocks")
-        if len(block_ids) > max(1, self.max_chunk_bytes // block_bytes):
+        same_host = bool(self.host_id) and request.host_id == self.host_id
+        in_place = same_host and request.ipc_cache is not None and self._ipc_write is not None
+        # a read written in place (CUDA IPC, page to page) allocates nothing here: unbounded
+        if not in_place and len(block_ids) > max(1, self.max_chunk_bytes // block_bytes):
             return error(
                 wire.TOO_LARGE,
                 f"a read of {len(block_ids)} blocks ({len(block_ids) * block_bytes} bytes) "
@@ -148,8 +151,7 @@ class TransferServer:
             if bad_heads:
                 self.registry.end_read(request.transfer_id)
                 return error(wire.BAD_REQUEST, bad_heads)
-        same_host = bool(self.host_id) and request.host_id == self.host_id
-        if same_host and request.ipc_cache is not None and self._ipc_write is not None:
+        if in_place:
             return self._write_ipc(request, error)
         nbytes = len(block_ids) * block_bytes
         try:
