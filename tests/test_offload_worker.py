@@ -108,9 +108,9 @@ def test_a_load_never_waits_behind_a_steps_stores(worker, monkeypatch):
     release = threading.Event()
     gather = worker._gather
 
-    def slow_gather(pool, blocks_and_slots):
+    def slow_gather(pool, blocks_and_slots, after):
         release.wait(10)  # a store that takes its time
-        return gather(pool, blocks_and_slots)
+        return gather(pool, blocks_and_slots, after)
 
     monkeypatch.setattr(worker, "_gather", slow_gather)
     worker.submit_step(OffloadStepSpec(stores=(StoreJob(key(101), block_id=5, slot=1),)))

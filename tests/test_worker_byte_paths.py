@@ -7,9 +7,11 @@ cross-layer order) in bf16, fp16 and fp8, blocks of 16 and 64 tokens.
 - the copy kernels (on CUDA; the torch path on the CPU): device→device, device→pinned host and
   pinned host→device;
 - a P/D pull between two processes with the real side channel: CUDA IPC (GPU), shared memory
-  and the socket, each path proven by the prefill's byte counters, the blocks released;
+  and the socket, each path proven by the prefill's byte counters, the blocks released (and
+  between two GPUs where the machine has them);
 - the offload tiers: stores into host slots, spills and stores straight to disk, a load from
-  host slots and disk files back into the cache;
+  host slots and disk files back into the cache; on CUDA, a store ordered after a forward on
+  another stream;
 - the shared tier's staging into LMCache's chunk object, against the chunk built by indexing.
 
 Every test runs on the CPU in CI; the `cuda` ones run where a GPU is (scripts/gpu_checks.sh).
@@ -104,10 +106,21 @@ def test_copies_match_plain_indexing_in_every_direction(case: CacheCase, device:
 # ---- P/D between two processes ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=DEVICES)
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[*DEVICES, pytest.param("cuda:1", marks=TWO_GPUS)],  # cuda:1: decode on cuda:0
+    ids=["cpu", "cuda", "cuda-to-another-gpu"],
+)
 def prefill(request):
     with PrefillProcess(request.param, PULL_CASES) as process:
         yield request.param, process
+
+
+def decode_device(prefill_device: str) -> str:
+    return "cuda:0" if prefill_device.startswith("cuda") else "cpu"
 
 
 PATHS = ["cuda_ipc", "shm", "socket"]
@@ -117,12 +130,14 @@ PATHS = ["cuda_ipc", "shm", "socket"]
 @pytest.mark.parametrize("index", range(len(PULL_CASES)), ids=[c.name for c in PULL_CASES])
 def test_a_pull_between_two_processes_moves_the_blocks_byte_exact(prefill, index, path) -> None:
     device, process = prefill
-    if path == "cuda_ipc" and device != "cuda":
+    if path == "cuda_ipc" and device == "cpu":
         pytest.skip("CUDA IPC needs a GPU (faked in tests/test_cuda_ipc.py)")
     case = PULL_CASES[index]
     remote, local = [5, 1, 22, 3, 16, 8, 0], [2, 9, 4, 11, 23, 0, 17]
     expected = case.allocate("cpu", process.seed(index))  # the prefill cache's bytes
-    decode, allocated = harness.make_worker(case, device, 100, cuda_ipc=path == "cuda_ipc")
+    decode, allocated = harness.make_worker(
+        case, decode_device(device), 100, cuda_ipc=path == "cuda_ipc"
+    )
     try:
         before = process.released(index, "none", timeout_s=0)  # the counters so far
         untouched = {b: harness.block_bytes(allocated, b) for b in (1, 3, 5)}
@@ -150,7 +165,7 @@ def test_a_pull_of_a_transfer_not_held_fails_its_load_and_pins_nothing(prefill) 
     device, process = prefill
     case = PULL_CASES[0]
     decode, allocated = harness.make_worker(
-        case, device, 100, unknown_transfer_grace_s=0.2, transfer_timeout_s=2
+        case, decode_device(device), 100, unknown_transfer_grace_s=0.2, transfer_timeout_s=2
     )
     try:
         before = [harness.block_bytes(allocated, b) for b in range(case.num_blocks)]
@@ -215,6 +230,32 @@ def test_offload_stores_spills_and_loads_back_byte_exact(
             assert torch.equal(harness.block_bytes(allocated, target), original), target
         read = harness.wait_reported(worker, JobKind.DISK_READ, on_disk)
         assert all(read[k] == [1, 0] for k in on_disk)
+    finally:
+        worker.shutdown()
+
+
+@needs_cuda
+def test_a_store_reads_what_its_forward_writes_whatever_stream_vllm_computes_on() -> None:
+    """The store is handed over right after the forward was enqueued, before it ran (as vLLM
+    calls wait_for_save): it must read the bytes that forward writes, on vLLM's stream, not the
+    ones before. A store on a stream of its own without the mark would read stale bytes."""
+    case = CacheCase("flashinfer", "bf16", 16)
+    worker, allocated = harness.make_worker(
+        case, "cuda", 7, host_offload_bytes=2 * case.block_bytes
+    )
+    try:
+        forward = torch.cuda.Stream()
+        store = OffloadStepSpec(stores=(StoreJob(key(0), block_id=5, slot=0),))
+        with torch.cuda.stream(forward):
+            torch.cuda._sleep(200_000_000)  # the forward's compute: ~0.1 s of GPU time
+            for layer in allocated.kv_caches.values():
+                layer[5].view(torch.uint8).fill_(0x5A)  # what it writes into block 5
+            harness.step(worker, LLMDConnectorMetadata(offload_step=store))
+        assert harness.wait_reported(worker, JobKind.STORE, [key(0)])[key(0)] == [1, 0]
+        load = OffloadLoadSpec("req-after", block_ids=(9,), slots=(0,))
+        worker.start_load_kv(LLMDConnectorMetadata(offload_loads=[load]))
+        assert harness.wait_loaded(worker, "req-after") is False
+        assert bool((harness.block_bytes(allocated, 9) == 0x5A).all())
     finally:
         worker.shutdown()
 

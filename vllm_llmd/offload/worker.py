@@ -6,7 +6,10 @@ step's spills copy their slots out before that step's stores overwrite them; its
 on a small pool. Stores (into host slots, or into staging slots for a write straight to disk)
 read device blocks, which stay the request's own until it ends: they run behind the steps, and
 a step waits for them (`flush_stores`) only when the scheduler half says that blocks with stores
-in flight may be handed to another request (`OffloadStepSpec.flush_first`).
+in flight may be handed to another request (`OffloadStepSpec.flush_first`). On CUDA every
+copying thread has a stream of its own, and a step's stores are ordered after its forward by an
+event recorded when vLLM hands the step over (`ops/copy_stream.py`): they overlap the next
+forward, whichever stream vLLM computes on.
 
 Loads run on threads of their own, so a re-hit never queues behind a step's stores: host slots
 on one thread (a load's slots hold stored blocks, pinned: no store or spill touches them), disk
@@ -30,6 +33,7 @@ from vllm_llmd.log import ThrottledLog, get_logger
 from vllm_llmd.offload.disk_store import DiskBlockStore
 from vllm_llmd.offload.jobs import DiskStoreJob, OffloadLoadSpec, OffloadStepSpec, SpillJob
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
+from vllm_llmd.ops.copy_stream import CopyStreams
 
 logger = get_logger(__name__)
 
@@ -58,6 +62,8 @@ class OffloadWorker:
         self.staging = self._host_buffer(num_staging_slots if disk is not None else 0)
         self.disk = disk
         self._disk_thread_state = threading.local()  # each disk thread's read buffer
+        # on CUDA, each copying thread's own stream, ordered after the step's forward
+        self._streams = CopyStreams(kv_cache.device)
         # a step's plan (spills, stores, deletes), in order; and its disk writes and verifies
         self._copier = ThreadPoolExecutor(1, "llmd-offload-copy")
         self._disk_pool = ThreadPoolExecutor(
@@ -78,7 +84,8 @@ class OffloadWorker:
         """Run a step's plan in order: spills, promotions, deletes, stores."""
         if step.is_empty():
             return
-        self._pending_stores = self._copier.submit(self._run_step, step)
+        after = self._streams.mark()  # the forward that computed the blocks to store
+        self._pending_stores = self._copier.submit(self._run_step, step, after)
 
     def flush_stores(self) -> None:
         """Wait until the last step's device → host copies are done (its blocks may be reused).
@@ -95,7 +102,7 @@ class OffloadWorker:
     def _host_buffer(self, num_blocks: int) -> torch.Tensor:
         return torch.empty((num_blocks, self.block_bytes), dtype=torch.uint8, pin_memory=self._pin)
 
-    def _run_step(self, step: OffloadStepSpec) -> None:
+    def _run_step(self, step: OffloadStepSpec, after: torch.cuda.Event | None) -> None:
         # Every block of the plan gets a result, failed or not: the scheduler unpins on it.
         self._spill(step.spills)
         for key in step.verifies:
@@ -103,15 +110,17 @@ class OffloadWorker:
         for key in step.deletes:
             self._disk_pool.submit(self._delete, key)
         if step.stores:
-            ok = self._gather(self.host, [(s.block_id, s.slot) for s in step.stores])
+            ok = self._gather(self.host, [(s.block_id, s.slot) for s in step.stores], after)
             for store in step.stores:
                 self._record(JobKind.STORE, store.key, ok)
-        self._store_to_disk(step.disk_stores)
+        self._store_to_disk(step.disk_stores, after)
 
-    def _store_to_disk(self, stores: Sequence[DiskStoreJob]) -> None:
+    def _store_to_disk(
+        self, stores: Sequence[DiskStoreJob], after: torch.cuda.Event | None
+    ) -> None:
         if not stores:
             return
-        ok = self._gather(self.staging, [(s.block_id, s.staging_slot) for s in stores])
+        ok = self._gather(self.staging, [(s.block_id, s.staging_slot) for s in stores], after)
         for store in stores:
             if not ok:
                 self._record(JobKind.SPILL, store.key, False)
@@ -136,15 +145,21 @@ class OffloadWorker:
                     JobKind.SPILL, spill.key, self._write, spill.key, copies[i], spill.info
                 )
 
-    def _gather(self, pool: torch.Tensor, blocks_and_slots: Sequence[tuple[int, int]]) -> bool:
-        """Copy device blocks into slots of `pool`; False (logged) if the copy failed."""
+    def _gather(
+        self,
+        pool: torch.Tensor,
+        blocks_and_slots: Sequence[tuple[int, int]],
+        after: torch.cuda.Event | None,
+    ) -> bool:
+        """Copy device blocks into slots of `pool` (after the forward `after` marks, done when
+        this returns); False (logged) if the copy failed."""
         # Slots come off the free list mostly in runs: gather each run straight into the pool.
         blocks = [block for block, _ in blocks_and_slots]
         try:
-            for first, last, slot in slot_runs([slot for _, slot in blocks_and_slots]):
-                gather_blocks(self.kv_cache, blocks[first:last], pool[slot : slot + last - first])
-            if self.kv_cache.device.type == "cuda":
-                torch.cuda.current_stream(self.kv_cache.device).synchronize()
+            with self._streams.copies(after):
+                for first, last, slot in slot_runs([slot for _, slot in blocks_and_slots]):
+                    pages = pool[slot : slot + last - first]
+                    gather_blocks(self.kv_cache, blocks[first:last], pages)
         except Exception:
             logger.exception("LLMDConnector: offload store of %d blocks failed", len(blocks))
             return False
@@ -167,12 +182,11 @@ class OffloadWorker:
         return all_of(parts)
 
     def _load(self, block_ids: list[int], slots: list[int]) -> None:
-        for first, last, slot in slot_runs(slots):
-            source = self.host[slot : slot + last - first]
-            scatter_blocks(self.kv_cache, block_ids[first:last], source)
-        if self.kv_cache.device.type == "cuda":
-            # The kernels read the pinned pool in place: done before the slots can be reused.
-            torch.cuda.current_stream(self.kv_cache.device).synchronize()
+        # The kernels read the pinned pool in place: done before the slots can be reused.
+        with self._streams.copies():
+            for first, last, slot in slot_runs(slots):
+                source = self.host[slot : slot + last - first]
+                scatter_blocks(self.kv_cache, block_ids[first:last], source)
 
     def _load_from_disk(self, block_ids: list[int], keys: list[BlockHash]) -> None:
         assert self.disk is not None
@@ -188,9 +202,8 @@ class OffloadWorker:
                 continue  # the other files are still read and reported
             if failed is None:
                 ids = block_ids[start : start + len(piece)]
-                scatter_blocks(self.kv_cache, ids, buffer[: len(piece)])
-                if self.kv_cache.device.type == "cuda":  # before the buffer is read again
-                    torch.cuda.current_stream(self.kv_cache.device).synchronize()
+                with self._streams.copies():  # done before the buffer is read into again
+                    scatter_blocks(self.kv_cache, ids, buffer[: len(piece)])
         if failed is not None:
             raise failed
 

@@ -8,6 +8,8 @@
   `copy_blocks(src, src_ids, dst, dst_ids)`: page to page between two caches of one layout.
 - cuda_copy.py: the kernels of kernels/copy_pages.cu (compiled by nvrtc.py at first use).
 - torch_copy.py: the same copies with index_select / index_copy_ (CPU, or no kernels).
+- copy_stream.py: `CopyStreams`, a CUDA stream per copying thread, ordered after vLLM's forward
+  by an event (the tiers' stores and loads).
 """
 
 from vllm_llmd.ops.block_copy import (

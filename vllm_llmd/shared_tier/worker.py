@@ -5,7 +5,8 @@ the bytes, the server never touches vLLM memory. At start, and again whenever th
 back, the worker registers its layout (`register_kv_cache_engine_driven_context`) and maps the
 server's L1 pool (`/dev/shm/lmcache_l1_pool_<name>`, shared memory: the server must run with
 `--shm-name`, so it must run on this host). On CUDA the blocks go through pinned host staging
-(copy kernels), the chunk permutation through the CPU: the same bytes as on CPU
+(copy kernels, on each copying thread's own stream, stores ordered after the step's forward:
+`ops/copy_stream.py`), the chunk permutation through the CPU: the same bytes as on CPU
 (`layout.py`). LMCache's own GPU mode (the server reads GPU memory through CUDA IPC) is not
 used: one path for both devices, and no server-side GPU context.
 
@@ -31,6 +32,7 @@ import torch
 
 from vllm_llmd.log import get_logger
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
+from vllm_llmd.ops.copy_stream import CopyStreams
 from vllm_llmd.shared_tier.client import SharedTierClient, SharedTierError, SharedTierUnavailable
 from vllm_llmd.shared_tier.layout import ChunkLayout
 from vllm_llmd.shared_tier.messages import SharedLoadSpec, SharedStoreSpec
@@ -64,6 +66,8 @@ class SharedTierWorker:
         # on CUDA, staging is pinned host memory: the copy kernels move the blocks, the
         # chunk permutation runs on the CPU (where LMCache's pool is)
         self._pin = cache.device.type == "cuda"
+        # on CUDA, each copying thread's own stream, stores ordered after the step's forward
+        self._streams = CopyStreams(cache.device)
         self.layout = ChunkLayout.from_kv_caches(kv_caches, cache, chunk_tokens)
         self.model_name = model_name
         self.world_size = world_size
@@ -196,12 +200,6 @@ class SharedTierWorker:
             self.cache.buffer_bytes(num_blocks), dtype=torch.uint8, pin_memory=self._pin
         )
 
-    def _synchronize(self) -> None:
-        """On CUDA, wait for this thread's copies (on the device's default stream, so they
-        were ordered after the forward that wrote the blocks)."""
-        if self._pin:
-            torch.cuda.current_stream(self.cache.device).synchronize()
-
     # ---- stores --------------------------------------------------------------------------
 
     def submit_stores(self, stores: Sequence[SharedStoreSpec]) -> None:
@@ -218,7 +216,8 @@ class SharedTierWorker:
             self._count("shared_stores_dropped", num_chunks)
             self._report(spec, ok=False)
         if accepted:
-            self._pending_gather = self._copier.submit(self._gather_all, accepted)
+            after = self._streams.mark()  # the forward that computed these blocks
+            self._pending_gather = self._copier.submit(self._gather_all, accepted, after)
 
     def flush_stores(self) -> None:
         """Before the next forward: the last step's blocks have been copied out. Never raises."""
@@ -230,12 +229,12 @@ class SharedTierWorker:
         except Exception:
             logger.exception("LLMDConnector shared tier: gathering blocks to store failed")
 
-    def _gather_all(self, stores: list[SharedStoreSpec]) -> None:
+    def _gather_all(self, stores: list[SharedStoreSpec], after: torch.cuda.Event | None) -> None:
         for spec in stores:
             try:
                 staging = self._staging(len(spec.block_ids))
-                gather_blocks(self.cache, list(spec.block_ids), staging)
-                self._synchronize()
+                with self._streams.copies(after):
+                    gather_blocks(self.cache, list(spec.block_ids), staging)
             except Exception:
                 logger.exception("LLMDConnector shared tier: gathering blocks to store failed")
                 self._store_done(spec, 0, failed=True)
@@ -311,8 +310,8 @@ class SharedTierWorker:
     def _load(self, spec: SharedLoadSpec) -> int:
         try:
             staging = self._retrieve(spec)
-            scatter_blocks(self.cache, list(spec.block_ids), staging)
-            self._synchronize()  # the kernels read the pinned staging in place
+            with self._streams.copies():  # the kernels read the pinned staging in place
+                scatter_blocks(self.cache, list(spec.block_ids), staging)
         except Exception as exc:
             self._count("shared_load_failures", 1)
             self._failed(f"load of request {spec.request_id}", exc)

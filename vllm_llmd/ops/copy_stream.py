@@ -1,0 +1,54 @@
+"""Block copies off vLLM's stream, ordered after the forward that wrote the blocks.
+
+The tiers copy blocks on threads of their own (stores behind the steps, loads beside them).
+On CUDA each such thread gets a stream of its own (`CopyStreams.copies`), so a store's copies
+overlap the next forward instead of queueing in its stream. What orders them after the forward
+that wrote the blocks is a mark (`CopyStreams.mark`: an event recorded on the caller's current
+stream, the one vLLM enqueued the forward on, when vLLM hands the step over), not a shared
+stream: whichever stream vLLM computes on, a store never reads a block before its forward
+wrote it. The thread waits for its copies at the end of the block (the host buffer or the
+device blocks are used next). On the CPU copies are synchronous and all of it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+
+
+class CopyStreams:
+    """A CUDA stream per copying thread of one device (nothing on the CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._on_cuda = device.type == "cuda"
+        self._local = threading.local()
+
+    def mark(self) -> torch.cuda.Event | None:
+        """On the thread that enqueued the forward: the point the copies must come after."""
+        if not self._on_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    @contextlib.contextmanager
+    def copies(self, after: torch.cuda.Event | None = None) -> Iterator[None]:
+        """Enqueue the block's copies on this thread's stream, after `after` (a mark); wait
+        for them at its end, also when it raised (a buffer is never reused under a copy)."""
+        if not self._on_cuda:
+            yield
+            return
+        stream: torch.cuda.Stream | None = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        if after is not None:
+            stream.wait_event(after)
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            stream.synchronize()
