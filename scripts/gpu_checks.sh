@@ -52,20 +52,34 @@ if ! "$PYTHON" -c "import msgspec, zmq, blake3" 2>/dev/null; then
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-rm -f "$OUT/tests.xml" "$OUT/rows.jsonl"
+rm -f "$OUT/tests.xml" "$OUT/rows.jsonl" "$OUT/log"
 [[ -n "${QUICK[*]}" ]] || nvidia-smi -L
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
+# Each step has a time budget (the device tool allows 10 minutes a call): one that hangs is cut,
+# counted as failed, and the others still run; all output also goes to $OUT/log.
+export PYTHONUNBUFFERED=1
 status=0
-"$PYTHON" -m pytest -q -p no:cacheprovider -rs --junitxml "$OUT/tests.xml" \
+step() {
+  local budget=$1
+  shift
+  echo "== $* (at most ${budget}s)" | tee -a "$OUT/log"
+  local rc=0
+  timeout --kill-after=10 "$budget" "$@" 2>&1 | tee -a "$OUT/log" || rc=$?
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    echo "== TIMED OUT after ${budget}s: $*" | tee -a "$OUT/log"
+  fi
+  [[ $rc -eq 0 ]] || status=$rc
+}
+step 200 "$PYTHON" -m pytest -q -p no:cacheprovider -rs --junitxml "$OUT/tests.xml" \
   tests/test_copy_kernels.py tests/test_ops.py tests/test_cuda_ipc.py \
-  tests/test_cuda_ipc_checks.py tests/test_worker_byte_paths.py || status=$?
+  tests/test_cuda_ipc_checks.py tests/test_worker_byte_paths.py
 if [[ -z "${QUICK[*]}" ]]; then
-  "$PYTHON" benchmarks/bench_copy_kernels.py --check || status=$?
+  step 60 "$PYTHON" benchmarks/bench_copy_kernels.py --check
 fi
-"$PYTHON" benchmarks/bench_copy_kernels.py --block-sizes 16 64 --json "$OUT/rows.jsonl" \
-  "${QUICK[@]}" || status=$?
-"$PYTHON" benchmarks/bench_gpu_paths.py --json "$OUT/rows.jsonl" "${QUICK[@]}" || status=$?
+step 120 "$PYTHON" benchmarks/bench_copy_kernels.py --block-sizes 16 64 \
+  --json "$OUT/rows.jsonl" "${QUICK[@]}"
+step 120 "$PYTHON" benchmarks/bench_gpu_paths.py --json "$OUT/rows.jsonl" "${QUICK[@]}"
 title="GPU checks: $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU dry run)")')"
 "$PYTHON" benchmarks/gpu_report.py "$OUT/tests.xml" "$OUT/rows.jsonl" --title "$title" |
   tee "$OUT/report.md" || status=$?

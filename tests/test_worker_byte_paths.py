@@ -8,7 +8,8 @@ cross-layer order) in bf16, fp16 and fp8, blocks of 16 and 64 tokens.
   pinned host→device;
 - a P/D pull between two processes with the real side channel: CUDA IPC (GPU), shared memory
   and the socket, each path proven by the prefill's byte counters, the blocks released (and
-  between two GPUs where the machine has them);
+  between two GPUs where the machine has them); a decode of TP 2 reading its heads from a
+  prefill of TP 1;
 - the offload tiers: stores into host slots, spills and stores straight to disk, a load from
   host slots and disk files back into the cache; on CUDA, a store ordered after a forward on
   another stream;
@@ -20,6 +21,7 @@ Every test runs on the CPU in CI; the `cuda` ones run where a GPU is (scripts/gp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -159,6 +161,40 @@ def test_a_pull_between_two_processes_moves_the_blocks_byte_exact(prefill, index
         assert moved == {k: len(remote) * case.block_bytes * (k == counter) for k in moved}
     finally:
         decode.shutdown()
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=[c.name for c in PULL_CASES[:2]])
+def test_a_decode_of_tp_2_pulls_its_heads_from_a_prefill_of_tp_1(prefill, index) -> None:
+    """Each decode rank reads its half of the heads of every block (head-sliced reads), and
+    the prefill frees the blocks once both ranks released them."""
+    device, process = prefill
+    case = PULL_CASES[index]
+    decode_case = dataclasses.replace(case, tp_size=2)
+    remote, local = [5, 1, 22], [2, 9, 4]
+    expected = case.allocate("cpu", process.seed(index))
+    transfer_id = harness.new_transfer_id()
+    process.hold(index, "req-tp", transfer_id, remote)
+    recv = process.recv_spec(index, "req-tp", transfer_id, remote, local)
+    ranks = [
+        harness.make_worker(decode_case, decode_device(device), 100 + rank, tp_rank=rank)
+        for rank in (0, 1)
+    ]
+    try:
+        for worker, _ in ranks:
+            worker.start_load_kv(LLMDConnectorMetadata(recvs=[recv]))
+        for worker, _ in ranks:
+            assert harness.wait_loaded(worker, "req-tp") is False
+        heads = decode_case.num_heads
+        for rank, (_, allocated) in enumerate(ranks):
+            for name, layer in allocated.kv_caches.items():  # the logical [B, H, N, C] views
+                for source, target in zip(remote, local, strict=True):
+                    want = expected.kv_caches[name][source, rank * heads : (rank + 1) * heads]
+                    got = layer[target].cpu()
+                    assert torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
+        assert process.released(index, "req-tp")["held"] == 0
+    finally:
+        for worker, _ in ranks:
+            worker.shutdown()
 
 
 def test_a_pull_of_a_transfer_not_held_fails_its_load_and_pins_nothing(prefill) -> None:

@@ -17,6 +17,7 @@ from vllm_llmd.connector.config import LLMDConnectorConfig
 from vllm_llmd.connector.metadata import RecvSpec, ReleaseSpec
 from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.ops import PagedKVCache, scatter_blocks
+from vllm_llmd.ops.copy_stream import CopyStreams
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
 from vllm_llmd.transfer.head_slices import HeadSlicer
 from vllm_llmd.transfer.messages import CudaIpcCache
@@ -41,6 +42,9 @@ class KVPuller:
         self.kv_cache = kv_cache
         self.head_slicer = head_slicer
         self.ipc_cache = ipc_cache
+        # on CUDA each pull thread copies on a stream of its own: a read never waits behind
+        # the forward vLLM is running (the blocks it fills are its request's alone)
+        self._streams = CopyStreams(kv_cache.device)
 
     def reads_of(self, recv: RecvSpec) -> list[HeadRead]:
         """This worker's reads of a pull (one whole-block read when the TP sizes agree)."""
@@ -86,16 +90,14 @@ class KVPuller:
 
         def scatter(first_index: int, data: torch.Tensor) -> None:
             ids = list(local_ids[first_index : first_index + data.numel() // block_bytes])
-            on_cuda = kv_cache.device.type == "cuda"
-            if on_cuda:
-                data = data.to(kv_cache.device)
-            if whole:
-                scatter_blocks(kv_cache, ids, data)
-            else:
-                assert slicer is not None
-                slicer.scatter(ids, read.dst, data)
-            if on_cuda:
-                torch.cuda.current_stream(kv_cache.device).synchronize()
+            with self._streams.copies():  # done before the next read reuses `data`
+                if kv_cache.device.type == "cuda":
+                    data = data.to(kv_cache.device, non_blocking=True)
+                if whole:
+                    scatter_blocks(kv_cache, ids, data)
+                else:
+                    assert slicer is not None
+                    slicer.scatter(ids, read.dst, data)
 
         return pull_blocks(
             PullSpec(

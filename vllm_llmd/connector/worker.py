@@ -54,6 +54,7 @@ from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.log import get_logger
 from vllm_llmd.offload.worker import OffloadWorker
 from vllm_llmd.ops import PagedKVCache, gather_blocks
+from vllm_llmd.ops.copy_stream import CopyStreams
 from vllm_llmd.transfer.client import release_transfer
 from vllm_llmd.transfer.cuda_ipc import CudaIpcWriter, IpcUnavailable, export_cache
 from vllm_llmd.transfer.head_slices import HeadSlicer, HeadSliceUnsupported
@@ -119,6 +120,7 @@ class LLMDConnectorWorker:
         self._pool = ThreadPoolExecutor(config.num_transfer_threads, "llmd-pull")
         self.offload: OffloadWorker | None = None
         self.shared: SharedTierWorker | None = None
+        self._copy_streams: CopyStreams | None = None  # made with the KV cache
         # request id -> the futures of its load (pull and/or host-tier copy)
         self._loads: dict[str, list[Future]] = {}
         # request ids vLLM has reported finished: a send may be reported only after that
@@ -132,6 +134,9 @@ class LLMDConnectorWorker:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> KVCacheRegistration:
         self.kv_cache = PagedKVCache.from_layers(kv_caches)
+        # prefill side, CUDA: a read's gather on a stream of the side channel's own, so it
+        # never waits behind the forward vLLM is running (held blocks were computed before)
+        self._copy_streams = CopyStreams(self.kv_cache.device)
         first = next(iter(kv_caches.values()))
         self.registration = KVCacheRegistration(
             layer_names=tuple(kv_caches),
@@ -362,9 +367,9 @@ class LLMDConnectorWorker:
             staging = torch.empty(
                 cache.buffer_bytes(len(block_ids)), dtype=torch.uint8, pin_memory=on_cuda
             )
-        gather_blocks(cache, block_ids, staging)
-        if on_cuda:
-            torch.cuda.current_stream(cache.device).synchronize()
+        assert self._copy_streams is not None
+        with self._copy_streams.copies():  # done when this returns: the staging is sent next
+            gather_blocks(cache, block_ids, staging)
         return staging
 
     def _pull(self, recv: RecvSpec) -> int:

@@ -114,16 +114,24 @@ class CacheCase:
     block_size: int
     num_layers: int = 4
     num_blocks: int = 24
+    # the instance's tensor-parallel size: each worker's cache holds its share of the heads
+    tp_size: int = 1
 
     @property
     def name(self) -> str:
-        return f"{self.backend}-{self.dtype}-b{self.block_size}"
+        tp = f"-tp{self.tp_size}" if self.tp_size > 1 else ""
+        return f"{self.backend}-{self.dtype}-b{self.block_size}{tp}"
+
+    @property
+    def num_heads(self) -> int:
+        """KV heads of one worker."""
+        return BACKENDS[self.backend].num_heads // self.tp_size
 
     @property
     def shape(self) -> KVCacheShape:
         backend = BACKENDS[self.backend]
         return KVCacheShape(
-            self.num_layers, self.num_blocks, backend.num_heads, self.block_size, backend.content
+            self.num_layers, self.num_blocks, self.num_heads, self.block_size, backend.content
         )
 
     @property
@@ -155,12 +163,13 @@ class CacheCase:
             model="worker-harness",
             dtype=self.dtype,
             num_layers=self.num_layers,
-            num_kv_heads=backend.num_heads,
+            num_kv_heads=self.num_heads,
             head_size=backend.content // 2,
             block_size=self.block_size,
             layout=backend.layout,
-            tensor_parallel_size=1,
+            tensor_parallel_size=self.tp_size,
             page_bytes=self.page_bytes,
+            total_num_kv_heads=backend.num_heads,
         )
 
 
@@ -176,11 +185,15 @@ def make_worker(
     seed: int,
     *,
     is_producer: bool = False,
+    tp_rank: int = 0,
     **config_keys: Any,
 ) -> tuple[LLMDConnectorWorker, AllocatedKVCache]:
-    """A real worker half over a new cache of `case`, registered as vLLM registers it."""
+    """A real worker half (rank tp_rank of case.tp_size) over a new cache of `case`,
+    registered as vLLM registers it."""
     config = LLMDConnectorConfig(**config_keys)
-    worker = LLMDConnectorWorker(config, case.fingerprint(), 0, is_producer=is_producer)
+    worker = LLMDConnectorWorker(
+        config, case.fingerprint(), tp_rank, is_producer=is_producer, world_size=case.tp_size
+    )
     allocated = case.allocate(device, seed)
     try:
         worker.register_kv_caches(allocated.kv_caches)
@@ -191,9 +204,9 @@ def make_worker(
 
 
 def step(worker: LLMDConnectorWorker, metadata: LLMDConnectorMetadata) -> None:
-    """One engine step's hooks around a forward that computes nothing here."""
-    if worker.offload is not None:
-        worker.offload.flush_stores()  # handle_preemptions, when the plan says so
+    """One engine step's hooks, in vLLM's order, around a forward that computes nothing here
+    (it is enqueued on the caller's current CUDA stream, where a test may put one)."""
+    worker.handle_preemptions(metadata)
     worker.start_load_kv(metadata)
     worker.wait_for_save(metadata)
 

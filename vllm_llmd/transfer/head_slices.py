@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from vllm_llmd.kv_layout import HEAD_SLICED_LAYOUTS, KVLayoutFingerprint
+from vllm_llmd.ops.copy_stream import CopyStreams
 from vllm_llmd.ops.paged_cache import PagedKVCache, check_block_ids
 
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -55,6 +56,8 @@ class HeadSlicer:
         self.head_bytes = layer_page // (heads * per_row)
         self.rows = cache.page_bytes // (heads * self.head_bytes)  # per segment
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
+        # on CUDA a stream per copying thread: never behind the forward vLLM is running
+        self._streams = CopyStreams(cache.device)
 
     def block_bytes(self, num_heads: int) -> int:
         """Bytes one block id takes in a buffer of num_heads heads."""
@@ -80,9 +83,10 @@ class HeadSlicer:
         self._check_buffer(out, len(ids), heads)
         word = self._word(out)
         dst = self._as_buffer(out, word, len(ids), heads)
-        ids = ids.to(self.cache.device)
-        for s, view in enumerate(self._segment_views(word)):
-            dst[:, s].copy_(view[:, :, heads[0] : heads[1]].index_select(0, ids))
+        with self._streams.copies():  # done when this returns: `out` is read next
+            ids = ids.to(self.cache.device)
+            for s, view in enumerate(self._segment_views(word)):
+                dst[:, s].copy_(view[:, :, heads[0] : heads[1]].index_select(0, ids))
         return out
 
     def scatter(self, block_ids: Sequence[int], heads: tuple[int, int], src: torch.Tensor) -> None:
@@ -90,10 +94,11 @@ class HeadSlicer:
         ids = self._checked(block_ids, heads, distinct=True)
         self._check_buffer(src, len(ids), heads)
         word = self._word(src)
-        source = self._as_buffer(src, word, len(ids), heads).to(self.cache.device)
-        ids = ids.to(self.cache.device)
-        for s, view in enumerate(self._segment_views(word)):
-            view[:, :, heads[0] : heads[1]].index_copy_(0, ids, source[:, s])
+        with self._streams.copies():  # done when this returns: `src` may be reused next
+            source = self._as_buffer(src, word, len(ids), heads).to(self.cache.device)
+            ids = ids.to(self.cache.device)
+            for s, view in enumerate(self._segment_views(word)):
+                view[:, :, heads[0] : heads[1]].index_copy_(0, ids, source[:, s])
 
     # ---- helpers -------------------------------------------------------------------------
 
