@@ -38,6 +38,7 @@ from vllm_llmd.devtools.worker_harness import (  # first: it installs the vLLM s
     LLMDConnectorMetadata,
     OffloadLoadSpec,
     PrefillProcess,
+    ReleaseSpec,
 )
 from vllm_llmd.job_tally import JobKind
 from vllm_llmd.offload.jobs import DiskStoreJob, OffloadStepSpec, SpillJob, StoreJob
@@ -195,6 +196,24 @@ def test_a_decode_of_tp_2_pulls_its_heads_from_a_prefill_of_tp_1(prefill, index)
     finally:
         for worker, _ in ranks:
             worker.shutdown()
+
+
+def test_a_decode_that_gives_up_releases_the_blocks_without_reading_them(prefill) -> None:
+    """An aborted request: the decode side releases the transfer unread (ReleaseSpec); the
+    prefill frees the blocks then, not at its lease's end."""
+    device, process = prefill
+    case = PULL_CASES[0]
+    decode, _ = harness.make_worker(case, decode_device(device), 100)
+    try:
+        transfer_id = harness.new_transfer_id()
+        process.hold(0, "req-aborted", transfer_id, [1, 2, 3])
+        port = process.recv_spec(0, "req-aborted", transfer_id, [], []).ports
+        release = ReleaseSpec("127.0.0.1", port, transfer_id, "aborted by the client")
+        decode.start_load_kv(LLMDConnectorMetadata(releases=[release]))
+        after = process.released(0, "req-aborted")
+        assert after["reported"] and after["held"] == 0
+    finally:
+        decode.shutdown()
 
 
 def test_a_pull_of_a_transfer_not_held_fails_its_load_and_pins_nothing(prefill) -> None:

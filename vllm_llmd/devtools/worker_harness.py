@@ -50,6 +50,7 @@ from vllm_llmd.connector.metadata import (
     LLMDConnectorMetadata,
     OffloadLoadSpec,
     RecvSpec,
+    ReleaseSpec,
     SendSpec,
 )
 from vllm_llmd.connector.worker import LLMDConnectorWorker
@@ -68,6 +69,7 @@ __all__ = [  # the step metadata's types too: importing them here installs the s
     "OffloadLoadSpec",
     "PrefillProcess",
     "RecvSpec",
+    "ReleaseSpec",
     "SendSpec",
     "another_host",
     "block_bytes",
