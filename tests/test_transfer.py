@@ -14,7 +14,7 @@ from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.client import PullSpec, TransferFailed, pull_blocks, release_transfer
 from vllm_llmd.transfer.params import ParamsError, RemotePrefillParams, prompt_digest
 from vllm_llmd.transfer.registry import SendOutcome, SendRegistry, SendState
-from vllm_llmd.transfer.server import TransferServer
+from vllm_llmd.transfer.server import PeerBuffers, TransferServer
 
 NUM_LAYERS, PAGE = 3, 96
 FINGERPRINT = make_fingerprint(num_layers=NUM_LAYERS, head_size=8, page_bytes=PAGE)
@@ -168,6 +168,71 @@ def _pull(server, transfer_id, block_ids, fingerprint=FINGERPRINT, read_bytes=1 
         spec, scatter, timeout_s=2, unknown_transfer_grace_s=0.3, max_chunk_bytes=read_bytes
     )
     return nbytes, torch.cat([received[k] for k in sorted(received)])
+
+
+def test_peer_buffers_are_reused_per_peer_and_bounded_in_all():
+    buffers = PeerBuffers(max_bytes=100)
+    assert buffers.take(b"a", 10) is None  # none yet: the gather makes one
+    buffers.keep(b"a", torch.zeros(40, dtype=torch.uint8))
+    reused = buffers.take(b"a", 30)
+    assert reused is not None and reused.numel() == 30
+    buffers.keep(b"a", reused)  # a view of the kept buffer: the whole buffer stays
+    assert buffers.take(b"a", 40) is not None and buffers.take(b"a", 41) is None
+    buffers.keep(b"b", torch.zeros(50, dtype=torch.uint8))
+    buffers.keep(b"c", torch.zeros(30, dtype=torch.uint8))  # 120 bytes: a's goes (least recent)
+    assert buffers.take(b"a", 1) is None and buffers.take(b"b", 50) is not None
+    buffers.forget(b"b")
+    assert buffers.take(b"b", 1) is None and buffers.take(b"c", 30) is not None
+
+
+def test_a_peers_socket_reads_gather_into_one_staging_buffer():
+    """A new staging buffer per read paid a page fault per 4 KiB gathered: a peer's reads
+    after the first gather into the buffer its first read made (its reply was sent by then)."""
+    server, registry, cache, _ = _byte_cache_server(same_host_shm=False)
+    outs = []
+    gather = server._gather
+
+    def recording(block_ids, out):
+        outs.append(None if out is None else out.data_ptr())
+        return gather(block_ids, out)
+
+    server._gather = recording
+    try:
+        registry.add("req", "tid", [9, 2, 14, 5, 7])
+        _, data = _pull(server, "tid", [9, 2, 14, 5, 7], read_bytes=2 * NUM_LAYERS * PAGE)
+        assert torch.equal(data, cache[torch.tensor([9, 2, 14, 5, 7])])
+        assert outs[0] is None and outs[1] == outs[2] is not None  # reads of 2, 2 and 1
+    finally:
+        server.close()
+
+
+def test_a_threads_socket_reads_reuse_one_receive_buffer():
+    """A new buffer per read paid a page fault per 4 KiB written (a quarter of a socket pull's
+    time here): the reads of one thread land in one buffer, its data valid during the
+    scatter call only."""
+    server, registry, cache, _ = _byte_cache_server(same_host_shm=False)
+    try:
+        addresses, pulled, held = [], [], []
+
+        def scatter(first, data):
+            addresses.append(data.data_ptr())
+            pulled.append(data.clone().view(-1, NUM_LAYERS, PAGE))
+            held.append(data)  # alive: new buffers could not share an address
+
+        for transfer_id, block_ids in (("t1", [9, 2, 14]), ("t2", [5, 7, 1])):
+            registry.add("req-" + transfer_id, transfer_id, block_ids)
+            spec = PullSpec(
+                f"tcp://127.0.0.1:{server.port}", transfer_id, FINGERPRINT, tuple(block_ids),
+                NUM_LAYERS * PAGE,
+            )  # fmt: skip
+            pull_blocks(
+                spec, scatter, timeout_s=2, unknown_transfer_grace_s=0.3,
+                max_chunk_bytes=2 * NUM_LAYERS * PAGE,
+            )  # fmt: skip
+        assert len(addresses) == 4 and len(set(addresses)) == 1  # 2 + 1 and 2 + 1 blocks
+        assert torch.equal(torch.cat(pulled), cache[torch.tensor([9, 2, 14, 5, 7, 1])])
+    finally:
+        server.close()
 
 
 def test_pull_in_reads_then_release(side_channel):

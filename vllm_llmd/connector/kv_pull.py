@@ -110,6 +110,7 @@ class KVPuller:
                 local_block_ids=local_ids,
                 heads=None if read.whole_source else read.src,
                 num_consumers=read.num_consumers,
+                pinned=kv_cache.device.type == "cuda",
             ),
             scatter,
             timeout_s=self.config.transfer_timeout_s,
