@@ -71,15 +71,15 @@ step() {
   fi
   [[ $rc -eq 0 ]] || status=$rc
 }
-step 200 "$PYTHON" -m pytest -q -p no:cacheprovider -rs --junitxml "$OUT/tests.xml" \
+step 240 "$PYTHON" -m pytest -q -p no:cacheprovider -rs --junitxml "$OUT/tests.xml" \
   tests/test_copy_kernels.py tests/test_ops.py tests/test_cuda_ipc.py \
   tests/test_cuda_ipc_checks.py tests/test_worker_byte_paths.py
 if [[ -z "${QUICK[*]}" ]]; then
   step 60 "$PYTHON" benchmarks/bench_copy_kernels.py --check
 fi
-step 120 "$PYTHON" benchmarks/bench_copy_kernels.py --block-sizes 16 64 \
+step 100 "$PYTHON" benchmarks/bench_copy_kernels.py --block-sizes 16 64 \
   --json "$OUT/rows.jsonl" "${QUICK[@]}"
-step 120 "$PYTHON" benchmarks/bench_gpu_paths.py --json "$OUT/rows.jsonl" "${QUICK[@]}"
+step 100 "$PYTHON" benchmarks/bench_gpu_paths.py --json "$OUT/rows.jsonl" "${QUICK[@]}"
 title="GPU checks: $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU dry run)")')"
 "$PYTHON" benchmarks/gpu_report.py "$OUT/tests.xml" "$OUT/rows.jsonl" --title "$title" |
   tee "$OUT/report.md" || status=$?
