@@ -337,6 +337,9 @@ class PrefillProcess:
     def _read(self) -> Any:
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
+        while line and not line.startswith("{"):  # a library's print: not ours, passed on
+            sys.stderr.write(f"[prefill process] {line}")
+            line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"the prefill process exited ({self.process.wait()})")
         answer = json.loads(line)
