@@ -212,7 +212,7 @@ def _receive_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
     key = "receive_pinned" if pinned else "receive"
     buffer: torch.Tensor | None = local.get(key)
     if buffer is None or buffer.numel() < nbytes:
-        local[key] = None  # the old one goes before the new one is made
+        buffer = local[key] = None  # the old one goes before the new one is made
         buffer = local[key] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
     return buffer[:nbytes]
 
