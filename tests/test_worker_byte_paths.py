@@ -9,11 +9,12 @@ cross-layer order) in bf16, fp16 and fp8, blocks of 16 and 64 tokens.
 - a P/D pull between two processes with the real side channel: CUDA IPC (GPU), shared memory
   and the socket, each path proven by the prefill's byte counters, the blocks released (and
   between two GPUs where the machine has them); a decode of TP 2 reading its heads from a
-  prefill of TP 1;
+  prefill of TP 1; a release unread, and a pull of a transfer not held;
 - the offload tiers: stores into host slots, spills and stores straight to disk, a load from
   host slots and disk files back into the cache; on CUDA, a store ordered after a forward on
   another stream;
-- the shared tier's staging into LMCache's chunk object, against the chunk built by indexing.
+- the shared tier's staging into LMCache's chunk object, against the chunk built by indexing;
+- the harness itself in processes that cannot import vLLM (as on the lent GPU machines).
 
 Every test runs on the CPU in CI; the `cuda` ones run where a GPU is (scripts/gpu_checks.sh).
 """
@@ -33,7 +34,7 @@ import torch
 
 from vllm_llmd.devtools import vllm_stand_in
 from vllm_llmd.devtools import worker_harness as harness
-from vllm_llmd.devtools.worker_harness import (  # first: it installs the vLLM stand-in
+from vllm_llmd.devtools.worker_harness import (  # the worker's types, after the stand-in
     CacheCase,
     LLMDConnectorMetadata,
     OffloadLoadSpec,
