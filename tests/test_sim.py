@@ -332,13 +332,19 @@ def test_calibrate_fits_a_profile_from_a_real_server(vllm_servers, tiny_model, t
     assert profile.prefill_s_per_token > 0
     assert profile.step_s(4096, 0, 0, 0) > profile.step_s(256, 0, 0, 0)
     assert server.url in profile.source
-    # the decode fit predicts what a client measures between chunks, within a factor 3
-    timing = timed_stream(server.url, server.model_name, list(range(5, 261)), 32)
-    # (a chunk may carry two tokens, the detokenizer waiting for a whole character)
-    assert 24 <= len(timing.chunk_s) <= 32 and timing.chunk_s[0] == pytest.approx(timing.ttft_s)
-    measured = (timing.chunk_s[-1] - timing.chunk_s[0]) / (len(timing.chunk_s) - 1)
+    # the decode fit predicts what a client measures between chunks, within a factor 3: the
+    # median of three answers (a client descheduled for a whole answer on a busy CI box reads
+    # it in one burst, 17 us between chunks: seen once)
+    intervals = []
+    for _ in range(3):
+        timing = timed_stream(server.url, server.model_name, list(range(5, 261)), 32)
+        # (a chunk may carry two tokens, the detokenizer waiting for a whole character)
+        assert 24 <= len(timing.chunk_s) <= 32
+        assert timing.chunk_s[0] == pytest.approx(timing.ttft_s)
+        intervals.append((timing.chunk_s[-1] - timing.chunk_s[0]) / (len(timing.chunk_s) - 1))
+    measured = sorted(intervals)[1]
     predicted = profile.step_s(0, 0, 1, 256)
-    assert measured / 3 < predicted < measured * 3, (measured, predicted)
+    assert measured / 3 < predicted < measured * 3, (intervals, predicted)
 
 
 def test_requests_keep_their_order_and_ids():
