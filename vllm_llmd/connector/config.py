@@ -153,7 +153,9 @@ class LLMDConnectorConfig:
     unknown_transfer_grace_s: float = 3.0
     # Largest payload of one reply, a byte size (bytes as an int, or a string with a unit such
     # as "64MiB"): bounds the staging buffer on both sides. A prefill refuses larger reads, so
-    # a decode's value must not exceed its prefills'.
+    # a decode's value must not exceed its prefills'. Buffers are kept for reuse: each pull
+    # thread of a decode worker one of this size (pinned with a CUDA cache), a prefill worker
+    # up to 4x this for its socket peers. Reads written in place (CUDA IPC) are not bounded.
     max_chunk_bytes: int = 64 << 20
     # Concurrent transfers per decode worker.
     num_transfer_threads: int = 4
