@@ -59,15 +59,17 @@ def synchronizer(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def copy_rate(nbytes: int, device: str, target: str, reps: int) -> float:
-    """GB/s of one large copy_ from the device into `target` ("device" or "pinned")."""
-    source = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    pinned = device == "cuda" and target == "pinned"
-    if target == "device":
-        out = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+def copy_rate(nbytes: int, device: str, direction: str, reps: int) -> float:
+    """GB/s of one large copy_ of nbytes: "d2d" on the device, "d2h" from it into host memory,
+    "h2d" back (host memory pinned on CUDA: the link's practical limit)."""
+    pinned = device == "cuda"
+    on_device = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    if direction == "d2d":
+        other = torch.zeros(nbytes, dtype=torch.uint8, device=device)
     else:
-        out = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    seconds = median_s(lambda: out.copy_(source, non_blocking=True), reps, synchronizer(device))
+        other = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    source, target = (other, on_device) if direction == "h2d" else (on_device, other)
+    seconds = median_s(lambda: target.copy_(source, non_blocking=True), reps, synchronizer(device))
     return nbytes / seconds / 1e9
 
 
@@ -95,7 +97,7 @@ def pull_seconds(
 def bench_pulls(case: CacheCase, device: str, reps: int) -> list[Row]:
     num = case.num_blocks * 4 // 5
     nbytes = num * case.block_bytes
-    baseline = copy_rate(nbytes, device, "device", reps)
+    baseline = copy_rate(nbytes, device, "d2d", reps)
     paths = (["cuda_ipc"] if device == "cuda" else []) + ["shm", "socket"]
     rows = []
     with PrefillProcess(device, [case]) as prefill:
@@ -131,21 +133,14 @@ def bench_offload(case: CacheCase, device: str, reps: int) -> list[Row]:
         load_s = median_s(lambda: offload.load(load).result(), reps, sync)
     finally:
         worker.shutdown()
-    link_out = copy_rate(nbytes, device, "pinned", reps)
-    link_in = _copy_in_rate(nbytes, device, reps)
+    link_out = copy_rate(nbytes, device, "d2h", reps)
+    link_in = copy_rate(nbytes, device, "h2d", reps)
     link = "pinned copy_" if device == "cuda" else "plain copy_"
     size, goal = f"{nbytes / 2**20:.0f} MiB", 0.8 if device == "cuda" else None
     return [
         Row(f"offload store, {size}", nbytes / store_s / 1e9, link, link_out, goal),
         Row(f"offload load, {size}", nbytes / load_s / 1e9, link, link_in, goal),
     ]
-
-
-def _copy_in_rate(nbytes: int, device: str, reps: int) -> float:
-    source = torch.ones(nbytes, dtype=torch.uint8, pin_memory=device == "cuda")
-    out = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-    seconds = median_s(lambda: out.copy_(source, non_blocking=True), reps, synchronizer(device))
-    return nbytes / seconds / 1e9
 
 
 def main() -> None:

@@ -177,11 +177,12 @@ def test_a_decode_of_tp_2_pulls_its_heads_from_a_prefill_of_tp_1(prefill, index)
     transfer_id = harness.new_transfer_id()
     process.hold(index, "req-tp", transfer_id, remote)
     recv = process.recv_spec(index, "req-tp", transfer_id, remote, local)
-    ranks = [
-        harness.make_worker(decode_case, decode_device(device), 100 + rank, tp_rank=rank)
-        for rank in (0, 1)
-    ]
+    ranks = []
     try:
+        for rank in (0, 1):
+            ranks.append(
+                harness.make_worker(decode_case, decode_device(device), 100 + rank, tp_rank=rank)
+            )
         for worker, _ in ranks:
             worker.start_load_kv(LLMDConnectorMetadata(recvs=[recv]))
         for worker, _ in ranks:
@@ -208,8 +209,8 @@ def test_a_decode_that_gives_up_releases_the_blocks_without_reading_them(prefill
     try:
         transfer_id = harness.new_transfer_id()
         process.hold(0, "req-aborted", transfer_id, [1, 2, 3])
-        port = process.recv_spec(0, "req-aborted", transfer_id, [], []).ports
-        release = ReleaseSpec("127.0.0.1", port, transfer_id, "aborted by the client")
+        ports = (process.ports[0],)
+        release = ReleaseSpec("127.0.0.1", ports, transfer_id, "aborted by the client")
         decode.start_load_kv(LLMDConnectorMetadata(releases=[release]))
         after = process.released(0, "req-aborted")
         assert after["reported"] and after["held"] == 0

@@ -278,7 +278,11 @@ class PrefillProcess:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        ready = self._read()
+        try:
+            ready = self._read()
+        except BaseException:
+            self.close()
+            raise
         self.ports: list[int] = ready["ports"]
 
     def seed(self, index: int) -> int:

@@ -18,14 +18,17 @@ from collections.abc import Iterator
 
 import torch
 
+# this thread's copy stream per device, shared by every CopyStreams: copies nested on one
+# thread (a pull's host-to-device copy, then the head slicer's scatter) stay in order
+_thread_streams = threading.local()
+
 
 class CopyStreams:
-    """A CUDA stream per copying thread of one device (nothing on the CPU)."""
+    """The copy stream of each copying thread on one device (nothing on the CPU)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._on_cuda = device.type == "cuda"
-        self._local = threading.local()
 
     def mark(self) -> torch.cuda.Event | None:
         """On the thread that enqueued the forward: the point the copies must come after."""
@@ -42,9 +45,10 @@ class CopyStreams:
         if not self._on_cuda:
             yield
             return
-        stream: torch.cuda.Stream | None = getattr(self._local, "stream", None)
+        streams: dict[torch.device, torch.cuda.Stream] = _thread_streams.__dict__
+        stream = streams.get(self.device)
         if stream is None:
-            stream = self._local.stream = torch.cuda.Stream(self.device)
+            stream = streams[self.device] = torch.cuda.Stream(self.device)
         if after is not None:
             stream.wait_event(after)
         try:
