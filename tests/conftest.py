@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -183,12 +184,41 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = outcome.get_result()
     if not report.failed:
         return
-    for server in _POOL.servers if _POOL is not None else []:
-        report.sections.append(
-            (f"vLLM server log tail: {server.log_path.name}", server.log_tail(40))
-        )
+    servers = _POOL.servers if _POOL is not None else []
+    used = _servers_in(item.funcargs.values()) if hasattr(item, "funcargs") else []
+    # the servers this test used first, each with its warnings since start-up (a failed
+    # pull's reason is often far above the last lines)
+    for server in sorted(servers, key=lambda s: s not in used):
+        lines = server.log_text().splitlines()
+        tail = "\n".join(lines[-40:])
+        serving = lines[_startup_end(lines) : -40]
+        warnings = [line for line in serving if "WARNING" in line or "ERROR" in line]
+        if warnings:
+            tail = "\n".join(["warnings since start-up:", *warnings[-20:], "last lines:", tail])
+        report.sections.append((f"vLLM server log tail: {server.log_path.name}", tail))
     for router in RouterProcess.running:
         report.sections.append((f"router log tail: {router.log_path.name}", router.log_tail(60)))
+
+
+def _servers_in(values: Iterable[object]) -> list[VLLMServer]:
+    """The VLLMServers among a test's fixture values (directly, or in a dict, list or tuple)."""
+    found: list[VLLMServer] = []
+    for value in values:
+        if isinstance(value, VLLMServer):
+            found.append(value)
+        elif isinstance(value, dict):
+            found += _servers_in(value.values())
+        elif isinstance(value, list | tuple):
+            found += _servers_in(value)
+    return found
+
+
+def _startup_end(lines: list[str]) -> int:
+    """The index past uvicorn's start-up line (0 if it never started)."""
+    for index, line in enumerate(lines):
+        if "Application startup complete" in line:
+            return index + 1
+    return 0
 
 
 @pytest.fixture(scope="module")
