@@ -5,7 +5,8 @@ config key's name), hands each read's blocks to a `scatter` callback that writes
 local KV cache, and always ends with a release telling the prefill worker the outcome, so its
 blocks are freed at once instead of at lease expiry. Every wait is bounded by `timeout_s`,
 every retry by a count; any failure raises TransferFailed with a reason for the logs (and
-releases the transfer as failed).
+releases the transfer as failed). The connections, their reuse and the receive buffer are
+`channel.py`'s.
 
 Nothing a prefill worker answers can make this side hold more than it asked for: a reply's
 lengths are checked against the read before its bytes are received (`framing.py`), and the
@@ -31,7 +32,6 @@ their bytes never leave it (the host is the trust boundary there).
 
 from __future__ import annotations
 
-import socket
 import ssl
 import threading
 import time
@@ -42,22 +42,20 @@ import torch
 
 from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.transfer import messages as wire
-from vllm_llmd.transfer.framing import (
-    HEADER,
-    ConnectionClosed,
-    frame,
-    parse_header,
-    recv_exactly,
-    recv_into,
+from vllm_llmd.transfer.channel import (
+    RETRY_SLEEP_S,
+    Channel,
+    TransferFailed,
+    channel_for,
+    discard,
 )
 from vllm_llmd.transfer.shm import ShmReader, host_id
-from vllm_llmd.transfer.tls import TlsStream
+
+__all__ = ["PullSpec", "ScatterFn", "TransferFailed", "pull_blocks", "release_transfer"]
 
 # scatter(first_index, data): data holds blocks first_index.. of the pull, block-major. It is
 # valid during the call only: the next read of this thread reuses its buffer (copy it out).
 ScatterFn = Callable[[int, torch.Tensor], None]
-# between asks for a transfer the prefill has not registered yet, and between connection tries
-_RETRY_SLEEP_S = 0.05
 # transport switches (CUDA IPC -> shared memory -> socket) one read may take
 _MAX_SWITCHES = 2
 # A read written in place (CUDA IPC) moves no bytes over the socket and needs no buffer on
@@ -68,10 +66,6 @@ _NO_HEAD_READS = (
     " (a prefill worker without head-sliced reads: unequal TP sizes need this vllm-llmd "
     "version on the prefill side too)"
 )
-
-
-class TransferFailed(RuntimeError):
-    """A pull that did not complete; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -96,127 +90,6 @@ class PullSpec:
     pinned: bool = False
 
 
-class _Channel:
-    """A TCP connection to one prefill worker: one request, one reply, every wait bounded."""
-
-    def __init__(self, endpoint: str, timeout_s: float, tls: ssl.SSLContext | None) -> None:
-        self.endpoint = endpoint
-        self.timeout_s = timeout_s
-        self.tls = tls
-        self.address = _address(endpoint)
-        self.sock: socket.socket | TlsStream | None = None
-
-    def ask(
-        self, request: wire.Request, max_data_bytes: int = 0, pinned: bool = False
-    ) -> tuple[wire.Reply, torch.Tensor | None]:
-        """The reply, and its data part (at most max_data_bytes) if it has one, in this
-        thread's receive buffer (`_receive_buffer`: valid until its next ask). Any failure
-        closes the connection (the next ask opens a new one): nothing half-read is left on it."""
-        deadline = time.monotonic() + self.timeout_s
-        try:
-            header = self._send(frame(request), deadline)
-            control_bytes, data_bytes = parse_header(header, max_data_bytes)
-            reply = wire.decode_reply(recv_exactly(self.sock, control_bytes, deadline))
-            data = None
-            if data_bytes:
-                if not isinstance(reply, wire.BlocksHeader):
-                    raise wire.WireError(f"a {type(reply).__name__} reply with a data part")
-                data = _receive_buffer(data_bytes, pinned)
-                recv_into(self.sock, memoryview(data.numpy()), deadline)
-            return reply, data
-        except BaseException as exc:
-            self.close()
-            if isinstance(exc, wire.WireError):
-                raise TransferFailed(f"bad reply from {self.endpoint}: {exc}") from None
-            if isinstance(exc, TimeoutError):
-                raise self._no_answer("") from None
-            if isinstance(exc, OSError):
-                raise TransferFailed(f"prefill worker {self.endpoint}: {exc}") from None
-            raise
-
-    def _send(self, payload: bytes, deadline: float) -> bytes:
-        """Send a request, return its reply's frame header. A reused connection that the
-        prefill worker closed while it was idle is opened again, once."""
-        for attempt in range(2):
-            reused = self.sock is not None
-            if not reused:
-                self._connect(deadline)
-            assert self.sock is not None
-            try:
-                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
-                self.sock.sendall(payload)
-                return bytes(recv_exactly(self.sock, HEADER.size, deadline))
-            except (ConnectionClosed, ConnectionResetError, BrokenPipeError) as exc:
-                self.close()
-                nothing_back = not isinstance(exc, ConnectionClosed) or exc.received == 0
-                if not (reused and nothing_back and attempt == 0):
-                    raise TransferFailed(
-                        f"prefill worker {self.endpoint} closed the connection"
-                    ) from None
-        raise AssertionError("unreachable")
-
-    def _connect(self, deadline: float) -> None:
-        """Connect by the deadline; a refused connection is tried again until then (the
-        prefill worker may be binding its port)."""
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                sock = socket.create_connection(self.address, timeout=max(0.001, remaining))
-                break
-            except ConnectionRefusedError:
-                if remaining <= _RETRY_SLEEP_S:
-                    raise self._no_answer(" (connection refused)") from None
-                time.sleep(_RETRY_SLEEP_S)
-            except TimeoutError:
-                raise self._no_answer("") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls is not None:  # the handshake, by the same deadline (closes sock if it fails)
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            self.sock = TlsStream(sock, self.tls, server_hostname=self.address[0])
-            return
-        self.sock = sock
-
-    def _no_answer(self, why: str) -> TransferFailed:
-        milliseconds = int(self.timeout_s * 1000)
-        return TransferFailed(
-            f"prefill worker {self.endpoint} did not answer within {milliseconds} ms{why}"
-        )
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-
-def _address(endpoint: str) -> tuple[str, int]:
-    """("host", port) of "tcp://host:port" ("[v6]" hosts too)."""
-    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
-    if not sep or not port.isdigit():
-        raise TransferFailed(f"not a side-channel endpoint: {endpoint!r}")
-    return host.strip("[]"), int(port)
-
-
-# Channels are reused per pulling thread and prefill endpoint: no connection set-up per
-# request. A channel that saw any failure is discarded (a late reply could still arrive on it).
-_channels = threading.local()
-_MAX_CHANNELS_PER_THREAD = 64
-_HOST_ID = host_id()
-
-
-def _receive_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
-    """This thread's buffer for a reply's data part, grown as needed and reused by its next
-    read: a new one per read paid a page fault per 4 KiB written (measured: a 32 MiB socket
-    pull here took 42-46 ms with one, 32-33 ms reusing it). At most one read's worth
-    (max_chunk_bytes) per pull thread stays allocated."""
-    local = _channels.__dict__
-    key = "receive_pinned" if pinned else "receive"
-    buffer: torch.Tensor | None = local.get(key)
-    if buffer is None or buffer.numel() < nbytes:
-        buffer = local[key] = None  # the old one goes before the new one is made
-        buffer = local[key] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    return buffer[:nbytes]
-
-
 @dataclass
 class _PathState:
     """What this thread learned of each endpoint's same-host paths."""
@@ -228,31 +101,17 @@ class _PathState:
     chunked_ipc: set[str] = field(default_factory=set)
 
 
+# what each pulling thread learned of its endpoints' paths (its channels: channel.py)
+_paths = threading.local()
+_HOST_ID = host_id()
+
+
 def _path_state() -> _PathState:
-    local = _channels.__dict__
+    local = _paths.__dict__
     if "paths" not in local:
         local["paths"] = _PathState()
     state: _PathState = local["paths"]
     return state
-
-
-def _channel_for(endpoint: str, timeout_s: float, tls: ssl.SSLContext | None) -> _Channel:
-    cache: dict[tuple, _Channel] = _channels.__dict__.setdefault("by_key", {})
-    key = (endpoint, timeout_s, tls)
-    channel = cache.get(key)
-    if channel is None:
-        if len(cache) >= _MAX_CHANNELS_PER_THREAD:  # endpoints come and go: drop the oldest
-            cache.pop(next(iter(cache))).close()
-        channel = cache[key] = _Channel(endpoint, timeout_s, tls)
-    return channel
-
-
-def _discard(channel: _Channel) -> None:
-    cache: dict[tuple, _Channel] = _channels.__dict__.get("by_key", {})
-    for key, cached in list(cache.items()):
-        if cached is channel:
-            del cache[key]
-    channel.close()
 
 
 def pull_blocks(
@@ -268,7 +127,7 @@ def pull_blocks(
     """Read every block of spec into the local cache via scatter; returns bytes received.
     tls: the client context of a side channel with TLS (`tls.make_client_context`)."""
     bytes_per_block = spec.block_bytes
-    channel = _channel_for(spec.endpoint, timeout_s, tls)
+    channel = channel_for(spec.endpoint, timeout_s, tls)
     received, reason = 0, ""
     try:
         if bytes_per_block <= 0 or (spec.heads is not None and spec.heads[0] >= spec.heads[1]):
@@ -294,11 +153,11 @@ def pull_blocks(
             channel, spec.transfer_id, not reason, reason, num_consumers=spec.num_consumers
         )
         if reason or not released:
-            _discard(channel)
+            discard(channel)
 
 
 def _read(
-    channel: _Channel, spec: PullSpec, start: int, per_read: int, grace_s: float, shm: bool
+    channel: Channel, spec: PullSpec, start: int, per_read: int, grace_s: float, shm: bool
 ) -> tuple[torch.Tensor | None, int]:
     """The next blocks of the pull from `start`: (their bytes, or None if they were written in
     place; the index past the last). Bytes come per_read blocks at a time at most; a read
@@ -311,7 +170,7 @@ def _read(
     same_host = shm and bool(_HOST_ID)
     count = len(spec.remote_block_ids)
     deadline = time.monotonic() + grace_s
-    max_asks = 1 + _MAX_SWITCHES + int(grace_s / _RETRY_SLEEP_S) + 2
+    max_asks = 1 + _MAX_SWITCHES + int(grace_s / RETRY_SLEEP_S) + 2
     for _ in range(max_asks):
         offered = use_ipc, use_shm = _offered(spec, same_host, no_ipc, no_shm)
         whole = use_ipc and spec.endpoint not in paths.chunked_ipc
@@ -365,7 +224,7 @@ def _read(
         elif isinstance(reply, wire.TransferError):
             # The prefill engine registers a transfer one step after it answered: retry briefly.
             if reply.code == wire.UNKNOWN_TRANSFER and time.monotonic() < deadline:
-                time.sleep(_RETRY_SLEEP_S)
+                time.sleep(RETRY_SLEEP_S)
                 continue
             # no transfer id in a bad_request: it could not even decode a ReadHeads
             old = (
@@ -407,7 +266,7 @@ def _transports(offered: tuple[bool, bool]) -> str:
 
 
 def _release(
-    channel: _Channel, transfer_id: str, success: bool, reason: str, num_consumers: int = 1
+    channel: Channel, transfer_id: str, success: bool, reason: str, num_consumers: int = 1
 ) -> bool:
     """Best effort: if it is lost, the prefill side frees the blocks at lease expiry.
     Returns whether the prefill worker acknowledged it."""
@@ -438,6 +297,6 @@ def release_transfer(
 ) -> None:
     """Free a prefill's blocks without reading them (the decode side will not load them, or
     read its heads from another prefill worker: success)."""
-    channel = _channel_for(endpoint, timeout_s, tls)
+    channel = channel_for(endpoint, timeout_s, tls)
     if not _release(channel, transfer_id, success, reason, num_consumers):
-        _discard(channel)
+        discard(channel)
