@@ -1,5 +1,6 @@
-"""The examples run: GPU script syntax, the workload client and the offload-only example on a
-real vLLM CPU server."""
+"""The examples run: GPU script syntax, the workload client, the offload-only example on a
+real vLLM CPU server, and the single-box disaggregated demo (`scripts/demo.sh`, the README's
+main job) as a user runs it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
 WORKLOAD = EXAMPLES / "workload" / "shared_prefix_chat.py"
 OFFLOAD = EXAMPLES / "offload_only" / "run.py"
+DEMO = EXAMPLES / "single_box_cpu" / "demo.py"
 GPU_SCRIPT = EXAMPLES / "single_box_gpu" / "run.sh"
 # Same name and config as tests/test_serve.py: one server serves both modules in a session.
 CONNECTOR = {"kv_connector": "LLMDConnector", "kv_role": "kv_both"}
@@ -126,3 +128,26 @@ def test_offload_example_runs_and_shows_every_tier():
         stored, removed = map(int, re.findall(r"Block(?:Stored|Removed)\s+(\d+)", line))
         assert stored > 0 and removed > 0, line
     assert re.search(r"promoted [1-9]", out), out
+
+
+@pytest.mark.server
+def test_the_single_box_demo_moves_the_prompt_then_hits_the_cache():
+    """Its two chat turns show what it claims: the first prompt computed on the prefill pod
+    and moved to the decode pod by transfer, the second finding the shared system prompt in
+    the decode pod's cache."""
+    result = _run([str(DEMO)], timeout=600)
+    out = result.stdout
+    assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
+    assert out.count("assistant: ") == 2, out
+    routes = re.findall(r"route:\s+prefill=(\S+) -> decode=(\S+)", out)
+    assert len(routes) == 2 and routes[0][0] != "-", out  # the first turn went P/D
+    prompts = re.findall(
+        r"prompt:\s+(\d+) tokens; on the decode pod (\d+) by transfer, (\d+) from its cache, "
+        r"(\d+) computed",
+        out,
+    )
+    (total, moved, cached, computed), (total2, moved2, cached2, computed2) = [
+        tuple(map(int, p)) for p in prompts
+    ]
+    assert moved > 0 and moved + cached + computed == total, out
+    assert cached2 > 0 and moved2 + cached2 + computed2 == total2, out
