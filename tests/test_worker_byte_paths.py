@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ from vllm_llmd.devtools.worker_harness import (  # the worker's types, after the
     PrefillProcess,
     ReleaseSpec,
 )
-from vllm_llmd.job_tally import JobKind
+from vllm_llmd.job_tally import JobKind, JobTally
 from vllm_llmd.offload.jobs import DiskStoreJob, OffloadStepSpec, SpillJob, StoreJob
 from vllm_llmd.ops import PagedKVCache, gather_blocks, scatter_blocks
 from vllm_llmd.shared_tier.layout import ChunkLayout
@@ -289,6 +290,30 @@ def test_offload_stores_spills_and_loads_back_byte_exact(
         assert all(read[k] == [1, 0] for k in on_disk)
     finally:
         worker.shutdown()
+
+
+def test_a_wait_for_one_kind_of_report_keeps_the_others_it_drained() -> None:
+    """A store straight to disk reports its spill in the metadata that may also end the wait
+    for the host stores: the wait for the spills must still find it (CI once waited 30 s for
+    a spill report the store wait had drained)."""
+
+    class Reporting:  # a worker's report channel: one metadata, then nothing
+        def __init__(self, tally: JobTally) -> None:
+            self.pending = [SimpleNamespace(results=tally)]
+
+        def build_worker_metadata(self) -> SimpleNamespace | None:
+            return self.pending.pop() if self.pending else None
+
+    tally = JobTally()
+    tally.record(JobKind.STORE, b"host", True)
+    tally.record(JobKind.SPILL, b"disk", True)
+    worker = Reporting(tally)
+    assert harness.wait_reported(worker, JobKind.STORE, [b"host"]) == {b"host": [1, 0]}
+    assert harness.wait_reported(worker, JobKind.SPILL, [b"disk"], timeout_s=0.1) == {
+        b"disk": [1, 0]
+    }
+    with pytest.raises(TimeoutError, match="0 of 1 spill reports came"):
+        harness.wait_reported(worker, JobKind.SPILL, [b"never"], timeout_s=0.05)
 
 
 @needs_cuda

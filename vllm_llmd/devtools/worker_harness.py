@@ -33,6 +33,7 @@ import secrets
 import subprocess
 import sys
 import time
+import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -54,7 +55,7 @@ from vllm_llmd.connector.metadata import (
     SendSpec,
 )
 from vllm_llmd.connector.worker import LLMDConnectorWorker
-from vllm_llmd.job_tally import JobKind
+from vllm_llmd.job_tally import JobKind, JobTally
 from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.ops.layouts import AllocatedKVCache, KVCacheShape, allocate_kv_caches
 from vllm_llmd.transfer import client as transfer_client
@@ -227,18 +228,28 @@ def wait_loaded(worker: LLMDConnectorWorker, request_id: str, timeout_s: float =
     raise TimeoutError(f"the load of {request_id} did not end within {timeout_s} s")
 
 
+# every report each worker gave so far, of every kind: one metadata can carry reports of
+# several kinds, and a wait for one kind must not drop another's (a store straight to disk
+# reports its spill while the host stores are still being waited for)
+_reports: weakref.WeakKeyDictionary[LLMDConnectorWorker, JobTally] = weakref.WeakKeyDictionary()
+
+
 def wait_reported(
     worker: LLMDConnectorWorker, kind: JobKind, keys: Sequence[bytes], timeout_s: float = 30.0
 ) -> dict[bytes, list[int]]:
-    """The worker's reports of `kind` for every key: [finished, failed] per key."""
+    """The worker's reports of `kind` for every key, [finished, failed] per key: those it gave
+    since it was made, earlier waits included."""
     deadline = time.monotonic() + timeout_s
-    seen: dict[bytes, list[int]] = {}
-    while time.monotonic() < deadline:
+    reports = _reports.setdefault(worker, JobTally())
+    while True:
         metadata = worker.build_worker_metadata()
         if metadata is not None:
-            seen.update(metadata.results.counts.get(kind, {}))
+            reports.merge(metadata.results)
+        seen = reports.counts.get(kind, {})
         if all(key in seen for key in keys):
             return seen
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.0005)
     raise TimeoutError(f"{sum(k in seen for k in keys)} of {len(keys)} {kind.value} reports came")
 
