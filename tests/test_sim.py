@@ -280,6 +280,45 @@ def test_a_host_tier_hit_waits_out_the_step_its_load_runs_in():
     assert by_id[3].ttft_s == pytest.approx(2 * floor, rel=0.05)
 
 
+def test_a_pods_gauges_are_those_of_its_last_steps_end():
+    """vLLM's engine sends its stats with each step's output: a scrape during a step reads the
+    state its previous step ended in, and a request arriving mid-step is not counted until
+    the step after it is taken in ends."""
+    hasher = PrefixHasher(BLOCK)
+    env = simpy.Environment()
+    step_s = 1.0  # every step one second, whatever it computes
+    pod = SimPod(
+        env,
+        "pod-0",
+        PodConfig(capacity_blocks=40, block_size=BLOCK),
+        LatencyProfile(step_s, 0.0, 0.0, 0.0, 0.0),
+        lambda pod, batch: None,
+        lambda outcome: None,
+    )
+    first = SimRequest(0, 0.0, 640, 3, Chain(hasher).extend(synthetic_tokens(1, 640)))
+    second = SimRequest(1, 0.0, 64, 2, Chain(hasher).extend(synthetic_tokens(2, 64)))
+    seen = {}
+
+    def scenario():
+        pod.submit(first)
+        yield env.timeout(0.5)  # in the first step: nothing has ended yet
+        seen["mid-first"] = pod.load()
+        pod.submit(second)  # arrives during the first step
+        yield env.timeout(0.6)  # 1.1 s: the first step ended; the second is running
+        seen["after-first"] = pod.load(num_in_flight=2)
+        yield env.timeout(1.0)  # 2.1 s: the step that took the second request in ended
+        seen["after-second"] = pod.load()
+
+    env.process(scenario())
+    env.run(until=2.5)
+    assert seen["mid-first"].num_running == 0 and seen["mid-first"].kv_usage == 0.0
+    after = seen["after-first"]
+    assert (after.num_running, after.num_waiting, after.num_in_flight) == (1, 0, 2)
+    assert after.kv_usage == pytest.approx(11 / 40)  # 640 + 3 tokens: 11 blocks held
+    assert seen["after-second"].num_running == 2
+    assert seen["after-second"].kv_usage == pytest.approx(13 / 40)
+
+
 def test_profiles_round_trip_as_json(tmp_path: Path):
     path = tmp_path / "profile.json"
     save_profile(H100_LLAMA_8B, path)

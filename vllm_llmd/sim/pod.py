@@ -15,10 +15,17 @@ Each engine step (vLLM V1's scheduler, simplified):
 With only decodes running, nothing changes between finishes, so the pod sleeps until the next
 one in a single timeout; a request arriving meanwhile interrupts it, and the pod resumes at the
 next step boundary. That keeps the simulation's events per request, not per token.
+
+The gauges a scrape reads (`load`) are those of the last step's end, as vLLM's are: its engine
+sends its scheduler's stats with each step's output, so a request that arrives during a step
+shows at the end of the next, and a long prefill step (0.6 s on the CPU pods) holds them
+still. A router reading exact gauges instead made different choices with small caches, where
+KV usage crosses the saturation threshold within a step (docs/simulator.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections import deque
 from collections.abc import Callable, Generator
@@ -123,12 +130,15 @@ class SimPod:
         self._steps = 0
         self._idle: simpy.Event | None = None
         self._sleeping = False  # in a decode-only stretch that an arrival may cut short
+        self._gauges = PodLoad()  # as of the last step's end (see the module doc)
+        self._arrived_in_step = 0  # requests submitted since the step began
         self.num_requests = 0
         self._process = env.process(self._run())
 
     def submit(self, request: SimRequest) -> None:
         self._waiting.append(request)
         self.num_requests += 1
+        self._arrived_in_step += 1
         if self._idle is not None and not self._idle.triggered:
             self._idle.succeed()
         elif self._sleeping:
@@ -142,18 +152,15 @@ class SimPod:
         self._flush_events()
 
     def load(self, num_in_flight: int = 0) -> PodLoad:
-        """What the pod's /metrics would say now (vllm:num_requests_* and KV usage)."""
-        return PodLoad(
-            num_waiting=len(self._waiting),
-            num_running=len(self._prefilling) + len(self._decoding),
-            kv_usage=self.cache.usage,
-            num_in_flight=num_in_flight,
-        )
+        """What the pod's /metrics would say now (vllm:num_requests_* and KV usage): the
+        gauges of the last step's end."""
+        return dataclasses.replace(self._gauges, num_in_flight=num_in_flight)
 
     # ---- the engine loop ------------------------------------------------------------------
 
     def _run(self) -> Process:  # the pod's SimPy process
         while True:
+            self._arrived_in_step = 0  # vLLM takes in what arrived before it schedules
             self._admit()
             if self._prefilling:
                 yield from self._mixed_step()
@@ -217,7 +224,7 @@ class SimPod:
             if running.computed == running.request.num_prompt_tokens:
                 self._first_token(running)
         self._finish_due()
-        self._flush_events()
+        self._end_step()
 
     def _decode_stretch(self) -> Process:
         """Decode steps until the next answer ends, or to the step an arrival cuts in at."""
@@ -236,7 +243,7 @@ class SimPod:
         self._sleeping = False
         self._advance(steps)
         self._finish_due()
-        self._flush_events()
+        self._end_step()
 
     # ---- bookkeeping ----------------------------------------------------------------------
 
@@ -280,3 +287,13 @@ class SimPod:
         events = self.cache.take_events()
         if events:
             self._publish(self.pod_id, EventBatch(ts=self.env.now, events=tuple(events)))
+
+    def _end_step(self) -> None:
+        """The step's KV events out, its gauges set."""
+        self._flush_events()
+        self._gauges = PodLoad(
+            # requests that arrived during the step reach the scheduler after it
+            num_waiting=len(self._waiting) - self._arrived_in_step,
+            num_running=len(self._prefilling) + len(self._decoding),
+            kv_usage=self.cache.usage,
+        )
