@@ -43,7 +43,7 @@ from vllm_llmd.devtools.server import VLLMServerConfig
 
 pytestmark = pytest.mark.server
 
-# Generous for a loaded 2-core box (on a fresh CI machine a pull ran past 60 s); blocks
+# Generous for a loaded 2-core box (a fresh CI machine recomputed a pull at 60 s); blocks
 # freed well before the lease still prove every prefill worker was released.
 LEASE_S = 300.0
 TRANSFER_TIMEOUT_S = 150.0
