@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import statistics
 import subprocess
 import sys
@@ -93,11 +94,13 @@ def serve(pki: Path | None, num_blocks: int, num_pulls: int, core: int) -> None:
     time.sleep(24 * 3600)
 
 
-def start_server(pki: Path | None, num_blocks: int, num_pulls: int, core: int):
+def start_server(
+    pki: Path | None, num_blocks: int, num_pulls: int, core: int
+) -> subprocess.Popen[str]:
+    """The prefill process (serve); its first stdout line is its port."""
     command = [sys.executable, __file__, "--serve", str(core), "--blocks", str(num_blocks)]
     command += ["--pulls", str(num_pulls)] + (["--pki", str(pki)] if pki is not None else [])
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    return process, int(process.stdout.readline())
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
 
 def measure(pki: Path, num_blocks: int, num_pulls: int, cores: tuple[int, int]) -> dict:
@@ -111,14 +114,17 @@ def measure(pki: Path, num_blocks: int, num_pulls: int, cores: tuple[int, int]) 
         dest[first * block_bytes : first * block_bytes + data.numel()].copy_(data)
 
     client_tls = make_client_context(*tls_files(pki, "decode"))
-    servers = {
-        "plain": (start_server(None, num_blocks, num_pulls, prefill_core), None),
-        "tls": (start_server(pki, num_blocks, num_pulls, prefill_core), client_tls),
-    }
-    times: dict[str, list[float]] = {name: [] for name in servers}
+    processes: list[subprocess.Popen[str]] = []
+    times: dict[str, list[float]] = {"plain": [], "tls": []}
     try:
+        # name -> (port, client context); each process is killed below whatever happens
+        servers: dict[str, tuple[int, ssl.SSLContext | None]] = {}
+        for name, server_pki, tls in (("plain", None, None), ("tls", pki, client_tls)):
+            processes.append(start_server(server_pki, num_blocks, num_pulls, prefill_core))
+            assert processes[-1].stdout is not None
+            servers[name] = (int(processes[-1].stdout.readline()), tls)
         for index in range(num_pulls):
-            for name, ((_, port), tls) in servers.items():
+            for name, (port, tls) in servers.items():
                 spec = PullSpec(
                     f"tcp://127.0.0.1:{port}",
                     transfer_id(index),
@@ -138,7 +144,7 @@ def measure(pki: Path, num_blocks: int, num_pulls: int, cores: tuple[int, int]) 
                 )
                 times[name].append(time.perf_counter() - start)
     finally:
-        for (process, _), _ in servers.values():
+        for process in processes:
             process.kill()
             process.wait()
     # the first pulls open the connections (the TLS handshake): left out
