@@ -5,10 +5,14 @@ main job) as a user runs it."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,10 +29,85 @@ GPU_SCRIPT = EXAMPLES / "single_box_gpu" / "run.sh"
 CONNECTOR = {"kv_connector": "LLMDConnector", "kv_role": "kv_both"}
 
 
+# set to a fresh value in each example's environment, which the servers it starts inherit
+RUN_TAG = "VLLM_LLMD_EXAMPLE_RUN"
+
+
 def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+    """Run an example; whatever it started is gone afterwards. On a timeout the example is
+    killed before its own cleanup, and the vLLM servers it started (sessions of their own,
+    out of its process group) would outlive it: they are found by the tag in their
+    environment."""
+    tag = uuid.uuid4().hex
+    env = {**os.environ, RUN_TAG: tag}
+    try:
+        return subprocess.run(
+            [sys.executable, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO_ROOT,
+            env=env,
+        )
+    finally:
+        _kill_tagged(tag)
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries RUN_TAG=tag (Linux: /proc/PID/environ)."""
+    entry = f"{RUN_TAG}={tag}".encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if entry in environ.split(b"\0"):
+            pids.append(int(name))
+    return pids
+
+
+def _kill_tagged(tag: str) -> None:
+    if not Path("/proc/self/environ").exists():
+        return
+    for pid in _tagged_pids(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_an_example_that_times_out_leaves_nothing_running(tmp_path):
+    """What _run promises, with a stand-in example: it starts a process in a session of its
+    own (as devtools' VLLMServer does) and hangs."""
+    if not Path("/proc/self/environ").exists():
+        pytest.skip("needs /proc")
+    pidfile = tmp_path / "child.pid"
+    script = tmp_path / "hangs.py"
+    script.write_text(
+        "import pathlib, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+        " start_new_session=True)\n"
+        f"pathlib.Path({str(pidfile)!r}).write_text(str(child.pid))\n"
+        "time.sleep(600)\n"
     )
+    with pytest.raises(subprocess.TimeoutExpired):
+        _run([str(script)], timeout=5)
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().split(") ")[1][0]
+        except (OSError, IndexError):
+            break  # reaped by init: gone
+        if state == "Z":  # killed, not yet reaped by init
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail(f"the example's child {child} outlived the example")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
