@@ -14,7 +14,7 @@ from vllm_llmd.router.config import PodSpec
 from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.decision import Decider
 from vllm_llmd.router.index import InMemoryIndex
-from vllm_llmd.router.latency import ForgettingRidge, LatencyModels, RequestShape
+from vllm_llmd.router.latency import DRIFT_LIMIT, ForgettingRidge, LatencyModels, RequestShape
 from vllm_llmd.router.load import ArrivalRate, PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pod_state import PodState, Sending
@@ -475,3 +475,104 @@ def test_the_heuristics_pod_is_left_only_for_one_surely_on_time():
     assert kept.decision.pod == "slow" and not kept.meets
     # and with time to spare on both, affinity decides
     assert planner.choose(request, 2048, SLO(5.0)).decision.pod == "slow"
+
+
+def test_the_prefill_work_ahead_is_timed_from_when_the_pod_took_it_on():
+    """`ahead_since`: when work reached an empty prefill queue, or the pod's last first token
+    since (an engine step ended and took the queue on); none while nothing is ahead. A P/D
+    decode (no tokens to compute) starts no clock."""
+    now = [10.0]
+    pod = PodState(PodSpec.parse("http://pod-a"), clock=lambda: now[0])
+    assert pod.current_load().prefill_elapsed_s == 0.0
+    pulled = Sending(pod, 0)
+    now[0] = 11.0
+    assert pod.ahead_since is None and pod.current_load().prefill_elapsed_s == 0.0
+    cold = Sending(pod, 1500)
+    now[0] = 11.3
+    cached = Sending(pod, 40)  # joins the queue: the clock runs on from the cold one's send
+    now[0] = 11.4
+    assert pod.current_load().prefill_elapsed_s == pytest.approx(0.4)
+    now[0] = 11.5
+    cold.answering()  # its step ended: the cached prompt's starts now
+    now[0] = 11.52
+    assert pod.current_load().prefill_elapsed_s == pytest.approx(0.02)
+    pulled.answering()  # a first token with work still ahead: a step ended then too
+    assert pod.current_load().prefill_elapsed_s == 0.0
+    cached.answering()
+    assert pod.ahead_since is None and pod.current_load().prefill_elapsed_s == 0.0
+    with pytest.raises(ValueError, match="prefill_elapsed_s"):
+        PodLoad(prefill_elapsed_s=-1.0)
+
+
+def test_a_request_sent_into_a_prefill_waits_for_what_is_left_of_it():
+    """A pod computes its prompts one after another, 0.3 s per 1k uncached tokens: a request
+    waits for what is left of the work ahead (all of it, less what the pod did since it took
+    it on). A fit that counted all the tokens ahead, as it did, cannot tell a request sent
+    as a 1500-token prefill began from one sent as it ended; with the time elapsed it can."""
+    rng = np.random.default_rng(3)
+    models = LatencyModels(min_samples=8, forget=0.98)
+    for _ in range(400):
+        uncached = int(rng.choice([40, 1500]))
+        ahead = int(rng.choice([0, 1500, 3000]))
+        elapsed = float(rng.uniform(0, 0.3 * ahead / 1000))
+        shape = RequestShape(uncached, 0, ahead, 0, ahead_elapsed_s=elapsed)
+        left = 0.3 * ahead / 1000 - elapsed
+        ttft = (0.01 + 0.3 * uncached / 1000 + left) * rng.normal(1.0, 0.02)
+        models.observe("p", "direct", shape, float(ttft), None)
+    for ahead, elapsed in ((1500, 0.0), (1500, 0.2), (3000, 0.5)):
+        shape = RequestShape(40, 0, ahead, 0, ahead_elapsed_s=elapsed)
+        expected = 0.01 + 0.012 + 0.3 * ahead / 1000 - elapsed
+        predicted = models.predict("p", "direct", shape).ttft_s
+        assert predicted == pytest.approx(expected, rel=0.1), (ahead, elapsed)
+    # the shape carries the elapsed time from the pod's load
+    load = PodLoad(num_in_flight=1, num_prefilling=1, prefill_tokens=1500, prefill_elapsed_s=0.4)
+    shape = request_shape(ScoreInput(4, ["pod-a"], loads={"pod-a": load}), "pod-a", 600, 128)
+    assert (shape.ahead_tokens, shape.ahead_elapsed_s) == (1500, 0.4)
+
+
+def test_the_fit_weighs_relative_errors_so_short_answers_are_predicted_as_well():
+    """Long prompts also wait on work the features do not show (a queue the router cannot
+    see: seconds, at random). A fit of absolute errors spends itself on those seconds, and its
+    intercept and per-token cost wander with them: it missed the short answers by ~20%
+    (seeds 0-3). A fit of relative errors, the models', keeps them within 10%, and the long
+    ones no worse: an SLO is a ratio."""
+    rng = np.random.default_rng(0)
+    models = LatencyModels(min_samples=8)
+    errors: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(1000):
+        short = bool(rng.random() < 0.7)
+        uncached = int(rng.integers(20, 200)) if short else int(rng.integers(1000, 2000))
+        shape = RequestShape(uncached, 0, 0, 0)
+        ttft = float((0.02 + 0.3 * uncached / 1000) * rng.normal(1.0, 0.03))
+        if not short:
+            ttft += float(rng.exponential(0.3))
+        if i >= 200:
+            predicted = models.predict("p", "direct", shape).ttft_s
+            assert predicted is not None
+            errors[short].append(abs(predicted - ttft) / ttft)
+        models.observe("p", "direct", shape, ttft, None)
+    assert np.median(errors[True]) < 0.1, np.median(errors[True])
+    assert np.median(errors[False]) < 0.25, np.median(errors[False])
+    with pytest.raises(ValueError, match="weight"):
+        ForgettingRidge(5).update(np.ones(5), 1.0, weight=0.0)
+
+
+def test_a_pod_that_turns_slow_is_believed_within_a_few_dozen_answers():
+    """Weighted by 1/y², a pod's 5 ms answers outweigh its 2 s ones 160,000 to 1: forgetting
+    alone would follow the change after hundreds of answers. Misses that keep leaning one
+    way make the fit forget faster; answers that scatter around it (a stable pod) do not."""
+    models = LatencyModels(min_samples=1)
+    shape = RequestShape(100, 0, 0, 0)
+    for _ in range(100):
+        models.observe("p", "direct", shape, 0.005, None)
+    assert models.predict("p", "direct", shape).ttft_s == pytest.approx(0.005, rel=0.05)
+    for _ in range(40):
+        models.observe("p", "direct", shape, 2.0, None)
+    assert models.predict("p", "direct", shape).ttft_s == pytest.approx(2.0, rel=0.2)
+    # a stable pod whose answers scatter by 30% keeps its history: its fit stays put
+    rng = np.random.default_rng(5)
+    fit = ForgettingRidge(2)
+    for _ in range(500):
+        fit.update(np.array([1.0, 0.0]), float(rng.uniform(0.7, 1.3)), 1.0)
+    assert fit.predict(np.array([1.0, 0.0])) == pytest.approx(1.0, rel=0.1)
+    assert abs(fit._drift) < DRIFT_LIMIT

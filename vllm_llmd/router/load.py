@@ -59,6 +59,9 @@ class PodLoad:
     prefill_tokens: int = 0
     # requests per second this router has sent the pod lately (ArrivalRate)
     arrival_rate: float = 0.0
+    # seconds the pod has been working on that prefill work (PodState.ahead_since): a request
+    # sent now waits for what is left of it, not for all of it
+    prefill_elapsed_s: float = 0.0
 
     def __post_init__(self) -> None:
         counts = (self.num_waiting, self.num_running, self.num_in_flight, self.num_prefilling)
@@ -66,6 +69,8 @@ class PodLoad:
             raise ValueError(f"request counts must be >= 0: {self}")
         if not (math.isfinite(self.arrival_rate) and self.arrival_rate >= 0):
             raise ValueError(f"arrival_rate must be a finite rate >= 0, got {self.arrival_rate}")
+        if not (math.isfinite(self.prefill_elapsed_s) and self.prefill_elapsed_s >= 0):
+            raise ValueError(f"prefill_elapsed_s must be finite and >= 0: {self}")
         if not 0.0 <= self.kv_usage <= 1.0:
             raise ValueError(f"kv_usage must be in 0..1, got {self.kv_usage}")
 

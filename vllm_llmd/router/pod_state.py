@@ -4,6 +4,8 @@ in flight to it (`Sending`): the counts a decision reads as the pod's load."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vllm_llmd.router.config import PodSpec
@@ -22,8 +24,14 @@ class PodState:
     in_flight: int = 0
     prefilling: int = 0
     prefill_tokens: int = 0
+    # when the pod began on the prefill work now ahead of a new request: when that work
+    # arrived at an empty queue, or the pod's last first token since (its engine finished a
+    # step then and took the queue on). None: no prefill work ahead.
+    ahead_since: float | None = None
     # how fast this router has been sending it requests (each `Sending` counts one)
     arrivals: ArrivalRate = field(default_factory=ArrivalRate)
+    # the clock of ahead_since (the simulator's is simulated time)
+    clock: Callable[[], float] = time.monotonic
     subscribed: bool = False
     # the pod's tokens and block hashes match the router's; None: not checked since it joined
     hashes_ok: bool | None = None
@@ -55,6 +63,7 @@ class PodState:
             self.prefilling,
             self.prefill_tokens,
             self.arrivals.per_second(),
+            0.0 if self.ahead_since is None else max(0.0, self.clock() - self.ahead_since),
         )
 
 
@@ -67,14 +76,19 @@ class Sending:
         pod.arrivals.add()
         pod.in_flight += 1
         pod.prefilling += 1
+        if prefill_tokens and not pod.prefill_tokens:
+            pod.ahead_since = pod.clock()  # work arrives at an empty queue
         pod.prefill_tokens += prefill_tokens
 
     def answering(self) -> None:
         """The pod began answering: its prefill is no longer ahead of new requests (once)."""
         if self._prefilling:
             self._prefilling = False
-            self.pod.prefilling -= 1
-            self.pod.prefill_tokens -= self.prefill_tokens
+            pod = self.pod
+            pod.prefilling -= 1
+            pod.prefill_tokens -= self.prefill_tokens
+            # a first token ends an engine step: what is still ahead starts from now
+            pod.ahead_since = pod.clock() if pod.prefill_tokens else None
 
     def ended(self) -> None:
         """The request is over (answered or not): no longer in flight."""

@@ -59,6 +59,7 @@ def request_shape(request: ScoreInput, pod: str, num_tokens: int, block_size: in
         ahead_tokens=load.prefill_tokens,
         active=max(load.num_running, load.num_in_flight - load.num_prefilling),
         arrival_rate=load.arrival_rate,
+        ahead_elapsed_s=load.prefill_elapsed_s,
     )
 
 

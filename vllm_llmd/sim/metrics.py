@@ -5,7 +5,9 @@
 - prefix hit rate: prompt tokens found cached on the chosen pod (device or host tier) over all
   prompt tokens;
 - load imbalance: the busiest pod's request count over the mean (1.0 is perfectly even), and
-  the coefficient of variation of the counts.
+  the coefficient of variation of the counts;
+- the router's latency model: the median relative error of its TTFT predictions (issue #18's
+  "error at load"), over the requests it predicted (none while its models are cold).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Summary:
     host_hit_rate: float
     imbalance: float
     load_cv: float
+    # median |predicted - measured| / measured TTFT; None: nothing was predicted
+    ttft_error_p50: float | None
     sim_s: float
     wall_s: float
 
@@ -52,6 +56,7 @@ def summarize(
     slo: SLO,
     sim_s: float,
     wall_s: float,
+    ttft_errors: Sequence[float] = (),
 ) -> Summary:
     ttfts = [o.ttft_s for o in outcomes]
     tpots = [o.tpot_s for o in outcomes]
@@ -71,6 +76,7 @@ def summarize(
         host_hit_rate=sum(o.host_hit_tokens for o in outcomes) / prompt,
         imbalance=float(counts.max()) / mean if mean else 0.0,
         load_cv=float(counts.std()) / mean if mean else 0.0,
+        ttft_error_p50=float(np.median(ttft_errors)) if len(ttft_errors) else None,
         sim_s=sim_s,
         wall_s=wall_s,
     )
@@ -84,7 +90,8 @@ def _meets(outcome: Outcome, slo: SLO) -> bool:
 
 HEADER = (
     "| pods | policy | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) "
-    "| goodput (req/s, share) | hit rate | imbalance (max/mean, CV) | wall (s) |"
+    "| goodput (req/s, share) | hit rate | imbalance (max/mean, CV) | TTFT pred. error "
+    "| wall (s) |"
 )
 
 
@@ -95,9 +102,10 @@ def table(summaries: Iterable[Summary]) -> str:
         ttft = " / ".join(f"{v * 1000:.0f}" for v in s.ttft_s)
         tpot = " / ".join(f"{v * 1000:.1f}" for v in s.tpot_s)
         hit = f"{s.hit_rate:.1%}" + (f" ({s.host_hit_rate:.1%} host)" if s.host_hit_rate else "")
+        error = "-" if s.ttft_error_p50 is None else f"{s.ttft_error_p50:.0%}"
         rows.append(
             f"| {s.num_pods} | {s.policy} | {ttft} | {tpot} "
             f"| {s.goodput_rps:.1f}, {s.good_share:.1%} | {hit} "
-            f"| {s.imbalance:.2f}, {s.load_cv:.2f} | {s.wall_s:.1f} |"
+            f"| {s.imbalance:.2f}, {s.load_cv:.2f} | {error} | {s.wall_s:.1f} |"
         )
     return "\n".join(rows)

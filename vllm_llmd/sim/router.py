@@ -100,9 +100,11 @@ class SimRouter:
         self._seq = dict.fromkeys(self.pods, 0)
         # each pod's scraped load and the router's own counts, kept as the registry keeps them
         self._states = {
-            pod: PodState(PodSpec(pod), arrivals=ArrivalRate(clock=clock)) for pod in self.pods
+            pod: PodState(PodSpec(pod), arrivals=ArrivalRate(clock=clock), clock=clock)
+            for pod in self.pods
         }
         self._sending: dict[str, Sending] = {}  # request id -> its count at its pod
+        self._ahead: set[str] = set()  # pods with prefill work ahead (PodState.ahead_since)
         self.loads: dict[str, PodLoad] = {pod: PodLoad() for pod in self.pods}
         self.block_size = block_size
         self.hot: HotPrefixes | None = None
@@ -116,12 +118,18 @@ class SimRouter:
         # copies planned and not yet taken by the simulation, with their prompts' hashes
         self._copies: list[tuple[Replication, list[int]]] = []
         self.num_copies = 0
+        # |predicted - measured| / measured TTFT of each request the models predicted
+        self.ttft_errors: list[float] = []
 
     # ---- a request ------------------------------------------------------------------------
 
     def route(self, request_id: int, hashes: list[int], num_tokens: int) -> routing.Route:
         """The proxy's lookup, decide_route and recent-route record for one request."""
         caches = self.caches(hashes) if self.uses_caches else {}
+        # the registry's loads are read at each decision: the time a pod has spent on the
+        # prefill work ahead moves between events (only pods with work ahead change)
+        for pod in self._ahead:
+            self.loads[pod] = self._states[pod].current_load()
         route = routing.decide_route(
             self.routing,
             str(request_id),
@@ -178,12 +186,15 @@ class SimRouter:
         return caches
 
     def finished(self, route: routing.Route, ttft_s: float, tpot_s: float | None) -> None:
-        """The request ended: in-flight down; the latency models learn (as the dispatcher's)."""
+        """The request ended: in-flight down; the latency models learn, and the prediction's
+        error is kept, for every policy (as the dispatcher's `learn_from_answer`)."""
         pod = route.decode.pod
         self._sending.pop(route.request_id).ended()
         self._refresh(pod)
-        if self.routing.planner is not None:
-            self.latency.observe(pod, "direct", route.shape, ttft_s, tpot_s)
+        prediction = route.prediction
+        if prediction is not None and prediction.ttft_s is not None and ttft_s > 0:
+            self.ttft_errors.append(abs(prediction.ttft_s - ttft_s) / ttft_s)
+        self.latency.observe(pod, "direct", route.shape, ttft_s, tpot_s)
 
     # ---- what the pods tell it ------------------------------------------------------------
 
@@ -201,4 +212,9 @@ class SimRouter:
         self._refresh(pod)
 
     def _refresh(self, pod: str) -> None:
-        self.loads[pod] = self._states[pod].current_load()
+        state = self._states[pod]
+        self.loads[pod] = state.current_load()
+        if state.ahead_since is None:
+            self._ahead.discard(pod)
+        else:
+            self._ahead.add(pod)

@@ -179,6 +179,7 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
         config.goodput_slo,
         sim_s=last_done[0],
         wall_s=time.perf_counter() - started,
+        ttft_errors=router.ttft_errors,
     )
     return RunResult(summary, outcomes, router, pods)
 
