@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from vllm_llmd.router.slo import (
     RequestClass,
     SLOConfig,
     SLOHeaderError,
+    Verdict,
     parse_model_slo,
     parse_objective,
 )
@@ -192,7 +194,7 @@ def test_fair_share_under_a_random_flood():
     assert head.count("quiet") == quiet_total  # every quiet request served in the first 2n
 
 
-def _admit(cls: RequestClass, admissible) -> tuple[str, float] | int:
+def _admit(cls: RequestClass, judge) -> tuple[str, float] | int:
     """(admission, seconds queued), or the refusal's HTTP status."""
     from aiohttp import web
 
@@ -200,7 +202,7 @@ def _admit(cls: RequestClass, admissible) -> tuple[str, float] | int:
 
     async def run() -> tuple[str, float] | int:
         try:
-            return await admission.admit(cls, admissible)
+            return await admission.admit(cls, judge)
         except web.HTTPException as exc:
             return exc.status
         finally:
@@ -212,23 +214,23 @@ def _admit(cls: RequestClass, admissible) -> tuple[str, float] | int:
 def test_a_request_with_a_ttft_slo_and_no_objective_is_refused_when_its_deadline_passes():
     """Past saturation, serving it late would make the requests behind it late too."""
     never = SLO(ttft_s=0.2)
-    assert _admit(RequestClass(never), lambda waited_s: False) == 429
+    assert _admit(RequestClass(never), lambda waited_s: "wait") == 429
     # critical traffic (an objective of priority >= 0) is served late instead, never dropped
-    admission, queued_s = _admit(RequestClass(never, 0, objective="critical"), lambda w: False)
+    admission, queued_s = _admit(RequestClass(never, 0, objective="critical"), lambda w: "wait")
     assert admission == "late" and queued_s >= 0.2
     # ... and so is a request without a TTFT SLO, after --queue-timeout-s
-    admission, queued_s = _admit(RequestClass(SLO()), lambda waited_s: False)
+    admission, queued_s = _admit(RequestClass(SLO()), lambda waited_s: "wait")
     assert admission == "late" and 0.3 <= queued_s < 2
 
 
 def test_a_queued_request_is_judged_on_what_is_left_of_its_slo():
     asked: list[float] = []
 
-    def admissible(waited_s: float) -> bool:
+    def judge(waited_s: float) -> Verdict:
         asked.append(waited_s)
-        return waited_s >= 0.1  # a pod frees up after 0.1 s
+        return "admit" if waited_s >= 0.1 else "wait"  # a pod frees up after 0.1 s
 
-    admission, queued_s = _admit(RequestClass(SLO(ttft_s=5.0)), admissible)
+    admission, queued_s = _admit(RequestClass(SLO(ttft_s=5.0)), judge)
     assert admission == "queued" and queued_s >= 0.1
     assert asked[0] == 0.0 and asked[-1] >= 0.1 and asked == sorted(asked)
     cls = RequestClass(SLO(0.5, 0.05), 3, "tenant", "premium")
@@ -436,9 +438,12 @@ def test_requests_not_answering_yet_are_the_prefill_work_ahead_of_a_new_one():
     )
 
 
-def test_a_queued_request_its_slo_can_no_longer_cover_expires_unless_served_late():
+def test_a_request_whose_slo_is_out_of_reach_is_refused_unless_served_late():
     """Past saturation a request that waited until not even an idle pod can make what is left
-    of its SLO must not be dispatched (it would only make others late): it expires (429)."""
+    of its SLO must not be dispatched (it would only make others late): it is refused (429).
+    One out of reach on arrival (a long cold prompt against a tight SLO) is served best
+    effort while its pod has next to nothing ahead of it, and refused while it is busy: a
+    2 s prefill there would make the requests that can meet their SLOs late."""
     config = parse_config(["--pod", "http://a:1", "--policy", "slo"], environ={})
     registry = PodRegistry(config.pods, None)
     for pod in registry.pods.values():
@@ -447,16 +452,62 @@ def test_a_queued_request_its_slo_can_no_longer_cover_expires_unless_served_late
     decider = Decider(config, registry, InMemoryIndex(), None, policy, RouterMetrics())
     _warm(decider.latency, "http://a:1", per_ktoken=0.3)  # 1000 cold tokens: ~0.31 s
 
-    def admissible(request_class: RequestClass, waited_s: float) -> bool:
-        return decider._admissible([], {}, 1000, request_class, None, waited_s)
+    def judge(request_class: RequestClass, waited_s: float) -> Verdict:
+        return decider._judge([], {}, 1000, request_class, None, waited_s)
 
     plain = RequestClass(SLO(ttft_s=0.5))
     critical = RequestClass(SLO(ttft_s=0.5), 5, objective="critical")
-    assert admissible(plain, 0.0) and admissible(critical, 0.0)  # 0.31 s of 0.5: on time
-    assert not admissible(plain, 0.3)  # 0.2 s left: no pod, however idle, makes it
-    assert admissible(critical, 0.3)  # critical traffic is served, late
-    hopeless = RequestClass(SLO(ttft_s=0.1))  # its own miss: served best effort on arrival
-    assert admissible(hopeless, 0.0)
+    assert judge(plain, 0.0) == judge(critical, 0.0) == "admit"  # 0.31 s of 0.5: on time
+    assert judge(plain, 0.3) == "refuse"  # 0.2 s left: no pod, however idle, makes it
+    assert judge(critical, 0.3) == "admit"  # critical traffic is served, late
+    hopeless = RequestClass(SLO(ttft_s=0.1))  # its own miss: best effort on an idle pod
+    assert judge(hopeless, 0.0) == "admit"
+    with registry.sending("http://a:1", 40):  # a short prompt ahead: ~12 ms of ~0.31 s
+        assert judge(hopeless, 0.0) == "admit"
+    with registry.sending("http://a:1", 1500):  # a cold prompt ahead: ~0.45 s
+        assert judge(hopeless, 0.0) == "refuse"
+        assert judge(RequestClass(SLO(ttft_s=0.1), 0, objective="critical"), 0.0) == "admit"
+        assert judge(plain, 0.0) == "wait"  # late only because of the load: it may wait
+
+
+def test_a_refused_request_is_answered_at_once_and_holds_up_no_one():
+    """A verdict of "refuse" on arrival is a 429 at once; a queued request refused when
+    judged again is taken out, and the one behind it is judged in the same pump."""
+    from aiohttp import web
+
+    async def run() -> None:
+        admission = Admission(10, queue_timeout_s=5.0, retry_after_s=1, metrics=RouterMetrics())
+        try:
+            started = time.monotonic()
+            with pytest.raises(web.HTTPTooManyRequests):
+                await admission.admit(RequestClass(SLO(ttft_s=5.0)), lambda w: "refuse")
+            assert time.monotonic() - started < 0.05
+            free = [False]
+            head_verdicts: list[Verdict] = []
+
+            def head(waited_s: float) -> Verdict:
+                verdict: Verdict = "wait" if not free[0] else "refuse"
+                head_verdicts.append(verdict)
+                return verdict
+
+            first = asyncio.ensure_future(admission.admit(RequestClass(SLO(ttft_s=5.0)), head))
+            await asyncio.sleep(0.01)
+            second = asyncio.ensure_future(
+                admission.admit(
+                    RequestClass(SLO(ttft_s=9.0)), lambda w: "admit" if free[0] else "wait"
+                )
+            )
+            await asyncio.sleep(0.01)
+            free[0] = True
+            admission.pump()
+            assert (await second)[0] == "queued"
+            with pytest.raises(web.HTTPTooManyRequests):
+                await first
+            assert head_verdicts[-1] == "refuse" and len(admission.queue) == 0
+        finally:
+            admission.stop()
+
+    asyncio.run(run())
 
 
 def test_the_heuristics_pod_is_left_only_for_one_surely_on_time():

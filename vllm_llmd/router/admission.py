@@ -1,11 +1,14 @@
 """Admission (policy slo): a request goes when a pod can take it, else it waits its turn.
 
-A request is admitted at once when no request is queued and `admissible()` says a pod can take
-it now; a sheddable one is refused (429) otherwise; the rest wait in the `AdmissionQueue`
-(priority, then fairness id) and are admitted in queue order by `pump` (after every finished
-request and every `QUEUE_TICK_S` while the queue holds any), judged on what is left of their
-TTFT SLO. At its deadline a request is dispatched "late" when its class is served late
-(critical, or no TTFT SLO), else refused (429, counted "expired").
+The router judges a request (`judge(waited_s)`: "admit", "wait" or "refuse"). It is admitted
+at once when no request is queued and the verdict is "admit"; refused at once (429) when the
+verdict is "refuse" (its SLO is out of reach and serving it would only hold up others), or
+when it is sheddable and cannot be admitted now; the rest wait in the `AdmissionQueue`
+(priority, then fairness id) and are judged again in queue order by `pump` (after every
+finished request and every `QUEUE_TICK_S` while the queue holds any) on what is left of their
+TTFT SLO: admitted, or taken out when refused. At its deadline, or when refused in the queue,
+a request is dispatched "late" when its class is served late (critical, or no TTFT SLO), else
+refused (429, counted "expired").
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from vllm_llmd.router.slo import (
     QueuedRequest,
     QueueFullError,
     RequestClass,
+    Verdict,
 )
 
 # how often the admission queue is re-judged while it holds requests
@@ -49,14 +53,20 @@ class Admission:
         self._ticker: asyncio.Task[None] | None = None
 
     async def admit(
-        self, request_class: RequestClass, admissible: Callable[[float], bool]
+        self, request_class: RequestClass, judge: Callable[[float], Verdict]
     ) -> tuple[Admitted, float]:
         """Wait until the request may go; (admission, seconds queued). 429/503 when refused.
 
-        `admissible(waited_s)` judges it after `waited_s` in the queue."""
+        `judge(waited_s)` judges it after `waited_s` in the queue."""
+        verdict = judge(0.0)
         # Never ahead of queued requests: they go first, in queue order (by pump).
-        if not len(self.queue) and admissible(0.0):
+        if verdict == "admit" and not len(self.queue):
             return "met", 0.0
+        if verdict == "refuse":
+            self._count("shed", request_class)
+            raise self._too_many(
+                "no pod can serve this request within its SLO, and the pods are busy"
+            )
         if request_class.sheddable:
             self._count("shed", request_class)
             raise self._too_many("no pod can serve this request within its SLO now")
@@ -66,7 +76,7 @@ class Admission:
             request_class,
             arrival,
             arrival + timeout,
-            admissible,
+            judge,
             asyncio.get_running_loop().create_future(),
         )
         try:
@@ -98,20 +108,24 @@ class Admission:
         )
 
     def pump(self) -> None:
-        """Admit queued requests in queue order while the head is admissible; expire the rest."""
+        """Judge the head of the queue: admit it, or take it out when refused (as when its
+        deadline passes); expire the requests whose deadline has passed."""
         if not len(self.queue):
             return
         for entry in self.queue.expired(time.monotonic()):
             self.queue.remove(entry)
-            if not entry.admitted.done():
-                entry.admitted.set_result(False)
-        # One at a time: an admitted request is counted in flight only once its coroutine
-        # runs, so the next is judged on the next tick, against the updated counts.
-        head = self.queue.peek()
-        if head is not None and head.admissible(time.monotonic() - head.arrival):
+            _settle(entry, admitted=False)
+        # One admission at a time: an admitted request is counted in flight only once its
+        # coroutine runs, so the next is judged on the next tick, against the updated counts.
+        # Refused heads are taken out at once: they must not hold up the requests behind.
+        while (head := self.queue.peek()) is not None:
+            verdict = head.judge(time.monotonic() - head.arrival)
+            if verdict == "wait":
+                return
             self.queue.pop()
-            if not head.admitted.done():
-                head.admitted.set_result(True)
+            _settle(head, admitted=verdict == "admit")
+            if verdict == "admit":
+                return
 
     def stop(self) -> None:
         if self._ticker is not None:
@@ -126,3 +140,9 @@ class Admission:
         while len(self.queue):
             self.pump()
             await asyncio.sleep(QUEUE_TICK_S)
+
+
+def _settle(entry: QueuedRequest, admitted: bool) -> None:
+    """Tell a queued request's waiter whether it goes (once: its client may have left)."""
+    if not entry.admitted.done():
+        entry.admitted.set_result(admitted)

@@ -55,7 +55,7 @@ from vllm_llmd.router.routing import (
 )
 from vllm_llmd.router.scoring import PodCache, PolicyName, ScoreInput, ScoringPolicy
 from vllm_llmd.router.shared_view import SharedTierView, extend_with_shared, extended
-from vllm_llmd.router.slo import Admitted, RequestClass, SLOHeaderError
+from vllm_llmd.router.slo import Admitted, RequestClass, SLOHeaderError, Verdict
 from vllm_llmd.router.tokens import (
     PROVISIONAL_BLOCK_SIZE,
     TokenProcessor,
@@ -69,6 +69,9 @@ logger = logging.getLogger(__name__)
 INDEX_WORKERS = 4
 # llm-d's header naming a pod that holds the prompt's KV (HOST:PORT): --pull-from-holders
 KV_SOURCE_HEADER = "x-kv-cache-source-host-port"
+# a request whose SLO no pod can meet (policy slo) is served best effort only while it would
+# wait on its pod's load at most this share of its own predicted TTFT (Decider._judge)
+BEST_EFFORT_WAIT_SHARE = 0.25
 
 
 class Decider:
@@ -208,10 +211,8 @@ class Decider:
         admission: Admitted = "met"
         queued_s = 0.0
         if self.admission is not None:
-            admissible = partial(
-                self._admissible, hashes, caches, num_tokens, request_class, allowed
-            )
-            admission, queued_s = await self.admission.admit(request_class, admissible)
+            judge = partial(self._judge, hashes, caches, num_tokens, request_class, allowed)
+            admission, queued_s = await self.admission.admit(request_class, judge)
             if admission != "met":  # it waited: the pods' caches moved on
                 caches = await self._lookup(hashes)
         # chosen for what is left of its SLO; counted against its whole SLO from arrival
@@ -248,7 +249,7 @@ class Decider:
         pods = self.registry.candidates(roles)
         return pods if allowed is None else [pod for pod in pods if pod in allowed]
 
-    def _admissible(
+    def _judge(
         self,
         hashes: list[int],
         caches: Mapping[str, PodCache],
@@ -256,25 +257,38 @@ class Decider:
         request_class: RequestClass,
         allowed: Collection[str] | None,
         waited_s: float,
-    ) -> bool:
-        """A pod can take the request now: not all saturated, one predicted to meet what is
-        left of its SLO after `waited_s` in the queue."""
+    ) -> Verdict:
+        """Admit the request now, let it wait, or refuse it, after `waited_s` in the queue.
+
+        Admitted when a pod is predicted to meet what is left of its SLO; waits while only
+        load stands in the way (not all pods saturated and an idle pod would meet it). A miss
+        of its own (no pod, however idle, meets what is left) goes when its class is served
+        late; else best effort, which also warms the cache for the requests that share its
+        prefix, only on arrival and only while its pod has next to nothing ahead of it
+        (BEST_EFFORT_WAIT_SHARE): a long cold prompt served on a busy pod holds up for seconds
+        the requests that could meet their SLOs, and past saturation such prompts took half
+        the pods' time and left the rest late. Otherwise it is refused (429) at once."""
         assert self.planner is not None
         left = request_class.within(waited_s)
         decode_pods = self._candidates(DECODE_ROLES, allowed)
         if not decode_pods:
-            return True  # _route answers 503
+            return "admit"  # _route answers 503
         request = ScoreInput(len(hashes), decode_pods, caches, self.registry.loads())
         if self.planner.all_saturated(request):
-            return False
+            return "wait"
         choice = self.planner.choose(request, num_tokens, left.slo)
-        # Only a miss that load causes is worth waiting for (see SLOChoice.meets_when_idle).
+        if choice.meets:
+            return "admit"
         if choice.load_bound:
-            return False
-        # A miss of its own is served best effort when it arrives (it also warms the cache);
-        # one that waited until not even an idle pod could make what is left of its SLO goes
-        # only if its class is served late, else it expires (429).
-        return choice.meets or waited_s == 0 or request_class.served_late
+            return "wait"
+        if request_class.served_late:
+            return "admit"
+        idle_s = choice.idle_ttft_s
+        if waited_s == 0 and (
+            idle_s is None or choice.load_wait_s <= BEST_EFFORT_WAIT_SHARE * idle_s
+        ):
+            return "admit"
+        return "refuse"
 
     def _route(
         self,

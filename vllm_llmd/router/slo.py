@@ -11,14 +11,17 @@ current one is absent. As in the Gateway API
 Inference Extension, a negative priority is *sheddable*: when no pod can serve it within its
 SLO, it is refused with 429 and `Retry-After` instead of waiting. A request with a TTFT SLO
 and no objective waits for a pod that can still meet what is left of its SLO and is refused
-(429) if its deadline passes first; one that named an objective of priority >= 0 (critical) is
-dispatched late then instead, never dropped (`RequestClass.served_late`).
+(429) if its deadline passes first, or as soon as no pod, however idle, could meet what is left
+of it (on arrival: unless its pod is next to idle, where it is served best effort); one that
+named an objective of priority >= 0 (critical) is dispatched late then instead, never dropped
+(`RequestClass.served_late`).
 
 `AdmissionQueue` holds the requests that may not be dispatched yet (the pool is saturated, or
 no pod is predicted to meet the SLO). Its order: higher priority first; within a priority, the
 fairness ids with queued requests take turns (one request each), so one id flooding the router
 cannot starve another; within an id, the earliest deadline (arrival + TTFT SLO) first. A request
-waits until the router finds it admissible or its deadline passes, never longer.
+waits until the router admits it, finds its SLO out of reach, or its deadline passes, never
+longer.
 """
 
 from __future__ import annotations
@@ -48,9 +51,13 @@ DEFAULT_FAIRNESS_ID = "default"
 # How a request was let through: "met" at once; "queued" after waiting for a pod with room;
 # "late" when its deadline passed without one (dispatched anyway).
 Admitted = Literal["met", "queued", "late"]
-# ... or refused: "shed" (sheddable, 429 at once), "expired" (its TTFT SLO passed in the
-# queue, 429) or "rejected" (the queue is full, 503).
+# ... or refused: "shed" (429 at once: sheddable with no pod in time, or its SLO out of reach
+# on a busy pool), "expired" (its TTFT SLO passed in the queue, or went out of reach there,
+# 429) or "rejected" (the queue is full, 503).
 AdmissionOutcome = Literal[Admitted, "shed", "expired", "rejected"]
+# The router's judgement of a request at one moment: dispatch it now, let it wait for a pod,
+# or refuse it now (waiting cannot bring its SLO within reach).
+Verdict = Literal["admit", "wait", "refuse"]
 
 
 class SLOHeaderError(ValueError):
@@ -205,8 +212,8 @@ class QueuedRequest:
     request_class: RequestClass
     arrival: float
     deadline: float
-    # the router's test: may this request, queued this many seconds, be dispatched now?
-    admissible: Callable[[float], bool]
+    # the router's judgement of this request, queued this many seconds
+    judge: Callable[[float], Verdict]
     # set True when admitted, False when its deadline passed first
     admitted: asyncio.Future[bool]
     seq: int = 0
