@@ -442,8 +442,8 @@ def test_a_request_whose_slo_is_out_of_reach_is_refused_unless_served_late():
     """Past saturation a request that waited until not even an idle pod can make what is left
     of its SLO must not be dispatched (it would only make others late): it is refused (429).
     One out of reach on arrival (a long cold prompt against a tight SLO) is served best
-    effort while its pod has next to nothing ahead of it, and refused while it is busy: a
-    2 s prefill there would make the requests that can meet their SLOs late."""
+    effort while its pod has no prompt ahead of it, and refused while it is busy: a 2 s
+    prefill there would make the requests that can meet their SLOs late."""
     config = parse_config(["--pod", "http://a:1", "--policy", "slo"], environ={})
     registry = PodRegistry(config.pods, None)
     for pod in registry.pods.values():
@@ -462,8 +462,11 @@ def test_a_request_whose_slo_is_out_of_reach_is_refused_unless_served_late():
     assert judge(critical, 0.3) == "admit"  # critical traffic is served, late
     hopeless = RequestClass(SLO(ttft_s=0.1))  # its own miss: best effort on an idle pod
     assert judge(hopeless, 0.0) == "admit"
-    with registry.sending("http://a:1", 40):  # a short prompt ahead: ~12 ms of ~0.31 s
+    with registry.sending("http://a:1", 0) as answering:  # a request decoding there
+        answering.answering()
         assert judge(hopeless, 0.0) == "admit"
+    with registry.sending("http://a:1", 40):  # a short prompt ahead
+        assert judge(hopeless, 0.0) == "refuse"
     with registry.sending("http://a:1", 1500):  # a cold prompt ahead: ~0.45 s
         assert judge(hopeless, 0.0) == "refuse"
         assert judge(RequestClass(SLO(ttft_s=0.1), 0, objective="critical"), 0.0) == "admit"

@@ -69,9 +69,6 @@ logger = logging.getLogger(__name__)
 INDEX_WORKERS = 4
 # llm-d's header naming a pod that holds the prompt's KV (HOST:PORT): --pull-from-holders
 KV_SOURCE_HEADER = "x-kv-cache-source-host-port"
-# a request whose SLO no pod can meet (policy slo) is served best effort only while it would
-# wait on its pod's load at most this share of its own predicted TTFT (Decider._judge)
-BEST_EFFORT_WAIT_SHARE = 0.25
 
 
 class Decider:
@@ -264,10 +261,11 @@ class Decider:
         load stands in the way (not all pods saturated and an idle pod would meet it). A miss
         of its own (no pod, however idle, meets what is left) goes when its class is served
         late; else best effort, which also warms the cache for the requests that share its
-        prefix, only on arrival and only while its pod has next to nothing ahead of it
-        (BEST_EFFORT_WAIT_SHARE): a long cold prompt served on a busy pod holds up for seconds
-        the requests that could meet their SLOs, and past saturation such prompts took half
-        the pods' time and left the rest late. Otherwise it is refused (429) at once."""
+        prefix, only on arrival and only while its pod has no prompt ahead of it: a long cold
+        prompt served on a busy pod holds up for seconds the requests that could meet their
+        SLOs (past saturation, admitted while at most a quarter of their own TTFT was queued
+        ahead, such prompts still took over half the pods' time). Otherwise it is refused
+        (429) at once."""
         assert self.planner is not None
         left = request_class.within(waited_s)
         decode_pods = self._candidates(DECODE_ROLES, allowed)
@@ -283,10 +281,7 @@ class Decider:
             return "wait"
         if request_class.served_late:
             return "admit"
-        idle_s = choice.idle_ttft_s
-        if waited_s == 0 and (
-            idle_s is None or choice.load_wait_s <= BEST_EFFORT_WAIT_SHARE * idle_s
-        ):
+        if waited_s == 0 and choice.shape.ahead_tokens == 0:
             return "admit"
         return "refuse"
 

@@ -75,20 +75,11 @@ class SLOChoice:
     # (or shedding) can help; otherwise the miss is the request's own (a long cold prompt)
     # and it is served at once, best effort, which also warms the cache for the next one
     meets_when_idle: bool = True
-    # the chosen pod's predicted TTFT were it idle (None while cold)
-    idle_ttft_s: float | None = None
 
     @property
     def load_bound(self) -> bool:
         """Missing the SLO because of load: the case for queueing or shedding."""
         return not self.meets and self.meets_when_idle
-
-    @property
-    def load_wait_s(self) -> float:
-        """Seconds the request is predicted to wait on its pod's load (0 while cold)."""
-        if self.prediction is None or self.prediction.ttft_s is None or self.idle_ttft_s is None:
-            return 0.0
-        return max(0.0, self.prediction.ttft_s - self.idle_ttft_s)
 
 
 class SLOPlanner:
@@ -152,9 +143,9 @@ class SLOPlanner:
             pod = min(pool, key=lambda p: (ratios[p], shapes[p].active, p))
         prediction = predictions[pod]
         meets = not has_slo or ratios[pod] <= limit
-        idle = {p: self.models.predict(p, mode, _idle(shapes[p])) for p in request.candidates}
         meets_when_idle = meets or any(
-            _slo_ratio(idle[p], slo, outputs) <= limit for p in request.candidates
+            _slo_ratio(self.models.predict(p, mode, _idle(shapes[p])), slo, outputs) <= limit
+            for p in request.candidates
         )
         assert prediction.ttft_s is not None
         tpot = "?" if prediction.tpot_s is None else f"{prediction.tpot_s * 1000:.1f}"
@@ -166,9 +157,7 @@ class SLOPlanner:
         )
         scores = {p: -r for p, r in ratios.items()}
         decision = Decision(pod, reason, scores, request.cache(pod).num_blocks)
-        return SLOChoice(
-            decision, prediction, shapes[pod], meets, meets_when_idle, idle[pod].ttft_s
-        )
+        return SLOChoice(decision, prediction, shapes[pod], meets, meets_when_idle)
 
 
 def _idle(shape: RequestShape) -> RequestShape:
