@@ -16,9 +16,11 @@ from vllm_llmd.devtools.server import VLLMServerConfig
 from vllm_llmd.events.model import MEDIUM_GPU, BlockRemoved, BlockStored, EventBatch
 from vllm_llmd.hashing import PrefixHasher
 from vllm_llmd.router import routing
+from vllm_llmd.router.slo import SLO
 from vllm_llmd.sim import cli, workloads
 from vllm_llmd.sim.cache import Hit, PrefixCache
 from vllm_llmd.sim.calibrate import decoding_tpot
+from vllm_llmd.sim.metrics import table
 from vllm_llmd.sim.pod import Outcome, PodConfig, SimPod
 from vllm_llmd.sim.profile import H100_LLAMA_8B, LatencyProfile, load_profile, save_profile
 from vllm_llmd.sim.router import RouterSettings, SimRouter
@@ -425,3 +427,22 @@ def test_hot_prefix_copies_spread_a_hot_group_that_kv_aware_piles_on_one_pod():
     assert copied.summary.ttft_s[1] * 1.5 < plain.summary.ttft_s[1], (copied.summary, plain.summary)
     # the copies cost no prefix hits
     assert copied.summary.hit_rate >= plain.summary.hit_rate - 0.01
+
+
+def test_policy_slo_reports_how_well_the_routers_latency_model_predicted():
+    """The latency models learn from every answer (the router's own `LatencyModels`) and a
+    run reports the median relative error of their TTFT predictions; under the other
+    policies nothing learns (it would change no decision) and none is reported."""
+    requests = _llmd(600, rate=2 * 3.0)
+    runs = {
+        policy: simulate(
+            SimConfig(2, router=RouterSettings(policy=policy, slo=SLO(0.5, 0.05))),
+            iter(requests),
+        )
+        for policy in ("slo", "kv_aware")
+    }
+    slo = runs["slo"]
+    assert slo.summary.ttft_error_p50 is not None and slo.summary.ttft_error_p50 < 0.5
+    assert len(slo.router.ttft_errors) > 500  # every request once the models are warm
+    assert runs["kv_aware"].summary.ttft_error_p50 is None
+    assert "TTFT pred. error" in table([slo.summary])

@@ -6,8 +6,9 @@
   prompt tokens;
 - load imbalance: the busiest pod's request count over the mean (1.0 is perfectly even), and
   the coefficient of variation of the counts;
-- the router's latency model: the median relative error of its TTFT predictions (issue #18's
-  "error at load"), over the requests it predicted (none while its models are cold).
+- the router's latency model (policy slo): the median relative error of its TTFT predictions
+  (issue #18's "error at load"), over the requests it predicted (none while its models are
+  cold).
 """
 
 from __future__ import annotations

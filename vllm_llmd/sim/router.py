@@ -89,6 +89,8 @@ class SimRouter:
             )
         # P/D is not simulated: every pod serves both halves, none is a prefill pod
         self.routing = routing.RoutingPolicy(policy, planner, self.latency, block_size, 1 << 62)
+        # the latency models learn, and their predictions are scored (policy slo only)
+        self.learns = planner is not None
         self.request_class = RequestClass(settings.slo)
         ttl = settings.recent_route_ttl_s
         self.recent = RecentRoutes(ttl, clock=clock) if ttl > 0 else None
@@ -127,9 +129,11 @@ class SimRouter:
         """The proxy's lookup, decide_route and recent-route record for one request."""
         caches = self.caches(hashes) if self.uses_caches else {}
         # the registry's loads are read at each decision: the time a pod has spent on the
-        # prefill work ahead moves between events (only pods with work ahead change)
-        for pod in self._ahead:
-            self.loads[pod] = self._states[pod].current_load()
+        # prefill work ahead moves between events (only pods with work ahead change). Only
+        # the latency models read it: other policies skip this (at 256 pods, most of a run)
+        if self.learns:
+            for pod in self._ahead:
+                self.loads[pod] = self._states[pod].current_load()
         route = routing.decide_route(
             self.routing,
             str(request_id),
@@ -186,11 +190,15 @@ class SimRouter:
         return caches
 
     def finished(self, route: routing.Route, ttft_s: float, tpot_s: float | None) -> None:
-        """The request ended: in-flight down; the latency models learn, and the prediction's
-        error is kept, for every policy (as the dispatcher's `learn_from_answer`)."""
+        """The request ended: in-flight down; under policy slo the latency models learn, and
+        the prediction's error is kept (as the dispatcher's `learn_from_answer`). The router
+        learns under every policy; here that would only cost time (a third of a 256-pod run)
+        and change no other policy's decision."""
         pod = route.decode.pod
         self._sending.pop(route.request_id).ended()
         self._refresh(pod)
+        if not self.learns:
+            return
         prediction = route.prediction
         if prediction is not None and prediction.ttft_s is not None and ttft_s > 0:
             self.ttft_errors.append(abs(prediction.ttft_s - ttft_s) / ttft_s)
