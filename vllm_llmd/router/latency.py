@@ -25,7 +25,7 @@ history is kept, a direction the observations do not tell apart stays at the pri
 comes out negative. The squares are of *relative* errors (each observation weighted by 1/y²):
 an SLO is a ratio to its target, and a plain fit spends itself on the seconds-long TTFTs of
 queued cold prompts and predicts every 50 ms answer high by what its intercept absorbed (in the
-simulator at a saturated rate, median TTFT error 62% plain, 19% relative). The prior of a pod
+simulator at a saturated rate, median TTFT error 53% plain, 19% relative). The prior of a pod
 is the cluster's fit (every pod's observations in that mode), so a new pod predicts from its
 first request on, and pods of one hardware and model teach each other. Until the cluster has
 `min_samples` observations of a mode, nothing is predicted in it and the router falls back to
