@@ -88,7 +88,7 @@ class RequestShape:
 
 
 # a fit whose recent misses lean one way forgets faster (ForgettingRidge._follow_drift): the
-# decay of their mean (~5 observations), how far it may lean, and what old observations keep
+# decay of their mean (~10 observations), how far it may lean, and what old observations keep
 DRIFT_DECAY = 0.9
 DRIFT_LIMIT = 0.7
 DRIFT_SHRINK = 0.5
