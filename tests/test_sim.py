@@ -363,6 +363,11 @@ def test_the_cli_prints_a_table_and_writes_the_plot(tmp_path: Path, capsys):
     assert plot.stat().st_size > 0
 
 
+# seconds between chunks below which a client read a streamed answer in one burst (it was
+# descheduled while the answer came): a decode step of the tiny model here takes ~2 ms
+BURST_INTERVAL_S = 1e-4
+
+
 @pytest.mark.server
 def test_calibrate_fits_a_profile_from_a_real_server(vllm_servers, tiny_model, tmp_path):
     server = vllm_servers.launch(VLLMServerConfig(model=tiny_model, cpu_cores="0"), "sim-calibrate")
@@ -374,15 +379,19 @@ def test_calibrate_fits_a_profile_from_a_real_server(vllm_servers, tiny_model, t
     assert profile.step_s(4096, 0, 0, 0) > profile.step_s(256, 0, 0, 0)
     assert server.url in profile.source
     # the decode fit predicts what a client measures between chunks, within a factor 3: the
-    # median of three answers (a client descheduled for a whole answer on a busy CI box reads
-    # it in one burst, 17 us between chunks: seen once)
-    intervals = []
-    for _ in range(3):
+    # median of three answers read as they came. A client descheduled for a whole answer on a
+    # busy CI box reads it in one burst, 12-17 us between chunks (seen twice, once in two
+    # answers of three): no decode step is that short, so such a reading is taken again
+    intervals: list[float] = []
+    bursts: list[float] = []
+    while len(intervals) < 3 and len(bursts) < 10:
         timing = timed_stream(server.url, server.model_name, list(range(5, 261)), 32)
         # (a chunk may carry two tokens, the detokenizer waiting for a whole character)
         assert 24 <= len(timing.chunk_s) <= 32
         assert timing.chunk_s[0] == pytest.approx(timing.ttft_s)
-        intervals.append((timing.chunk_s[-1] - timing.chunk_s[0]) / (len(timing.chunk_s) - 1))
+        interval = (timing.chunk_s[-1] - timing.chunk_s[0]) / (len(timing.chunk_s) - 1)
+        (intervals if interval > BURST_INTERVAL_S else bursts).append(interval)
+    assert len(intervals) == 3, f"answers read in bursts only: {bursts}"
     measured = sorted(intervals)[1]
     predicted = profile.step_s(0, 0, 1, 256)
     assert measured / 3 < predicted < measured * 3, (intervals, predicted)
