@@ -404,13 +404,18 @@ def test_a_failed_loop_is_logged_and_later_pulls_fail_fast(side_channel, caplog)
     def broken(now: float) -> None:
         raise RuntimeError("selector gone")
 
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "side channel" in r.getMessage()]
+
     caplog.set_level(logging.ERROR, logger="vllm")
     server.connections._expire = broken
     deadline = time.monotonic() + 3
-    while server.failure is None and time.monotonic() < deadline:
+    # the loop's thread sets the failure, then logs it: wait for both (a CI run read the
+    # records between the two)
+    while (server.failure is None or not logged()) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.failure == "RuntimeError: selector gone"
-    [record] = [r for r in caplog.records if "side channel" in r.getMessage()]
+    [record] = logged()
     assert record.levelno == logging.ERROR and record.exc_info is not None
     registry.add("req", "tid", [1])
     started = time.monotonic()
