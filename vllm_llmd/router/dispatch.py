@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from vllm_llmd.router.errors import error
-from vllm_llmd.router.latency import LatencyModels, ServeMode
+from vllm_llmd.router.latency import LatencyModels, ServeMode, relative_error
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.routing import Route
@@ -224,10 +224,9 @@ def learn_from_answer(
         return
     # route.prediction is the decode pod computing alone: a P/D decode's TTFT (its prompt came
     # by transfer) is no observation of it
-    prediction = route.prediction if mode == "direct" else None
-    if prediction is not None and prediction.ttft_s is not None and ttft > 0:
-        relative_error = abs(prediction.ttft_s - ttft) / ttft
-        metrics.ttft_error.labels(pod, mode).observe(relative_error)
+    error = relative_error(route.prediction if mode == "direct" else None, ttft)
+    if error is not None:
+        metrics.ttft_error.labels(pod, mode).observe(error)
     latency.observe(pod, mode, route.shape, ttft, tpot)
     model = latency.model(pod, mode)
     metrics.model_samples.labels(pod, mode).set(model.ttft.num_samples)

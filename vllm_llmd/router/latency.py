@@ -221,6 +221,13 @@ class Prediction:
     tpot_s: float | None
 
 
+def relative_error(prediction: Prediction | None, observed_s: float) -> float | None:
+    """|predicted - observed| / observed TTFT; None when nothing was predicted (or observed)."""
+    if prediction is None or prediction.ttft_s is None or observed_s <= 0:
+        return None
+    return abs(prediction.ttft_s - observed_s) / observed_s
+
+
 class PodLatencyModel:
     """The TTFT and TPOT fits of one pod serving in one mode (or of every pod: the prior)."""
 

@@ -30,7 +30,7 @@ from vllm_llmd.events.updates import ReceivedBatch
 from vllm_llmd.router import routing
 from vllm_llmd.router.event_apply import PodStats, apply_update
 from vllm_llmd.router.index import InMemoryIndex
-from vllm_llmd.router.latency import LatencyModels
+from vllm_llmd.router.latency import LatencyModels, relative_error
 from vllm_llmd.router.load import ArrivalRate, PodLoad
 from vllm_llmd.router.pod_spec import PodSpec
 from vllm_llmd.router.pod_state import PodState, Sending
@@ -199,9 +199,9 @@ class SimRouter:
         self._refresh(pod)
         if not self.learns:
             return
-        prediction = route.prediction
-        if prediction is not None and prediction.ttft_s is not None and ttft_s > 0:
-            self.ttft_errors.append(abs(prediction.ttft_s - ttft_s) / ttft_s)
+        error = relative_error(route.prediction, ttft_s)
+        if error is not None:
+            self.ttft_errors.append(error)
         self.latency.observe(pod, "direct", route.shape, ttft_s, tpot_s)
 
     # ---- what the pods tell it ------------------------------------------------------------
