@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_pd import start_all
-from bench_slo import RouterRun, median_prediction_error, percentile
+from bench_slo import RouterRun, median_prediction_error, percentile, prediction_error_buckets
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import HTTPStatusError, metric_sum, scrape_metrics, timed_stream
@@ -312,7 +312,7 @@ def main() -> None:
                 pulled_s, pulls = pulled_s - pulls_before[0], pulls - pulls_before[1]
                 pull_ms[name] = pulled_s / pulls * 1000 if pulls else None
                 results[name] = with_routes(run, audit)
-                errors[name] = median_prediction_error(router.url)
+                errors[name] = median_prediction_error(prediction_error_buckets(router.url))
             finally:
                 router.stop()
             print(summary_row(name, results[name], errors[name]), flush=True)

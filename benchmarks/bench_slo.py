@@ -257,26 +257,35 @@ def calibrate(pod: VLLMServer, tokenizer, args) -> tuple[float, float]:
     return 0.6 * statistics.median(cold), 3 * statistics.median(tpots)
 
 
-def median_prediction_error(router_url: str) -> float | None:
-    """The median |predicted - observed| / observed TTFT of our router's warm predictions so
-    far, read off its histogram (interpolated within a bucket); None when it made none."""
+def prediction_error_buckets(router_url: str) -> dict[float, float]:
+    """Our router's histogram of warm predictions' |predicted - observed| / observed TTFT so
+    far: cumulative count by upper bound."""
     name = "llmd:router_ttft_prediction_relative_error_bucket"
     buckets: dict[float, float] = {}
     for (sample, labels), value in scrape_metrics(router_url).items():
         if sample == name:
             le = float(dict(labels)["le"])
             buckets[le] = buckets.get(le, 0.0) + value
-    total = buckets.get(float("inf"), 0.0)
+    return buckets
+
+
+def median_prediction_error(
+    buckets: dict[float, float], before: dict[float, float] | None = None
+) -> float | None:
+    """The median of the predictions counted in `buckets` and not in `before` (the run's, not
+    the warm-up's: the models are cold then), interpolated within a bucket; None when none."""
+    counts = {le: n - (before or {}).get(le, 0.0) for le, n in buckets.items()}
+    total = counts.get(float("inf"), 0.0)
     if not total:
         return None
     below, lower = 0.0, 0.0
-    for le in sorted(buckets):
-        if buckets[le] >= total / 2:
+    for le in sorted(counts):
+        if counts[le] >= total / 2:
             if le == float("inf"):
                 return lower
-            share = (total / 2 - below) / max(buckets[le] - below, 1e-9)
+            share = (total / 2 - below) / max(counts[le] - below, 1e-9)
             return lower + share * (le - lower)
-        below, lower = buckets[le], le
+        below, lower = counts[le], le
     return None
 
 
@@ -386,10 +395,15 @@ def main() -> None:
                         warm_texts = 5000 + texts
                         warm = make_requests(tokenizer, rate, args.warmup, 5000, args, warm_texts)
                         asyncio.run(run_load(router.url, pods[0][0].model_name, warm, args, slo))
+                    warmed = prediction_error_buckets(router.url) if kind == "ours" else {}
                     outcomes = asyncio.run(
                         run_load(router.url, pods[0][0].model_name, requests, args, slo)
                     )
-                    error = median_prediction_error(router.url) if kind == "ours" else None
+                    error = None
+                    if kind == "ours":
+                        after = prediction_error_buckets(router.url)
+                        error = median_prediction_error(after, warmed)
+                        whole = median_prediction_error(after)
                 finally:
                     router.stop()
                 good = sum(o.ok for o in outcomes)
@@ -403,7 +417,11 @@ def main() -> None:
                     f"{percentile(ttfts, 50) * 1000:8.0f}ms "
                     f"{percentile(ttfts, 90) * 1000:8.0f}ms "
                     f"{percentile(tpots, 50) * 1000:8.1f}ms"
-                    + ("" if error is None else f"  median {error:.0%} (warmup and run)"),
+                    + (
+                        ""
+                        if error is None
+                        else f"  median {error:.0%} (run; {whole:.0%} with warm-up)"
+                    ),
                     flush=True,
                 )
         print("\ngoodput (requests/s meeting both SLOs) by offered rate:")

@@ -442,8 +442,8 @@ def test_a_request_whose_slo_is_out_of_reach_is_refused_unless_served_late():
     """Past saturation a request that waited until not even an idle pod can make what is left
     of its SLO must not be dispatched (it would only make others late): it is refused (429).
     One out of reach on arrival (a long cold prompt against a tight SLO) is served best
-    effort while its pod has no prompt ahead of it, and refused while it is busy: a 2 s
-    prefill there would make the requests that can meet their SLOs late."""
+    effort while its pod is idle, and refused while it is busy: a 2 s prefill there would
+    make the requests that can meet their SLOs late, and stall the answers decoding there."""
     config = parse_config(["--pod", "http://a:1", "--policy", "slo"], environ={})
     registry = PodRegistry(config.pods, None)
     for pod in registry.pods.values():
@@ -464,13 +464,41 @@ def test_a_request_whose_slo_is_out_of_reach_is_refused_unless_served_late():
     assert judge(hopeless, 0.0) == "admit"
     with registry.sending("http://a:1", 0) as answering:  # a request decoding there
         answering.answering()
-        assert judge(hopeless, 0.0) == "admit"
+        assert judge(hopeless, 0.0) == "refuse"
+        assert judge(plain, 0.0) == "admit"  # on time: its short prefill is no stall
     with registry.sending("http://a:1", 40):  # a short prompt ahead
         assert judge(hopeless, 0.0) == "refuse"
     with registry.sending("http://a:1", 1500):  # a cold prompt ahead: ~0.45 s
         assert judge(hopeless, 0.0) == "refuse"
         assert judge(RequestClass(SLO(ttft_s=0.1), 0, objective="critical"), 0.0) == "admit"
         assert judge(plain, 0.0) == "wait"  # late only because of the load: it may wait
+
+
+def test_best_effort_never_takes_the_last_pod_free_of_prompts():
+    """A request out of reach on arrival is served best effort on an idle pod only while
+    another pod has no prompt ahead either: with every pod on such prompts, the next request
+    that could meet its SLO would have nowhere to go."""
+    pods = ["http://a:1", "http://b:2"]
+    argv = ["--pod", pods[0], "--pod", pods[1], "--policy", "slo"]
+    config = parse_config(argv, environ={})
+    registry = PodRegistry(config.pods, None)
+    for pod in registry.pods.values():
+        pod.healthy, pod.hashes_ok = True, True
+    policy = make_policy("slo", config.scoring_config())
+    decider = Decider(config, registry, InMemoryIndex(), None, policy, RouterMetrics())
+    for pod in pods:
+        _warm(decider.latency, pod, per_ktoken=0.3)
+    hopeless = RequestClass(SLO(ttft_s=0.1))  # 1000 cold tokens: ~0.31 s on an idle pod
+
+    def judge() -> Verdict:
+        return decider._judge([], {}, 1000, hopeless, None, 0.0)
+
+    assert judge() == "admit"  # both pods free: one takes it, the other stays free
+    with registry.sending(pods[0], 1500):  # a's prompt ahead: b would be the last free pod
+        assert judge() == "refuse"
+    with registry.sending(pods[0], 0) as answering:  # a only decodes: still free of prompts
+        answering.answering()
+        assert judge() == "admit"
 
 
 def test_a_refused_request_is_answered_at_once_and_holds_up_no_one():

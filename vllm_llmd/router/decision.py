@@ -38,7 +38,7 @@ from vllm_llmd.router.client_body import (
 from vllm_llmd.router.config import Role, RouterConfig
 from vllm_llmd.router.errors import error
 from vllm_llmd.router.index import Index
-from vllm_llmd.router.latency import LatencyModels
+from vllm_llmd.router.latency import LatencyModels, RequestShape
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.off_loop import OffLoop
 from vllm_llmd.router.pods import PodRegistry
@@ -261,11 +261,15 @@ class Decider:
         load stands in the way (not all pods saturated and an idle pod would meet it). A miss
         of its own (no pod, however idle, meets what is left) goes when its class is served
         late; else best effort, which also warms the cache for the requests that share its
-        prefix, only on arrival and only while its pod has no prompt ahead of it: a long cold
-        prompt served on a busy pod holds up for seconds the requests that could meet their
-        SLOs (past saturation, admitted while at most a quarter of their own TTFT was queued
-        ahead, such prompts still took over half the pods' time). Otherwise it is refused
-        (429) at once."""
+        prefix, only on arrival, only on an idle pod (no prompt ahead of it, none decoding)
+        and never on the last pod with no prompt ahead: a long cold prompt served on a busy
+        pod holds up for seconds the requests that could meet their SLOs (past saturation,
+        admitted while at most a quarter of their own TTFT was queued ahead, such prompts
+        still took over half the pods' time), its prefill step stalls every answer decoding
+        there past a TPOT SLO (a 2.5 s step in a 16-token answer adds 170 ms to each of its
+        tokens), and with every pod on such prompts the next warm request has nowhere to go
+        (cache-warming needs few of them: each pod keeps what its last one computed). Otherwise
+        it is refused (429) at once."""
         assert self.planner is not None
         left = request_class.within(waited_s)
         decode_pods = self._candidates(DECODE_ROLES, allowed)
@@ -281,7 +285,7 @@ class Decider:
             return "wait"
         if request_class.served_late:
             return "admit"
-        if waited_s == 0 and choice.shape.ahead_tokens == 0:
+        if waited_s == 0 and _idle(choice.shape) and _another_free(request, choice.decision.pod):
             return "admit"
         return "refuse"
 
@@ -404,3 +408,14 @@ class Decider:
             self.index.close()
         if self.shared is not None:
             self.shared.close()
+
+
+def _idle(shape: RequestShape) -> bool:
+    """No prompt ahead of the request at its pod, and none answering there."""
+    return shape.ahead_tokens == 0 and shape.active == 0
+
+
+def _another_free(request: ScoreInput, pod: str) -> bool:
+    """Another candidate has no prompt ahead either (with one pod there is none to keep)."""
+    others = [p for p in request.candidates if p != pod]
+    return not others or any(request.load(p).prefill_tokens == 0 for p in others)
