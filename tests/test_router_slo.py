@@ -453,7 +453,7 @@ def test_a_request_whose_slo_is_out_of_reach_is_refused_unless_served_late():
     _warm(decider.latency, "http://a:1", per_ktoken=0.3)  # 1000 cold tokens: ~0.31 s
 
     def judge(request_class: RequestClass, waited_s: float) -> Verdict:
-        return decider._judge([], {}, 1000, request_class, None, waited_s)
+        return decider._judge([], 0, {}, 1000, request_class, None, waited_s)
 
     plain = RequestClass(SLO(ttft_s=0.5))
     critical = RequestClass(SLO(ttft_s=0.5), 5, objective="critical")
@@ -491,7 +491,7 @@ def test_best_effort_never_takes_the_last_pod_free_of_prompts():
     hopeless = RequestClass(SLO(ttft_s=0.1))  # 1000 cold tokens: ~0.31 s on an idle pod
 
     def judge() -> Verdict:
-        return decider._judge([], {}, 1000, hopeless, None, 0.0)
+        return decider._judge([], 0, {}, 1000, hopeless, None, 0.0)
 
     assert judge() == "admit"  # both pods free: one takes it, the other stays free
     with registry.sending(pods[0], 1500):  # a's prompt ahead: b would be the last free pod

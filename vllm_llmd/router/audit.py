@@ -22,7 +22,9 @@ Format version 2 (`"v": 2`):
     priority, fairness_id, slo_ttft_s, slo_tpot_s, admission, queued_s (the wait in the
     router's queue), routed_s (arrival to the routing decision: tokenizing, cache lookup and
     the queue; ts + routed_s is when the request was dispatched), predicted_ttft_s,
-    predicted_tpot_s, loads, and prompt with --audit-prompts.
+    predicted_tpot_s, loads (per pod: waiting, running, kv_usage, in_flight, held_blocks: the
+    KV blocks the router's requests in flight hold there, kv_blocks: its size, 0 unknown), and
+    prompt with --audit-prompts.
 
 Version 1 (no "v") had no path, model, stream, status, ttft_s, latency_s, kind or served_pod,
 and named every route's pod `decode_pod`. `vllm-llmd-router audit summarize` reads both.
@@ -208,6 +210,8 @@ def audit_record(
                     "running": load.num_running,
                     "kv_usage": load.kv_usage,
                     "in_flight": load.num_in_flight,
+                    "held_blocks": load.held_blocks,
+                    "kv_blocks": load.kv_blocks,
                 }
                 for pod, load in route.loads.items()
             },

@@ -205,17 +205,21 @@ class Decider:
         )
         self._follow_block_size()
         caches = await self._lookup(hashes)
+        own_blocks = self._own_blocks(len(hashes), num_tokens, body)
         admission: Admitted = "met"
         queued_s = 0.0
         if self.admission is not None:
-            judge = partial(self._judge, hashes, caches, num_tokens, request_class, allowed)
+            judge = partial(
+                self._judge, hashes, own_blocks, caches, num_tokens, request_class, allowed
+            )
             admission, queued_s = await self.admission.admit(request_class, judge)
             if admission != "met":  # it waited: the pods' caches moved on
                 caches = await self._lookup(hashes)
         # chosen for what is left of its SLO; counted against its whole SLO from arrival
         left = request_class.within(queued_s)
-        route = self._route(headers, hashes, caches, num_tokens, left, allowed)
+        route = self._route(headers, hashes, own_blocks, caches, num_tokens, left, allowed)
         route.request_class, route.queued_s, route.admission = request_class, queued_s, admission
+        route.blocks, route.own_blocks = hashes, own_blocks
         self.recorder.decided(record, route)
         if self.replicator is not None and hashes and body is not None and self.session:
             self.replicator.observe(self.session, route, hashes, record.path, body)
@@ -249,6 +253,7 @@ class Decider:
     def _judge(
         self,
         hashes: list[int],
+        own_blocks: int,
         caches: Mapping[str, PodCache],
         num_tokens: int | None,
         request_class: RequestClass,
@@ -275,7 +280,8 @@ class Decider:
         decode_pods = self._candidates(DECODE_ROLES, allowed)
         if not decode_pods:
             return "admit"  # _route answers 503
-        request = ScoreInput(len(hashes), decode_pods, caches, self.registry.loads())
+        loads, full = self.registry.loads(), self._full(hashes, own_blocks)
+        request = ScoreInput(len(hashes), decode_pods, caches, loads, full)
         if self.planner.all_saturated(request):
             return "wait"
         choice = self.planner.choose(request, num_tokens, left.slo)
@@ -293,6 +299,7 @@ class Decider:
         self,
         headers: Mapping[str, str],
         hashes: list[int],
+        own_blocks: int,
         caches: Mapping[str, PodCache],
         num_tokens: int | None,
         request_class: RequestClass,
@@ -315,12 +322,37 @@ class Decider:
             loads,
             chosen_prefill,
             self._candidates(("both",), allowed) if self.config.pull_from_holders else (),
+            self._full(hashes, own_blocks),
         )
         if self.recent is not None and hashes:
             for chosen in (route.decode, route.prefill):
                 if chosen is not None and chosen.pod in loads:  # ours, not a header's
                     self.recent.record(chosen.pod, hashes)
         return route
+
+    def _own_blocks(
+        self, num_blocks: int, num_tokens: int | None, body: Mapping[str, Any] | None
+    ) -> int:
+        """KV blocks the request needs besides its prompt's full ones: the partial block and
+        the answer (its max_tokens; none said: only the prompt is counted)."""
+        if num_tokens is None:
+            return 0
+        answer = 0
+        for key in ("max_tokens", "max_completion_tokens"):
+            value = body.get(key) if body is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                answer = value
+                break
+        block_size = self._block_size()
+        return max(0, -(-(num_tokens + answer) // block_size) - num_blocks)
+
+    def _full(self, hashes: list[int], own_blocks: int) -> frozenset[str]:
+        """The pods whose KV cache has no room for the request now (`PodState.lacks_room`)."""
+        return frozenset(
+            pod_id
+            for pod_id, pod in self.registry.pods.items()
+            if pod.lacks_room(hashes, own_blocks)
+        )
 
     def _prefill_from_headers(self, headers: Mapping[str, str]) -> str | None:
         """The prefill target an upstream gateway named, if allowed (else 403): llm-d's

@@ -85,7 +85,8 @@ class Dispatcher:
         shape = route.prefill_shape
         sent = time.monotonic()
         try:
-            with self.registry.sending(pod, shape.uncached_tokens if shape else 0):
+            tokens = shape.uncached_tokens if shape else 0
+            with self.registry.sending(pod, tokens, route.blocks, route.own_blocks):
                 async with await post(session, pod + path, prefill_body, headers) as resp:
                     if is_redirect(resp.status):
                         raise redirect_error(pod, resp.status)
@@ -132,7 +133,9 @@ class Dispatcher:
         prefill_tokens = route.shape.uncached_tokens if route.prefill is None else 0
         for pod in [route.decode.pod, *order]:
             try:
-                with self.registry.sending(pod, prefill_tokens) as sending:
+                with self.registry.sending(
+                    pod, prefill_tokens, route.blocks, route.own_blocks
+                ) as sending:
                     return await self._stream_from(
                         session, pod, request, body, route, served, on_answer, sending.answering
                     )

@@ -222,7 +222,9 @@ class EndpointPicker:
         exchange.route, exchange.picked_at = route, time.monotonic()
         prefill_tokens = route.shape.uncached_tokens if route.prefill is None else 0
         exchange.sending = in_flight.enter_context(
-            decider.registry.sending(route.decode.pod, prefill_tokens)
+            decider.registry.sending(
+                route.decode.pod, prefill_tokens, route.blocks, route.own_blocks
+            )
         )
         prefill = endpoint_of(route.prefill.pod) if route.prefill is not None else None
         fallbacks = fallback_pods(route.decode, route.loads, decider.config.epp_fallbacks)

@@ -6,6 +6,8 @@
     vllm:num_requests_running   requests in the running batch
     vllm:kv_cache_usage_perc    fraction (0..1, despite the name) of KV blocks in use
 
+and, from `vllm:cache_config_info`, how many KV blocks the pod has (`num_gpu_blocks`).
+
 A pod with several engines (data parallel) publishes one sample per engine: the counts are
 summed and the KV usage is the highest (the fullest engine is the one a request may hit).
 Scrapes lag by one interval, so the router adds `num_in_flight`, the requests it sent that have
@@ -29,6 +31,7 @@ WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 _GAUGES = (WAITING, RUNNING, KV_USAGE)
+CACHE_CONFIG = "vllm:cache_config_info"
 
 
 class PodLoadError(RuntimeError):
@@ -62,10 +65,15 @@ class PodLoad:
     # seconds the pod has been working on that prefill work (PodState.ahead_since): a request
     # sent now waits for what is left of it, not for all of it
     prefill_elapsed_s: float = 0.0
+    # the pod's KV cache in blocks (vllm:cache_config_info; 0: not known), and the distinct
+    # blocks this router's requests in flight there hold (their prompts' full blocks, counted
+    # once however many share them, plus each one's partial block and answer)
+    kv_blocks: int = 0
+    held_blocks: int = 0
 
     def __post_init__(self) -> None:
         counts = (self.num_waiting, self.num_running, self.num_in_flight, self.num_prefilling)
-        if min(*counts, self.prefill_tokens) < 0:
+        if min(*counts, self.prefill_tokens, self.kv_blocks, self.held_blocks) < 0:
             raise ValueError(f"request counts must be >= 0: {self}")
         if not (math.isfinite(self.arrival_rate) and self.arrival_rate >= 0):
             raise ValueError(f"arrival_rate must be a finite rate >= 0, got {self.arrival_rate}")
@@ -110,9 +118,14 @@ def pod_load_from_metrics(text: str, num_in_flight: int = 0) -> PodLoad:
     """A PodLoad from the text of a vLLM /metrics page; ValueError if the gauges are missing."""
     # Parse only the three gauges' lines: a vLLM page is mostly histograms we do not need.
     totals: dict[str, list[float]] = {name: [] for name in _GAUGES}
-    for (name, _labels), value in parse_prometheus_text(text, only=_GAUGES).items():
+    kv_blocks: list[int] = []  # per engine (data parallel: the smallest holds a request)
+    for (name, labels), value in parse_prometheus_text(text, only=(*_GAUGES, CACHE_CONFIG)).items():
         if name in totals:
             totals[name].append(value)
+        elif name == CACHE_CONFIG:
+            blocks = dict(labels).get("num_gpu_blocks", "")
+            if blocks.isdigit() and int(blocks) > 0:
+                kv_blocks.append(int(blocks))
     missing = [name for name, values in totals.items() if not values]
     if missing:
         raise ValueError(f"no {', '.join(missing)} in the metrics: not a vLLM /metrics page?")
@@ -124,6 +137,7 @@ def pod_load_from_metrics(text: str, num_in_flight: int = 0) -> PodLoad:
         num_running=int(sum(totals[RUNNING])),
         kv_usage=min(1.0, max(0.0, max(totals[KV_USAGE]))),
         num_in_flight=num_in_flight,
+        kv_blocks=min(kv_blocks, default=0),
     )
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vllm_llmd.router.config import PodSpec
@@ -30,6 +31,10 @@ class PodState:
     ahead_since: float | None = None
     # how fast this router has been sending it requests (each `Sending` counts one)
     arrivals: ArrivalRate = field(default_factory=ArrivalRate)
+    # the KV blocks its requests in flight hold: each prompt's full blocks by hash (with how
+    # many requests hold it), and the blocks that are each request's own (partial, answer)
+    held: Counter[int] = field(default_factory=Counter)
+    held_own: int = 0
     # the clock of ahead_since (the simulator's is simulated time)
     clock: Callable[[], float] = time.monotonic
     subscribed: bool = False
@@ -64,14 +69,37 @@ class PodState:
             self.prefill_tokens,
             self.arrivals.per_second(),
             0.0 if self.ahead_since is None else max(0.0, self.clock() - self.ahead_since),
+            kv_blocks=load.kv_blocks,
+            held_blocks=len(self.held) + self.held_own,
         )
+
+    def lacks_room(self, blocks: Sequence[int], own_blocks: int) -> bool:
+        """A request with these full prompt blocks and `own_blocks` more cannot start here now:
+        with what this router's requests hold, its new blocks overflow the pod's KV cache
+        (the pod would queue it until one ends, and evict cached prefixes meanwhile). Never
+        on a pod that holds nothing for the router or whose size is not known: there it waits
+        for no request of ours."""
+        capacity, held = self.load.kv_blocks, len(self.held) + self.held_own
+        if not capacity or not held or held + len(blocks) + own_blocks <= capacity:
+            return False  # the common case, without a look-up per block
+        new = sum(1 for block in blocks if block not in self.held)
+        return held + new + own_blocks > capacity
 
 
 class Sending:
     """One request in flight to a pod (`PodRegistry.sending`)."""
 
-    def __init__(self, pod: PodState, prefill_tokens: int) -> None:
+    def __init__(
+        self,
+        pod: PodState,
+        prefill_tokens: int,
+        blocks: Sequence[int] = (),
+        own_blocks: int = 0,
+    ) -> None:
+        """`blocks`: the prompt's full blocks (hashes), `own_blocks`: the KV blocks it needs
+        besides (its partial block, its answer): what it holds of the pod's KV cache."""
         self.pod, self.prefill_tokens = pod, prefill_tokens
+        self.blocks, self.own_blocks = tuple(blocks), max(0, own_blocks)
         self._prefilling = True
         pod.arrivals.add()
         pod.in_flight += 1
@@ -79,6 +107,8 @@ class Sending:
         if prefill_tokens and not pod.prefill_tokens:
             pod.ahead_since = pod.clock()  # work arrives at an empty queue
         pod.prefill_tokens += prefill_tokens
+        pod.held.update(self.blocks)
+        pod.held_own += self.own_blocks
 
     def answering(self) -> None:
         """The pod began answering: its prefill is no longer ahead of new requests (once)."""
@@ -93,4 +123,10 @@ class Sending:
     def ended(self) -> None:
         """The request is over (answered or not): no longer in flight."""
         self.answering()
-        self.pod.in_flight -= 1
+        pod = self.pod
+        pod.in_flight -= 1
+        pod.held.subtract(self.blocks)
+        for block in self.blocks:
+            if pod.held[block] <= 0:
+                del pod.held[block]
+        pod.held_own -= self.own_blocks

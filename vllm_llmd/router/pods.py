@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import aiohttp
@@ -86,13 +86,19 @@ class PodRegistry:
         return pod if pod is not None else PodState(PodSpec(pod_id), removed=True)
 
     @contextmanager
-    def sending(self, pod_id: str, prefill_tokens: int = 0) -> Iterator[Sending]:
+    def sending(
+        self,
+        pod_id: str,
+        prefill_tokens: int = 0,
+        blocks: Sequence[int] = (),
+        own_blocks: int = 0,
+    ) -> Iterator[Sending]:
         """Count a request in flight to the pod while the block runs, and as prefilling (with
         its `prefill_tokens` uncached prompt tokens) until `answering()` is called on what it
-        yields (the answer's first byte). The state is held across the block's awaits, so a pod
-        removed meanwhile keeps the count (and has it again if it comes back before the request
-        ends)."""
-        sending = Sending(self.state(pod_id), max(0, prefill_tokens))
+        yields (the answer's first byte); and the KV blocks it holds there (`Sending`). The
+        state is held across the block's awaits, so a pod removed meanwhile keeps the count
+        (and has it again if it comes back before the request ends)."""
+        sending = Sending(self.state(pod_id), max(0, prefill_tokens), blocks, own_blocks)
         try:
             yield sending
         finally:

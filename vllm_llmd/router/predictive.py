@@ -100,7 +100,10 @@ class SLOPlanner:
         self.headroom = headroom
 
     def all_saturated(self, request: ScoreInput) -> bool:
-        return all(is_saturated(request.load(p), self.scoring) for p in request.candidates)
+        return all(self._saturated(request, p) for p in request.candidates)
+
+    def _saturated(self, request: ScoreInput, pod: str) -> bool:
+        return pod in request.full or is_saturated(request.load(pod), self.scoring)
 
     def choose(
         self,
@@ -126,7 +129,7 @@ class SLOPlanner:
             return SLOChoice(decision, None, shapes[decision.pod], True)
         outputs = output_tokens or DEFAULT_OUTPUT_TOKENS
         ratios = {p: _slo_ratio(predictions[p], slo, outputs) for p in request.candidates}
-        free = [p for p in request.candidates if not is_saturated(request.load(p), self.scoring)]
+        free = [p for p in request.candidates if not self._saturated(request, p)]
         pool = free or list(request.candidates)
         has_slo = slo.ttft_s is not None or slo.tpot_s is not None
         limit = 1.0 - self.headroom

@@ -64,6 +64,10 @@ class Route:
     # each pod's cached run of the prompt as scored (its own tiers, prefixes just routed
     # there, then the shared tier)
     caches: Mapping[str, PodCache] = field(default_factory=dict)
+    # what the request holds of a pod's KV cache while in flight (`pod_state.Sending`): its
+    # prompt's full blocks (hashes) and the blocks besides (partial block, answer)
+    blocks: Sequence[int] = ()
+    own_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,12 +99,14 @@ def decide_route(
     loads: Mapping[str, PodLoad],
     chosen_prefill: str | None = None,
     holder_pods: Sequence[str] = (),
+    full: frozenset[str] = frozenset(),
 ) -> Route:
     """Choose the decode pod (one of decode_pods, not empty) and, for a long uncached prompt
     with prefill pods (or one chosen upstream), the prefill pod; else, with
-    `how.pull_from_holders`, perhaps one of holder_pods as its KV source."""
+    `how.pull_from_holders`, perhaps one of holder_pods as its KV source. `full`: the pods
+    with no room in their KV cache for the request now (ScoreInput.full)."""
     assert decode_pods, "the caller answers 503 when no decode pod is healthy"
-    request = ScoreInput(num_blocks, decode_pods, caches, loads)
+    request = ScoreInput(num_blocks, decode_pods, caches, loads, full)
     prediction = None
     if how.planner is not None:
         choice = how.planner.choose(request, num_tokens, request_class.slo)
@@ -118,7 +124,7 @@ def decide_route(
     elif chosen_prefill is not None:  # chosen upstream (llm-d's gateway): honour it
         prefill = Decision(chosen_prefill, "prefill chosen upstream (header)", {}, 0)
     elif prefill_pods and num_tokens is not None and uncached > 0:
-        prefill_request = ScoreInput(num_blocks, prefill_pods, caches, loads)
+        prefill_request = ScoreInput(num_blocks, prefill_pods, caches, loads, full)
         if how.planner is not None:
             slo = request_class.slo
             prefill = how.planner.choose(prefill_request, num_tokens, slo, mode="prefill").decision

@@ -90,6 +90,9 @@ class ScoreInput:
     caches: Mapping[str, PodCache] = field(default_factory=dict)
     # per pod; a missing pod counts as idle (no scrape yet)
     loads: Mapping[str, PodLoad] = field(default_factory=dict)
+    # pods whose KV cache has no room for the request now (`PodState.lacks_room`): saturated
+    # for it, whatever their gauges say
+    full: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.candidates:
@@ -298,6 +301,8 @@ class KVAwarePolicy(ScoringPolicy):
             for pod, load in pod_loads.items()
             if load.num_waiting >= max_waiting or load.kv_usage >= max_kv_usage
         }
+        if request.full:
+            saturated.update(request.full.intersection(pod_loads))
         if len(saturated) == len(pod_loads):
             pod = _least_loaded(request, request.candidates)[0]
             reason = (
