@@ -21,9 +21,11 @@ Policies (`make_policy(name, config)`):
 - `kv_aware` (default): `w_prefix * prefix_score - w_load * load_score`, where `load_score` is
   the larger of the pod's KV usage and its requests (waiting + running + in-flight) divided by
   the busiest candidate's (never by less than `pressure_floor`), so both lie in 0..1. A pod is
-  saturated when waiting >= `max_waiting` or KV usage >= `max_kv_usage`; saturated pods are
-  left out while any candidate is not, so a hot cache never draws load onto a full pod. When
-  all are saturated the least loaded pod (as `load`) wins.
+  saturated when waiting >= `max_waiting` or KV usage >= `max_kv_usage`, or for this request
+  when its KV cache has no room for it beside the router's requests in flight there
+  (`ScoreInput.full`); saturated pods are left out while any candidate is not, so a hot cache
+  never draws load onto a full pod. When all are saturated the least loaded pod (as `load`)
+  wins.
 - `slo`: routes on each pod's predicted TTFT/TPOT against the request's SLOs, and queues or
   sheds what no pod can serve in time (`predictive.py`, `slo.py`). The policy object built here
   is its heuristic fallback (kv_aware), used while the latency models are cold.
