@@ -100,6 +100,8 @@ def test_busy_pod_loses_requests_to_an_idle_one(
     assert len(busy_seen) == 3, f"the router never saw the busy pod busy: {read_audit(audit)}"
     chosen = [r["pod"] for r in busy_seen]
     assert chosen == [idle.url] * 3, busy_seen
+    # the pods' KV cache sizes reach the router (vllm:cache_config_info): its room check
+    assert all(r["loads"][pod.url]["kv_blocks"] > 0 for r in busy_seen for pod in router_pods)
 
 
 def test_killed_pod_traffic_moves_without_failures(

@@ -13,7 +13,7 @@ from vllm_llmd.router.decision import Decider
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.load import PodLoad, pod_load_from_metrics
 from vllm_llmd.router.metrics import RouterMetrics
-from vllm_llmd.router.pod_state import PodState, Sending
+from vllm_llmd.router.pod_state import PodState, Sending, pods_without_room
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.predictive import SLOPlanner
 from vllm_llmd.router.scoring import PodCache, ScoreInput, ScoringConfig, make_policy
@@ -122,13 +122,15 @@ def test_a_request_counts_its_partial_block_and_its_answer(decider: Decider):
 
 def test_the_decider_sends_another_document_where_there_is_room(decider: Decider):
     doc_a, doc_b = list(range(8)), list(range(100, 108))
-    with decider.registry.sending("http://a:1", 0, doc_a, 2):
-        assert decider._full(doc_b, 2) == {"http://a:1"}
-        assert decider._full(doc_a, 2) == frozenset()  # its blocks are a's already
+    registry = decider.registry
+    with registry.sending("http://a:1", 0, doc_a, 2):
+        assert pods_without_room(registry.loads(), registry.pods, doc_b, 2) == {"http://a:1"}
+        # its blocks are a's already
+        assert pods_without_room(registry.loads(), registry.pods, doc_a, 2) == frozenset()
         caches = {"http://a:1": PodCache(8, ("GPU",) * 8)}  # a holds b's document too
         route = decider._route({}, doc_b, 2, caches, 1100, _plain())
         assert route.decode.pod == "http://b:2", route.decode.reason
-    assert decider._full(doc_b, 2) == frozenset()
+    assert pods_without_room(registry.loads(), registry.pods, doc_b, 2) == frozenset()
 
 
 def _plain():

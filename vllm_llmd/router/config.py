@@ -185,6 +185,12 @@ class RouterConfig:
         "0 turns it off",
         group=ROUTING,
     )
+    ignore_kv_room: bool = flag(
+        False,
+        "do not count a pod whose KV cache (num_gpu_blocks) cannot hold a request beside the "
+        "router's requests in flight there as saturated for that request",
+        group=ROUTING,
+    )
     shared_tier_ttl_s: float = flag(
         300.0,
         "how long a block announced in the shared KV tier (medium SHARED) counts as there "

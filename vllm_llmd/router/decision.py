@@ -39,8 +39,10 @@ from vllm_llmd.router.config import Role, RouterConfig
 from vllm_llmd.router.errors import error
 from vllm_llmd.router.index import Index
 from vllm_llmd.router.latency import LatencyModels, RequestShape
+from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.off_loop import OffLoop
+from vllm_llmd.router.pod_state import count_own_blocks, pods_without_room
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.predictive import SLOPlanner
 from vllm_llmd.router.recent import RecentRoutes
@@ -280,7 +282,8 @@ class Decider:
         decode_pods = self._candidates(DECODE_ROLES, allowed)
         if not decode_pods:
             return "admit"  # _route answers 503
-        loads, full = self.registry.loads(), self._full(hashes, own_blocks)
+        loads = self.registry.loads()
+        full = self._without_room(loads, hashes, own_blocks)
         request = ScoreInput(len(hashes), decode_pods, caches, loads, full)
         if self.planner.all_saturated(request):
             return "wait"
@@ -322,7 +325,7 @@ class Decider:
             loads,
             chosen_prefill,
             self._candidates(("both",), allowed) if self.config.pull_from_holders else (),
-            self._full(hashes, own_blocks),
+            self._without_room(loads, hashes, own_blocks),
         )
         if self.recent is not None and hashes:
             for chosen in (route.decode, route.prefill):
@@ -343,16 +346,15 @@ class Decider:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 answer = value
                 break
-        block_size = self._block_size()
-        return max(0, -(-(num_tokens + answer) // block_size) - num_blocks)
+        return count_own_blocks(num_blocks, num_tokens, answer, self._block_size())
 
-    def _full(self, hashes: list[int], own_blocks: int) -> frozenset[str]:
-        """The pods whose KV cache has no room for the request now (`PodState.lacks_room`)."""
-        return frozenset(
-            pod_id
-            for pod_id, pod in self.registry.pods.items()
-            if pod.lacks_room(hashes, own_blocks)
-        )
+    def _without_room(
+        self, loads: Mapping[str, PodLoad], hashes: list[int], own_blocks: int
+    ) -> frozenset[str]:
+        """The pods whose KV cache has no room for the request now (`pods_without_room`)."""
+        if self.config.ignore_kv_room:
+            return frozenset()
+        return pods_without_room(loads, self.registry.pods, hashes, own_blocks)
 
     def _prefill_from_headers(self, headers: Mapping[str, str]) -> str | None:
         """The prefill target an upstream gateway named, if allowed (else 403): llm-d's

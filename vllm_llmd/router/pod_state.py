@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vllm_llmd.router.config import PodSpec
 from vllm_llmd.router.load import ArrivalRate, PodLoad
 
-__all__ = ["PodState", "Sending"]
+__all__ = ["PodState", "Sending", "count_own_blocks", "pods_without_room"]
 
 
 @dataclass
@@ -130,3 +130,28 @@ class Sending:
             if pod.held[block] <= 0:
                 del pod.held[block]
         pod.held_own -= self.own_blocks
+
+
+def count_own_blocks(num_blocks: int, num_tokens: int, answer_tokens: int, block_size: int) -> int:
+    """KV blocks a request of `num_tokens` prompt tokens (`num_blocks` full blocks) and
+    `answer_tokens` needs besides its prompt's full blocks: its partial block and answer."""
+    return max(0, -(-(num_tokens + answer_tokens) // block_size) - num_blocks)
+
+
+def pods_without_room(
+    loads: Mapping[str, PodLoad],
+    states: Mapping[str, PodState],
+    blocks: Sequence[int],
+    own: int,
+) -> frozenset[str]:
+    """The pods where a request with these blocks lacks room (`PodState.lacks_room`), read
+    from `loads` (theirs at this decision) first: only a pod where the router holds blocks and
+    the whole request would not fit beside them is looked at block by block (at 256 pods, one
+    pass over the loads, not a call per pod)."""
+    need = len(blocks) + own
+    tight = [
+        pod
+        for pod, load in loads.items()
+        if load.held_blocks and load.kv_blocks and load.held_blocks + need > load.kv_blocks
+    ]
+    return frozenset(pod for pod in tight if pod in states and states[pod].lacks_room(blocks, own))

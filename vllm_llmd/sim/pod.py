@@ -296,4 +296,5 @@ class SimPod:
             num_waiting=len(self._waiting) - self._arrived_in_step,
             num_running=len(self._prefilling) + len(self._decoding),
             kv_usage=self.cache.usage,
+            kv_blocks=self.config.capacity_blocks,
         )

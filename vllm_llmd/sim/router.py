@@ -33,7 +33,7 @@ from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.latency import LatencyModels, relative_error
 from vllm_llmd.router.load import ArrivalRate, PodLoad
 from vllm_llmd.router.pod_spec import PodSpec
-from vllm_llmd.router.pod_state import PodState, Sending
+from vllm_llmd.router.pod_state import PodState, Sending, count_own_blocks, pods_without_room
 from vllm_llmd.router.predictive import SLOPlanner
 from vllm_llmd.router.recent import RecentRoutes
 from vllm_llmd.router.replication import HotPrefixes, Replication
@@ -125,9 +125,12 @@ class SimRouter:
 
     # ---- a request ------------------------------------------------------------------------
 
-    def route(self, request_id: int, hashes: list[int], num_tokens: int) -> routing.Route:
+    def route(
+        self, request_id: int, hashes: list[int], num_tokens: int, output_tokens: int = 0
+    ) -> routing.Route:
         """The proxy's lookup, decide_route and recent-route record for one request."""
         caches = self.caches(hashes) if self.uses_caches else {}
+        own = count_own_blocks(len(hashes), num_tokens, output_tokens, self.block_size)
         # the registry's loads are read at each decision: the time a pod has spent on the
         # prefill work ahead moves between events (only pods with work ahead change). Only
         # the latency models read it: other policies skip this (at 256 pods, most of a run)
@@ -144,12 +147,15 @@ class SimRouter:
             [],
             caches,
             self.loads,
+            full=pods_without_room(self.loads, self._states, hashes, own)
+            if self.uses_caches
+            else frozenset(),
         )
         pod = route.decode.pod
         if self.recent is not None and hashes and self.uses_caches:
             self.recent.record(pod, hashes)
             self._routed_first.setdefault(hashes[0], set()).add(pod)
-        sending = Sending(self._states[pod], route.shape.uncached_tokens)
+        sending = Sending(self._states[pod], route.shape.uncached_tokens, hashes, own)
         self._sending[route.request_id] = sending
         self._refresh(pod)
         if self.hot is not None and hashes:

@@ -123,7 +123,12 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
     arriving = [True]
 
     def dispatch(request: SimRequest) -> None:
-        route = router.route(request.request_id, request.prompt_hashes, request.num_prompt_tokens)
+        route = router.route(
+            request.request_id,
+            request.prompt_hashes,
+            request.num_prompt_tokens,
+            request.num_output_tokens,
+        )
         routes[request.request_id] = route
         pods[route.decode.pod].submit(request)
         for copy, hashes in router.take_copies():
