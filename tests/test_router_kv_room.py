@@ -1,6 +1,6 @@
 """A pod whose KV cache cannot hold a request beside the router's requests in flight there is
 saturated for that request: vLLM would queue it until one ends, and evict the cached prefixes
-the router counts on meanwhile (on a cache of 15 blocks, two 10-block prompts of different
+the router counts on meanwhile (on a cache of 16 blocks, two 10-block prompts of different
 prefixes took turns recomputing each other's: 2-3 s TTFTs predicted at 0.4 s)."""
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def test_the_slo_planner_counts_a_pod_without_room_as_saturated():
 @pytest.fixture
 def decider() -> Decider:
     pods = ["http://a:1", "http://b:2"]
-    config = parse_config(["--pod", pods[0], "--pod", pods[1], "--block-size", "128"], {})
+    argv = ["--pod", pods[0], "--pod", pods[1], "--block-size", "128", "--kv-room"]
+    config = parse_config(argv, {})
     registry = PodRegistry(config.pods, None)
     for pod in registry.pods.values():
         pod.healthy, pod.hashes_ok = True, True
@@ -131,6 +132,21 @@ def test_the_decider_sends_another_document_where_there_is_room(decider: Decider
         route = decider._route({}, doc_b, 2, caches, 1100, _plain())
         assert route.decode.pod == "http://b:2", route.decode.reason
     assert pods_without_room(registry.loads(), registry.pods, doc_b, 2) == frozenset()
+
+
+def test_without_kv_room_the_decider_leaves_room_to_the_pods():
+    pods = ["http://a:1", "http://b:2"]
+    config = parse_config(["--pod", pods[0], "--pod", pods[1], "--block-size", "128"], {})
+    registry = PodRegistry(config.pods, None)
+    for pod in registry.pods.values():
+        pod.healthy, pod.hashes_ok = True, True
+        pod.load = PodLoad(kv_blocks=15)
+    policy = make_policy("kv_aware", config.scoring_config())
+    decider = Decider(config, registry, InMemoryIndex(), None, policy, RouterMetrics())
+    with registry.sending(pods[0], 0, list(range(8)), 2):
+        caches = {pods[0]: PodCache(8, ("GPU",) * 8)}
+        route = decider._route({}, list(range(100, 108)), 2, caches, 1100, _plain())
+        assert route.decode.pod == pods[0]  # the cached prefix, room or not (off by default)
 
 
 def _plain():

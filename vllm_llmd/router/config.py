@@ -185,10 +185,10 @@ class RouterConfig:
         "0 turns it off",
         group=ROUTING,
     )
-    ignore_kv_room: bool = flag(
+    kv_room: bool = flag(
         False,
-        "do not count a pod whose KV cache (num_gpu_blocks) cannot hold a request beside the "
-        "router's requests in flight there as saturated for that request",
+        "a pod whose KV cache (its num_gpu_blocks) cannot hold a request beside the router's "
+        "requests in flight there is saturated for that request (README: KV room)",
         group=ROUTING,
     )
     shared_tier_ttl_s: float = flag(

@@ -352,7 +352,7 @@ class Decider:
         self, loads: Mapping[str, PodLoad], hashes: list[int], own_blocks: int
     ) -> frozenset[str]:
         """The pods whose KV cache has no room for the request now (`pods_without_room`)."""
-        if self.config.ignore_kv_room:
+        if not self.config.kv_room:
             return frozenset()
         return pods_without_room(loads, self.registry.pods, hashes, own_blocks)
 

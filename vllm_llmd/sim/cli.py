@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the router's --replicate-hot-prefixes for policies named NAME+copy (default 3)",
     )
     run.add_argument(
+        "--kv-room",
+        action="store_true",
+        help="the router's --kv-room: a pod whose cache cannot hold a request is saturated for it",
+    )
+    run.add_argument(
         "--replicate-per-minute",
         type=int,
         default=RouterSettings().replicate_per_minute,
@@ -169,6 +174,7 @@ def run(args: argparse.Namespace) -> list[SweepPoint]:
             recent_route_ttl_s=args.recent_ttl_s,
             replicate_after=args.replicate_hot_prefixes,
             replicate_per_minute=args.replicate_per_minute,
+            kv_room=args.kv_room,
         ),
         goodput_slo=args.slo,
     )

@@ -65,6 +65,8 @@ class RouterSettings:
     replicate_after: int = 0
     replicate_per_minute: int = 60
     replicate_min_tokens: int = 256
+    # --kv-room
+    kv_room: bool = False
 
 
 class SimRouter:
@@ -148,7 +150,7 @@ class SimRouter:
             caches,
             self.loads,
             full=pods_without_room(self.loads, self._states, hashes, own)
-            if self.uses_caches
+            if self.uses_caches and self.settings.kv_room
             else frozenset(),
         )
         pod = route.decode.pod
