@@ -66,6 +66,12 @@ def test_shared_prompt_blocks_are_held_once_and_released_when_the_request_ends()
     assert not pod.lacks_room(doc_b, 2)
 
 
+def test_a_block_twice_in_a_prompt_is_released_once():
+    pod = pod_with(15)
+    Sending(pod, 0, [7, 7, 8], 0).ended()  # a hash repeated (a collision): no KeyError
+    assert not pod.held and pod.current_load().held_blocks == 0
+
+
 def test_room_is_never_lacking_where_the_router_holds_nothing_or_the_size_is_unknown():
     too_big = list(range(40))  # more than the whole cache: vLLM's to refuse, not ours to hold
     assert not pod_with(15).lacks_room(too_big, 4)

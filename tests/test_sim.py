@@ -16,6 +16,7 @@ from vllm_llmd.devtools.server import VLLMServerConfig
 from vllm_llmd.events.model import MEDIUM_GPU, BlockRemoved, BlockStored, EventBatch
 from vllm_llmd.hashing import PrefixHasher
 from vllm_llmd.router import routing
+from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.slo import SLO
 from vllm_llmd.sim import cli, workloads
 from vllm_llmd.sim.cache import Hit, PrefixCache
@@ -455,3 +456,26 @@ def test_policy_slo_reports_how_well_the_routers_latency_model_predicted():
     assert len(slo.router.ttft_errors) > 500  # every request once the models are warm
     assert runs["kv_aware"].summary.ttft_error_p50 is None
     assert "TTFT pred. error" in table([slo.summary])
+
+
+@pytest.mark.parametrize("kv_room", [False, True])
+def test_the_simulated_router_applies_kv_room_as_the_router_does(kv_room):
+    """With --kv-room, a pod whose cache cannot hold a request beside the router's request in
+    flight there is passed over, though it holds the request's prefix; without, the prefix wins."""
+    router = SimRouter(RouterSettings(kv_room=kv_room), ["pod-a", "pod-b"], BLOCK, lambda: 0.0)
+    for pod in ("pod-a", "pod-b"):
+        router.scraped(pod, PodLoad(kv_blocks=6))
+    doc_a, doc_b = [1, 2, 3, 4], [11, 12, 13, 14]
+    for hashes in (doc_a, doc_b):  # pod-a holds both documents
+        stored = BlockStored(
+            block_hashes=tuple(hashes),
+            parent_block_hash=None,
+            token_ids=tuple(range(BLOCK * len(hashes))),
+            block_size=BLOCK,
+            medium=MEDIUM_GPU,
+        )
+        router.ingest("pod-a", EventBatch(ts=0.0, events=(stored,)))
+    first = router.route(1, doc_a, 4 * BLOCK + 1, 4)  # 4 blocks and one of its own
+    assert first.decode.pod == "pod-a"
+    second = router.route(2, doc_b, 4 * BLOCK + 1, 4)  # 5 held + 5 new > 6 blocks
+    assert second.decode.pod == ("pod-b" if kv_room else "pod-a"), second.decode.reason

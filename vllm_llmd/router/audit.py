@@ -23,8 +23,8 @@ Format version 2 (`"v": 2`):
     router's queue), routed_s (arrival to the routing decision: tokenizing, cache lookup and
     the queue; ts + routed_s is when the request was dispatched), predicted_ttft_s,
     predicted_tpot_s, loads (per pod: waiting, running, kv_usage, in_flight, held_blocks: the
-    KV blocks the router's requests in flight hold there, kv_blocks: its size, 0 unknown), and
-    prompt with --audit-prompts.
+    KV blocks the router's requests in flight hold there, counted with --kv-room, else 0;
+    kv_blocks: its size, 0 unknown), and prompt with --audit-prompts.
 
 Version 1 (no "v") had no path, model, stream, status, ttft_s, latency_s, kind or served_pod,
 and named every route's pod `decode_pod`. `vllm-llmd-router audit summarize` reads both.

@@ -221,7 +221,8 @@ class Decider:
         left = request_class.within(queued_s)
         route = self._route(headers, hashes, own_blocks, caches, num_tokens, left, allowed)
         route.request_class, route.queued_s, route.admission = request_class, queued_s, admission
-        route.blocks, route.own_blocks = hashes, own_blocks
+        if self.config.kv_room:  # what it holds where it goes: counted only for this rule
+            route.blocks, route.own_blocks = hashes, own_blocks
         self.recorder.decided(record, route)
         if self.replicator is not None and hashes and body is not None and self.session:
             self.replicator.observe(self.session, route, hashes, record.path, body)

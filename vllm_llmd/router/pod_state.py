@@ -128,7 +128,7 @@ class Sending:
         pod.held.subtract(self.blocks)
         for block in self.blocks:
             if pod.held[block] <= 0:
-                del pod.held[block]
+                pod.held.pop(block, None)  # gone (a block twice in a prompt: already)
         pod.held_own -= self.own_blocks
 
 

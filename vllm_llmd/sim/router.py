@@ -157,7 +157,8 @@ class SimRouter:
         if self.recent is not None and hashes and self.uses_caches:
             self.recent.record(pod, hashes)
             self._routed_first.setdefault(hashes[0], set()).add(pod)
-        sending = Sending(self._states[pod], route.shape.uncached_tokens, hashes, own)
+        held = (hashes, own) if self.settings.kv_room else ((), 0)
+        sending = Sending(self._states[pod], route.shape.uncached_tokens, *held)
         self._sending[route.request_id] = sending
         self._refresh(pod)
         if self.hot is not None and hashes:
