@@ -343,8 +343,15 @@ def test_scrape_pod_load_reads_the_pods_gauges(pod):
             return await scrape_pod_load(session, pod.url, num_in_flight=2)
 
     load = asyncio.run(scrape())
-    assert load == PodLoad(num_waiting=0, num_running=0, kv_usage=load.kv_usage, num_in_flight=2)
+    assert load == PodLoad(
+        num_waiting=0,
+        num_running=0,
+        kv_usage=load.kv_usage,
+        num_in_flight=2,
+        kv_blocks=load.kv_blocks,
+    )
     assert 0.0 <= load.kv_usage < 0.5  # idle: only what the prefix cache pins, if anything
+    assert load.kv_blocks > 0  # its KV cache size, from vllm:cache_config_info
 
 
 def test_pod_load_sums_engines_and_keeps_the_fullest_kv():
