@@ -399,7 +399,7 @@ def main() -> None:
                     outcomes = asyncio.run(
                         run_load(router.url, pods[0][0].model_name, requests, args, slo)
                     )
-                    error = None
+                    error = whole = None
                     if kind == "ours":
                         after = prediction_error_buckets(router.url)
                         error = median_prediction_error(after, warmed)

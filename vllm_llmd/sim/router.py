@@ -132,6 +132,8 @@ class SimRouter:
     ) -> routing.Route:
         """The proxy's lookup, decide_route and recent-route record for one request."""
         caches = self.caches(hashes) if self.uses_caches else {}
+        # --kv-room: what the request holds where it goes (only a cache-aware policy reads it)
+        kv_room = self.settings.kv_room and self.uses_caches
         own = count_own_blocks(len(hashes), num_tokens, output_tokens, self.block_size)
         # the registry's loads are read at each decision: the time a pod has spent on the
         # prefill work ahead moves between events (only pods with work ahead change). Only
@@ -150,14 +152,14 @@ class SimRouter:
             caches,
             self.loads,
             full=pods_without_room(self.loads, self._states, hashes, own)
-            if self.uses_caches and self.settings.kv_room
+            if kv_room
             else frozenset(),
         )
         pod = route.decode.pod
         if self.recent is not None and hashes and self.uses_caches:
             self.recent.record(pod, hashes)
             self._routed_first.setdefault(hashes[0], set()).add(pod)
-        held = (hashes, own) if self.settings.kv_room else ((), 0)
+        held = (hashes, own) if kv_room else ((), 0)
         sending = Sending(self._states[pod], route.shape.uncached_tokens, *held)
         self._sending[route.request_id] = sending
         self._refresh(pod)
