@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import os
@@ -168,6 +169,17 @@ def kube_api():
         yield api
     finally:
         api.close()
+
+
+@pytest.fixture(scope="module")
+async def one_event_loop(anyio_backend: Any) -> Any:
+    """Runs a module's async tests and fixtures on one event loop (it holds anyio's test runner
+    for the module). For modules that use grpc.aio: its poller thread hands an operation's late
+    completion (a stopped server's, a closed channel's) to the loop the operation began on, and
+    when that loop is a finished test's, already closed, the error is raised into whichever
+    test runs next (grpc/grpc#25364). At the end, late completions land while the loop runs."""
+    yield
+    await asyncio.sleep(0.2)
 
 
 @pytest.fixture(scope="module", autouse=True)

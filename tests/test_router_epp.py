@@ -74,7 +74,7 @@ FULL_DUPLEX = ProcessingMode.BodySendMode.FULL_DUPLEX_STREAMED
 BLOCK = 16
 
 # the async tests run on asyncio (anyio's pytest plugin)
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_event_loop")]
 
 
 def _endpoint(pod: str) -> str:
@@ -236,46 +236,42 @@ async def _finish(envoy: Envoy, status: int = 200, served: str | None = None) ->
     assert await envoy.ended()
 
 
-def test_buffered_body_is_routed_on_its_last_chunk(tmp_path: Path) -> None:
+async def test_buffered_body_is_routed_on_its_last_chunk(tmp_path: Path) -> None:
     audit = tmp_path / "audit.jsonl"
+    pod = await RecordingPod().start()
+    try:
+        async with picker(["--pod", pod.url, "--audit-log", str(audit)]) as (router, open_):
+            envoy = open_()
+            passed = await envoy.ask(_headers())
+            assert passed.WhichOneof("response") == "request_headers"
+            assert not passed.request_headers.response.header_mutation.set_headers
+            routed = await envoy.ask(_body(_completion(), True))
+            headers, destination = _destination(routed)
+            assert routed.WhichOneof("response") == "request_body"
+            assert destination == headers["x-gateway-destination-endpoint"]
+            assert destination == _endpoint(pod.url)
+            assert "x-prefiller-host-port" not in headers
+            assert not routed.request_body.response.HasField("body_mutation")
+            assert router.registry.state(pod.url).in_flight == 1  # until the answer ends
+            answer = await envoy.ask(_response_headers(200, destination))
+            assert _set_headers(answer.response_headers.response)["x-routed-to"] == pod.url
+            answer = await envoy.ask(_body(b"{}", True, response=True))
+            assert answer.HasField("response_body")
+            await envoy.call.done_writing()
+            assert await envoy.ended()
+            await asyncio.sleep(0.05)  # the servicer's clean-up after the stream's end
+            assert router.registry.state(pod.url).in_flight == 0
+            metrics = router.metrics
+            decisions = metrics.decisions.labels("kv_aware", "direct")._value.get()
+            requests = metrics.requests.labels("/v1/completions", "200")._value.get()
+            routed_total = metrics.routed.labels(pod.url, "both")._value.get()
+            assert (decisions, requests, routed_total) == (1, 1, 1)
+            assert not pod.received  # the gateway forwards, not the router
+    finally:
+        await pod.stop()
 
-    async def run() -> str:
-        pod = await RecordingPod().start()
-        try:
-            async with picker(["--pod", pod.url, "--audit-log", str(audit)]) as (router, open_):
-                envoy = open_()
-                passed = await envoy.ask(_headers())
-                assert passed.WhichOneof("response") == "request_headers"
-                assert not passed.request_headers.response.header_mutation.set_headers
-                routed = await envoy.ask(_body(_completion(), True))
-                headers, destination = _destination(routed)
-                assert routed.WhichOneof("response") == "request_body"
-                assert destination == headers["x-gateway-destination-endpoint"]
-                assert destination == _endpoint(pod.url)
-                assert "x-prefiller-host-port" not in headers
-                assert not routed.request_body.response.HasField("body_mutation")
-                assert router.registry.state(pod.url).in_flight == 1  # until the answer ends
-                answer = await envoy.ask(_response_headers(200, destination))
-                assert _set_headers(answer.response_headers.response)["x-routed-to"] == pod.url
-                answer = await envoy.ask(_body(b"{}", True, response=True))
-                assert answer.HasField("response_body")
-                await envoy.call.done_writing()
-                assert await envoy.ended()
-                await asyncio.sleep(0.05)  # the servicer's clean-up after the stream's end
-                assert router.registry.state(pod.url).in_flight == 0
-                metrics = router.metrics
-                decisions = metrics.decisions.labels("kv_aware", "direct")._value.get()
-                requests = metrics.requests.labels("/v1/completions", "200")._value.get()
-                routed_total = metrics.routed.labels(pod.url, "both")._value.get()
-                assert (decisions, requests, routed_total) == (1, 1, 1)
-                assert not pod.received  # the gateway forwards, not the router
-        finally:
-            await pod.stop()
-        return pod.url
-
-    pod_url = asyncio.run(run())
     (record,) = read_audit(audit)
-    assert record["pod"] == record["served_pod"] == pod_url
+    assert record["pod"] == record["served_pod"] == pod.url
     assert record["status"] == 200 and record["model"] == MODEL
 
 
