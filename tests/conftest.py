@@ -171,15 +171,29 @@ def kube_api():
         api.close()
 
 
-@pytest.fixture(scope="module")
-async def one_event_loop(anyio_backend: Any) -> Any:
-    """Runs a module's async tests and fixtures on one event loop (it holds anyio's test runner
-    for the module). For modules that use grpc.aio: its poller thread hands an operation's late
-    completion (a stopped server's, a closed channel's) to the loop the operation began on, and
-    when that loop is a finished test's, already closed, the error is raised into whichever
-    test runs next (grpc/grpc#25364). At the end, late completions land while the loop runs."""
-    yield
-    await asyncio.sleep(0.2)
+@pytest.fixture
+def grpc_aio_poller_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drops the two errors grpc.aio's poller raises into an event loop on behalf of another
+    loop (grpc/grpc#25364), for modules that use grpc.aio on more loops than one (each test's
+    own, a gateway stand-in's in a thread). Its poller thread hands an operation's late
+    completion (a stopped server's, a closed channel's) to the loop the operation began on:
+    when that is a finished test's loop, already closed, `call_soon_threadsafe` raises
+    RuntimeError; when two loops are alive, both read its wake-up socket and one finds it
+    empty (BlockingIOError). Either is raised in a callback of the running test's loop, which
+    anyio's runner reports as that test's failure; the completions themselves are delivered
+    on the poller's next wake-up. Any other error still reaches the loop's handler."""
+    report = asyncio.BaseEventLoop.call_exception_handler
+
+    def call_exception_handler(loop: asyncio.BaseEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        noise = isinstance(error, BlockingIOError) or (
+            isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        )
+        if noise and "PollerCompletionQueue._handle_events" in repr(context.get("handle")):
+            return
+        report(loop, context)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "call_exception_handler", call_exception_handler)
 
 
 @pytest.fixture(scope="module", autouse=True)

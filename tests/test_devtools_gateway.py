@@ -38,7 +38,7 @@ from vllm_llmd.devtools.server import free_port
 from vllm_llmd.router.epp import serve_epp
 from vllm_llmd.router.proxy import Router
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_event_loop")]
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("grpc_aio_poller_noise")]
 
 
 class Pod(RecordingPod):

@@ -74,7 +74,7 @@ FULL_DUPLEX = ProcessingMode.BodySendMode.FULL_DUPLEX_STREAMED
 BLOCK = 16
 
 # the async tests run on asyncio (anyio's pytest plugin)
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_event_loop")]
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("grpc_aio_poller_noise")]
 
 
 def _endpoint(pod: str) -> str:

@@ -34,7 +34,7 @@ from vllm_llmd.router.epp_health import (
     HealthCheckResponse,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_event_loop")]
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("grpc_aio_poller_noise")]
 
 
 class HealthClient:
