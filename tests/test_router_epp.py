@@ -262,7 +262,7 @@ async def test_buffered_body_is_routed_on_its_last_chunk(tmp_path: Path) -> None
             await asyncio.sleep(0.05)  # the servicer's clean-up after the stream's end
             assert router.registry.state(pod.url).in_flight == 0
             metrics = router.metrics
-            decisions = metrics.decisions.labels("kv_aware", "direct")._value.get()
+            decisions = metrics.decisions.labels(router.config.policy, "direct")._value.get()
             requests = metrics.requests.labels("/v1/completions", "200")._value.get()
             routed_total = metrics.routed.labels(pod.url, "both")._value.get()
             assert (decisions, requests, routed_total) == (1, 1, 1)
@@ -401,7 +401,7 @@ async def test_pd_names_the_decode_pod_and_the_prefill_pod_in_the_sidecar_header
             assert destination == _endpoint(decode.url)
             assert headers["x-prefiller-host-port"] == _endpoint(prefill.url)
             await _finish(envoy)
-            assert router.metrics.decisions.labels("kv_aware", "pd")._value.get() == 1
+            assert router.metrics.decisions.labels(router.config.policy, "pd")._value.get() == 1
             # a client naming a prefill pod itself: not decided on, and removed
             envoy = open_()
             evil = {"x-prefiller-host-port": "10.6.6.6:8000"}

@@ -474,6 +474,26 @@ def test_a_request_whose_slo_is_out_of_reach_is_refused_unless_served_late():
         assert judge(plain, 0.0) == "wait"  # late only because of the load: it may wait
 
 
+def test_a_plain_request_is_never_held_back_while_one_with_an_objective_is():
+    """No SLO and no objective: admitted at once even with every pod saturated, as kv_aware
+    sends it (the default policy must not queue traffic that asks for nothing); one that
+    names an objective still waits for a pod with room (or is shed, if sheddable)."""
+    config = parse_config(["--pod", "http://a:1", "--policy", "slo", "--max-waiting", "2"], {})
+    registry = PodRegistry(config.pods, None)
+    for pod in registry.pods.values():
+        pod.healthy, pod.hashes_ok = True, True
+    decider = Decider(config, registry, InMemoryIndex(), None, make_policy("slo"), RouterMetrics())
+
+    def judge(request_class: RequestClass) -> Verdict:
+        return decider._judge([], 0, {}, 100, request_class, None, 0.0)
+
+    with registry.sending("http://a:1", 10), registry.sending("http://a:1", 10):
+        assert decider.planner is not None
+        assert decider.planner.all_saturated(ScoreInput(0, ["http://a:1"], {}, registry.loads()))
+        assert judge(RequestClass(SLO())) == "admit"
+        assert judge(RequestClass(SLO(), 0, objective="batch")) == "wait"
+
+
 def test_best_effort_never_takes_the_last_pod_free_of_prompts():
     """A request out of reach on arrival is served best effort on an idle pod only while
     another pod has no prompt ahead either: with every pod on such prompts, the next request
@@ -557,6 +577,28 @@ def test_the_heuristics_pod_is_left_only_for_one_surely_on_time():
     assert kept.decision.pod == "slow" and not kept.meets
     # and with time to spare on both, affinity decides
     assert planner.choose(request, 2048, SLO(5.0)).decision.pod == "slow"
+
+
+def test_a_request_without_slos_goes_where_the_heuristic_sends_it():
+    """No SLO to meet, no diversion: the prefix's pod keeps it, however much faster another
+    pod is predicted (the fastest pod each time spreads prefixes); a prefill pod for a P/D step
+    is still the one predicted to finish the prompt first."""
+    models = LatencyModels()
+    _warm(models, "slow", per_ktoken=0.1, base=1.0)
+    _warm(models, "fast", per_ktoken=0.1)
+    for pod in ("slow", "fast"):  # and as prefill pods, with the same speeds
+        for sample in range(40):
+            shape = RequestShape(100 * sample, 0, 0, 0)
+            base = 1.0 if pod == "slow" else 0.01
+            models.observe(pod, "prefill", shape, base + 0.1 * sample / 10, None)
+    planner = _planner(models)
+    request = ScoreInput(16, ["fast", "slow"], {"slow": PodCache(16, ("GPU",) * 16)})
+    choice = planner.choose(request, 2048, SLO())
+    assert choice.decision.pod == "slow" and choice.meets, choice.decision.reason
+    assert choice.decision.reason.startswith("kv_aware:") and "(no SLO)" in choice.decision.reason
+    assert choice.shape.cached_tokens == 2048
+    prefill = planner.choose(request, 2048, SLO(), mode="prefill")
+    assert prefill.decision.pod == "fast", prefill.decision.reason
 
 
 def test_the_prefill_work_ahead_is_timed_from_when_the_pod_took_it_on():

@@ -84,9 +84,10 @@ class RouterConfig:
         group=SERVING,
     )
     policy: str = flag(
-        "kv_aware",
+        "slo",
         "routing policy: round_robin, load, prefix, kv_aware (prefix hit and load), "
-        "slo (predicted latency against SLOs, with priority and fair queueing)",
+        "slo (kv_aware, and for requests that name an SLO or objective: predicted latency "
+        "against their SLOs, with priority and fair queueing)",
         group=ROUTING,
     )
     tokenizer: str | None = flag(

@@ -12,8 +12,12 @@ each, kv_aware 97.5% on time), choosing the fastest pod whenever none was predic
 spread prefixes and spiralled down to 2% on time; choosing among the pods predicted on time
 (else as kv_aware) reached 91%, diversions on predictions within the model's error. What `slo`
 adds is knowing who will be late: the admission queue holds or sheds them (`admission.py`). A
-cache hit lowers the predicted TTFT by what the model learned a cached token saves. Without
-SLOs the smallest predicted TTFT + TPOT * expected output tokens wins.
+cache hit lowers the predicted TTFT by what the model learned a cached token saves. A request
+without SLOs goes where the heuristic sends it: choosing the pod of the smallest predicted
+latency spreads prefixes as above, and with no SLO to meet no pod's lateness calls for a
+diversion. A
+prefill pod for a P/D step is still chosen by the smallest predicted TTFT: it keeps nothing
+after the transfer, so affinity buys only the step's own hit, which the prediction counts.
 
 Until the cluster's TTFT model of the mode has `min_samples` observations (a pod's own model
 starts from the cluster's: `latency.py`), the heuristic policy (kv_aware) decides and the
@@ -114,6 +118,14 @@ class SLOPlanner:
         mode: ServeMode = "direct",
     ) -> SLOChoice:
         tokens = num_tokens or 0
+        has_slo = slo.is_set
+        if not has_slo and mode == "direct":
+            decision = self.fallback.choose(request)
+            decision = Decision(
+                decision.pod, f"{decision.reason} (no SLO)", decision.scores, decision.hit_blocks
+            )
+            shape = request_shape(request, decision.pod, tokens, self.block_size)
+            return SLOChoice(decision, None, shape, True)
         shapes = {p: request_shape(request, p, tokens, self.block_size) for p in request.candidates}
         predictions = {p: self.models.predict(p, mode, shapes[p]) for p in request.candidates}
         cold = [p for p, pr in predictions.items() if pr.ttft_s is None]
@@ -131,7 +143,6 @@ class SLOPlanner:
         ratios = {p: _slo_ratio(predictions[p], slo, outputs) for p in request.candidates}
         free = [p for p in request.candidates if not self._saturated(request, p)]
         pool = free or list(request.candidates)
-        has_slo = slo.ttft_s is not None or slo.tpot_s is not None
         limit = 1.0 - self.headroom
         if has_slo:
             # affinity decides among the pods on time, or among all when none is: a request

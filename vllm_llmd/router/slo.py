@@ -71,6 +71,11 @@ class SLO:
     ttft_s: float | None = None
     tpot_s: float | None = None
 
+    @property
+    def is_set(self) -> bool:
+        """At least one target."""
+        return self.ttft_s is not None or self.tpot_s is not None
+
     @classmethod
     def parse(cls, text: str) -> SLO:
         """`ttft=MS,tpot=MS` (either part optional) -> SLO; ValueError names the fault."""
@@ -91,6 +96,11 @@ class RequestClass:
     priority: int = 0
     fairness_id: str = DEFAULT_FAIRNESS_ID
     objective: str | None = None
+
+    @property
+    def plain(self) -> bool:
+        """No SLO and no objective: nothing for admission to weigh, so never held back."""
+        return not self.slo.is_set and self.objective is None
 
     @property
     def sheddable(self) -> bool:
