@@ -48,8 +48,6 @@ from vllm_llmd.devtools.client import metric_sum, scrape_metrics, timed_stream
 from vllm_llmd.devtools.model_maker import cached_model, sample_text
 from vllm_llmd.devtools.server import free_port
 
-NO_SLO = (3600.0, 3600.0)  # the SLO headers bench_slo's client sends: none that binds here
-
 
 def hit_counts(pods) -> tuple[float, float]:
     """(prompt tokens served from cache or tiers, all prompt tokens), summed over the pods."""
@@ -95,9 +93,7 @@ async def conversations(
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
         async def user(turns: list[list[int]]) -> list[Outcome]:
-            return [
-                await one_request(session, url, model, prompt, args, NO_SLO) for prompt in turns
-            ]
+            return [await one_request(session, url, model, prompt, args, None) for prompt in turns]
 
         results = await asyncio.gather(*(user(turns) for turns in scripts))
     return [o for per_user in results for o in per_user], time.perf_counter() - start

@@ -43,7 +43,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from bench_router import NO_SLO, chat_scripts, conversations, hit_counts
+from bench_router import chat_scripts, conversations, hit_counts
 from bench_slo import (
     BLOCK,
     HOST_OFFLOAD_BYTES,
@@ -72,6 +72,9 @@ from vllm_llmd.sim.run import RunResult, SimConfig, simulate
 from vllm_llmd.sim.workloads import Chain, SimRequest
 
 LOG_DIR = REPO_ROOT / "logs" / "bench_sim_calibration"
+# the chat workload sends no SLO headers; in the simulator, SLOs that never bind (every
+# policy routes such a request as it would one without SLOs) and goodput that counts all
+NO_SLO = (3600.0, 3600.0)
 # vLLM's defaults for an OpenAI server on CPU (engine/arg_utils.py), which the pods run with
 CPU_MAX_BATCHED_TOKENS = 2048
 CPU_MAX_NUM_SEQS = 128

@@ -189,10 +189,11 @@ def make_requests(
 
 
 async def one_request(session, url: str, model: str, prompt, args, slo) -> Outcome:
-    headers = {
-        "x-llm-d-slo-ttft-ms": str(round(slo[0] * 1000)),
-        "x-llm-d-slo-tpot-ms": str(round(slo[1] * 1000, 1)),
-    }
+    """One streamed completion; `slo`: (TTFT s, TPOT s) sent as headers, or None for none."""
+    headers = {}
+    if slo is not None:
+        headers["x-llm-d-slo-ttft-ms"] = str(round(slo[0] * 1000))
+        headers["x-llm-d-slo-tpot-ms"] = str(round(slo[1] * 1000, 1))
     objective = getattr(args, "objective", "")  # bench_router sends none
     if objective:
         headers["x-llm-d-inference-objective"] = objective.partition("=")[0]
@@ -228,7 +229,8 @@ async def one_request(session, url: str, model: str, prompt, args, slo) -> Outco
         return Outcome(False, False, None, None)
     ttft = first - started
     tpot = (end - first) / max(1, tokens - 1)
-    return Outcome(ttft <= slo[0] and tpot <= slo[1], False, ttft, tpot)
+    on_time = slo is None or (ttft <= slo[0] and tpot <= slo[1])
+    return Outcome(on_time, False, ttft, tpot)
 
 
 async def run_load(url: str, model: str, requests, args, slo) -> list[Outcome]:
