@@ -8,9 +8,12 @@ path.
 
 Part 2, concurrency (`--part load`): `--streams` closed-loop clients send long prompts whose
 working set is `--working-set-x` times the device cache, to plain vLLM (offload off), the host
-tier, and the disk tier behind a host tier of a few chunks. Two workloads: `recurring` (each
-prompt asked `--recurrences` times, in random order) and `unique` (every prompt new). It prints
-throughput against offload off, and TTFT by the tier the prompt's KV was in when it was sent
+tier, and the disk tier behind a host tier of a few chunks, all up at once on one core. Two
+workloads: `recurring` (each prompt asked `--recurrences` times, in random order) and `unique`
+(every prompt new), each run `--rounds` times with fresh prompts, the systems taking turns
+(ABC CBA, as in part 1: one after the other, the box's drift landed on whichever ran second).
+It prints throughput against offload off (over all rounds, then per round), and TTFT by the
+tier the prompt's KV was in when it was sent
 (from the server's own KV events: device cache, host, disk, or cold), and writes a PNG of
 TTFT by tier of origin (needs matplotlib: `pip install 'vllm-llmd[plot]'`).
 
@@ -20,6 +23,7 @@ Usage: `.venv/bin/python benchmarks/bench_offload_load.py [--part cold|load|both
 from __future__ import annotations
 
 import argparse
+import contextlib
 import queue
 import random
 import statistics
@@ -229,14 +233,6 @@ def bench_load(args: argparse.Namespace, model: Path, prompts: PromptMaker) -> N
     prompt_blocks = args.prompt_tokens // BLOCK
     device_blocks = args.device_prompts * prompt_blocks
     num_distinct = args.working_set_x * args.device_prompts
-    rng = random.Random(0)
-    recurring = [seed for seed in range(1000, 1000 + num_distinct)] * args.recurrences
-    rng.shuffle(recurring)
-    workloads = {
-        "recurring": recurring,
-        "unique": list(range(5000, 5000 + len(recurring))),
-    }
-    workloads = {name: workloads[name] for name in args.workloads.split(",")}
     disk = Path(tempfile.mkdtemp(prefix="llmd-bench-load-disk-"))
     systems = {
         "offload off (plain vLLM)": None,
@@ -249,48 +245,83 @@ def bench_load(args: argparse.Namespace, model: Path, prompts: PromptMaker) -> N
     if args.systems:
         keep = [list(systems)[int(i)] for i in args.systems.split(",")]
         systems = {name: systems[name] for name in keep}
+    names = list(systems)
+    workload_names = args.workloads.split(",")
+    # per (system, workload): the seconds of each round, and every outcome
+    walls: dict[tuple[str, str], list[float]] = defaultdict(list)
     results: dict[tuple[str, str], tuple[float, list[Outcome]]] = {}
-    for k, (name, extra) in enumerate(systems.items()):
-        events = kv_events_config()
-        config = VLLMServerConfig(
-            model=model,
-            dtype="bfloat16",
-            cpu_cores="0",
-            kv_cache_bytes=device_blocks * chunk,
-            block_size=BLOCK,
-            max_model_len=(prompt_blocks + 2) * BLOCK,
-            kv_transfer_config=None if extra is None else llmd_connector(extra=extra),
-            kv_events_config=events,
-        )
-        with VLLMServer(config, LOG_DIR / f"load-system{k}.log") as server:
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, tuple[VLLMServer, TierTracker]] = {}
+        for k, (name, extra) in enumerate(systems.items()):  # all up, all on core 0
+            events = kv_events_config()
+            config = VLLMServerConfig(
+                model=model,
+                dtype="bfloat16",
+                cpu_cores="0",
+                kv_cache_bytes=device_blocks * chunk,
+                block_size=BLOCK,
+                max_model_len=(prompt_blocks + 2) * BLOCK,
+                kv_transfer_config=None if extra is None else llmd_connector(extra=extra),
+                kv_events_config=events,
+            )
+            server = stack.enter_context(VLLMServer(config, LOG_DIR / f"load-system{k}.log"))
             endpoint = events["endpoint"].replace("*", "127.0.0.1")
             replay = events["replay_endpoint"].replace("*", "127.0.0.1")
             tracker = TierTracker(endpoint, replay, prompts)
-            try:
-                timed_stream(server.url, server.model_name, prompts.tokens(99_999)[:64], 2)
-                for workload, seeds in workloads.items():
-                    results[(name, workload)] = run_load(
-                        server, tracker, seeds, args.streams, prompts
+            stack.callback(tracker.close)
+            timed_stream(server.url, server.model_name, prompts.tokens(99_999)[:64], 2)
+            servers[name] = (server, tracker)
+        for round_ in range(args.rounds):
+            # each round its own prompts, every system the same ones, in ABC CBA order so
+            # drift on the box lands on every system alike
+            workloads = round_workloads(args, num_distinct, round_)
+            order = names if round_ % 2 == 0 else names[::-1]
+            for workload in workload_names:
+                for name in order:
+                    server, tracker = servers[name]
+                    wall, outcomes = run_load(
+                        server, tracker, workloads[workload], args.streams, prompts
                     )
-            finally:
-                tracker.close()
+                    walls[(name, workload)].append(wall)
+                    _, before = results.get((name, workload), (0.0, []))
+                    results[(name, workload)] = (sum(walls[(name, workload)]), before + outcomes)
     print(
         f"\n== {args.streams} concurrent streams, {args.prompt_tokens}-token prompts "
-        f"({args.preset}, bf16, one core), device cache of {args.device_prompts} prompts, "
-        f"working set {args.working_set_x}x it ({num_distinct} prompts)"
+        f"({args.preset}, bf16, all servers on core 0), device cache of {args.device_prompts} "
+        f"prompts, working set {args.working_set_x}x it ({num_distinct} prompts), "
+        f"{args.rounds} rounds in ABC CBA order"
     )
-    print(f"  {'system':<26}{'workload':<11}{'req/s':>7}{'vs off':>8}  TTFT p50 by origin (count)")
-    for workload in workloads:
-        base_wall = results[(next(iter(systems)), workload)][0]
-        for name in systems:
+    print(
+        f"  {'system':<26}{'workload':<11}{'req/s':>7}{'vs off':>8}{'per round':>18}"
+        "  TTFT p50 by origin (count)"
+    )
+    for workload in workload_names:
+        base = names[0]
+        for name in names:
             wall, outcomes = results[(name, workload)]
             n = len(outcomes)
             by_origin = _by_origin(outcomes)
+            rounds = ", ".join(
+                f"{b / w:.2f}"
+                for b, w in zip(walls[(base, workload)], walls[(name, workload)], strict=True)
+            )
             cells = "  ".join(
                 f"{o} {statistics.median(t):.2f}s ({len(t)})" for o, t in by_origin.items()
             )
-            print(f"  {name:<26}{workload:<11}{n / wall:7.2f}{base_wall / wall:7.2f}x  {cells}")
+            ratio = results[(base, workload)][0] / wall
+            print(f"  {name:<26}{workload:<11}{n / wall:7.2f}{ratio:7.2f}x{rounds:>18}  {cells}")
     plot(results, systems, LOG_DIR / "ttft_by_origin.png")
+
+
+def round_workloads(args: argparse.Namespace, num_distinct: int, round_: int) -> dict:
+    """The round's prompt seeds: `recurring` (each of num_distinct prompts asked
+    --recurrences times, shuffled) and `unique` (as many, every one new)."""
+    rng = random.Random(round_)
+    first = 1000 + 100_000 * round_
+    recurring = list(range(first, first + num_distinct)) * args.recurrences
+    rng.shuffle(recurring)
+    unique = list(range(first + 5000, first + 5000 + len(recurring)))
+    return {"recurring": recurring, "unique": unique}
 
 
 def _by_origin(outcomes: list[Outcome]) -> dict[str, list[float]]:
@@ -346,6 +377,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--workloads", default="recurring,unique", help="part 2: recurring, unique or both"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="part 2: rounds of fresh prompts, ABC CBA order"
     )
     args = parser.parse_args()
     LOG_DIR.mkdir(parents=True, exist_ok=True)

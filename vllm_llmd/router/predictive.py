@@ -15,9 +15,8 @@ adds is knowing who will be late: the admission queue holds or sheds them (`admi
 cache hit lowers the predicted TTFT by what the model learned a cached token saves. A request
 without SLOs goes where the heuristic sends it: choosing the pod of the smallest predicted
 latency spreads prefixes as above, and with no SLO to meet no pod's lateness calls for a
-diversion. A
-prefill pod for a P/D step is still chosen by the smallest predicted TTFT: it keeps nothing
-after the transfer, so affinity buys only the step's own hit, which the prediction counts.
+diversion. A prefill pod for a P/D step is still the one of the smallest predicted TTFT
+(which counts its cache hit).
 
 Until the cluster's TTFT model of the mode has `min_samples` observations (a pod's own model
 starts from the cluster's: `latency.py`), the heuristic policy (kv_aware) decides and the
