@@ -306,9 +306,17 @@ class KeepBusy:
     """
 
     def __init__(
-        self, url: str, model: str, slots: int, *, max_tokens: int, stagger: int, seed: int
+        self,
+        url: str,
+        model: str,
+        slots: int,
+        *,
+        max_tokens: int,
+        stagger: int,
+        seed: int,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        self.url, self.model = url, model
+        self.url, self.model, self.headers = url, model, headers
         self.max_tokens, self.stagger, self.seed = max_tokens, stagger, seed
         self.stop = threading.Event()
         self.threads = [
@@ -323,7 +331,8 @@ class KeepBusy:
         while not self.stop.is_set():
             prompt = sample_text(40, seed=self.seed + 100 * slot + round_)
             try:
-                complete(self.url, self.model, prompt, self.max_tokens + self.stagger * slot)
+                max_tokens = self.max_tokens + self.stagger * slot
+                complete(self.url, self.model, prompt, max_tokens, self.headers)
             except (HTTPStatusError, OSError, ValueError):  # refused, shed, cut: again
                 self.stop.wait(0.1)
             round_ += 1

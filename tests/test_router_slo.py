@@ -475,9 +475,10 @@ def test_a_request_whose_slo_is_out_of_reach_is_refused_unless_served_late():
 
 
 def test_a_plain_request_is_never_held_back_while_one_with_an_objective_is():
-    """No SLO and no objective: admitted at once even with every pod saturated, as kv_aware
-    sends it (the default policy must not queue traffic that asks for nothing); one that
-    names an objective still waits for a pod with room (or is shed, if sheddable)."""
+    """No SLO, no objective, no fairness id: admitted at once even with every pod saturated,
+    as kv_aware sends it (the default policy must not queue traffic that asks for nothing);
+    one that names an objective or a fairness id still waits for a pod with room (or is
+    shed, if sheddable)."""
     config = parse_config(["--pod", "http://a:1", "--policy", "slo", "--max-waiting", "2"], {})
     registry = PodRegistry(config.pods, None)
     for pod in registry.pods.values():
@@ -492,6 +493,7 @@ def test_a_plain_request_is_never_held_back_while_one_with_an_objective_is():
         assert decider.planner.all_saturated(ScoreInput(0, ["http://a:1"], {}, registry.loads()))
         assert judge(RequestClass(SLO())) == "admit"
         assert judge(RequestClass(SLO(), 0, objective="batch")) == "wait"
+        assert judge(RequestClass(SLO(), 0, fairness_id="tenant-a")) == "wait"  # fair turns
 
 
 def test_best_effort_never_takes_the_last_pod_free_of_prompts():

@@ -134,8 +134,12 @@ def test_unmeetable_slo_is_shed_or_queued_by_priority(
     # which on this box they do for seconds: the router then counts each request it sent but
     # the pod does not report running as waiting there). They are long (seconds each) so the
     # router's queue never drains before the probes below, even when the starved test process
-    # takes seconds to send a keeper's next request.
-    with KeepBusy(router.url, pod.model_name, 6, max_tokens=2000, stagger=300, seed=0):
+    # takes seconds to send a keeper's next request. They name an objective (unknown: priority
+    # 0): plain requests are never held in the router's queue.
+    standard = {"x-llm-d-inference-objective": "standard"}
+    with KeepBusy(
+        router.url, pod.model_name, 6, max_tokens=2000, stagger=300, seed=0, headers=standard
+    ):
         deadline = time.monotonic() + 120
         while _queue_depth(router) < 1:
             assert time.monotonic() < deadline, "no request waits in the router: pod not full"

@@ -48,9 +48,15 @@ def get_text(url: str, timeout: float = 30) -> str:
 
 
 def complete(
-    base_url: str, model: str, prompt: str | list[int], max_tokens: int = 16, **extra: Any
+    base_url: str,
+    model: str,
+    prompt: str | list[int],
+    max_tokens: int = 16,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """Greedy /v1/completions; the answer carries the generated token ids."""
+    """Greedy /v1/completions (with `headers`, if given); the answer carries the generated
+    token ids."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -60,7 +66,7 @@ def complete(
         "return_token_ids": True,
         **extra,
     }
-    return post_json(base_url + "/v1/completions", body)
+    return post_json(base_url + "/v1/completions", body, headers)
 
 
 def completion_token_ids(answer: dict[str, Any]) -> list[int]:

@@ -277,8 +277,9 @@ class Decider:
         there past a TPOT SLO (a 2.5 s step in a 16-token answer adds 170 ms to each of its
         tokens), and with every pod on such prompts the next warm request has nowhere to go
         (cache-warming needs few of them: each pod keeps what its last one computed). Otherwise
-        it is refused (429) at once. A plain request (no SLO, no objective) is admitted at
-        once, as any policy would send it: only a queue of requests ahead holds it back."""
+        it is refused (429) at once. A plain request (no SLO, objective or fairness id) is
+        admitted at once, as any policy would send it: only a queue of requests ahead holds it
+        back."""
         assert self.planner is not None
         if request_class.plain:
             return "admit"

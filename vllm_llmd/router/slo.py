@@ -99,8 +99,13 @@ class RequestClass:
 
     @property
     def plain(self) -> bool:
-        """No SLO and no objective: nothing for admission to weigh, so never held back."""
-        return not self.slo.is_set and self.objective is None
+        """No SLO, no objective, no fairness id: nothing for admission to weigh or share out,
+        so never held back."""
+        return (
+            not self.slo.is_set
+            and self.objective is None
+            and self.fairness_id == DEFAULT_FAIRNESS_ID
+        )
 
     @property
     def sheddable(self) -> bool:
