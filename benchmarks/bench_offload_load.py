@@ -249,7 +249,7 @@ def bench_load(args: argparse.Namespace, model: Path, prompts: PromptMaker) -> N
     workload_names = args.workloads.split(",")
     # per (system, workload): the seconds of each round, and every outcome
     walls: dict[tuple[str, str], list[float]] = defaultdict(list)
-    results: dict[tuple[str, str], tuple[float, list[Outcome]]] = {}
+    outcomes_of: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
     with contextlib.ExitStack() as stack:
         servers: dict[str, tuple[VLLMServer, TierTracker]] = {}
         for k, (name, extra) in enumerate(systems.items()):  # all up, all on core 0
@@ -283,8 +283,8 @@ def bench_load(args: argparse.Namespace, model: Path, prompts: PromptMaker) -> N
                         server, tracker, workloads[workload], args.streams, prompts
                     )
                     walls[(name, workload)].append(wall)
-                    _, before = results.get((name, workload), (0.0, []))
-                    results[(name, workload)] = (sum(walls[(name, workload)]), before + outcomes)
+                    outcomes_of[(name, workload)] += outcomes
+    results = {key: (sum(walls[key]), outcomes_of[key]) for key in walls}
     print(
         f"\n== {args.streams} concurrent streams, {args.prompt_tokens}-token prompts "
         f"({args.preset}, bf16, all servers on core 0), device cache of {args.device_prompts} "

@@ -86,8 +86,8 @@ class RouterConfig:
     policy: str = flag(
         "slo",
         "routing policy: round_robin, load, prefix, kv_aware (prefix hit and load), "
-        "slo (kv_aware, and for requests that name an SLO or objective: predicted latency "
-        "against their SLOs, with priority and fair queueing)",
+        "slo (kv_aware, and for requests that name an SLO, objective or fairness id: "
+        "predicted latency against their SLOs, with priority and fair queueing)",
         group=ROUTING,
     )
     tokenizer: str | None = flag(
