@@ -1,17 +1,25 @@
-"""Disk tier start-up: how long `DiskBlockStore.scan()` takes to index a root of many block files.
+"""Disk tier start-up: how long indexing a root of many block files takes.
 
 Builds a root of N block files (default 100,000, a few KiB each: 2 layers of 1 KiB pages),
 written with `DiskBlockStore.write` from a thread pool, plus a handful of hostile files (corrupt
 or truncated headers, a foreign fingerprint, a file under another block's name, a zero-length
 file, a huge header-length prefix, non-UTF-8 header bytes, a directory, a FIFO and a symlink
-named like block files, an unreadable file when not running as root). Then times three
-`scan()`s (median; the hostile files are planted again before each, so every run deletes them)
-against the floor of any scan: a bare `os.scandir` walk of the same tree that stats each file;
-and, for reference, a walk that also opens each file and reads its first 4 KiB.
+named like block files, an unreadable file when not running as root). Then times (median of
+three; the hostile files are planted again before each run):
+
+- `list_blocks()`: what a start does, by name and stat (no file opened);
+- `list_blocks()` then `StartupHeaderCheck` to its end: the headers read in the background
+  after the start (it deletes the hostile files);
+- `scan()`: every header read and validated up front (what a start did before);
+
+against the floor of any scan, a bare `os.scandir` walk of the same tree that stats each file,
+and, for reference, a walk that also opens each file and reads its first 4 KiB. With `--cold`
+the page cache is dropped before each run (as root): a node's first start, where every header
+read is a random read of the disk.
 
 Usage (from the repository root):
 
-    .venv/bin/python benchmarks/bench_disk_index.py [--num-files 100000] [--root DIR]
+    .venv/bin/python benchmarks/bench_disk_index.py [--num-files 100000] [--root DIR] [--cold]
 
 With `--root`, the block files are kept there and only missing ones are written, so a second
 run skips the build (the build of 100k files takes a minute or two on a 2-core machine).
@@ -34,7 +42,8 @@ from pathlib import Path
 import torch
 
 from vllm_llmd.kv_layout import KVLayoutFingerprint
-from vllm_llmd.offload import disk_scan
+from vllm_llmd.offload import disk_check, disk_scan
+from vllm_llmd.offload.disk_check import StartupHeaderCheck
 from vllm_llmd.offload.disk_store import DiskBlockStore
 
 NUM_LAYERS, PAGE_BYTES = 2, 1024
@@ -158,6 +167,14 @@ def walk_and_read(root: Path) -> int:
     return count
 
 
+def drop_page_cache() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold: cannot drop the page cache ({exc}); run as root") from None
+
+
 def median_seconds(run: Callable[[], object], repeats: int, before: Callable[[], object]) -> float:
     times = []
     for _ in range(repeats):
@@ -175,6 +192,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write-threads", type=int, default=8)
     parser.add_argument("--no-hostile", action="store_true", help="only valid block files")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before each timed run (needs root): a node's first start",
+    )
     args = parser.parse_args()
 
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_disk_index_"))
@@ -198,28 +220,43 @@ def main() -> None:
             kept = sorted(set(hostile) - set(gone))
             print(f"  hostile files deleted: {', '.join(gone)}; left alone: {', '.join(kept)}")
         assert len(scanned) == expected, "scan lost or invented blocks"
-        disk_scan.logger.setLevel(logging.ERROR)  # the timed scans repeat that warning
+        # the timed scans repeat that warning
+        disk_scan.logger.setLevel(logging.ERROR)
+        disk_check.logger.setLevel(logging.ERROR)
 
-        def replant() -> None:
+        def before_each() -> None:
             if not args.no_hostile:
                 plant_hostile_files(store)
+            if args.cold:
+                drop_page_cache()
+
+        def check_headers() -> None:
+            check = StartupHeaderCheck([store], [block.key for block in store.list_blocks()])
+            while not check.done:
+                time.sleep(0.01)
 
         timed: dict[str, Callable[[], object]] = {
             "os.scandir + stat (floor)": lambda: walk_and_stat(root),
             "os.scandir + open + 4 KiB pread": lambda: walk_and_read(root),
+            "DiskBlockStore.list_blocks() (start)": store.list_blocks,
+            "list + StartupHeaderCheck (bg)": check_headers,
             "DiskBlockStore.scan()": store.scan,
         }
         results = [
-            (name, median_seconds(run, args.repeats, replant)) for name, run in timed.items()
+            (name, median_seconds(run, args.repeats, before_each)) for name, run in timed.items()
         ]
         num_entries = walk_and_stat(root)
         floor = results[0][1]
-        print(f"\n{num_entries} entries, median of {args.repeats} runs, {os.cpu_count()} CPUs\n")
-        print(f"| {'method':<32} | {'seconds':>7} | {'files/s':>9} | vs floor |")
-        print(f"|{'-' * 34}|{'-' * 9}|{'-' * 11}|{'-' * 10}|")
+        cache = "page cache dropped before each run" if args.cold else "page cache warm"
+        print(
+            f"\n{num_entries} entries, median of {args.repeats} runs, {os.cpu_count()} CPUs, "
+            f"{cache}\n"
+        )
+        print(f"| {'method':<36} | {'seconds':>7} | {'files/s':>9} | vs floor |")
+        print(f"|{'-' * 38}|{'-' * 9}|{'-' * 11}|{'-' * 10}|")
         for name, seconds in results:
             print(
-                f"| {name:<32} | {seconds:7.3f} | {num_entries / seconds:9.0f} | "
+                f"| {name:<36} | {seconds:7.3f} | {num_entries / seconds:9.0f} | "
                 f"{seconds / floor:7.1f}x |"
             )
     finally:

@@ -172,6 +172,7 @@ def test_the_scheduler_finds_on_disk_what_a_worker_of_its_instance_wrote(tmp_pat
     assert planner is not None
     assert planner.manager.num_on_disk() == len(keys)
     assert planner.manager.lookup(keys) == (0, len(keys))
+    planner.close()
 
 
 # ---- the decode's scheduler half ---------------------------------------------------------

@@ -156,17 +156,21 @@ def test_tier_events_match_tiers_hashes_and_vllm_decoder(events_server, workload
     assert all(count in (0, 1) for count in present.values()), present
     said = {key for key, count in present.items() if count == 1}
 
-    def event_hash(hex_key: str) -> int:
-        return int.from_bytes(bytes.fromhex(hex_key), "big") & (2**64 - 1)
-
     held = {(event_hash(k), "CPU") for k in state["host"]}
     held |= {(event_hash(k), "STORAGE") for k in state["disk"]}
     assert len(held) > 9
     assert said == held
 
 
+def event_hash(hex_key: str) -> int:
+    """The hash a KV event carries for a block key (its last 8 bytes)."""
+    return int.from_bytes(bytes.fromhex(hex_key), "big") & (2**64 - 1)
+
+
 def test_subscriber_resets_its_view_when_the_server_restarts(events_server, workload, vllm_servers):
-    server, endpoint, replay, _folder = events_server
+    """...and the restarted engine announces the blocks it found on disk (indexed by name at
+    start, their headers read in the background), with the tokens they hold."""
+    server, endpoint, replay, folder = events_server
     with Subscriber(endpoint, replay_endpoint=replay, topic="kv") as subscriber:
         deadline = time.monotonic() + 30
         seen = []
@@ -179,14 +183,29 @@ def test_subscriber_resets_its_view_when_the_server_restarts(events_server, work
         assert last_seq > 5
 
         server.stop()  # same ports, same disk folder: a restarted engine starts at seq 0
+        files = list((folder / "disk").rglob("*.safetensors"))
+        on_disk = {event_hash(path.name.split("-")[0]) for path in files}
+        assert len(on_disk) > 9
         restarted = vllm_servers.launch(server.config, "tier-events-restarted")
-        complete(restarted.url, restarted.model_name, workload[0][:300], max_tokens=2)
         updates = []
-        deadline = time.monotonic() + 30
-        while not any(isinstance(u, Reset) for u in updates) and time.monotonic() < deadline:
-            updates += subscriber.poll(0.5)
+        announced: dict[int, BlockStored] = {}
+        deadline = time.monotonic() + 60
+        # Events leave with engine steps: a short request now and then drives them.
+        while not on_disk <= set(announced) and time.monotonic() < deadline:
+            complete(restarted.url, restarted.model_name, workload[0][:300], max_tokens=2)
+            for update in subscriber.poll(0.5):
+                updates.append(update)
+                for event in update.events if isinstance(update, ReceivedBatch) else ():
+                    if isinstance(event, BlockStored) and event.medium == "STORAGE":
+                        announced.update(dict.fromkeys(event.block_hashes, event))
         resets = [u for u in updates if isinstance(u, Reset)]
         assert resets, updates
         after = [u for u in updates[updates.index(resets[0]) :] if isinstance(u, ReceivedBatch)]
         assert after and after[0].seq < last_seq
+        assert on_disk <= set(announced), f"{len(on_disk - set(announced))} never announced"
+        hasher = PrefixHasher(block_size=BLOCK)
+        for prompt in workload:
+            for i, h in enumerate(hasher.event_hashes(prompt)):
+                if h in on_disk:
+                    assert list(announced[h].token_ids) == prompt[i * BLOCK : (i + 1) * BLOCK]
         restarted.stop()

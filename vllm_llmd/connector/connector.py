@@ -28,6 +28,7 @@ from vllm_llmd.connector.scheduler import LLMDConnectorScheduler
 from vllm_llmd.connector.stats import LLMDConnectorStats, LLMDPromMetrics
 from vllm_llmd.connector.worker import LLMDConnectorWorker
 from vllm_llmd.log import get_logger
+from vllm_llmd.offload.disk_check import StartupHeaderCheck
 from vllm_llmd.offload.disk_store import DiskBlockStore
 from vllm_llmd.offload.manager import OffloadManager
 from vllm_llmd.offload.paths import disk_tier_folder
@@ -177,6 +178,8 @@ class LLMDConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None and self._scheduler.offload is not None:
+            self._scheduler.offload.close()
         if self._scheduler is not None and self._scheduler.shared is not None:
             self._scheduler.shared.close()
 
@@ -304,22 +307,26 @@ def make_offload_planner(
     block_bytes = fingerprint.num_layers * fingerprint.page_bytes
     host_slots, disk_blocks, staging_slots = config.offload_capacity(block_bytes, num_workers)
     manager = OffloadManager(host_slots, disk_blocks, config.offload_policy, staging_slots)
+    header_check: StartupHeaderCheck | None = None
     if disk_blocks:
         folder = disk_tier_folder(config.disk_offload_path, fingerprint)
-        scans = [
-            DiskBlockStore(folder, fingerprint, rank, block_bytes).scan()
-            for rank in range(num_workers)
+        stores = [
+            DiskBlockStore(folder, fingerprint, rank, block_bytes) for rank in range(num_workers)
         ]
+        # By name only: reading 100k headers on a cold disk would hold the start for seconds.
+        listings = [store.list_blocks() for store in stores]
         # A block is usable only if every worker's part of it survived.
-        complete = set.intersection(*({c.key for c in scan} for scan in scans))
-        found = [(c.key, c.info) for c in scans[0] if c.key in complete][-disk_blocks:]
-        manager.add_disk_blocks(found)
+        complete = set.intersection(*({c.key for c in listing} for listing in listings))
+        found = [c.key for c in listings[0] if c.key in complete][-disk_blocks:]
+        manager.add_disk_blocks((key, "") for key in found)
         if found:
             logger.info("LLMDConnector offload: %d blocks found on disk in %s", len(found), folder)
+            header_check = StartupHeaderCheck(stores, found)
     return OffloadPlanner(
         manager,
         fingerprint.block_size,
         num_workers,
         config.offload_decode_blocks,
         describe_blocks=publish_events or disk_blocks > 0,
+        header_check=header_check,
     )

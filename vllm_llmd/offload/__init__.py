@@ -6,9 +6,12 @@ The unit is one vLLM block of all layers of one worker, keyed by its block hash
 
 - `policy`: `CachePolicy`, the replaceable eviction order of a tier's keys; `make_policy(name)`.
 - `disk_store`: `DiskBlockStore`, the disk tier's bytes: one validated safetensors file per
-  block, atomic writes, a header-only `scan` to rebuild the index on a warm restart.
-- `disk_scan`: that scan (and the header reader `disk_store` reads with): fast over 100k files,
-  and no file or folder content makes it raise.
+  block, atomic writes, a by-name `list_blocks` to rebuild the index on a warm restart (and a
+  header-reading `scan`).
+- `disk_scan`: those walks (and the header reader `disk_store` reads with): fast over 100k
+  files, and no file or folder content makes them raise.
+- `disk_check`: `StartupHeaderCheck`, the headers of the files a start found, read in the
+  background (their blocks' tokens for KV events; invalid files out of the index).
 - `manager`: scheduler side, the index of what is where and the plan of each step (no bytes).
 - `planner`: scheduler side, the offload tiers' `TierPlanner`: vLLM's hooks turned into manager
   calls and step jobs.

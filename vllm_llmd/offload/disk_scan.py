@@ -1,26 +1,33 @@
-"""The disk tier's start-up scan (`DiskBlockStore.scan`), and the header reader it shares with
-`DiskBlockStore.read`. The file format and its validation are described in `disk_store`.
+"""The disk tier's start-up scans, and the header reader they share with `DiskBlockStore.read`.
+The file format and its validation are described in `disk_store`.
+
+Two scans walk the same entries the same way:
+- `DiskBlockStore.list_blocks` (what a start uses): names and `stat` only, no file opened. On a
+  cold page cache a header read is a random read per file (100k files: 10-11 s here), a stat
+  reads the inode tables (about 1 s). The headers are checked later, off the start, by
+  `disk_check.StartupHeaderCheck`, and every file is read back whole before its first hit.
+- `DiskBlockStore.scan`: opens each file and validates its header too (below).
 
 What the scan looks at: the entries of the root's shard folders (two lowercase hex digits),
 by name first, and only regular files (a directory, symlink, FIFO, socket or device named like
 a block file was not written by us: it is left alone, and never opened, so a FIFO cannot block
 the scan). Per name:
 
-- `<hex>-r<our rank>.safetensors`: opened (no symlink followed), header read with one bounded
-  read, validated. Valid: returned. Invalid or unreadable (EACCES, EIO, ...): deleted, with the
-  reason logged. Gone meanwhile: skipped. Not openable for want of resources (EMFILE, ENFILE,
-  ENOMEM): left in place, not returned, and logged.
+- `<hex>-r<our rank>.safetensors`: listed with its size and mtime (`list_blocks`); or opened (no
+  symlink followed), header read with one bounded read, validated (`scan`). Valid: returned. Invalid
+  or unreadable (EACCES, EIO, ...): deleted, with the reason logged. Gone meanwhile: skipped. Not
+  openable for want of resources (EMFILE, ENFILE, ENOMEM): left in place, not returned, and logged.
 - `.<hex>-r<our rank>.<hex>.tmp` older than the grace period: a crashed write's; deleted.
 - anything else (other ranks' files, foreign names): left alone, not opened.
 
 No entry and no error of the file system makes the scan raise: a shard folder or the root that
 vanishes or cannot be listed is skipped with a warning, and a failed delete is logged.
 
-Speed: each valid file costs four system calls (open relative to its folder's descriptor,
-fstat, one pread, close) and one msgspec decode of its header; the fingerprint is decoded only
-if its text differs from ours. On machines with 8 or more cores, the shard folders are scanned
-by a small thread pool (the system calls release the GIL). `benchmarks/bench_disk_index.py`
-measures it.
+Speed: `list_blocks` costs one stat per file. In `scan`, each valid file costs four system calls
+(open relative to its folder's descriptor, fstat, one pread, close) and one msgspec decode of its
+header; the fingerprint is decoded only if its text differs from ours. On machines with 8 or more
+cores, the shard folders are scanned by a small thread pool (the system calls release the GIL).
+`benchmarks/bench_disk_index.py` measures it.
 """
 
 from __future__ import annotations
@@ -57,9 +64,9 @@ _SHARD_NAME = re.compile(r"[0-9a-f]{2}")
 _KEY_HEX = re.compile(r"[0-9a-f]+")
 # O_NONBLOCK: opening a FIFO that replaced a block file after the listing must not wait for a
 # writer; it changes nothing for regular files. O_NOFOLLOW: we never write symlinks.
-_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
 # open() errors that say the entry is not a regular file (it changed since the listing)
-_NOT_A_FILE_ERRNOS = {errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR}
+NOT_A_FILE_ERRNOS = {errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR}
 # open() errors that say nothing about the file: keep it, a later start can index it
 _NO_RESOURCES_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # Threads pay a GIL hand-off around every system call: with the headers in the page cache and
@@ -120,9 +127,10 @@ class _ShardOutcome:
     trouble: list[tuple[str, str]] = field(default_factory=list)
 
 
-def scan_root(root: Path, tp_rank: int, validate: HeaderValidator) -> list[ScannedBlockFile]:
+def scan_root(root: Path, tp_rank: int, validate: HeaderValidator | None) -> list[ScannedBlockFile]:
     """This rank's valid block files under `root`, oldest write first; deletes this rank's
-    invalid files and stale temp files, and logs what it deleted and why."""
+    invalid files and stale temp files, and logs what it deleted and why. Without `validate`,
+    no file is opened: every block file named as ours is returned, with no `info`."""
     try:
         with os.scandir(root) as entries:
             shards = [e.path for e in entries if _SHARD_NAME.fullmatch(e.name) and _is_dir(e)]
@@ -169,7 +177,7 @@ def scan_root(root: Path, tp_rank: int, validate: HeaderValidator) -> list[Scann
 
 
 class _ShardScanner:
-    def __init__(self, tp_rank: int, validate: HeaderValidator) -> None:
+    def __init__(self, tp_rank: int, validate: HeaderValidator | None) -> None:
         self.tp_rank = tp_rank
         self.validate = validate
         self.block_suffix = f"-r{tp_rank}{SUFFIX}"
@@ -202,7 +210,10 @@ class _ShardScanner:
             if len(key_hex) % 2 or key_hex[:2] != shard.name:
                 _delete(shard, name, "file name does not match its shard folder", out)
                 return
-            self._scan_block_file(shard, name, key_hex, out)
+            if self.validate is None:
+                _list_block_file(entry, key_hex, out)
+            else:
+                self._scan_block_file(shard, name, key_hex, out, self.validate)
         elif name.startswith(".") and name.endswith(".tmp"):
             temp = _TEMP_NAME.fullmatch(name)
             if temp is None or int(temp.group(2)) != self.tp_rank or not _is_regular_file(entry):
@@ -214,13 +225,20 @@ class _ShardScanner:
             if age_s >= TEMP_GRACE_S:
                 _delete(shard, name, "leftover temp file", out)
 
-    def _scan_block_file(self, shard: _Shard, name: str, key_hex: str, out: _ShardOutcome) -> None:
+    def _scan_block_file(
+        self,
+        shard: _Shard,
+        name: str,
+        key_hex: str,
+        out: _ShardOutcome,
+        validate: HeaderValidator,
+    ) -> None:
         try:
-            fd = os.open(name, _OPEN_FLAGS, dir_fd=shard.fd)
+            fd = os.open(name, OPEN_FLAGS, dir_fd=shard.fd)
         except FileNotFoundError:
             return  # deleted meanwhile
         except OSError as exc:
-            if exc.errno in _NOT_A_FILE_ERRNOS:
+            if exc.errno in NOT_A_FILE_ERRNOS:
                 return  # replaced by something that is not a file since the listing
             if exc.errno in _NO_RESOURCES_ERRNOS:
                 out.trouble.append((os.path.join(shard.path, name), f"cannot open: {exc}"))
@@ -233,7 +251,7 @@ class _ShardScanner:
                 return  # a FIFO or device swapped in since the listing
             try:
                 header_len, header = read_header(fd, opened.st_size)
-                metadata = self.validate(header, header_len, key_hex, opened.st_size)
+                metadata = validate(header, header_len, key_hex, opened.st_size)
             except (InvalidBlockFile, OSError) as exc:
                 _delete(shard, name, str(exc), out, opened)
                 return
@@ -242,6 +260,16 @@ class _ShardScanner:
         key = BlockHash(bytes.fromhex(key_hex))
         info = metadata.get("info", "")
         out.found.append(ScannedBlockFile(key, opened.st_size, opened.st_mtime, info))
+
+
+def _list_block_file(entry: os.DirEntry[str], key_hex: str, out: _ShardOutcome) -> None:
+    try:
+        listed = entry.stat(follow_symlinks=False)
+    except OSError:
+        return  # deleted meanwhile (or unreadable: the check that opens it will say so)
+    if stat.S_ISREG(listed.st_mode):
+        key = BlockHash(bytes.fromhex(key_hex))
+        out.found.append(ScannedBlockFile(key, listed.st_size, listed.st_mtime))
 
 
 @dataclass(slots=True)

@@ -20,14 +20,14 @@ with one tensor, "kv" (dtype U8, shape [block_bytes]), and string metadata:
     info             the caller's description of the block (opaque text; e.g. the tokens and
                      parent hash a KV event needs), returned by `scan`
 
-Validation. `scan` (warm restart; the walk itself is in `disk_scan`) reads only headers:
-format version, fingerprint, key (it must match the file's name and shard), tp_rank, checksum
-field, info field, tensor dtype/shape/offsets and the file's size. `read` checks all of that
-again and the payload's checksum, so bytes corrupted after the scan are caught. A file that
-fails is deleted and never returned. Files of other tp_ranks belong to the other workers
-sharing the folder: they are neither opened nor deleted. Files whose names are not ours, and
-entries that are not regular files (directories, symlinks, FIFOs), are left alone. No file or
-folder makes `scan` raise. A root holds one model's blocks: a file with another fingerprint is
+Validation. `list_blocks` (a start; the walk itself is in `disk_scan`) reads names and sizes only.
+`check_header` and `scan` read headers: format version, fingerprint, key (it must match the file's
+name and shard), tp_rank, checksum field, info field, tensor dtype/shape/offsets and the file's
+size. `read` checks all of that again and the payload's checksum, so bytes corrupted after a check
+are caught. A file that fails is deleted and never returned. Files of other tp_ranks belong to the
+other workers sharing the folder: they are neither opened nor deleted. Files whose names are not
+ours, and entries that are not regular files (directories, symlinks, FIFOs), are left alone. No file
+or folder makes `scan` raise. A root holds one model's blocks: a file with another fingerprint is
 deleted, so give each model (fingerprint) its own root.
 
 Concurrency. A write goes to a uniquely named temp file in the target's folder, then
@@ -44,7 +44,10 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, BinaryIO
 
 import msgspec
@@ -55,6 +58,8 @@ from vllm_llmd.hashing import BlockHash
 from vllm_llmd.kv_layout import KVLayoutFingerprint
 from vllm_llmd.offload.direct_io import ALIGN, BlockFileWriter
 from vllm_llmd.offload.disk_scan import (
+    NOT_A_FILE_ERRNOS,
+    OPEN_FLAGS,
     SUFFIX,
     InvalidBlockFile,
     ScannedBlockFile,
@@ -176,26 +181,40 @@ class DiskBlockStore:
             out = torch.empty(self.block_bytes, dtype=torch.uint8)
         self._check_buffer(out, "out")
         path = self.path_for(key)
-        try:
-            f = open(path, "rb", buffering=0)
-        except FileNotFoundError:
-            raise MissingBlockFileError(path, "no such file") from None
-        with f:
-            stat = os.fstat(f.fileno())
-            try:
-                header_len, header = read_header(f.fileno(), stat.st_size)
-                metadata = self._validate_header(header, header_len, key.hex(), stat.st_size)
-                f.seek(8 + header_len)
-                _read_exactly(f, memoryview(out.view(-1).numpy()))
-                if _checksum(out) != metadata["checksum"]:
-                    raise InvalidBlockFile("payload checksum mismatch")
-            except (InvalidBlockFile, OSError) as exc:
-                _discard(path, stat)
-                raise CorruptBlockFileError(path, f"{exc}; deleted") from None
+        f, stat = _open_block_file(path)
+        with f, _deleted_if_invalid(path, stat):
+            header_len, header = read_header(f.fileno(), stat.st_size)
+            metadata = self._validate_header(header, header_len, key.hex(), stat.st_size)
+            f.seek(8 + header_len)
+            _read_exactly(f, memoryview(out.view(-1).numpy()))
+            if _checksum(out) != metadata["checksum"]:
+                raise InvalidBlockFile("payload checksum mismatch")
         return out
+
+    def check_header(self, key: BlockHash) -> str:
+        """Validate the header of `key`'s file as `scan` does (all but the payload's checksum)
+        and return its `info` text. One bounded read, whatever the block's size.
+
+        Raises:
+            MissingBlockFileError: there is no file for `key`.
+            CorruptBlockFileError: the file failed validation; it has been deleted.
+        """
+        path = self.path_for(key)
+        f, stat = _open_block_file(path)
+        with f, _deleted_if_invalid(path, stat):
+            header_len, header = read_header(f.fileno(), stat.st_size)
+            metadata = self._validate_header(header, header_len, key.hex(), stat.st_size)
+        return str(metadata.get("info", ""))
 
     def delete(self, key: BlockHash) -> None:
         self.path_for(key).unlink(missing_ok=True)
+
+    def list_blocks(self) -> list[ScannedBlockFile]:
+        """Index this rank's block files at start-up, oldest write first, without opening any
+        (no `info`): a stat per file. Their headers are for `check_header`, off the start;
+        deletes stale temp files and misplaced names as `scan` does. Never raises for what it
+        finds on disk."""
+        return scan_root(self.root, self.tp_rank, None)
 
     def scan(self) -> list[ScannedBlockFile]:
         """Rebuild the index at start-up: this rank's valid blocks, oldest write first.
@@ -268,6 +287,35 @@ class DiskBlockStore:
                 f"got {tensor.dtype} shape {tuple(tensor.shape)} on {tensor.device}"
                 f"{'' if tensor.is_contiguous() else ' (not contiguous)'}"
             )
+
+
+def _open_block_file(path: Path) -> tuple[BinaryIO, os.stat_result]:
+    """`path` opened for reading, and its stat: never a symlink, FIFO or device put where a
+    block file should be (left alone, as `scan` leaves it), and never a wait on a FIFO."""
+    try:
+        fd = os.open(path, OPEN_FLAGS)
+    except FileNotFoundError:
+        raise MissingBlockFileError(path, "no such file") from None
+    except OSError as exc:
+        if exc.errno in NOT_A_FILE_ERRNOS:
+            raise CorruptBlockFileError(path, f"not a regular file ({exc.strerror})") from None
+        raise CorruptBlockFileError(path, f"cannot open: {exc}") from None
+    f = open(fd, "rb", buffering=0)
+    stat = os.fstat(fd)
+    if not S_ISREG(stat.st_mode):
+        f.close()
+        raise CorruptBlockFileError(path, "not a regular file")
+    return f, stat
+
+
+@contextmanager
+def _deleted_if_invalid(path: Path, opened: os.stat_result) -> Iterator[None]:
+    """Turn a failed check or read of the open file into CorruptBlockFileError, deleting it."""
+    try:
+        yield
+    except (InvalidBlockFile, OSError) as exc:
+        _discard(path, opened)
+        raise CorruptBlockFileError(path, f"{exc}; deleted") from None
 
 
 def _read_exactly(f: BinaryIO, view: memoryview) -> None:

@@ -58,6 +58,9 @@ class BlockEntry:
     # what the block holds (tokens, parent hash), as text: written into its disk file and
     # carried by its tier events
     info: str = ""
+    # False for a file found at start-up until its header is read: its tokens are unknown, so
+    # it was not announced, and neither is its removal
+    described: bool = True
     # loads reading it + the store writing it; evictable only at 0
     pins: int = 0
 
@@ -211,7 +214,7 @@ class OffloadManager:
             elif entry.on_disk:
                 entry.on_disk = False
                 self._disk_policy.remove(key)
-                self._emit(TierEvent(key, OffloadTier.DISK, stored=False))
+                self._emit_removed(entry, OffloadTier.DISK)
             self._forget_if_gone(entry)
 
     def complete_disk_read(self, keys: Iterable[BlockHash], success: bool = True) -> None:
@@ -225,7 +228,7 @@ class OffloadManager:
                 continue
             entry.on_disk = entry.verified = False
             self._disk_policy.remove(key)
-            self._emit(TierEvent(key, OffloadTier.DISK, stored=False))
+            self._emit_removed(entry, OffloadTier.DISK)
             self._forget_if_gone(entry)
 
     # ---- stores --------------------------------------------------------------------------
@@ -314,7 +317,7 @@ class OffloadManager:
         assert slot is not None, "an evictable block is in host memory"
         self._host_policy.remove(victim)
         entry.host_slot, entry.in_host = None, False
-        self._emit(TierEvent(victim, OffloadTier.HOST, stored=False))
+        self._emit_removed(entry, OffloadTier.HOST)
         if self.num_disk_blocks > 0 and not entry.on_disk:
             self._make_disk_room()
             entry.spilling = True
@@ -332,7 +335,7 @@ class OffloadManager:
             self._disk_policy.remove(victim)
             entry.on_disk = False
             self._plan.deletes.append(victim)
-            self._emit(TierEvent(victim, OffloadTier.DISK, stored=False))
+            self._emit_removed(entry, OffloadTier.DISK)
             self._forget_if_gone(entry)
 
     def _evictable_from_host(self, key: BlockHash) -> bool:
@@ -355,13 +358,36 @@ class OffloadManager:
     # ---- warm restart, reset, events -----------------------------------------------------
 
     def add_disk_blocks(self, blocks: Iterable[tuple[BlockHash, str]]) -> None:
-        """Blocks (key, info) found on disk at start-up, oldest first (verified before use)."""
+        """Blocks (key, info) found on disk at start-up, oldest first (verified before use).
+        A block listed without its info ("") is announced when `describe_disk_blocks` gives
+        it."""
         for key, info in blocks:
             entry = self._entries.setdefault(key, BlockEntry(key, info=info))
             if not entry.on_disk:
                 entry.on_disk = True
                 self._disk_policy.insert(key)
-                self._emit(TierEvent(key, OffloadTier.DISK, True, info))
+                if info:
+                    self._emit(TierEvent(key, OffloadTier.DISK, True, info))
+                else:
+                    entry.described = False
+
+    def describe_disk_blocks(self, checked: Iterable[tuple[BlockHash, str | None]]) -> None:
+        """Header checks of blocks found at start-up (`disk_check.StartupHeaderCheck`): a valid
+        block's info (announced now), or None for one whose file failed (it leaves the index).
+        A block stored again since the start, or read back whole, keeps what that found; one a
+        copy is reading is left to that copy, which fails and says so if the file is bad."""
+        for key, info in checked:
+            entry = self._entries.get(key)
+            if entry is None or not entry.on_disk:
+                continue  # evicted meanwhile
+            if info is not None:
+                if not entry.described:
+                    entry.info, entry.described = info, True
+                    self._emit(TierEvent(key, OffloadTier.DISK, True, info))
+            elif not entry.pins and not entry.verified:
+                entry.on_disk = entry.verified = False
+                self._disk_policy.remove(key)
+                self._forget_if_gone(entry)
 
     def reset(self) -> list[BlockHash]:
         """Forget every block no copy is using (a prefix-cache reset); returns the disk keys
@@ -380,6 +406,10 @@ class OffloadManager:
             self._forget_if_gone(entry)
         self._plan.deletes.extend(deletes)
         return deletes
+
+    def _emit_removed(self, entry: BlockEntry, tier: OffloadTier) -> None:
+        if entry.described:
+            self._emit(TierEvent(entry.key, tier, stored=False))
 
     def _emit(self, event: TierEvent) -> None:
         self._events.append(event)

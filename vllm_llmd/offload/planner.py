@@ -17,6 +17,8 @@ of each request lives in `RequestState` (`offload_*` fields).
   logged.
 - `on_results`: completions the workers reported; a block completes once every worker (TP
   rank) reported it, and fails if any did.
+- `take_step` also applies the header checks of the disk files found at start-up as they come
+  in (`disk_check`): announced when valid, out of the index when not.
 
 Stores run behind the steps, off their critical path: a request's device blocks stay its own
 until it ends, so its stores need not be done before the next forward. Only when a request
@@ -33,6 +35,7 @@ from vllm_llmd.hashing import BlockHash, hash_hex
 from vllm_llmd.job_tally import JobKind, JobTally
 from vllm_llmd.log import ThrottledLog, get_logger
 from vllm_llmd.offload.block_info import block_info
+from vllm_llmd.offload.disk_check import StartupHeaderCheck
 from vllm_llmd.offload.jobs import (
     DiskStoreJob,
     OffloadLoadSpec,
@@ -62,8 +65,11 @@ class OffloadPlanner:
         num_workers: int,
         store_decode: bool,
         describe_blocks: bool = True,
+        header_check: StartupHeaderCheck | None = None,
     ) -> None:
         self.manager = manager
+        # the header check of the disk files found at start-up, until it is done
+        self._header_check = header_check
         # keep each block's tokens and parent (BlockInfo): needed by KV events and disk files
         self.describe_blocks = describe_blocks
         self.block_size = block_size
@@ -205,6 +211,11 @@ class OffloadPlanner:
 
     def take_step(self, metadata: LLMDConnectorMetadata) -> None:
         """This step's loads and tier work for the workers."""
+        if self._header_check is not None:
+            done = self._header_check.done  # before take(): nothing is left behind
+            self.manager.describe_disk_blocks(self._header_check.take())
+            if done:
+                self._header_check = None
         plan = self.manager.take_plan()
         metadata.offload_step = OffloadStepSpec(
             spills=tuple(SpillJob(key, slot, info) for key, slot, info in plan.spills),
@@ -239,6 +250,10 @@ class OffloadPlanner:
     def reset(self) -> None:
         """Drop every block no copy is using (vLLM's prefix-cache reset)."""
         self.manager.reset()
+
+    def close(self) -> None:
+        if self._header_check is not None:
+            self._header_check.close()
 
     def tier_state(self) -> dict[str, list[str]]:
         """Hex keys held per tier (for the debug state file)."""
