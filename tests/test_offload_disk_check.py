@@ -23,8 +23,9 @@ from vllm_llmd.offload.disk_store import (
     DiskBlockStore,
     MissingBlockFileError,
 )
-from vllm_llmd.offload.manager import OffloadManager, OffloadTier, TierEvent
+from vllm_llmd.offload.manager import OffloadManager
 from vllm_llmd.offload.paths import disk_tier_folder
+from vllm_llmd.offload.records import OffloadTier, TierEvent
 
 
 def write(store: DiskBlockStore, i: int) -> Path:

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_llmd.offload.manager import (
-    OffloadManager,
-    OffloadTier,
-    PlannedLoad,
-    PlannedStore,
-    TierEvent,
-)
+from vllm_llmd.offload.manager import OffloadManager
+from vllm_llmd.offload.records import OffloadTier, PlannedLoad, PlannedStore, TierEvent
 
 K = [bytes([i]) * 32 for i in range(20)]
 

@@ -29,7 +29,7 @@ from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from vllm_llmd.events.model import MEDIUM_SHARED
 from vllm_llmd.offload.block_info import BlockInfo
-from vllm_llmd.offload.manager import OffloadTier, TierEvent
+from vllm_llmd.offload.records import OffloadTier, TierEvent
 
 if TYPE_CHECKING:
     from vllm_llmd.shared_tier.planner import SharedTierChange

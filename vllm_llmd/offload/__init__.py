@@ -13,6 +13,7 @@ The unit is one vLLM block of all layers of one worker, keyed by its block hash
 - `disk_check`: `StartupHeaderCheck`, the headers of the files a start found, read in the
   background (their blocks' tokens for KV events; invalid files out of the index).
 - `manager`: scheduler side, the index of what is where and the plan of each step (no bytes).
+- `records`: the plain records that index speaks in (entries, step plans, tier events).
 - `planner`: scheduler side, the offload tiers' `TierPlanner`: vLLM's hooks turned into manager
   calls and step jobs.
 - `jobs`: the typed step jobs (`OffloadStepSpec`); workers report them in a

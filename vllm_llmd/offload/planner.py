@@ -43,7 +43,8 @@ from vllm_llmd.offload.jobs import (
     SpillJob,
     StoreJob,
 )
-from vllm_llmd.offload.manager import OffloadManager, OffloadTier, TierEvent
+from vllm_llmd.offload.manager import OffloadManager
+from vllm_llmd.offload.records import OffloadTier, TierEvent
 
 logger = get_logger(__name__)
 
