@@ -8,15 +8,19 @@ vllm-llmd-router `round_robin`, `kv_aware` and `slo`, and vllm-router `cache_awa
 (`--epp-port`) behind the Envoy stand-in (vllm_llmd.devtools.gateway, a process of its own),
 the workload sent to the stand-in.
 
-Workload (closed loop): `--users` users, each with one of `--num-prefixes` long system prompts
-("documents"), hold `--turns`-turn conversations: every turn resends the whole conversation so
-far plus a new question, as chat clients do, so each turn's prompt extends the last one. Each
-router gets documents of its own (cold caches at its start). Printed per router: mean and p90
+Workloads (closed loop; each router gets documents of its own, cold caches at its start):
+- `chat` (default): `--users` users, each with one of `--num-prefixes` long system prompts
+  ("documents"), hold `--turns`-turn conversations: every turn resends the whole conversation
+  so far plus a new question, as chat clients do, so each turn's prompt extends the last one.
+- `documents` (prefill-heavy shared documents, issue #18): `--requests` prompts, each one of the
+  `--num-prefixes` documents drawn at random plus a question of its own; `--users` clients
+  send them, each its next when its last answer ended. Printed per router: mean and p90
 TTFT, requests per second, prefix hit rate on the pods (prompt tokens served from their cache
 or tiers over all prompt tokens, from vLLM's own counters), and the router's own added latency
 (median TTFT of a one-token request through the router minus straight to a pod, idle).
 
-Usage: `.venv/bin/python benchmarks/bench_router.py [--users 8] [--turns 4] [--epp]`.
+Usage: `.venv/bin/python benchmarks/bench_router.py [--users 8] [--turns 4] [--epp]`, or
+`... --workload documents [--requests 72] [--output-tokens 4]`.
 """
 
 from __future__ import annotations
@@ -61,15 +65,19 @@ def hit_counts(pods) -> tuple[float, float]:
     return hit, total
 
 
+def make_documents(tokenizer, seed: int, args) -> list[list[int]]:
+    return [
+        tokenizer.encode(sample_text(args.prefix_tokens, seed * 100 + i)).ids[: args.prefix_tokens]
+        for i in range(args.num_prefixes)
+    ]
+
+
 def chat_scripts(tokenizer, seed: int, args) -> list[list[list[int]]]:
     """Every user's prompts, turn by turn: the conversation so far plus a new question. After
     each turn the client appends a fixed "answer" (not the model's), so the scripts are known
     before any request is sent (bench_sim_calibration replays them in the simulator)."""
     rng = random.Random(seed)
-    documents = [
-        tokenizer.encode(sample_text(args.prefix_tokens, seed * 100 + i)).ids[: args.prefix_tokens]
-        for i in range(args.num_prefixes)
-    ]
+    documents = make_documents(tokenizer, seed, args)
     scripts = []
     for u in range(args.users):
         prompt = list(rng.choice(documents))
@@ -81,6 +89,18 @@ def chat_scripts(tokenizer, seed: int, args) -> list[list[list[int]]]:
             prompt += question[48:64]  # the "answer", as the client would append it
         scripts.append(turns)
     return scripts
+
+
+def document_scripts(tokenizer, seed: int, args) -> list[list[list[int]]]:
+    """The shared-document workload as every client's prompts in order: `--requests` prompts,
+    each a random document plus a question of its own, dealt to the clients in turn."""
+    rng = random.Random(seed)
+    documents = make_documents(tokenizer, seed, args)
+    prompts = []
+    for i in range(args.requests):
+        question = tokenizer.encode(sample_text(60, seed * 10_000 + i)).ids[:48]
+        prompts.append(list(rng.choice(documents)) + question)
+    return [prompts[u :: args.users] for u in range(args.users)]
 
 
 async def conversations(
@@ -121,8 +141,10 @@ def envoy_stand_in(epp_port: int) -> RouterRun:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--workload", choices=["chat", "documents"], default="chat")
     parser.add_argument("--users", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=4, help="chat: turns per user")
+    parser.add_argument("--requests", type=int, default=72, help="documents: requests in all")
     parser.add_argument("--prefix-tokens", type=int, default=1280)
     parser.add_argument("--num-prefixes", type=int, default=6)
     parser.add_argument("--output-tokens", type=int, default=16)
@@ -160,13 +182,18 @@ def main() -> None:
         routers += [("vllm-router", "cache_aware", []), ("vllm-router", "kv_aware", [])]
     else:
         print("vllm-router not found (--vllm-router PATH): its policies are left out")
+    if args.workload == "chat":
+        shape, make_scripts = f"{args.users} users x {args.turns} turns", chat_scripts
+    else:
+        shape, make_scripts = f"{args.requests} requests, {args.users} at once", document_scripts
     print(
-        f"{args.users} users x {args.turns} turns over {args.num_prefixes} documents of "
-        f"{args.prefix_tokens} tokens; device cache {args.kv_cache_mib} MiB per pod"
+        f"{args.workload}: {shape} over {args.num_prefixes} documents of {args.prefix_tokens} "
+        f"tokens, {args.output_tokens} output tokens; device cache {args.kv_cache_mib} MiB per pod"
     )
     print(
         f"{'router':28} {'TTFT mean':>10} {'TTFT p90':>9} {'req/s':>6} {'hit rate':>9} {'added':>8}"
     )
+    mean_ttfts: dict[str, float] = {}
     try:
         for run, (kind, policy, flags) in enumerate(routers):
             name = " ".join([kind, policy, *flags]).replace("--", "")
@@ -182,7 +209,7 @@ def main() -> None:
                     name, router = f"ours {policy} via EPP", envoy_stand_in(epp_port)
                     running.callback(router.stop)
                 hit_before, total_before = hit_counts(pods)
-                scripts = chat_scripts(tokenizer, 7 + run, args)
+                scripts = make_scripts(tokenizer, 7 + run, args)
                 outcomes, took = asyncio.run(
                     conversations(router.url, pods[0][0].model_name, scripts, args)
                 )
@@ -192,6 +219,7 @@ def main() -> None:
             ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
             failed = sum(o.ttft_s is None for o in outcomes)
             hit_rate = (hit_after - hit_before) / max(1.0, total_after - total_before)
+            mean_ttfts[name] = statistics.mean(ttfts)
             print(
                 f"{name:28} {statistics.mean(ttfts) * 1000:8.0f}ms "
                 f"{percentile(ttfts, 90) * 1000:7.0f}ms "
@@ -199,6 +227,11 @@ def main() -> None:
                 + (f"  ({failed} failed)" if failed else ""),
                 flush=True,
             )
+        baseline = mean_ttfts.get("ours round_robin")
+        if baseline:
+            print("\nmean TTFT, round robin's over each router's (higher is better):")
+            for name, mean_ttft in mean_ttfts.items():
+                print(f"  {name:28} {baseline / mean_ttft:5.2f}x")
     finally:
         for pod, _ in pods:
             pod.stop()

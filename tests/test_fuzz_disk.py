@@ -91,6 +91,26 @@ def test_read_of_a_mangled_file_is_the_block_or_a_corrupt_block_error(store, goo
     _check_read(store, make_block(store.block_bytes, seed=0))
 
 
+@examples(300)
+@given(st.data())
+@example(data=None)
+def test_the_start_up_check_of_a_mangled_file_agrees_with_read(store, good_file, data):
+    """list_blocks keeps any file by its name; check_header then returns its info, or deletes
+    it and says why; a file it passed still has its payload checked by read."""
+    content = good_file if data is None else data.draw(mangled(good_file), label="content")
+    _fresh_shard(store)
+    path = store.path_for(KEY)
+    path.write_bytes(content)
+    assert [b.key for b in store.list_blocks()] == [KEY]
+    try:
+        info = store.check_header(KEY)
+    except CorruptBlockFileError:
+        assert not path.exists()
+        return
+    assert isinstance(info, str) and path.exists()
+    _check_read(store, make_block(store.block_bytes, seed=0))
+
+
 @examples(400)
 @given(_header_edits())
 def test_read_and_scan_of_an_edited_header(store, header):
@@ -141,6 +161,8 @@ def test_scan_of_fuzzed_files_never_raises_and_keeps_only_valid_ones(store, file
         written[name] = content
     if data.draw(st.booleans(), label="mangle the good file too"):
         good.write_bytes(data.draw(mangled(good.read_bytes()), label="good file"))
+    listed = {b.key for b in store.list_blocks()}  # by name: whatever the bytes
+    assert OTHER_KEY in listed and listed <= {KEY, OTHER_KEY}
     scanned = store.scan()
     assert len({s.key for s in scanned}) == len(scanned)
     for block in scanned:
