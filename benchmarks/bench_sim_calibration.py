@@ -30,8 +30,10 @@ client sharing this box's two cores with the pods, the host tier (the device cac
 every prefix of a run), and HTTP hops.
 
 Usage: `.venv/bin/python benchmarks/bench_sim_calibration.py [--rates 2,4] [--duration 30]`, or
-`... --workload chat [--users 8] [--turns 4] [--profile-lengths 128,512,1024,1536]
-[--profile-batches 1,2,3]` (calibration batches that fit the small device cache).
+`... --workload chat [--users 8] [--turns 4] [--rounds 5] [--profile-lengths 128,512,1024,1536]
+[--profile-batches 1,2,3]` (calibration batches that fit the small device cache). With
+`--rounds`, every policy runs that many times, in turns, and the ratios compared are the
+medians over the rounds.
 """
 
 from __future__ import annotations
@@ -227,72 +229,92 @@ class ChatFigures:
     hit_rate: float
 
 
+def chat_run(
+    policy: str, scripts, pods, model, config: SimConfig, args
+) -> tuple[ChatFigures, ChatFigures]:
+    """One policy's closed-loop chat over `scripts`: on the real pods, then simulated."""
+    router = ours(policy, pods, model, args.router_flags.split())
+    try:
+        hit_before, total_before = hit_counts(pods)
+        outcomes, took = asyncio.run(
+            conversations(router.url, pods[0][0].model_name, scripts, args)
+        )
+        time.sleep(1.5)  # the pods' counters reach /metrics
+        hit_after, total_after = hit_counts(pods)
+    finally:
+        router.stop()
+    ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
+    real = ChatFigures(
+        statistics.mean(ttfts),
+        percentile(ttfts, 90),
+        len(outcomes) / took,
+        (hit_after - hit_before) / max(1.0, total_after - total_before),
+    )
+    requests = chat_as_sim_requests(scripts, config.pod.block_size, args.output_tokens)
+    result = simulate_policy(requests, policy, config)
+    sim_ttfts = [o.ttft_s for o in result.outcomes]
+    sim = ChatFigures(
+        statistics.mean(sim_ttfts),
+        percentile(sim_ttfts, 90),
+        len(result.outcomes) / result.summary.sim_s,
+        result.summary.hit_rate,
+    )
+    return real, sim
+
+
+def chat_ratios(policy: ChatFigures, base: ChatFigures) -> dict[str, float]:
+    """A policy's figures against the baseline's (TTFT: baseline / policy; the rest: policy /
+    baseline): higher is better for every one."""
+    return {
+        "mean TTFT": base.mean_ttft_s / policy.mean_ttft_s,
+        "p90 TTFT": base.p90_ttft_s / policy.p90_ttft_s,
+        "req/s": policy.requests_per_s / base.requests_per_s,
+        "hit rate": policy.hit_rate / base.hit_rate if base.hit_rate else float("inf"),
+    }
+
+
 def compare_chat(pods, model, tokenizer, config: SimConfig, args) -> None:
-    """bench_router's closed-loop chat per policy, real then simulated."""
-    pod = pods[0][0]
-    real: dict[str, ChatFigures] = {}
-    sim: dict[str, ChatFigures] = {}
+    """bench_router's closed-loop chat per policy, real then simulated, `--rounds` times: the
+    policies take turns (ABBA...), each run on documents of its own; the ratios compared are
+    the medians over the rounds (32 closed-loop requests spread a ratio by over 25% here)."""
+    policies = args.policy_list
     print(
-        f"\n{'policy':12} {'TTFT mean':>21} {'TTFT p90':>21} {'req/s':>15} {'hit rate':>15}"
-        f"\n{'':12}{'real':>10} {'sim':>10} {'real':>10} {'sim':>10} {'real':>7} {'sim':>7}"
+        f"\n{'round policy':16} {'TTFT mean':>21} {'TTFT p90':>21} {'req/s':>15} {'hit rate':>15}"
+        f"\n{'':16}{'real':>10} {'sim':>10} {'real':>10} {'sim':>10} {'real':>7} {'sim':>7}"
         f" {'real':>7} {'sim':>7}"
     )
-    for run, policy in enumerate(args.policy_list):
-        scripts = chat_scripts(tokenizer, 7 + run, args)  # documents of its own per policy
-        router = ours(policy, pods, model, args.router_flags.split())
-        try:
-            hit_before, total_before = hit_counts(pods)
-            outcomes, took = asyncio.run(conversations(router.url, pod.model_name, scripts, args))
-            time.sleep(1.5)  # the pods' counters reach /metrics
-            hit_after, total_after = hit_counts(pods)
-        finally:
-            router.stop()
-        ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
-        real[policy] = ChatFigures(
-            statistics.mean(ttfts),
-            percentile(ttfts, 90),
-            len(outcomes) / took,
-            (hit_after - hit_before) / max(1.0, total_after - total_before),
-        )
-        requests = chat_as_sim_requests(scripts, config.pod.block_size, args.output_tokens)
-        result = simulate_policy(requests, policy, config)
-        sim_ttfts = [o.ttft_s for o in result.outcomes]
-        sim[policy] = ChatFigures(
-            statistics.mean(sim_ttfts),
-            percentile(sim_ttfts, 90),
-            len(result.outcomes) / result.summary.sim_s,
-            result.summary.hit_rate,
-        )
-        r, s = real[policy], sim[policy]
-        print(
-            f"{policy:12} {r.mean_ttft_s * 1000:8.0f} ms {s.mean_ttft_s * 1000:7.0f} ms"
-            f" {r.p90_ttft_s * 1000:7.0f} ms {s.p90_ttft_s * 1000:7.0f} ms"
-            f" {r.requests_per_s:7.2f} {s.requests_per_s:7.2f}"
-            f" {r.hit_rate:7.1%} {s.hit_rate:7.1%}",
-            flush=True,
-        )
+    rounds: list[dict[str, tuple[ChatFigures, ChatFigures]]] = []
+    for round_ in range(args.rounds):
+        order = policies if round_ % 2 == 0 else policies[::-1]
+        results: dict[str, tuple[ChatFigures, ChatFigures]] = {}
+        for policy in order:
+            seed = 7 + round_ * len(policies) + policies.index(policy)
+            scripts = chat_scripts(tokenizer, seed, args)  # documents of its own per run
+            results[policy] = r, s = chat_run(policy, scripts, pods, model, config, args)
+            print(
+                f"{round_ + 1:<5} {policy:10} {r.mean_ttft_s * 1000:8.0f} ms"
+                f" {s.mean_ttft_s * 1000:7.0f} ms {r.p90_ttft_s * 1000:7.0f} ms"
+                f" {s.p90_ttft_s * 1000:7.0f} ms {r.requests_per_s:7.2f} {s.requests_per_s:7.2f}"
+                f" {r.hit_rate:7.1%} {s.hit_rate:7.1%}",
+                flush=True,
+            )
+        rounds.append(results)
     print(f"\nratios to {args.baseline} (TTFT: baseline / policy, higher is better;")
-    print("req/s and hit rate: policy / baseline), measured and simulated:")
-    base_real, base_sim = real[args.baseline], sim[args.baseline]
-    for policy in args.policy_list:
+    print("req/s and hit rate: policy / baseline), median over the rounds, measured and")
+    print("simulated; each round's measured ratio after it:")
+    for policy in policies:
         if policy == args.baseline:
             continue
-        r, s = real[policy], sim[policy]
-        for name, real_ratio, sim_ratio in (
-            (
-                "mean TTFT",
-                base_real.mean_ttft_s / r.mean_ttft_s,
-                base_sim.mean_ttft_s / s.mean_ttft_s,
-            ),
-            ("p90 TTFT", base_real.p90_ttft_s / r.p90_ttft_s, base_sim.p90_ttft_s / s.p90_ttft_s),
-            (
-                "req/s",
-                r.requests_per_s / base_real.requests_per_s,
-                s.requests_per_s / base_sim.requests_per_s,
-            ),
-            ("hit rate", r.hit_rate / base_real.hit_rate, s.hit_rate / base_sim.hit_rate),
-        ):
-            print(ratio_row(f"chat {policy} {name}", real_ratio, sim_ratio))
+        real = [chat_ratios(r[policy][0], r[args.baseline][0]) for r in rounds]
+        sim = [chat_ratios(r[policy][1], r[args.baseline][1]) for r in rounds]
+        for measure in real[0]:
+            real_each = [ratios[measure] for ratios in real]
+            row = ratio_row(
+                f"chat {policy} {measure}",
+                statistics.median(real_each),
+                statistics.median(ratios[measure] for ratios in sim),
+            )
+            print(f"{row}  ({', '.join(f'{x:.2f}' for x in real_each)})")
 
 
 def main() -> None:
@@ -311,6 +333,9 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--users", type=int, default=8, help="chat: concurrent users")
     parser.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="chat: runs of every policy, in turns (ABBA)"
+    )
     parser.add_argument(
         "--kv-cache-mib", type=int, default=24, help="chat: device KV cache per pod"
     )
