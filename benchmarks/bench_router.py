@@ -151,6 +151,9 @@ def main() -> None:
     parser.add_argument(
         "--kv-cache-mib", type=int, default=24, help="device KV cache per pod (small: 5 KiB/token)"
     )
+    parser.add_argument(
+        "--host-tier-mib", type=int, default=256, help="host tier per pod (0: none)"
+    )
     parser.add_argument("--vllm-router", default=shutil.which("vllm-router"))
     parser.add_argument(
         "--w-load",
@@ -171,7 +174,9 @@ def main() -> None:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
-    pods = start_pods(model, kv_cache_bytes=args.kv_cache_mib << 20)
+    pods = start_pods(
+        model, kv_cache_bytes=args.kv_cache_mib << 20, host_offload_bytes=args.host_tier_mib << 20
+    )
     routers = [("ours", "kv_aware", [])]
     if not args.only_kv_aware:
         routers = [("ours", "round_robin", []), *routers, ("ours", "slo", [])]
@@ -188,7 +193,8 @@ def main() -> None:
         shape, make_scripts = f"{args.requests} requests, {args.users} at once", document_scripts
     print(
         f"{args.workload}: {shape} over {args.num_prefixes} documents of {args.prefix_tokens} "
-        f"tokens, {args.output_tokens} output tokens; device cache {args.kv_cache_mib} MiB per pod"
+        f"tokens, {args.output_tokens} output tokens; device cache {args.kv_cache_mib} MiB, "
+        f"host tier {args.host_tier_mib} MiB per pod"
     )
     print(
         f"{'router':28} {'TTFT mean':>10} {'TTFT p90':>9} {'req/s':>6} {'hit rate':>9} {'added':>8}"

@@ -74,11 +74,15 @@ HOST_OFFLOAD_BYTES = 256 << 20
 
 
 def start_pods(
-    model: Path, kv_cache_bytes: int | None = None, max_model_len: int | None = None
+    model: Path,
+    kv_cache_bytes: int | None = None,
+    max_model_len: int | None = None,
+    host_offload_bytes: int = HOST_OFFLOAD_BYTES,
 ) -> list[tuple[VLLMServer, int]]:
     """Two pods, one core each, LLMDConnector with a host tier, KV events on: (server, port of
     its event publisher). `kv_cache_bytes`: a device cache that small (None: vLLM's default),
-    which must hold one request of `max_model_len` (default 2048 with a small cache)."""
+    which must hold one request of `max_model_len` (default 2048 with a small cache);
+    `host_offload_bytes` 0: no host tier."""
     pods = []
     for core in ("0", "1"):
         events = free_port()
@@ -91,7 +95,7 @@ def start_pods(
             kv_transfer_config={
                 "kv_connector": "LLMDConnector",
                 "kv_role": "kv_both",
-                "kv_connector_extra_config": {"host_offload_bytes": HOST_OFFLOAD_BYTES},
+                "kv_connector_extra_config": {"host_offload_bytes": host_offload_bytes},
             },
             kv_events_config={
                 "enable_kv_cache_events": True,
