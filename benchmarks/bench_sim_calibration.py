@@ -32,8 +32,8 @@ every prefix of a run), and HTTP hops.
 Usage: `.venv/bin/python benchmarks/bench_sim_calibration.py [--rates 2,4] [--duration 30]`, or
 `... --workload chat [--users 8] [--turns 4] [--rounds 5] [--profile-lengths 128,512,1024,1536]
 [--profile-batches 1,2,3]` (calibration batches that fit the small device cache). With
-`--rounds`, every policy runs that many times, in turns, and the ratios compared are the
-medians over the rounds.
+`--rounds N` (either workload), every policy runs N times, in turns, and the ratios compared
+are the medians over the rounds.
 """
 
 from __future__ import annotations
@@ -162,61 +162,71 @@ def chat_as_sim_requests(
 
 
 def compare_slo(pods, model, tokenizer, config: SimConfig, slo, args) -> None:
-    """bench_slo's open-loop workload at each rate, real then simulated."""
+    """bench_slo's open-loop workload at each rate, real then simulated, `--rounds` times (the
+    policies in turns, ABBA; the same arrivals for every policy of a round and rate)."""
     pod = pods[0][0]
     policies = args.policy_list
     rates = [float(r) for r in args.rates.split(",")]
-    real: dict[tuple[float, str], Figures] = {}
-    sim: dict[tuple[float, str], Figures] = {}
+    rounds: list[dict[tuple[float, str], tuple[Figures, Figures]]] = []
     print(
-        f"\n{'rate':>5} {'policy':12} {'TTFT mean':>21} {'TTFT p90':>21} {'goodput/s':>17}"
-        f"\n{'':18}{'real':>10} {'sim':>10} {'real':>10} {'sim':>10} {'real':>8} {'sim':>8}"
+        f"\n{'round rate':>10} {'policy':12} {'TTFT mean':>21} {'TTFT p90':>21} {'goodput/s':>17}"
+        f"\n{'':23}{'real':>10} {'sim':>10} {'real':>10} {'sim':>10} {'real':>8} {'sim':>8}"
     )
-    for run, rate in enumerate(rates):
-        for k, policy in enumerate(policies):
-            # the rate's arrivals, texts of its own per run: the pods keep what earlier runs
-            # computed
-            texts = 1 + (run * len(policies) + k) * 10
-            requests = make_requests(tokenizer, rate, args.duration, 1 + run * 10, args, texts)
-            router = ours(policy, pods, model, args.router_flags.split())
-            try:
-                outcomes = asyncio.run(run_load(router.url, pod.model_name, requests, args, slo))
-            finally:
-                router.stop()
-            real[rate, policy] = measured(outcomes, args.duration)
-            sim_requests = as_sim_requests(requests, config.pod.block_size, args.output_tokens)
-            sim[rate, policy] = simulated(sim_requests, policy, config, args.duration)
-            r, s = real[rate, policy], sim[rate, policy]
-            print(
-                f"{rate:5g} {policy:12} {r.mean_ttft_s * 1000:8.0f} ms"
-                f" {s.mean_ttft_s * 1000:7.0f} ms {r.p90_ttft_s * 1000:7.0f} ms"
-                f" {s.p90_ttft_s * 1000:7.0f} ms"
-                f" {r.goodput_rps:8.2f} {s.goodput_rps:8.2f}",
-                flush=True,
-            )
+    for round_ in range(args.rounds):
+        results: dict[tuple[float, str], tuple[Figures, Figures]] = {}
+        for run, rate in enumerate(rates):
+            for policy in policies if round_ % 2 == 0 else policies[::-1]:
+                # the rate's arrivals, texts of their own per run: the pods keep what earlier
+                # runs computed
+                k = policies.index(policy)
+                texts = 1 + ((round_ * len(rates) + run) * len(policies) + k) * 10
+                arrivals = 1 + run * 10 + round_ * 1000
+                requests = make_requests(tokenizer, rate, args.duration, arrivals, args, texts)
+                router = ours(policy, pods, model, args.router_flags.split())
+                try:
+                    outcomes = asyncio.run(
+                        run_load(router.url, pod.model_name, requests, args, slo)
+                    )
+                finally:
+                    router.stop()
+                sim_requests = as_sim_requests(requests, config.pod.block_size, args.output_tokens)
+                results[rate, policy] = r, s = (
+                    measured(outcomes, args.duration),
+                    simulated(sim_requests, policy, config, args.duration),
+                )
+                print(
+                    f"{round_ + 1:<5} {rate:4g} {policy:12} {r.mean_ttft_s * 1000:8.0f} ms"
+                    f" {s.mean_ttft_s * 1000:7.0f} ms {r.p90_ttft_s * 1000:7.0f} ms"
+                    f" {s.p90_ttft_s * 1000:7.0f} ms"
+                    f" {r.goodput_rps:8.2f} {s.goodput_rps:8.2f}",
+                    flush=True,
+                )
+        rounds.append(results)
     print(f"\nratios to {args.baseline} (mean TTFT: baseline / policy, higher is better;")
-    print("goodput: policy / baseline), measured and simulated:")
+    print("goodput: policy / baseline), median over the rounds, measured and simulated; each")
+    print("round's measured ratio after it:")
     for rate in rates:
-        base_real, base_sim = real[rate, args.baseline], sim[rate, args.baseline]
         for policy in policies:
             if policy == args.baseline:
                 continue
-            r, s = real[rate, policy], sim[rate, policy]
-            print(
-                ratio_row(
-                    f"{rate:g}/s {policy} mean TTFT",
-                    base_real.mean_ttft_s / r.mean_ttft_s,
-                    base_sim.mean_ttft_s / s.mean_ttft_s,
-                )
-            )
-            if base_real.goodput_rps and base_sim.goodput_rps:
-                print(
-                    ratio_row(
-                        f"{rate:g}/s {policy} goodput",
-                        r.goodput_rps / base_real.goodput_rps,
-                        s.goodput_rps / base_sim.goodput_rps,
+            ratios: dict[str, tuple[list[float], list[float]]] = {"mean TTFT": ([], [])}
+            for results in rounds:
+                base, ours_ = results[rate, args.baseline], results[rate, policy]
+                for side in (0, 1):
+                    ratios["mean TTFT"][side].append(
+                        base[side].mean_ttft_s / ours_[side].mean_ttft_s
                     )
+                    if base[0].goodput_rps and base[1].goodput_rps:
+                        ratios.setdefault("goodput", ([], []))[side].append(
+                            ours_[side].goodput_rps / base[side].goodput_rps
+                        )
+            for measure, (real, sim) in ratios.items():
+                row = ratio_row(
+                    f"{rate:g}/s {policy} {measure}",
+                    statistics.median(real),
+                    statistics.median(sim),
                 )
+                print(f"{row}  ({', '.join(f'{x:.2f}' for x in real)})")
 
 
 @dataclass(frozen=True)
@@ -334,7 +344,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8, help="chat: concurrent users")
     parser.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="chat: runs of every policy, in turns (ABBA)"
+        "--rounds", type=int, default=1, help="runs of every policy (and rate), in turns (ABBA)"
     )
     parser.add_argument(
         "--kv-cache-mib", type=int, default=24, help="chat: device KV cache per pod"
