@@ -3,6 +3,9 @@ prefix follows the first to its pod before that pod's KV events arrive, for `ttl
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from conftest import FakeClock
 
@@ -12,6 +15,7 @@ from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.proxy import Router
 from vllm_llmd.router.recent import RecentRoutes
+from vllm_llmd.router.request_record import RequestRecord
 from vllm_llmd.router.scoring import PodCache, make_policy
 
 
@@ -57,3 +61,49 @@ def test_the_router_counts_a_routed_prefix_past_what_the_index_shows():
     assert "http://b:1" not in caches
     off = _router("--recent-route-ttl-s", "0")
     assert off.recent is None
+
+
+def test_runs_of_every_pod_in_one_walk_agree_with_run_length():
+    clock = FakeClock()
+    recent = RecentRoutes(ttl_s=5, clock=clock)
+    recent.record("a", [1, 2, 3])
+    recent.record("b", [1, 2])
+    recent.record("c", [2, 3])  # not from the first block: no run
+    clock.now += 1
+    recent.record("d", [1])
+    for hashes in ([1, 2, 3, 4], [1, 2, 3], [1], [2, 3], [], [9, 1]):
+        expected = {p: recent.run_length(p, hashes) for p in "abcd"}
+        assert recent.runs(hashes) == {p: n for p, n in expected.items() if n}, hashes
+    assert recent.runs([1, 2, 3, 4]) == {"a": 3, "b": 2, "d": 1}
+    clock.now += 4.5  # a, b and c expired; d not
+    assert recent.runs([1, 2]) == {"d": 1}
+
+
+def test_requests_looked_up_together_still_follow_each_other(monkeypatch):
+    """Requests that arrive together are all looked up (off the event loop) before the first
+    is routed; the second on a prefix must still go where the first went, not by load."""
+    router = _router()
+    for pod in router.registry.pods.values():
+        pod.healthy = True
+    hashes = [7, 8, 9]
+
+    async def tokenized(path: str, body: object) -> tuple[list[int], int]:
+        return hashes, 3 * 128
+
+    def decide() -> str:
+        record = RequestRecord("/v1/completions", time.time(), time.monotonic())
+        route = asyncio.run(router.decide(record, {}, {"model": "m", "prompt": "q"}))
+        return route.decode.pod
+
+    monkeypatch.setattr(router, "_hashes", tokenized)
+    alone = decide()  # where a request of this prefix goes with nothing routed before it
+    other = next(pod for pod in router.registry.pods if pod != alone)
+    router.recent = RecentRoutes()  # forget that route
+
+    async def stale(hashes: list[int]) -> dict[str, PodCache]:
+        caches = router._caches(hashes)  # looked up before the first was routed...
+        router.recent.record(other, hashes)  # ...which then went to the other pod
+        return caches
+
+    monkeypatch.setattr(router, "_lookup", stale)
+    assert decide() == other

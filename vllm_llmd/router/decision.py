@@ -206,17 +206,23 @@ class Decider:
             await self._hashes(record.path, body) if body is not None else ([], None)
         )
         self._follow_block_size()
-        caches = await self._lookup(hashes)
+        looked_up = await self._lookup(hashes)
         own_blocks = self._own_blocks(len(hashes), num_tokens, body)
         admission: Admitted = "met"
         queued_s = 0.0
         if self.admission is not None:
             judge = partial(
-                self._judge, hashes, own_blocks, caches, num_tokens, request_class, allowed
+                self._judge, hashes, own_blocks, looked_up or {}, num_tokens, request_class, allowed
             )
             admission, queued_s = await self.admission.admit(request_class, judge)
             if admission != "met":  # it waited: the pods' caches moved on
-                caches = await self._lookup(hashes)
+                looked_up = await self._lookup(hashes)
+        # The lookup ran off the event loop: requests that arrived with this one were all
+        # looked up before the first of them was routed. What they routed since counts here,
+        # where nothing else runs until this request's route is recorded; without it, those
+        # on one prefix spread over pods, each computing it (8 clients starting at once on
+        # six documents: every first request was routed cold).
+        caches = {} if looked_up is None else self._with_routes_since_lookup(looked_up, hashes)
         # chosen for what is left of its SLO; counted against its whole SLO from arrival
         left = request_class.within(queued_s)
         route = self._route(headers, hashes, own_blocks, caches, num_tokens, left, allowed)
@@ -406,8 +412,8 @@ class Decider:
             return [], None
         return list(tokenized.block_hashes), len(tokenized.token_ids)
 
-    async def _lookup(self, hashes: list[int]) -> dict[str, PodCache]:
-        """`_caches` off the event loop; none (route by load) when the index fails or stalls."""
+    async def _lookup(self, hashes: list[int]) -> dict[str, PodCache] | None:
+        """`_caches` off the event loop; None (route by load) when the index fails or stalls."""
         if self.index is None or not hashes:
             return {}
         try:
@@ -416,7 +422,7 @@ class Decider:
             reason = "index_timeout" if isinstance(exc, TimeoutError) else "index_error"
             self.metrics.routing_fallbacks.labels(reason).inc()
             self._index_log.warning("index lookup failed (%r): routed by load alone", exc)
-            return {}
+            return None
         return caches
 
     def _caches(self, hashes: list[int]) -> dict[str, PodCache]:
@@ -427,14 +433,28 @@ class Decider:
             return {}
         hits = self.index.lookup_prefix(hashes, pods=verified)
         caches = {pod: PodCache(hit.num_blocks, hit.tiers) for pod, hit in hits.items()}
-        if self.recent is not None:  # sent there, its events not in yet
-            for pod in verified:
-                run = self.recent.run_length(pod, hashes)
-                if run:
-                    caches[pod] = extended(caches.get(pod) or PodCache(), run, MEDIUM_GPU)
+        caches = self._with_recent(caches, hashes, verified)
         if self.shared is None or not (members := self.shared.members().intersection(verified)):
             return caches
         return extend_with_shared(caches, members, self.shared.run_length(hashes))
+
+    def _with_recent(
+        self, caches: Mapping[str, PodCache], hashes: list[int], pods: Collection[str]
+    ) -> dict[str, PodCache]:
+        """`caches` with the prefixes routed to `pods` whose events are not in yet (in the
+        lookup, and again right before the route: see `decide`)."""
+        out = dict(caches)
+        if self.recent is None or self.index is None or not hashes:
+            return out
+        for pod, run in self.recent.runs(hashes).items():
+            if pod in pods:
+                out[pod] = extended(out.get(pod) or PodCache(), run, MEDIUM_GPU)
+        return out
+
+    def _with_routes_since_lookup(
+        self, caches: Mapping[str, PodCache], hashes: list[int]
+    ) -> dict[str, PodCache]:
+        return self._with_recent(caches, hashes, set(self.registry.hash_verified()))
 
     def close(self) -> None:
         if self.admission is not None:

@@ -54,6 +54,29 @@ class RecentRoutes:
         with self._lock:
             return len(self._routes)
 
+    def runs(self, hashes: Sequence[int]) -> dict[str, int]:
+        """`run_length` of every pod that has one, in one walk of the hashes: a pod the first
+        block was not sent to costs nothing (at 256 pods, a walk per pod would)."""
+        now = self._clock()
+        runs: dict[str, int] = {}
+        going: set[str] = set()
+        with self._lock:
+            for position, block_hash in enumerate(hashes):
+                routed = self._routes.get(block_hash, {})
+                still = {
+                    pod
+                    for pod, expiry in routed.items()
+                    if expiry > now and (position == 0 or pod in going)
+                }
+                for pod in going - still:
+                    runs[pod] = position
+                going = still
+                if not going:
+                    break
+        for pod in going:
+            runs[pod] = len(hashes)
+        return runs
+
     def run_length(self, pod: str, hashes: Sequence[int]) -> int:
         """How many of the hashes, from the first, were sent to `pod` within `ttl_s`."""
         now = self._clock()
