@@ -14,13 +14,13 @@ tier (a slot of the host pool), on disk, or both:
     prepare_verify ──▶ a file found at start-up read back whole ──complete_verify──▶ usable
     prepare_load  ──▶ pinned (host → device, or disk → device) ──complete_load──▶ unpinned
 
-A disk hit loads straight into the device cache (the worker reads it in pieces through a
-buffer of its own), so how much of a prompt comes back from disk does not depend on the host
-tier's size. Files this process wrote are trusted; a file found at start-up (only its header was
-checked) is read back and validated once before it counts as a hit, so one that fails is a
-miss, never a failed load. A pinned block is never evicted: nothing is freed while a copy reads
-or writes it. A slot freed by an eviction is reused in the same step only after the worker
-copied the victim out: the worker runs a step's spills first (`StepPlan` order).
+A disk hit loads straight into the device cache (the worker reads it in pieces through a buffer of
+its own), so how much of a prompt comes back from disk does not depend on the host tier's size.
+Files this process wrote are trusted; a file found at start-up (listed by name; its header is read
+in the background, `describe_disk_blocks`) is read back and validated once before it counts as a
+hit, so one that fails is a miss, never a failed load. A pinned block is never evicted: nothing is
+freed while a copy reads or writes it. A slot freed by an eviction is reused in the same step only
+after the worker copied the victim out: the worker runs a step's spills first (`StepPlan` order).
 
 A store is dropped only when neither a host slot nor a staging slot is free: the caller offers
 the rest again next step (`prepare_store` says how many keys it took).

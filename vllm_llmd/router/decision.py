@@ -212,19 +212,14 @@ class Decider:
         queued_s = 0.0
         if self.admission is not None:
             judge = partial(
-                self._judge, hashes, own_blocks, looked_up or {}, num_tokens, request_class, allowed
+                self._judge, hashes, own_blocks, looked_up, num_tokens, request_class, allowed
             )
             admission, queued_s = await self.admission.admit(request_class, judge)
             if admission != "met":  # it waited: the pods' caches moved on
                 looked_up = await self._lookup(hashes)
-        # The lookup ran off the event loop: requests that arrived with this one were all
-        # looked up before the first of them was routed. What they routed since counts here,
-        # where nothing else runs until this request's route is recorded; without it, those
-        # on one prefix spread over pods, each computing it (8 clients starting at once on
-        # six documents: every first request was routed cold).
-        caches = {} if looked_up is None else self._with_routes_since_lookup(looked_up, hashes)
         # chosen for what is left of its SLO; counted against its whole SLO from arrival
         left = request_class.within(queued_s)
+        caches = self._now(looked_up, hashes)  # no await from here to the route's record
         route = self._route(headers, hashes, own_blocks, caches, num_tokens, left, allowed)
         route.request_class, route.queued_s, route.admission = request_class, queued_s, admission
         if self.config.kv_room:  # what it holds where it goes: counted only for this rule
@@ -263,7 +258,7 @@ class Decider:
         self,
         hashes: list[int],
         own_blocks: int,
-        caches: Mapping[str, PodCache],
+        looked_up: Mapping[str, PodCache] | None,
         num_tokens: int | None,
         request_class: RequestClass,
         allowed: Collection[str] | None,
@@ -295,6 +290,7 @@ class Decider:
             return "admit"  # _route answers 503
         loads = self.registry.loads()
         full = self._without_room(loads, hashes, own_blocks)
+        caches = self._now(looked_up, hashes)
         request = ScoreInput(len(hashes), decode_pods, caches, loads, full)
         if self.planner.all_saturated(request):
             return "wait"
@@ -442,7 +438,7 @@ class Decider:
         self, caches: Mapping[str, PodCache], hashes: list[int], pods: Collection[str]
     ) -> dict[str, PodCache]:
         """`caches` with the prefixes routed to `pods` whose events are not in yet (in the
-        lookup, and again right before the route: see `decide`)."""
+        lookup, and again at the decision: `_now`)."""
         out = dict(caches)
         if self.recent is None or self.index is None or not hashes:
             return out
@@ -451,10 +447,17 @@ class Decider:
                 out[pod] = extended(out.get(pod) or PodCache(), run, MEDIUM_GPU)
         return out
 
-    def _with_routes_since_lookup(
-        self, caches: Mapping[str, PodCache], hashes: list[int]
+    def _now(
+        self, looked_up: Mapping[str, PodCache] | None, hashes: list[int]
     ) -> dict[str, PodCache]:
-        return self._with_recent(caches, hashes, set(self.registry.hash_verified()))
+        """The caches to decide on: the lookup's (none when it failed: by load), with what
+        was routed since. The lookup ran off the event loop, so requests that arrived
+        together were all looked up before the first of them was routed; without the routes
+        since, those on one prefix spread over pods, each computing it (8 clients starting
+        at once on six documents: every first request was routed cold)."""
+        if looked_up is None:
+            return {}
+        return self._with_recent(looked_up, hashes, set(self.registry.hash_verified()))
 
     def close(self) -> None:
         if self.admission is not None:
