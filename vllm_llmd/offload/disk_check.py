@@ -1,7 +1,7 @@
 """The header check of the block files a start found on disk, off the start.
 
 A start indexes the disk tier by name (`DiskBlockStore.list_blocks`: a stat per file, 1.7 s for
-100k files on a cold page cache) instead of reading every header (10-11 s cold). The headers
+100k files on a cold page cache) instead of reading every header (10-16 s cold here). The headers
 are still worth reading soon: they hold each block's tokens and parent, which its KV event
 announces to the router, and a file that is corrupt, truncated or of another layout should
 leave the index (and the disk) before anything counts on it. This thread reads them in the
