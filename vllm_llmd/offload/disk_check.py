@@ -65,7 +65,7 @@ class StartupHeaderCheck:
 
     def _run(self) -> None:
         start = time.perf_counter()
-        invalid: list[str] = []  # why each invalid block failed
+        num_invalid, first_invalid = 0, ""  # how many failed, and why the first did
         for key in reversed(self._keys):  # newest first
             if self._stop.is_set():
                 return
@@ -74,18 +74,19 @@ class StartupHeaderCheck:
                 continue
             valid, text = outcome
             if not valid:
-                invalid.append(text)
+                num_invalid += 1
+                first_invalid = first_invalid or text
             with self._lock:
                 self._checked.append((key, text if valid else None))
         root = self._stores[0].root
-        if invalid:
+        if num_invalid:
             logger.warning(
                 "disk offload: %d of %d blocks found in %s at start failed their header "
                 "check and left the index; invalid files were deleted (first: %s)",
-                len(invalid),
+                num_invalid,
                 len(self._keys),
                 root,
-                invalid[0],
+                first_invalid,
             )
         logger.info(
             "disk offload: checked the headers of %d blocks found in %s in %.1f s",
