@@ -20,7 +20,9 @@ or tiers over all prompt tokens, from vLLM's own counters), and the router's own
 (median TTFT of a one-token request through the router minus straight to a pod, idle).
 
 Usage: `.venv/bin/python benchmarks/bench_router.py [--users 8] [--turns 4] [--epp]`, or
-`... --workload documents [--requests 72] [--output-tokens 4]`.
+`... --workload documents [--requests 72] [--output-tokens 4]`. `--rounds N` runs every router
+N times, in turns (ABBA), each run on documents of its own, and prints the median of the
+per-round ratios to round robin.
 """
 
 from __future__ import annotations
@@ -138,6 +140,45 @@ def envoy_stand_in(epp_port: int) -> RouterRun:
     return RouterRun("envoy-stand-in", argv, port).wait_ready("/health")
 
 
+def run_router(
+    kind: str, policy: str, flags: list[str], run: int, pods, model, tokenizer, args
+) -> tuple[str, float]:
+    """One router over the workload (documents of its own, seeded by `run`): prints its row,
+    returns its name and mean TTFT."""
+    name = " ".join([kind, policy, *flags]).replace("--", "")
+    with contextlib.ExitStack() as running:
+        if kind == "vllm-router":
+            router = vllm_router(args.vllm_router, policy, pods, model)
+        else:
+            epp_port = free_port()
+            epp = ["--epp-port", str(epp_port)] if kind == "epp" else []
+            router = ours(policy, pods, model, [*flags, *epp])
+        running.callback(router.stop)
+        if kind == "epp":  # the clients go to the stand-in, which asks the picker
+            name, router = f"ours {policy} via EPP", envoy_stand_in(epp_port)
+            running.callback(router.stop)
+        hit_before, total_before = hit_counts(pods)
+        make_scripts = chat_scripts if args.workload == "chat" else document_scripts
+        scripts = make_scripts(tokenizer, 7 + run, args)
+        outcomes, took = asyncio.run(
+            conversations(router.url, pods[0][0].model_name, scripts, args)
+        )
+        time.sleep(1.5)  # the pods' counters reach /metrics
+        hit_after, total_after = hit_counts(pods)
+        added = added_latency(router.url, pods[0][0])
+    ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
+    failed = sum(o.ttft_s is None for o in outcomes)
+    hit_rate = (hit_after - hit_before) / max(1.0, total_after - total_before)
+    print(
+        f"{name:28} {statistics.mean(ttfts) * 1000:8.0f}ms "
+        f"{percentile(ttfts, 90) * 1000:7.0f}ms "
+        f"{len(outcomes) / took:6.2f} {hit_rate:9.1%} {added * 1000:6.1f}ms"
+        + (f"  ({failed} failed)" if failed else ""),
+        flush=True,
+    )
+    return name, statistics.mean(ttfts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -145,6 +186,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4, help="chat: turns per user")
     parser.add_argument("--requests", type=int, default=72, help="documents: requests in all")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of every router, in turns (ABBA)"
+    )
     parser.add_argument("--prefix-tokens", type=int, default=1280)
     parser.add_argument("--num-prefixes", type=int, default=6)
     parser.add_argument("--output-tokens", type=int, default=16)
@@ -188,9 +232,9 @@ def main() -> None:
     else:
         print("vllm-router not found (--vllm-router PATH): its policies are left out")
     if args.workload == "chat":
-        shape, make_scripts = f"{args.users} users x {args.turns} turns", chat_scripts
+        shape = f"{args.users} users x {args.turns} turns"
     else:
-        shape, make_scripts = f"{args.requests} requests, {args.users} at once", document_scripts
+        shape = f"{args.requests} requests, {args.users} at once"
     print(
         f"{args.workload}: {shape} over {args.num_prefixes} documents of {args.prefix_tokens} "
         f"tokens, {args.output_tokens} output tokens; device cache {args.kv_cache_mib} MiB, "
@@ -199,45 +243,25 @@ def main() -> None:
     print(
         f"{'router':28} {'TTFT mean':>10} {'TTFT p90':>9} {'req/s':>6} {'hit rate':>9} {'added':>8}"
     )
-    mean_ttfts: dict[str, float] = {}
+    # router name -> its mean TTFT in each round
+    mean_ttfts: dict[str, list[float]] = {}
     try:
-        for run, (kind, policy, flags) in enumerate(routers):
-            name = " ".join([kind, policy, *flags]).replace("--", "")
-            with contextlib.ExitStack() as running:
-                if kind == "vllm-router":
-                    router = vllm_router(args.vllm_router, policy, pods, model)
-                else:
-                    epp_port = free_port()
-                    epp = ["--epp-port", str(epp_port)] if kind == "epp" else []
-                    router = ours(policy, pods, model, [*flags, *epp])
-                running.callback(router.stop)
-                if kind == "epp":  # the clients go to the stand-in, which asks the picker
-                    name, router = f"ours {policy} via EPP", envoy_stand_in(epp_port)
-                    running.callback(router.stop)
-                hit_before, total_before = hit_counts(pods)
-                scripts = make_scripts(tokenizer, 7 + run, args)
-                outcomes, took = asyncio.run(
-                    conversations(router.url, pods[0][0].model_name, scripts, args)
-                )
-                time.sleep(1.5)  # the pods' counters reach /metrics
-                hit_after, total_after = hit_counts(pods)
-                added = added_latency(router.url, pods[0][0])
-            ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
-            failed = sum(o.ttft_s is None for o in outcomes)
-            hit_rate = (hit_after - hit_before) / max(1.0, total_after - total_before)
-            mean_ttfts[name] = statistics.mean(ttfts)
-            print(
-                f"{name:28} {statistics.mean(ttfts) * 1000:8.0f}ms "
-                f"{percentile(ttfts, 90) * 1000:7.0f}ms "
-                f"{len(outcomes) / took:6.2f} {hit_rate:9.1%} {added * 1000:6.1f}ms"
-                + (f"  ({failed} failed)" if failed else ""),
-                flush=True,
-            )
+        for round_ in range(args.rounds):
+            order = routers if round_ % 2 == 0 else routers[::-1]  # ABBA: drift evens out
+            for kind, policy, flags in order:
+                run = round_ * len(routers) + routers.index((kind, policy, flags))
+                name, mean_ttft = run_router(kind, policy, flags, run, pods, model, tokenizer, args)
+                mean_ttfts.setdefault(name, []).append(mean_ttft)
         baseline = mean_ttfts.get("ours round_robin")
         if baseline:
-            print("\nmean TTFT, round robin's over each router's (higher is better):")
-            for name, mean_ttft in mean_ttfts.items():
-                print(f"  {name:28} {baseline / mean_ttft:5.2f}x")
+            print(
+                "\nmean TTFT, round robin's over each router's (higher is better)"
+                + (", median over the rounds (each round's):" if args.rounds > 1 else ":")
+            )
+            for name, means in mean_ttfts.items():
+                ratios = [base / mean for base, mean in zip(baseline, means, strict=True)]
+                each = f"  ({', '.join(f'{r:.2f}' for r in ratios)})" if args.rounds > 1 else ""
+                print(f"  {name:28} {statistics.median(ratios):5.2f}x{each}")
     finally:
         for pod, _ in pods:
             pod.stop()
