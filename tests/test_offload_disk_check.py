@@ -143,14 +143,21 @@ def test_the_check_reports_every_block_newest_first_and_deletes_invalid_files(tm
     assert not ranks[1].path_for(make_key(2)).exists()
 
 
-def test_the_check_stops_when_closed(tmp_path):
+def test_the_check_stops_when_closed(tmp_path, monkeypatch):
     store = make_store(tmp_path)
-    for i in range(50):
-        write(store, i)
-    check = StartupHeaderCheck([store], [make_key(i) for i in range(50)])
+    write(store, 0)
+
+    def slow_check(key: bytes) -> str:
+        time.sleep(0.05)  # a cold disk: 200 files would take 10 s
+        return "block"
+
+    monkeypatch.setattr(store, "check_header", slow_check)
+    check = StartupHeaderCheck([store], [make_key(i) for i in range(200)])
+    time.sleep(0.2)
+    started = time.monotonic()
     check.close()
-    assert check.done
-    assert len(check.take()) <= 50
+    assert check.done and time.monotonic() - started < 1.0
+    assert 0 < len(check.take()) < 200
 
 
 # ---- the manager applies the results ------------------------------------------------------
