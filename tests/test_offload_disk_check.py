@@ -147,13 +147,18 @@ def test_the_check_stops_when_closed(tmp_path, monkeypatch):
     store = make_store(tmp_path)
     write(store, 0)
 
+    calls: list[bytes] = []
+
     def slow_check(key: bytes) -> str:
+        calls.append(key)
         time.sleep(0.05)  # a cold disk: 200 files would take 10 s
         return "block"
 
     monkeypatch.setattr(store, "check_header", slow_check)
     check = StartupHeaderCheck([store], [make_key(i) for i in range(200)])
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     started = time.monotonic()
     check.close()
     assert check.done and time.monotonic() - started < 1.0
