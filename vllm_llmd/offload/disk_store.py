@@ -18,7 +18,7 @@ with one tensor, "kv" (dtype U8, shape [block_bytes]), and string metadata:
     tp_rank          the writer's tensor-parallel rank
     checksum         BLAKE3 of the payload, 16-byte digest, hex
     info             the caller's description of the block (opaque text; e.g. the tokens and
-                     parent hash a KV event needs), returned by `scan`
+                     parent hash a KV event needs), returned by `scan` and `check_header`
 
 Validation. `list_blocks` (a start; the walk itself is in `disk_scan`) reads names and sizes only.
 `check_header` and `scan` read headers: format version, fingerprint, key (it must match the file's
@@ -301,7 +301,11 @@ def _open_block_file(path: Path) -> tuple[BinaryIO, os.stat_result]:
             raise CorruptBlockFileError(path, f"not a regular file ({exc.strerror})") from None
         raise CorruptBlockFileError(path, f"cannot open: {exc}") from None
     f = open(fd, "rb", buffering=0)
-    stat = os.fstat(fd)
+    try:
+        stat = os.fstat(fd)
+    except OSError as exc:
+        f.close()
+        raise CorruptBlockFileError(path, f"cannot stat: {exc}") from None
     if not S_ISREG(stat.st_mode):
         f.close()
         raise CorruptBlockFileError(path, "not a regular file")
