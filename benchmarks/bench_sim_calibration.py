@@ -146,6 +146,30 @@ def ratio_row(name: str, real: float, sim: float) -> str:
     return f"  {name:34} measured {real:6.2f}x  simulated {sim:6.2f}x  apart {gap:5.0%}  {verdict}"
 
 
+def print_median_ratios(
+    label: str, real: list[dict[str, float]], sim: list[dict[str, float]]
+) -> None:
+    """A row per measure every round has: the medians over the rounds of the measured and the
+    simulated ratios, how far apart, then each round's measured ratio."""
+    for measure in [m for m in real[0] if all(m in ratios for ratios in real + sim)]:
+        real_each = [ratios[measure] for ratios in real]
+        row = ratio_row(
+            f"{label} {measure}",
+            statistics.median(real_each),
+            statistics.median(ratios[measure] for ratios in sim),
+        )
+        print(f"{row}  ({', '.join(f'{x:.2f}' for x in real_each)})")
+
+
+def slo_ratios(policy: Figures, base: Figures) -> dict[str, float]:
+    """A policy's figures against the baseline's (mean TTFT: baseline / policy; goodput:
+    policy / baseline, when the baseline had any): higher is better for both."""
+    ratios = {"mean TTFT": base.mean_ttft_s / policy.mean_ttft_s}
+    if base.goodput_rps:
+        ratios["goodput"] = policy.goodput_rps / base.goodput_rps
+    return ratios
+
+
 def chat_as_sim_requests(
     scripts: list[list[list[int]]], block_size: int, output_tokens: int
 ) -> list[SimRequest]:
@@ -209,24 +233,9 @@ def compare_slo(pods, model, tokenizer, config: SimConfig, slo, args) -> None:
         for policy in policies:
             if policy == args.baseline:
                 continue
-            ratios: dict[str, tuple[list[float], list[float]]] = {"mean TTFT": ([], [])}
-            for results in rounds:
-                base, ours_ = results[rate, args.baseline], results[rate, policy]
-                for side in (0, 1):
-                    ratios["mean TTFT"][side].append(
-                        base[side].mean_ttft_s / ours_[side].mean_ttft_s
-                    )
-                    if base[0].goodput_rps and base[1].goodput_rps:
-                        ratios.setdefault("goodput", ([], []))[side].append(
-                            ours_[side].goodput_rps / base[side].goodput_rps
-                        )
-            for measure, (real, sim) in ratios.items():
-                row = ratio_row(
-                    f"{rate:g}/s {policy} {measure}",
-                    statistics.median(real),
-                    statistics.median(sim),
-                )
-                print(f"{row}  ({', '.join(f'{x:.2f}' for x in real)})")
+            real = [slo_ratios(r[rate, policy][0], r[rate, args.baseline][0]) for r in rounds]
+            sim = [slo_ratios(r[rate, policy][1], r[rate, args.baseline][1]) for r in rounds]
+            print_median_ratios(f"{rate:g}/s {policy}", real, sim)
 
 
 @dataclass(frozen=True)
@@ -317,14 +326,7 @@ def compare_chat(pods, model, tokenizer, config: SimConfig, args) -> None:
             continue
         real = [chat_ratios(r[policy][0], r[args.baseline][0]) for r in rounds]
         sim = [chat_ratios(r[policy][1], r[args.baseline][1]) for r in rounds]
-        for measure in real[0]:
-            real_each = [ratios[measure] for ratios in real]
-            row = ratio_row(
-                f"chat {policy} {measure}",
-                statistics.median(real_each),
-                statistics.median(ratios[measure] for ratios in sim),
-            )
-            print(f"{row}  ({', '.join(f'{x:.2f}' for x in real_each)})")
+        print_median_ratios(f"chat {policy}", real, sim)
 
 
 def main() -> None:

@@ -3,8 +3,8 @@ The file format and its validation are described in `disk_store`.
 
 Two scans walk the same entries the same way:
 - `DiskBlockStore.list_blocks` (what a start uses): names and `stat` only, no file opened. On a
-  cold page cache a header read is a random read per file (100k files: 10-11 s here), a stat
-  reads the inode tables (about 1 s). The headers are checked later, off the start, by
+  cold page cache a header read is a random read per file (100k files: 10-16 s here), a stat
+  reads the inode tables (a 1.7 s start). The headers are checked later, off the start, by
   `disk_check.StartupHeaderCheck`, and every file is read back whole before its first hit.
 - `DiskBlockStore.scan`: opens each file and validates its header too (below).
 
