@@ -22,12 +22,17 @@ from vllm_llmd.transfer.framing import (
     recv_exactly,
     recv_into,
 )
-from vllm_llmd.transfer.tls import TlsStream
+from vllm_llmd.transfer.sealed_stream import SealedStream
+from vllm_llmd.transfer.sealing import KeyShareRefused
 
 # between connection tries (and, in client.py, between asks for a transfer the prefill has
 # not registered yet)
 RETRY_SLEEP_S = 0.05
 _MAX_CHANNELS_PER_THREAD = 64
+_NOT_SEALING = (
+    " (a prefill worker that does not seal its side channel: run the same vllm-llmd version on "
+    "both sides)"
+)
 
 
 class TransferFailed(RuntimeError):
@@ -42,7 +47,7 @@ class Channel:
         self.timeout_s = timeout_s
         self.tls = tls
         self.address = address_of(endpoint)
-        self.sock: socket.socket | TlsStream | None = None
+        self.sock: socket.socket | SealedStream | None = None
 
     def ask(
         self, request: wire.Request, max_data_bytes: int = 0, pinned: bool = False
@@ -110,7 +115,13 @@ class Channel:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:  # the handshake, by the same deadline (closes sock if it fails)
             sock.settimeout(max(0.001, deadline - time.monotonic()))
-            self.sock = TlsStream(sock, self.tls, server_hostname=self.address[0])
+            try:
+                self.sock = SealedStream(sock, self.tls, server_hostname=self.address[0])
+            except KeyShareRefused as exc:
+                hint = _NOT_SEALING if exc.reply.code == wire.BAD_REQUEST else ""
+                raise TransferFailed(
+                    f"prefill worker {self.endpoint} refused the connection {exc}{hint}"
+                ) from None
             return
         self.sock = sock
 

@@ -21,6 +21,7 @@ from typing import Protocol
 from vllm_llmd.transfer.messages import (
     MAX_CONTROL_BYTES,
     PROTOCOL_VERSION,
+    KeyShare,
     Reply,
     Request,
     WireError,
@@ -37,7 +38,7 @@ _ZMTP_FIRST_BYTE = 0xFF
 
 
 class Stream(Protocol):
-    """What the receiving helpers use of a blocking socket (or a `tls.TlsStream`)."""
+    """What the receiving helpers use of a blocking socket (or a `sealing.SealedStream`)."""
 
     def settimeout(self, timeout: float | None) -> None: ...
 
@@ -101,7 +102,7 @@ def recv_exactly(sock: Stream, nbytes: int, deadline: float) -> bytearray:
     return buffer
 
 
-def frame(message: Request | Reply, data_bytes: int = 0) -> bytes:
+def frame(message: Request | Reply | KeyShare, data_bytes: int = 0) -> bytes:
     """Header and control part of one frame (its data part, if any, is sent after it)."""
     control = encode(message)
     return frame_header(len(control), data_bytes) + control

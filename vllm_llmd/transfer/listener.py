@@ -11,11 +11,13 @@ Whatever a peer sends, what the loop holds for it is bounded before it is read:
   the protocol goes), and a reply that makes no progress for `send_timeout_s` closes it;
 - at most `max_connections` are open: a new one replaces the least recently active idle one.
 
-With TLS (`tls.py`: a server context given), every accepted socket first completes a mutual
-TLS handshake, driven by the same loop and bounded by `request_timeout_s`; a peer that fails it
-(no certificate, another CA, plain TCP) is closed and logged (throttled) before a byte of a
-request is read. An `SSLSocket` may hold decrypted bytes that no select reports (`pending()`):
-the loop reads those before it waits again.
+With TLS (`tls.py`: a server context given), every accepted socket is a `sealing.SealedSocket`:
+it first completes a mutual TLS handshake and the key shares, driven by the same loop and
+bounded by `request_timeout_s`; a peer that fails them (no certificate, another CA, plain TCP,
+no key share) is closed and logged (throttled) before a byte of a request is read. Then every
+byte is sealed. A SealedSocket may hold decrypted bytes that no select reports (`pending()`):
+the loop reads those before it waits again; the bytes it holds of a record not yet
+authenticated count in `max_buffered_bytes`.
 
 A peer that breaks a rule gets an error frame (when it can be named) and is disconnected. An
 exception answering one request answers that peer with an error; anything else that goes wrong
@@ -26,7 +28,6 @@ waiting out their timeout.
 
 from __future__ import annotations
 
-import select
 import selectors
 import socket
 import ssl
@@ -37,20 +38,22 @@ from collections.abc import Callable
 
 from vllm_llmd.log import ThrottledLog, get_logger
 from vllm_llmd.transfer import messages as wire
+from vllm_llmd.transfer.failed_port import refuse_every_peer
 from vllm_llmd.transfer.framing import HEADER, frame, parse_header
+from vllm_llmd.transfer.sealed_socket import SealedSocket
 
 logger = get_logger(__name__)
 
 # handle(peer, control part) -> the reply: header and control (framing.frame), then its data
 # part if any (a buffer the loop sends without copying; kept referenced until sent)
-Handler = Callable[[bytes, bytes], list]
+Handler = Callable[[bytes, bytes], list[bytes | memoryview]]
 # forget(peer): its connection is gone
 Forget = Callable[[bytes], None]
 
 _RECV_BYTES = 1 << 16
 # Linux only (elsewhere replies go out as written)
 _CORK: int | None = getattr(socket, "TCP_CORK", None)
-# a non-blocking socket that cannot make progress now (plain TCP, or TLS wanting either way)
+# a non-blocking socket that cannot make progress now (plain TCP, or sealed wanting either way)
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -63,16 +66,19 @@ class _Connection:
         "outbox",
         "peer",
         "progress_at",
+        "sealed_held",
         "sock",
         "started_at",
     )
 
-    def __init__(self, sock: socket.socket, peer: bytes, now: float, handshaking: bool) -> None:
+    def __init__(self, sock: socket.socket | SealedSocket, peer: bytes, now: float) -> None:
         self.sock = sock
         self.peer = peer
         # TLS: the handshake is not done yet (nothing is read until it is)
-        self.handshaking = handshaking
+        self.handshaking = isinstance(sock, SealedSocket)
         self.inbox = bytearray()
+        # what the SealedSocket held of the peer's bytes at the last read (in buffered_bytes)
+        self.sealed_held = 0
         # header + control bytes of the request being read, once its header is in
         self.frame_bytes = 0
         self.started_at = now  # of the request being read (or of the TLS handshake)
@@ -152,7 +158,7 @@ class FrameServer:
                 exc_info=True,
             )
             self._close_all()
-            self._answer_failed()
+            refuse_every_peer(self._listener, self._tls, self.failure, self._stop)
         finally:
             self._close_all()
             self._selector.close()
@@ -172,11 +178,12 @@ class FrameServer:
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connected: socket.socket | SealedSocket = sock
         if self._tls is not None:
-            sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            connected = SealedSocket(sock, self._tls)
         self._next_peer += 1
         peer = b"peer-%d" % self._next_peer
-        connection = _Connection(sock, peer, time.monotonic(), self._tls is not None)
+        connection = _Connection(connected, peer, time.monotonic())
         self._connections[connection.peer] = connection
         self._selector.register(sock, selectors.EVENT_READ, connection)
 
@@ -226,9 +233,10 @@ class FrameServer:
     # ---- one connection ----------------------------------------------------------------------
 
     def _handshake(self, connection: _Connection) -> None:
-        """One step of the TLS handshake; a peer that fails it is closed before any read."""
+        """One step of the TLS handshake and key shares; a peer that fails them is closed
+        before any read."""
         sock = connection.sock
-        assert isinstance(sock, ssl.SSLSocket)
+        assert isinstance(sock, SealedSocket)
         try:
             sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -253,11 +261,11 @@ class FrameServer:
         self._close(connection)
 
     def _pending(self, connection: _Connection) -> bool:
-        """TLS: decrypted request bytes wait inside the SSL object, where select cannot see
-        them, and this connection is reading (no reply of its own pending)."""
+        """Sealed: decrypted request bytes wait inside the SealedSocket, where select cannot
+        see them, and this connection is reading (no reply of its own pending)."""
         sock = connection.sock
         return (
-            isinstance(sock, ssl.SSLSocket)
+            isinstance(sock, SealedSocket)
             and not connection.handshaking
             and not connection.outbox
             and connection.peer in self._connections
@@ -269,17 +277,19 @@ class FrameServer:
         want = (connection.frame_bytes or HEADER.size) - len(inbox)
         try:
             chunk = connection.sock.recv(min(want, _RECV_BYTES))
-        except _WOULD_BLOCK:  # TLS: a partial record, or a post-handshake message
+        except _WOULD_BLOCK:  # sealed: a record not whole yet
+            chunk = None
+        finally:
+            self._count_sealed(connection)
+        if chunk is None:
+            if self.buffered_bytes > self.max_buffered_bytes:
+                self._close_overfull(connection)
             return
         if not chunk:
             self._close(connection)
             return
         if self.buffered_bytes + len(chunk) > self.max_buffered_bytes:
-            logger.warning(
-                "LLMD side channel: partial requests hold %d bytes: closed the peer sending more",
-                self.buffered_bytes,
-            )
-            self._close(connection)
+            self._close_overfull(connection)
             return
         if not inbox:
             connection.started_at = time.monotonic()
@@ -298,7 +308,23 @@ class FrameServer:
             self._take_inbox(connection)
             self._reply(connection, self._answer(connection.peer, control))
 
-    def _answer(self, peer: bytes, control: bytes) -> list:
+    def _count_sealed(self, connection: _Connection) -> None:
+        """Bring buffered_bytes up to date with what a SealedSocket holds of its peer's bytes."""
+        sock = connection.sock
+        if isinstance(sock, SealedSocket):
+            held = sock.held_bytes()
+            self.buffered_bytes += held - connection.sealed_held
+            connection.sealed_held = held
+            self.max_buffered_seen = max(self.max_buffered_seen, self.buffered_bytes)
+
+    def _close_overfull(self, connection: _Connection) -> None:
+        logger.warning(
+            "LLMD side channel: partial requests hold %d bytes: closed the peer sending more",
+            self.buffered_bytes,
+        )
+        self._close(connection)
+
+    def _answer(self, peer: bytes, control: bytes) -> list[bytes | memoryview]:
         try:
             return self._handle(peer, control)
         except Exception as exc:  # never let one request take the loop down
@@ -310,18 +336,18 @@ class FrameServer:
         logger.warning("LLMD side channel: refused a malformed request: %s", reason)
         self._take_inbox(connection)
         try:
-            connection.sock.send(frame(wire.error("", wire.BAD_REQUEST, reason)))
+            connection.sock.send(memoryview(frame(wire.error("", wire.BAD_REQUEST, reason))))
         except OSError:
             pass
         self._close(connection)
 
-    def _reply(self, connection: _Connection, parts: list) -> None:
+    def _reply(self, connection: _Connection, parts: list[bytes | memoryview]) -> None:
         connection.outbox = [memoryview(part).cast("B") for part in parts]
         connection.progress_at = time.monotonic()
         if len(parts) > 1 and _CORK is not None:
-            # A data part goes out in full segments: TLS writes it one 16 KiB record per
-            # syscall, each pushed alone under TCP_NODELAY (on loopback 4x the segments, and
-            # the peer's wakeups); the flush that ends the reply uncorks: the tail goes at once.
+            # A data part goes out in full segments, not each write pushed alone under
+            # TCP_NODELAY (the header's small record, the end of each sealed record); the flush
+            # that ends the reply uncorks: the tail goes at once.
             connection.sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
             connection.corked = True
         self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
@@ -332,7 +358,7 @@ class FrameServer:
         while outbox:
             try:
                 sent = connection.sock.send(outbox[0])
-            except _WOULD_BLOCK:  # TLS retries the same bytes: outbox[0] stays as it is
+            except _WOULD_BLOCK:  # sealed: retries the same bytes; outbox[0] stays as it is
                 return
             connection.progress_at = time.monotonic()
             if sent == len(outbox[0]):
@@ -343,6 +369,8 @@ class FrameServer:
             assert _CORK is not None
             connection.sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)
             connection.corked = False
+        if isinstance(connection.sock, SealedSocket):
+            connection.sock.release_buffers()
         self._connections.move_to_end(connection.peer)
         self._selector.modify(connection.sock, selectors.EVENT_READ, connection)
 
@@ -355,6 +383,8 @@ class FrameServer:
         if self._connections.pop(connection.peer, None) is None:
             return
         self._take_inbox(connection)
+        self.buffered_bytes -= connection.sealed_held
+        connection.sealed_held = 0
         connection.outbox.clear()
         try:
             self._selector.unregister(connection.sock)
@@ -369,31 +399,3 @@ class FrameServer:
                 self._close(connection)
             except Exception:
                 logger.exception("LLMD side channel: closing a connection failed")
-
-    # ---- after a failure of the loop -------------------------------------------------------
-
-    def _answer_failed(self) -> None:
-        """Until close: tell every new peer at once that this side channel is gone."""
-        reason = f"the prefill worker's side channel failed: {self.failure}"
-        refusal = frame(wire.error("", wire.UNAVAILABLE, reason))
-        try:
-            while not self._stop.is_set():
-                readable, _, _ = select.select([self._listener], [], [], 0.1)
-                if not readable:
-                    continue
-                try:
-                    sock, _ = self._listener.accept()
-                except BlockingIOError:
-                    continue
-                try:
-                    sock.settimeout(0.5)
-                    if self._tls is not None:
-                        sock = self._tls.wrap_socket(sock, server_side=True)
-                    sock.recv(_RECV_BYTES)  # its request: closing then resets nothing
-                    sock.sendall(refusal)
-                except OSError:
-                    pass
-                finally:
-                    sock.close()
-        except Exception:
-            logger.exception("LLMD side channel: refusing peers failed too; the port closes")

@@ -151,6 +151,20 @@ class Ack(msgspec.Struct, tag="ack", kw_only=True):
     transfer_id: str
 
 
+# bytes of each side's share of a sealed connection's keys
+KEY_SHARE_BYTES = 32
+
+
+class KeyShare(msgspec.Struct, tag="key_share", kw_only=True):
+    """Sealed connections (`sealing.py`, TLS on): a side's random share of the connection's
+    keys, sent inside the mutual TLS session, once each way (the decode worker's first),
+    before any other message. Not a Request: a prefill worker that does not seal refuses it
+    as an unknown tag (`bad_request`)."""
+
+    version: int
+    share: Annotated[bytes, msgspec.Meta(min_length=KEY_SHARE_BYTES, max_length=KEY_SHARE_BYTES)]
+
+
 class TransferError(msgspec.Struct, tag="error", kw_only=True):
     version: int
     transfer_id: str
@@ -173,15 +187,19 @@ Reply = BlocksHeader | ShmBlocksHeader | IpcBlocksWritten | Ack | TransferError
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+# the answer to a key share: the other side's, or why it refused the connection
+_key_share_decoder: msgspec.msgpack.Decoder[KeyShare | TransferError] = msgspec.msgpack.Decoder(
+    KeyShare | TransferError
+)
 _reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
-_Message = TypeVar("_Message", Request, Reply)
+_Message = TypeVar("_Message", Request, Reply, KeyShare | TransferError)
 
 
 class WireError(ValueError):
     """A frame that is not a valid message of this protocol version."""
 
 
-def encode(message: Request | Reply) -> bytes:
+def encode(message: Request | Reply | KeyShare) -> bytes:
     return _encoder.encode(message)
 
 
@@ -243,3 +261,7 @@ def decode_request(frame: bytes | memoryview) -> Request:
 
 def decode_reply(frame: bytes | memoryview) -> Reply:
     return _check(frame, _reply_decoder)
+
+
+def decode_key_share(frame: bytes | memoryview) -> KeyShare | TransferError:
+    return _check(frame, _key_share_decoder)

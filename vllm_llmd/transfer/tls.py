@@ -10,14 +10,13 @@ signed can pull any transfer whose id it learns. A transfer id still scopes each
 
 The contexts are built once per process and set of files (`functools.cache`): rotating the
 files takes a restart. A file that cannot be read or is not PEM fails with ValueError naming
-its `kv_connector_extra_config` key and path. The decode side's connections are `TlsStream`s
-(memory BIOs over a plain socket), not `SSLSocket`s: see its doc for why.
+its `kv_connector_extra_config` key and path. The handshake is all TLS does on the side channel:
+the bytes after it travel sealed under keys agreed inside it (`sealing.py` says why).
 """
 
 from __future__ import annotations
 
 import functools
-import socket
 import ssl
 
 # the config keys, for error messages
@@ -90,83 +89,3 @@ def _check_pem(role: str, path: str) -> None:
 
 def _no_password() -> bytes:
     raise ValueError("the private key is encrypted; mount it unencrypted (a Secret)")
-
-
-# ciphertext read from the socket at once by a TlsStream (16 TLS records; one buffer per
-# connection)
-_STREAM_READ_BYTES = 256 << 10
-
-
-class TlsStream:
-    """A client TLS connection whose records go through memory BIOs over a plain socket.
-
-    Why not `SSLSocket`: each of its reads returns one record (16 KiB at most) after two
-    syscalls (record header, then body) and with the GIL released around them, 1,280 syscalls
-    per 10 MiB of KV; where the decode worker's core is shared and its main thread wants the
-    GIL, every one is a chance to wait. Here the ciphertext comes in reads of up to
-    _STREAM_READ_BYTES and each record is decrypted from memory. Offers what the side channel's
-    client uses of a socket: settimeout, sendall, recv_into and close.
-    """
-
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_hostname: str) -> None:
-        """The handshake, within sock's timeout (the certificate of the peer is verified):
-        ssl.SSLError or OSError if it fails, sock then closed."""
-        self._sock = sock
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(
-            self._incoming, self._outgoing, server_hostname=server_hostname
-        )
-        self._buffer = memoryview(bytearray(_STREAM_READ_BYTES))
-        try:
-            while True:
-                try:
-                    self._tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    self._flush()
-                    if not self._fill():
-                        raise ssl.SSLEOFError(
-                            "the peer closed the connection in the TLS handshake"
-                        ) from None
-            self._flush()
-        except BaseException:
-            sock.close()
-            raise
-
-    def settimeout(self, timeout: float | None) -> None:
-        self._sock.settimeout(timeout)
-
-    def sendall(self, data: bytes) -> None:
-        self._tls.write(data)
-        self._flush()
-
-    def recv_into(self, buffer: memoryview) -> int:
-        """Up to len(buffer) bytes (one record's at most); 0 once the peer has closed."""
-        while True:
-            try:
-                count = self._tls.read(len(buffer), buffer)
-            except ssl.SSLWantReadError:
-                if not self._fill():
-                    return 0
-                continue
-            except ssl.SSLZeroReturnError:  # the peer's close_notify
-                return 0
-            if self._outgoing.pending:  # a post-handshake message to answer
-                self._flush()
-            return count
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def _fill(self) -> bool:
-        """Ciphertext from the socket into the TLS object; False if the peer has closed."""
-        count = self._sock.recv_into(self._buffer)
-        if count == 0:
-            return False
-        self._incoming.write(self._buffer[:count])
-        return True
-
-    def _flush(self) -> None:
-        if self._outgoing.pending:
-            self._sock.sendall(self._outgoing.read())
