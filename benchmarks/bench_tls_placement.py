@@ -10,8 +10,14 @@ Each pull moves one long prompt's KV (--mib) through the socket, plain and with 
 - `shared`: both on core 0 (one core for both ends): every byte is encrypted, then decrypted,
   on that core, one after the other.
 
+`--busy-thread WORK_MS,PAUSE_MS` runs a second thread in the decode process that holds the
+GIL with Python for WORK_MS, then sleeps PAUSE_MS, over and over: a vLLM worker's main thread
+stepping while its request waits for the KV. Every time the pulling thread gives the GIL up (a
+socket read, a decryption) it may have to wait for that thread to hand it back.
+
 It prints each placement's median pull, plain and TLS, and their ratio. Needs two cores.
-Usage: `.venv/bin/python benchmarks/bench_tls_placement.py [--mib 10] [--pulls 40]`.
+Usage: `.venv/bin/python benchmarks/bench_tls_placement.py [--mib 10] [--pulls 40]
+[--busy-thread 0.3,1]`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -91,6 +98,9 @@ def serve(pki: Path | None, num_blocks: int, num_pulls: int, core: int) -> None:
     for index in range(num_pulls):
         registry.add(f"request-{index}", transfer_id(index), list(range(num_blocks)))
     print(server.port, flush=True)
+    if os.environ.get("BUSY_PREFILL"):
+        work_ms, pause_ms = map(float, os.environ["BUSY_PREFILL"].split(","))
+        busy(work_ms / 1e3, pause_ms / 1e3, threading.Event())
     time.sleep(24 * 3600)
 
 
@@ -103,10 +113,27 @@ def start_server(
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
 
-def measure(pki: Path, num_blocks: int, num_pulls: int, cores: tuple[int, int]) -> dict:
+def busy(work_s: float, pause_s: float, stop: threading.Event) -> None:
+    """Python for work_s (the GIL held), then a sleep of pause_s, until stop."""
+    while not stop.is_set():
+        until = time.perf_counter() + work_s
+        while time.perf_counter() < until:
+            pass
+        time.sleep(pause_s)
+
+
+def measure(
+    pki: Path, num_blocks: int, num_pulls: int, cores: tuple[int, int], busy_ms: tuple | None
+) -> dict:
     """Median pull (s) of each variant, plain and TLS interleaved pull by pull."""
     prefill_core, decode_core = cores
     os.sched_setaffinity(0, {decode_core})
+    stop = threading.Event()
+    if busy_ms is not None:
+        work_ms, pause_ms = busy_ms
+        threading.Thread(
+            target=busy, args=(work_ms / 1e3, pause_ms / 1e3, stop), daemon=True
+        ).start()
     block_bytes = NUM_LAYERS * PAGE_BYTES
     dest = torch.empty(num_blocks * block_bytes, dtype=torch.uint8)
 
@@ -144,6 +171,7 @@ def measure(pki: Path, num_blocks: int, num_pulls: int, cores: tuple[int, int]) 
                 )
                 times[name].append(time.perf_counter() - start)
     finally:
+        stop.set()
         for process in processes:
             process.kill()
             process.wait()
@@ -156,6 +184,11 @@ def main() -> None:
     parser.add_argument("--mib", type=float, default=10.0, help="KV bytes per pull, in MiB")
     parser.add_argument("--pulls", type=int, default=40)
     parser.add_argument("--placements", default="apart,shared")
+    parser.add_argument(
+        "--busy-thread",
+        metavar="WORK_MS,PAUSE_MS",
+        help="a thread in the decode process holding the GIL WORK_MS, then sleeping PAUSE_MS",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the prefill process
     parser.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pki", type=Path, help=argparse.SUPPRESS)
@@ -175,7 +208,8 @@ def main() -> None:
         issue_certificate(pki, "decode", ca)
         for placement in args.placements.split(","):
             cores = PLACEMENTS[placement]
-            medians = measure(pki, num_blocks, args.pulls, cores)
+            busy_ms = tuple(map(float, args.busy_thread.split(","))) if args.busy_thread else None
+            medians = measure(pki, num_blocks, args.pulls, cores, busy_ms)
             plain, tls = medians["plain"], medians["tls"]
             print(
                 f"  {placement:6} (prefill core {cores[0]}, decode core {cores[1]}): "

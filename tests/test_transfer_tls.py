@@ -38,6 +38,10 @@ BLOCK_BYTES = NUM_LAYERS * PAGE
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
+    return make_pki(tmp_path_factory)
+
+
+def make_pki(tmp_path_factory) -> Path:
     """ca signs prefill and decode; rogue-ca signs rogue (a peer of another deployment)."""
     folder = tmp_path_factory.mktemp("pki")
     ca = issue_certificate(folder, "ca", None)
@@ -379,8 +383,8 @@ def test_a_reply_with_data_leaves_the_connection_uncorked(pki, tls):
 
 
 def test_tls_pulls_reuse_one_connection_and_read_many_records_per_socket_read(pki):
-    """The decode side's TlsStream: one handshake for every pull of a thread, and a reply of
-    many TLS records (5 MiB: 320 of them) byte-exact through reads of up to 256 KiB."""
+    """The decode side's SealedStream: one handshake for every pull of a thread, and a reply
+    of many sealed records (5 MiB: five of 1 MiB) byte-exact."""
     cache, registry, server = _served_cache(pki, 40)
     decode = make_client_context(*_files(pki, "decode"))
     try:

@@ -41,6 +41,7 @@ from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.failed_port import refuse_every_peer
 from vllm_llmd.transfer.framing import HEADER, frame, parse_header
 from vllm_llmd.transfer.sealed_socket import SealedSocket
+from vllm_llmd.transfer.sealing import SealError
 
 logger = get_logger(__name__)
 
@@ -206,6 +207,9 @@ class FrameServer:
                 self._read(connection)
             while self._pending(connection):
                 self._read(connection)
+        except SealError as exc:  # an altered or forged record: worth an operator's look
+            self._refused_log.warning("LLMD side channel: closed a sealed connection: %s", exc)
+            self._close(connection)
         except OSError:  # reset by the peer, and the like: it is gone
             self._close(connection)
         except Exception:

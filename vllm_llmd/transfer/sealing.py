@@ -153,7 +153,7 @@ def read_key_share_frame(
             except wire.WireError as exc:
                 raise SealError(f"not a key share frame: {exc}") from None
             if not 0 < control_bytes <= _MAX_KEY_SHARE_CONTROL:
-                raise SealError(f"a key share frame of {control_bytes} bytes")
+                raise SealError(f"a frame of {control_bytes} bytes where a key share belongs")
             need += control_bytes
             if len(received) == need:
                 return bytes(received[HEADER.size :])
