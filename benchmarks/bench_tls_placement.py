@@ -10,14 +10,16 @@ Each pull moves one long prompt's KV (--mib) through the socket, plain and with 
 - `shared`: both on core 0 (one core for both ends): every byte is encrypted, then decrypted,
   on that core, one after the other.
 
-`--busy-thread WORK_MS,PAUSE_MS` runs a second thread in the decode process that holds the
-GIL with Python for WORK_MS, then sleeps PAUSE_MS, over and over: a vLLM worker's main thread
-stepping while its request waits for the KV. Every time the pulling thread gives the GIL up (a
-socket read, a decryption) it may have to wait for that thread to hand it back.
+`--busy-thread WORK_MS,PAUSE_MS` runs a second thread that holds the GIL with Python for
+WORK_MS, then sleeps PAUSE_MS, over and over, in the decode process (`--busy-in decode`: a vLLM
+worker's main thread stepping while its request waits for the KV), the prefill process
+(`prefill`: a prefill worker busy with other requests) or both. Every time the thread that
+moves the bytes gives the GIL up (a socket call, a cipher call) it may have to wait for that
+thread to hand it back.
 
 It prints each placement's median pull, plain and TLS, and their ratio. Needs two cores.
 Usage: `.venv/bin/python benchmarks/bench_tls_placement.py [--mib 10] [--pulls 40]
-[--busy-thread 0.3,1]`.
+[--busy-thread 0.3,1 [--busy-in decode|prefill|both]]`.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def tls_files(folder: Path, name: str) -> tuple[str, str, str]:
     return str(folder / f"{name}.crt"), str(folder / f"{name}.key"), str(folder / "ca.crt")
 
 
-def serve(pki: Path | None, num_blocks: int, num_pulls: int, core: int) -> None:
+def serve(
+    pki: Path | None, num_blocks: int, num_pulls: int, core: int, busy_ms: tuple | None
+) -> None:
     """The prefill side: a TransferServer holding num_pulls transfers of num_blocks blocks;
     prints its port, then serves until killed."""
     os.sched_setaffinity(0, {core})
@@ -98,18 +102,19 @@ def serve(pki: Path | None, num_blocks: int, num_pulls: int, core: int) -> None:
     for index in range(num_pulls):
         registry.add(f"request-{index}", transfer_id(index), list(range(num_blocks)))
     print(server.port, flush=True)
-    if os.environ.get("BUSY_PREFILL"):
-        work_ms, pause_ms = map(float, os.environ["BUSY_PREFILL"].split(","))
-        busy(work_ms / 1e3, pause_ms / 1e3, threading.Event())
+    if busy_ms is not None:
+        busy(busy_ms[0] / 1e3, busy_ms[1] / 1e3, threading.Event())
     time.sleep(24 * 3600)
 
 
 def start_server(
-    pki: Path | None, num_blocks: int, num_pulls: int, core: int
+    pki: Path | None, num_blocks: int, num_pulls: int, core: int, busy_ms: tuple | None
 ) -> subprocess.Popen[str]:
     """The prefill process (serve); its first stdout line is its port."""
     command = [sys.executable, __file__, "--serve", str(core), "--blocks", str(num_blocks)]
     command += ["--pulls", str(num_pulls)] + (["--pki", str(pki)] if pki is not None else [])
+    if busy_ms is not None:
+        command += ["--busy-thread", ",".join(map(str, busy_ms))]
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
 
@@ -123,13 +128,19 @@ def busy(work_s: float, pause_s: float, stop: threading.Event) -> None:
 
 
 def measure(
-    pki: Path, num_blocks: int, num_pulls: int, cores: tuple[int, int], busy_ms: tuple | None
+    pki: Path,
+    num_blocks: int,
+    num_pulls: int,
+    cores: tuple[int, int],
+    busy_ms: tuple | None,
+    busy_in: str,
 ) -> dict:
     """Median pull (s) of each variant, plain and TLS interleaved pull by pull."""
     prefill_core, decode_core = cores
     os.sched_setaffinity(0, {decode_core})
     stop = threading.Event()
-    if busy_ms is not None:
+    prefill_busy = busy_ms if busy_in in ("prefill", "both") else None
+    if busy_ms is not None and busy_in in ("decode", "both"):
         work_ms, pause_ms = busy_ms
         threading.Thread(
             target=busy, args=(work_ms / 1e3, pause_ms / 1e3, stop), daemon=True
@@ -147,7 +158,9 @@ def measure(
         # name -> (port, client context); each process is killed below whatever happens
         servers: dict[str, tuple[int, ssl.SSLContext | None]] = {}
         for name, server_pki, tls in (("plain", None, None), ("tls", pki, client_tls)):
-            processes.append(start_server(server_pki, num_blocks, num_pulls, prefill_core))
+            processes.append(
+                start_server(server_pki, num_blocks, num_pulls, prefill_core, prefill_busy)
+            )
             assert processes[-1].stdout is not None
             servers[name] = (int(processes[-1].stdout.readline()), tls)
         for index in range(num_pulls):
@@ -187,14 +200,16 @@ def main() -> None:
     parser.add_argument(
         "--busy-thread",
         metavar="WORK_MS,PAUSE_MS",
-        help="a thread in the decode process holding the GIL WORK_MS, then sleeping PAUSE_MS",
+        help="a thread holding the GIL WORK_MS, then sleeping PAUSE_MS (see --busy-in)",
     )
+    parser.add_argument("--busy-in", choices=("decode", "prefill", "both"), default="decode")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the prefill process
     parser.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pki", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    busy_ms = tuple(map(float, args.busy_thread.split(","))) if args.busy_thread else None
     if args.serve is not None:
-        serve(args.pki, args.blocks, args.pulls, args.serve)
+        serve(args.pki, args.blocks, args.pulls, args.serve, busy_ms)
         return
     if len(os.sched_getaffinity(0)) < 2:
         sys.exit("needs two cores")
@@ -208,8 +223,7 @@ def main() -> None:
         issue_certificate(pki, "decode", ca)
         for placement in args.placements.split(","):
             cores = PLACEMENTS[placement]
-            busy_ms = tuple(map(float, args.busy_thread.split(","))) if args.busy_thread else None
-            medians = measure(pki, num_blocks, args.pulls, cores, busy_ms)
+            medians = measure(pki, num_blocks, args.pulls, cores, busy_ms, args.busy_in)
             plain, tls = medians["plain"], medians["tls"]
             print(
                 f"  {placement:6} (prefill core {cores[0]}, decode core {cores[1]}): "

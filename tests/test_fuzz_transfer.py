@@ -1,5 +1,6 @@
 """Fuzzing the P/D side channel's decoders (issue 22): control messages, frame headers,
-`kv_transfer_params`, and a real prefill-side server on loopback fed fuzzed frames.
+`kv_transfer_params`, key shares, and a real prefill-side server on loopback fed fuzzed frames,
+in clear and sealed (TLS on: fuzzed frames in valid records, and fuzzed records).
 
 Every input gets a correct result or the documented error (`WireError`, `ParamsError`); the
 server answers or disconnects, never hangs, keeps serving good pulls, and leaves no transfer
@@ -19,10 +20,15 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from test_transfer import FINGERPRINT, _byte_cache_server
 from test_transfer_hostile import _assert_still_serves
+from test_transfer_tls import _assert_still_serves as _assert_still_serves_sealed
+from test_transfer_tls import _files, make_pki
 
 from vllm_llmd.transfer import messages as wire
 from vllm_llmd.transfer.framing import HEADER, MAGIC, frame, frame_header, parse_header
 from vllm_llmd.transfer.params import ParamsError, RemotePrefillParams, prompt_digest
+from vllm_llmd.transfer.sealed_stream import SealedStream
+from vllm_llmd.transfer.sealing import SealError
+from vllm_llmd.transfer.tls import make_client_context, make_server_context
 
 FINGERPRINT_DICT = msgspec.to_builtins(FINGERPRINT)
 INT64 = st.integers(-(2**63), 2**63 - 1)
@@ -306,3 +312,85 @@ def _settles(server) -> bool:
     while server.connections.buffered_bytes and time.monotonic() < deadline:
         time.sleep(0.01)
     return server.connections.buffered_bytes == 0
+
+
+# ---- sealed connections (TLS on) --------------------------------------------------------------
+
+
+@examples(400)
+@given(
+    st.one_of(
+        st.binary(max_size=120),
+        _near_valid([wire.KeyShare(version=wire.PROTOCOL_VERSION, share=bytes(32))]),
+    )
+)
+def test_a_key_share_decodes_or_is_a_wire_error(data):
+    _assert_decodes_or_wire_error(wire.decode_key_share, data, (wire.KeyShare, wire.TransferError))
+
+
+@pytest.fixture(scope="module")
+def sealed_server(tmp_path_factory):
+    pki = make_pki(tmp_path_factory)
+    server, registry, cache, _ = _byte_cache_server(
+        same_host_shm=False, tls=make_server_context(*_files(pki, "prefill"))
+    )
+    registry.lease_s = 0
+    try:
+        yield server, registry, cache, pki
+    finally:
+        server.close()
+
+
+def _sealed_inputs() -> st.SearchStrategy[tuple[str, bytes]]:
+    """("sealed", frames sealed as the protocol does) or ("raw", bytes written unsealed after
+    the key shares: record headers of any length, garbage, a cut record)."""
+    raw = st.one_of(
+        st.binary(max_size=64),
+        st.builds(
+            lambda n, rest: n.to_bytes(4, "big") + rest,
+            st.integers(0, 2**32 - 1),
+            st.binary(max_size=64),
+        ),
+    )
+    return st.one_of(
+        st.tuples(st.just("sealed"), _request_frames()),
+        st.tuples(st.just("raw"), raw),
+    )
+
+
+@examples(150)
+@given(_sealed_inputs())
+@example(("raw", (2**32 - 1).to_bytes(4, "big")))
+@example(("raw", (16).to_bytes(4, "big") + bytes(16)))  # an empty record with a forged tag
+def test_a_sealed_server_answers_fuzzed_records_and_keeps_serving(sealed_server, case):
+    server, registry, cache, pki = sealed_server
+    registry.add("req-fuzz", TRANSFER_ID, HELD_BLOCKS)
+    kind, data = case
+    decode = make_client_context(*_files(pki, "decode"))
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    stream = SealedStream(sock, decode, server_hostname="127.0.0.1")
+    try:
+        if kind == "sealed":
+            stream.sendall(data)
+        else:
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        buffer = memoryview(bytearray(1 << 16))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the replies, then the close
+            stream.settimeout(max(0.01, deadline - time.monotonic()))
+            if stream.recv_into(buffer) == 0:
+                break
+        else:
+            raise AssertionError("the server neither answered nor closed within 5 s")
+    except (ConnectionError, SealError):
+        pass  # closed by the server mid-reply, or a record of it cut by the close
+    except TimeoutError:
+        raise AssertionError("the server neither answered nor closed within 5 s") from None
+    finally:
+        stream.close()
+    _assert_still_serves_sealed(server, registry, cache, pki)
+    registry.take_finished()
+    assert len(registry) == 0 and registry.num_blocks_held() == 0
+    assert server.connections.buffered_bytes == 0 or _settles(server)
+    assert server.failure is None

@@ -177,7 +177,8 @@ class LLMDConnectorConfig:
     # Mutual TLS 1.3 on the side channel (off: ""): path of this instance's PEM certificate.
     # Set all three side_channel_tls_* keys on prefill and decode alike (e.g. files of a
     # Kubernetes Secret); then a peer without a certificate signed by side_channel_tls_ca is
-    # refused before it can ask for anything. Host names are not checked (pods are reached by
+    # refused before it can ask for anything, and every byte after the handshake travels in
+    # AES-256-GCM records under keys agreed inside it. Host names are not checked (pods are reached by
     # IP): the CA is the pin, so use one for this channel alone. Same-host shared memory and
     # CUDA IPC still move the bytes outside the socket (the host is the trust boundary there).
     side_channel_tls_cert: str = ""

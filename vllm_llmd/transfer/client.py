@@ -24,10 +24,11 @@ Unequal TP sizes (`tp_mapping.py`): `PullSpec.heads` reads only that range of th
 worker's heads (a ReadHeads; `block_bytes` is then the slice's bytes per block and no CUDA IPC
 is offered), and the release says how many decode workers read that prefill worker.
 
-With a TLS context (`tls.py`, `tls=`) every connection is mutual TLS and the prefill worker's
-certificate is verified against the CA before a request is sent; requests, replies and the
-socket's data parts are encrypted. Shared memory and CUDA IPC are still used on the same host:
-their bytes never leave it (the host is the trust boundary there).
+With a TLS context (`tls.py`, `tls=`) every connection starts with a mutual TLS handshake, the
+prefill worker's certificate verified against the CA before a request is sent; then requests,
+replies and the socket's data parts travel sealed (AES-256-GCM under keys agreed inside TLS:
+`sealing.py`). Shared memory and CUDA IPC are still used on the same host: their bytes never
+leave it (the host is the trust boundary there).
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ the staging buffer, not the KV cache. A ReadHeads (a decode worker of another TP
 only its head range of each block (`head_slices.py`), checked against this worker's heads after
 the transfer id and the fingerprint; a server without a `HeadSlicer` refuses it.
 
-With a TLS context (`tls.py`) the listener talks mutual TLS only: the requests, the replies and
-the socket's data parts are encrypted, and a peer without a certificate of the CA is refused
-before its first request. The same-host paths stay: shared memory and CUDA IPC move the bytes
+With a TLS context (`tls.py`) every connection starts with a mutual TLS handshake and the
+requests, the replies and the socket's data parts travel sealed (`sealing.py`); a peer without
+a certificate of the CA is refused before its first request. The same-host paths stay: shared memory and CUDA IPC move the bytes
 inside this host (its boot and IPC namespace: `shm.host_id`), where the host is the trust
 boundary; only their control messages cross the (encrypted) socket.
 """
