@@ -175,7 +175,7 @@ def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> Non
     for name, took, how in (
         ("socket", socket_s, "gather + TCP loopback + scatter"),
         ("same-host shm", shm_s, "gather into shared memory + scatter"),
-        ("socket + TLS 1.3", tls_s, "the socket row, mutual TLS (AES-GCM) on the same bytes"),
+        ("socket, TLS on", tls_s, "the socket row, mutual TLS, then sealed AES-GCM records"),
     ):
         print(
             f"  {name:18}  {took * 1e3:8.2f} ms  {nbytes / took / 1e9:6.2f} GB/s  "
