@@ -191,15 +191,6 @@ def bench_side_channel(preset: str, prompt_tokens: int, repeats: int = 7) -> Non
 # ---- part 2: real servers --------------------------------------------------------------------
 
 
-class ApartServer(VLLMServer):
-    """A server in an IPC namespace of its own (`unshare --ipc`): its connector's host id
-    differs from its peers', so the side channel crosses TCP as between two hosts (shared
-    memory, the same-host path, is not offered)."""
-
-    def command(self) -> list[str]:
-        return ["unshare", "--ipc", *super().command()]
-
-
 def start_all(servers: list[VLLMServer]) -> None:
     for server in servers:
         server.start()
@@ -329,13 +320,14 @@ def main() -> None:
     def server(
         name: str, cores: str, connector: dict | None, tp: int, apart: bool = False
     ) -> VLLMServer:
-        return (ApartServer if apart else VLLMServer)(
+        return VLLMServer(
             VLLMServerConfig(
                 model=model,
                 dtype="bfloat16",
                 cpu_cores="nobind" if unpinned else cores,
                 kv_transfer_config=connector,
                 extra_args=tp_args(tp),
+                own_ipc_namespace=apart,
             ),
             LOG_DIR / f"{name}.log",
         )

@@ -178,9 +178,10 @@ class LLMDConnectorConfig:
     # Set all three side_channel_tls_* keys on prefill and decode alike (e.g. files of a
     # Kubernetes Secret); then a peer without a certificate signed by side_channel_tls_ca is
     # refused before it can ask for anything, and every byte after the handshake travels in
-    # AES-256-GCM records under keys agreed inside it. Host names are not checked (pods are reached by
-    # IP): the CA is the pin, so use one for this channel alone. Same-host shared memory and
-    # CUDA IPC still move the bytes outside the socket (the host is the trust boundary there).
+    # AES-256-GCM records under keys agreed inside it. Host names are not checked (pods are
+    # reached by IP): the CA is the pin, so use one for this channel alone. Same-host shared
+    # memory and CUDA IPC still move the bytes outside the socket (the host is the trust
+    # boundary there).
     side_channel_tls_cert: str = ""
     # Path of the PEM private key of side_channel_tls_cert (unencrypted). "": TLS off.
     side_channel_tls_key: str = ""

@@ -140,6 +140,10 @@ class VLLMServerConfig:
     env: dict[str, str] = field(default_factory=dict)
     served_model_name: str | None = None
     enable_prefix_caching: bool = True
+    # Run under `unshare --ipc` (root, or user namespaces): the connector's host id then
+    # differs from its peers' on this box, so P/D pulls cross the side channel's TCP socket as
+    # between two hosts (the same-host shared memory is not offered).
+    own_ipc_namespace: bool = False
 
 
 class VLLMServer:
@@ -163,7 +167,8 @@ class VLLMServer:
     def command(self) -> list[str]:
         """The argv this server runs."""
         c = self.config
-        cmd = [
+        cmd = ["unshare", "--ipc"] if c.own_ipc_namespace else []
+        cmd += [
             sys.executable,
             "-m",
             "vllm_llmd.launcher",

@@ -111,7 +111,7 @@ class SealedSocket:
 
     def recv(self, nbytes: int) -> bytes:
         """Up to nbytes of plaintext; b"" once the peer closed between records.
-        ssl.SSLWantReadError: no whole record yet; SealError: the connection broke its rules."""
+        BlockingIOError: no whole record yet; SealError: the connection broke its rules."""
         assert self._opener is not None, "recv before the handshake"
         while not self._plaintext:
             if self._record_received == len(self._record) > RECORD_HEADER.size:

@@ -24,6 +24,8 @@ from vllm_llmd.transfer.sealing import (
 )
 
 _RAW_READ_BYTES = 1 << 16
+# what "no timeout" waits at most for a record's bytes (framing's helpers need a deadline)
+_NO_TIMEOUT_S = 24 * 3600.0
 
 _local = threading.local()
 
@@ -36,6 +38,10 @@ def _receive_scratch() -> memoryview:
     return scratch
 
 
+def _deadline_after(timeout: float | None) -> float:
+    return time.monotonic() + (_NO_TIMEOUT_S if timeout is None else timeout)
+
+
 class SealedStream:
     """The decode side's sealed connection over a connected blocking socket (module doc).
     Offers what `channel.Channel` uses of a socket: settimeout, sendall, recv_into, close."""
@@ -44,7 +50,7 @@ class SealedStream:
         """The TLS handshake and the key shares, within sock's timeout: ssl.SSLError, OSError,
         SealError or KeyShareRefused if either fails, sock then closed."""
         self._sock = sock
-        self._deadline = time.monotonic() + (sock.gettimeout() or 0.0)
+        self._deadline = _deadline_after(sock.gettimeout())
         self._plaintext = memoryview(b"")  # decrypted and not yet read
         self._header = bytearray(RECORD_HEADER.size)
         try:
@@ -60,7 +66,7 @@ class SealedStream:
     def settimeout(self, timeout: float | None) -> None:
         """Every read until the next call ends by now + timeout (a deadline, as framing's
         helpers use it: one record takes several socket reads)."""
-        self._deadline = time.monotonic() + (timeout or 0.0)
+        self._deadline = _deadline_after(timeout)
         self._sock.settimeout(timeout)
 
     def sendall(self, data: bytes) -> None:

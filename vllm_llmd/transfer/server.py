@@ -15,9 +15,10 @@ the transfer id and the fingerprint; a server without a `HeadSlicer` refuses it.
 
 With a TLS context (`tls.py`) every connection starts with a mutual TLS handshake and the
 requests, the replies and the socket's data parts travel sealed (`sealing.py`); a peer without
-a certificate of the CA is refused before its first request. The same-host paths stay: shared memory and CUDA IPC move the bytes
-inside this host (its boot and IPC namespace: `shm.host_id`), where the host is the trust
-boundary; only their control messages cross the (encrypted) socket.
+a certificate of the CA is refused before its first request. The same-host paths stay: shared
+memory and CUDA IPC move the bytes inside this host (its boot and IPC namespace:
+`shm.host_id`), where the host is the trust boundary; only their control messages cross the
+(sealed) socket.
 """
 
 from __future__ import annotations
