@@ -418,11 +418,14 @@ def main() -> None:
         f"{args.preset} model, bf16, prefill TP {args.prefill_tp}, decode TP {args.decode_tp}, "
         f"{'unpinned' if unpinned else 'one core per server'} (median)"
     )
-    print(f"  {'system':<15}{'prefill s':>10}{'decode TTFT s':>15}{'vs recompute':>14}")
+    header = f"  {'system':<18}{'prefill s':>10}{'decode TTFT s':>15}{'vs recompute':>14}"
+    print(header + f"{'TTFT p25-p75 s':>18}")
     for name, (prefill_s, ttft) in results.items():
         p = f"{statistics.median(prefill_s):.3f}" if prefill_s else "-"
         median = statistics.median(ttft)
-        print(f"  {name:<15}{p:>10}{median:>15.3f}{recompute / median:>13.1f}x")
+        quartiles = statistics.quantiles(ttft, n=4) if len(ttft) > 1 else [median] * 3
+        spread = f"{quartiles[0]:.3f}-{quartiles[2]:.3f}"
+        print(f"  {name:<18}{p:>10}{median:>15.3f}{recompute / median:>13.1f}x{spread:>18}")
 
 
 if __name__ == "__main__":
