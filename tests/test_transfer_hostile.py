@@ -431,7 +431,7 @@ def test_a_failed_loop_is_logged_and_later_pulls_fail_fast(side_channel, caplog)
 
 
 def test_a_prefill_trickling_a_reply_is_cut_at_the_deadline():
-    """The client refreshes its socket timeout only every few ms (not per 16 KiB TLS record):
+    """The client refreshes its socket timeout only every few ms (not per socket read):
     a peer sending a byte each millisecond still cannot hold a read past its deadline."""
     ours, theirs = socket.socketpair()
     stop = threading.Event()
