@@ -165,9 +165,6 @@ class LLMDConnectorConfig:
     # GIL and reports the load the moment it ends. A request arriving meanwhile waits at most
     # this long to be scheduled. 0: never wait.
     idle_wait_ms: float = 2.0
-    # A prefill worker's step that computed nothing waits too (idle_wait_ms at most) while its
-    # side channel answers a read, so the read does not share the core with empty steps.
-    idle_wait_reads: bool = False
     # Same host, KV on CUDA: the prefill worker writes the blocks straight into the decode
     # worker's GPU cache through CUDA IPC (no host staging). Falls back by itself to shared
     # memory or the socket where the handles cannot be used. Off: never tried.

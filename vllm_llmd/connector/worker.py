@@ -294,12 +294,14 @@ class LLMDConnectorWorker:
         release's answer over TLS (benchmarks/README.md, "Idle steps")."""
         self._progress.clear()  # ends from here on wake the wait below
         finished = self._collect_finished(finished_req_ids)
-        if self._idle_step and self.config.idle_wait_ms > 0 and not any(finished):
-            wait_s = self.config.idle_wait_ms / 1000
-            if self._loads and self._progress.wait(wait_s):
-                finished = self._collect_finished(set())
-            elif self.server is not None and self.config.idle_wait_reads and not self._loads:
-                self.server.connections.idle.wait(wait_s)
+        if (
+            self._idle_step
+            and self.config.idle_wait_ms > 0
+            and not any(finished)
+            and self._loads
+            and self._progress.wait(self.config.idle_wait_ms / 1000)
+        ):
+            finished = self._collect_finished(set())
         return finished
 
     def _collect_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:

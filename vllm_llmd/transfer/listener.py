@@ -11,13 +11,13 @@ Whatever a peer sends, what the loop holds for it is bounded before it is read:
   the protocol goes), and a reply that makes no progress for `send_timeout_s` closes it;
 - at most `max_connections` are open: a new one replaces the least recently active idle one.
 
-With TLS (`tls.py`: a server context given), every accepted socket is a
-`sealed_socket.SealedSocket`: it first completes a mutual TLS handshake and the key shares,
-driven by the same loop and bounded by `request_timeout_s`; a peer that fails them (no
-certificate, another CA, plain TCP, no key share) is closed and logged (throttled) before a
-byte of a request is read. Then every byte is sealed. A SealedSocket may hold decrypted bytes
-that no select reports (`pending()`): the loop reads those before it waits again; the bytes it
-holds of a record not yet authenticated count in `max_buffered_bytes`.
+With TLS (`tls.py`: a server context given), every accepted socket is a `sealed_socket.SealedSocket`:
+it first completes a mutual TLS handshake and the key shares, driven by the same loop and
+bounded by `request_timeout_s`; a peer that fails them (no certificate, another CA, plain TCP,
+no key share) is closed and logged (throttled) before a byte of a request is read. Then every
+byte is sealed. A SealedSocket may hold decrypted bytes that no select reports (`pending()`):
+the loop reads those before it waits again; the bytes it holds of a record not yet
+authenticated count in `max_buffered_bytes`.
 
 A peer that breaks a rule gets an error frame (when it can be named) and is disconnected. An
 exception answering one request answers that peer with an error; anything else that goes wrong
@@ -130,11 +130,6 @@ class FrameServer:
         self.max_buffered_seen = 0
         # why the loop failed (then every peer is answered `unavailable`), else None
         self.failure: str | None = None
-        # set while no request is being answered (from its last byte in to its reply's last
-        # byte out): a prefill worker's idle steps wait on it (`idle_wait_reads`)
-        self.idle = threading.Event()
-        self.idle.set()
-        self._answering = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._serve, name="llmd-transfer-server", daemon=True
@@ -315,8 +310,6 @@ class FrameServer:
         if connection.frame_bytes and len(inbox) == connection.frame_bytes:
             control = bytes(inbox[HEADER.size :])
             self._take_inbox(connection)
-            self._answering += 1
-            self.idle.clear()
             self._reply(connection, self._answer(connection.peer, control))
 
     def _count_sealed(self, connection: _Connection) -> None:
@@ -382,14 +375,8 @@ class FrameServer:
             connection.corked = False
         if isinstance(connection.sock, SealedSocket):
             connection.sock.release_buffers()
-        self._answered()
         self._connections.move_to_end(connection.peer)
         self._selector.modify(connection.sock, selectors.EVENT_READ, connection)
-
-    def _answered(self) -> None:
-        self._answering -= 1
-        if self._answering == 0:
-            self.idle.set()
 
     def _take_inbox(self, connection: _Connection) -> None:
         self.buffered_bytes -= len(connection.inbox)
@@ -402,9 +389,7 @@ class FrameServer:
         self._take_inbox(connection)
         self.buffered_bytes -= connection.sealed_held
         connection.sealed_held = 0
-        if connection.outbox:
-            connection.outbox.clear()
-            self._answered()
+        connection.outbox.clear()
         try:
             self._selector.unregister(connection.sock)
         except (KeyError, ValueError):
