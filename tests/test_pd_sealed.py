@@ -14,16 +14,17 @@ from __future__ import annotations
 import pytest
 from test_pd import (
     BLOCK,
-    MAX_TOKENS,
     _connector,
     _connector_counter,
+    _decode,
+    _prefill,
     _prompt_ids,
+    _reference,
     _wait_for_free_pool,
 )
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.certs import issue_certificate
-from vllm_llmd.devtools.client import complete, completion_token_ids
 from vllm_llmd.devtools.server import VLLMServerConfig
 
 pytestmark = pytest.mark.server
@@ -73,29 +74,8 @@ def sealed_pd(vllm_servers, tiny_model, tmp_path_factory):
 
 
 def _pd(servers, decode: str, prompt: list[int]) -> list[int]:
-    prefill = servers["prefill"]
-    answer = complete(
-        prefill.url,
-        prefill.model_name,
-        prompt,
-        max_tokens=1,
-        kv_transfer_params={"do_remote_decode": True},
-    )
-    params = answer["kv_transfer_params"]
-    assert params and params["do_remote_prefill"], answer
-    server = servers[decode]
-    return completion_token_ids(
-        complete(
-            server.url, server.model_name, prompt, max_tokens=MAX_TOKENS, kv_transfer_params=params
-        )
-    )
-
-
-def _reference(servers, prompt: list[int]) -> list[int]:
-    server = servers["reference"]
-    return completion_token_ids(
-        complete(server.url, server.model_name, prompt, max_tokens=MAX_TOKENS)
-    )
+    """Prefill on servers["prefill"], then decode on servers[decode]."""
+    return _decode({"decode": servers[decode]}, prompt, _prefill(servers, prompt))
 
 
 @pytest.mark.parametrize("num_tokens", [300, 3000])
