@@ -11,13 +11,13 @@ Whatever a peer sends, what the loop holds for it is bounded before it is read:
   the protocol goes), and a reply that makes no progress for `send_timeout_s` closes it;
 - at most `max_connections` are open: a new one replaces the least recently active idle one.
 
-With TLS (`tls.py`: a server context given), every accepted socket is a `sealed_socket.SealedSocket`:
-it first completes a mutual TLS handshake and the key shares, driven by the same loop and
-bounded by `request_timeout_s`; a peer that fails them (no certificate, another CA, plain TCP,
-no key share) is closed and logged (throttled) before a byte of a request is read. Then every
-byte is sealed. A SealedSocket may hold decrypted bytes that no select reports (`pending()`):
-the loop reads those before it waits again; the bytes it holds of a record not yet
-authenticated count in `max_buffered_bytes`.
+With TLS (`tls.py`: a server context given), every accepted socket is a
+`sealed_socket.SealedSocket`: it first completes a mutual TLS handshake and the key shares,
+driven by the same loop and bounded by `request_timeout_s`; a peer that fails them (no
+certificate, another CA, plain TCP, no key share) is closed and logged (throttled) before a
+byte of a request is read. Then every byte is sealed. A SealedSocket may hold decrypted bytes
+that no select reports (`pending()`): the loop reads those before it waits again; the bytes it
+holds of a record not yet authenticated count in `max_buffered_bytes`.
 
 A peer that breaks a rule gets an error frame (when it can be named) and is disconnected. An
 exception answering one request answers that peer with an error; anything else that goes wrong
