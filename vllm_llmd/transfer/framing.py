@@ -38,7 +38,7 @@ _ZMTP_FIRST_BYTE = 0xFF
 
 
 class Stream(Protocol):
-    """What the receiving helpers use of a blocking socket (or a `sealing.SealedStream`)."""
+    """What the receiving helpers use of a blocking socket (or a `sealed_stream.SealedStream`)."""
 
     def settimeout(self, timeout: float | None) -> None: ...
 

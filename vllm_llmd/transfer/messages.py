@@ -10,6 +10,11 @@ BlocksHeader the data part):
     ReadHeads(... as ReadBlocks, head_start, head_end)   (the same replies)
     ReleaseTransfer(transfer_id, success, reason, num_consumers)  ->  Ack | TransferError
 
+With TLS on, each side's first frame is a KeyShare (inside the TLS session), and every frame
+after them travels in sealed records (`sealing.py`):
+
+    KeyShare(share)  ->  KeyShare(share) | TransferError
+
 The data part holds the pages of the requested blocks, block-major: for each block id in the
 order asked, every layer's page, in layer order (the order of `vllm_llmd.ops`' gather).
 
@@ -45,7 +50,8 @@ from vllm_llmd.kv_layout import KVLayoutFingerprint
 #      ReadBlocks.ipc_cache/ipc_block_ids and the IpcBlocksWritten reply (same host, CUDA).
 #   2: plain TCP with our own bounded framing (`framing.py`) instead of ZMQ multipart messages,
 #      whose total size nothing bounds; error codes `too_large` and `unavailable`;
-#      compatible additions: ReadHeads and ReleaseTransfer.num_consumers (unequal TP sizes).
+#      compatible additions: ReadHeads and ReleaseTransfer.num_consumers (unequal TP sizes);
+#      KeyShare, each side's first message inside a TLS connection (`sealing.py`).
 PROTOCOL_VERSION = 2
 # No control message is anywhere near this; a larger frame is refused before decoding.
 MAX_CONTROL_BYTES = 1 << 20
