@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -141,6 +142,7 @@ class _Relay:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                sock.close()
 
     def close(self) -> None:
         self._listener.close()
@@ -225,14 +227,14 @@ def test_a_record_over_the_bound_is_refused_before_it_is_read(pki):
     server, registry, cache, gathers = _byte_cache_server(
         same_host_shm=False, tls=make_server_context(*_files(pki, "prefill"))
     )
+    streams: list[SealedStream] = []
     try:
         registry.add("req", "tid", [1, 2])
         decode = make_client_context(*_files(pki, "decode"))
-        streams = []
-        for _ in range(3):
+        for _ in range(2):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=3)
             streams.append(SealedStream(sock, decode, server_hostname="127.0.0.1"))
-        over, held, *_ = streams
+        over, held = streams
         over._sock.sendall(RECORD_HEADER.pack(1 << 30))  # announces 1 GiB
         # most of a record at the bound, never finished: held, counted, then let go
         held._sock.sendall(RECORD_HEADER.pack(MAX_REQUEST_RECORD_PLAINTEXT + 16))
@@ -257,6 +259,8 @@ def test_a_record_over_the_bound_is_refused_before_it_is_read(pki):
         _assert_untouched(registry, gathers)
         _assert_still_serves(server, registry, cache, pki)
     finally:
+        for stream in streams:
+            stream.close()
         server.close()
 
 
@@ -313,7 +317,7 @@ def test_a_prefill_that_does_not_seal_is_named(pki):
     thread.start()
     try:
         decode = make_client_context(*_files(pki, "decode"))
-        server = type("Server", (), {"port": port})()
+        server = types.SimpleNamespace(port=port)
         with pytest.raises(TransferFailed, match="does not seal its side channel"):
             _pull(server, "tid", [1], decode, timeout_s=3)
     finally:

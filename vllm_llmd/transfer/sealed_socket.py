@@ -14,6 +14,7 @@ from vllm_llmd.transfer.sealing import (
     MAX_REQUEST_RECORD_PLAINTEXT,
     RECORD_HEADER,
     TAG_BYTES,
+    TLS_READ_BYTES,
     Opener,
     Sealer,
     SealError,
@@ -23,7 +24,6 @@ from vllm_llmd.transfer.sealing import (
     record_length,
 )
 
-_RAW_READ_BYTES = 1 << 16
 # spare send buffers of connections between replies (SealedSocket.release_buffers)
 _SPARE_SEND_BUFFERS: collections.deque[bytearray] = collections.deque(maxlen=4)
 
@@ -185,7 +185,7 @@ class SealedSocket:
     def _fill_tls(self) -> None:
         """Raw bytes from the socket into the TLS object, or SSLWantReadError."""
         try:
-            data = self._sock.recv(_RAW_READ_BYTES)
+            data = self._sock.recv(TLS_READ_BYTES)
         except BlockingIOError:
             raise ssl.SSLWantReadError("the handshake waits for the peer") from None
         if not data:

@@ -13,6 +13,7 @@ from vllm_llmd.transfer.sealing import (
     MAX_RECORD_PLAINTEXT,
     RECORD_HEADER,
     TAG_BYTES,
+    TLS_READ_BYTES,
     KeyShareRefused,
     Opener,
     Sealer,
@@ -23,7 +24,6 @@ from vllm_llmd.transfer.sealing import (
     record_length,
 )
 
-_RAW_READ_BYTES = 1 << 16
 # what "no timeout" waits at most for a record's bytes (framing's helpers need a deadline)
 _NO_TIMEOUT_S = 24 * 3600.0
 
@@ -111,7 +111,7 @@ def _exchange_key_shares(
     record only after our first."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    buffer = bytearray(_RAW_READ_BYTES)
+    buffer = bytearray(TLS_READ_BYTES)
 
     def fill() -> None:
         if outgoing.pending:

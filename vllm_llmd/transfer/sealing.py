@@ -58,7 +58,8 @@ MAX_RECORD_PLAINTEXT = 1 << 20
 # what a prefill worker accepts in one record from a decode worker: requests are small; this
 # bounds what each connection holds before its tag is checked
 MAX_REQUEST_RECORD_PLAINTEXT = 64 << 10
-SHARE_BYTES = wire.KEY_SHARE_BYTES
+# raw bytes read from the socket at once during the TLS handshake, either side
+TLS_READ_BYTES = 1 << 16
 _NONCE = struct.Struct("!IQ")  # 4 zero bytes, then the record's number in its direction
 # a direction is closed long before its record number could wrap (2**64)
 _MAX_RECORDS = 1 << 48
@@ -137,7 +138,7 @@ def record_length(header: bytes | bytearray | memoryview, max_plaintext: int) ->
 
 
 def new_key_share() -> wire.KeyShare:
-    return wire.KeyShare(version=wire.PROTOCOL_VERSION, share=os.urandom(SHARE_BYTES))
+    return wire.KeyShare(version=wire.PROTOCOL_VERSION, share=os.urandom(wire.KEY_SHARE_BYTES))
 
 
 def read_key_share_frame(
