@@ -22,7 +22,8 @@ or tiers over all prompt tokens, from vLLM's own counters), and the router's own
 Usage: `.venv/bin/python benchmarks/bench_router.py [--users 8] [--turns 4] [--epp]`, or
 `... --workload documents [--requests 72] [--output-tokens 4]`. `--rounds N` runs every router
 N times, in turns (ABBA), each run on documents of its own, and prints the median of the
-per-round ratios to round robin.
+per-round ratios to round robin. `--variant=FLAGS` (repeatable) adds ours kv_aware with those
+router flags, e.g. `--variant=--no-kv-room`, as one more router in the same run.
 """
 
 from __future__ import annotations
@@ -207,6 +208,13 @@ def main() -> None:
         help="also run ours kv_aware with each of these --w-load values (default 0.5)",
     )
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help='also run ours kv_aware with these router flags (repeatable), e.g. "--kv-room"',
+    )
+    parser.add_argument(
         "--only-kv-aware", action="store_true", help="skip round_robin and slo (tuning runs)"
     )
     parser.add_argument(
@@ -225,6 +233,7 @@ def main() -> None:
     if not args.only_kv_aware:
         routers = [("ours", "round_robin", []), *routers, ("ours", "slo", [])]
     routers += [("ours", "kv_aware", ["--w-load", str(w)]) for w in args.w_load]
+    routers += [("ours", "kv_aware", flags.split()) for flags in args.variant]
     if args.epp:
         routers.append(("epp", "kv_aware", []))
     if args.vllm_router:

@@ -110,7 +110,7 @@ def router_entries() -> list[Entry]:
         empty = spec.default is None or spec.default == ()
         entries.append(
             Entry(
-                name=spec.option,
+                name="` / `".join(spec.options),
                 type=kind,
                 default="" if empty else json_default(spec.default).strip('"'),
                 description=spec.help,
@@ -157,9 +157,9 @@ def render() -> str:
         "",
         "Every flag can also be set by its environment variable (the flag wins); a repeatable",
         "flag (`--pod`, ...) takes whitespace-separated values there, and a boolean flag takes",
-        "`1`, `true`, `yes` or `on`. `--help` lists them in these groups, each with its default",
-        "and its variable; `--version` prints the version. Source: `vllm_llmd/router/config.py`",
-        "(`RouterConfig`).",
+        "`1`, `true`, `yes` or `on` (one on by default is turned off by `--no-NAME`). `--help`",
+        "lists them in these groups, each with its default and its variable; `--version` prints",
+        "the version. Source: `vllm_llmd/router/config.py` (`RouterConfig`).",
         "",
         "`vllm-llmd-router check --pod URL [--pod URL ...] [flags]` checks pods instead of",
         "serving them, taking the same flags and `--check-timeout-s` (default 5): per pod, one",

@@ -25,7 +25,7 @@ def test_every_field_is_a_flag_whose_parser_default_is_the_fields():
     assert {s.dest for s in specs} == set(actions)
     for spec in specs:
         action = actions[spec.dest]
-        assert action.option_strings == [spec.option]
+        assert action.option_strings == spec.options
         assert action.help == spec.help_text().replace("%", "%%")
         assert spec.help in action.help and spec.env in action.help
         if not spec.repeatable:
@@ -34,6 +34,13 @@ def test_every_field_is_a_flag_whose_parser_default_is_the_fields():
     config = parse_config(POD, environ={})
     expected = RouterConfig(pods=config.pods)
     assert config == expected
+
+
+def test_a_switch_on_by_default_is_turned_off_by_its_no_form():
+    assert parse_config(POD, environ={}).kv_room  # on by default
+    assert not parse_config([*POD, "--no-kv-room"], environ={}).kv_room
+    assert not parse_config(POD, environ={"VLLM_LLMD_ROUTER_KV_ROOM": "off"}).kv_room
+    assert parse_config([*POD, "--kv-room"], environ={"VLLM_LLMD_ROUTER_KV_ROOM": "0"}).kv_room
 
 
 def test_flag_types_come_from_the_field_annotations():

@@ -11,12 +11,19 @@ from vllm_llmd.router.config import PodSpec
 from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.decision import Decider
 from vllm_llmd.router.index import InMemoryIndex
+from vllm_llmd.router.latency import LatencyModels
 from vllm_llmd.router.load import PodLoad, pod_load_from_metrics
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pod_state import PodState, Sending, pods_without_room
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.predictive import SLOPlanner
-from vllm_llmd.router.scoring import PodCache, ScoreInput, ScoringConfig, make_policy
+from vllm_llmd.router.scoring import (
+    PodCache,
+    ScoreInput,
+    ScoringConfig,
+    kv_gauge_full,
+    make_policy,
+)
 
 GAUGES = "\n".join(
     [
@@ -95,8 +102,6 @@ def test_kv_aware_passes_over_a_pod_without_room_while_another_has_some():
 
 
 def test_the_slo_planner_counts_a_pod_without_room_as_saturated():
-    from vllm_llmd.router.latency import LatencyModels
-
     config = ScoringConfig()
     planner = SLOPlanner(LatencyModels(), make_policy("slo", config), config, 128, 0.1)
     request = ScoreInput(8, ["a", "b"], full=frozenset("a"))
@@ -142,7 +147,8 @@ def test_the_decider_sends_another_document_where_there_is_room(decider: Decider
 
 def test_without_kv_room_the_decider_leaves_room_to_the_pods():
     pods = ["http://a:1", "http://b:2"]
-    config = parse_config(["--pod", pods[0], "--pod", pods[1], "--block-size", "128"], {})
+    argv = ["--pod", pods[0], "--pod", pods[1], "--block-size", "128", "--no-kv-room"]
+    config = parse_config(argv, {})
     registry = PodRegistry(config.pods, None)
     for pod in registry.pods.values():
         pod.healthy, pod.hashes_ok = True, True
@@ -152,10 +158,58 @@ def test_without_kv_room_the_decider_leaves_room_to_the_pods():
     with registry.sending(pods[0], 0, list(range(8)), 2):
         caches = {pods[0]: PodCache(8, ("GPU",) * 8)}
         route = decider._route({}, list(range(100, 108)), 2, caches, 1100, _plain())
-        assert route.decode.pod == pods[0]  # the cached prefix, room or not (off by default)
+        assert route.decode.pod == pods[0]  # the cached prefix, room or not
 
 
 def _plain():
     from vllm_llmd.router.slo import SLO, RequestClass
 
     return RequestClass(SLO())
+
+
+@pytest.mark.parametrize("kv_room", [True, False])
+def test_a_hit_that_fits_goes_to_its_holder_whatever_the_kv_usage_gauge_reads(kv_room):
+    """The audit of the shared-document workload: a pod whose KV-usage gauge read 0.97 (three
+    requests of one document decoding) turned away a fourth request on that document, which
+    needed one new block, and another pod computed the whole document cold. Where the router
+    counts room, its own count decides; without it the gauge's threshold does."""
+    pods = ["http://a:1", "http://b:2"]
+    argv = ["--pod", pods[0], "--pod", pods[1], "--block-size", "128"]
+    config = parse_config([*argv, "--kv-room" if kv_room else "--no-kv-room"], {})
+    registry = PodRegistry(config.pods, None)
+    for pod in registry.pods.values():
+        pod.healthy, pod.hashes_ok = True, True
+    registry.pods[pods[0]].load = PodLoad(num_running=3, kv_usage=0.97, kv_blocks=15)
+    registry.pods[pods[1]].load = PodLoad(kv_blocks=15)
+    policy = make_policy("kv_aware", config.scoring_config())
+    decider = Decider(config, registry, InMemoryIndex(), None, policy, RouterMetrics())
+    doc = list(range(8))
+    caches = {pods[0]: PodCache(8, ("GPU",) * 8)}
+    with registry.sending(pods[0], 0, doc, 1), registry.sending(pods[0], 0, doc, 1):
+        route = decider._route({}, doc, 1, caches, 1100, _plain())
+        assert route.decode.pod == (pods[0] if kv_room else pods[1]), route.decode.reason
+        # another document's 8 new blocks do not fit beside the 10 held: saturated either way
+        route = decider._route({}, list(range(100, 108)), 1, {}, 1100, _plain())
+        assert route.decode.pod == pods[1], route.decode.reason
+
+
+def test_where_the_router_holds_nothing_the_kv_usage_gauge_still_decides():
+    """A pod full of another router's requests (or of ones just ended: the gauge lags) is
+    saturated by its gauge: the router's count knows nothing of them."""
+    full = PodLoad(kv_usage=0.97, kv_blocks=15)
+    assert kv_gauge_full(full, 0.95, kv_room=True)
+    assert kv_gauge_full(full, 0.95, kv_room=False)
+    held = PodLoad(kv_usage=0.97, kv_blocks=15, held_blocks=10)
+    assert not kv_gauge_full(held, 0.95, kv_room=True)  # its count decides (ScoreInput.full)
+    assert kv_gauge_full(held, 0.95, kv_room=False)
+    unknown_size = PodLoad(kv_usage=0.97, held_blocks=10)
+    assert kv_gauge_full(unknown_size, 0.95, kv_room=True)
+    assert not kv_gauge_full(PodLoad(kv_usage=0.5), 0.95, kv_room=False)
+    # the policies read it so: a request may go to the held pod, not the one full of others
+    policy = make_policy("kv_aware")
+    loads = {"a": held, "b": full}
+    request = ScoreInput(8, ["a", "b"], {"b": PodCache(8, ("GPU",) * 8)}, loads, kv_room=True)
+    assert policy.choose(request).pod == "a"
+    planner = SLOPlanner(LatencyModels(), policy, ScoringConfig(), 128, 0.1)
+    assert not planner.all_saturated(request)
+    assert planner.all_saturated(ScoreInput(8, ["a", "b"], {}, loads, frozenset("a"), True))

@@ -187,9 +187,10 @@ class RouterConfig:
         group=ROUTING,
     )
     kv_room: bool = flag(
-        False,
+        True,
         "a pod whose KV cache (its num_gpu_blocks) cannot hold a request beside the router's "
-        "requests in flight there is saturated for that request (README: KV room)",
+        "requests in flight there is saturated for that request, whatever its KV-usage gauge "
+        "reads (README: KV room)",
         group=ROUTING,
     )
     shared_tier_ttl_s: float = flag(

@@ -140,6 +140,7 @@ class Decider:
             config.pd_threshold_tokens,
             pull_from_holders=config.pull_from_holders,
             holder_max_waiting=2 * config.max_waiting,
+            kv_room=config.kv_room,
         )
         self.replicator: Replicator | None = None
         if config.replicate_hot_prefixes and tokens is not None:
@@ -291,7 +292,7 @@ class Decider:
         loads = self.registry.loads()
         full = self._without_room(loads, hashes, own_blocks)
         caches = self._now(looked_up, hashes)
-        request = ScoreInput(len(hashes), decode_pods, caches, loads, full)
+        request = ScoreInput(len(hashes), decode_pods, caches, loads, full, self.config.kv_room)
         if self.planner.all_saturated(request):
             return "wait"
         choice = self.planner.choose(request, num_tokens, left.slo)

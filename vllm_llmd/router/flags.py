@@ -74,6 +74,13 @@ class FlagSpec:
         return self.value_type is bool
 
     @property
+    def options(self) -> list[str]:
+        """Its command-line forms: a switch on by default is turned off by `--no-NAME`."""
+        if self.is_switch and self.default is True:
+            return [self.option, "--no-" + self.option[2:]]
+        return [self.option]
+
+    @property
     def shown_default(self) -> str:
         """The default as a user would write it ("" when there is none: unset, or empty)."""
         if self.default is None or self.default == () or self.default is False:
@@ -203,7 +210,9 @@ def _add_flag(
         default = _env_default(spec, environ[spec.env])
     help = spec.help_text().replace("%", "%%")  # argparse formats help with %
     if spec.is_switch:
-        parser.add_argument(spec.option, action="store_true", default=default, help=help)
+        on_by_default = len(spec.options) > 1
+        action = argparse.BooleanOptionalAction if on_by_default else "store_true"
+        parser.add_argument(spec.option, action=action, default=default, help=help)
     else:
         parser.add_argument(
             spec.option,

@@ -28,11 +28,17 @@ it, and serving it warms the cache for the requests that share its prefix. Satur
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vllm_llmd.router.latency import LatencyModels, Prediction, RequestShape, ServeMode
 from vllm_llmd.router.load import PodLoad
-from vllm_llmd.router.scoring import Decision, ScoreInput, ScoringConfig, ScoringPolicy
+from vllm_llmd.router.scoring import (
+    Decision,
+    ScoreInput,
+    ScoringConfig,
+    ScoringPolicy,
+    kv_gauge_full,
+)
 from vllm_llmd.router.slo import SLO
 
 # the heuristic's pod predicted late is left for one predicted within this share of the SLO
@@ -47,9 +53,11 @@ def estimated_waiting(load: PodLoad) -> int:
     return max(load.num_waiting, load.num_in_flight - load.num_running)
 
 
-def is_saturated(load: PodLoad, config: ScoringConfig) -> bool:
-    """The pod cannot take more work now: its queue or its KV cache is full."""
-    return estimated_waiting(load) >= config.max_waiting or load.kv_usage >= config.max_kv_usage
+def is_saturated(load: PodLoad, config: ScoringConfig, kv_room: bool = False) -> bool:
+    """The pod cannot take more work now: its queue or its KV cache is full (`kv_gauge_full`)."""
+    return estimated_waiting(load) >= config.max_waiting or kv_gauge_full(
+        load, config.max_kv_usage, kv_room
+    )
 
 
 def request_shape(request: ScoreInput, pod: str, num_tokens: int, block_size: int) -> RequestShape:
@@ -106,7 +114,7 @@ class SLOPlanner:
         return all(self._saturated(request, p) for p in request.candidates)
 
     def _saturated(self, request: ScoreInput, pod: str) -> bool:
-        return pod in request.full or is_saturated(request.load(pod), self.scoring)
+        return pod in request.full or is_saturated(request.load(pod), self.scoring, request.kv_room)
 
     def choose(
         self,
@@ -150,7 +158,7 @@ class SLOPlanner:
             if ratios[pod] > 1.0:
                 sure = [p for p in request.candidates if ratios[p] <= DIVERT_RATIO]
                 if sure:
-                    among = ScoreInput(request.num_blocks, sure, request.caches, request.loads)
+                    among = replace(request, candidates=sure)
                     pod = self.fallback.choose(among).pod
         else:
             pod = min(pool, key=lambda p: (ratios[p], shapes[p].active, p))

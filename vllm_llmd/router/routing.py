@@ -85,6 +85,9 @@ class RoutingPolicy:
     # a KV source with this many requests waiting is too busy to be one (a policy avoids a
     # pod from fewer: a saturated holder's one short step may still beat a recompute)
     holder_max_waiting: int = 16
+    # room is counted for each request (--kv-room): `full` replaces the KV-usage threshold
+    # where it can (scoring.kv_gauge_full)
+    kv_room: bool = False
 
 
 def decide_route(
@@ -106,7 +109,7 @@ def decide_route(
     `how.pull_from_holders`, perhaps one of holder_pods as its KV source. `full`: the pods
     with no room in their KV cache for the request now (ScoreInput.full)."""
     assert decode_pods, "the caller answers 503 when no decode pod is healthy"
-    request = ScoreInput(num_blocks, decode_pods, caches, loads, full)
+    request = ScoreInput(num_blocks, decode_pods, caches, loads, full, how.kv_room)
     prediction = None
     if how.planner is not None:
         choice = how.planner.choose(request, num_tokens, request_class.slo)
@@ -124,7 +127,7 @@ def decide_route(
     elif chosen_prefill is not None:  # chosen upstream (llm-d's gateway): honour it
         prefill = Decision(chosen_prefill, "prefill chosen upstream (header)", {}, 0)
     elif prefill_pods and num_tokens is not None and uncached > 0:
-        prefill_request = ScoreInput(num_blocks, prefill_pods, caches, loads, full)
+        prefill_request = ScoreInput(num_blocks, prefill_pods, caches, loads, full, how.kv_room)
         if how.planner is not None:
             slo = request_class.slo
             prefill = how.planner.choose(prefill_request, num_tokens, slo, mode="prefill").decision

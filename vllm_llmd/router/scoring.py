@@ -23,7 +23,8 @@ Policies (`make_policy(name, config)`):
   the busiest candidate's (never by less than `pressure_floor`), so both lie in 0..1. A pod is
   saturated when waiting >= `max_waiting` or KV usage >= `max_kv_usage`, or for this request
   when its KV cache has no room for it beside the router's requests in flight there
-  (`ScoreInput.full`); saturated pods are left out while any candidate is not, so a hot cache
+  (`ScoreInput.full`; where that is counted, it replaces the KV-usage threshold:
+  `kv_gauge_full`); saturated pods are left out while any candidate is not, so a hot cache
   never draws load onto a full pod. When all are saturated the least loaded pod (as `load`)
   wins.
 - `slo`: routes on each pod's predicted TTFT/TPOT against the request's SLOs, and queues or
@@ -95,6 +96,9 @@ class ScoreInput:
     # pods whose KV cache has no room for the request now (`PodState.lacks_room`): saturated
     # for it, whatever their gauges say
     full: frozenset[str] = frozenset()
+    # room was counted for this request (--kv-room): on a pod of known size where the router
+    # holds blocks, `full` replaces the KV-usage gauge's threshold (`kv_gauge_full`)
+    kv_room: bool = False
 
     def __post_init__(self) -> None:
         if not self.candidates:
@@ -112,6 +116,18 @@ class ScoreInput:
         """`load(pod)` of every candidate, in candidate order (one dict look-up each)."""
         loads = self.loads
         return {p: loads.get(p) or _NO_LOAD for p in self.candidates}
+
+
+def kv_gauge_full(load: PodLoad, max_kv_usage: float, kv_room: bool) -> bool:
+    """The pod's KV-usage gauge says it is full. Where the router counts room (`kv_room`), the
+    pod's size is known and the router holds blocks there, its own count decides instead
+    (`ScoreInput.full`): the gauge lags a scrape and knows nothing of the request, so it would
+    turn away a request whose prompt is held there and needs one or two new blocks, to be
+    computed whole on another pod. Where the router holds nothing, the gauge (other routers'
+    requests, or ones just ended) is all there is."""
+    if load.kv_usage < max_kv_usage:
+        return False
+    return not (kv_room and load.kv_blocks and load.held_blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,10 +279,12 @@ class KVAwarePolicy(ScoringPolicy):
     def __init__(self, config: ScoringConfig) -> None:
         self.config = config
 
-    def is_saturated(self, load: PodLoad) -> bool:
-        """Waiting >= max_waiting or KV usage >= max_kv_usage."""
+    def is_saturated(self, load: PodLoad, kv_room: bool = False) -> bool:
+        """Waiting >= max_waiting or KV usage >= max_kv_usage (`kv_gauge_full`)."""
         config = self.config
-        return load.num_waiting >= config.max_waiting or load.kv_usage >= config.max_kv_usage
+        return load.num_waiting >= config.max_waiting or kv_gauge_full(
+            load, config.max_kv_usage, kv_room
+        )
 
     def load_scores(
         self, request: ScoreInput, pod_loads: Mapping[str, PodLoad] | None = None
@@ -298,10 +316,12 @@ class KVAwarePolicy(ScoringPolicy):
                 prefix = prefix_score(cache, request.num_blocks, config.tier_weights)
                 scores[pod] = w_prefix * prefix - w_load * loads[pod]
         max_waiting, max_kv_usage = config.max_waiting, config.max_kv_usage
-        saturated = {  # is_saturated, inline
+        kv_room = request.kv_room
+        saturated = {  # is_saturated, inline (kv_gauge_full called only for a pod past the mark)
             pod
             for pod, load in pod_loads.items()
-            if load.num_waiting >= max_waiting or load.kv_usage >= max_kv_usage
+            if load.num_waiting >= max_waiting
+            or (load.kv_usage >= max_kv_usage and kv_gauge_full(load, max_kv_usage, kv_room))
         }
         if request.full:
             saturated.update(request.full.intersection(pod_loads))

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--kv-room",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="the router's --kv-room: a pod whose cache cannot hold a request is saturated for it",
     )
     run.add_argument(

@@ -65,8 +65,8 @@ class RouterSettings:
     replicate_after: int = 0
     replicate_per_minute: int = 60
     replicate_min_tokens: int = 256
-    # --kv-room
-    kv_room: bool = False
+    # --kv-room (the router's default)
+    kv_room: bool = True
 
 
 class SimRouter:
@@ -90,7 +90,9 @@ class SimRouter:
                 self.latency, policy, settings.scoring, block_size, settings.slo_headroom
             )
         # P/D is not simulated: every pod serves both halves, none is a prefill pod
-        self.routing = routing.RoutingPolicy(policy, planner, self.latency, block_size, 1 << 62)
+        self.routing = routing.RoutingPolicy(
+            policy, planner, self.latency, block_size, 1 << 62, kv_room=settings.kv_room
+        )
         # the latency models learn, and their predictions are scored (policy slo only)
         self.learns = planner is not None
         self.request_class = RequestClass(settings.slo)
