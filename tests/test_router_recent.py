@@ -55,12 +55,12 @@ def _router(*flags: str) -> Router:
 def test_the_router_counts_a_routed_prefix_past_what_the_index_shows():
     router = _router()
     router.index.add("http://a:1", "CPU", [1])  # a's events so far: block 1, in its host tier
-    router.recent.record("http://a:1", [1, 2, 3])  # the router just sent [1, 2, 3] there
-    caches = router._caches([1, 2, 3, 4])
+    router.prompts.routed("http://a:1", [1, 2, 3])  # the router just sent [1, 2, 3] there
+    caches = router.prompts._caches([1, 2, 3, 4])
     assert caches["http://a:1"] == PodCache(3, ("CPU", "GPU", "GPU"))
     assert "http://b:1" not in caches
     off = _router("--recent-route-ttl-s", "0")
-    assert off.recent is None
+    assert off.prompts.recent is None
 
 
 def test_runs_of_every_pod_in_one_walk_agree_with_run_length():
@@ -95,15 +95,16 @@ def test_requests_looked_up_together_still_follow_each_other(monkeypatch):
         route = asyncio.run(router.decide(record, {}, {"model": "m", "prompt": "q"}))
         return route.decode.pod
 
-    monkeypatch.setattr(router, "_hashes", tokenized)
+    prompts = router.prompts
+    monkeypatch.setattr(prompts, "hashes", tokenized)
     alone = decide()  # where a request of this prefix goes with nothing routed before it
     other = next(pod for pod in router.registry.pods if pod != alone)
-    router.recent = RecentRoutes()  # forget that route
+    prompts.recent = RecentRoutes()  # forget that route
 
     async def stale(hashes: list[int]) -> dict[str, PodCache]:
-        caches = router._caches(hashes)  # looked up before the first was routed...
-        router.recent.record(other, hashes)  # ...which then went to the other pod
+        caches = prompts._caches(hashes)  # looked up before the first was routed...
+        prompts.routed(other, hashes)  # ...which then went to the other pod
         return caches
 
-    monkeypatch.setattr(router, "_lookup", stale)
+    monkeypatch.setattr(prompts, "lookup", stale)
     assert decide() == other

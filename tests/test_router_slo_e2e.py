@@ -118,6 +118,13 @@ def test_unmeetable_slo_is_shed_or_queued_by_priority(
         "1",
     )
     _warm_up(router, pod, tokenizer, seed=3000)
+    # A miss is served best effort only on an idle pod: wait until the pod's gauges (a step
+    # behind the last warm-up answer) read idle, and the router (polling every 0.2 s) saw it.
+    deadline = time.monotonic() + 30
+    while metric_sum(scrape_metrics(pod.url), "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the pod still runs a request after the warm-up"
+        time.sleep(0.1)
+    time.sleep(0.6)
     prompt = _prompt(tokenizer, 3100, 1500)
 
     def ask(objective: str, ttft_ms: int) -> dict:

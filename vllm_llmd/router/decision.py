@@ -3,9 +3,10 @@
 
 `Decider.decide` takes a request's headers and (checked) body and returns its `Route`:
 
-    classify (SLO headers, model) -> tokenize + block hashes (off the event loop) -> index
-    lookup per pod (off the event loop) -> admission (policy slo) -> `routing.decide_route`
-    picks the decode pod (and, for a long uncached prompt with prefill pods, the prefill pod)
+    classify (SLO headers, model) -> tokenize + block hashes, index lookup per pod (both off
+    the event loop: `prompt_lookup.PromptLookup`) -> admission (policy slo) ->
+    `routing.decide_route` picks the decode pod (and, for a long uncached prompt with prefill
+    pods, the prefill pod)
 
 A refusal is an OpenAI-style `web.HTTPException` (400 bad header or body, 403 prefill target
 not allowed, 429 shed, 503 no pod or queue full), which the proxy answers as is and the EPP
@@ -26,8 +27,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from vllm_llmd.events.model import MEDIUM_GPU
-from vllm_llmd.log import ThrottledLog
 from vllm_llmd.router.admission import Admission
 from vllm_llmd.router.audit import AuditLog
 from vllm_llmd.router.client_body import (
@@ -41,11 +40,10 @@ from vllm_llmd.router.index import Index
 from vllm_llmd.router.latency import LatencyModels, RequestShape
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
-from vllm_llmd.router.off_loop import OffLoop
 from vllm_llmd.router.pod_state import count_own_blocks, pods_without_room
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.predictive import SLOPlanner
-from vllm_llmd.router.recent import RecentRoutes
+from vllm_llmd.router.prompt_lookup import PromptLookup
 from vllm_llmd.router.replication import HotPrefixes, Replicator
 from vllm_llmd.router.request_record import RequestRecord, RequestRecorder
 from vllm_llmd.router.routing import (
@@ -56,19 +54,15 @@ from vllm_llmd.router.routing import (
     decide_route,
 )
 from vllm_llmd.router.scoring import PodCache, PolicyName, ScoreInput, ScoringPolicy
-from vllm_llmd.router.shared_view import SharedTierView, extend_with_shared, extended
+from vllm_llmd.router.shared_view import SharedTierView
 from vllm_llmd.router.slo import Admitted, RequestClass, SLOHeaderError, Verdict
 from vllm_llmd.router.tokens import (
     PROVISIONAL_BLOCK_SIZE,
     TokenProcessor,
-    UnsupportedRequestError,
 )
 
 logger = logging.getLogger(__name__)
 
-# threads for index and shared-tier calls (Redis round trips; a stalled Redis holds each for
-# up to its socket timeout)
-INDEX_WORKERS = 4
 # llm-d's header naming a pod that holds the prompt's KV (HOST:PORT): --pull-from-holders
 KV_SOURCE_HEADER = "x-kv-cache-source-host-port"
 
@@ -92,11 +86,8 @@ class Decider:
     ) -> None:
         self.config = config
         self.registry = registry
-        self.index = index
-        self.shared = shared
-        ttl = config.recent_route_ttl_s
-        self.recent = RecentRoutes(ttl) if ttl > 0 else None
-        self.tokens = tokens
+        self.prompts = PromptLookup(config, registry, index, tokens, metrics, shared)
+        self.index, self.shared, self.tokens = index, shared, tokens
         self.policy = policy
         self.metrics = metrics
         if registry.ingestor is not None:
@@ -107,12 +98,6 @@ class Decider:
             else None
         )
         self.recorder = RequestRecorder(metrics, audit, config.policy, config.audit_prompts)
-        self._tokenize = OffLoop(
-            "llmd-tokenize", config.tokenize_workers, config.tokenize_timeout_s
-        )
-        self._index_calls = OffLoop("llmd-index", INDEX_WORKERS, config.index_timeout_s)
-        # a tokenizer or index that keeps failing must not log once per request
-        self._tokenize_log, self._index_log = ThrottledLog(logger), ThrottledLog(logger)
         # Every policy learns the pods' latency (exported as metrics); `slo` also routes on it.
         self.slo_config = config.slo_config()
         self.latency = LatencyModels(config.latency_min_samples)
@@ -149,7 +134,9 @@ class Decider:
                 config.replicate_per_minute,
                 config.pd_threshold_tokens,
             )
-            self.replicator = Replicator(hot, tokens, self._tokenize, metrics, self.recent)
+            self.replicator = Replicator(
+                hot, tokens, self.prompts.tokenize_calls, metrics, self.prompts.recent
+            )
 
     def _block_size(self) -> int:
         """Tokens per hashed block: the tokenizer's (given, or taken from the first pod)."""
@@ -203,11 +190,12 @@ class Decider:
         gateway's endpoint subset; None: any). Waits in the admission queue (policy slo);
         raises an OpenAI-style web.HTTPException when the request is refused."""
         request_class = self._classify(headers, body)
+        prompts = self.prompts
         hashes, num_tokens = (
-            await self._hashes(record.path, body) if body is not None else ([], None)
+            await prompts.hashes(record.path, body) if body is not None else ([], None)
         )
         self._follow_block_size()
-        looked_up = await self._lookup(hashes)
+        looked_up = await prompts.lookup(hashes)
         own_blocks = self._own_blocks(len(hashes), num_tokens, body)
         admission: Admitted = "met"
         queued_s = 0.0
@@ -217,10 +205,10 @@ class Decider:
             )
             admission, queued_s = await self.admission.admit(request_class, judge)
             if admission != "met":  # it waited: the pods' caches moved on
-                looked_up = await self._lookup(hashes)
+                looked_up = await prompts.lookup(hashes)
         # chosen for what is left of its SLO; counted against its whole SLO from arrival
         left = request_class.within(queued_s)
-        caches = self._now(looked_up, hashes)  # no await from here to the route's record
+        caches = prompts.now(looked_up, hashes)  # no await from here to the route's record
         route = self._route(headers, hashes, own_blocks, caches, num_tokens, left, allowed)
         route.request_class, route.queued_s, route.admission = request_class, queued_s, admission
         if self.config.kv_room:  # what it holds where it goes: counted only for this rule
@@ -291,7 +279,7 @@ class Decider:
             return "admit"  # _route answers 503
         loads = self.registry.loads()
         full = self._without_room(loads, hashes, own_blocks)
-        caches = self._now(looked_up, hashes)
+        caches = self.prompts.now(looked_up, hashes)
         request = ScoreInput(len(hashes), decode_pods, caches, loads, full, self.config.kv_room)
         if self.planner.all_saturated(request):
             return "wait"
@@ -335,10 +323,9 @@ class Decider:
             self._candidates(("both",), allowed) if self.config.pull_from_holders else (),
             self._without_room(loads, hashes, own_blocks),
         )
-        if self.recent is not None and hashes:
-            for chosen in (route.decode, route.prefill):
-                if chosen is not None and chosen.pod in loads:  # ours, not a header's
-                    self.recent.record(chosen.pod, hashes)
+        for chosen in (route.decode, route.prefill):
+            if chosen is not None and chosen.pod in loads:  # ours, not a header's
+                self.prompts.routed(chosen.pod, hashes)
         return route
 
     def _own_blocks(
@@ -388,89 +375,12 @@ class Decider:
             raise error(web.HTTPForbidden, message)
         return url
 
-    # ---- what each pod holds of the prompt -------------------------------------------------
-
-    async def _hashes(self, path: str, body: Mapping[str, Any]) -> tuple[list[int], int | None]:
-        """The prompt's block hashes and token count, tokenized off the event loop; none (the
-        request is routed by load) when it cannot be tokenized here or takes too long."""
-        if self.tokens is None:
-            return [], None
-        try:
-            tokenized = await self._tokenize.run(self.tokens.tokenize_request, path, body)
-        except UnsupportedRequestError as exc:
-            logger.debug("routing by load alone: %s", exc)
-            return [], None
-        except TimeoutError:
-            self.metrics.routing_fallbacks.labels("tokenize_timeout").inc()
-            self._tokenize_log.warning(
-                "tokenizing a request took over %g s: routed by load alone",
-                self._tokenize.timeout_s,
-            )
-            return [], None
-        return list(tokenized.block_hashes), len(tokenized.token_ids)
-
-    async def _lookup(self, hashes: list[int]) -> dict[str, PodCache] | None:
-        """`_caches` off the event loop; None (route by load) when the index fails or stalls."""
-        if self.index is None or not hashes:
-            return {}
-        try:
-            caches = await self._index_calls.run(self._caches, hashes)
-        except Exception as exc:  # Redis down or stalled, or a bug: never a failed request
-            reason = "index_timeout" if isinstance(exc, TimeoutError) else "index_error"
-            self.metrics.routing_fallbacks.labels(reason).inc()
-            self._index_log.warning("index lookup failed (%r): routed by load alone", exc)
-            return None
-        return caches
-
-    def _caches(self, hashes: list[int]) -> dict[str, PodCache]:
-        """Each verified pod's cached run of the prompt: the index, prefixes just routed there,
-        then the shared tier. Blocking (Redis): call it through `_lookup`."""
-        verified = self.registry.hash_verified()  # a pod whose hashes differ has no prefix here
-        if self.index is None or not hashes or not verified:
-            return {}
-        hits = self.index.lookup_prefix(hashes, pods=verified)
-        caches = {pod: PodCache(hit.num_blocks, hit.tiers) for pod, hit in hits.items()}
-        caches = self._with_recent(caches, hashes, verified)
-        if self.shared is None or not (members := self.shared.members().intersection(verified)):
-            return caches
-        return extend_with_shared(caches, members, self.shared.run_length(hashes))
-
-    def _with_recent(
-        self, caches: Mapping[str, PodCache], hashes: list[int], pods: Collection[str]
-    ) -> dict[str, PodCache]:
-        """`caches` with the prefixes routed to `pods` whose events are not in yet (in the
-        lookup, and again at the decision: `_now`)."""
-        out = dict(caches)
-        if self.recent is None or self.index is None or not hashes:
-            return out
-        for pod, run in self.recent.runs(hashes).items():
-            if pod in pods:
-                out[pod] = extended(out.get(pod) or PodCache(), run, MEDIUM_GPU)
-        return out
-
-    def _now(
-        self, looked_up: Mapping[str, PodCache] | None, hashes: list[int]
-    ) -> dict[str, PodCache]:
-        """The caches to decide on: the lookup's (none when it failed: by load), with what
-        was routed since. The lookup ran off the event loop, so requests that arrived
-        together were all looked up before the first of them was routed; without the routes
-        since, those on one prefix spread over pods, each computing it (8 clients starting
-        at once on six documents: every first request was routed cold)."""
-        if looked_up is None:
-            return {}
-        return self._with_recent(looked_up, hashes, set(self.registry.hash_verified()))
-
     def close(self) -> None:
         if self.admission is not None:
             self.admission.stop()
-        self._tokenize.close()
-        self._index_calls.close()
+        self.prompts.close()
         if self.recorder.audit is not None:
             self.recorder.audit.close()
-        if self.index is not None:
-            self.index.close()
-        if self.shared is not None:
-            self.shared.close()
 
 
 def _idle(shape: RequestShape) -> bool:

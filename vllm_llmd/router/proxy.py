@@ -111,7 +111,7 @@ class Router(Decider):
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         try:
-            index_stats, shared_stats = await self._index_calls.run(self._store_stats)
+            index_stats, shared_stats = await self.prompts.index_calls.run(self._store_stats)
         except Exception as exc:  # Redis down or stalled: the other metrics still answer
             logger.debug("index stats not read: %r", exc)
             index_stats, shared_stats = None, None
