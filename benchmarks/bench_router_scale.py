@@ -7,10 +7,11 @@ Measured in-process on the router's real classes:
   BlockRemoved (evictions);
 - index memory per block: tracemalloc's growth while a second index takes the same events,
   over its distinct blocks (and over its (block, pod) entries);
-- decision latency, tokens already hashed: `index.lookup_prefix` + `routing.decide_route`
-  per request, p50 and p99, per policy, in wall time and in this thread's CPU time (which
-  other processes on a shared machine do not inflate); and the same plus what the proxy adds
-  around them (`RecentRoutes`: a run_length per pod, then record).
+- decision latency, tokens already hashed: `index.lookup_prefix` + the KV-room check
+  (`pods_without_room`, on by default) + `routing.decide_route` per request, p50 and p99, per
+  policy, in wall time and in this thread's CPU time (which other processes on a shared
+  machine do not inflate); and the same plus what the proxy adds around them
+  (`RecentRoutes`: a run_length per pod, then record).
 
 The index holds `--prefixes` prompts of `--blocks` blocks (10,000 x 100 = 1M blocks), each on
 one pod and every fourth also on a second (replicas). A request is one of those prompts plus
@@ -37,6 +38,7 @@ from vllm_llmd.router.event_apply import PodStats, apply_update
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.latency import LatencyModels
 from vllm_llmd.router.load import PodLoad
+from vllm_llmd.router.pod_state import pods_without_room
 from vllm_llmd.router.recent import RecentRoutes
 from vllm_llmd.router.routing import RoutingPolicy, decide_route
 from vllm_llmd.router.scoring import PodCache, make_policy
@@ -128,7 +130,7 @@ def decisions(
     rng = random.Random(args.seed)
     pods = [f"pod-{i:03d}" for i in range(args.pods)]
     policy = make_policy(policy_name)
-    routing = RoutingPolicy(policy, None, LatencyModels(), 64, 1 << 62)
+    routing = RoutingPolicy(policy, None, LatencyModels(), 64, 1 << 62, kv_room=True)
     recent = RecentRoutes(5.0)
     request_class = RequestClass(SLO())
     found: dict[str, list[float]] = {"decide": [], "with_recent": [], "decide_cpu": []}
@@ -136,8 +138,17 @@ def decisions(
         prefix = rng.randrange(args.prefixes)
         unique = [(1 << 63) + request * 64 + i for i in range(rng.randint(2, 8))]
         hashes = prefix_hashes(prefix, args.blocks) + unique
+        # KV usage up to 1 (some pods past --max-kv-usage), caches of 4096 blocks of which the
+        # router's requests hold some (--kv-room, the router's default)
         loads = {
-            pod: PodLoad(rng.randrange(4), rng.randrange(32), rng.random() * 0.9, rng.randrange(8))
+            pod: PodLoad(
+                rng.randrange(4),
+                rng.randrange(32),
+                rng.random(),
+                rng.randrange(8),
+                kv_blocks=4096,
+                held_blocks=rng.randrange(4096),
+            )
             for pod in pods
         }
         started, started_cpu = time.perf_counter(), time.thread_time()
@@ -153,6 +164,7 @@ def decisions(
             [],
             caches,
             loads,
+            full=pods_without_room(loads, {}, hashes, 1),
         )
         decided, decided_cpu = time.perf_counter(), time.thread_time()
         for pod in pods:  # what proxy._caches adds per verified pod, then _route's record
