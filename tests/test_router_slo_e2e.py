@@ -89,6 +89,10 @@ def test_predicted_ttft_converges_on_a_real_pod(pod, tiny_model, tokenizer, star
         measured = timed_stream(router.url, pod.model_name, prompt, 4).ttft_s
         record = read_audit(audit)[-1]
         assert record["predicted_ttft_s"] is not None, record
+        # what the model read: the prompt's tokens, cached or not, nothing ahead when serial
+        shape = record["shape"]
+        assert shape["uncached_tokens"] + shape["cached_tokens"] == record["prompt_tokens"]
+        assert shape["ahead_tokens"] == 0, shape
         errors.append(abs(record["predicted_ttft_s"] - measured) / measured)
         pairs.append(f"{len(prompt)}:{record['predicted_ttft_s'] * 1000:.0f}/{measured * 1000:.0f}")
     median = statistics.median(errors)

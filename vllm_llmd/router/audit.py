@@ -22,12 +22,15 @@ Format version 2 (`"v": 2`):
     priority, fairness_id, slo_ttft_s, slo_tpot_s, admission, queued_s (the wait in the
     router's queue), routed_s (arrival to the routing decision: tokenizing, cache lookup and
     the queue; ts + routed_s is when the request was dispatched), predicted_ttft_s,
-    predicted_tpot_s, loads (per pod: waiting, running, kv_usage, in_flight, held_blocks: the
-    KV blocks the router's requests in flight hold there, counted with --kv-room, else 0;
-    kv_blocks: its size, 0 unknown), and prompt with --audit-prompts.
+    predicted_tpot_s, shape (what the decode pod's latency model read at dispatch:
+    uncached_tokens, cached_tokens, ahead_tokens, ahead_elapsed_s, active), loads (per pod:
+    waiting, running, kv_usage, in_flight, held_blocks: the KV blocks the router's requests
+    in flight hold there, counted with --kv-room, the default, else 0; kv_blocks: its size,
+    0 unknown), and prompt with --audit-prompts.
 
 Version 1 (no "v") had no path, model, stream, status, ttft_s, latency_s, kind or served_pod,
-and named every route's pod `decode_pod`. `vllm-llmd-router audit summarize` reads both.
+and named every route's pod `decode_pod`; `shape` was added to version 2 later (a reader
+ignores a key it does not know). `vllm-llmd-router audit summarize` reads both.
 """
 
 from __future__ import annotations
@@ -204,6 +207,13 @@ def audit_record(
             "routed_s": outcome.routed_s,
             "predicted_ttft_s": route.prediction.ttft_s if route.prediction else None,
             "predicted_tpot_s": route.prediction.tpot_s if route.prediction else None,
+            "shape": {
+                "uncached_tokens": route.shape.uncached_tokens,
+                "cached_tokens": route.shape.cached_tokens,
+                "ahead_tokens": route.shape.ahead_tokens,
+                "ahead_elapsed_s": route.shape.ahead_elapsed_s,
+                "active": route.shape.active,
+            },
             "loads": {
                 pod: {
                     "waiting": load.num_waiting,
