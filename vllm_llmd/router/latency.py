@@ -4,7 +4,7 @@ For every pod and every way it serves (`direct`: prompt and decode on one pod, `
 prompt half of a P/D pair, `decode`: the decode half, whose prompt arrives by transfer), the
 router keeps two small linear models:
 
-    TTFT  ~ a + b * uncached_ktokens + c * cached_ktokens + d * ahead_ktokens + e * active
+    TTFT  ~ a + b * (uncached_ktokens + ahead_ktokens) + c * cached_ktokens + e * active
     TPOT  ~ a + b * active
 
 `uncached_ktokens` are the prompt tokens the pod must compute (thousands), `cached_ktokens` the
@@ -15,9 +15,13 @@ from a cached prompt's milliseconds to a cold one's seconds), less what the pod 
 them since it took them on (`RequestShape.ttft_features`), and `active` its decode batch (the
 router's requests that are answering, or the pod's running gauge if larger), all as the router
 saw them at dispatch. Prefill cost is close to linear in uncached tokens, its own and those
-ahead of it, and a decode step slows with the batch: a line per term is enough to rank pods and
-to tell whether an SLO can be met, and every coefficient reads as "seconds per unit", so an
-operator can check it.
+ahead of it alike, so both share one cost per token: a cost of its own for the tokens ahead
+was fitted mostly on the few long TTFTs of queued requests, which weigh least in a fit of
+relative errors, and predicted warm requests queued behind a cold one at a third of what they
+took (replayed from bench_slo's audit logs at 2 and 4 requests/s, the shared cost cut the
+median error from 28% to 25% and from 21% to 17%). A decode step slows with the batch: a line
+per term is enough to rank pods and to tell whether an SLO can be met, and every coefficient
+reads as "seconds per unit", so an operator can check it.
 
 Fitting is least squares with a forgetting factor (old behaviour fades: a pod that got slower
 is believed within ~1/(1-forget) requests), pulled toward a prior (`ForgettingRidge`): no
@@ -69,16 +73,16 @@ class RequestShape:
         tokens (the fit's own coefficient), turns `ahead_elapsed_s` into tokens ahead already
         computed: a request sent 400 ms into a 500 ms prefill waits 100 ms of it, not 500 (a
         cached prompt took 36 or 334 ms by where in another's prefill step it landed: the
-        fit's error at load)."""
+        fit's error at load). The tokens ahead cost what the request's own uncached ones do:
+        one feature, the pod's compute ahead of the first token."""
         ahead = self.ahead_tokens / 1000.0
         if s_per_ktoken > 0.0 and self.ahead_elapsed_s > 0.0:
             ahead = max(0.0, ahead - self.ahead_elapsed_s / s_per_ktoken)
         return np.array(
             [
                 1.0,
-                self.uncached_tokens / 1000.0,
+                self.uncached_tokens / 1000.0 + ahead,
                 self.cached_tokens / 1000.0,
-                ahead,
                 float(self.active),
             ]
         )
@@ -237,7 +241,7 @@ class PodLatencyModel:
         # of long prompts little of short ones: their fixed costs hide in the per-token term)
         self.min_uncached_tokens: int | None = None
         self.max_uncached_tokens = 0
-        self.ttft: ForgettingRidge = ForgettingRidge(5, forget, prior=prior.ttft if prior else None)
+        self.ttft: ForgettingRidge = ForgettingRidge(4, forget, prior=prior.ttft if prior else None)
         self.tpot: ForgettingRidge = ForgettingRidge(2, forget, prior=prior.tpot if prior else None)
 
     def observe(self, shape: RequestShape, ttft_s: float | None, tpot_s: float | None) -> None:
