@@ -3,7 +3,7 @@
 Two real vLLM CPU pods (one core each, LLMDConnector with a host tier, KV events on; see
 bench_slo.start_pods) behind, in turn, vllm-llmd-router `round_robin`, `kv_aware` (today's
 default) and `kv_aware --replicate-hot-prefixes N` (a hot prefix copied ahead of demand,
-router/replication.py).
+router/replication.py), and ours kv_aware with each `--variant=FLAGS`.
 
 Workload (open loop, Poisson arrivals at `--rate` for `--duration` s): `--hot-share` of the
 requests are the hot document of the moment (`--prefix-tokens`) plus a short unique question,
@@ -83,6 +83,14 @@ def main() -> None:
     parser.add_argument(
         "--replicate-after", type=int, default=3, help="--replicate-hot-prefixes of the third"
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help="also run ours kv_aware with these router flags (repeatable; after each kv_aware "
+        'pair), e.g. "--variant=--pull-from-holders"',
+    )
     args = parser.parse_args()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
@@ -91,7 +99,8 @@ def main() -> None:
     model_name = pods[0][0].model_name
     replicating = ("kv_aware", ["--replicate-hot-prefixes", str(args.replicate_after)])
     # round robin once; the two kv_aware routers in turn, --repeats times (this box drifts)
-    routers = [("round_robin", []), *[("kv_aware", []), replicating] * args.repeats]
+    variants = [("kv_aware", flags.split()) for flags in args.variant]
+    routers = [("round_robin", []), *[("kv_aware", []), replicating, *variants] * args.repeats]
     print(
         f"{args.rate}/s for {args.duration:.0f} s; {args.hot_share:.0%} on the hot document of "
         f"{args.prefix_tokens} tokens (a new one every {args.hot_period:.0f} s), the rest on "
