@@ -15,7 +15,13 @@ from vllm_llmd.router.config import PodSpec
 from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.decision import Decider
 from vllm_llmd.router.index import InMemoryIndex
-from vllm_llmd.router.latency import DRIFT_LIMIT, ForgettingRidge, LatencyModels, RequestShape
+from vllm_llmd.router.latency import (
+    DRIFT_LIMIT,
+    TTFT_FEATURES,
+    ForgettingRidge,
+    LatencyModels,
+    RequestShape,
+)
 from vllm_llmd.router.load import ArrivalRate, PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pod_state import PodState, Sending
@@ -260,7 +266,7 @@ def test_one_prompt_length_leaves_the_split_at_the_prior_and_no_cost_negative():
     wandered there, once to -0.36 s per 1k uncached tokens). The fit predicts what it saw, and
     the costs stay >= 0 however long it runs."""
     rng = np.random.default_rng(1)
-    fit = ForgettingRidge(4, forget=0.98)
+    fit = ForgettingRidge(len(TTFT_FEATURES), forget=0.98)
     for _ in range(2000):
         uncached = int(rng.integers(0, 2001))
         ahead = 500 * int(rng.integers(0, 3))
@@ -656,6 +662,63 @@ def test_a_request_sent_into_a_prefill_waits_for_what_is_left_of_it():
     load = PodLoad(num_in_flight=1, num_prefilling=1, prefill_tokens=1500, prefill_elapsed_s=0.4)
     shape = request_shape(ScoreInput(4, ["pod-a"], loads={"pod-a": load}), "pod-a", 600, 128)
     assert (shape.ahead_tokens, shape.ahead_elapsed_s) == (1500, 0.4)
+
+
+def test_cached_tokens_are_counted_per_tier_and_each_tier_learns_its_own_cost():
+    """A prefix held only in host memory or on disk is loaded into new device blocks before
+    the prompt runs: it costs more than a device hit, by tier. The shape counts the cached
+    tokens per tier from the index, and the fit tells the tiers apart (a fit of cached tokens
+    alone misses host hits by their load and predicts device hits high); a pod that never
+    loaded from a tier predicts its tokens as device hits."""
+    cache = PodCache(6, ("GPU", "GPU", "CPU", "CPU", "STORAGE", "SHARED"))
+    request = ScoreInput(6, ["pod-a"], {"pod-a": cache})
+    shape = request_shape(request, "pod-a", 6 * 128 + 40, 128)
+    assert (shape.uncached_tokens, shape.cached_tokens) == (40, 768)
+    assert (shape.host_tokens, shape.storage_tokens) == (256, 256)
+    # a prompt that ends inside its last cached block: the tiers stay within what is cached
+    short = request_shape(request, "pod-a", 6 * 128 - 64, 128)
+    assert short.cached_tokens == 6 * 128 - 64 and short.host_tokens + short.storage_tokens <= 704
+    with pytest.raises(ValueError, match="within the cached ones"):
+        RequestShape(10, 100, 0, 0, host_tokens=80, storage_tokens=40)
+
+    def truth(shape: RequestShape) -> float:
+        cached = shape.cached_tokens - shape.host_tokens - shape.storage_tokens
+        costs = 0.3 * shape.uncached_tokens + 0.02 * cached
+        return 0.01 + (costs + 0.15 * shape.host_tokens + 0.6 * shape.storage_tokens) / 1000
+
+    rng = np.random.default_rng(7)
+    models = LatencyModels(min_samples=8)
+    for _ in range(600):
+        cached = int(rng.integers(0, 16)) * 128
+        tier = int(rng.integers(0, 3))
+        shape = RequestShape(
+            int(rng.integers(20, 400)),
+            cached,
+            0,
+            0,
+            host_tokens=cached if tier == 1 else 0,
+            storage_tokens=cached if tier == 2 else 0,
+        )
+        models.observe("p", "direct", shape, truth(shape) * float(rng.normal(1.0, 0.02)), None)
+    for tier in ("device", "host", "storage"):
+        shape = RequestShape(
+            100,
+            1536,
+            0,
+            0,
+            host_tokens=1536 if tier == "host" else 0,
+            storage_tokens=1536 if tier == "storage" else 0,
+        )
+        predicted = models.predict("p", "direct", shape).ttft_s
+        assert predicted == pytest.approx(truth(shape), rel=0.05), tier
+    # a pod whose loads were never seen: a host hit costs what a device hit does
+    fresh = LatencyModels(min_samples=8)
+    for _ in range(50):
+        shape = RequestShape(int(rng.integers(20, 400)), int(rng.integers(0, 16)) * 128, 0, 0)
+        fresh.observe("p", "direct", shape, truth(shape), None)
+    device = fresh.predict("p", "direct", RequestShape(100, 1536, 0, 0)).ttft_s
+    host = fresh.predict("p", "direct", RequestShape(100, 1536, 0, 0, host_tokens=1536)).ttft_s
+    assert host == pytest.approx(device, rel=1e-6)
 
 
 def test_the_fit_weighs_relative_errors_so_short_answers_are_predicted_as_well():

@@ -23,7 +23,9 @@ Format version 2 (`"v": 2`):
     router's queue), routed_s (arrival to the routing decision: tokenizing, cache lookup and
     the queue; ts + routed_s is when the request was dispatched), predicted_ttft_s,
     predicted_tpot_s, shape (what the decode pod's latency model read at dispatch:
-    uncached_tokens, cached_tokens, ahead_tokens, ahead_elapsed_s, active), loads (per pod:
+    uncached_tokens, cached_tokens, host_tokens and storage_tokens: those of the cached ones
+    held only in host memory, and on disk or in the shared tier, ahead_tokens, ahead_elapsed_s,
+    active), loads (per pod:
     waiting, running, kv_usage, in_flight, held_blocks: the KV blocks the router's requests
     in flight hold there, counted with --kv-room, the default, else 0; kv_blocks: its size,
     0 unknown), and prompt with --audit-prompts.
@@ -210,6 +212,8 @@ def audit_record(
             "shape": {
                 "uncached_tokens": route.shape.uncached_tokens,
                 "cached_tokens": route.shape.cached_tokens,
+                "host_tokens": route.shape.host_tokens,
+                "storage_tokens": route.shape.storage_tokens,
                 "ahead_tokens": route.shape.ahead_tokens,
                 "ahead_elapsed_s": route.shape.ahead_elapsed_s,
                 "active": route.shape.active,

@@ -4,11 +4,16 @@ For every pod and every way it serves (`direct`: prompt and decode on one pod, `
 prompt half of a P/D pair, `decode`: the decode half, whose prompt arrives by transfer), the
 router keeps two small linear models:
 
-    TTFT  ~ a + b * (uncached_ktokens + ahead_ktokens) + c * cached_ktokens + e * active
+    TTFT  ~ a + b * (uncached_ktokens + ahead_ktokens) + c * cached_ktokens
+              + d * host_ktokens + f * storage_ktokens + e * active
     TPOT  ~ a + b * active
 
 `uncached_ktokens` are the prompt tokens the pod must compute (thousands), `cached_ktokens` the
-ones its cache (or a transfer) provides, `ahead_ktokens` the uncached prompt tokens of the
+ones its cache (or a transfer) provides, `host_ktokens` and `storage_ktokens` those of them held
+only below the device cache, in host memory and on disk or in the shared tier (the uncached
+tokens counted per tier: the connector loads them into newly allocated blocks before the prompt
+runs, so each tier costs more a token than a device hit, `d` and `f` more; a pod without that
+tier never excites its term, which stays 0), `ahead_ktokens` the uncached prompt tokens of the
 requests the router sent it that have not begun answering (the prefill work queued ahead: the
 router knows it at once, where the pod's gauges lag a scrape and a queued request's cost ranges
 from a cached prompt's milliseconds to a cold one's seconds), less what the pod has computed of
@@ -67,6 +72,18 @@ class RequestShape:
     arrival_rate: float = 0.0
     # seconds the pod has already spent on the work ahead (PodLoad.prefill_elapsed_s)
     ahead_elapsed_s: float = 0.0
+    # of cached_tokens, those held only below the device cache: in host memory, and on
+    # disk or in the shared tier (the connector loads them before the prompt runs)
+    host_tokens: int = 0
+    storage_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        below = (self.host_tokens, self.storage_tokens)
+        if min(below) < 0 or sum(below) > self.cached_tokens:
+            raise ValueError(
+                f"host ({self.host_tokens}) and storage ({self.storage_tokens}) tokens must be "
+                f">= 0 and within the cached ones ({self.cached_tokens})"
+            )
 
     def ttft_features(self, s_per_ktoken: float = 0.0) -> Vector:
         """The TTFT fit's features. `s_per_ktoken`, the pod's seconds per thousand uncached
@@ -83,13 +100,36 @@ class RequestShape:
                 1.0,
                 self.uncached_tokens / 1000.0 + ahead,
                 self.cached_tokens / 1000.0,
+                self.host_tokens / 1000.0,
+                self.storage_tokens / 1000.0,
                 float(self.active),
             ]
+        )
+
+    def alone(self) -> RequestShape:
+        """The request on the pod with nothing ahead of it and no decode batch."""
+        return RequestShape(
+            self.uncached_tokens,
+            self.cached_tokens,
+            0,
+            0,
+            host_tokens=self.host_tokens,
+            storage_tokens=self.storage_tokens,
         )
 
     def tpot_features(self) -> Vector:
         return np.array([1.0, float(self.active)])
 
+
+# the TTFT fit's features, in RequestShape.ttft_features' order (the weights read the same)
+TTFT_FEATURES = (
+    "constant",
+    "compute_ktokens",
+    "cached_ktokens",
+    "host_ktokens",
+    "storage_ktokens",
+    "active",
+)
 
 # a fit whose recent misses lean one way forgets faster (ForgettingRidge._follow_drift): the
 # decay of their mean (~10 observations), how far it may lean, and what old observations keep
@@ -101,8 +141,8 @@ DRIFT_SHRINK = 0.5
 class ForgettingRidge:
     """Exponentially weighted least squares pulled toward prior weights.
 
-    The fit minimises  sum_i forget^(n-i) * (y_i - w.x_i)^2 + strength * |w - prior|^2, solved
-    afresh (a k x k system, k <= 5) when first used after an observation. Unlike recursive
+    The fit minimises  sum_i forget^(n-i) * (y_i - w.x_i)^2 + sum_k s_k * (w_k - prior_k)^2,
+    solved afresh (a k x k system, k <= 6) when first used after an observation. Unlike recursive
     least squares it cannot wind up: a direction the data does not excite (one prompt length,
     so uncached + cached tokens is constant; a queue that is always empty) stays at the prior
     instead of drifting to any value that fits, and the fit is well posed from the first
@@ -111,8 +151,8 @@ class ForgettingRidge:
     running request) are kept >= 0: a cost is never negative. `strength` is worth a tenth of
     one observation: it decides only what the data leaves open. An observation may carry a
     weight (its share of the squares: `PodLatencyModel` gives 1/y², relative errors); the
-    prior's strength scales with the observations' mean weight, so it stays worth a tenth of
-    one whatever their scale.
+    prior's pull on each weight (`_strengths`) scales with the observations' mean weight in
+    that feature's direction, so it stays worth a tenth of one whatever their scale.
     """
 
     def __init__(
@@ -178,14 +218,26 @@ class ForgettingRidge:
             self._weight_sum *= DRIFT_SHRINK
             self._count *= DRIFT_SHRINK
 
+    def _strengths(self) -> Vector:
+        """The prior's pull on each weight: a tenth of one mean observation in that feature's
+        direction (the decayed mean of x_k² times the weight). One strength for all weights,
+        scaled by the mean weight, was worth a tenth of a mean observation only where the
+        mean observation was: weighted by 1/y², it is a fast answer, so a feature excited only
+        by slow ones (a tier loaded from disk, a long cold prompt) had the prior outweigh
+        dozens of them, and its cost was fitted 30% low. A feature never excited keeps a small
+        pull (a thousandth of the mean weight), which holds it at the prior."""
+        if not self._count:
+            return np.full(len(self._b), self.strength)
+        floor = 1e-3 * self._weight_sum / self._count
+        return self.strength * np.maximum(np.diag(self._r) / self._count, floor)
+
     def _solve(self) -> Vector:
         """The regularised fit with every cost >= 0: a cost that comes out negative is held at
         0 and the others fitted again without it (an active set; at most k rounds)."""
         k = len(self._b)
         prior = self.prior.weights if self.prior is not None else np.zeros(k)
-        strength = self.strength * (self._weight_sum / self._count if self._count else 1.0)
-        r = self._r + strength * np.eye(k)
-        rhs = self._b + strength * prior
+        r = self._r + np.diag(self._strengths())
+        rhs = self._b + self._strengths() * prior
         weights: Vector = np.asarray(np.linalg.solve(r, rhs), dtype=np.float64)
         free = np.ones(k, dtype=bool)
         for _ in range(k - 1):  # rarely: only when a cost came out negative
@@ -241,7 +293,9 @@ class PodLatencyModel:
         # of long prompts little of short ones: their fixed costs hide in the per-token term)
         self.min_uncached_tokens: int | None = None
         self.max_uncached_tokens = 0
-        self.ttft: ForgettingRidge = ForgettingRidge(4, forget, prior=prior.ttft if prior else None)
+        self.ttft: ForgettingRidge = ForgettingRidge(
+            len(TTFT_FEATURES), forget, prior=prior.ttft if prior else None
+        )
         self.tpot: ForgettingRidge = ForgettingRidge(2, forget, prior=prior.tpot if prior else None)
 
     def observe(self, shape: RequestShape, ttft_s: float | None, tpot_s: float | None) -> None:
@@ -308,7 +362,7 @@ class LatencyModels:
         fit = self._ttft_fit(pod, mode)
         if fit is None:
             return None
-        own = RequestShape(shape.uncached_tokens, shape.cached_tokens, 0, 0).ttft_features()
+        own = shape.alone().ttft_features()
         return float(fit.weights[1:] @ own[1:])
 
     def _ttft_fit(self, pod: str, mode: ServeMode) -> ForgettingRidge | None:

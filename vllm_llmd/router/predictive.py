@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from vllm_llmd.events.model import MEDIUM_CPU, MEDIUM_GPU
 from vllm_llmd.router.latency import LatencyModels, Prediction, RequestShape, ServeMode
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.scoring import (
@@ -63,10 +64,19 @@ def is_saturated(load: PodLoad, config: ScoringConfig, kv_room: bool = False) ->
 def request_shape(request: ScoreInput, pod: str, num_tokens: int, block_size: int) -> RequestShape:
     """The request as seen on `pod` at this moment."""
     load = request.load(pod)
-    cached = min(num_tokens, request.cache(pod).num_blocks * block_size)
+    cache = request.cache(pod)
+    cached = min(num_tokens, cache.num_blocks * block_size)
+    # the blocks only a lower tier holds, full blocks (the sums stay within `cached`, which
+    # num_tokens may cut short of the blocks)
+    host_blocks = cache.tiers.count(MEDIUM_CPU)
+    storage_blocks = len(cache.tiers) - cache.tiers.count(MEDIUM_GPU) - host_blocks
+    host = min(cached, host_blocks * block_size)
+    storage = min(cached - host, storage_blocks * block_size)
     return RequestShape(
         uncached_tokens=num_tokens - cached,
         cached_tokens=cached,
+        host_tokens=host,
+        storage_tokens=storage,
         ahead_tokens=load.prefill_tokens,
         active=max(load.num_running, load.num_in_flight - load.num_prefilling),
         arrival_rate=load.arrival_rate,
@@ -165,7 +175,7 @@ class SLOPlanner:
         prediction = predictions[pod]
         meets = not has_slo or ratios[pod] <= limit
         meets_when_idle = meets or any(
-            _slo_ratio(self.models.predict(p, mode, _idle(shapes[p])), slo, outputs) <= limit
+            _slo_ratio(self.models.predict(p, mode, shapes[p].alone()), slo, outputs) <= limit
             for p in request.candidates
         )
         assert prediction.ttft_s is not None
@@ -179,10 +189,6 @@ class SLOPlanner:
         scores = {p: -r for p, r in ratios.items()}
         decision = Decision(pod, reason, scores, request.cache(pod).num_blocks)
         return SLOChoice(decision, prediction, shapes[pod], meets, meets_when_idle)
-
-
-def _idle(shape: RequestShape) -> RequestShape:
-    return RequestShape(shape.uncached_tokens, shape.cached_tokens, ahead_tokens=0, active=0)
 
 
 def _slo_ratio(prediction: Prediction, slo: SLO, output_tokens: int) -> float:
