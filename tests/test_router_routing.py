@@ -157,6 +157,34 @@ def test_a_long_prompt_goes_pd_when_requests_arriving_would_wait_behind_it():
     assert route(4, 2.0).prefill is None
 
 
+def test_pd_is_judged_by_its_mean_not_its_typical_answer():
+    """A P/D decode that answers in 40 ms four times in five and in 1.5 s the fifth (its pull
+    starved by the prefill pod's next prompt) costs 0.33 s on average. The fit of relative
+    errors predicts the typical 40 ms, by which P/D (0.6 + 0.04 s) beat computing alone
+    (0.7 s); by the mean it does not (0.93 s). Without the tail it still does."""
+    latency = LatencyModels(1)
+    how = RoutingPolicy(make_policy("kv_aware"), None, latency, BLOCK, 1 << 30)
+
+    def route():
+        return decide_route(how, "r", 94, 94 * BLOCK, RequestClass(SLO()), [A], [P], {}, LOADS)
+
+    def teach(tail_s: float) -> None:
+        for i in range(100):
+            shape = route().shape
+            latency.observe(A, "direct", shape, 0.7, None)
+            latency.observe(P, "prefill", shape, 0.6, None)
+            latency.observe(A, "decode", shape, tail_s if i % 5 == 4 else 0.04, None)
+
+    teach(1.5)
+    decode_shape = route().shape
+    assert latency.predict(A, "decode", decode_shape).ttft_s < 0.1  # the typical answer
+    assert latency.mean_ttft_s(A, "decode", decode_shape) > 0.25  # with its tail
+    assert route().prefill is None
+    teach(0.04)  # the tail is gone: the mean follows within the forgetting horizon
+    chosen = route().prefill
+    assert chosen is not None and chosen.pod == P and "P/D predicted to cost" in chosen.reason
+
+
 def test_a_prompt_shorter_than_any_seen_is_left_to_the_threshold():
     """A fit of long prompts only says little of short ones (their fixed costs hide in its
     per-token term): below the shortest prompt seen, as above the longest, the threshold

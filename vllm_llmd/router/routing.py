@@ -15,7 +15,9 @@ Chosen when the source holds at least `pd_threshold_tokens` more, has fewer than
 `holder_max_waiting` requests waiting, and, once both latency models are warm, the pull is
 predicted to cost less than computing on the decode pod.
 
-What a way costs is the request's own predicted TTFT plus the delay its prompt adds to the
+What a way costs is the request's own mean TTFT that way (the prediction plus the mean miss
+lately: a way with a long tail, such as a pull that is sometimes starved, costs its mean, not
+its typical answer) plus the delay its prompt adds to the
 requests that will reach each pod it runs on while that prompt is still ahead of them
 (`delay_to_others`): the sum of every request's TTFT, which the mean TTFT is, not this one's
 alone. Without that term a long prompt stays on the decode pod whenever P/D does not make it
@@ -134,10 +136,10 @@ def decide_route(
         else:
             prefill = how.policy.choose(prefill_request)
         prefill = worth_a_remote_prefill(
-            how, prefill, decode, shape, prediction, prefill_request, num_tokens, uncached
+            how, prefill, decode, shape, prefill_request, num_tokens, uncached
         )
     if prefill is None and chosen_prefill is None and how.pull_from_holders and num_tokens:
-        prefill = kv_source(how, decode, shape, prediction, holder_pods, caches, loads, num_tokens)
+        prefill = kv_source(how, decode, shape, holder_pods, caches, loads, num_tokens)
     prefill_shape = None
     if prefill is not None and prefill.pod in loads:
         prefill_shape = request_shape(
@@ -166,7 +168,6 @@ def worth_a_remote_prefill(
     prefill: Decision,
     decode: Decision,
     decode_shape: RequestShape,
-    direct: Prediction,
     prefill_request: ScoreInput,
     num_tokens: int,
     uncached: int,
@@ -180,7 +181,7 @@ def worth_a_remote_prefill(
     uncached prompt tokens."""
     prefill_shape = request_shape(prefill_request, prefill.pod, num_tokens, how.block_size)
     known = all(how.latency.has_seen(mode, uncached) for mode in ("prefill", "direct"))
-    costs = pd_costs(how, prefill.pod, prefill_shape, decode.pod, decode_shape, direct)
+    costs = pd_costs(how, prefill.pod, prefill_shape, decode.pod, decode_shape)
     if costs is None or not known:
         return prefill if uncached > how.pd_threshold_tokens else None
     remote, alone = costs
@@ -196,14 +197,16 @@ def pd_costs(
     source_shape: RequestShape,
     decode: str,
     decode_shape: RequestShape,
-    direct: Prediction,
 ) -> tuple[float, float] | None:
     """(P/D, alone): what the request costs served by `source`'s prefill step then `decode`
-    after the transfer, and by `decode` alone: its predicted TTFT plus what it delays of the
-    requests behind it on each pod it runs on (module docstring). None while a model is cold."""
-    prefill_ttft = how.latency.predict(source, "prefill", source_shape).ttft_s
-    decode_ttft = how.latency.predict(decode, "decode", decode_shape).ttft_s
-    if prefill_ttft is None or decode_ttft is None or direct.ttft_s is None:
+    after the transfer, and by `decode` alone: its mean TTFT each way (the prediction plus
+    the mean miss lately: `LatencyModels.mean_ttft_s`) plus what it delays of the requests
+    behind it on each pod it runs on (module docstring). None while a model is cold."""
+    latency = how.latency
+    prefill_ttft = latency.mean_ttft_s(source, "prefill", source_shape)
+    decode_ttft = latency.mean_ttft_s(decode, "decode", decode_shape)
+    direct_ttft = latency.mean_ttft_s(decode, "direct", decode_shape)
+    if prefill_ttft is None or decode_ttft is None or direct_ttft is None:
         return None
     remote = (
         prefill_ttft
@@ -211,7 +214,7 @@ def pd_costs(
         + delay_to_others(how, source, "prefill", source_shape, prefill_ttft)
         + delay_to_others(how, decode, "decode", decode_shape, decode_ttft)
     )
-    alone = direct.ttft_s + delay_to_others(how, decode, "direct", decode_shape, direct.ttft_s)
+    alone = direct_ttft + delay_to_others(how, decode, "direct", decode_shape, direct_ttft)
     return remote, alone
 
 
@@ -235,7 +238,6 @@ def kv_source(
     how: RoutingPolicy,
     decode: Decision,
     decode_shape: RequestShape,
-    direct: Prediction,
     holder_pods: Sequence[str],
     caches: Mapping[str, PodCache],
     loads: Mapping[str, PodLoad],
@@ -268,7 +270,7 @@ def kv_source(
     request = ScoreInput(blocks, candidates, caches, loads)
     source_shape = request_shape(request, pod, num_tokens, how.block_size)
     # the decode model learns P/D decodes by the decode pod's own view (Route.shape)
-    costs = pd_costs(how, pod, source_shape, decode.pod, decode_shape, direct)
+    costs = pd_costs(how, pod, source_shape, decode.pod, decode_shape)
     reason = f"KV source: holds {blocks - own_blocks} more blocks of the prompt than {decode.pod}"
     if costs is not None:
         remote, alone = costs
