@@ -15,18 +15,13 @@ from vllm_llmd.router.config import PodSpec
 from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.decision import Decider
 from vllm_llmd.router.index import InMemoryIndex
-from vllm_llmd.router.latency import (
-    DRIFT_LIMIT,
-    TTFT_FEATURES,
-    ForgettingRidge,
-    LatencyModels,
-    RequestShape,
-)
+from vllm_llmd.router.latency import TTFT_FEATURES, LatencyModels, RequestShape
 from vllm_llmd.router.load import ArrivalRate, PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pod_state import PodState, Sending
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.predictive import SLOPlanner, estimated_waiting, is_saturated, request_shape
+from vllm_llmd.router.ridge import DRIFT_LIMIT, ForgettingRidge
 from vllm_llmd.router.scoring import PodCache, ScoreInput, ScoringConfig, make_policy
 from vllm_llmd.router.slo import (
     SLO,
