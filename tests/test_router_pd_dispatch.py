@@ -92,3 +92,28 @@ def test_the_prediction_error_compares_a_direct_prediction_with_direct_answers_o
     name = "llmd:router_ttft_prediction_relative_error_count"
     assert metric_sum(samples, name) == (0 if pd else 1)
     assert metric_sum(samples, "llmd:router_observed_ttft_seconds_count") == 1
+
+
+def test_the_mean_miss_of_a_pods_predictions_is_exported():
+    """The model predicts the typical answer; what the mean lies above it (a way of serving
+    with a long tail) is a gauge per pod and mode, the same number P/D by cost adds."""
+    metrics, latency = RouterMetrics(), LatencyModels(min_samples=1)
+    shape = RequestShape(1500, 0, 0, 0)
+    for i in range(40):
+        route = Route(
+            f"req-{i}",
+            Decision(DECODE, "decode", {DECODE: 1.0}, 0),
+            None,
+            1500,
+            0,
+            {},
+            RequestClass(SLO()),
+            shape,
+        )
+        took = 1.6 if i % 4 == 3 else 0.1  # one answer in four starved
+        answer = AnswerTiming(sent=10.0, first_byte=10.0 + took, end=10.5 + took, num_events=3)
+        learn_from_answer(latency, metrics, route, {"stream": True}, answer)
+    samples = parse_prometheus_text(metrics.render().decode())
+    miss = metric_sum(samples, "llmd:router_ttft_mean_miss_seconds")
+    assert miss == pytest.approx(latency.model(DECODE, "direct").mean_residual_s)
+    assert 0.2 < miss < 0.5  # about a quarter of the 1.5 s tail above the typical answer

@@ -99,6 +99,8 @@ class Dispatcher:
             if route.prefill_shape is not None:  # one output token: its time is the TTFT
                 self.latency.observe(pod, "prefill", route.prefill_shape, ttft, None)
                 self.metrics.observed_ttft.labels(pod, "prefill").observe(ttft)
+                miss = self.latency.model(pod, "prefill").mean_residual_s
+                self.metrics.ttft_mean_miss.labels(pod, "prefill").set(miss)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             # The decode pod can still serve it alone, recomputing the prompt.
             self.registry.mark_unhealthy(pod, str(exc))
@@ -233,6 +235,7 @@ def learn_from_answer(
     latency.observe(pod, mode, route.shape, ttft, tpot)
     model = latency.model(pod, mode)
     metrics.model_samples.labels(pod, mode).set(model.ttft.num_samples)
+    metrics.ttft_mean_miss.labels(pod, mode).set(model.mean_residual_s)
     metrics.observed_ttft.labels(pod, mode).observe(ttft)
 
 

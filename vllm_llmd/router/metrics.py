@@ -187,6 +187,14 @@ class RouterMetrics:
             ["pod", "mode"],
             registry=r,
         )
+        self.ttft_mean_miss = Gauge(
+            "llmd:router_ttft_mean_miss_seconds",
+            "How far the pod's TTFTs lay above its model's predictions lately, on average: the "
+            "model predicts the typical answer, and a way of serving with a long tail (a P/D "
+            "pull now and then starved) shows here; P/D by cost adds it.",
+            ["pod", "mode"],
+            registry=r,
+        )
         self.admissions = Counter(
             "llmd:router_admissions",
             "Requests the slo policy did not admit at once, by priority and outcome: queued "
