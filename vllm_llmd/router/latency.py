@@ -12,8 +12,8 @@ router keeps two small linear models:
 ones its cache (or a transfer) provides, `host_ktokens` and `storage_ktokens` those of them held
 only below the device cache, in host memory and on disk or in the shared tier (the uncached
 tokens counted per tier: the connector loads them into newly allocated blocks before the prompt
-runs, so each tier costs more a token than a device hit, `d` and `f` more; a pod without that
-tier never excites its term, which stays 0), `ahead_ktokens` the uncached prompt tokens of the
+runs, so a token of each tier costs more than a device hit's, `d` and `f` more; a pod without
+that tier never excites its term, which stays 0), `ahead_ktokens` the uncached prompt tokens of the
 requests the router sent it that have not begun answering (the prefill work queued ahead: the
 router knows it at once, where the pod's gauges lag a scrape and a queued request's cost ranges
 from a cached prompt's milliseconds to a cold one's seconds), less what the pod has computed of
@@ -76,8 +76,8 @@ class RequestShape:
     storage_tokens: int = 0
 
     def __post_init__(self) -> None:
-        below = (self.host_tokens, self.storage_tokens)
-        if min(below) < 0 or sum(below) > self.cached_tokens:
+        host, storage = self.host_tokens, self.storage_tokens
+        if host < 0 or storage < 0 or host + storage > self.cached_tokens:
             raise ValueError(
                 f"host ({self.host_tokens}) and storage ({self.storage_tokens}) tokens must be "
                 f">= 0 and within the cached ones ({self.cached_tokens})"
@@ -256,9 +256,7 @@ class LatencyModels:
         by; a choice between ways of serving that minimises the mean TTFT must weigh their
         tails too. A P/D decode on this project's CPU box answers in 40 ms typically and in
         1-2 s when its pull is starved by the prefill pod's next prompt: the typical
-        prediction made P/D look 0.3 s cheaper than it was, and it was chosen for three long
-        prompts in four while costing them 0.4 s more than computing alone
-        (bench_pd_mix.py)."""
+        prediction made P/D look 0.3 s cheaper than it was (bench_pd_mix.py)."""
         prediction = self.predict(pod, mode, shape).ttft_s
         if prediction is None:
             return None

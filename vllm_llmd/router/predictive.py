@@ -67,11 +67,13 @@ def request_shape(request: ScoreInput, pod: str, num_tokens: int, block_size: in
     cache = request.cache(pod)
     cached = min(num_tokens, cache.num_blocks * block_size)
     # the blocks only a lower tier holds, full blocks (the sums stay within `cached`, which
-    # num_tokens may cut short of the blocks)
-    host_blocks = cache.tiers.count(MEDIUM_CPU)
-    storage_blocks = len(cache.tiers) - cache.tiers.count(MEDIUM_GPU) - host_blocks
-    host = min(cached, host_blocks * block_size)
-    storage = min(cached - host, storage_blocks * block_size)
+    # num_tokens may cut short of the blocks); one pass when the device holds them all
+    host = storage = 0
+    below_device = len(cache.tiers) - cache.tiers.count(MEDIUM_GPU)
+    if below_device:
+        host_blocks = cache.tiers.count(MEDIUM_CPU)
+        host = min(cached, host_blocks * block_size)
+        storage = min(cached - host, (below_device - host_blocks) * block_size)
     return RequestShape(
         uncached_tokens=num_tokens - cached,
         cached_tokens=cached,
