@@ -43,7 +43,7 @@ its heuristic policy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import numpy as np
@@ -106,14 +106,7 @@ class RequestShape:
 
     def alone(self) -> RequestShape:
         """The request on the pod with nothing ahead of it and no decode batch."""
-        return RequestShape(
-            self.uncached_tokens,
-            self.cached_tokens,
-            0,
-            0,
-            host_tokens=self.host_tokens,
-            storage_tokens=self.storage_tokens,
-        )
+        return replace(self, ahead_tokens=0, active=0, ahead_elapsed_s=0.0)
 
     def tpot_features(self) -> Vector:
         return np.array([1.0, float(self.active)])
@@ -257,11 +250,10 @@ class LatencyModels:
         tails too. A P/D decode on this project's CPU box answers in 40 ms typically and in
         1-2 s when its pull is starved by the prefill pod's next prompt: the typical
         prediction made P/D look 0.3 s cheaper than it was (bench_pd_mix.py)."""
-        prediction = self.predict(pod, mode, shape).ttft_s
-        if prediction is None:
+        model = self._ttft_model(pod, mode)
+        if model is None:
             return None
-        own = self._models.get((pod, mode))
-        model = own if own is not None and own.ttft.num_samples else self._cluster[mode]
+        prediction = max(0.0, model.ttft.predict(ttft_features(model.ttft, shape)))
         return max(0.0, prediction + model.mean_residual_s)
 
     def prompt_work_s(self, pod: str, mode: ServeMode, shape: RequestShape) -> float | None:
@@ -277,11 +269,16 @@ class LatencyModels:
     def _ttft_fit(self, pod: str, mode: ServeMode) -> ForgettingRidge | None:
         """The pod's TTFT fit in `mode` (the cluster's until it has its own observations);
         None until the cluster has `min_samples` of the mode."""
+        model = self._ttft_model(pod, mode)
+        return model.ttft if model is not None else None
+
+    def _ttft_model(self, pod: str, mode: ServeMode) -> PodLatencyModel | None:
+        """The model whose TTFT fit predicts for the pod in `mode` (`_ttft_fit`)."""
         cluster = self._cluster.get(self._checked(mode))
         if cluster is None or cluster.ttft.num_samples < self.min_samples:
             return None
         own = self._models.get((pod, mode))
-        return own.ttft if own is not None and own.ttft.num_samples else cluster.ttft
+        return own if own is not None and own.ttft.num_samples else cluster
 
     def observe(
         self,

@@ -122,8 +122,9 @@ class ForgettingRidge:
         0 and the others fitted again without it (an active set; at most k rounds)."""
         k = len(self._b)
         prior = self.prior.weights if self.prior is not None else np.zeros(k)
-        r = self._r + np.diag(self._strengths())
-        rhs = self._b + self._strengths() * prior
+        strengths = self._strengths()
+        r = self._r + np.diag(strengths)
+        rhs = self._b + strengths * prior
         weights: Vector = np.asarray(np.linalg.solve(r, rhs), dtype=np.float64)
         free = np.ones(k, dtype=bool)
         for _ in range(k - 1):  # rarely: only when a cost came out negative
