@@ -28,7 +28,15 @@ import statistics
 import time
 
 from bench_router import hit_counts
-from bench_slo import LOG_DIR, REPO_ROOT, ours, percentile, run_load, start_pods
+from bench_slo import (
+    LOG_DIR,
+    REPO_ROOT,
+    add_whole_pod_flag,
+    ours,
+    percentile,
+    run_load,
+    start_pods,
+)
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import metric_sum, scrape_metrics
@@ -91,11 +99,14 @@ def main() -> None:
         help="also run ours kv_aware with these router flags (repeatable; after each kv_aware "
         'pair), e.g. "--variant=--pull-from-holders"',
     )
+    add_whole_pod_flag(parser)
     args = parser.parse_args()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
-    pods = start_pods(model, kv_cache_bytes=args.kv_cache_mib << 20)
+    pods = start_pods(
+        model, kv_cache_bytes=args.kv_cache_mib << 20, whole_pod=args.whole_pod_on_core
+    )
     model_name = pods[0][0].model_name
     replicating = ("kv_aware", ["--replicate-hot-prefixes", str(args.replicate_after)])
     # round robin once; the two kv_aware routers in turn, --repeats times (this box drifts)

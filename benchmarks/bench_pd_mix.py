@@ -54,7 +54,13 @@ from pathlib import Path
 from typing import Any
 
 from bench_pd import start_all
-from bench_slo import RouterRun, median_prediction_error, percentile, prediction_error_buckets
+from bench_slo import (
+    RouterRun,
+    add_whole_pod_flag,
+    median_prediction_error,
+    percentile,
+    prediction_error_buckets,
+)
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import HTTPStatusError, metric_sum, scrape_metrics, timed_stream
@@ -85,14 +91,19 @@ class Result:
 # ---- processes ------------------------------------------------------------------------------
 
 
-def start_pods(model: Path) -> tuple[VLLMServer, VLLMServer]:
-    """(prefill pod on core 0, decode pod on core 1), started and ready."""
+def start_pods(model: Path, whole_pod: bool) -> tuple[VLLMServer, VLLMServer]:
+    """(prefill pod on core 0, decode pod on core 1), started and ready; `whole_pod`: each
+    pod's every process on its core, not only its worker's threads."""
     producer = llmd_connector("kv_producer")
     consumer = llmd_connector("kv_consumer", kv_load_failure_policy="recompute")
 
     def server(name: str, core: str, connector: dict[str, Any]) -> VLLMServer:
         config = VLLMServerConfig(
-            model=model, dtype="bfloat16", cpu_cores=core, kv_transfer_config=connector
+            model=model,
+            dtype="bfloat16",
+            cpu_cores=core,
+            whole_server_on_cores=whole_pod,
+            kv_transfer_config=connector,
         )
         return VLLMServer(config, LOG_DIR / f"{name}.log")
 
@@ -275,6 +286,7 @@ def main() -> None:
         help="by cost's fallback --pd-threshold-tokens while its models are cold (default: "
         "above the longest prompt, so every P/D it takes is the cost model's choice)",
     )
+    add_whole_pod_flag(parser)
     args = parser.parse_args()
     systems = [s for s in args.systems.split(",") if s]
     assert set(systems) <= set(SYSTEMS), f"systems are {SYSTEMS}"
@@ -290,7 +302,7 @@ def main() -> None:
         "by_cost": args.by_cost_threshold or never,
     }
 
-    prefill, decode = start_pods(model)
+    prefill, decode = start_pods(model, args.whole_pod_on_core)
     results: dict[str, list[Result]] = {}
     errors: dict[str, float | None] = {}
     pull_ms: dict[str, float | None] = {}

@@ -43,6 +43,7 @@ from bench_slo import (
     REPO_ROOT,
     Outcome,
     RouterRun,
+    add_whole_pod_flag,
     one_request,
     ours,
     percentile,
@@ -222,12 +223,16 @@ def main() -> None:
         action="store_true",
         help="also run ours kv_aware as an endpoint picker behind the Envoy stand-in",
     )
+    add_whole_pod_flag(parser)
     args = parser.parse_args()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
     pods = start_pods(
-        model, kv_cache_bytes=args.kv_cache_mib << 20, host_offload_bytes=args.host_tier_mib << 20
+        model,
+        kv_cache_bytes=args.kv_cache_mib << 20,
+        host_offload_bytes=args.host_tier_mib << 20,
+        whole_pod=args.whole_pod_on_core,
     )
     routers = [("ours", "kv_aware", [])]
     if not args.only_kv_aware:

@@ -12,7 +12,9 @@ policies side by side.
    (Poisson arrivals, 80% on one of four 1536-token prefixes plus a short suffix, 20% short
    unique, 16 output tokens; prefixes of its own per run) sent through our router to the real
    pods, then the very same requests (token ids hashed into vLLM's block chain) through the
-   simulator: the router's own policy code over two simulated pods.
+   simulator: the router's own policy code over two simulated pods. Each run starts with
+   `--warmup` seconds of the same load on prefixes of its own, unmeasured (as bench_slo's),
+   which the simulator replays first too.
 4. It prints, per rate and policy, mean and p90 TTFT and goodput for both, then each policy's
    ratio to `--baseline` (round robin) measured and simulated, and how far apart they are: the
    issue's goal is within 25%.
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ from bench_slo import (
     HOST_OFFLOAD_BYTES,
     REPO_ROOT,
     Outcome,
+    add_whole_pod_flag,
     make_requests,
     ours,
     percentile,
@@ -67,6 +71,7 @@ from vllm_llmd.prometheus_text import parse_prometheus_text
 from vllm_llmd.router.pod_verification import cache_config_info
 from vllm_llmd.router.slo import SLO
 from vllm_llmd.sim.calibrate import CalibrationPlan, calibrate
+from vllm_llmd.sim.pod import Outcome as SimOutcome
 from vllm_llmd.sim.pod import PodConfig
 from vllm_llmd.sim.profile import LatencyProfile, save_profile
 from vllm_llmd.sim.router import RouterSettings
@@ -115,19 +120,67 @@ def as_sim_requests(
     return out
 
 
+# simulated seconds between the warm-up's last arrival and the measured run's first: the real
+# run starts once every warm-up answer is back
+WARMUP_DRAIN_S = 2.0
+
+
+def warm_then_measured(
+    warm: list[tuple[float, list[int]]],
+    requests: list[tuple[float, list[int]]],
+    warmup_s: float,
+    block_size: int,
+    args,
+) -> list[SimRequest]:
+    """The warm-up's requests, then the measured ones after it: ids 0.. are the warm-up's,
+    the measured run's follow in order (`measured_only` takes them back out)."""
+    shift = warmup_s + WARMUP_DRAIN_S if warm else 0.0
+    moved = [(at_s + shift, prompt) for at_s, prompt in requests]
+    return as_sim_requests(warm + moved, block_size, args.output_tokens)
+
+
+def measured_only(outcomes: list[SimOutcome], num_warm: int) -> list[SimOutcome]:
+    """The measured run's outcomes, under the ids it had alone (arrival times stay shifted)."""
+    return [
+        dataclasses.replace(o, request_id=o.request_id - num_warm)
+        for o in outcomes
+        if o.request_id >= num_warm
+    ]
+
+
 def simulate_policy(requests: list[SimRequest], policy: str, config: SimConfig) -> RunResult:
     router = dataclasses.replace(config.router, policy=policy)
     return simulate(dataclasses.replace(config, router=router), requests)
 
 
-def simulated(
-    requests: list[SimRequest], policy: str, config: SimConfig, duration_s: float
-) -> Figures:
-    result = simulate_policy(requests, policy, config)
+def simulated(result: RunResult, config: SimConfig, duration_s: float) -> Figures:
     slo = config.goodput_slo
     assert slo.ttft_s is not None and slo.tpot_s is not None
     good = sum(1 for o in result.outcomes if o.ttft_s <= slo.ttft_s and o.tpot_s <= slo.tpot_s)
     return figures([o.ttft_s for o in result.outcomes], good, duration_s)
+
+
+def dump_requests(
+    path, requests: list[tuple[float, list[int]]], outcomes: list[Outcome], sim: RunResult
+) -> None:
+    """One JSON line per request, real beside simulated, for looking at where the two part."""
+    by_id = {o.request_id: o for o in sim.outcomes}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as out:
+        for request_id, ((at_s, prompt), real) in enumerate(zip(requests, outcomes, strict=True)):
+            s = by_id.get(request_id)
+            row = {
+                "id": request_id,
+                "at_s": round(at_s, 4),
+                "prompt_tokens": len(prompt),
+                "real_ttft_s": real.ttft_s,
+                "real_tpot_s": real.tpot_s,
+                "sim_ttft_s": s.ttft_s if s else None,
+                "sim_tpot_s": s.tpot_s if s else None,
+                "sim_pod": s.pod if s else None,
+                "sim_hit_tokens": s.device_hit_tokens + s.host_hit_tokens if s else None,
+            }
+            out.write(json.dumps(row) + "\n")
 
 
 def device_blocks(metrics_text: str) -> int:
@@ -206,17 +259,38 @@ def compare_slo(pods, model, tokenizer, config: SimConfig, slo, args) -> None:
                 texts = 1 + ((round_ * len(rates) + run) * len(policies) + k) * 10
                 arrivals = 1 + run * 10 + round_ * 1000
                 requests = make_requests(tokenizer, rate, args.duration, arrivals, args, texts)
+                # unmeasured load first, prefixes of its own (as bench_slo warms each router):
+                # a pod's first long prompts pay one-time costs, and the slo policy's models
+                # learn; the simulator replays it too, so its router starts from the same state
+                warm = []
+                if args.warmup > 0:
+                    warm = make_requests(tokenizer, rate, args.warmup, 5000, args, 5000 + texts)
                 router = ours(policy, pods, model, args.router_flags.split())
                 try:
+                    if warm:
+                        asyncio.run(run_load(router.url, pod.model_name, warm, args, slo))
                     outcomes = asyncio.run(
                         run_load(router.url, pod.model_name, requests, args, slo)
                     )
                 finally:
                     router.stop()
-                sim_requests = as_sim_requests(requests, config.pod.block_size, args.output_tokens)
+                sim_result = simulate_policy(
+                    warm_then_measured(warm, requests, args.warmup, config.pod.block_size, args),
+                    policy,
+                    config,
+                )
+                sim_result = dataclasses.replace(
+                    sim_result, outcomes=measured_only(sim_result.outcomes, len(warm))
+                )
                 results[rate, policy] = r, s = (
                     measured(outcomes, args.duration),
-                    simulated(sim_requests, policy, config, args.duration),
+                    simulated(sim_result, config, args.duration),
+                )
+                dump_requests(
+                    LOG_DIR / f"requests-r{round_ + 1}-{rate:g}-{policy}.jsonl",
+                    requests,
+                    outcomes,
+                    sim_result,
                 )
                 print(
                     f"{round_ + 1:<5} {rate:4g} {policy:12} {r.mean_ttft_s * 1000:8.0f} ms"
@@ -343,6 +417,9 @@ def main() -> None:
     parser.add_argument("--prefix-tokens", type=int, default=None, help="slo 1536, chat 1280")
     parser.add_argument("--num-prefixes", type=int, default=None, help="slo 4, chat 6")
     parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument(
+        "--warmup", type=float, default=10.0, help="slo: unmeasured seconds of load before each run"
+    )
     parser.add_argument("--users", type=int, default=8, help="chat: concurrent users")
     parser.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
     parser.add_argument(
@@ -358,6 +435,7 @@ def main() -> None:
         "--profile-lengths", default="128,512,1024,2048", help="calibration prompt lengths"
     )
     parser.add_argument("--profile-batches", default="1,2,4", help="calibration batch sizes")
+    add_whole_pod_flag(parser)
     args = parser.parse_args()
     chat = args.workload == "chat"
     if args.prefix_tokens is None:
@@ -371,7 +449,7 @@ def main() -> None:
     assert args.baseline in args.policy_list, "--baseline must be one of --policies"
 
     kv_cache_bytes = args.kv_cache_mib << 20 if chat else None
-    pods = start_pods(model, kv_cache_bytes=kv_cache_bytes)
+    pods = start_pods(model, kv_cache_bytes=kv_cache_bytes, whole_pod=args.whole_pod_on_core)
     try:
         pod = pods[0][0]
         slo = NO_SLO if chat else calibrate_slos(pod, tokenizer, args)

@@ -73,22 +73,42 @@ class Outcome:
 HOST_OFFLOAD_BYTES = 256 << 20
 
 
+# each pod's API server and engine core on its core too (VLLMServerConfig.whole_server_on_cores)
+WHOLE_POD_DEFAULT = True
+
+
+def add_whole_pod_flag(parser: argparse.ArgumentParser) -> None:
+    """`--whole-pod-on-core`: each pod's every process on its one core, as a Kubernetes CPU
+    limit would hold it. Without it only a pod's worker is bound, and its API server and
+    engine core (which spins for a second after each step) run on either core, taking time
+    from the other pod's worker."""
+    parser.add_argument(
+        "--whole-pod-on-core",
+        action=argparse.BooleanOptionalAction,
+        default=WHOLE_POD_DEFAULT,
+        help="each pod's API server and engine core on its core too, not only its worker",
+    )
+
+
 def start_pods(
     model: Path,
     kv_cache_bytes: int | None = None,
     max_model_len: int | None = None,
     host_offload_bytes: int = HOST_OFFLOAD_BYTES,
+    whole_pod: bool = WHOLE_POD_DEFAULT,
 ) -> list[tuple[VLLMServer, int]]:
     """Two pods, one core each, LLMDConnector with a host tier, KV events on: (server, port of
     its event publisher). `kv_cache_bytes`: a device cache that small (None: vLLM's default),
     which must hold one request of `max_model_len` (default 2048 with a small cache);
-    `host_offload_bytes` 0: no host tier."""
+    `host_offload_bytes` 0: no host tier; `whole_pod`: every process of a pod on its core (see
+    `add_whole_pod_flag`), else only its worker's threads."""
     pods = []
     for core in ("0", "1"):
         events = free_port()
         config = VLLMServerConfig(
             model=model,
             cpu_cores=core,
+            whole_server_on_cores=whole_pod,
             dtype="bfloat16",
             kv_cache_bytes=kv_cache_bytes,
             max_model_len=max_model_len or (2048 if kv_cache_bytes else 8192),
@@ -356,6 +376,7 @@ def main() -> None:
     )
     parser.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO (default: calibrated)")
     parser.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO (default: calibrated)")
+    add_whole_pod_flag(parser)
     args = parser.parse_args()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
@@ -363,7 +384,8 @@ def main() -> None:
     # the longest prompt (prefix, suffix) and answer, rounded up: a small cache must hold it
     longest = args.prefix_tokens + 96 + args.output_tokens
     max_model_len = -(-longest // 256) * 256 if args.kv_cache_mib else None
-    pods = start_pods(model, args.kv_cache_mib << 20 if args.kv_cache_mib else None, max_model_len)
+    kv_cache_bytes = args.kv_cache_mib << 20 if args.kv_cache_mib else None
+    pods = start_pods(model, kv_cache_bytes, max_model_len, whole_pod=args.whole_pod_on_core)
     try:
         ttft_slo, tpot_slo = calibrate(pods[0][0], tokenizer, args)
         if args.slo_ttft_ms:

@@ -4,6 +4,9 @@
   flight, prefilling, its uncached prompt tokens) as it counts what it sends a decode pod, so
   the next request's prefill-mode features (`ahead_tokens`) and the policy's load score see the
   prefill pod's queue at once instead of a scrape later (or, for `ahead_tokens`, never);
+- the decode request reaches its pod once the prefill is done: the route's decode shape, what
+  the decode model learns from, counts the prompt as cached there (it comes by transfer) and
+  the work ahead there as that much further on;
 - the TTFT prediction error is recorded only for what was predicted: a route's prediction is
   the decode pod computing alone, so a P/D decode's TTFT is not compared with it.
 """
@@ -46,7 +49,7 @@ def test_a_running_prefill_counts_as_work_ahead_on_its_prefill_pod():
             0,
             {},
             RequestClass(SLO()),
-            RequestShape(1500, 0, 0, 0),
+            RequestShape(1500, 0, 800, 0, ahead_elapsed_s=0.1),
             prefill_shape=RequestShape(1500, 0, 0, 0),
         )
         body = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
@@ -64,6 +67,12 @@ def test_a_running_prefill_counts_as_work_ahead_on_its_prefill_pod():
                 decode_body = await step
             assert decode_body["kv_transfer_params"] == {"id": "t"}
             assert (state.in_flight, state.prefilling, state.prefill_tokens) == (0, 0, 0)
+            # the decode request goes now: the decode pod's work ahead of it has run on for
+            # the prefill's 0.5 s (what its decode model learns from)
+            assert route.shape.ahead_tokens == 800
+            assert 0.6 <= route.shape.ahead_elapsed_s < 0.9
+            # and its prompt comes by transfer: cached there, none of it computed
+            assert (route.shape.uncached_tokens, route.shape.cached_tokens) == (0, 1500)
         finally:
             await pod.stop()
 

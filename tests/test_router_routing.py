@@ -96,7 +96,7 @@ def test_warm_latency_models_keep_the_work_on_the_decode_pod_when_a_pull_is_slow
     # teach the models: A's prefill and B's decode after a pull take 2 s, B alone 0.1 s
     for _ in range(20):
         latency.observe(A, "prefill", route.prefill_shape, 1.0, None)
-        latency.observe(B, "decode", route.shape, 1.0, None)
+        latency.observe(B, "decode", route.shape.after_prefill(1.0), 1.0, None)
         latency.observe(B, "direct", route.shape, 0.1, None)
     assert _pull(caches, busy_a, latency).prefill is None
 
@@ -117,7 +117,7 @@ def test_warm_models_decide_pd_by_predicted_cost_instead_of_the_threshold():
     for blocks in range(1, 40):
         shape = route(blocks).shape
         latency.observe(A, "direct", shape, 0.5 * blocks * BLOCK / 1000, None)
-        latency.observe(A, "decode", shape, 0.005, None)
+        latency.observe(A, "decode", shape.after_prefill(0.005), 0.005, None)
         latency.observe(P, "prefill", shape, 0.005, None)
     short = route(2)  # 32 tokens: 16 ms here against 10 ms through P/D
     assert short.prefill is not None and short.prefill.pod == P
@@ -148,7 +148,7 @@ def test_a_long_prompt_goes_pd_when_requests_arriving_would_wait_behind_it():
         shape = route(blocks, 0.0).shape
         latency.observe(A, "direct", shape, blocks * BLOCK / 1000, None)
         latency.observe(P, "prefill", shape, blocks * BLOCK / 1000, None)
-        latency.observe(A, "decode", shape, 0.1, None)
+        latency.observe(A, "decode", shape.after_prefill(blocks * BLOCK / 1000), 0.1, None)
     assert route(94, 0.0).prefill is None  # 1.5 s here against 1.6 s through P/D
     busy = route(94, 2.0)  # two requests a second reach the decode pod
     assert busy.prefill is not None and busy.prefill.pod == P
@@ -173,16 +173,49 @@ def test_pd_is_judged_by_its_mean_not_its_typical_answer():
             shape = route().shape
             latency.observe(A, "direct", shape, 0.7, None)
             latency.observe(P, "prefill", shape, 0.6, None)
-            latency.observe(A, "decode", shape, tail_s if i % 5 == 4 else 0.04, None)
+            decode_s = tail_s if i % 5 == 4 else 0.04
+            latency.observe(A, "decode", shape.after_prefill(0.6), decode_s, None)
 
     teach(1.5)
-    decode_shape = route().shape
+    decode_shape = route().shape.after_prefill(0.6)
     assert latency.predict(A, "decode", decode_shape).ttft_s < 0.1  # the typical answer
     assert latency.mean_ttft_s(A, "decode", decode_shape) > 0.25  # with its tail
     assert route().prefill is None
     teach(0.04)  # the tail is gone: the mean follows within the forgetting horizon
     chosen = route().prefill
     assert chosen is not None and chosen.pod == P and "P/D predicted to cost" in chosen.reason
+
+
+def test_a_pd_decode_is_costed_behind_what_is_still_ahead_of_it_when_the_prefill_is_done():
+    """A decode request reaches its pod once the prefill is done. Behind a 1.5 s prompt just
+    started on the decode pod, a long prompt's P/D decode finds it done (its own 1.5 s prefill
+    ran meanwhile on the prefill pod), while a short prompt's would wait out nearly all of it:
+    P/D pays for the long prompt only. Costed with the decode pod as it is at dispatch, the
+    long prompt's decode was charged the whole 1.5 s too."""
+    latency = LatencyModels(1)
+    how = RoutingPolicy(make_policy("kv_aware"), None, latency, BLOCK, 1 << 30)
+
+    def route(num_blocks: int, ahead: int):
+        loads = {A: PodLoad(prefill_tokens=ahead, prefill_elapsed_s=0.001), P: PodLoad()}
+        return decide_route(
+            how, "r", num_blocks, num_blocks * BLOCK, RequestClass(SLO()), [A], [P], {}, loads
+        )
+
+    # teach, as the dispatcher does: 1 s per 1k tokens computed on either pod, and a decode
+    # after the transfer takes 0.1 s plus what is left ahead of it when it arrives
+    for blocks in range(2, 100):
+        for ahead in (0, 500, 1000, 1500):
+            r = route(blocks, ahead)
+            prefill_s = blocks * BLOCK / 1000
+            latency.observe(A, "direct", r.shape, (blocks * BLOCK + ahead) / 1000, None)
+            latency.observe(P, "prefill", r.prefill_shape or r.shape, prefill_s, None)
+            decode_s = 0.1 + max(0.0, ahead / 1000 - prefill_s)
+            latency.observe(A, "decode", r.shape.after_prefill(prefill_s), decode_s, None)
+    long_behind = route(94, 1500).prefill  # 1.5 s ahead + 1.5 s here, or 1.5 s + 0.1 s
+    assert long_behind is not None and long_behind.pod == P
+    assert "P/D predicted to cost" in long_behind.reason
+    # 64 tokens: 1.5 s ahead + 64 ms here, or 64 ms + 1.44 s still ahead + 0.1 s
+    assert route(4, 1500).prefill is None
 
 
 def test_a_prompt_shorter_than_any_seen_is_left_to_the_threshold():
@@ -200,7 +233,7 @@ def test_a_prompt_shorter_than_any_seen_is_left_to_the_threshold():
     for blocks in range(50, 100):  # P/D 2 ms, alone 1 s per 1k tokens
         shape = route(blocks).shape
         latency.observe(A, "direct", shape, blocks * BLOCK / 1000, None)
-        latency.observe(A, "decode", shape, 0.001, None)
+        latency.observe(A, "decode", shape.after_prefill(0.001), 0.001, None)
         latency.observe(P, "prefill", shape, 0.001, None)
     seen = route(60).prefill
     assert seen is not None and "P/D predicted to cost" in seen.reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psutil
 import pytest
 
 from vllm_llmd.devtools.client import complete, completion_token_ids
@@ -46,10 +47,20 @@ def test_greedy_output_is_identical_across_server_starts(
         )
         for p in PROMPTS
     ]
+    # this one with every process on core 0 (whole_server_on_cores), as the benchmarks' pods
     second_server = vllm_servers.launch(
-        VLLMServerConfig(model=tiny_model, kv_transfer_config=CONNECTOR), "tiny-llmd-restart"
+        VLLMServerConfig(
+            model=tiny_model, kv_transfer_config=CONNECTOR, whole_server_on_cores=True
+        ),
+        "tiny-llmd-restart",
     )
     try:
+        assert second_server.process is not None
+        launcher = psutil.Process(second_server.process.pid)
+        tree = [launcher, *launcher.children(recursive=True)]
+        # the API server, the engine core and the worker at least, each only on core 0
+        assert len(tree) >= 3, tree
+        assert {p.pid: p.cpu_affinity() for p in tree} == {p.pid: [0] for p in tree}
         second = [
             completion_token_ids(
                 complete(second_server.url, second_server.model_name, p, max_tokens=24)

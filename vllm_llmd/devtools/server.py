@@ -120,6 +120,17 @@ class ServerStartError(RuntimeError):
     """The server exited or did not become ready in time; the message has its log tail."""
 
 
+def parse_cores(spec: str) -> set[int]:
+    """The cores of a VLLM_CPU_OMP_THREADS_BIND value ("0", "0-3", "0,2", "0-1|2-3")."""
+    cores: set[int] = set()
+    for part in spec.replace("|", ",").split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"cpu_cores {spec!r}: expected cores such as 0, 0-3 or 0,2")
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
+
+
 @dataclass
 class VLLMServerConfig:
     """How to run one `vllm serve`. Defaults suit tests on a 2-core CPU box."""
@@ -130,6 +141,12 @@ class VLLMServerConfig:
     dtype: str = "float32"
     # CPU cores for the server's OpenMP threads ("0", "1", "0-1") or "nobind"
     cpu_cores: str = "0"
+    # Keep the whole server (API server, engine core, workers) on `cpu_cores`, not only the
+    # worker's threads. vLLM's engine core and workers spin (sched_yield) for a second after
+    # each step, so two servers' floating processes take from each other's cores: a busy
+    # prefill pod slowed the decode pod beside it. A pod with one core of its own, as a
+    # Kubernetes CPU limit gives it.
+    whole_server_on_cores: bool = False
     # KV cache size in bytes; None: 1 GiB through VLLM_CPU_KVCACHE_SPACE
     kv_cache_bytes: int | None = None
     block_size: int | None = None
@@ -239,6 +256,10 @@ class VLLMServer:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        if self.config.whole_server_on_cores:
+            # now, while the launcher is one thread importing: its threads and processes to
+            # come inherit it
+            os.sched_setaffinity(self.process.pid, parse_cores(self.config.cpu_cores))
         return self
 
     def wait_ready(self, timeout: float = 240.0) -> VLLMServer:

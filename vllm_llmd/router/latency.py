@@ -104,6 +104,20 @@ class RequestShape:
             ]
         )
 
+    def after_prefill(self, seconds: float) -> RequestShape:
+        """The request as its decode pod gets it after a P/D prefill of `seconds`: its prompt
+        comes by transfer, so the tokens it lacked are cached ones there (the decode model's
+        cached-token term is the pull's cost), and the work ahead of it there has gone on
+        that much longer. With its uncached tokens left in, the one compute term stood for
+        the work ahead (1 s per 1k tokens) and for the prompt's own tokens (a transfer: next
+        to nothing) at once, and fitted neither."""
+        return replace(
+            self,
+            uncached_tokens=0,
+            cached_tokens=self.cached_tokens + self.uncached_tokens,
+            ahead_elapsed_s=self.ahead_elapsed_s + max(0.0, seconds),
+        )
+
     def alone(self) -> RequestShape:
         """The request on the pod with nothing ahead of it and no decode batch."""
         return replace(self, ahead_tokens=0, active=0, ahead_elapsed_s=0.0)

@@ -53,7 +53,8 @@ class Route:
     # every pod's load as the router saw it when it chose
     loads: Mapping[str, PodLoad]
     request_class: RequestClass
-    # the request on the decode pod at dispatch (what its latency model learns from)
+    # the request on the decode pod at dispatch (what its latency model learns from); a P/D
+    # route's once the prefill is done, when its decode request goes (after_prefill)
     shape: RequestShape
     # the decode pod's predicted latency (None: model cold)
     prediction: Prediction | None = None
@@ -204,15 +205,21 @@ def pd_costs(
     behind it on each pod it runs on (module docstring). None while a model is cold."""
     latency = how.latency
     prefill_ttft = latency.mean_ttft_s(source, "prefill", source_shape)
-    decode_ttft = latency.mean_ttft_s(decode, "decode", decode_shape)
     direct_ttft = latency.mean_ttft_s(decode, "direct", decode_shape)
-    if prefill_ttft is None or decode_ttft is None or direct_ttft is None:
+    if prefill_ttft is None or direct_ttft is None:
+        return None
+    # the decode request reaches its pod once the prefill is done (as it learns: Dispatcher.
+    # run_prefill): a short prompt's 30 ms prefill leaves it behind most of a long prompt
+    # ahead there, a long one's finds that prompt done
+    transferred = decode_shape.after_prefill(prefill_ttft)
+    decode_ttft = latency.mean_ttft_s(decode, "decode", transferred)
+    if decode_ttft is None:
         return None
     remote = (
         prefill_ttft
         + decode_ttft
         + delay_to_others(how, source, "prefill", source_shape, prefill_ttft)
-        + delay_to_others(how, decode, "decode", decode_shape, decode_ttft)
+        + delay_to_others(how, decode, "decode", transferred, decode_ttft)
     )
     alone = direct_ttft + delay_to_others(how, decode, "direct", decode_shape, direct_ttft)
     return remote, alone
