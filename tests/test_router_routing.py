@@ -218,6 +218,38 @@ def test_a_pd_decode_is_costed_behind_what_is_still_ahead_of_it_when_the_prefill
     assert route(4, 1500).prefill is None
 
 
+def test_a_pd_decode_waits_behind_the_work_ahead_at_the_direct_cost_until_seen_otherwise():
+    """Most P/D decodes are of long prompts, which reach the decode pod once the work ahead
+    there is done: the decode mode alone never learns what a token ahead costs. Its prior is
+    the direct mode's fit, which does: a short prompt behind a long one just started there is
+    costed with that wait and stays, where a decode fit of its own said 0.1 s."""
+    latency = LatencyModels(1)
+    how = RoutingPolicy(make_policy("kv_aware"), None, latency, BLOCK, 1 << 30)
+
+    def route(num_blocks: int, ahead: int):
+        loads = {A: PodLoad(prefill_tokens=ahead, prefill_elapsed_s=0.001), P: PodLoad()}
+        return decide_route(
+            how, "r", num_blocks, num_blocks * BLOCK, RequestClass(SLO()), [A], [P], {}, loads
+        )
+
+    # 1 s per 1k tokens computed on either pod; P/D decodes seen only with nothing ahead
+    for blocks in range(2, 100):
+        for ahead in (0, 500, 1000, 1500):
+            r = route(blocks, ahead)
+            latency.observe(A, "direct", r.shape, (blocks * BLOCK + ahead) / 1000, None)
+        r = route(blocks, 0)
+        prefill_s = blocks * BLOCK / 1000
+        latency.observe(P, "prefill", r.prefill_shape or r.shape, prefill_s, None)
+        latency.observe(A, "decode", r.shape.after_prefill(prefill_s), 0.1, None)
+    behind = route(4, 1500)  # 64 tokens behind 1.5 s of work just started
+    assert behind.prefill is None, behind.prefill.reason if behind.prefill else None
+    decode_shape = behind.shape.after_prefill(0.064)
+    assert latency.predict(A, "decode", decode_shape).ttft_s > 1.3  # 0.1 s + ~1.44 s ahead
+    # a long prompt's decode finds that work done: P/D (1.5 + 0.1 s) against 3 s here
+    long_behind = route(94, 1500).prefill
+    assert long_behind is not None and long_behind.pod == P
+
+
 def test_a_prompt_shorter_than_any_seen_is_left_to_the_threshold():
     """A fit of long prompts only says little of short ones (their fixed costs hide in its
     per-token term): below the shortest prompt seen, as above the longest, the threshold

@@ -25,7 +25,8 @@ Format version 2 (`"v": 2`):
     predicted_tpot_s, shape (what the decode pod's latency model read at dispatch:
     uncached_tokens, cached_tokens, host_tokens and storage_tokens: those of the cached ones
     held only in host memory, and on disk or in the shared tier, ahead_tokens, ahead_elapsed_s,
-    active), loads (per pod:
+    active; a P/D route's as its decode request went, after the prefill: the prompt counted
+    as cached tokens, ahead_elapsed_s that much further on), loads (per pod:
     waiting, running, kv_usage, in_flight, held_blocks: the KV blocks the router's requests
     in flight hold there, counted with --kv-room, the default, else 0; kv_blocks: its size,
     0 unknown), and prompt with --audit-prompts.
