@@ -47,6 +47,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench_router import chat_scripts, conversations, hit_counts
 from bench_slo import (
@@ -161,7 +162,7 @@ def simulated(result: RunResult, config: SimConfig, duration_s: float) -> Figure
 
 
 def dump_requests(
-    path, requests: list[tuple[float, list[int]]], outcomes: list[Outcome], sim: RunResult
+    path: Path, requests: list[tuple[float, list[int]]], outcomes: list[Outcome], sim: RunResult
 ) -> None:
     """One JSON line per request, real beside simulated, for looking at where the two part."""
     by_id = {o.request_id: o for o in sim.outcomes}
