@@ -186,12 +186,12 @@ def test_pd_is_judged_by_its_mean_not_its_typical_answer():
     assert chosen is not None and chosen.pod == P and "P/D predicted to cost" in chosen.reason
 
 
-def test_a_pd_decode_is_costed_behind_what_is_still_ahead_of_it_when_the_prefill_is_done():
-    """A decode request reaches its pod once the prefill is done. Behind a 1.5 s prompt just
-    started on the decode pod, a long prompt's P/D decode finds it done (its own 1.5 s prefill
-    ran meanwhile on the prefill pod), while a short prompt's would wait out nearly all of it:
-    P/D pays for the long prompt only. Costed with the decode pod as it is at dispatch, the
-    long prompt's decode was charged the whole 1.5 s too."""
+def _taught_with_work_ahead(decodes_behind: bool):
+    """Decode pod A and prefill pod P, taught as the dispatcher teaches: 1 s per 1k tokens
+    computed on either pod, with 0 to 1500 tokens ahead on A; a decode after the transfer takes
+    0.1 s plus what is left ahead of it when it arrives, seen with work ahead of it
+    (`decodes_behind`) or only with none. Returns the models and route(blocks, ahead): a
+    prompt of that many blocks with `ahead` tokens just started on A."""
     latency = LatencyModels(1)
     how = RoutingPolicy(make_policy("kv_aware"), None, latency, BLOCK, 1 << 30)
 
@@ -201,16 +201,25 @@ def test_a_pd_decode_is_costed_behind_what_is_still_ahead_of_it_when_the_prefill
             how, "r", num_blocks, num_blocks * BLOCK, RequestClass(SLO()), [A], [P], {}, loads
         )
 
-    # teach, as the dispatcher does: 1 s per 1k tokens computed on either pod, and a decode
-    # after the transfer takes 0.1 s plus what is left ahead of it when it arrives
     for blocks in range(2, 100):
+        prefill_s = blocks * BLOCK / 1000
         for ahead in (0, 500, 1000, 1500):
             r = route(blocks, ahead)
-            prefill_s = blocks * BLOCK / 1000
             latency.observe(A, "direct", r.shape, (blocks * BLOCK + ahead) / 1000, None)
             latency.observe(P, "prefill", r.prefill_shape or r.shape, prefill_s, None)
-            decode_s = 0.1 + max(0.0, ahead / 1000 - prefill_s)
-            latency.observe(A, "decode", r.shape.after_prefill(prefill_s), decode_s, None)
+            if decodes_behind or ahead == 0:
+                decode_s = 0.1 + max(0.0, ahead / 1000 - prefill_s)
+                latency.observe(A, "decode", r.shape.after_prefill(prefill_s), decode_s, None)
+    return latency, route
+
+
+def test_a_pd_decode_is_costed_behind_what_is_still_ahead_of_it_when_the_prefill_is_done():
+    """A decode request reaches its pod once the prefill is done. Behind a 1.5 s prompt just
+    started on the decode pod, a long prompt's P/D decode finds it done (its own 1.5 s prefill
+    ran meanwhile on the prefill pod), while a short prompt's would wait out nearly all of it:
+    P/D pays for the long prompt only. Costed with the decode pod as it is at dispatch, the
+    long prompt's decode was charged the whole 1.5 s too."""
+    _, route = _taught_with_work_ahead(decodes_behind=True)
     long_behind = route(94, 1500).prefill  # 1.5 s ahead + 1.5 s here, or 1.5 s + 0.1 s
     assert long_behind is not None and long_behind.pod == P
     assert "P/D predicted to cost" in long_behind.reason
@@ -223,24 +232,7 @@ def test_a_pd_decode_waits_behind_the_work_ahead_at_the_direct_cost_until_seen_o
     there is done: the decode mode alone never learns what a token ahead costs. Its prior is
     the direct mode's fit, which does: a short prompt behind a long one just started there is
     costed with that wait and stays, where a decode fit of its own said 0.1 s."""
-    latency = LatencyModels(1)
-    how = RoutingPolicy(make_policy("kv_aware"), None, latency, BLOCK, 1 << 30)
-
-    def route(num_blocks: int, ahead: int):
-        loads = {A: PodLoad(prefill_tokens=ahead, prefill_elapsed_s=0.001), P: PodLoad()}
-        return decide_route(
-            how, "r", num_blocks, num_blocks * BLOCK, RequestClass(SLO()), [A], [P], {}, loads
-        )
-
-    # 1 s per 1k tokens computed on either pod; P/D decodes seen only with nothing ahead
-    for blocks in range(2, 100):
-        for ahead in (0, 500, 1000, 1500):
-            r = route(blocks, ahead)
-            latency.observe(A, "direct", r.shape, (blocks * BLOCK + ahead) / 1000, None)
-        r = route(blocks, 0)
-        prefill_s = blocks * BLOCK / 1000
-        latency.observe(P, "prefill", r.prefill_shape or r.shape, prefill_s, None)
-        latency.observe(A, "decode", r.shape.after_prefill(prefill_s), 0.1, None)
+    latency, route = _taught_with_work_ahead(decodes_behind=False)
     behind = route(4, 1500)  # 64 tokens behind 1.5 s of work just started
     assert behind.prefill is None, behind.prefill.reason if behind.prefill else None
     decode_shape = behind.shape.after_prefill(0.064)
