@@ -79,6 +79,39 @@ def test_a_running_prefill_counts_as_work_ahead_on_its_prefill_pod():
     asyncio.run(run())
 
 
+def test_a_prefill_that_hands_over_no_kv_leaves_the_decode_shape_as_it_was():
+    """A prefill answer without kv_transfer_params: the decode pod computes the prompt itself,
+    so what its model learns from keeps the prompt's tokens uncached."""
+
+    async def run() -> None:
+        pod = await RecordingPod().start()
+        pod.answer = {"choices": [{"text": "x"}]}
+        registry = PodRegistry((PodSpec.parse(f"{pod.url},role=prefill"),), None)
+        dispatcher = Dispatcher(registry, LatencyModels(), RouterMetrics())
+        shape = RequestShape(1500, 0, 800, 0, ahead_elapsed_s=0.1)
+        route = Route(
+            "req-1",
+            Decision(DECODE, "decode", {DECODE: 1.0}, 0),
+            Decision(pod.url, "prefill", {pod.url: 1.0}, 0),
+            1500,
+            0,
+            {},
+            RequestClass(SLO()),
+            shape,
+            prefill_shape=RequestShape(1500, 0, 0, 0),
+        )
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
+        try:
+            async with aiohttp.ClientSession() as session:
+                decode_body = await dispatcher.run_prefill(session, "/v1/completions", body, route)
+            assert decode_body == body and pod.received
+            assert route.shape == shape
+        finally:
+            await pod.stop()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("pd", [False, True])
 def test_the_prediction_error_compares_a_direct_prediction_with_direct_answers_only(pd):
     metrics = RouterMetrics()

@@ -96,10 +96,6 @@ class Dispatcher:
             ttft = time.monotonic() - sent
             if served is not None:
                 served.prefill_s = ttft
-            # the decode pod gets the request now, its prompt by transfer and the work ahead
-            # of it there that much further on: what its decode model learns from (as
-            # routing.pd_costs predicts it)
-            route.shape = route.shape.after_prefill(ttft)
             if route.prefill_shape is not None:  # one output token: its time is the TTFT
                 self.latency.observe(pod, "prefill", route.prefill_shape, ttft, None)
                 self.metrics.observed_ttft.labels(pod, "prefill").observe(ttft)
@@ -115,6 +111,10 @@ class Dispatcher:
             return body
         if served is not None:
             served.prefilled = True
+        # the decode pod gets the request now, its prompt by transfer and the work ahead of it
+        # there that much further on: what its decode model learns from (as routing.pd_costs
+        # predicts it)
+        route.shape = route.shape.after_prefill(ttft)
         return {**body, "kv_transfer_params": params}
 
     async def forward(
