@@ -34,6 +34,22 @@ from vllm_llmd.router.slo import SLO, RequestClass
 DECODE = "http://decode:1"
 
 
+def _pd_route(prefill_pod: str) -> Route:
+    """A 1500-token prompt routed prefill_pod -> DECODE, 800 tokens ahead of it on DECODE for
+    0.1 s so far."""
+    return Route(
+        "req-1",
+        Decision(DECODE, "decode", {DECODE: 1.0}, 0),
+        Decision(prefill_pod, "prefill", {prefill_pod: 1.0}, 0),
+        1500,
+        0,
+        {},
+        RequestClass(SLO()),
+        RequestShape(1500, 0, 800, 0, ahead_elapsed_s=0.1),
+        prefill_shape=RequestShape(1500, 0, 0, 0),
+    )
+
+
 def test_a_running_prefill_counts_as_work_ahead_on_its_prefill_pod():
     async def run() -> None:
         pod = await RecordingPod().start()
@@ -41,17 +57,7 @@ def test_a_running_prefill_counts_as_work_ahead_on_its_prefill_pod():
         pod.answer = {"choices": [{"text": "x"}], "kv_transfer_params": {"id": "t"}}
         registry = PodRegistry((PodSpec.parse(f"{pod.url},role=prefill"),), None)
         dispatcher = Dispatcher(registry, LatencyModels(), RouterMetrics())
-        route = Route(
-            "req-1",
-            Decision(DECODE, "decode", {DECODE: 1.0}, 0),
-            Decision(pod.url, "prefill", {pod.url: 1.0}, 0),
-            1500,
-            0,
-            {},
-            RequestClass(SLO()),
-            RequestShape(1500, 0, 800, 0, ahead_elapsed_s=0.1),
-            prefill_shape=RequestShape(1500, 0, 0, 0),
-        )
+        route = _pd_route(pod.url)
         body = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
         try:
             async with aiohttp.ClientSession() as session:
@@ -88,18 +94,8 @@ def test_a_prefill_that_hands_over_no_kv_leaves_the_decode_shape_as_it_was():
         pod.answer = {"choices": [{"text": "x"}]}
         registry = PodRegistry((PodSpec.parse(f"{pod.url},role=prefill"),), None)
         dispatcher = Dispatcher(registry, LatencyModels(), RouterMetrics())
-        shape = RequestShape(1500, 0, 800, 0, ahead_elapsed_s=0.1)
-        route = Route(
-            "req-1",
-            Decision(DECODE, "decode", {DECODE: 1.0}, 0),
-            Decision(pod.url, "prefill", {pod.url: 1.0}, 0),
-            1500,
-            0,
-            {},
-            RequestClass(SLO()),
-            shape,
-            prefill_shape=RequestShape(1500, 0, 0, 0),
-        )
+        route = _pd_route(pod.url)
+        shape = route.shape
         body = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
         try:
             async with aiohttp.ClientSession() as session:
