@@ -131,13 +131,13 @@ def warm_then_measured(
     requests: list[tuple[float, list[int]]],
     warmup_s: float,
     block_size: int,
-    args,
+    output_tokens: int,
 ) -> list[SimRequest]:
     """The warm-up's requests, then the measured ones after it: ids 0.. are the warm-up's,
     the measured run's follow in order (`measured_only` takes them back out)."""
     shift = warmup_s + WARMUP_DRAIN_S if warm else 0.0
     moved = [(at_s + shift, prompt) for at_s, prompt in requests]
-    return as_sim_requests(warm + moved, block_size, args.output_tokens)
+    return as_sim_requests(warm + moved, block_size, output_tokens)
 
 
 def measured_only(outcomes: list[SimOutcome], num_warm: int) -> list[SimOutcome]:
@@ -276,7 +276,9 @@ def compare_slo(pods, model, tokenizer, config: SimConfig, slo, args) -> None:
                 finally:
                     router.stop()
                 sim_result = simulate_policy(
-                    warm_then_measured(warm, requests, args.warmup, config.pod.block_size, args),
+                    warm_then_measured(
+                        warm, requests, args.warmup, config.pod.block_size, args.output_tokens
+                    ),
                     policy,
                     config,
                 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_llmd.devtools.server import parse_cores
+from vllm_llmd.devtools.server import VLLMServer, VLLMServerConfig, parse_cores
 
 
 @pytest.mark.parametrize(
@@ -19,3 +19,13 @@ def test_cores_are_read_as_vllm_binds_them(spec: str, cores: set[int]) -> None:
 def test_a_spec_that_names_no_cores_is_refused(spec: str) -> None:
     with pytest.raises(ValueError, match="expected cores"):
         parse_cores(spec)
+
+
+def test_a_server_kept_on_no_cores_is_refused_before_it_starts(tmp_path) -> None:
+    config = VLLMServerConfig(
+        model=tmp_path / "model", cpu_cores="nobind", whole_server_on_cores=True
+    )
+    server = VLLMServer(config, tmp_path / "server.log")
+    with pytest.raises(ValueError, match="expected cores"):
+        server.start()
+    assert server.process is None  # nothing left running

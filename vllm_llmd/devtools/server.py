@@ -244,6 +244,8 @@ class VLLMServer:
         """Launch the process (returns at once; see wait_ready)."""
         if self.process is not None:
             raise RuntimeError(f"server on port {self.config.port} already started")
+        # a bad core spec is refused before any process starts
+        cores = parse_cores(self.config.cpu_cores) if self.config.whole_server_on_cores else None
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             log.write(f"$ {' '.join(self.command())}\n".encode())
@@ -256,10 +258,10 @@ class VLLMServer:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        if self.config.whole_server_on_cores:
+        if cores is not None:
             # now, while the launcher is one thread importing: its threads and processes to
             # come inherit it
-            os.sched_setaffinity(self.process.pid, parse_cores(self.config.cpu_cores))
+            os.sched_setaffinity(self.process.pid, cores)
         return self
 
     def wait_ready(self, timeout: float = 240.0) -> VLLMServer:
