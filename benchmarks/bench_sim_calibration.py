@@ -176,10 +176,13 @@ def dump_requests(
                 "prompt_tokens": len(prompt),
                 "real_ttft_s": real.ttft_s,
                 "real_tpot_s": real.tpot_s,
+                "real_pod": real.pod,
+                "real_hit_tokens": real.cached_tokens,
                 "sim_ttft_s": s.ttft_s if s else None,
                 "sim_tpot_s": s.tpot_s if s else None,
                 "sim_pod": s.pod if s else None,
                 "sim_hit_tokens": s.device_hit_tokens + s.host_hit_tokens if s else None,
+                "sim_host_hit_tokens": s.host_hit_tokens if s else None,
             }
             out.write(json.dumps(row) + "\n")
 
@@ -326,9 +329,10 @@ class ChatFigures:
 
 
 def chat_run(
-    policy: str, scripts, pods, model, config: SimConfig, args
+    policy: str, scripts, pods, model, config: SimConfig, args, dump: Path
 ) -> tuple[ChatFigures, ChatFigures]:
-    """One policy's closed-loop chat over `scripts`: on the real pods, then simulated."""
+    """One policy's closed-loop chat over `scripts`: on the real pods, then simulated; each
+    request's real and simulated figures written to `dump`."""
     router = ours(policy, pods, model, args.router_flags.split())
     try:
         hit_before, total_before = hit_counts(pods)
@@ -348,6 +352,7 @@ def chat_run(
     )
     requests = chat_as_sim_requests(scripts, config.pod.block_size, args.output_tokens)
     result = simulate_policy(requests, policy, config)
+    dump_requests(dump, [(0.0, prompt) for turns in scripts for prompt in turns], outcomes, result)
     sim_ttfts = [o.ttft_s for o in result.outcomes]
     sim = ChatFigures(
         statistics.mean(sim_ttfts),
@@ -386,7 +391,8 @@ def compare_chat(pods, model, tokenizer, config: SimConfig, args) -> None:
         for policy in order:
             seed = 7 + round_ * len(policies) + policies.index(policy)
             scripts = chat_scripts(tokenizer, seed, args)  # documents of its own per run
-            results[policy] = r, s = chat_run(policy, scripts, pods, model, config, args)
+            dump = LOG_DIR / f"chat-r{round_ + 1}-{policy}.jsonl"
+            results[policy] = r, s = chat_run(policy, scripts, pods, model, config, args, dump)
             print(
                 f"{round_ + 1:<5} {policy:10} {r.mean_ttft_s * 1000:8.0f} ms"
                 f" {s.mean_ttft_s * 1000:7.0f} ms {r.p90_ttft_s * 1000:7.0f} ms"

@@ -64,6 +64,10 @@ class Outcome:
     shed: bool
     ttft_s: float | None
     tpot_s: float | None
+    # the pod that served it (the router's X-Routed-To) and the prompt tokens vLLM served from
+    # its cache or a connector (usage.prompt_tokens_details, --enable-prompt-tokens-details)
+    pod: str | None = None
+    cached_tokens: int | None = None
 
 
 # ---- processes ------------------------------------------------------------------------------
@@ -112,6 +116,8 @@ def start_pods(
             dtype="bfloat16",
             kv_cache_bytes=kv_cache_bytes,
             max_model_len=max_model_len or (2048 if kv_cache_bytes else 8192),
+            # each answer's usage says how many prompt tokens were cached (Outcome.cached_tokens)
+            extra_args=["--enable-prompt-tokens-details"],
             kv_transfer_config={
                 "kv_connector": "LLMDConnector",
                 "kv_role": "kv_both",
@@ -228,20 +234,26 @@ async def one_request(session, url: str, model: str, prompt, args, slo) -> Outco
         "ignore_eos": True,
         "temperature": 0.0,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     started = time.perf_counter()
     first = None
     tokens = 0
+    pod = cached = None
     try:
         async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
             if resp.status == 429:
                 return Outcome(False, True, None, None)
             if resp.status != 200:
                 return Outcome(False, False, None, None)
+            pod = resp.headers.get("X-Routed-To")
             async for line in resp.content:
                 if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
+                if "cached_tokens" in details:
+                    cached = details["cached_tokens"]
                 if any(c.get("text") for c in chunk.get("choices", [])):
                     tokens += 1
                     if first is None:
@@ -254,7 +266,7 @@ async def one_request(session, url: str, model: str, prompt, args, slo) -> Outco
     ttft = first - started
     tpot = (end - first) / max(1, tokens - 1)
     on_time = slo is None or (ttft <= slo[0] and tpot <= slo[1])
-    return Outcome(on_time, False, ttft, tpot)
+    return Outcome(on_time, False, ttft, tpot, pod, cached)
 
 
 async def run_load(url: str, model: str, requests, args, slo) -> list[Outcome]:

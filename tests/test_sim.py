@@ -322,6 +322,43 @@ def test_a_pods_gauges_are_those_of_its_last_steps_end():
     assert seen["after-second"].kv_usage == pytest.approx(13 / 40)
 
 
+def _one_pod(config: PodConfig, step_s: float = 1.0):
+    """A pod whose every step takes step_s, and the outcomes it gives."""
+    env = simpy.Environment()
+    outcomes: list[Outcome] = []
+    profile = LatencyProfile(step_s, 0.0, 0.0, 0.0, 0.0)
+    pod = SimPod(env, "pod-0", config, profile, lambda pod, batch: None, outcomes.append)
+    return env, pod, outcomes
+
+
+@pytest.mark.parametrize(
+    ("budget_tokens", "steps"),
+    [(32 * BLOCK, 1), (10 * BLOCK + 4, 2)],
+    ids=["one-step", "budget-split"],
+)
+def test_requests_sent_together_with_one_new_document_compute_it_once(budget_tokens, steps):
+    """vLLM caches a chunk's blocks when it schedules it (the forward pass writes each layer's
+    KV before attending): a request scheduled after another in the same step hits the blocks
+    that one computes in it, and one left for a later step (no token budget) hits every
+    block scheduled before. Three requests over one new 10-block document, sent together:
+    the document is computed once, whether all three fit one step or the first's chunk
+    takes the whole budget and the others come in the next."""
+    hasher = PrefixHasher(BLOCK)
+    document = synthetic_tokens(7, 10 * BLOCK)
+    requests = [
+        SimRequest(i, 0.0, 10 * BLOCK + 8, 2, Chain(hasher).extend(document + [i] * 8))
+        for i in range(3)
+    ]
+    config = PodConfig(capacity_blocks=64, block_size=BLOCK, max_batched_tokens=budget_tokens)
+    env, pod, outcomes = _one_pod(config)
+    for request in requests:
+        pod.submit(request)
+    env.run()
+    by_id = {o.request_id: o for o in outcomes}
+    assert [by_id[i].device_hit_tokens for i in range(3)] == [0, 10 * BLOCK, 10 * BLOCK]
+    assert [by_id[i].ttft_s for i in range(3)] == pytest.approx([steps * 1.0] * 3)
+
+
 def test_profiles_round_trip_as_json(tmp_path: Path):
     path = tmp_path / "profile.json"
     save_profile(H100_LLAMA_8B, path)

@@ -1,16 +1,18 @@
 """A simulated vLLM pod: a prefix cache, a continuous-batching scheduler, KV events out.
 
 Each engine step (vLLM V1's scheduler, simplified):
-1. admit waiting requests in order while the batch has room (`max_num_seqs`) and the cache
-   can hold the whole request (prompt and answer: reserving it all up front stands in for
-   vLLM's preemption, which this model does not have);
-2. run one token of every decoding request plus prompt chunks, oldest first, up to the token
-   budget (`max_batched_tokens`, chunked prefill), for `profile.step_s(...)` seconds (plus the
-   host tier's loads: a request with host-tier blocks waits out the step they load in and
-   prefills from the next, as vLLM's asynchronous connector loads do);
-3. cache the prompt blocks the chunks completed, give a finished prompt its first token, end
-   the requests whose answer is complete (their answer's blocks are cached), and publish the
-   step's KV events.
+1. schedule one token of every decoding request, then the next chunks of the prompts being
+   prefilled, oldest first, then waiting requests in order, up to the token budget
+   (`max_batched_tokens`, chunked prefill) and `max_num_seqs`. A waiting request is admitted
+   when the cache can hold the whole request (prompt and answer: reserving it all up front
+   stands in for vLLM's preemption, which this model does not have), its hit taken then. A
+   chunk's full blocks are cached as it is scheduled, as vLLM caches them on allocation, so a
+   request scheduled after another in the same step hits what that one computes in it. A
+   request with host-tier blocks waits out the step they load in and prefills from the next,
+   as vLLM's asynchronous connector loads do;
+2. run the step for `profile.step_s(...)` seconds (plus the host tier's loads);
+3. give a finished prompt its first token, end the requests whose answer is complete (their
+   answer's blocks are cached), and publish the step's KV events.
 
 With only decodes running, nothing changes between finishes, so the pod sleeps until the next
 one in a single timeout; a request arriving meanwhile interrupts it, and the pod resumes at the
@@ -86,8 +88,6 @@ class _Running:
     # prompt tokens found cached at admission, and of those on the device
     cached_tokens: int
     device_hit_tokens: int
-    # host blocks still to load (in the next step, before its first chunk)
-    host_blocks: int
     first_s: float = 0.0
     start_step: int = 0
 
@@ -161,9 +161,9 @@ class SimPod:
     def _run(self) -> Process:  # the pod's SimPy process
         while True:
             self._arrived_in_step = 0  # vLLM takes in what arrived before it schedules
-            self._admit()
-            if self._prefilling:
-                yield from self._mixed_step()
+            chunks, loads = self._schedule()
+            if chunks or loads:
+                yield from self._mixed_step(chunks, loads)
             elif self._decoding:
                 yield from self._decode_stretch()
             else:
@@ -171,16 +171,34 @@ class SimPod:
                 yield self._idle
                 self._idle = None
 
-    def _admit(self) -> None:
+    def _schedule(self) -> tuple[list[tuple[_Running, int]], int]:
+        """One step's prompt chunks and host-tier block loads, as vLLM's scheduler picks them:
+        the admitted prompts' next chunks first, oldest first, then waiting requests in order
+        while the token budget lasts. A waiting request's hit is taken when it is scheduled,
+        and a chunk's full blocks are cached as it is scheduled (vLLM caches them on
+        allocation; the forward pass writes each layer's KV before attending), so a request
+        scheduled after another in the same step hits the blocks that one computes in it, and
+        two requests sent together with one new document compute it once."""
+        budget = self.config.max_batched_tokens - len(self._decoding)
+        chunks: list[tuple[_Running, int]] = []
+        loads = 0
+        for running in self._prefilling:
+            if budget <= 0:
+                break
+            take = self._chunk(running, budget)
+            chunks.append((running, take))
+            budget -= take
         size, cache = self.config.block_size, self.cache
         while (
-            self._waiting and len(self._prefilling) + len(self._decoding) < self.config.max_num_seqs
+            budget > 0
+            and self._waiting
+            and len(self._prefilling) + len(self._decoding) < self.config.max_num_seqs
         ):
             request = self._waiting[0]
             num_blocks = -(-(request.num_prompt_tokens + request.num_output_tokens) // size)
             hit = cache.hit(request.prompt_hashes)
             if not cache.can_allocate(request.prompt_hashes, num_blocks, hit):
-                return  # first come, first served: the head waits for room
+                break  # first come, first served: the head waits for room
             self._waiting.popleft()
             holding = cache.allocate(request.prompt_hashes, num_blocks, hit)
             # vLLM recomputes the last prompt token of a full hit, to sample from it
@@ -188,39 +206,38 @@ class SimPod:
             cached = min(
                 (hit.device_blocks + hit.host_blocks) * size, request.num_prompt_tokens - 1
             )
-            self._prefilling.append(
-                _Running(request, holding, cached, cached, device, hit.host_blocks)
-            )
-
-    def _mixed_step(self) -> Process:
-        budget = self.config.max_batched_tokens - len(self._decoding)
-        chunks: list[tuple[_Running, int]] = []
-        prefill_tokens = attended = loads = 0
-        for running in self._prefilling:
-            if running.host_blocks:
+            running = _Running(request, holding, cached, cached, device)
+            self._prefilling.append(running)
+            if hit.host_blocks:
                 # vLLM loads external KV asynchronously: the request waits out the step its
                 # load runs in (WAITING_FOR_REMOTE_KVS) and prefills from the next one
-                loads += running.host_blocks
-                running.host_blocks = 0
+                loads += hit.host_blocks
                 continue
-            if budget <= 0:
-                break
-            take = min(budget, running.request.num_prompt_tokens - running.computed)
+            take = self._chunk(running, budget)
             chunks.append((running, take))
-            prefill_tokens += take
-            attended += running.computed
             budget -= take
+        return chunks, loads
+
+    def _chunk(self, running: _Running, budget: int) -> int:
+        """The request's next prompt chunk within the budget, its full blocks cached now."""
+        take = min(budget, running.request.num_prompt_tokens - running.computed)
+        size = self.config.block_size
+        hashes = running.request.prompt_hashes
+        self.cache.cache(
+            running.holding, hashes[running.computed // size : (running.computed + take) // size]
+        )
+        return take
+
+    def _mixed_step(self, chunks: list[tuple[_Running, int]], loads: int) -> Process:
+        prefill_tokens = sum(take for _, take in chunks)
+        attended = sum(running.computed for running, _ in chunks)
         seconds = self.profile.step_s(
             prefill_tokens, attended, len(self._decoding), self._decode_context
         )
         yield self.env.timeout(seconds + loads * self.config.host_load_s_per_block)
         self._advance(1)
-        size = self.config.block_size
         for running, take in chunks:
-            done_blocks = running.computed // size
             running.computed += take
-            hashes = running.request.prompt_hashes
-            self.cache.cache(running.holding, hashes[done_blocks : running.computed // size])
             if running.computed == running.request.num_prompt_tokens:
                 self._first_token(running)
         self._finish_due()
