@@ -19,13 +19,13 @@ policies side by side.
    ratio to `--baseline` (round robin) measured and simulated, and how far apart they are: the
    issue's goal is within 25%.
 
-`--workload chat` compares `bench_router.py`'s closed-loop chat instead (pods with
-`--kv-cache-mib` device caches and their 256 MiB host tiers): `--users` users, each resending
-its conversation over one of `--num-prefixes` documents for `--turns` turns, a turn sent when
-the last one's answer ended. The simulator replays the very same prompts as closed-loop
-requests (`SimRequest.after`), its pods with the real pods' block count and a host tier of the
-same bytes (loads at `--host-gbps`). Printed: mean and p90 TTFT, requests per second and prefix
-hit rate, real and simulated, then the ratios to the baseline.
+`--workload chat` and `--workload documents` compare `bench_router.py`'s closed-loop workloads
+instead (`sim_closed_loop.py`), on pods with `--kv-cache-mib` device caches and
+`--host-tier-mib` host tiers: the simulator replays the very same prompts as closed-loop
+requests, its pods with the real pods' block count and a host tier of the same bytes (loads at
+`--host-gbps`). Printed: mean and p90 TTFT, requests per second and prefix hit rate, real and
+simulated, then the ratios to the baseline. Every run writes each request's real and simulated
+figures side by side to `logs/bench_sim_calibration/` (`sim_compare.dump_requests`).
 
 Not modelled by the simulator, and so part of what the comparison measures: the router and the
 client sharing this box's two cores with the pods, the host tier (the device caches here hold
@@ -33,9 +33,10 @@ every prefix of a run), and HTTP hops.
 
 Usage: `.venv/bin/python benchmarks/bench_sim_calibration.py [--rates 2,4] [--duration 30]`, or
 `... --workload chat [--users 8] [--turns 4] [--rounds 5] [--profile-lengths 128,512,1024,1536]
-[--profile-batches 1,2,3]` (calibration batches that fit the small device cache). With
-`--rounds N` (either workload), every policy runs N times, in turns, and the ratios compared
-are the medians over the rounds.
+[--profile-batches 1,2,3]` (calibration batches that fit the small device cache), or
+`... --workload documents --host-tier-mib 0 --output-tokens 4 [--requests 72] ...`. With
+`--rounds N` (any workload), every policy runs N times, in turns, and the ratios compared are
+the medians over the rounds.
 """
 
 from __future__ import annotations
@@ -43,16 +44,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import statistics
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from bench_router import chat_scripts, conversations, hit_counts
 from bench_slo import (
     BLOCK,
-    HOST_OFFLOAD_BYTES,
     REPO_ROOT,
     Outcome,
     add_whole_pod_flag,
@@ -63,12 +59,19 @@ from bench_slo import (
     start_pods,
 )
 from bench_slo import calibrate as calibrate_slos
+from sim_closed_loop import compare_closed_loop
+from sim_compare import (
+    LOG_DIR,
+    as_sim_requests,
+    device_blocks,
+    dump_requests,
+    print_median_ratios,
+    simulate_policy,
+)
 from tokenizers import Tokenizer
 
 from vllm_llmd.devtools.client import get_text
 from vllm_llmd.devtools.model_maker import cached_model
-from vllm_llmd.hashing import PrefixHasher
-from vllm_llmd.prometheus_text import parse_prometheus_text
 from vllm_llmd.router.pod_verification import cache_config_info
 from vllm_llmd.router.slo import SLO
 from vllm_llmd.sim.calibrate import CalibrationPlan, calibrate
@@ -76,11 +79,10 @@ from vllm_llmd.sim.pod import Outcome as SimOutcome
 from vllm_llmd.sim.pod import PodConfig
 from vllm_llmd.sim.profile import LatencyProfile, save_profile
 from vllm_llmd.sim.router import RouterSettings
-from vllm_llmd.sim.run import RunResult, SimConfig, simulate
-from vllm_llmd.sim.workloads import Chain, SimRequest
+from vllm_llmd.sim.run import RunResult, SimConfig
+from vllm_llmd.sim.workloads import SimRequest
 
-LOG_DIR = REPO_ROOT / "logs" / "bench_sim_calibration"
-# the chat workload sends no SLO headers; in the simulator, SLOs that never bind (every
+# the closed-loop workloads send no SLO headers; in the simulator, SLOs that never bind (every
 # policy routes such a request as it would one without SLOs) and goodput that counts all
 NO_SLO = (3600.0, 3600.0)
 # vLLM's defaults for an OpenAI server on CPU (engine/arg_utils.py), which the pods run with
@@ -105,20 +107,6 @@ def figures(ttfts: list[float], good: int, duration_s: float) -> Figures:
 def measured(outcomes: list[Outcome], duration_s: float) -> Figures:
     ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None]
     return figures(ttfts, sum(o.ok for o in outcomes), duration_s)
-
-
-def as_sim_requests(
-    requests: list[tuple[float, list[int]]], block_size: int, output_tokens: int
-) -> list[SimRequest]:
-    """bench_slo's (send time, token ids) as the simulator's requests: the prompts' own block
-    chain, so equal prefixes share hashes exactly as on the pods."""
-    hasher = PrefixHasher(block_size)
-    out = []
-    for request_id, (at_s, prompt) in enumerate(requests):
-        chain = Chain(hasher)
-        chain.extend(list(prompt))
-        out.append(SimRequest(request_id, at_s, len(prompt), output_tokens, chain.hashes))
-    return out
 
 
 # simulated seconds between the warm-up's last arrival and the measured run's first: the real
@@ -149,73 +137,11 @@ def measured_only(outcomes: list[SimOutcome], num_warm: int) -> list[SimOutcome]
     ]
 
 
-def simulate_policy(requests: list[SimRequest], policy: str, config: SimConfig) -> RunResult:
-    router = dataclasses.replace(config.router, policy=policy)
-    return simulate(dataclasses.replace(config, router=router), requests)
-
-
 def simulated(result: RunResult, config: SimConfig, duration_s: float) -> Figures:
     slo = config.goodput_slo
     assert slo.ttft_s is not None and slo.tpot_s is not None
     good = sum(1 for o in result.outcomes if o.ttft_s <= slo.ttft_s and o.tpot_s <= slo.tpot_s)
     return figures([o.ttft_s for o in result.outcomes], good, duration_s)
-
-
-def dump_requests(
-    path: Path, requests: list[tuple[float, list[int]]], outcomes: list[Outcome], sim: RunResult
-) -> None:
-    """One JSON line per request, real beside simulated, for looking at where the two part."""
-    by_id = {o.request_id: o for o in sim.outcomes}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as out:
-        for request_id, ((at_s, prompt), real) in enumerate(zip(requests, outcomes, strict=True)):
-            s = by_id.get(request_id)
-            row = {
-                "id": request_id,
-                "at_s": round(at_s, 4),
-                "prompt_tokens": len(prompt),
-                "real_ttft_s": real.ttft_s,
-                "real_tpot_s": real.tpot_s,
-                "real_pod": real.pod,
-                "real_hit_tokens": real.cached_tokens,
-                "sim_ttft_s": s.ttft_s if s else None,
-                "sim_tpot_s": s.tpot_s if s else None,
-                "sim_pod": s.pod if s else None,
-                "sim_hit_tokens": s.device_hit_tokens + s.host_hit_tokens if s else None,
-                "sim_host_hit_tokens": s.host_hit_tokens if s else None,
-            }
-            out.write(json.dumps(row) + "\n")
-
-
-def device_blocks(metrics_text: str) -> int:
-    """The pod's device cache in blocks (vllm:cache_config_info's num_gpu_blocks)."""
-    only = ("vllm:cache_config_info",)
-    for (_, labels), _ in parse_prometheus_text(metrics_text, only=only).items():
-        blocks = dict(labels).get("num_gpu_blocks", "")
-        if blocks.isdigit():
-            return int(blocks)
-    raise RuntimeError("no num_gpu_blocks in the pod's vllm:cache_config_info")
-
-
-def ratio_row(name: str, real: float, sim: float) -> str:
-    gap = abs(sim / real - 1) if real else float("inf")
-    verdict = "within 25%" if gap <= 0.25 else "OFF"
-    return f"  {name:34} measured {real:6.2f}x  simulated {sim:6.2f}x  apart {gap:5.0%}  {verdict}"
-
-
-def print_median_ratios(
-    label: str, real: list[dict[str, float]], sim: list[dict[str, float]]
-) -> None:
-    """A row per measure every round has: the medians over the rounds of the measured and the
-    simulated ratios, how far apart, then each round's measured ratio."""
-    for measure in [m for m in real[0] if all(m in ratios for ratios in real + sim)]:
-        real_each = [ratios[measure] for ratios in real]
-        row = ratio_row(
-            f"{label} {measure}",
-            statistics.median(real_each),
-            statistics.median(ratios[measure] for ratios in sim),
-        )
-        print(f"{row}  ({', '.join(f'{x:.2f}' for x in real_each)})")
 
 
 def slo_ratios(policy: Figures, base: Figures) -> dict[str, float]:
@@ -225,21 +151,6 @@ def slo_ratios(policy: Figures, base: Figures) -> dict[str, float]:
     if base.goodput_rps:
         ratios["goodput"] = policy.goodput_rps / base.goodput_rps
     return ratios
-
-
-def chat_as_sim_requests(
-    scripts: list[list[list[int]]], block_size: int, output_tokens: int
-) -> list[SimRequest]:
-    """bench_router's conversations as closed-loop requests: each user's first turn at 0, each
-    later turn sent when the turn before it ended (no think time, as its clients do)."""
-    prompts = [(0.0, prompt) for turns in scripts for prompt in turns]
-    requests = as_sim_requests(prompts, block_size, output_tokens)
-    first = 0
-    for turns in scripts:
-        for turn in range(1, len(turns)):
-            requests[first + turn].after = first + turn - 1
-        first += len(turns)
-    return requests
 
 
 def compare_slo(pods, model, tokenizer, config: SimConfig, slo, args) -> None:
@@ -318,103 +229,9 @@ def compare_slo(pods, model, tokenizer, config: SimConfig, slo, args) -> None:
             print_median_ratios(f"{rate:g}/s {policy}", real, sim)
 
 
-@dataclass(frozen=True)
-class ChatFigures:
-    """What one policy's closed-loop chat run gave."""
-
-    mean_ttft_s: float
-    p90_ttft_s: float
-    requests_per_s: float
-    hit_rate: float
-
-
-def chat_run(
-    policy: str, scripts, pods, model, config: SimConfig, args, dump: Path
-) -> tuple[ChatFigures, ChatFigures]:
-    """One policy's closed-loop chat over `scripts`: on the real pods, then simulated; each
-    request's real and simulated figures written to `dump`."""
-    router = ours(policy, pods, model, args.router_flags.split())
-    try:
-        hit_before, total_before = hit_counts(pods)
-        outcomes, took = asyncio.run(
-            conversations(router.url, pods[0][0].model_name, scripts, args)
-        )
-        time.sleep(1.5)  # the pods' counters reach /metrics
-        hit_after, total_after = hit_counts(pods)
-    finally:
-        router.stop()
-    ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
-    real = ChatFigures(
-        statistics.mean(ttfts),
-        percentile(ttfts, 90),
-        len(outcomes) / took,
-        (hit_after - hit_before) / max(1.0, total_after - total_before),
-    )
-    requests = chat_as_sim_requests(scripts, config.pod.block_size, args.output_tokens)
-    result = simulate_policy(requests, policy, config)
-    dump_requests(dump, [(0.0, prompt) for turns in scripts for prompt in turns], outcomes, result)
-    sim_ttfts = [o.ttft_s for o in result.outcomes]
-    sim = ChatFigures(
-        statistics.mean(sim_ttfts),
-        percentile(sim_ttfts, 90),
-        len(result.outcomes) / result.summary.sim_s,
-        result.summary.hit_rate,
-    )
-    return real, sim
-
-
-def chat_ratios(policy: ChatFigures, base: ChatFigures) -> dict[str, float]:
-    """A policy's figures against the baseline's (TTFT: baseline / policy; the rest: policy /
-    baseline): higher is better for every one."""
-    return {
-        "mean TTFT": base.mean_ttft_s / policy.mean_ttft_s,
-        "p90 TTFT": base.p90_ttft_s / policy.p90_ttft_s,
-        "req/s": policy.requests_per_s / base.requests_per_s,
-        "hit rate": policy.hit_rate / base.hit_rate if base.hit_rate else float("inf"),
-    }
-
-
-def compare_chat(pods, model, tokenizer, config: SimConfig, args) -> None:
-    """bench_router's closed-loop chat per policy, real then simulated, `--rounds` times: the
-    policies take turns (ABBA...), each run on documents of its own; the ratios compared are
-    the medians over the rounds (32 closed-loop requests spread a ratio by over 25% here)."""
-    policies = args.policy_list
-    print(
-        f"\n{'round policy':16} {'TTFT mean':>21} {'TTFT p90':>21} {'req/s':>15} {'hit rate':>15}"
-        f"\n{'':16}{'real':>10} {'sim':>10} {'real':>10} {'sim':>10} {'real':>7} {'sim':>7}"
-        f" {'real':>7} {'sim':>7}"
-    )
-    rounds: list[dict[str, tuple[ChatFigures, ChatFigures]]] = []
-    for round_ in range(args.rounds):
-        order = policies if round_ % 2 == 0 else policies[::-1]
-        results: dict[str, tuple[ChatFigures, ChatFigures]] = {}
-        for policy in order:
-            seed = 7 + round_ * len(policies) + policies.index(policy)
-            scripts = chat_scripts(tokenizer, seed, args)  # documents of its own per run
-            dump = LOG_DIR / f"chat-r{round_ + 1}-{policy}.jsonl"
-            results[policy] = r, s = chat_run(policy, scripts, pods, model, config, args, dump)
-            print(
-                f"{round_ + 1:<5} {policy:10} {r.mean_ttft_s * 1000:8.0f} ms"
-                f" {s.mean_ttft_s * 1000:7.0f} ms {r.p90_ttft_s * 1000:7.0f} ms"
-                f" {s.p90_ttft_s * 1000:7.0f} ms {r.requests_per_s:7.2f} {s.requests_per_s:7.2f}"
-                f" {r.hit_rate:7.1%} {s.hit_rate:7.1%}",
-                flush=True,
-            )
-        rounds.append(results)
-    print(f"\nratios to {args.baseline} (TTFT: baseline / policy, higher is better;")
-    print("req/s and hit rate: policy / baseline), median over the rounds, measured and")
-    print("simulated; each round's measured ratio after it:")
-    for policy in policies:
-        if policy == args.baseline:
-            continue
-        real = [chat_ratios(r[policy][0], r[args.baseline][0]) for r in rounds]
-        sim = [chat_ratios(r[policy][1], r[args.baseline][1]) for r in rounds]
-        print_median_ratios(f"chat {policy}", real, sim)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=("slo", "chat"), default="slo")
+    parser.add_argument("--workload", choices=("slo", "chat", "documents"), default="slo")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--rates", default="2,4", help="slo: arrival rates, requests/s")
     parser.add_argument("--duration", type=float, default=30.0, help="slo: seconds per run")
@@ -423,22 +240,26 @@ def main() -> None:
     parser.add_argument(
         "--router-flags", default="", help="more flags for our routers (one string)"
     )
-    parser.add_argument("--prefix-tokens", type=int, default=None, help="slo 1536, chat 1280")
-    parser.add_argument("--num-prefixes", type=int, default=None, help="slo 4, chat 6")
+    parser.add_argument("--prefix-tokens", type=int, default=None, help="slo 1536, else 1280")
+    parser.add_argument("--num-prefixes", type=int, default=None, help="slo 4, else 6")
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument(
         "--warmup", type=float, default=10.0, help="slo: unmeasured seconds of load before each run"
     )
-    parser.add_argument("--users", type=int, default=8, help="chat: concurrent users")
+    parser.add_argument("--users", type=int, default=8, help="chat, documents: clients")
     parser.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
+    parser.add_argument("--requests", type=int, default=72, help="documents: requests in all")
     parser.add_argument(
         "--rounds", type=int, default=1, help="runs of every policy (and rate), in turns (ABBA)"
     )
     parser.add_argument(
-        "--kv-cache-mib", type=int, default=24, help="chat: device KV cache per pod"
+        "--kv-cache-mib", type=int, default=24, help="chat, documents: device KV cache per pod"
     )
     parser.add_argument(
-        "--host-gbps", type=float, default=5.0, help="chat: simulated host-tier load GB/s"
+        "--host-tier-mib", type=int, default=256, help="chat, documents: host tier per pod"
+    )
+    parser.add_argument(
+        "--host-gbps", type=float, default=5.0, help="chat, documents: host-tier load GB/s"
     )
     parser.add_argument(
         "--profile-lengths", default="128,512,1024,2048", help="calibration prompt lengths"
@@ -446,23 +267,29 @@ def main() -> None:
     parser.add_argument("--profile-batches", default="1,2,4", help="calibration batch sizes")
     add_whole_pod_flag(parser)
     args = parser.parse_args()
-    chat = args.workload == "chat"
+    closed_loop = args.workload != "slo"
     if args.prefix_tokens is None:
-        args.prefix_tokens = 1280 if chat else 1536
+        args.prefix_tokens = 1280 if closed_loop else 1536
     if args.num_prefixes is None:
-        args.num_prefixes = 6 if chat else 4
+        args.num_prefixes = 6 if closed_loop else 4
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
     args.policy_list = [p for p in args.policies.split(",") if p]
     assert args.baseline in args.policy_list, "--baseline must be one of --policies"
 
-    kv_cache_bytes = args.kv_cache_mib << 20 if chat else None
-    pods = start_pods(model, kv_cache_bytes=kv_cache_bytes, whole_pod=args.whole_pod_on_core)
+    kv_cache_bytes = host_bytes = None
+    if closed_loop:
+        kv_cache_bytes, host_bytes = args.kv_cache_mib << 20, args.host_tier_mib << 20
+        pods = start_pods(
+            model, kv_cache_bytes, host_offload_bytes=host_bytes, whole_pod=args.whole_pod_on_core
+        )
+    else:
+        pods = start_pods(model, whole_pod=args.whole_pod_on_core)
     try:
         pod = pods[0][0]
-        slo = NO_SLO if chat else calibrate_slos(pod, tokenizer, args)
-        if not chat:
+        slo = NO_SLO if closed_loop else calibrate_slos(pod, tokenizer, args)
+        if not closed_loop:
             print(f"SLOs: TTFT {slo[0] * 1000:.0f} ms, TPOT {slo[1] * 1000:.1f} ms", flush=True)
         plan = CalibrationPlan(
             lengths=tuple(int(x) for x in args.profile_lengths.split(",")),
@@ -477,10 +304,10 @@ def main() -> None:
         print(f"profile: {profile}", flush=True)
         print(f"pods: {capacity} blocks of {block_size} tokens each", flush=True)
         host = {}
-        if chat:  # the pods' 256 MiB host tier (start_pods), in blocks of the device's bytes
+        if kv_cache_bytes and host_bytes:  # the pods' host tier, in blocks of the device's bytes
             block_bytes = kv_cache_bytes / capacity
             host = {
-                "host_capacity_blocks": int(HOST_OFFLOAD_BYTES // block_bytes),
+                "host_capacity_blocks": int(host_bytes // block_bytes),
                 "host_load_s_per_block": block_bytes / (args.host_gbps * 1e9),
             }
             print(f"host tier: {host['host_capacity_blocks']} blocks", flush=True)
@@ -498,8 +325,8 @@ def main() -> None:
             router=RouterSettings(slo=SLO(*slo), scrape_interval_s=0.25),
             goodput_slo=SLO(*slo),
         )
-        if chat:
-            compare_chat(pods, model, tokenizer, config, args)
+        if closed_loop:
+            compare_closed_loop(pods, model, tokenizer, config, args)
         else:
             compare_slo(pods, model, tokenizer, config, slo, args)
     finally:

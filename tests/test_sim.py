@@ -408,12 +408,17 @@ BURST_INTERVAL_S = 1e-4
 
 @pytest.mark.server
 def test_calibrate_fits_a_profile_from_a_real_server(vllm_servers, tiny_model, tmp_path):
-    server = vllm_servers.launch(VLLMServerConfig(model=tiny_model, cpu_cores="0"), "sim-calibrate")
+    # a device cache of 10,240 tokens (tiny, float32: 2 KiB a token) and no lower tier: the
+    # sweeps send 16,128 prompt tokens, so a prompt sent again only after them all would be
+    # computed again, and priced as cached
+    config = VLLMServerConfig(model=tiny_model, cpu_cores="0", kv_cache_bytes=20 << 20)
+    server = vllm_servers.launch(config, "sim-calibrate")
     out = tmp_path / "profile.json"
     argv = ["calibrate", server.url, "--out", str(out), "--lengths", "256,1024,4096"]
     assert cli.main([*argv, "--batches", "1,2", "--output-tokens", "8"]) == 0
     profile = load_profile(out)
     assert profile.prefill_s_per_token > 0
+    assert profile.prefill_s_per_cached_token < profile.prefill_s_per_token / 2, profile
     assert profile.step_s(4096, 0, 0, 0) > profile.step_s(256, 0, 0, 0)
     assert server.url in profile.source
     # the decode fit predicts what a client measures between chunks, within a factor 3: the

@@ -6,8 +6,9 @@ nothing is cached unless a sweep means it to be):
 - prefill: `batch` concurrent one-token requests of `length` tokens; the slowest one's time
   (for one token, its time to first token) against the batch's total prompt tokens gives
   `prefill_s_per_token` (slope);
-- cached: each prompt sent again, its TTFT now over a cached prefix, gives
-  `prefill_s_per_cached_token`;
+- cached: one prompt of each length sent again right after its first run, its TTFT now over
+  a cached prefix, gives `prefill_s_per_cached_token` (right after: a later sweep could evict
+  it from a small cache, and the re-send would be priced as cached but computed);
 - decode: the shortest and the longest prompt shape again, `batch` concurrent requests of
   `output_tokens` each; the time between their answers' chunks once every one of them is
   decoding (so no other request's prefill chunk is in those steps: the simulator adds those
@@ -99,10 +100,11 @@ def calibrate(
     say = print if log else (lambda *_: None)
     client.together([client.prompt(64)], 4)  # warm up (first-request compilation, caches)
 
-    prefill_x, prefill_y, prompts = [], [], []
+    prefill_x, prefill_y = [], []
+    cached_ttfts: list[tuple[int, float]] = []  # (length, TTFT) of a prompt sent again
     one_token: dict[tuple[int, int], float] = {}  # (length, batch) -> mean request time
     for length in plan.lengths:
-        for batch in plan.batches:
+        for k, batch in enumerate(plan.batches):
             batch_prompts = [client.prompt(length) for _ in range(batch)]
             timings = client.together(batch_prompts, 1)
             # one token: the whole request is its time to first token (a stream's first
@@ -111,17 +113,19 @@ def calibrate(
             one_token[length, batch] = sum(t.total_s for t in timings) / batch
             prefill_x.append([1.0, batch * length])
             prefill_y.append(ttft)
-            prompts.append(batch_prompts[0])
             say(f"prefill {batch} x {length} tokens: TTFT {ttft * 1000:.1f} ms")
+            if k == 0:
+                # one prompt of each length sent again at once, while its blocks are surely
+                # still cached: later sweeps would evict them from a small cache (and from a
+                # pod without a lower tier it would be computed again, priced as cached)
+                cached = client.together([batch_prompts[0]], 1)[0].total_s
+                cached_ttfts.append((length, cached))
+                say(f"cached {length} tokens: TTFT {cached * 1000:.1f} ms")
     prefill_fixed, per_token = _fit(prefill_x, prefill_y)
-
-    cached_x, cached_y = [], []
-    for prompt in prompts[:: len(plan.batches)]:  # one prompt of each length, sent again
-        ttft = client.together([prompt], 1)[0].total_s
-        cached_x.append([float(len(prompt))])
-        cached_y.append(max(0.0, ttft - prefill_fixed))
-        say(f"cached {len(prompt)} tokens: TTFT {ttft * 1000:.1f} ms")
-    (per_cached,) = _fit(cached_x, cached_y)
+    (per_cached,) = _fit(
+        [[float(length)] for length, _ in cached_ttfts],
+        [max(0.0, ttft - prefill_fixed) for _, ttft in cached_ttfts],
+    )
 
     decode_x, decode_y = [], []
     contexts = (min(plan.lengths), max(plan.lengths))
