@@ -7,8 +7,9 @@ nothing is cached unless a sweep means it to be):
   (for one token, its time to first token) against the batch's total prompt tokens gives
   `prefill_s_per_token` (slope);
 - cached: one prompt of each length sent again right after its first run, its TTFT now over
-  a cached prefix, gives `prefill_s_per_cached_token` (right after: a later sweep could evict
-  it from a small cache, and the re-send would be priced as cached but computed);
+  a cached prefix, gives `prefill_s_per_cached_token` (the slope of a line with its own
+  intercept, the request's fixed cost; right after: a later sweep could evict it from a small
+  cache, and the re-send would be priced as cached but computed);
 - decode: the shortest and the longest prompt shape again, `batch` concurrent requests of
   `output_tokens` each; the time between their answers' chunks once every one of them is
   decoding (so no other request's prefill chunk is in those steps: the simulator adds those
@@ -122,9 +123,12 @@ def calibrate(
                 cached_ttfts.append((length, cached))
                 say(f"cached {length} tokens: TTFT {cached * 1000:.1f} ms")
     prefill_fixed, per_token = _fit(prefill_x, prefill_y)
-    (per_cached,) = _fit(
-        [[float(length)] for length, _ in cached_ttfts],
-        [max(0.0, ttft - prefill_fixed) for _, ttft in cached_ttfts],
+    # a line with its own intercept: a cached request's fixed cost (its step's floor, the
+    # HTTP round trip) is ~40 ms on the CPU pods, where the prefill fit's intercept, set by
+    # prompts of thousands of tokens, says ~10; through the origin, the rest of it went into
+    # the slope and priced a cached token 3x too high
+    _, per_cached = _fit(
+        [[1.0, float(length)] for length, _ in cached_ttfts], [ttft for _, ttft in cached_ttfts]
     )
 
     decode_x, decode_y = [], []
