@@ -292,7 +292,10 @@ class KVAwarePolicy(ScoringPolicy):
         """Each candidate's load in 0..1: max(KV usage, requests / busiest candidate's)."""
         if pod_loads is None:
             pod_loads = request.candidate_loads()
-        pressures = [_pressure(load) for load in pod_loads.values()]
+        # a pod's requests: waiting + running + in flight (inline: 256 pods a decision)
+        pressures = [
+            load.num_waiting + load.num_running + load.num_in_flight for load in pod_loads.values()
+        ]
         scale = max(self.config.pressure_floor, *pressures)
         scores = {}
         for (pod, load), pressure in zip(pod_loads.items(), pressures, strict=True):
@@ -353,10 +356,6 @@ class SLOFallbackPolicy(KVAwarePolicy):
     """The `slo` policy's choice while its latency models are cold: kv_aware's."""
 
     name = PolicyName.SLO.value
-
-
-def _pressure(load: PodLoad) -> int:
-    return load.num_waiting + load.num_running + load.num_in_flight
 
 
 def make_policy(
