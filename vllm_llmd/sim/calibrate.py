@@ -6,10 +6,10 @@ nothing is cached unless a sweep means it to be):
 - prefill: `batch` concurrent one-token requests of `length` tokens; the slowest one's time
   (for one token, its time to first token) against the batch's total prompt tokens gives
   `prefill_s_per_token` (slope);
-- cached: one prompt of each length sent again right after its first run, its TTFT now over
-  a cached prefix, gives `prefill_s_per_cached_token` (the slope of a line with its own
-  intercept, the request's fixed cost; right after: a later sweep could evict it from a small
-  cache, and the re-send would be priced as cached but computed);
+- cached: one prompt of each length sent again right after its first run (three times, the
+  median), its TTFT now over a cached prefix, gives `prefill_s_per_cached_token` (the slope
+  of a line with its own intercept, the request's fixed cost; right after: a later sweep could
+  evict it from a small cache, and the re-send would be priced as cached but computed);
 - decode: the shortest and the longest prompt shape again, `batch` concurrent requests of
   `output_tokens` each; the time between their answers' chunks once every one of them is
   decoding (so no other request's prefill chunk is in those steps: the simulator adds those
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -119,7 +120,11 @@ def calibrate(
                 # one prompt of each length sent again at once, while its blocks are surely
                 # still cached: later sweeps would evict them from a small cache (and from a
                 # pod without a lower tier it would be computed again, priced as cached)
-                cached = client.together([batch_prompts[0]], 1)[0].total_s
+                # the median of three: the cached cost is a few ms over a ~40 ms floor, so one
+                # reading's noise could set the fit's slope (one run fitted 0)
+                cached = statistics.median(
+                    client.together([batch_prompts[0]], 1)[0].total_s for _ in range(3)
+                )
                 cached_ttfts.append((length, cached))
                 say(f"cached {length} tokens: TTFT {cached * 1000:.1f} ms")
     prefill_fixed, per_token = _fit(prefill_x, prefill_y)
