@@ -118,10 +118,10 @@ def calibrate(
             say(f"prefill {batch} x {length} tokens: TTFT {ttft * 1000:.1f} ms")
             if k == 0:
                 # one prompt of each length sent again at once, while its blocks are surely
-                # still cached: later sweeps would evict them from a small cache (and from a
-                # pod without a lower tier it would be computed again, priced as cached)
-                # the median of three: the cached cost is a few ms over a ~40 ms floor, so one
-                # reading's noise could set the fit's slope (one run fitted 0)
+                # still cached: later sweeps would evict them from a small cache (and a pod
+                # without a lower tier would compute it again, priced as cached). The median
+                # of three: the cached cost is a few ms over a ~40 ms floor, and one reading's
+                # noise could set the fit's slope (one run fitted 0)
                 cached = statistics.median(
                     client.together([batch_prompts[0]], 1)[0].total_s for _ in range(3)
                 )
