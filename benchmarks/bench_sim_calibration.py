@@ -7,7 +7,10 @@ policies side by side.
 2. `vllm_llmd.sim.calibrate` measures one of them (`vllm-llmd-sim calibrate`'s sweeps) and fits
    the latency profile the simulator uses; the pod's device cache size comes from its
    `vllm:cache_config_info`, its batch limits are vLLM's CPU serving defaults (2048 batched
-   tokens, 128 sequences), its SLOs are bench_slo's (calibrated the same way).
+   tokens, 128 sequences), its SLOs are bench_slo's (calibrated the same way). With
+   `--router-dispatch`, the time our router adds to an idle request (bench_router's
+   `added_latency`) is what the simulated router spends on each request before its pod has it
+   (`RouterSettings.dispatch_s`).
 3. For each rate in `--rates` and each policy in `--policies`: bench_slo's open-loop workload
    (Poisson arrivals, 80% on one of four 1536-token prefixes plus a short suffix, 20% short
    unique, 16 output tokens; prefixes of its own per run) sent through our router to the real
@@ -47,6 +50,7 @@ import dataclasses
 import statistics
 from dataclasses import dataclass
 
+from bench_router import added_latency
 from bench_slo import (
     BLOCK,
     REPO_ROOT,
@@ -229,6 +233,19 @@ def compare_slo(pods, model, tokenizer, config: SimConfig, slo, args) -> None:
             print_median_ratios(f"{rate:g}/s {policy}", real, sim)
 
 
+def dispatch_s(pods, model, args) -> float:
+    """The seconds our router adds to an idle request (bench_router's `added_latency`: the
+    median through it minus straight to a pod), which the simulator spends on each request
+    before its pod has it (`RouterSettings.dispatch_s`)."""
+    router = ours("kv_aware", pods, model, args.router_flags.split())
+    try:
+        added = max(0.0, added_latency(router.url, pods[0][0]))
+    finally:
+        router.stop()
+    print(f"router: {added * 1000:.1f} ms a request", flush=True)
+    return added
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=("slo", "chat", "documents"), default="slo")
@@ -265,6 +282,12 @@ def main() -> None:
         "--profile-lengths", default="128,512,1024,2048", help="calibration prompt lengths"
     )
     parser.add_argument("--profile-batches", default="1,2,4", help="calibration batch sizes")
+    parser.add_argument(
+        "--router-dispatch",
+        action="store_true",
+        help="the simulated router takes our router's measured added latency on each request, "
+        "one at a time (RouterSettings.dispatch_s; not yet compared against real pods)",
+    )
     add_whole_pod_flag(parser)
     args = parser.parse_args()
     closed_loop = args.workload != "slo"
@@ -322,7 +345,11 @@ def main() -> None:
             ),
             profile=profile,
             # the router as bench_slo runs it: scrapes every 0.25 s
-            router=RouterSettings(slo=SLO(*slo), scrape_interval_s=0.25),
+            router=RouterSettings(
+                slo=SLO(*slo),
+                scrape_interval_s=0.25,
+                dispatch_s=dispatch_s(pods, model, args) if args.router_dispatch else 0.0,
+            ),
             goodput_slo=SLO(*slo),
         )
         if closed_loop:

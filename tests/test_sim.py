@@ -359,6 +359,30 @@ def test_requests_sent_together_with_one_new_document_compute_it_once(budget_tok
     assert [by_id[i].ttft_s for i in range(3)] == pytest.approx([steps * 1.0] * 3)
 
 
+@pytest.mark.parametrize(
+    ("dispatch_s", "ttfts"), [(0.0, [1.0, 1.0, 1.0]), (0.01, [1.01, 2.01, 2.0])]
+)
+def test_the_router_hands_requests_that_arrive_together_over_one_at_a_time(dispatch_s, ttfts):
+    """With `dispatch_s`, the router takes each request that long, one at a time: of two sent
+    together to an idle pod, the first starts a step alone and the second waits for the next,
+    as on real pods (a step here takes 1 s whatever it computes). A closed-loop request may
+    follow one the router has not handed over yet."""
+    hasher = PrefixHasher(BLOCK)
+    requests = [
+        SimRequest(i, 0.0, 2 * BLOCK, 1, Chain(hasher).extend(synthetic_tokens(i, 2 * BLOCK)))
+        for i in range(3)
+    ]
+    requests[2].after = 0  # sent when the first one's answer ends
+    config = SimConfig(
+        1,
+        PodConfig(capacity_blocks=64, block_size=BLOCK),
+        LatencyProfile(1.0, 0.0, 0.0, 0.0, 0.0),
+        RouterSettings(policy="round_robin", dispatch_s=dispatch_s),
+    )
+    outcomes = {o.request_id: o for o in simulate(config, requests).outcomes}
+    assert [outcomes[i].ttft_s for i in range(3)] == pytest.approx(ttfts)
+
+
 def test_profiles_round_trip_as_json(tmp_path: Path):
     path = tmp_path / "profile.json"
     save_profile(H100_LLAMA_8B, path)

@@ -67,6 +67,11 @@ class RouterSettings:
     replicate_min_tokens: int = 256
     # --kv-room (the router's default)
     kv_room: bool = True
+    # seconds the router spends on each request before its pod has it (parse, look-up,
+    # decide, connect), one request at a time: requests that arrive together reach their pods
+    # this far apart, and an idle pod starts its first step on the first alone, as a real one
+    # does. 0: every request reaches its pod the instant it arrives
+    dispatch_s: float = 0.0
 
 
 class SimRouter:

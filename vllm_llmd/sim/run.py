@@ -2,7 +2,8 @@
 
 A request's life: it arrives (the workload's time; for a closed-loop request,
 `SimRequest.think_s` after the answer it follows ends) -> the router looks its block hashes up and
-decides (`SimRouter.route`: index, recent routes, decide_route) -> the chosen pod queues it ->
+decides (`SimRouter.route`: index, recent routes, decide_route), `RouterSettings.dispatch_s`
+after it is free of the request before -> the chosen pod queues it ->
 the pod's engine prefills it (first token) and decodes it (done) -> the router's in-flight
 count drops and, for policy slo, its latency model learns. A hot-prefix copy the router plans
 (`RouterSettings.replicate_after`) lands in its target `PodConfig.copy_s_per_block` per block
@@ -121,8 +122,26 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
         for pod in router.pods
     }
     arriving = [True]
+    # requests the router has not handed to a pod yet (RouterSettings.dispatch_s), and when it
+    # is free to take the next
+    handing: set[int] = set()
+    router_free = [0.0]
 
     def dispatch(request: SimRequest) -> None:
+        if settings.dispatch_s <= 0:
+            hand_over(request)
+            return
+        done_at = max(float(env.now), router_free[0]) + settings.dispatch_s
+        router_free[0] = done_at
+        handing.add(request.request_id)
+        env.process(hand_over_at(done_at, request))
+
+    def hand_over_at(at_s: float, request: SimRequest) -> Process:
+        yield env.timeout(at_s - env.now)
+        handing.discard(request.request_id)
+        hand_over(request)
+
+    def hand_over(request: SimRequest) -> None:
         route = router.route(
             request.request_id,
             request.prompt_hashes,
@@ -137,7 +156,8 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
     def arrivals() -> Process:
         for request in requests:
             if request.after is not None:
-                if request.after not in routes and request.after not in following_ids:
+                after = request.after
+                if after not in routes and after not in following_ids and after not in handing:
                     raise ValueError(
                         f"request {request.request_id} follows request {request.after}, which "
                         "is neither in flight nor waiting: a closed-loop request must come "
@@ -169,7 +189,7 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
         router.copied(copy, hashes)
 
     def scrapes() -> Process:
-        while arriving[0] or routes or followers:
+        while arriving[0] or routes or followers or handing:
             yield env.timeout(settings.scrape_interval_s)
             for pod_id, pod in pods.items():
                 router.scraped(pod_id, pod.load())
