@@ -15,7 +15,7 @@ from pathlib import Path
 from bench_slo import REPO_ROOT, Outcome
 
 from vllm_llmd.hashing import PrefixHasher
-from vllm_llmd.prometheus_text import parse_prometheus_text
+from vllm_llmd.router.load import pod_load_from_metrics
 from vllm_llmd.sim.run import RunResult, SimConfig, simulate
 from vllm_llmd.sim.workloads import Chain, SimRequest
 
@@ -68,13 +68,12 @@ def dump_requests(
 
 
 def device_blocks(metrics_text: str) -> int:
-    """The pod's device cache in blocks (vllm:cache_config_info's num_gpu_blocks)."""
-    only = ("vllm:cache_config_info",)
-    for (_, labels), _ in parse_prometheus_text(metrics_text, only=only).items():
-        blocks = dict(labels).get("num_gpu_blocks", "")
-        if blocks.isdigit():
-            return int(blocks)
-    raise RuntimeError("no num_gpu_blocks in the pod's vllm:cache_config_info")
+    """The pod's device cache in blocks (vllm:cache_config_info's num_gpu_blocks, as the
+    router reads it)."""
+    blocks = pod_load_from_metrics(metrics_text).kv_blocks
+    if not blocks:
+        raise RuntimeError("no num_gpu_blocks in the pod's vllm:cache_config_info")
+    return blocks
 
 
 def ratio_row(name: str, real: float, sim: float) -> str:

@@ -283,21 +283,22 @@ def test_a_host_tier_hit_waits_out_the_step_its_load_runs_in():
     assert by_id[3].ttft_s == pytest.approx(2 * floor, rel=0.05)
 
 
+def _one_pod(config: PodConfig, step_s: float = 1.0):
+    """A pod whose every step takes step_s, and the outcomes it gives."""
+    env = simpy.Environment()
+    outcomes: list[Outcome] = []
+    profile = LatencyProfile(step_s, 0.0, 0.0, 0.0, 0.0)
+    pod = SimPod(env, "pod-0", config, profile, lambda pod, batch: None, outcomes.append)
+    return env, pod, outcomes
+
+
 def test_a_pods_gauges_are_those_of_its_last_steps_end():
     """vLLM's engine sends its stats with each step's output: a scrape during a step reads the
     state its previous step ended in, and a request arriving mid-step is not counted until
     the step after it is taken in ends."""
     hasher = PrefixHasher(BLOCK)
-    env = simpy.Environment()
-    step_s = 1.0  # every step one second, whatever it computes
-    pod = SimPod(
-        env,
-        "pod-0",
-        PodConfig(capacity_blocks=40, block_size=BLOCK),
-        LatencyProfile(step_s, 0.0, 0.0, 0.0, 0.0),
-        lambda pod, batch: None,
-        lambda outcome: None,
-    )
+    # every step one second, whatever it computes
+    env, pod, _ = _one_pod(PodConfig(capacity_blocks=40, block_size=BLOCK), step_s=1.0)
     first = SimRequest(0, 0.0, 640, 3, Chain(hasher).extend(synthetic_tokens(1, 640)))
     second = SimRequest(1, 0.0, 64, 2, Chain(hasher).extend(synthetic_tokens(2, 64)))
     seen = {}
@@ -320,15 +321,6 @@ def test_a_pods_gauges_are_those_of_its_last_steps_end():
     assert after.kv_usage == pytest.approx(11 / 40)  # 640 + 3 tokens: 11 blocks held
     assert seen["after-second"].num_running == 2
     assert seen["after-second"].kv_usage == pytest.approx(13 / 40)
-
-
-def _one_pod(config: PodConfig, step_s: float = 1.0):
-    """A pod whose every step takes step_s, and the outcomes it gives."""
-    env = simpy.Environment()
-    outcomes: list[Outcome] = []
-    profile = LatencyProfile(step_s, 0.0, 0.0, 0.0, 0.0)
-    pod = SimPod(env, "pod-0", config, profile, lambda pod, batch: None, outcomes.append)
-    return env, pod, outcomes
 
 
 @pytest.mark.parametrize(
