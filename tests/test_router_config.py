@@ -117,6 +117,7 @@ def test_validation_messages_name_the_flag(capsys):
         (["--replicate-hot-prefixes", "-2"], "--replicate-hot-prefixes must be >= 0 (0: off)"),
         (["--replicate-hot-prefixes", "3"], "--replicate-hot-prefixes needs --tokenizer"),
         (["--replicate-per-minute", "0"], "--replicate-per-minute must be >= 1, got 0"),
+        (["--prefill-pace-tokens", "-1"], "--prefill-pace-tokens must be >= 0 (0: off)"),
     ):
         with pytest.raises(SystemExit):
             parse_config([*POD, *argv], environ={})

@@ -20,7 +20,10 @@ from collections.abc import Callable
 from aiohttp import web
 
 from vllm_llmd.router.errors import error
+from vllm_llmd.router.latency import RequestShape
 from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.predictive import SLOPlanner
+from vllm_llmd.router.scoring import ScoreInput
 from vllm_llmd.router.slo import (
     AdmissionOutcome,
     AdmissionQueue,
@@ -146,3 +149,53 @@ def _settle(entry: QueuedRequest, admitted: bool) -> None:
     """Tell a queued request's waiter whether it goes (once: its client may have left)."""
     if not entry.admitted.done():
         entry.admitted.set_result(admitted)
+
+
+def judge(
+    planner: SLOPlanner,
+    request: ScoreInput,
+    num_tokens: int | None,
+    request_class: RequestClass,
+    waited_s: float,
+) -> Verdict:
+    """Admit the request now, let it wait, or refuse it, after `waited_s` in the queue
+    (`request`: the pods it may go to, their caches and loads now).
+
+    Admitted when a pod is predicted to meet what is left of its SLO; waits while only
+    load stands in the way (not all pods saturated and an idle pod would meet it). A miss
+    of its own (no pod, however idle, meets what is left) goes when its class is served
+    late; else best effort, which also warms the cache for the requests that share its
+    prefix, only on arrival, only on an idle pod (no prompt ahead of it, none decoding)
+    and never on the last pod with no prompt ahead: a long cold prompt served on a busy
+    pod holds up for seconds the requests that could meet their SLOs (past saturation,
+    admitted while at most a quarter of their own TTFT was queued ahead, such prompts
+    still took over half the pods' time), its prefill step stalls every answer decoding
+    there past a TPOT SLO (a 2.5 s step in a 16-token answer adds 170 ms to each of its
+    tokens), and with every pod on such prompts the next warm request has nowhere to go
+    (cache-warming needs few of them: each pod keeps what its last one computed). Otherwise
+    it is refused (429) at once. A plain request (no SLO, objective or fairness id) is
+    admitted at once, as any policy would send it: only a queue of requests ahead holds it
+    back."""
+    if planner.all_saturated(request):
+        return "wait"
+    choice = planner.choose(request, num_tokens, request_class.within(waited_s).slo)
+    if choice.meets:
+        return "admit"
+    if choice.load_bound:
+        return "wait"
+    if request_class.served_late:
+        return "admit"
+    if waited_s == 0 and _idle(choice.shape) and _another_free(request, choice.decision.pod):
+        return "admit"
+    return "refuse"
+
+
+def _idle(shape: RequestShape) -> bool:
+    """No prompt ahead of the request at its pod, and none answering there."""
+    return shape.ahead_tokens == 0 and shape.active == 0
+
+
+def _another_free(request: ScoreInput, pod: str) -> bool:
+    """Another candidate has no prompt ahead either (with one pod there is none to keep)."""
+    others = [p for p in request.candidates if p != pod]
+    return not others or any(request.load(p).prefill_tokens == 0 for p in others)

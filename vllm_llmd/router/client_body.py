@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -98,3 +99,13 @@ def refuse_request_template(body: dict[str, Any]) -> None:
             f"'{field}': this router does not render chat templates sent with a request "
             "(start it with --trust-request-chat-template to allow them)",
         )
+
+
+def answer_tokens(body: Mapping[str, Any]) -> int:
+    """The answer's length the body asks for (max_tokens or max_completion_tokens); 0: none
+    said."""
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from vllm_llmd.events.curve import CurveClientKeys
 from vllm_llmd.router.config_checks import LOG_LEVELS
+from vllm_llmd.router.config_k8s import PODS, KubernetesDiscoveryFlags
 from vllm_llmd.router.flags import (
     ENV_PREFIX,
     flag,
@@ -38,15 +39,16 @@ __all__ = [
 
 PROG = "vllm-llmd-router"
 # the sections of --help and of docs/configuration.md, in this order (each field names one)
-SERVING, PODS, TOKENS, ROUTING = "serving", "pods and discovery", "tokenizer", "routing policy"
+SERVING, TOKENS, ROUTING = "serving", "tokenizer", "routing policy"
 SLOS, INDEX, PD, HEALTH, LOGGING = "SLO", "index and events", "P/D", "health", "logging"
 GROUPS = (SERVING, PODS, TOKENS, ROUTING, SLOS, INDEX, PD, HEALTH, LOGGING)
 
 
 @dataclass(frozen=True)
-class RouterConfig:
-    """Everything the router needs. Each field is a flag, declared once here: its default,
-    type and help (`flags.flag`); `build_parser` and docs/configuration.md come from them."""
+class RouterConfig(KubernetesDiscoveryFlags):
+    """Everything the router needs. Each field is a flag, declared once here (the Kubernetes
+    discovery ones in `config_k8s`): its default, type and help (`flags.flag`); `build_parser`
+    and docs/configuration.md come from them."""
 
     pods: tuple[PodSpec, ...] = flag(
         (),
@@ -193,6 +195,14 @@ class RouterConfig:
         "reads (README: KV room)",
         group=ROUTING,
     )
+    prefill_pace_tokens: int = flag(
+        2048,
+        "a prompt whose uncached tokens, with the uncached prompt tokens already ahead of it "
+        "at the pod that would compute them, exceed this waits in the router until they do "
+        "not: long prompts reach a pod one after another, not sharing its steps (README: "
+        "prefill pacing). Every policy but round_robin; 0 turns it off",
+        group=ROUTING,
+    )
     shared_tier_ttl_s: float = flag(
         300.0,
         "how long a block announced in the shared KV tier (medium SHARED) counts as there "
@@ -334,42 +344,6 @@ class RouterConfig:
         8,
         "observations a pod's latency model needs before its predictions are used",
         group=SLOS,
-    )
-    # ---- Kubernetes pod discovery (on with k8s_label_selector; see router/k8s.py) ----
-    k8s_label_selector: str | None = flag(
-        None,
-        "discover pods in Kubernetes: the ready pods this label selector picks (e.g. "
-        "'app=vllm'), watched as they come and go; with or without --pod",
-        metavar="SELECTOR",
-        group=PODS,
-    )
-    k8s_namespace: str | None = flag(
-        None,
-        "namespace of the discovered pods (default: the router's own, in a cluster)",
-        group=PODS,
-    )
-    k8s_port: str = flag(
-        "8000",
-        "the pods' vLLM port: a number, or the name of a container port",
-        metavar="PORT|NAME",
-        group=PODS,
-    )
-    k8s_role_label: str = flag(
-        "llm-d.ai/role",
-        "pod label whose value (prefill, decode, both) is the pod's role; none: both",
-        group=PODS,
-    )
-    k8s_kubeconfig: str | None = flag(
-        None,
-        "reach the cluster with this kubeconfig (default: the pod's service account)",
-        metavar="FILE",
-        group=PODS,
-    )
-    k8s_api_url: str | None = flag(
-        None,
-        "reach the Kubernetes API at this URL without credentials (tests, kubectl proxy)",
-        metavar="URL",
-        group=PODS,
     )
 
     def kv_events_curve(self) -> CurveClientKeys | None:

@@ -28,7 +28,7 @@ K8S_DISCOVERY_FLAGS = (
     "k8s_api_url",
 )
 _AT_LEAST_ONE = ("tokenize_workers", "health_timeouts_to_evict", "replicate_per_minute")
-_AT_LEAST_ZERO = ("replicate_hot_prefixes", "epp_fallbacks")
+_AT_LEAST_ZERO = ("replicate_hot_prefixes", "epp_fallbacks", "prefill_pace_tokens")
 _POSITIVE = (
     "tokenize_timeout_s",
     "index_timeout_s",

@@ -4,7 +4,8 @@
 `Decider.decide` takes a request's headers and (checked) body and returns its `Route`:
 
     classify (SLO headers, model) -> tokenize + block hashes, index lookup per pod (both off
-    the event loop: `prompt_lookup.PromptLookup`) -> admission (policy slo) ->
+    the event loop: `prompt_lookup.PromptLookup`) -> admission (policy slo) -> prefill pacing
+    (`pacing.PrefillPacer`: a long uncached prompt waits while another is ahead at its pod) ->
     `routing.decide_route` picks the decode pod (and, for a long uncached prompt with prefill
     pods, the prefill pod)
 
@@ -27,9 +28,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from vllm_llmd.router.admission import Admission
+from vllm_llmd.router.admission import Admission, judge
 from vllm_llmd.router.audit import AuditLog
 from vllm_llmd.router.client_body import (
+    answer_tokens,
     api_key_ok,
     refuse_request_template,
     strip_kv_transfer_params,
@@ -37,12 +39,14 @@ from vllm_llmd.router.client_body import (
 from vllm_llmd.router.config import Role, RouterConfig
 from vllm_llmd.router.errors import error
 from vllm_llmd.router.index import Index
-from vllm_llmd.router.latency import LatencyModels, RequestShape
+from vllm_llmd.router.latency import LatencyModels
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.pacing import PrefillPacer, paced
 from vllm_llmd.router.pod_state import count_own_blocks, pods_without_room
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.predictive import SLOPlanner
+from vllm_llmd.router.prefill_headers import prefill_target
 from vllm_llmd.router.prompt_lookup import PromptLookup
 from vllm_llmd.router.replication import HotPrefixes, Replicator
 from vllm_llmd.router.request_record import RequestRecord, RequestRecorder
@@ -62,9 +66,6 @@ from vllm_llmd.router.tokens import (
 )
 
 logger = logging.getLogger(__name__)
-
-# llm-d's header naming a pod that holds the prompt's KV (HOST:PORT): --pull-from-holders
-KV_SOURCE_HEADER = "x-kv-cache-source-host-port"
 
 
 class Decider:
@@ -117,6 +118,11 @@ class Decider:
                 max(1, round(config.poll_interval_s)),
                 metrics,
             )
+        # round robin is the plain rotation it is named for: it never waits
+        self.pacer: PrefillPacer | None = None
+        if config.prefill_pace_tokens and config.policy != PolicyName.ROUND_ROBIN.value:
+            self.pacer = PrefillPacer()
+            registry.on_answering = self.pacer.pump
         self.routing = RoutingPolicy(
             policy,
             self.planner,
@@ -206,6 +212,16 @@ class Decider:
             admission, queued_s = await self.admission.admit(request_class, judge)
             if admission != "met":  # it waited: the pods' caches moved on
                 looked_up = await prompts.lookup(hashes)
+        if self.pacer is not None:
+            may_go = partial(
+                self._may_go, headers, hashes, own_blocks, looked_up, num_tokens, allowed
+            )
+            # routed with no await after the wait (PrefillPacer.wait): on the caches looked up
+            # before it, with the prefixes routed since (recent routes)
+            paced_s = await self.pacer.wait(partial(may_go, request_class.within(queued_s)))
+            if paced_s:
+                self.metrics.pace_wait.observe(paced_s)
+                queued_s += paced_s
         # chosen for what is left of its SLO; counted against its whole SLO from arrival
         left = request_class.within(queued_s)
         caches = prompts.now(looked_up, hashes)  # no await from here to the route's record
@@ -224,9 +240,11 @@ class Decider:
         return self.registry.candidates(DECODE_ROLES)
 
     def finished(self) -> None:
-        """A routed request ended: a queued one may fit now (policy slo)."""
+        """A routed request ended: a queued one may fit now (policy slo), a paced one go."""
         if self.admission is not None:
             self.admission.pump()
+        if self.pacer is not None:
+            self.pacer.pump()
 
     def _classify(self, headers: Mapping[str, str], body: dict[str, Any] | None) -> RequestClass:
         model = None
@@ -253,27 +271,11 @@ class Decider:
         allowed: Collection[str] | None,
         waited_s: float,
     ) -> Verdict:
-        """Admit the request now, let it wait, or refuse it, after `waited_s` in the queue.
-
-        Admitted when a pod is predicted to meet what is left of its SLO; waits while only
-        load stands in the way (not all pods saturated and an idle pod would meet it). A miss
-        of its own (no pod, however idle, meets what is left) goes when its class is served
-        late; else best effort, which also warms the cache for the requests that share its
-        prefix, only on arrival, only on an idle pod (no prompt ahead of it, none decoding)
-        and never on the last pod with no prompt ahead: a long cold prompt served on a busy
-        pod holds up for seconds the requests that could meet their SLOs (past saturation,
-        admitted while at most a quarter of their own TTFT was queued ahead, such prompts
-        still took over half the pods' time), its prefill step stalls every answer decoding
-        there past a TPOT SLO (a 2.5 s step in a 16-token answer adds 170 ms to each of its
-        tokens), and with every pod on such prompts the next warm request has nowhere to go
-        (cache-warming needs few of them: each pod keeps what its last one computed). Otherwise
-        it is refused (429) at once. A plain request (no SLO, objective or fairness id) is
-        admitted at once, as any policy would send it: only a queue of requests ahead holds it
-        back."""
+        """Admit the request now, let it wait, or refuse it, after `waited_s` in the queue
+        (`admission.judge`)."""
         assert self.planner is not None
         if request_class.plain:
             return "admit"
-        left = request_class.within(waited_s)
         decode_pods = self._candidates(DECODE_ROLES, allowed)
         if not decode_pods:
             return "admit"  # _route answers 503
@@ -281,20 +283,49 @@ class Decider:
         full = self._without_room(loads, hashes, own_blocks)
         caches = self.prompts.now(looked_up, hashes)
         request = ScoreInput(len(hashes), decode_pods, caches, loads, full, self.config.kv_room)
-        if self.planner.all_saturated(request):
-            return "wait"
-        choice = self.planner.choose(request, num_tokens, left.slo)
-        if choice.meets:
-            return "admit"
-        if choice.load_bound:
-            return "wait"
-        if request_class.served_late:
-            return "admit"
-        if waited_s == 0 and _idle(choice.shape) and _another_free(request, choice.decision.pod):
-            return "admit"
-        return "refuse"
+        return judge(self.planner, request, num_tokens, request_class, waited_s)
+
+    def _may_go(
+        self,
+        headers: Mapping[str, str],
+        hashes: list[int],
+        own_blocks: int,
+        looked_up: Mapping[str, PodCache] | None,
+        num_tokens: int | None,
+        allowed: Collection[str] | None,
+        request_class: RequestClass,
+    ) -> bool:
+        """The request's route now would not be `paced` (a refusal goes: `_route` answers)."""
+        caches = self.prompts.now(looked_up, hashes)
+        try:
+            route = self._choose(
+                headers, hashes, own_blocks, caches, num_tokens, request_class, allowed
+            )
+        except web.HTTPException:
+            return True
+        return not paced(route, self.registry.loads(), self.config.prefill_pace_tokens)
 
     def _route(
+        self,
+        headers: Mapping[str, str],
+        hashes: list[int],
+        own_blocks: int,
+        caches: Mapping[str, PodCache],
+        num_tokens: int | None,
+        request_class: RequestClass,
+        allowed: Collection[str] | None = None,
+    ) -> Route:
+        """The request's route, its prefix counted at its pods until their events say."""
+        route = self._choose(
+            headers, hashes, own_blocks, caches, num_tokens, request_class, allowed
+        )
+        ours = self.registry.pods
+        for chosen in (route.decode, route.prefill):
+            if chosen is not None and chosen.pod in ours:  # ours, not a header's
+                self.prompts.routed(chosen.pod, hashes)
+        return route
+
+    def _choose(
         self,
         headers: Mapping[str, str],
         hashes: list[int],
@@ -309,7 +340,7 @@ class Decider:
         if not decode_pods:
             raise error(web.HTTPServiceUnavailable, "no healthy pod can serve this request")
         loads = self.registry.loads()
-        route = decide_route(
+        return decide_route(
             self.routing,
             headers.get("X-Request-Id") or str(uuid.uuid4()),
             len(hashes),
@@ -323,10 +354,6 @@ class Decider:
             self._candidates(("both",), allowed) if self.config.pull_from_holders else (),
             self._without_room(loads, hashes, own_blocks),
         )
-        for chosen in (route.decode, route.prefill):
-            if chosen is not None and chosen.pod in loads:  # ours, not a header's
-                self.prompts.routed(chosen.pod, hashes)
-        return route
 
     def _own_blocks(
         self, num_blocks: int, num_tokens: int | None, body: Mapping[str, Any] | None
@@ -335,12 +362,7 @@ class Decider:
         the answer (its max_tokens; none said: only the prompt is counted)."""
         if num_tokens is None:
             return 0
-        answer = 0
-        for key in ("max_tokens", "max_completion_tokens"):
-            value = body.get(key) if body is not None else None
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                answer = value
-                break
+        answer = answer_tokens(body) if body is not None else 0
         return count_own_blocks(num_blocks, num_tokens, answer, self._block_size())
 
     def _without_room(
@@ -352,43 +374,20 @@ class Decider:
         return pods_without_room(loads, self.registry.pods, hashes, own_blocks)
 
     def _prefill_from_headers(self, headers: Mapping[str, str]) -> str | None:
-        """The prefill target an upstream gateway named, if allowed (else 403): llm-d's
-        prefiller headers, or (with --pull-from-holders) its KV-source header, which names a
-        pod of any role to pull the prompt's KV from."""
-        roles: tuple[Role, ...] = PREFILL_ROLES
-        host_port = headers.get("x-prefiller-host-port")
-        url = f"http://{host_port.strip()}" if host_port else headers.get("x-prefiller-url")
-        source = headers.get(KV_SOURCE_HEADER)
-        if not url and source and self.config.pull_from_holders:
-            url, roles = f"http://{source.strip()}", ("prefill", "both")
-        if not url:
-            return None
-        url = url.strip().rstrip("/")
-        allowed = {pid for pid, pod in self.registry.pods.items() if pod.spec.role in roles}
-        allowed |= {
-            f"http://{target.strip()}"
-            for target in (self.config.prefill_allowlist or "").split(",")
-            if target.strip()
-        }
-        if url not in allowed:
-            message = f"prefill target {url} is not in this router's allowlist"
-            raise error(web.HTTPForbidden, message)
-        return url
+        """The prefill target (or KV source) an upstream gateway named, if allowed (else
+        403): `prefill_headers.prefill_target`."""
+        return prefill_target(
+            headers,
+            self.registry.pods,
+            self.config.pull_from_holders,
+            self.config.prefill_allowlist,
+        )
 
     def close(self) -> None:
         if self.admission is not None:
             self.admission.stop()
+        if self.pacer is not None:
+            self.pacer.stop()
         self.prompts.close()
         if self.recorder.audit is not None:
             self.recorder.audit.close()
-
-
-def _idle(shape: RequestShape) -> bool:
-    """No prompt ahead of the request at its pod, and none answering there."""
-    return shape.ahead_tokens == 0 and shape.active == 0
-
-
-def _another_free(request: ScoreInput, pod: str) -> bool:
-    """Another candidate has no prompt ahead either (with one pod there is none to keep)."""
-    others = [p for p in request.candidates if p != pod]
-    return not others or any(request.load(p).prefill_tokens == 0 for p in others)

@@ -49,7 +49,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 
 from vllm_llmd.router.client_body import MAX_JSON_DEPTH, json_depth
-from vllm_llmd.router.decision import KV_SOURCE_HEADER, Decider
+from vllm_llmd.router.decision import Decider
 from vllm_llmd.router.dispatch import AnswerTiming, learn_from_answer
 from vllm_llmd.router.epp_health import HealthService, add_health_service
 from vllm_llmd.router.epp_wire import (
@@ -69,6 +69,7 @@ from vllm_llmd.router.epp_wire import (
 from vllm_llmd.router.errors import error
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.pod_state import Sending
+from vllm_llmd.router.prefill_headers import KV_SOURCE_HEADER
 from vllm_llmd.router.request_record import CLIENT_CLOSED_STATUS, RequestRecord
 from vllm_llmd.router.routing import DECODE_ROLES, Route
 from vllm_llmd.router.scoring import Decision, load_key

@@ -214,6 +214,18 @@ class RouterMetrics:
         self.queue_depth = Gauge(
             "llmd:router_queue_depth", "Requests waiting in the router's queue.", registry=r
         )
+        self.pace_depth = Gauge(
+            "llmd:router_paced_depth",
+            "Requests waiting for room at their pod (prefill pacing, --prefill-pace-tokens).",
+            registry=r,
+        )
+        self.pace_wait = Histogram(
+            "llmd:router_pace_wait_seconds",
+            "Seconds a request waited for room at its pod (prefill pacing): only those that "
+            "waited.",
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
 
     def event_gap(self, pod_id: str) -> None:
         """One gap in the pod's event stream (`EventIngestor.on_gap`: any thread)."""

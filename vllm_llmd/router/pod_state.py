@@ -95,10 +95,13 @@ class Sending:
         prefill_tokens: int,
         blocks: Sequence[int] = (),
         own_blocks: int = 0,
+        on_answering: Callable[[], None] | None = None,
     ) -> None:
         """`blocks`: the prompt's full blocks (hashes), `own_blocks`: the KV blocks it needs
-        besides (its partial block, its answer): what it holds of the pod's KV cache."""
+        besides (its partial block, its answer): what it holds of the pod's KV cache;
+        `on_answering()` runs once its prefill work has left the pod's count."""
         self.pod, self.prefill_tokens = pod, prefill_tokens
+        self.on_answering = on_answering
         self.blocks, self.own_blocks = tuple(blocks), max(0, own_blocks)
         self._prefilling = True
         pod.arrivals.add()
@@ -119,6 +122,8 @@ class Sending:
             pod.prefill_tokens -= self.prefill_tokens
             # a first token ends an engine step: what is still ahead starts from now
             pod.ahead_since = pod.clock() if pod.prefill_tokens else None
+            if self.on_answering is not None:
+                self.on_answering()
 
     def ended(self) -> None:
         """The request is over (answered or not): no longer in flight."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import aiohttp
@@ -78,6 +78,9 @@ class PodRegistry:
         self._session: aiohttp.ClientSession | None = None
         # first polls of pods added at run time
         self._joins: set[asyncio.Task[None]] = set()
+        # called when a request's prefill work leaves a pod (its first byte, or its end
+        # before one): prefill pacing's cue
+        self.on_answering: Callable[[], None] | None = None
 
     def state(self, pod_id: str) -> PodState:
         """The pod's state, live or removed. An id that is no pod of ours (a target named by a
@@ -98,7 +101,8 @@ class PodRegistry:
         yields (the answer's first byte); and the KV blocks it holds there (`Sending`). The
         state is held across the block's awaits, so a pod removed meanwhile keeps the count
         (and has it again if it comes back before the request ends)."""
-        sending = Sending(self.state(pod_id), max(0, prefill_tokens), blocks, own_blocks)
+        state = self.state(pod_id)
+        sending = Sending(state, max(0, prefill_tokens), blocks, own_blocks, self.on_answering)
         try:
             yield sending
         finally:

@@ -118,6 +118,7 @@ class Router(Decider):
         self.metrics.refresh(self.registry, index_stats, shared_stats)
         queued = len(self.admission.queue) if self.admission is not None else 0
         self.metrics.queue_depth.set(queued)
+        self.metrics.pace_depth.set(len(self.pacer) if self.pacer is not None else 0)
         return web.Response(body=self.metrics.render(), content_type="text/plain")
 
     def _store_stats(self) -> tuple[IndexStats | None, SharedViewStats | None]:

@@ -58,7 +58,7 @@ class Route:
     shape: RequestShape
     # the decode pod's predicted latency (None: model cold)
     prediction: Prediction | None = None
-    # seconds the request waited in the router's admission queue
+    # seconds the request waited in the router: its admission queue, and prefill pacing
     queued_s: float = 0.0
     # how it was admitted (see slo.Admitted)
     admission: Admitted = "met"

@@ -32,6 +32,7 @@ from vllm_llmd.router.event_apply import PodStats, apply_update
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.latency import LatencyModels, relative_error
 from vllm_llmd.router.load import ArrivalRate, PodLoad
+from vllm_llmd.router.pacing import paced
 from vllm_llmd.router.pod_spec import PodSpec
 from vllm_llmd.router.pod_state import PodState, Sending, count_own_blocks, pods_without_room
 from vllm_llmd.router.predictive import SLOPlanner
@@ -72,6 +73,10 @@ class RouterSettings:
     # this far apart, and an idle pod starts its first step on the first alone, as a real one
     # does. 0: every request reaches its pod the instant it arrives
     dispatch_s: float = 0.0
+    # --prefill-pace-tokens (router/pacing.py; not for round_robin). The simulation releases
+    # a held request at the first token or end that makes room for it (the router also every
+    # 20 ms, and any after 30 s)
+    prefill_pace_tokens: int = 2048
 
 
 class SimRouter:
@@ -107,6 +112,8 @@ class SimRouter:
         # shortcut around asking RecentRoutes about every pod; same answers)
         self._routed_first: dict[int, set[str]] = {}
         self.uses_caches = settings.policy not in _CACHE_BLIND
+        # prefill pacing (the proxy's PrefillPacer): every policy but round robin
+        self.pacing = settings.prefill_pace_tokens > 0 and settings.policy != "round_robin"
         self.event_stats = {pod: PodStats() for pod in self.pods}
         self._seq = dict.fromkeys(self.pods, 0)
         # each pod's scraped load and the router's own counts, kept as the registry keeps them
@@ -138,6 +145,18 @@ class SimRouter:
         self, request_id: int, hashes: list[int], num_tokens: int, output_tokens: int = 0
     ) -> routing.Route:
         """The proxy's lookup, decide_route and recent-route record for one request."""
+        route = self.decide(request_id, hashes, num_tokens, output_tokens)
+        self.send(route, hashes, num_tokens, output_tokens)
+        return route
+
+    def paced(self, route: routing.Route) -> bool:
+        """The route's prompt waits for room at its pod (prefill pacing)."""
+        return self.pacing and paced(route, self.loads, self.settings.prefill_pace_tokens)
+
+    def decide(
+        self, request_id: int, hashes: list[int], num_tokens: int, output_tokens: int = 0
+    ) -> routing.Route:
+        """The proxy's lookup and decide_route for one request (nothing recorded: `send`)."""
         caches = self.caches(hashes) if self.uses_caches else {}
         # --kv-room: what the request holds where it goes (only a cache-aware policy reads it)
         kv_room = self.settings.kv_room and self.uses_caches
@@ -148,7 +167,7 @@ class SimRouter:
         if self.learns:
             for pod in self._ahead:
                 self.loads[pod] = self._states[pod].current_load()
-        route = routing.decide_route(
+        return routing.decide_route(
             self.routing,
             str(request_id),
             len(hashes),
@@ -162,6 +181,14 @@ class SimRouter:
             if kv_room
             else frozenset(),
         )
+
+    def send(
+        self, route: routing.Route, hashes: list[int], num_tokens: int, output_tokens: int = 0
+    ) -> None:
+        """The decided route goes: its prefix recorded as routed there, its request counted
+        in flight (what the proxy does after decide_route)."""
+        kv_room = self.settings.kv_room and self.uses_caches
+        own = count_own_blocks(len(hashes), num_tokens, output_tokens, self.block_size)
         pod = route.decode.pod
         if self.recent is not None and hashes and self.uses_caches:
             self.recent.record(pod, hashes)
@@ -173,7 +200,6 @@ class SimRouter:
         if self.hot is not None and hashes:
             for copy in self.hot.observe(route, hashes, self.block_size):
                 self._copies.append((copy, hashes))
-        return route
 
     def take_copies(self) -> list[tuple[Replication, list[int]]]:
         """The hot-prefix copies planned since the last call (the simulation runs them)."""

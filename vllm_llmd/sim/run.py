@@ -113,9 +113,13 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
         last_done[0] = float(env.now)
         if outcome.request_id in followers:
             env.process(following(outcome.request_id))
+        if held:
+            release()
 
     def first_token(request_id: int) -> None:
         router.answering(routes[request_id])
+        if held:
+            release()
 
     pods = {
         pod: SimPod(env, pod, config.pod, config.profile, publish, done, first_token)
@@ -141,23 +145,53 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
         handing.discard(request.request_id)
         hand_over(request)
 
-    def hand_over(request: SimRequest) -> None:
-        route = router.route(
+    # requests the router's prefill pacing holds, in arrival order (RouterSettings)
+    held: list[SimRequest] = []
+
+    def decide(request: SimRequest) -> Route:
+        return router.decide(
             request.request_id,
             request.prompt_hashes,
             request.num_prompt_tokens,
             request.num_output_tokens,
+        )
+
+    def hand_over(request: SimRequest) -> None:
+        route = decide(request)
+        if router.paced(route):
+            held.append(request)
+        else:
+            send(request, route)
+
+    def release() -> None:
+        """Held requests that have room at their pod now go, in arrival order (each counted
+        at its pod before the next is judged)."""
+        i = 0
+        while i < len(held):
+            route = decide(held[i])
+            if router.paced(route):
+                i += 1
+            else:
+                send(held.pop(i), route)
+
+    def send(request: SimRequest, route: Route) -> None:
+        router.send(
+            route, request.prompt_hashes, request.num_prompt_tokens, request.num_output_tokens
         )
         routes[request.request_id] = route
         pods[route.decode.pod].submit(request)
         for copy, hashes in router.take_copies():
             env.process(copying(copy, hashes))
 
+    def waiting() -> set[int]:
+        """Requests the router has and no pod yet: being handed over, or held."""
+        return handing | {request.request_id for request in held}
+
     def arrivals() -> Process:
         for request in requests:
             if request.after is not None:
                 after = request.after
-                if after not in routes and after not in following_ids and after not in handing:
+                if after not in routes and after not in following_ids and after not in waiting():
                     raise ValueError(
                         f"request {request.request_id} follows request {request.after}, which "
                         "is neither in flight nor waiting: a closed-loop request must come "
@@ -189,7 +223,7 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
         router.copied(copy, hashes)
 
     def scrapes() -> Process:
-        while arriving[0] or routes or followers or handing:
+        while arriving[0] or routes or followers or handing or held:
             yield env.timeout(settings.scrape_interval_s)
             for pod_id, pod in pods.items():
                 router.scraped(pod_id, pod.load())
