@@ -18,7 +18,7 @@ from vllm_llmd.devtools.server import VLLMServerConfig
 from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.latency import LatencyModels
 from vllm_llmd.router.load import PodLoad
-from vllm_llmd.router.pacing import PrefillPacer, paced, prefill_work
+from vllm_llmd.router.pacing import PrefillPacer, paced, paced_pods, prefill_work
 from vllm_llmd.router.routing import RoutingPolicy, decide_route
 from vllm_llmd.router.scoring import PodCache, make_policy
 from vllm_llmd.router.slo import SLO, RequestClass
@@ -51,6 +51,9 @@ def test_a_long_prompt_waits_only_behind_prefill_work_at_the_pod_that_computes_i
     assert not paced(long_cold, busy, 228)  # within the budget
     assert not paced(long_cold, busy, 0)  # off
     assert not paced(_route(8, {}, idle), idle, 64)  # nothing ahead: any prompt goes
+    # a short prompt (at most half the budget) is never held, however much is ahead
+    assert not paced(_route(6, {}, busy), busy, 192)  # 96 uncached + 100 ahead > 192
+    assert paced(_route(7, {}, busy), busy, 192)  # 112 > 96: long
     cached = _route(8, {A: PodCache(8, ("GPU",) * 8)}, busy)
     assert cached.shape.uncached_tokens == 0 and not paced(cached, busy, 1)
     # a P/D route is paced at its prefill pod, by that pod's work ahead
@@ -58,6 +61,25 @@ def test_a_long_prompt_waits_only_behind_prefill_work_at_the_pod_that_computes_i
     assert pd.prefill is not None and prefill_work(pd) == (P, 128)
     assert paced(pd, {A: PodLoad(), P: busy[A]}, 200)
     assert not paced(pd, busy, 200)
+
+
+def test_a_long_prompt_goes_where_no_long_work_is_ahead_rather_than_wait():
+    """Pods where a long prompt would wait count as saturated for it: the decision sends it to
+    a pod without long prefill work ahead (here one busier by its request count), and where
+    its prefix is cached it is short and goes to its holder whatever is ahead there."""
+    loads = {
+        A: PodLoad(num_in_flight=1, num_prefilling=1, prefill_tokens=1300),
+        B: PodLoad(num_running=3, num_in_flight=3),
+    }
+    assert paced_pods(loads, {}, 1300, BLOCK, 2048) == {A}
+    cached = {A: PodCache(80, ("GPU",) * 80)}  # 1280 of its 1300 tokens at A
+    assert paced_pods(loads, cached, 1300, BLOCK, 2048) == frozenset()
+    assert paced_pods(loads, {}, 1300, BLOCK, 0) == frozenset()
+    how = RoutingPolicy(make_policy("kv_aware"), None, LatencyModels(8), BLOCK, 64)
+    request = (how, "req-1", 81, 1300, RequestClass(SLO()), [A, B], [], {}, loads)
+    assert decide_route(*request).decode.pod == A  # by its request count alone
+    route = decide_route(*request, full=paced_pods(loads, {}, 1300, BLOCK, 2048))
+    assert route.decode.pod == B and not paced(route, loads, 2048)
 
 
 def test_waiting_requests_go_in_order_one_routed_before_the_next_and_passers_pass():

@@ -173,9 +173,9 @@ def judge(
     there past a TPOT SLO (a 2.5 s step in a 16-token answer adds 170 ms to each of its
     tokens), and with every pod on such prompts the next warm request has nowhere to go
     (cache-warming needs few of them: each pod keeps what its last one computed). Otherwise
-    it is refused (429) at once. A plain request (no SLO, objective or fairness id) is
-    admitted at once, as any policy would send it: only a queue of requests ahead holds it
-    back."""
+    it is refused (429) at once. (A plain request, with no SLO, objective or fairness id, is
+    admitted by the caller without a judgement, as any policy would send it: only a queue of
+    requests ahead holds it back.)"""
     if planner.all_saturated(request):
         return "wait"
     choice = planner.choose(request, num_tokens, request_class.within(waited_s).slo)

@@ -197,10 +197,12 @@ class RouterConfig(KubernetesDiscoveryFlags):
     )
     prefill_pace_tokens: int = flag(
         2048,
-        "a prompt whose uncached tokens, with the uncached prompt tokens already ahead of it "
-        "at the pod that would compute them, exceed this waits in the router until they do "
-        "not: long prompts reach a pod one after another, not sharing its steps (README: "
-        "prefill pacing). Every policy but round_robin; 0 turns it off",
+        "a long prompt (over half this many uncached tokens) whose uncached tokens, with the "
+        "uncached prompt tokens already ahead of it at the pod that would compute them, exceed "
+        "this goes to a pod where they do not, or waits in the router until one has room: "
+        "long prompts reach a pod one after another, not sharing its steps (README: prefill "
+        "pacing; set it near the pods' --max-num-batched-tokens). Every policy but "
+        "round_robin; 0 turns it off",
         group=ROUTING,
     )
     shared_tier_ttl_s: float = flag(

@@ -42,7 +42,7 @@ from vllm_llmd.router.index import Index
 from vllm_llmd.router.latency import LatencyModels
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
-from vllm_llmd.router.pacing import PrefillPacer, paced
+from vllm_llmd.router.pacing import PrefillPacer, paced, paced_pods
 from vllm_llmd.router.pod_state import count_own_blocks, pods_without_room
 from vllm_llmd.router.pods import PodRegistry
 from vllm_llmd.router.predictive import SLOPlanner
@@ -352,8 +352,17 @@ class Decider:
             loads,
             chosen_prefill,
             self._candidates(("both",), allowed) if self.config.pull_from_holders else (),
-            self._without_room(loads, hashes, own_blocks),
+            self._without_room(loads, hashes, own_blocks) | self._paced(loads, caches, num_tokens),
         )
+
+    def _paced(
+        self, loads: Mapping[str, PodLoad], caches: Mapping[str, PodCache], num_tokens: int | None
+    ) -> frozenset[str]:
+        """The pods where the prompt would wait for room (prefill pacing on): saturated for it."""
+        if self.pacer is None:
+            return frozenset()
+        pace = self.config.prefill_pace_tokens
+        return paced_pods(loads, caches, num_tokens, self._block_size(), pace)
 
     def _own_blocks(
         self, num_blocks: int, num_tokens: int | None, body: Mapping[str, Any] | None

@@ -11,15 +11,22 @@ added: a prompt held is computed once, where it would have been. Meanwhile its p
 become cached (another request computing it), and it is routed again when it goes, on the
 loads of then.
 
-Which requests wait (`paced`): those whose uncached prompt tokens, added to the uncached
-prompt tokens already ahead at the pod that would compute them (the router's own count of
-its requests there not answering yet), exceed `pace_tokens`. A pod with nothing ahead takes
-any prompt, a request whose prompt is cached passes however busy the pod, and requests that may
-go pass those waiting. Waiting requests are judged in arrival order, at each first token and
-each end of a request and every `TICK_S` while any waits, and released one at a time: the
-next only once the last has been routed and counted at its pod (the caller routes it with no
-await after `wait` returns). After `max_wait_s` a request goes regardless (a pod that stopped
-answering is taken out of rotation by its health checks well before).
+Which requests wait (`paced`): long prompts (over half of `pace_tokens` uncached: two cannot
+share a step within it) whose uncached tokens, added to the uncached prompt tokens already
+ahead at the pod that would compute them (the router's own count of its requests there not
+answering yet), exceed `pace_tokens`. The decision counts such pods saturated for the prompt
+(`paced_pods`), so it goes at once to a pod without long work ahead where there is one, and
+waits only when there is none. A pod with nothing ahead takes any prompt; a short prompt (a
+cached document's question, a chat turn) is never held however busy its pod: held, it would
+recompute elsewhere or wait out a long prompt it would only have shared a step with (counting
+short prompts too cost the cache hits of llm-d's shape in the simulator, 93% to 86% at 64
+pods); and requests that may go pass those waiting.
+
+Waiting requests are judged in arrival order, at each first token and each end of a request
+and every `TICK_S` while any waits, and released one at a time: the next only once the last
+has been routed and counted at its pod (the caller routes it with no await after `wait`
+returns). After `max_wait_s` a request goes regardless (a pod that stopped answering is taken
+out of rotation by its health checks well before).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from dataclasses import dataclass
 
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.routing import Route
+from vllm_llmd.router.scoring import PodCache
 
 # how often the waiting requests are judged again while any waits (besides each first token
 # and each end of a request)
@@ -51,14 +59,46 @@ def prefill_work(route: Route) -> tuple[str, int]:
 
 
 def paced(route: Route, loads: Mapping[str, PodLoad], pace_tokens: int) -> bool:
-    """The route's prompt must wait: its uncached tokens and those already ahead at the pod
-    computing them exceed `pace_tokens`, and some are ahead (0: never)."""
-    if pace_tokens <= 0:
-        return False
+    """The route's prompt must wait: it is long, and its uncached tokens and those already
+    ahead at the pod computing them exceed `pace_tokens` (0: never)."""
     pod, uncached = prefill_work(route)
     load = loads.get(pod)
-    ahead = load.prefill_tokens if load is not None else 0
-    return uncached > 0 and ahead > 0 and ahead + uncached > pace_tokens
+    return _waits(load.prefill_tokens if load is not None else 0, uncached, pace_tokens)
+
+
+def paced_pods(
+    loads: Mapping[str, PodLoad],
+    caches: Mapping[str, PodCache],
+    num_tokens: int | None,
+    block_size: int,
+    pace_tokens: int,
+) -> frozenset[str]:
+    """The pods where a prompt of `num_tokens` would wait now (each with its cached run in
+    `caches`): the decision counts them saturated for it, as pods without KV room, so a pod
+    with no long prefill ahead takes it at once, and it waits only when every pod would make
+    it (or the policy still picks one)."""
+    if pace_tokens <= 0 or not num_tokens:
+        return frozenset()
+    waits = set()
+    for pod, load in loads.items():
+        if load.prefill_tokens <= 0:
+            continue
+        cache = caches.get(pod)
+        uncached = num_tokens - (cache.num_blocks * block_size if cache is not None else 0)
+        if _waits(load.prefill_tokens, uncached, pace_tokens):
+            waits.add(pod)
+    return frozenset(waits)
+
+
+def _waits(ahead_tokens: int, uncached_tokens: int, pace_tokens: int) -> bool:
+    """A long prompt (over half the budget: two cannot share a step within it) that would
+    take the uncached tokens at its pod past the budget, behind some already there."""
+    return (
+        pace_tokens > 0
+        and 2 * uncached_tokens > pace_tokens
+        and ahead_tokens > 0
+        and ahead_tokens + uncached_tokens > pace_tokens
+    )
 
 
 @dataclass(eq=False)

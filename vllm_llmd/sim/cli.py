@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=RouterSettings().replicate_per_minute,
         help="the router's --replicate-per-minute",
     )
+    run.add_argument(
+        "--prefill-pace-tokens",
+        type=int,
+        default=RouterSettings().prefill_pace_tokens,
+        help="the router's --prefill-pace-tokens (0: off)",
+    )
     calibrate = commands.add_parser("calibrate", help="measure a vLLM server, write a profile")
     calibrate.add_argument("url")
     calibrate.add_argument("--out", required=True)
@@ -176,6 +182,7 @@ def run(args: argparse.Namespace) -> list[SweepPoint]:
             replicate_after=args.replicate_hot_prefixes,
             replicate_per_minute=args.replicate_per_minute,
             kv_room=args.kv_room,
+            prefill_pace_tokens=args.prefill_pace_tokens,
         ),
         goodput_slo=args.slo,
     )

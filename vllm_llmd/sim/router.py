@@ -32,7 +32,7 @@ from vllm_llmd.router.event_apply import PodStats, apply_update
 from vllm_llmd.router.index import InMemoryIndex
 from vllm_llmd.router.latency import LatencyModels, relative_error
 from vllm_llmd.router.load import ArrivalRate, PodLoad
-from vllm_llmd.router.pacing import paced
+from vllm_llmd.router.pacing import paced, paced_pods
 from vllm_llmd.router.pod_spec import PodSpec
 from vllm_llmd.router.pod_state import PodState, Sending, count_own_blocks, pods_without_room
 from vllm_llmd.router.predictive import SLOPlanner
@@ -177,10 +177,24 @@ class SimRouter:
             [],
             caches,
             self.loads,
-            full=pods_without_room(self.loads, self._states, hashes, own)
-            if kv_room
-            else frozenset(),
+            full=self._full(hashes, own, num_tokens, caches, kv_room),
         )
+
+    def _full(
+        self,
+        hashes: list[int],
+        own: int,
+        num_tokens: int,
+        caches: dict[str, PodCache],
+        kv_room: bool,
+    ) -> frozenset[str]:
+        """The pods saturated for the request: without KV room for it (`kv_room`), or where
+        it would wait for room (prefill pacing, the decider's `_paced`)."""
+        full = pods_without_room(self.loads, self._states, hashes, own) if kv_room else frozenset()
+        if self.pacing:
+            pace = self.settings.prefill_pace_tokens
+            full |= paced_pods(self.loads, caches, num_tokens, self.block_size, pace)
+        return full
 
     def send(
         self, route: routing.Route, hashes: list[int], num_tokens: int, output_tokens: int = 0
