@@ -18,7 +18,7 @@ from vllm_llmd.devtools.server import VLLMServerConfig
 from vllm_llmd.router.config_parse import parse_config
 from vllm_llmd.router.latency import LatencyModels
 from vllm_llmd.router.load import PodLoad
-from vllm_llmd.router.pacing import PrefillPacer, paced, paced_pods, prefill_work
+from vllm_llmd.router.pacing import MAX_JUDGED, PrefillPacer, paced, paced_pods, prefill_work
 from vllm_llmd.router.routing import RoutingPolicy, decide_route
 from vllm_llmd.router.scoring import PodCache, make_policy
 from vllm_llmd.router.slo import SLO, RequestClass
@@ -108,6 +108,33 @@ def test_waiting_requests_go_in_order_one_routed_before_the_next_and_passers_pas
         return order
 
     assert asyncio.run(scenario()) == ["passer", "first", "second"]
+
+
+def test_a_pump_judges_only_the_oldest_waiting_requests():
+    async def scenario() -> None:
+        pacer = PrefillPacer(max_wait_s=30)
+        judged: list[int] = []
+        room = [False]
+
+        def may_go(i: int) -> bool:  # once there is room, the first one past the judged ones
+            judged.append(i)
+            return room[0] and i == MAX_JUDGED
+
+        tasks = [
+            asyncio.create_task(pacer.wait(lambda i=i: may_go(i))) for i in range(MAX_JUDGED + 1)
+        ]
+        await asyncio.sleep(0.01)
+        judged.clear()
+        room[0] = True
+        pacer.pump()
+        assert judged == list(range(MAX_JUDGED)) and len(pacer) == MAX_JUDGED + 1
+        pacer.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert len(pacer) == 0
+
+    asyncio.run(scenario())
 
 
 def test_a_wait_ends_at_max_wait_and_a_client_that_leaves_is_forgotten():

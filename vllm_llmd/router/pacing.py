@@ -47,6 +47,11 @@ TICK_S = 0.02
 # a waiting request goes after this many seconds whatever the pod's load
 MAX_WAIT_S = 30.0
 
+# waiting requests judged per pump, oldest first: a request waits only when every pod it may go
+# to would make it wait, so one further back is rarely freer than those ahead, and an overloaded
+# router's event loop does not spend its ticks deciding hundreds of them again
+MAX_JUDGED = 8
+
 
 def prefill_work(route: Route) -> tuple[str, int]:
     """The pod that computes the route's uncached prompt tokens, and how many: a P/D route's
@@ -146,12 +151,12 @@ class PrefillPacer:
         return waited
 
     def pump(self) -> None:
-        """Release the first waiting request that may go now (or whose wait is over), unless
-        the last one released has not been routed yet."""
+        """Release the first of the oldest `MAX_JUDGED` waiting requests that may go now (or
+        whose wait is over), unless the last one released has not been routed yet."""
         if self._releasing:
             return
         now = time.monotonic()
-        for entry in self._waiting:
+        for entry in self._waiting[:MAX_JUDGED]:
             if now - entry.since >= self.max_wait_s or entry.may_go():
                 self._waiting.remove(entry)
                 self._releasing = True
