@@ -33,6 +33,7 @@ from vllm_llmd.router.slo import (
     RequestClass,
     Verdict,
 )
+from vllm_llmd.router.ticker import Ticker
 
 # how often the admission queue is re-judged while it holds requests
 QUEUE_TICK_S = 0.05
@@ -53,7 +54,8 @@ class Admission:
         # whole seconds a shed client should wait (about one load poll)
         self.retry_after_s = retry_after_s
         self.metrics = metrics
-        self._ticker: asyncio.Task[None] | None = None
+        # re-judges the queue while it holds requests (loads change with every poll)
+        self._ticker = Ticker(self.pump, lambda: len(self.queue) > 0, QUEUE_TICK_S)
 
     async def admit(
         self, request_class: RequestClass, judge: Callable[[float], Verdict]
@@ -87,7 +89,7 @@ class Admission:
         except QueueFullError as exc:
             self._count("rejected", request_class)
             raise error(web.HTTPServiceUnavailable, str(exc)) from None
-        self._ensure_ticker()
+        self._ticker.ensure()
         self.pump()
         try:
             admitted = await entry.admitted
@@ -131,18 +133,7 @@ class Admission:
                 return
 
     def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-
-    def _ensure_ticker(self) -> None:
-        if self._ticker is None or self._ticker.done():
-            self._ticker = asyncio.get_running_loop().create_task(self._tick())
-
-    async def _tick(self) -> None:
-        """Re-judge the queue while it holds requests (loads change with every poll)."""
-        while len(self.queue):
-            self.pump()
-            await asyncio.sleep(QUEUE_TICK_S)
+        self._ticker.stop()
 
 
 def _settle(entry: QueuedRequest, admitted: bool) -> None:

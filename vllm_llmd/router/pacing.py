@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.routing import Route
 from vllm_llmd.router.scoring import PodCache
+from vllm_llmd.router.ticker import Ticker
 
 # how often the waiting requests are judged again while any waits (besides each first token
 # and each end of a request)
@@ -119,7 +120,7 @@ class PrefillPacer:
     def __init__(self, max_wait_s: float = MAX_WAIT_S) -> None:
         self.max_wait_s = max_wait_s
         self._waiting: list[_Waiting] = []
-        self._ticker: asyncio.Task[None] | None = None
+        self._ticker = Ticker(self.pump, lambda: bool(self._waiting), TICK_S)
         # a released request has not resumed yet: its route is not counted at its pod
         self._releasing = False
         # requests that waited, and their seconds waiting, since the start
@@ -137,7 +138,7 @@ class PrefillPacer:
             return 0.0
         entry = _Waiting(may_go, time.monotonic(), asyncio.get_running_loop().create_future())
         self._waiting.append(entry)
-        self._ensure_ticker()
+        self._ticker.ensure()
         try:
             await entry.released
         finally:
@@ -164,14 +165,4 @@ class PrefillPacer:
                 return
 
     def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-
-    def _ensure_ticker(self) -> None:
-        if self._ticker is None or self._ticker.done():
-            self._ticker = asyncio.get_running_loop().create_task(self._tick())
-
-    async def _tick(self) -> None:
-        while self._waiting:
-            self.pump()
-            await asyncio.sleep(TICK_S)
+        self._ticker.stop()
