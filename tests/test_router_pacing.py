@@ -137,6 +137,27 @@ def test_a_pump_judges_only_the_oldest_waiting_requests():
     asyncio.run(scenario())
 
 
+def test_a_judgement_that_fails_lets_its_request_go(caplog):
+    async def scenario() -> None:
+        pacer = PrefillPacer(max_wait_s=30)
+        calls = []
+
+        def may_go() -> bool:
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("a bug")
+            return False
+
+        waiting = asyncio.create_task(pacer.wait(may_go))
+        await asyncio.sleep(0.01)
+        pacer.pump()  # raises nowhere: the request goes
+        assert await asyncio.wait_for(waiting, 2) >= 0 and len(pacer) == 0
+        pacer.stop()
+
+    asyncio.run(scenario())
+    assert "judging a waiting request failed" in caplog.text
+
+
 def test_a_wait_ends_at_max_wait_and_a_client_that_leaves_is_forgotten():
     async def scenario() -> None:
         pacer = PrefillPacer(max_wait_s=0.1)

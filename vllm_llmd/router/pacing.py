@@ -32,6 +32,7 @@ out of rotation by its health checks well before).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.routing import Route
 from vllm_llmd.router.scoring import PodCache
 from vllm_llmd.router.ticker import Ticker
+
+logger = logging.getLogger(__name__)
 
 # how often the waiting requests are judged again while any waits (besides each first token
 # and each end of a request)
@@ -123,9 +126,8 @@ class PrefillPacer:
         self._ticker = Ticker(self.pump, lambda: bool(self._waiting), TICK_S)
         # a released request has not resumed yet: its route is not counted at its pod
         self._releasing = False
-        # requests that waited, and their seconds waiting, since the start
+        # requests that waited, since the start
         self.num_paced = 0
-        self.waited_s = 0.0
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -146,10 +148,8 @@ class PrefillPacer:
                 self._waiting.remove(entry)
             elif entry.released.done():  # released: routed now, or its client left
                 self._releasing = False
-        waited = time.monotonic() - entry.since
         self.num_paced += 1
-        self.waited_s += waited
-        return waited
+        return time.monotonic() - entry.since
 
     def pump(self) -> None:
         """Release the first of the oldest `MAX_JUDGED` waiting requests that may go now (or
@@ -158,7 +158,7 @@ class PrefillPacer:
             return
         now = time.monotonic()
         for entry in self._waiting[:MAX_JUDGED]:
-            if now - entry.since >= self.max_wait_s or entry.may_go():
+            if now - entry.since >= self.max_wait_s or _may_go(entry):
                 self._waiting.remove(entry)
                 self._releasing = True
                 entry.released.set_result(None)
@@ -166,3 +166,13 @@ class PrefillPacer:
 
     def stop(self) -> None:
         self._ticker.stop()
+
+
+def _may_go(entry: _Waiting) -> bool:
+    """The entry's judgement; one that fails lets it go (a pump runs in a request's first
+    byte, which must not fail for it, and in the ticker, which must go on)."""
+    try:
+        return entry.may_go()
+    except Exception:
+        logger.exception("prefill pacing: judging a waiting request failed; it goes")
+        return True
