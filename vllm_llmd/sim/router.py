@@ -113,7 +113,9 @@ class SimRouter:
         self._routed_first: dict[int, set[str]] = {}
         self.uses_caches = settings.policy not in _CACHE_BLIND
         # prefill pacing (the proxy's PrefillPacer): every policy but round robin
-        self.pacing = settings.prefill_pace_tokens > 0 and settings.policy != "round_robin"
+        self.pacing = (
+            settings.prefill_pace_tokens > 0 and settings.policy != PolicyName.ROUND_ROBIN.value
+        )
         self.event_stats = {pod: PodStats() for pod in self.pods}
         self._seq = dict.fromkeys(self.pods, 0)
         # each pod's scraped load and the router's own counts, kept as the registry keeps them

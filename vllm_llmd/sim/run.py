@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import simpy
 
 from vllm_llmd.events.model import EventBatch
+from vllm_llmd.router.pacing import MAX_JUDGED
 from vllm_llmd.router.replication import Replication
 from vllm_llmd.router.routing import Route
 from vllm_llmd.router.slo import SLO
@@ -164,10 +165,12 @@ def _simulate(config: SimConfig, requests: Iterable[SimRequest]) -> RunResult:
             send(request, route)
 
     def release() -> None:
-        """Held requests that have room at their pod now go, in arrival order (each counted
-        at its pod before the next is judged)."""
-        i = 0
-        while i < len(held):
+        """Held requests that have room at their pod now go, in arrival order, of the oldest
+        `MAX_JUDGED` as the router judges them (each counted at its pod before the next is
+        judged)."""
+        i = judged = 0
+        while i < len(held) and judged < MAX_JUDGED:
+            judged += 1
             route = decide(held[i])
             if router.paced(route):
                 i += 1
