@@ -5,7 +5,9 @@ What the proxy does for a request, with the same objects (`router/proxy.py`):
     index.lookup_prefix(hashes)            the InMemoryIndex, fed by KV events
       + RecentRoutes.run_length(pod, ...)  prefixes routed in the last ttl, events not in yet
     routing.decide_route(...)              the policy (or the SLO planner) over caches and loads
-    RecentRoutes.record(pod, hashes)
+                                           (pods where prefill pacing would hold a long prompt
+                                           count as saturated for it: pacing.paced_pods)
+    RecentRoutes.record(pod, hashes)       once it goes (`send`; a paced route waits: `paced`)
 
 With `replicate_after`, each decision also goes to the router's `HotPrefixes`
 (router/replication.py), as the proxy's does; a copy it plans is run by the simulation

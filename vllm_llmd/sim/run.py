@@ -2,8 +2,10 @@
 
 A request's life: it arrives (the workload's time; for a closed-loop request,
 `SimRequest.think_s` after the answer it follows ends) -> the router looks its block hashes up and
-decides (`SimRouter.route`: index, recent routes, decide_route), `RouterSettings.dispatch_s`
-after it is free of the request before -> the chosen pod queues it ->
+decides (`SimRouter.decide`: index, recent routes, decide_route), `RouterSettings.dispatch_s`
+after it is free of the request before; a long prompt that prefill pacing holds
+(`RouterSettings.prefill_pace_tokens`) is decided again at each first token and end until it
+may go -> the chosen pod queues it ->
 the pod's engine prefills it (first token) and decodes it (done) -> the router's in-flight
 count drops and, for policy slo, its latency model learns. A hot-prefix copy the router plans
 (`RouterSettings.replicate_after`) lands in its target `PodConfig.copy_s_per_block` per block
