@@ -303,7 +303,7 @@ class Decider:
             )
         except web.HTTPException:
             return True
-        return not paced(route, self.registry.loads(), self.config.prefill_pace_tokens)
+        return not paced(route, route.loads, self.config.prefill_pace_tokens)
 
     def _route(
         self,
