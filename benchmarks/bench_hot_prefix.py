@@ -14,7 +14,15 @@ prefix-aware router keeps apart and round robin scatters). Each router gets docu
 own. Every request streams `--output-tokens` tokens. Printed per router:
 mean, p50 and p90 TTFT, the share within the TTFT SLO (`--slo-ttft-ms`, sent in llm-d's
 header), the pods' prefix hit rate, how many requests failed, the hot-prefix
-copies the router made, and the mean TTFT ratios of the others against each router.
+copies the router made, its idle bound, and the mean TTFT ratios of the others against each
+router.
+
+The idle bound is what routing could at best have made of a router's run: its mean TTFT were
+every request answered as on an idle pod holding its document (`idle_hit_s`, measured at the
+start), except a document's first request and those that arrived while it was being computed,
+which no router can serve sooner (nobody holds their document yet) and which keep their
+measured TTFT. A router's mean over its bound is how many times better any routing of that
+run could be.
 
 Usage: `.venv/bin/python benchmarks/bench_hot_prefix.py [--rate 6] [--duration 60] [--repeats 2]`.
 """
@@ -39,7 +47,7 @@ from bench_slo import (
 )
 from tokenizers import Tokenizer
 
-from vllm_llmd.devtools.client import metric_sum, scrape_metrics
+from vllm_llmd.devtools.client import metric_sum, scrape_metrics, timed_stream
 from vllm_llmd.devtools.model_maker import cached_model, sample_text
 
 
@@ -67,6 +75,36 @@ def make_requests(tokenizer, seed: int, args, texts: int) -> list[tuple[float, l
         requests.append((t, prefix + question))
 
 
+def idle_hit_s(pod, tokenizer, args) -> float:
+    """TTFT of a document-plus-question prompt on an idle pod that holds the document."""
+    doc = document(tokenizer, args.prefix_tokens, 999)
+    ttfts = []
+    for i in range(6):
+        question = tokenizer.encode(sample_text(80, 999_000 + i)).ids[:48]
+        ttfts.append(timed_stream(pod.url, pod.model_name, doc + question, 1).ttft_s)
+    return statistics.median(ttfts[1:])  # the first computes the document
+
+
+def idle_bound_s(requests, ttfts: list[float | None], idle_hit: float, doc_tokens: int) -> float:
+    """The run's mean TTFT were every request answered in `idle_hit` except each document's
+    first request and those that arrived before it answered (see the module's docstring)."""
+    first_answer: dict[tuple[int, ...], float] = {}
+    total = 0.0
+    for (at, prompt), ttft in zip(requests, ttfts, strict=True):
+        if ttft is None:  # failed: counts as an idle hit
+            total += idle_hit
+            continue
+        doc = tuple(prompt[:doc_tokens])
+        if doc not in first_answer:
+            first_answer[doc] = at + ttft
+            total += ttft
+        elif at < first_answer[doc]:
+            total += ttft
+        else:
+            total += idle_hit
+    return total / max(1, len(requests))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -87,6 +125,9 @@ def main() -> None:
         help="the TTFT SLO every request names (x-llm-d-slo-ttft-ms; a copy is made when the "
         "holder is predicted to miss it)",
     )
+    parser.add_argument(
+        "--host-tier-mib", type=int, default=256, help="host tier per pod (0: none)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each kv_aware router")
     parser.add_argument(
         "--replicate-after", type=int, default=3, help="--replicate-hot-prefixes of the third"
@@ -104,10 +145,17 @@ def main() -> None:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     model = cached_model(args.preset, REPO_ROOT / ".cache" / "models")
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    # a prompt is a document, a question of up to 48 tokens, and the answer
+    max_model_len = max(2048, -(-(args.prefix_tokens + 48 + args.output_tokens) // 256) * 256)
     pods = start_pods(
-        model, kv_cache_bytes=args.kv_cache_mib << 20, whole_pod=args.whole_pod_on_core
+        model,
+        kv_cache_bytes=args.kv_cache_mib << 20,
+        max_model_len=max_model_len,
+        host_offload_bytes=args.host_tier_mib << 20,
+        whole_pod=args.whole_pod_on_core,
     )
     model_name = pods[0][0].model_name
+    idle_hit = idle_hit_s(pods[0][0], tokenizer, args)
     replicating = ("kv_aware", ["--replicate-hot-prefixes", str(args.replicate_after)])
     # round robin once; the two kv_aware routers in turn, --repeats times (this box drifts)
     variants = [("kv_aware", flags.split()) for flags in args.variant]
@@ -115,11 +163,13 @@ def main() -> None:
     print(
         f"{args.rate}/s for {args.duration:.0f} s; {args.hot_share:.0%} on the hot document of "
         f"{args.prefix_tokens} tokens (a new one every {args.hot_period:.0f} s), the rest on "
-        f"{args.num_cold} cold ones; device cache {args.kv_cache_mib} MiB per pod",
+        f"{args.num_cold} cold ones; device cache {args.kv_cache_mib} MiB, host tier "
+        f"{args.host_tier_mib} MiB per pod; an idle pod answers a held document in "
+        f"{idle_hit * 1000:.0f} ms",
         flush=True,
     )
     columns = f"{'TTFT mean':>10} {'p50':>7} {'p90':>7} {'in SLO':>8} {'hit rate':>9} {'failed':>7}"
-    columns += f" {'copies':>7}"
+    columns += f" {'copies':>7} {'idle bound':>11}"
     print(f"{'router':38} {columns}")
     slo = (args.slo_ttft_ms / 1000, 3600.0)  # TTFT only: the TPOT SLO never binds
     means: dict[str, list[float]] = {}
@@ -136,6 +186,9 @@ def main() -> None:
                 copies = metric_sum(scrape_metrics(router.url), "llmd:router_prefix_copies_total")
             finally:
                 router.stop()
+            bound = idle_bound_s(
+                requests, [o.ttft_s for o in outcomes], idle_hit, args.prefix_tokens
+            )
             ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None] or [0.0]
             failed = sum(o.ttft_s is None for o in outcomes)
             on_time = sum(o.ok for o in outcomes) / max(1, len(outcomes))
@@ -144,7 +197,8 @@ def main() -> None:
             print(
                 f"{name:38} {means[name][-1] * 1000:8.0f}ms {percentile(ttfts, 50) * 1000:5.0f}ms "
                 f"{percentile(ttfts, 90) * 1000:5.0f}ms {on_time:8.1%} {hit_rate:9.1%} {failed:7d} "
-                f"{copies:7.0f}",
+                f"{copies:7.0f} {bound * 1000:6.0f}ms "
+                f"({means[name][-1] / bound:.2f}x)",
                 flush=True,
             )
     finally:
