@@ -24,7 +24,14 @@ from vllm_llmd.router.load import PodLoad
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.off_loop import OffLoop
 from vllm_llmd.router.recent import RecentRoutes
-from vllm_llmd.router.replication import WINDOW_S, HotPrefixes, Replication, Replicator
+from vllm_llmd.router.replication import (
+    WINDOW_S,
+    WORKING_SET_S,
+    HotPrefixes,
+    Replication,
+    Replicator,
+    WorkingSets,
+)
 from vllm_llmd.router.routing import Route, RoutingPolicy, decide_route
 from vllm_llmd.router.scoring import PodCache, make_policy
 from vllm_llmd.router.slo import SLO, RequestClass
@@ -187,6 +194,41 @@ def test_a_short_prefix_or_one_every_pod_holds_is_not_copied():
     assert hot.observe(_past_a(), HASHES[:4], BLOCK) == []
     with pytest.raises(ValueError, match="after, per_minute and min_tokens"):
         HotPrefixes(0, 1, 1)
+
+
+def test_a_copy_goes_only_where_it_fits_beside_the_targets_working_set():
+    """vLLM evicts the least recently used blocks to make room: a copy into a cache full of
+    what its pod served lately would evict that, and the pod's next requests recompute it."""
+    clock = Clock()
+    hot = _hot(clock, after=1)
+    loads = {
+        A: PodLoad(num_waiting=8, kv_blocks=16),  # the holder, saturated
+        B: PodLoad(kv_blocks=16),
+        C: PodLoad(num_in_flight=1, kv_blocks=16),
+    }
+    for first in (200, 300):  # C served two other 6-block prompts: 12 of its 16 blocks
+        route = _route("kv_aware", {C: 6}, loads)
+        assert route.decode.pod == C
+        assert hot.observe(route, list(range(first, first + 6)), BLOCK) == []
+    past_a = _route("kv_aware", {A: 6}, loads)
+    assert past_a.decode.pod == B  # the least loaded: C is the only pod left to copy to
+    assert hot.observe(past_a, HASHES, BLOCK) == []  # 12 + 6 blocks > 16
+    clock.now += WORKING_SET_S  # C's prompts are no longer its working set
+    assert hot.observe(past_a, HASHES, BLOCK) == [Replication(A, C, 6, HASHES[5])]
+
+
+def test_a_working_set_is_what_was_sent_within_its_window_up_to_the_cache_size():
+    working = WorkingSets(window_s=10.0)
+    working.touch(A, [1, 2, 3], now=0.0, capacity=4)
+    working.touch(A, [3, 4], now=5.0, capacity=4)  # distinct blocks: 3 counts once
+    assert working.size(A, now=5.0) == 4
+    working.touch(A, [5], now=6.0, capacity=4)  # past the cache's size: the oldest goes
+    assert working.size(A, now=6.0) == 4
+    assert working.size(A, now=10.5) == 3  # 1 and 2 (sent at 0) are out of the window
+    working.touch(B, [1], now=0.0, capacity=0)  # a pod of unknown size: nothing is kept
+    assert working.size(B, now=0.0) == working.size(C, now=0.0) == 0
+    with pytest.raises(ValueError, match="window_s"):
+        WorkingSets(window_s=0.0)
 
 
 def _busy_a() -> dict[str, PodLoad]:

@@ -26,6 +26,14 @@ copy.
 
 Bounded: one copy in flight per target pod, `per_minute` copies a minute, and a prefix is not
 copied again for `WINDOW_S` (its next copies go out only if the pressure persists).
+
+A copy must not cost its target what it serves. vLLM makes room for new blocks by evicting
+the least recently used cached ones, so a copy evicts nothing in use only where it fits in the
+pod's KV cache beside the pod's working set: the distinct prompt blocks the router sent it
+within `WORKING_SET_S` (`WorkingSets`). A pod where it does not fit receives no copy; nor does
+one whose KV cache is over `MAX_TARGET_KV_USAGE` in use by running requests. (Where a pod's
+cache holds a few documents, as on the CPU benchmarks' pods, a copy would otherwise evict a
+large share of what that pod serves, and its next requests would recompute it.)
 """
 
 from __future__ import annotations
@@ -62,6 +70,10 @@ QUEUED_AHEAD = 2
 MAX_TARGET_KV_USAGE = 0.8
 # prefixes tracked at once (the least recently pressed are forgotten past this)
 MAX_TRACKED = 4096
+# a block the router sent a pod within this long is in the pod's working set: a copy that would
+# evict it is not made (a user's next turn comes within a chat's think time; a block unused
+# for longer is what LRU eviction is for)
+WORKING_SET_S = 30.0
 _NO_CACHE = PodCache()
 
 
@@ -74,6 +86,43 @@ class Replication:
     num_blocks: int
     # the hash of the prefix's last block (what identifies the prefix)
     key: int
+
+
+class WorkingSets:
+    """Per pod, the distinct prompt blocks the router sent it within `window_s`, as far as the
+    pod's KV cache could hold them (past that, the oldest are forgotten: the set is full)."""
+
+    def __init__(self, window_s: float = WORKING_SET_S) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        self.window_s = window_s
+        # pod -> block hash -> when it was last sent there, least recently first
+        self._pods: dict[str, OrderedDict[int, float]] = {}
+
+    def touch(self, pod: str, hashes: Sequence[int], now: float, capacity: int) -> None:
+        """A request with these prompt blocks was sent to `pod`, whose KV cache holds
+        `capacity` blocks (0: not known, nothing is kept)."""
+        if capacity <= 0:
+            return
+        used = self._pods.setdefault(pod, OrderedDict())
+        for block_hash in hashes:
+            used[block_hash] = now
+            used.move_to_end(block_hash)
+        self._expire(used, now)
+        while len(used) > capacity:
+            used.popitem(last=False)
+
+    def size(self, pod: str, now: float) -> int:
+        """How many blocks are in the pod's working set now."""
+        used = self._pods.get(pod)
+        if not used:
+            return 0
+        self._expire(used, now)
+        return len(used)
+
+    def _expire(self, used: OrderedDict[int, float], now: float) -> None:
+        while used and next(iter(used.values())) <= now - self.window_s:
+            used.popitem(last=False)
 
 
 class HotPrefixes:
@@ -101,12 +150,15 @@ class HotPrefixes:
         # start times of the copies of the last minute, and the pods receiving one now
         self._started: deque[float] = deque()
         self._receiving: set[str] = set()
+        self.working = WorkingSets()
 
     def observe(self, route: Route, hashes: Sequence[int], block_size: int) -> list[Replication]:
         """The copies to start now, if this routed request makes its prefix hot: as many as
         pods hold it (so the holders double while the pressure lasts), each from one of them.
         `block_size`: the pods' tokens per block (the tokenizer may take it from a pod after
         start)."""
+        now = self._clock()
+        self._touch(route, hashes, now)
         min_blocks = max(1, self.min_tokens // block_size)
         caches = route.caches
         candidates = list(route.decode.scores) or [route.decode.pod]
@@ -118,7 +170,6 @@ class HotPrefixes:
         passed_over = held - caches.get(chosen, _NO_CACHE).num_blocks >= min_blocks
         if not passed_over and not _late(route):
             return []
-        now = self._clock()
         key = hashes[held - 1]
         times = self._pressed.pop(key, None) or deque()
         times.append(now)
@@ -141,6 +192,7 @@ class HotPrefixes:
             and pod not in holders
             and pod not in self._receiving
             and _kv_usage(route, pod) <= MAX_TARGET_KV_USAGE
+            and self._fits(route, pod, held, now)
         ]
         lacking.sort(key=lambda pod: (_queue_then_batch(route, pod), pod))
         targets = lacking[: min(len(holders), budget)]
@@ -160,6 +212,20 @@ class HotPrefixes:
     def done(self, copy: Replication) -> None:
         """The copy ended (either way): its target may receive another."""
         self._receiving.discard(copy.target)
+
+    def _touch(self, route: Route, hashes: Sequence[int], now: float) -> None:
+        """The pods this request's prompt blocks go to (a P/D route's prefill pod too)."""
+        pods = [route.decode.pod] + ([route.prefill.pod] if route.prefill is not None else [])
+        for pod in pods:
+            load = route.loads.get(pod)
+            self.working.touch(pod, hashes, now, 0 if load is None else load.kv_blocks)
+
+    def _fits(self, route: Route, pod: str, num_blocks: int, now: float) -> bool:
+        """A copy of `num_blocks` fits in the pod's KV cache beside its working set (or the
+        cache's size is not known)."""
+        load = route.loads.get(pod)
+        capacity = 0 if load is None else load.kv_blocks
+        return not capacity or self.working.size(pod, now) + num_blocks <= capacity
 
 
 def _late(route: Route) -> bool:
