@@ -286,7 +286,7 @@ def main() -> None:
         "--router-dispatch",
         action="store_true",
         help="the simulated router takes our router's measured added latency on each request, "
-        "one at a time (RouterSettings.dispatch_s; not yet compared against real pods)",
+        "one at a time (RouterSettings.dispatch_s; docs/simulator.md compares it with real pods)",
     )
     add_whole_pod_flag(parser)
     args = parser.parse_args()
