@@ -227,6 +227,13 @@ def test_a_working_set_is_what_was_sent_within_its_window_up_to_the_cache_size()
     assert working.size(A, now=10.5) == 3  # 1 and 2 (sent at 0) are out of the window
     working.touch(B, [1], now=0.0, capacity=0)  # a pod of unknown size: nothing is kept
     assert working.size(B, now=0.0) == working.size(C, now=0.0) == 0
+    # a pod sent nothing for a window is forgotten at the next sweep (it may have left)
+    working = WorkingSets(window_s=10.0)
+    working.touch(A, [1], now=1.0, capacity=4)
+    working.touch(B, [2], now=9.0, capacity=4)
+    assert len(working) == 2
+    working.touch(B, [3], now=12.0, capacity=4)  # a window since the last sweep: sweeps
+    assert len(working) == 1 and working.size(B, now=12.0) == 2
     with pytest.raises(ValueError, match="window_s"):
         WorkingSets(window_s=0.0)
 

@@ -98,6 +98,7 @@ class WorkingSets:
         self.window_s = window_s
         # pod -> block hash -> when it was last sent there, least recently first
         self._pods: dict[str, OrderedDict[int, float]] = {}
+        self._swept = 0.0
 
     def touch(self, pod: str, hashes: Sequence[int], now: float, capacity: int) -> None:
         """A request with these prompt blocks was sent to `pod`, whose KV cache holds
@@ -111,6 +112,8 @@ class WorkingSets:
         self._expire(used, now)
         while len(used) > capacity:
             used.popitem(last=False)
+        if now - self._swept >= self.window_s:
+            self._sweep(now)
 
     def size(self, pod: str, now: float) -> int:
         """How many blocks are in the pod's working set now."""
@@ -119,6 +122,19 @@ class WorkingSets:
             return 0
         self._expire(used, now)
         return len(used)
+
+    def __len__(self) -> int:
+        """Pods with a working set kept."""
+        return len(self._pods)
+
+    def _sweep(self, now: float) -> None:
+        """Forget the pods sent nothing within the window (gone from the cluster, say): once a
+        window, so a departed pod's set does not outlive it."""
+        self._swept = now
+        for pod, used in list(self._pods.items()):
+            self._expire(used, now)
+            if not used:
+                del self._pods[pod]
 
     def _expire(self, used: OrderedDict[int, float], now: float) -> None:
         while used and next(iter(used.values())) <= now - self.window_s:
