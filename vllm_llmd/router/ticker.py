@@ -11,7 +11,9 @@ from collections.abc import Callable
 class Ticker:
     """Calls `tick()` every `interval_s` while `active()` holds (`ensure` starts it again)."""
 
-    def __init__(self, tick: Callable[[], None], active: Callable[[], bool], interval_s: float):
+    def __init__(
+        self, tick: Callable[[], None], active: Callable[[], bool], interval_s: float
+    ) -> None:
         self._tick, self._active, self.interval_s = tick, active, interval_s
         self._task: asyncio.Task[None] | None = None
 
@@ -21,6 +23,7 @@ class Ticker:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     def stop(self) -> None:
+        """Cancelled (its owner is shutting down)."""
         if self._task is not None:
             self._task.cancel()
 
